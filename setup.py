@@ -1,0 +1,26 @@
+from setuptools import setup
+
+# `triton_kernels/` sits at the top of the repository (the design card) but installs as
+# `tome_plus.triton_kernels`: a top-level `triton_kernels` module already ships with other
+# distributions (PyPI, vLLM's Triton), and we must not overwrite it.
+PACKAGES = [
+    "tome_plus",
+    "tome_plus.methods",
+    "tome_plus.backends",
+    "tome_plus.tools",
+    "tome_plus.triton_kernels",
+]
+
+setup(
+    name="tome_plus",
+    version="0.1.0",
+    description="Token reduction (ToMe, PiToMe, Zero-TPrune, DiffRate, ATP) for timm ViTs and LLaVA-style models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=PACKAGES,
+    package_dir={"tome_plus.triton_kernels": "triton_kernels"},
+    install_requires=["torch>=2.1", "timm>=1.0", "triton", "torchvision", "einops", "tqdm"],
+    extras_require={"dev": ["pytest"]},
+    entry_points={"console_scripts": ["tome-plus=tome_plus.tools.cli:main"]},
+)

@@ -1,0 +1,86 @@
+"""patch / unpatch / methods / inspect."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .backends import find_backend
+from .backends.base import ATTR, get_info, restore_classes
+from .methods import get_method, method_names
+from .state import binary_source
+
+
+def methods() -> List[str]:
+    """Names of the registered methods."""
+    return method_names()
+
+
+def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
+    """Make `model` reduce tokens with `method`, in place; returns the model.
+
+    Options are the method's config fields (see `tome_plus.methods.get_method(name).config_class`):
+    one budget of `r`, `keep` or `flops`, plus `prop_attn`, `trace_source`, `weighted_pool` and
+    the method's own. Patching a patched model replaces its method.
+    """
+    reducer_cls = get_method(method)
+    config_cls = reducer_cls.config_class
+    valid = config_cls.option_names()
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for method {method!r}; valid options: {valid}")
+    backend = find_backend(model)
+    config = config_cls(**options)
+    unpatch(model)
+    info = backend.patch(model, reducer_cls(config), config, method)
+    setattr(model, ATTR, info)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the original module classes; a no-op on an unpatched model."""
+    info = get_info(model)
+    if info is not None:
+        restore_classes(info)
+        delattr(model, ATTR)
+    return model
+
+
+@dataclass
+class Inspection:
+    """What the last forward of a patched model did.
+
+    Attributes:
+        method: the method's name.
+        config: its options.
+        removals: tokens removed after each block (the schedule for the last input size).
+        tokens: tokens after each block in the last forward (prefix included).
+        input_tokens: tokens entering the first block.
+        size: `[B, N, 1]` input tokens each output token stands for.
+        source: `[B, N, N0]` 0/1 map of the input tokens each output token holds (traced only).
+    """
+
+    method: str
+    config: Dict[str, Any]
+    removals: Optional[Tuple[int, ...]]
+    tokens: Optional[Tuple[int, ...]]
+    input_tokens: Optional[int]
+    size: Optional[torch.Tensor]
+    source: Optional[torch.Tensor]
+
+
+def inspect(model: nn.Module) -> Inspection:
+    """Tokens per layer, sizes and (when traced) the source map of the last forward."""
+    info = get_info(model)
+    if info is None:
+        raise ValueError("model is not patched; call tome_plus.patch(model, method, ...) first")
+    state = info.last_state
+    config = asdict(info.config)
+    if state is None:
+        return Inspection(info.method, config, None, None, None, None, None)
+    n_out = state.counts[-1] if state.counts else state.n_input
+    size = state.size if state.size is not None else torch.ones(state.batch, n_out, 1)
+    source = binary_source(state.source, n_out) if state.source is not None else None
+    return Inspection(info.method, config, state.removals, state.counts, state.n_input, size, source)

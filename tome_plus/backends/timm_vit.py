@@ -1,0 +1,215 @@
+"""timm backend: `VisionTransformer` and its relatives (DeiT, distilled DeiT, DeiT-3, DINOv2 with
+registers, CLIP/SigLIP ViTs in timm), timm 1.x.
+
+Each block reduces between attention and MLP. Attention runs through
+`F.scaled_dot_product_attention` with proportional attention as an additive `[B, 1, 1, N]` key
+bias; explicit attention probabilities are computed only in layers whose method asks for them.
+"""
+from __future__ import annotations
+
+from typing import Dict, FrozenSet, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from timm.layers import Attention
+from timm.models._features import feature_take_indices
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from ..merging import apply_plan
+from ..methods.base import ReductionConfig, Reducer
+from ..schedule import VitCost
+from ..state import TokenState
+from .base import PatchInfo, get_info, swap_class
+
+FAMILY = "timm VisionTransformer (ViT, DeiT, distilled DeiT, DeiT-3, DINOv2 incl. registers, timm CLIP/SigLIP ViTs)"
+
+
+def matches(model: nn.Module) -> bool:
+    return isinstance(model, VisionTransformer)
+
+
+def attention_with_signals(attn: Attention, x: torch.Tensor, bias: Optional[torch.Tensor],
+                           needs: FrozenSet[str]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """timm `Attention.forward` that also returns the signals a reducer asked for.
+
+    Fused SDPA unless `"attn"` is needed; `"cls_attn"` costs one extra `q_cls K^T` row.
+    """
+    batch, n_tokens, _ = x.shape
+    attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(batch, n_tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+
+    signals: Dict[str, torch.Tensor] = {}
+    if "attn" in needs:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        probs = logits.softmax(dim=-1)
+        signals["attn"] = probs
+        out = attn.attn_drop(probs) @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
+        if "cls_attn" in needs:
+            logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
+            if bias is not None:
+                logits = logits + bias
+            signals["cls_attn"] = logits.softmax(dim=-1)[:, :, 0]
+    if "keys" in needs:
+        signals["keys"] = k.mean(dim=1)
+
+    out = out.transpose(1, 2).reshape(batch, n_tokens, attn_dim)
+    out = attn.norm(out) if hasattr(attn, "norm") else out
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), signals
+
+
+class ReducingBlock:
+    """Mixin for timm `Block`: reduce tokens between attention and MLP when given a state."""
+
+    def forward(self, x: torch.Tensor, *args, state: Optional[TokenState] = None, **kwargs):
+        if state is None:  # called outside a patched forward: behave as the original block
+            return super().forward(x, *args, **kwargs)
+        layer, n_remove = state.layer, state.removals[state.layer]
+        needs = state.reducer.needs_at(layer) if n_remove > 0 else frozenset()
+        y, signals = attention_with_signals(self.attn, self.norm1(x), state.attn_bias(x.dtype), needs)
+        x = x + self.drop_path1(self.ls1(y))
+        if n_remove > 0:
+            x, state = apply_plan(state.reducer.plan(signals, state, n_remove), x, state)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, state.replace(layer=layer + 1, counts=state.counts + (x.shape[1],))
+
+
+def unmerge(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Back onto the input tokens: each takes the value of the token holding it (0 if pruned)."""
+    out = x.gather(1, source.clamp(min=0).unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return out.masked_fill(source.unsqueeze(-1) < 0, 0.0)
+
+
+class ReducingViT:
+    """Mixin for timm `VisionTransformer`: runs the blocks with a per-forward `TokenState`."""
+
+    def _run_blocks(self, x: torch.Tensor, trace: bool = False, take: Optional[List[int]] = None,
+                    stop: Optional[int] = None):
+        info: PatchInfo = get_info(self)
+        state = info.new_state(x, trace=trace)
+        taken = []
+        blocks = self.blocks if stop is None else self.blocks[:stop + 1]
+        for i, blk in enumerate(blocks):
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x, state = checkpoint(blk, x, state=state, use_reentrant=False)
+            else:
+                x, state = blk(x, state=state)
+            if take is not None and i in take:
+                taken.append((x, state))
+        info.last_state = state
+        return x, state, taken
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        return self.norm_pre(x)
+
+    def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                         is_causal: bool = False) -> torch.Tensor:
+        _no_masks(attn_mask, is_causal)
+        x, _, _ = self._run_blocks(self._embed(x))
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
+        """Average pooling weighs each token by its size, so it averages over the input patches."""
+        info: PatchInfo = get_info(self)
+        pool_type = self.global_pool if pool_type is None else pool_type
+        size = info.last_size_for(x)
+        if (size is None or not info.config.weighted_pool or self.attn_pool is not None
+                or pool_type not in ("avg", "avgmax")):
+            return super().pool(x, pool_type)
+        start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
+        tokens, weights = x[:, start:], size[:, start:].to(x.dtype)
+        mean = (tokens * weights).sum(dim=1) / weights.sum(dim=1)
+        return mean if pool_type == "avg" else 0.5 * (tokens.amax(dim=1) + mean)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              return_prefix_tokens: bool = False, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False, output_dict: bool = False,
+                              attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        """timm's `forward_intermediates`, with every intermediate un-merged onto the full patch
+        grid (each patch takes the value of the token that holds it; pruned patches are zero), so
+        both NCHW and NLC outputs have the unpatched model's shapes."""
+        _no_masks(attn_mask, is_causal)
+        assert output_fmt in ("NCHW", "NLC"), "Output format must be one of NCHW or NLC."
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        batch, _, height, width = x.shape
+        x, _, taken = self._run_blocks(self._embed(x), trace=True, take=list(take),
+                                       stop=max_index if stop_early else None)
+        p = self.num_prefix_tokens
+        full = [unmerge(self.norm(y) if norm else y, state.source) for y, state in taken]
+        prefix = [y[:, :p] for y in full] if p else None
+        inter = [y[:, p:] for y in full]
+        if output_fmt == "NCHW":
+            gh, gw = self.patch_embed.dynamic_feat_size((height, width))
+            inter = [y.reshape(batch, gh, gw, -1).permute(0, 3, 1, 2).contiguous() for y in inter]
+        if output_dict:
+            out = {"image_intermediates": inter}
+            if prefix is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                out["image_features"] = self.norm(x)
+            return out
+        if return_prefix_tokens and prefix is not None:
+            inter = list(zip(inter, prefix))
+        return inter if intermediates_only else (self.norm(x), inter)
+
+
+def _no_masks(attn_mask, is_causal) -> None:
+    if attn_mask is not None or is_causal:
+        raise ValueError("attn_mask/is_causal cannot follow tokens through a reduction; "
+                         "call tome_plus.unpatch(model) for masked attention")
+
+
+def check(model: nn.Module) -> None:
+    """Raise TypeError for ViT variants whose blocks this backend does not reimplement."""
+    for i, blk in enumerate(model.blocks):
+        if not isinstance(blk, Block) or type(blk).forward is not Block.forward:
+            raise TypeError(f"block {i} is {type(blk).__name__}; the timm backend supports timm's "
+                            f"pre-norm `Block` (not ResPostBlock, ParallelScalingBlock, ...)")
+        if type(blk.attn) is not Attention:
+            raise TypeError(f"block {i} uses {type(blk.attn).__name__}; the timm backend supports "
+                            f"timm's `Attention` (no RoPE / diff attention)")
+
+
+def cost_model(model: nn.Module):
+    """FLOPs model of `model` for the schedule solver (n_tokens -> VitCost)."""
+    blk = model.blocks[0]
+    dim = model.embed_dim
+    attn_dim = getattr(blk.attn, "attn_dim", blk.attn.num_heads * blk.attn.head_dim)
+    hidden = blk.mlp.fc1.out_features
+    proj = model.patch_embed.proj
+    patch_area = proj.kernel_size[0] * proj.kernel_size[1] if hasattr(proj, "kernel_size") else 0
+    in_chans = getattr(proj, "in_channels", 3)
+    n_heads_out = model.num_classes * (2 if hasattr(model, "head_dist") else 1)
+
+    def cost(n_tokens: int) -> VitCost:
+        n_patches = n_tokens - model.num_prefix_tokens
+        return VitCost(dim=dim, attn_dim=attn_dim, hidden=hidden, depth=len(model.blocks),
+                       embed_flops=2.0 * n_patches * in_chans * patch_area * dim,
+                       head_flops=2.0 * dim * n_heads_out)
+    return cost
+
+
+def patch(model: nn.Module, reducer: Reducer, config: ReductionConfig, method: str) -> PatchInfo:
+    check(model)
+    info = PatchInfo(method=method, config=config, reducer=reducer, depth=len(model.blocks),
+                     n_prefix=model.num_prefix_tokens, cost=cost_model(model))
+    for blk in model.blocks:
+        swap_class(blk, ReducingBlock, info)
+    swap_class(model, ReducingViT, info)
+    return info

@@ -1,0 +1,91 @@
+"""Apply a reduction plan to every tensor that follows the tokens.
+
+A method decides once per layer which tokens survive and where the others go (a `Plan`); this
+module applies that decision to x, the sizes and the source map, ToMe-style: indices computed
+once, applied to many tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from .state import TokenState
+
+
+@dataclass
+class Plan:
+    """Which tokens survive a layer and where the removed ones go.
+
+    Attributes:
+        keep: `[B, K]` positions of the surviving tokens in output order; the protected prefix
+            comes first, in order.
+        src: `[B, R]` positions of tokens merged away, or None for pure pruning (every token not
+            in `keep` or `src` is dropped).
+        dst: `[B, R]` for each source, the *output* position (index into `keep`) of the token it
+            merges into.
+    """
+
+    keep: torch.Tensor
+    src: Optional[torch.Tensor] = None
+    dst: Optional[torch.Tensor] = None
+
+    @property
+    def n_out(self) -> int:
+        return self.keep.shape[1]
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def merge_wavg(plan: Plan, x: torch.Tensor, size: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Size-weighted merge: `x_dst' = (s_dst x_dst + sum s_src x_src) / (s_dst + sum s_src)`.
+
+    `size=None` means all ones. Pure pruning returns `size` gathered (or None).
+    The sums run in float32: sizes grow into the hundreds and half precision would lose or
+    overflow the weighted sums.
+    """
+    out = _gather(x, plan.keep)
+    out_size = None if size is None else _gather(size, plan.keep)
+    if plan.src is None:
+        return out, out_size
+
+    if size is None:
+        size = x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
+        out_size = _gather(size, plan.keep)
+    src_size = _gather(size, plan.src)
+    acc = out.float() * out_size
+    acc = acc.scatter_add(1, plan.dst.unsqueeze(-1).expand(-1, -1, x.shape[-1]),
+                          _gather(x, plan.src).float() * src_size)
+    out_size = out_size.scatter_add(1, plan.dst.unsqueeze(-1), src_size)
+    return (acc / out_size).to(x.dtype), out_size
+
+
+def new_positions(plan: Plan, n_tokens: int) -> torch.Tensor:
+    """`[B, N]` output position of every input token of the layer (-1 when dropped)."""
+    batch = plan.keep.shape[0]
+    pos = torch.full((batch, n_tokens), -1, dtype=torch.long, device=plan.keep.device)
+    ar = torch.arange(plan.n_out, device=pos.device).expand(batch, -1)
+    pos.scatter_(1, plan.keep, ar)
+    if plan.src is not None:
+        pos.scatter_(1, plan.src, plan.dst)
+    return pos
+
+
+def merge_source(plan: Plan, source: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Follow the compact source map (`[B, N0]` holder index) through the plan."""
+    pos = new_positions(plan, n_tokens)
+    moved = pos.gather(1, source.clamp(min=0))
+    return torch.where(source < 0, source, moved)
+
+
+def apply_plan(plan: Plan, x: torch.Tensor, state: TokenState) -> Tuple[torch.Tensor, TokenState]:
+    """Apply `plan` to x, sizes and source; returns the reduced x and the next state."""
+    n_tokens = x.shape[1]
+    x, size = merge_wavg(plan, x, state.size)
+    source = state.source
+    if source is not None:
+        source = merge_source(plan, source, n_tokens)
+    return x, state.replace(size=size, source=source)

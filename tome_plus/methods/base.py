@@ -1,0 +1,153 @@
+"""The Reducer contract, the shared config fields and the method registry.
+
+A method is one file: a config dataclass (its options, validated at `patch` time) and a `Reducer`
+that turns the signals of one layer into a `Plan`. Methods know nothing of timm or HF; backends
+know nothing of any one method.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar, Dict, FrozenSet, List, Optional, Sequence, Tuple, Type, Union
+
+import torch
+
+from ..merging import Plan
+from ..state import TokenState
+
+RBudget = Union[int, Sequence[int], Tuple[int, float]]
+KeepBudget = Union[float, Sequence[float]]
+
+SIGNALS = frozenset({"keys", "cls_attn", "attn"})
+
+
+@dataclass
+class ReductionConfig:
+    """Options shared by every method. Give exactly one budget.
+
+    Attributes:
+        r: tokens removed per layer: an int, a per-layer list, or ToMe's decreasing schedule
+            `(r, inflect)` with inflect in [-1, 1] (-1 removes more early, +1 more late).
+        keep: fraction of the reducible tokens kept by each layer (a float or a per-layer list).
+        flops: target fraction of the unpatched model's FLOPs, solved into per-layer counts for
+            the model and input size.
+        prop_attn: proportional attention (add `log(size)` to every key's logit).
+        trace_source: record which input patches each token stands for (`tome_plus.inspect`).
+        weighted_pool: average pooling weighs each token by its size, so the pooled feature is the
+            mean over input patches (the original ToMe code takes a plain mean over tokens; set
+            False for that).
+    """
+
+    r: Optional[RBudget] = None
+    keep: Optional[KeepBudget] = None
+    flops: Optional[float] = None
+    prop_attn: bool = True
+    trace_source: bool = False
+    weighted_pool: bool = True
+
+    # The budget used when the caller gives none; set by each method.
+    default_budget: ClassVar[Dict[str, object]] = {"r": 0}
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("r", "keep", "flops") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one budget, not {' and '.join(given)}")
+        if not given:
+            for name, value in self.default_budget.items():
+                setattr(self, name, value)
+        self._validate_budget()
+
+    def _validate_budget(self) -> None:
+        r, keep, flops = self.r, self.keep, self.flops
+        if r is not None:
+            if isinstance(r, tuple):
+                if len(r) != 2 or not _is_int(r[0]) or isinstance(r[1], bool) or not isinstance(r[1], (int, float)):
+                    raise ValueError(f"r as a tuple is ToMe's schedule (r, inflect), got {r!r}")
+                if r[0] < 0:
+                    raise ValueError(f"r must be >= 0, got {r[0]}")
+                if not -1.0 <= r[1] <= 1.0:
+                    raise ValueError(f"inflect must lie in [-1, 1], got {r[1]}")
+            elif isinstance(r, (list, torch.Size)) or (isinstance(r, Sequence) and not isinstance(r, str)):
+                if not all(_is_int(v) for v in r):
+                    raise ValueError(f"r as a list must hold ints, got {r!r}")
+                if any(v < 0 for v in r):
+                    raise ValueError(f"r must be >= 0 in every layer, got {list(r)}")
+                self.r = list(r)
+            elif _is_int(r):
+                if r < 0:
+                    raise ValueError(f"r must be >= 0, got {r}")
+            else:
+                raise ValueError(f"r must be an int, a per-layer list or (r, inflect), got {r!r}")
+        if keep is not None:
+            values = list(keep) if isinstance(keep, (list, tuple)) else [keep]
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
+                    raise ValueError(f"keep must lie in (0, 1], got {keep!r}")
+        if flops is not None:
+            if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0.0 < flops <= 1.0:
+                raise ValueError(f"flops must lie in (0, 1], got {flops!r}")
+
+    @property
+    def budget(self) -> Tuple[str, object]:
+        for name in ("r", "keep", "flops"):
+            if getattr(self, name) is not None:
+                return name, getattr(self, name)
+        raise AssertionError("unreachable: __post_init__ sets a budget")
+
+    @classmethod
+    def option_names(cls) -> List[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class Reducer:
+    """One token-reduction method.
+
+    Subclasses set `name`, `config_class`, `needs` and implement `max_remove` and `plan`.
+    `budget_unit` tells the FLOPs solver which schedule family the method's paper uses:
+    "r" (a constant count per layer) or "keep" (a constant fraction per layer).
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[Type[ReductionConfig]] = ReductionConfig
+    needs: ClassVar[FrozenSet[str]] = frozenset({"keys"})
+    budget_unit: ClassVar[str] = "r"
+
+    def __init__(self, config: ReductionConfig) -> None:
+        self.config = config
+
+    def needs_at(self, layer: int) -> FrozenSet[str]:
+        """Signals wanted from the attention of `layer` (methods that prune only in some layers narrow this)."""
+        return self.needs
+
+    def max_remove(self, n_tokens: int, n_prefix: int) -> int:
+        """The most tokens one layer can remove from `n_tokens` with `n_prefix` protected."""
+        raise NotImplementedError
+
+    def plan(self, signals: Dict[str, torch.Tensor], state: TokenState, n_remove: int) -> Plan:
+        """Decide which of the tokens survive; `n_remove` is exactly how many must go."""
+        raise NotImplementedError
+
+
+_REGISTRY: Dict[str, Type[Reducer]] = {}
+
+
+def register(cls: Type[Reducer]) -> Type[Reducer]:
+    """Class decorator: make a reducer available to `tome_plus.patch` under `cls.name`."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"method {cls.name!r} is registered already")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> Type[Reducer]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; registered methods: {method_names()}")
+    return _REGISTRY[name]
+
+
+def method_names() -> List[str]:
+    return sorted(_REGISTRY)

@@ -1,0 +1,77 @@
+"""Per-forward token state.
+
+A `TokenState` is created at the start of each forward and handed from block to block; every
+reduction returns a new one instead of mutating the old. That keeps gradient checkpointing
+(blocks are re-run in backward), re-entrant calls and direct calls of `forward_features` correct:
+nothing outlives the forward except the final state the model keeps for `tome_plus.inspect`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Tuple
+
+import torch
+
+if TYPE_CHECKING:
+    from .methods.base import Reducer
+
+
+@dataclass(frozen=True)
+class TokenState:
+    """What the blocks need to know about the tokens of one forward.
+
+    Attributes:
+        reducer: the method's reducer (shared by all forwards of a patched model).
+        removals: tokens to remove after each block, for this input size.
+        n_prefix: protected prefix tokens (class, distillation, registers), always first.
+        prop_attn: add `log(size)` to the attention logits of every key.
+        size: `[B, N, 1]` float32 count of input tokens each token stands for; `None` while all
+            sizes are one (then no attention bias is needed and fused attention runs unmasked).
+        source: `[B, N0]` long, for each input token the index of the token that now holds it
+            (-1 once pruned); `None` unless traced. A compact form of ToMe's binary `[B, N, N0]`
+            source map, which `binary_source` rebuilds.
+        batch, n_input: batch size and tokens entering the first block.
+        layer: index of the next block.
+        counts: tokens after each block run so far.
+    """
+
+    reducer: "Reducer"
+    removals: Tuple[int, ...]
+    n_prefix: int
+    prop_attn: bool
+    batch: int
+    n_input: int
+    size: Optional[torch.Tensor] = None
+    source: Optional[torch.Tensor] = None
+    layer: int = 0
+    counts: Tuple[int, ...] = ()
+
+    def replace(self, **changes) -> "TokenState":
+        return dataclasses.replace(self, **changes)
+
+    def attn_bias(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """Proportional attention as an additive key bias `[B, 1, 1, N]`, or None when not needed."""
+        if not self.prop_attn or self.size is None:
+            return None
+        return self.size.log().to(dtype).transpose(1, 2).unsqueeze(1)
+
+    def sizes_or_ones(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size is not None:
+            return self.size
+        return x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
+
+
+def initial_source(batch: int, n_tokens: int, device: torch.device) -> torch.Tensor:
+    """Identity source map: input token j is held by token j."""
+    return torch.arange(n_tokens, device=device).expand(batch, n_tokens).contiguous()
+
+
+def binary_source(source: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Rebuild ToMe's `[B, N, N0]` 0/1 source map from the compact index map."""
+    batch, n0 = source.shape
+    out = torch.zeros(batch, n_tokens + 1, n0, device=source.device)
+    # pruned input tokens (-1) land in a spare last row that is cut off
+    rows = torch.where(source < 0, n_tokens, source)
+    out.scatter_(1, rows.unsqueeze(1), 1.0)
+    return out[:, :n_tokens]

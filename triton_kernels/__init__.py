@@ -1,0 +1,33 @@
+"""Kernel dispatch (installed as `tome_plus.triton_kernels`).
+
+One switch picks the implementation of every hot-path op: Triton on CUDA tensors, the PyTorch
+twin elsewhere. `TOME_PLUS_KERNELS=triton|torch|auto` (default auto) forces one for tests and
+benchmarks; a forced `triton` on CPU tensors needs the Triton interpreter (`TRITON_INTERPRET=1`).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+MODES = ("auto", "triton", "torch")
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get("TOME_PLUS_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"TOME_PLUS_KERNELS={mode!r}; expected one of {MODES}")
+    return mode
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether ops on `x` should run their Triton kernel."""
+    mode = kernel_mode()
+    if mode == "torch":
+        return False
+    if mode == "auto":
+        return x.is_cuda
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("TOME_PLUS_KERNELS=triton on CPU tensors needs the Triton interpreter: "
+                           "set TRITON_INTERPRET=1 (before importing triton)")
+    return True
