@@ -36,6 +36,11 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
     unpatch(model)
     info = backend.patch(model, reducer_cls(config), config, method)
     setattr(model, ATTR, info)
+    try:  # solve now for the model's default input, so budget errors and warnings come from here
+        info.removals(backend.default_tokens(model))
+    except Exception:
+        unpatch(model)
+        raise
     return model
 
 

@@ -186,6 +186,11 @@ def check(model: nn.Module) -> None:
                             f"timm's `Attention` (no RoPE / diff attention)")
 
 
+def default_tokens(model: nn.Module) -> int:
+    """Tokens entering the first block at the model's default image size."""
+    return model.patch_embed.num_patches + model.num_prefix_tokens
+
+
 def cost_model(model: nn.Module):
     """FLOPs model of `model` for the schedule solver (n_tokens -> VitCost)."""
     blk = model.blocks[0]

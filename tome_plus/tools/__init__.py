@@ -1,0 +1,1 @@
+"""Command-line tools: `tome-plus bench` (and later eval, fidelity, vis)."""
