@@ -1,6 +1,11 @@
 import os
 import warnings
 
+# Triton kernels are tested on CPU through the interpreter; Triton reads this when the kernels are
+# decorated, i.e. at import, so it must be set before anything imports tome_plus.
+if not os.environ.get("TOME_PLUS_TEST_CUDA"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import timm
 import torch

@@ -20,6 +20,23 @@ def kernel_mode() -> str:
     return mode
 
 
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_launch(kernel, *tensors: torch.Tensor) -> None:
+    """Clear errors before a Triton launch: CPU tensors need the interpreter, dtypes must be supported.
+
+    Triton decides at import time (when `@triton.jit` runs) whether kernels are interpreted, so
+    `TRITON_INTERPRET=1` must be set before `tome_plus` is imported.
+    """
+    for t in tensors:
+        if t.is_floating_point() and t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"Triton kernels take {SUPPORTED_DTYPES}, got {t.dtype}")
+    if not tensors[0].is_cuda and type(kernel).__name__ != "InterpretedFunction":
+        raise RuntimeError("Triton kernels on CPU tensors run only in the Triton interpreter: set "
+                           "TRITON_INTERPRET=1 before importing tome_plus (or use CUDA tensors)")
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """Whether ops on `x` should run their Triton kernel."""
     mode = kernel_mode()
