@@ -33,8 +33,10 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
         raise TypeError(f"unknown option(s) {unknown} for method {method!r}; valid options: {valid}")
     backend = find_backend(model)
     config = config_cls(**options)
+    reducer = reducer_cls(config)
+    reducer.check(backend.depth(model))
     unpatch(model)
-    info = backend.patch(model, reducer_cls(config), config, method)
+    info = backend.patch(model, reducer, config, method)
     setattr(model, ATTR, info)
     try:  # solve now for the model's default input, so budget errors and warnings come from here
         info.removals(backend.default_tokens(model))

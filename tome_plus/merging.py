@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from .state import TokenState
+from .triton_kernels import matching as kernels
 
 
 @dataclass
@@ -36,31 +37,15 @@ class Plan:
         return self.keep.shape[1]
 
 
-def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
 def merge_wavg(plan: Plan, x: torch.Tensor, size: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Size-weighted merge: `x_dst' = (s_dst x_dst + sum s_src x_src) / (s_dst + sum s_src)`.
 
-    `size=None` means all ones. Pure pruning returns `size` gathered (or None).
-    The sums run in float32: sizes grow into the hundreds and half precision would lose or
-    overflow the weighted sums.
+    `size=None` means all ones; pure pruning of all-ones sizes keeps them None (no attention
+    bias needed later). Runs the fused Triton kernel on CUDA, its PyTorch twin elsewhere.
     """
-    out = _gather(x, plan.keep)
-    out_size = None if size is None else _gather(size, plan.keep)
-    if plan.src is None:
-        return out, out_size
-
-    if size is None:
-        size = x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
-        out_size = _gather(size, plan.keep)
-    src_size = _gather(size, plan.src)
-    acc = out.float() * out_size
-    acc = acc.scatter_add(1, plan.dst.unsqueeze(-1).expand(-1, -1, x.shape[-1]),
-                          _gather(x, plan.src).float() * src_size)
-    out_size = out_size.scatter_add(1, plan.dst.unsqueeze(-1), src_size)
-    return (acc / out_size).to(x.dtype), out_size
+    if plan.src is None and size is None:
+        return kernels.prune_gather(x, None, plan.keep)[0], None
+    return kernels.merge_wavg(x, size, plan.keep, plan.src, plan.dst)
 
 
 def new_positions(plan: Plan, n_tokens: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Sequence, Tuple
 
-MaxRemove = Callable[[int, int], int]
+MaxRemove = Callable[[int, int, int], int]  # (layer, n_tokens, n_prefix) -> most removable
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def _run(request: Callable[[int, int], int], depth: int, n_tokens: int, n_prefix
     out, clamped, n = [], [], n_tokens
     for layer in range(depth):
         asked = request(layer, n)
-        given = max(0, min(asked, max_remove(n, n_prefix)))
+        given = max(0, min(asked, max_remove(layer, n, n_prefix)))
         if given < asked:
             clamped.append((layer, asked, given))
         out.append(given)
@@ -95,7 +95,7 @@ def solve(budget: Tuple[str, object], unit: str, depth: int, n_tokens: int, n_pr
         depth: number of blocks.
         n_tokens: tokens entering the first block (prefix included).
         n_prefix: protected prefix tokens.
-        max_remove: the method's per-layer limit `(n_tokens, n_prefix) -> int`.
+        max_remove: the method's per-layer limit `(layer, n_tokens, n_prefix) -> int`.
         cost: the backend's FLOPs model.
     """
     kind, value = budget
@@ -131,7 +131,7 @@ def _solve_flops(target: float, unit: str, depth: int, n_tokens: int, n_prefix: 
             wanted = [q + (1 if layer < m else 0) for layer in range(depth)]
             return _run(lambda layer, n: wanted[layer], depth, n_tokens, n_prefix, max_remove)[0]
 
-        hi = depth * max(max_remove(n_tokens, n_prefix), 0)
+        hi = depth * max(max(max_remove(layer, n_tokens, n_prefix) for layer in range(depth)), 0)
         lo = 0
         if ratio(counts_for(hi)) > target + 1e-9:
             raise ValueError(f"flops={target} is below what this method reaches on this model and "

@@ -186,6 +186,10 @@ def check(model: nn.Module) -> None:
                             f"timm's `Attention` (no RoPE / diff attention)")
 
 
+def depth(model: nn.Module) -> int:
+    return len(model.blocks)
+
+
 def default_tokens(model: nn.Module) -> int:
     """Tokens entering the first block at the model's default image size."""
     return model.patch_embed.num_patches + model.num_prefix_tokens

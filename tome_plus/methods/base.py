@@ -123,8 +123,11 @@ class Reducer:
         """Signals wanted from the attention of `layer` (methods that prune only in some layers narrow this)."""
         return self.needs
 
-    def max_remove(self, n_tokens: int, n_prefix: int) -> int:
-        """The most tokens one layer can remove from `n_tokens` with `n_prefix` protected."""
+    def check(self, depth: int) -> None:
+        """Validate options that depend on the model (e.g. layer lists); raise ValueError."""
+
+    def max_remove(self, layer: int, n_tokens: int, n_prefix: int) -> int:
+        """The most tokens `layer` can remove from `n_tokens` with `n_prefix` protected."""
         raise NotImplementedError
 
     def plan(self, signals: Dict[str, torch.Tensor], state: TokenState, n_remove: int) -> Plan:

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import ClassVar, Dict, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..merging import Plan
 from ..state import TokenState
+from ..triton_kernels.matching import bipartite_match
 from .base import ReductionConfig, Reducer, register
 
 
@@ -26,23 +26,6 @@ class TomeConfig(ReductionConfig):
     """ToMe. Defaults as the paper: `prop_attn=True` (use False for MAE checkpoints); `r=16`."""
 
     default_budget: ClassVar[Dict[str, object]] = {"r": 16}
-
-
-def match_scores(metric: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor):
-    """Cosine match of each A token to its best B token.
-
-    Args:
-        metric: `[B, N, d]` matching features.
-        a_idx, b_idx: `[B, Na]`, `[B, Nb]` token positions of the two sides.
-    Returns:
-        best score `[B, Na]` and the index into `b_idx` of the best B token `[B, Na]`.
-    """
-    metric = F.normalize(metric.float(), dim=-1)
-    d = metric.shape[-1]
-    a = metric.gather(1, a_idx.unsqueeze(-1).expand(-1, -1, d))
-    b = metric.gather(1, b_idx.unsqueeze(-1).expand(-1, -1, d))
-    scores = a @ b.transpose(1, 2)
-    return scores.max(dim=-1)
 
 
 def bipartite_plan(metric: torch.Tensor, r: int, n_prefix: int,
@@ -64,7 +47,7 @@ def bipartite_plan(metric: torch.Tensor, r: int, n_prefix: int,
         a_idx = torch.arange(first_even, n_tokens, 2, device=device).expand(batch, -1)
         b_idx = torch.arange(first_odd, n_tokens, 2, device=device).expand(batch, -1)
     with torch.no_grad():
-        node_max, node_idx = match_scores(metric, a_idx, b_idx)
+        node_max, node_idx = bipartite_match(metric, a_idx, b_idx)
         order = node_max.argsort(dim=-1, descending=True)
         src_rank, unm_rank = order[:, :r], order[:, r:]
         src = a_idx.gather(1, src_rank)
@@ -85,7 +68,7 @@ class Tome(Reducer):
     needs = frozenset({"keys"})
     budget_unit = "r"
 
-    def max_remove(self, n_tokens: int, n_prefix: int) -> int:
+    def max_remove(self, layer: int, n_tokens: int, n_prefix: int) -> int:
         return max(n_tokens - n_prefix, 0) // 2
 
     def plan(self, signals: Dict[str, torch.Tensor], state: TokenState, n_remove: int) -> Plan:

@@ -174,12 +174,22 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
     parser.add_argument("--csv", default=None, metavar="PATH", help="write the results as CSV")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--kernels", action="store_true",
+                        help="instead: Triton kernels vs. PyTorch twins per op and end to end (CUDA only)")
     add_method_args(parser)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace] = None) -> Dict[str, Any]:
     args = args or build_parser().parse_args(argv)
+    if args.kernels:
+        from . import kernel_bench
+        report = kernel_bench.run(dtype=args.dtype, runs=args.runs or 30)
+        print(kernel_bench.format_report(report))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=2)
+        return report
     cuda = args.device.startswith("cuda")
     report = run_bench(
         args.model, args.method, method_options(args), device=args.device, dtype=args.dtype,

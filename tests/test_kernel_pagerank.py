@@ -1,0 +1,246 @@
+"""The fused weighted-PageRank kernel (Zero-TPrune, METHODS.md section 3).
+
+Runs on CPU through the Triton interpreter (conftest sets TRITON_INTERPRET=1 before tome_plus is
+imported). The interpreter is slow per program and per streamed row block, so big-N cases use few
+(batch, head) programs and few iterations.
+"""
+import itertools
+
+import pytest
+import torch
+
+from tome_plus.triton_kernels import pagerank as P
+from tome_plus.triton_kernels.pagerank import (weighted_pagerank, weighted_pagerank_torch,
+                                               weighted_pagerank_triton)
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def attention(batch, heads, n, dtype=torch.float32, seed=0):
+    """Softmax of random logits over the keys, cast to `dtype` (rows = queries)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = 2.0 * torch.randn(batch, heads, n, n, generator=g)
+    return logits.softmax(-1).to(dtype)
+
+
+def random_alive(batch, n, seed=0):
+    """Random survivors, the class token always among them."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    alive = torch.rand(batch, n, generator=g) > 0.4
+    alive[:, 0] = True
+    return alive
+
+
+def check_against_twin(attn, iters, alive, init, n_cls=1):
+    """Kernel vs the PyTorch twin, plus the invariants of the result."""
+    s, var = weighted_pagerank_triton(attn, iters, alive, init, n_cls)
+    s_ref, var_ref = weighted_pagerank_torch(attn, iters, alive, init, n_cls)
+    batch, heads, n, _ = attn.shape
+    assert s.dtype == torch.float32 and var.dtype == torch.float32
+    assert s.shape == (batch, heads, n) and var.shape == (batch, heads)
+    # The twin upcasts the input exactly as the kernel does, so even for fp16/bf16 inputs the two
+    # differ only by float32 summation order: the tolerance need not grow with the input dtype.
+    torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(var, var_ref, rtol=1e-4, atol=1e-6)
+    mask = torch.ones(batch, n, dtype=torch.bool) if alive is None else alive
+    torch.testing.assert_close(s.sum(-1), torch.ones(batch, heads), rtol=1e-5, atol=1e-5)
+    assert (s * ~mask[:, None, :]).abs().max() == 0  # dead tokens hold no mass
+
+
+# (a) against the twin ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 2, 3, 61])
+@pytest.mark.parametrize("batch", [1, 7])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("init", ["cls", "uniform"])
+def test_small_n_matches_twin(n, batch, dtype, masked, init):
+    heads = 2 if batch == 1 else 1
+    attn = attention(batch, heads, n, dtype, seed=n)
+    alive = random_alive(batch, n, seed=n) if masked else None
+    for iters in (1, 30):
+        check_against_twin(attn, iters, alive, init)
+
+
+@pytest.mark.parametrize("dtype,masked,init,iters",
+                         list(itertools.product(DTYPES, [False, True], ["cls", "uniform"], [1, 30])))
+def test_n197_on_chip_matches_twin(dtype, masked, init, iters):
+    attn = attention(7, 2, 197, dtype, seed=197)
+    check_against_twin(attn, iters, random_alive(7, 197) if masked else None, init)
+
+
+# Streamed path (N > 256). Each case: (n, batch, heads, dtype, masked, init, iters).
+STREAM_CASES = [
+    *[(257, 1, 2, d, m, i, 1) for d, m, i in itertools.product(DTYPES, [False, True], ["cls", "uniform"])],
+    (257, 7, 1, torch.float32, True, "cls", 1),
+    (257, 1, 1, torch.float16, True, "cls", 30),
+    (577, 1, 2, torch.float32, True, "cls", 1),
+    (577, 1, 2, torch.bfloat16, False, "uniform", 1),
+    (577, 1, 1, torch.float16, True, "uniform", 1),
+    (577, 7, 1, torch.bfloat16, True, "cls", 1),
+    (577, 1, 1, torch.float32, True, "cls", 30),
+]
+
+
+@pytest.mark.parametrize("n,batch,heads,dtype,masked,init,iters", STREAM_CASES)
+def test_large_n_streamed_matches_twin(n, batch, heads, dtype, masked, init, iters):
+    attn = attention(batch, heads, n, dtype, seed=n + batch)
+    check_against_twin(attn, iters, random_alive(batch, n, seed=n) if masked else None, init)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("init", ["cls", "uniform"])
+def test_streamed_path_forced_on_small_n(monkeypatch, dtype, masked, init):
+    """Streamed kernel with many ragged row blocks at a size the interpreter runs quickly."""
+    monkeypatch.setattr(P, "ONCHIP_MAX_BLOCK", 16)
+    monkeypatch.setattr(P, "STREAM_BLOCK_ELEMS", 64 * 8)  # BLOCK_N = 64 -> 8 rows per block
+    attn = attention(2, 1, 61, dtype, seed=3)
+    check_against_twin(attn, 5, random_alive(2, 61, seed=3) if masked else None, init)
+
+
+def test_streamed_and_on_chip_agree(monkeypatch):
+    attn = attention(2, 2, 40, seed=8)
+    alive = random_alive(2, 40, seed=8)
+    on_chip = weighted_pagerank_triton(attn, 12, alive)
+    monkeypatch.setattr(P, "ONCHIP_MAX_BLOCK", 16)
+    monkeypatch.setattr(P, "STREAM_BLOCK_ELEMS", 64 * 5)  # rounds down to 4 rows per block
+    streamed = weighted_pagerank_triton(attn, 12, alive)
+    torch.testing.assert_close(streamed, on_chip, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("n", [61, 257])
+def test_non_contiguous_attention(n):
+    """Strided views (heads-major storage, a column slice) give the answers of contiguous copies."""
+    batch, heads = 2, 2 if n < 256 else 1
+    g = torch.Generator().manual_seed(5)
+    stored = (2 * torch.randn(batch, n, heads, 2 * n, generator=g))[..., :n].softmax(-1)
+    wide = torch.zeros(batch, n, heads, 2 * n)
+    wide[..., :n] = stored
+    attn = wide[..., :n].transpose(1, 2)  # [B, H, N, N] with strides (.., .., 2*H*N, 1)
+    assert not attn.is_contiguous()
+    alive = random_alive(batch, n, seed=5)
+    iters = 20 if n < 256 else 1
+    got = weighted_pagerank_triton(attn, iters, alive)
+    want = weighted_pagerank_triton(attn.contiguous(), iters, alive)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    check_against_twin(attn, iters, alive, "cls")
+
+
+@pytest.mark.parametrize("n", [61, 257])
+def test_alive_none_equals_all_alive(n):
+    attn = attention(1, 2, n, seed=4)
+    iters = 10 if n < 256 else 1
+    got = weighted_pagerank_triton(attn, iters, None)
+    want = weighted_pagerank_triton(attn, iters, torch.ones(1, n, dtype=torch.bool))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+def test_two_class_tokens():
+    attn = attention(3, 2, 33, seed=6)
+    check_against_twin(attn, 7, random_alive(3, 33, seed=6), "cls", n_cls=2)
+    check_against_twin(attn, 7, None, "cls", n_cls=0)
+
+
+def test_dispatcher_uses_kernel_when_forced(monkeypatch):
+    calls = []
+    real = P.weighted_pagerank_triton
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setenv("TOME_PLUS_KERNELS", "triton")
+    monkeypatch.setattr(P, "weighted_pagerank_triton", spy)
+    attn = attention(1, 2, 9, seed=2)
+    s, var = weighted_pagerank(attn, 4)
+    assert calls == [1]
+    torch.testing.assert_close((s, var), weighted_pagerank_torch(attn, 4), rtol=1e-5, atol=1e-7)
+
+
+# (b) against loops over tokens ----------------------------------------------------------------
+
+def naive_pagerank(attn, iters, alive, init, n_cls=1):
+    """One head, float64, written from METHODS.md with loops: returns (scores list, variance)."""
+    n = len(alive)
+    live = [i for i in range(n) if alive[i]]
+    a = [[0.0] * n for _ in range(n)]
+    for i in live:
+        row = sum(float(attn[i][j]) for j in live)
+        for j in live:
+            a[i][j] = float(attn[i][j]) / row
+    weight = [0.0] * n
+    for i in live:
+        weight[i] = len(live) ** 0.5 if (init == "cls" and i < n_cls) else 1.0
+    s = [w / sum(weight) for w in weight]
+    for _ in range(iters):
+        s = [sum(a[i][j] * s[i] for i in range(n)) for j in range(n)]
+    scaled = [len(live) * s[j] for j in live]
+    mean = sum(scaled) / len(live)
+    return s, sum((x - mean) ** 2 for x in scaled) / len(live)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("init", ["cls", "uniform"])
+@pytest.mark.parametrize("iters", [1, 6])
+def test_matches_loop_reference(masked, init, iters):
+    n = 5
+    attn = attention(2, 3, n, seed=11)
+    alive = torch.tensor([[1, 0, 1, 1, 0], [1, 1, 1, 0, 1]], dtype=torch.bool) if masked else None
+    s, var = weighted_pagerank_triton(attn, iters, alive, init)
+    for b in range(2):
+        live = alive[b].tolist() if masked else [True] * n
+        for h in range(3):
+            ref_s, ref_var = naive_pagerank(attn[b, h].tolist(), iters, live, init)
+            torch.testing.assert_close(s[b, h], torch.tensor(ref_s, dtype=torch.float32),
+                                       rtol=1e-5, atol=1e-7)
+            assert abs(var[b, h].item() - ref_var) <= 1e-5 * max(1.0, abs(ref_var))
+
+
+# (c) the fixed point ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("init", ["cls", "uniform"])
+def test_converges_to_stationary_distribution(init):
+    """With all tokens alive, s_t = A^T s_{t-1} converges to A^T's eigenvalue-1 eigenvector."""
+    batch, heads, n = 2, 2, 12
+    attn = attention(batch, heads, n, seed=21)
+    s, var = weighted_pagerank_triton(attn, 200, None, init)
+    for b in range(batch):
+        for h in range(heads):
+            a = attn[b, h].double()
+            a = a / a.sum(-1, keepdim=True)  # exactly stochastic, like the kernel's renormalised rows
+            vals, vecs = torch.linalg.eig(a.T)
+            k = (vals - 1).abs().argmin()
+            assert abs(vals[k] - 1) < 1e-9
+            assert (vals.abs() < 0.9).sum() == n - 1  # spectral gap: 200 iterations have converged
+            pi = vecs[:, k].real
+            pi = pi / pi.sum()
+            torch.testing.assert_close(s[b, h].double(), pi, rtol=1e-4, atol=1e-7)
+            scaled = n * pi
+            torch.testing.assert_close(var[b, h].double(), ((scaled - scaled.mean()) ** 2).mean(),
+                                       rtol=1e-4, atol=1e-7)
+
+
+# (d) errors -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("iters", [0, -3, 2.5, True])
+def test_bad_iters(iters):
+    with pytest.raises(ValueError, match="iters"):
+        weighted_pagerank_triton(attention(1, 1, 4), iters)
+
+
+def test_bad_init():
+    with pytest.raises(ValueError, match="init"):
+        weighted_pagerank_triton(attention(1, 1, 4), 3, init="random")
+
+
+def test_float64_rejected():
+    with pytest.raises(TypeError, match="float64"):
+        weighted_pagerank_triton(attention(1, 1, 4).double(), 3)
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match="attn"):
+        weighted_pagerank_triton(torch.rand(1, 4, 4), 3)
+    with pytest.raises(ValueError, match="alive"):
+        weighted_pagerank_triton(attention(2, 1, 4), 3, torch.ones(1, 4, dtype=torch.bool))

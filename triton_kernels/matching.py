@@ -1,0 +1,203 @@
+"""Bipartite matching and the size-weighted merge (ToMe, METHODS.md section 1), fused.
+
+- `bipartite_match(metric, a_idx, b_idx)`: for each token of side A its best cosine score against
+  side B and the index of that B token. The Triton kernel normalises rows on the fly and keeps a
+  running max over blocks of B, so the `Na x Nb` score matrix never reaches global memory.
+- `merge_wavg(x, size, keep, src, dst)`: the kept tokens in output order, each source added into
+  its destination weighted by size, normalised by the summed sizes; x and size in one pass. The
+  kernel reads the sources of each output row in a fixed order (sorted by destination, then by
+  position in `src`), so results are deterministic: no float atomics.
+- `prune_gather(x, keep)`: the same kernel without sources (tokens not kept are dropped).
+
+Sides are explicit index lists, so PiToMe's energy-ordered candidates and Zero-TPrune's importance
+partition reuse the kernel; protected prefix tokens are simply left out of both lists.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import check_launch, use_triton
+
+
+# ---------------------------------------------------------------- PyTorch twins
+
+def bipartite_match_torch(metric: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Best cosine score `[B, Na]` (float32) of each A token and its index into `b_idx` `[B, Na]`."""
+    unit = F.normalize(metric.float(), dim=-1)
+    d = unit.shape[-1]
+    a = unit.gather(1, a_idx.unsqueeze(-1).expand(-1, -1, d))
+    b = unit.gather(1, b_idx.unsqueeze(-1).expand(-1, -1, d))
+    return (a @ b.transpose(1, 2)).max(dim=-1)
+
+
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def merge_wavg_torch(x: torch.Tensor, size: torch.Tensor, keep: torch.Tensor, src: Optional[torch.Tensor],
+                     dst: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`x [B, N, C]`, `size [B, N, 1]` float32 -> merged `x [B, K, C]` (x's dtype), `size [B, K, 1]`.
+
+    Sums run in float32: sizes grow into the hundreds and half precision would lose them.
+    """
+    out_size = _gather_rows(size, keep)
+    if src is None or src.shape[1] == 0:
+        return _gather_rows(x, keep), out_size
+    src_size = _gather_rows(size, src)
+    acc = _gather_rows(x, keep).float() * out_size
+    acc = acc.scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, x.shape[-1]), _gather_rows(x, src).float() * src_size)
+    out_size = out_size.scatter_add(1, dst.unsqueeze(-1), src_size)
+    return (acc / out_size).to(x.dtype), out_size
+
+
+# ---------------------------------------------------------------- Triton kernels
+
+@triton.jit
+def _match_kernel(m_ptr, a_ptr, b_ptr, score_ptr, index_ptr, n_a, n_b, dim,
+                  s_mb, s_mn, s_md, s_ab, s_bb,
+                  BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    batch = tl.program_id(0)
+    offs_a = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_a, mask_d = offs_a < n_a, offs_d < dim
+    rows_a = tl.load(a_ptr + batch * s_ab + offs_a, mask=mask_a, other=0)
+    a = tl.load(m_ptr + batch * s_mb + rows_a[:, None] * s_mn + offs_d[None, :] * s_md,
+                mask=mask_a[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    a = a / tl.maximum(tl.sqrt(tl.sum(a * a, axis=1)), 1e-12)[:, None]
+
+    best = tl.full([BLOCK_A], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK_A], tl.int32)
+    for start in range(0, n_b, BLOCK_B):
+        offs_b = start + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < n_b
+        rows_b = tl.load(b_ptr + batch * s_bb + offs_b, mask=mask_b, other=0)
+        b = tl.load(m_ptr + batch * s_mb + rows_b[:, None] * s_mn + offs_d[None, :] * s_md,
+                    mask=mask_b[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        b = b / tl.maximum(tl.sqrt(tl.sum(b * b, axis=1)), 1e-12)[:, None]
+        # full fp32 products: a TF32 dot would reorder near-ties against the PyTorch twin
+        scores = tl.dot(a, tl.trans(b), input_precision="ieee")
+        scores = tl.where(mask_b[None, :], scores, float("-inf"))
+        block_best = tl.max(scores, axis=1)
+        block_idx = tl.argmax(scores, axis=1).to(tl.int32) + start
+        better = block_best > best  # strict: on ties the earlier B token wins, as torch.max
+        best = tl.where(better, block_best, best)
+        best_idx = tl.where(better, block_idx, best_idx)
+    tl.store(score_ptr + batch * n_a + offs_a, best, mask=mask_a)
+    tl.store(index_ptr + batch * n_a + offs_a, best_idx.to(tl.int64), mask=mask_a)
+
+
+@triton.jit
+def _merge_kernel(x_ptr, size_ptr, keep_ptr, src_ptr, start_ptr, out_ptr, out_size_ptr,
+                  n_tokens, n_keep, n_src, channels,
+                  s_xb, s_xn, s_xc,
+                  HAS_SRC: tl.constexpr, BLOCK_C: tl.constexpr):
+    batch, row, cblock = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_c = cblock * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < channels
+    token = tl.load(keep_ptr + batch * n_keep + row)
+    weight = tl.load(size_ptr + batch * n_tokens + token)
+    x_row = tl.load(x_ptr + batch * s_xb + token * s_xn + offs_c * s_xc, mask=mask_c, other=0.0)
+    if HAS_SRC:
+        acc = x_row.to(tl.float32) * weight
+        total = weight
+        first = tl.load(start_ptr + batch * (n_keep + 1) + row)
+        last = tl.load(start_ptr + batch * (n_keep + 1) + row + 1)
+        for i in range(first, last):
+            s = tl.load(src_ptr + batch * n_src + i)
+            w = tl.load(size_ptr + batch * n_tokens + s)
+            xs = tl.load(x_ptr + batch * s_xb + s * s_xn + offs_c * s_xc, mask=mask_c, other=0.0)
+            acc += xs.to(tl.float32) * w
+            total += w
+        tl.store(out_ptr + (batch * n_keep + row) * channels + offs_c,
+                 (acc / total).to(out_ptr.dtype.element_ty), mask=mask_c)
+    else:
+        total = weight
+        tl.store(out_ptr + (batch * n_keep + row) * channels + offs_c, x_row, mask=mask_c)
+    if cblock == 0:
+        tl.store(out_size_ptr + batch * n_keep + row, total)
+
+
+def bipartite_match_triton(metric: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of `bipartite_match_torch`."""
+    check_launch(_match_kernel, metric)
+    batch, _, dim = metric.shape
+    n_a, n_b = a_idx.shape[1], b_idx.shape[1]
+    a_idx, b_idx = a_idx.expand(batch, -1).contiguous(), b_idx.expand(batch, -1).contiguous()
+    score = torch.empty(batch, n_a, device=metric.device, dtype=torch.float32)
+    index = torch.empty(batch, n_a, device=metric.device, dtype=torch.int64)
+    if n_a == 0:
+        return score, index
+    if n_b == 0:
+        return score.fill_(float("-inf")), index.zero_()
+    block_a = 32 if n_a > 16 else 16
+    grid = (batch, triton.cdiv(n_a, block_a))
+    _match_kernel[grid](metric, a_idx, b_idx, score, index, n_a, n_b, dim,
+                        metric.stride(0), metric.stride(1), metric.stride(2), a_idx.stride(0), b_idx.stride(0),
+                        BLOCK_A=block_a, BLOCK_B=64, BLOCK_D=max(16, triton.next_power_of_2(dim)))
+    return score, index
+
+
+def _csr(dst: torch.Tensor, src: torch.Tensor, n_keep: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sources grouped by destination (stable) and row offsets `[B, K + 1]`."""
+    order = dst.argsort(dim=1, stable=True)
+    src_sorted = src.gather(1, order).contiguous()
+    counts = torch.zeros(dst.shape[0], n_keep, dtype=torch.int64, device=dst.device)
+    counts.scatter_add_(1, dst, torch.ones_like(dst))
+    starts = F.pad(counts.cumsum(1), (1, 0)).contiguous()
+    return src_sorted, starts
+
+
+def merge_wavg_triton(x: torch.Tensor, size: torch.Tensor, keep: torch.Tensor, src: Optional[torch.Tensor],
+                      dst: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of `merge_wavg_torch`: one program per (image, output token, channel block)."""
+    check_launch(_merge_kernel, x)
+    batch, n_tokens, channels = x.shape
+    n_keep = keep.shape[1]
+    keep = keep.contiguous()
+    size = size.float().contiguous()
+    out = torch.empty(batch, n_keep, channels, device=x.device, dtype=x.dtype)
+    out_size = torch.empty(batch, n_keep, 1, device=x.device, dtype=torch.float32)
+    has_src = src is not None and src.shape[1] > 0
+    if has_src:
+        src_sorted, starts = _csr(dst, src, n_keep)
+    else:
+        src_sorted = starts = keep  # unused by the kernel
+    block_c = min(1024, triton.next_power_of_2(channels))
+    grid = (batch, n_keep, triton.cdiv(channels, block_c))
+    _merge_kernel[grid](x, size, keep, src_sorted, starts, out, out_size,
+                        n_tokens, n_keep, src_sorted.shape[1] if has_src else 0, channels,
+                        x.stride(0), x.stride(1), x.stride(2),
+                        HAS_SRC=has_src, BLOCK_C=block_c)
+    return out, out_size
+
+
+# ---------------------------------------------------------------- dispatch
+
+def bipartite_match(metric: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(metric):
+        return bipartite_match_triton(metric, a_idx, b_idx)
+    return bipartite_match_torch(metric, a_idx, b_idx)
+
+
+def merge_wavg(x: torch.Tensor, size: Optional[torch.Tensor], keep: torch.Tensor, src: Optional[torch.Tensor] = None,
+               dst: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted merge (`size=None`: all ones); returns x and float32 sizes `[B, K, 1]`."""
+    if size is None:
+        size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device, dtype=torch.float32)
+    if use_triton(x):
+        return merge_wavg_triton(x, size, keep, src, dst)
+    return merge_wavg_torch(x, size, keep, src, dst)
+
+
+def prune_gather(x: torch.Tensor, size: Optional[torch.Tensor], keep: torch.Tensor
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Keep the tokens at `keep` (output order), drop the rest."""
+    return merge_wavg(x, size, keep)
