@@ -13,6 +13,11 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+# one model per kind of protected prefix: class token, class + distillation, class + 4 registers
+PREFIX_MODELS = [("vit_small_patch16_224", {}), ("deit_small_distilled_patch16_224", {}),
+                 ("vit_small_patch14_reg4_dinov2", {"img_size": 224})]
+
+
 def make(name: str, **kwargs):
     """A random-init timm model in eval mode, seeded so every test sees the same weights."""
     torch.manual_seed(0)

@@ -83,13 +83,16 @@ def test_knn_matches_naive_vote():
 @needs_fmnist
 def test_quick_run_end_to_end(tmp_path, capsys):
     out, png = tmp_path / "f.json", tmp_path / "f.png"
-    fidelity.main(["--quick", "--methods", "tome", "--no-progress", "--json", str(out), "--plot", str(png)])
+    fidelity.main(["--quick", "--methods", "tome,pitome,zero_tprune", "--no-progress", "--json", str(out),
+                   "--plot", str(png)])
     report = json.loads(out.read_text())
-    base, patched = report["rows"]
+    base, *patched = report["rows"]
     assert base["method"] == "unpatched" and base["cosine_to_unpatched"] == 1.0 and base["flops_ratio"] == 1.0
-    assert patched["method"] == "tome" and patched["budget"] == "flops=0.5"
-    assert abs(patched["flops_ratio"] - 0.5) < 0.05
-    assert 0.5 < patched["cosine_to_unpatched"] < 1.0
+    assert [r["method"] for r in patched] == ["tome", "pitome", "zero_tprune"]
+    for row in patched:
+        assert row["budget"] == "flops=0.5"
+        assert abs(row["flops_ratio"] - 0.5) < 0.05, row
+        assert 0.5 < row["cosine_to_unpatched"] < 1.0, row
     assert 10.0 < base["knn_top1"] <= 100.0  # real features beat the 10% of chance on 10 classes
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "kNN top-1" in capsys.readouterr().out

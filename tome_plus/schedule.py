@@ -66,11 +66,15 @@ def keep_schedule(keep, depth: int) -> List[float]:
 
 
 def _run(request: Callable[[int, int], int], depth: int, n_tokens: int, n_prefix: int,
-         max_remove: MaxRemove) -> Tuple[List[int], List[Tuple[int, int, int]]]:
-    """Walk the layers; returns counts and the clamped layers as (layer, asked, given)."""
+         max_remove: MaxRemove, active: Callable[[int], bool]) -> Tuple[List[int], List[Tuple[int, int, int]]]:
+    """Walk the layers; returns counts and the clamped layers as (layer, asked, given).
+
+    Layers the method leaves alone by configuration (`active` false) ask for nothing, so they are
+    not reported as clamped.
+    """
     out, clamped, n = [], [], n_tokens
     for layer in range(depth):
-        asked = request(layer, n)
+        asked = request(layer, n) if active(layer) else 0
         given = max(0, min(asked, max_remove(layer, n, n_prefix)))
         if given < asked:
             clamped.append((layer, asked, given))
@@ -86,7 +90,8 @@ def _keep_request(keeps: Sequence[float], n_prefix: int) -> Callable[[int, int],
 
 
 def solve(budget: Tuple[str, object], unit: str, depth: int, n_tokens: int, n_prefix: int,
-          max_remove: MaxRemove, cost: VitCost, warn: bool = True) -> List[int]:
+          max_remove: MaxRemove, cost: VitCost, warn: bool = True,
+          active: Callable[[int], bool] = lambda layer: True) -> List[int]:
     """Per-layer removal counts for one budget.
 
     Args:
@@ -97,10 +102,11 @@ def solve(budget: Tuple[str, object], unit: str, depth: int, n_tokens: int, n_pr
         n_prefix: protected prefix tokens.
         max_remove: the method's per-layer limit `(layer, n_tokens, n_prefix) -> int`.
         cost: the backend's FLOPs model.
+        active: which layers the method reduces in at all (e.g. Zero-TPrune's `layers`).
     """
     kind, value = budget
     if kind == "flops":
-        return _solve_flops(float(value), unit, depth, n_tokens, n_prefix, max_remove, cost)
+        return _solve_flops(float(value), unit, depth, n_tokens, n_prefix, max_remove, cost, active)
     if kind == "r":
         wanted = r_schedule(value, depth)
         request = lambda layer, n: wanted[layer]
@@ -108,7 +114,7 @@ def solve(budget: Tuple[str, object], unit: str, depth: int, n_tokens: int, n_pr
         request = _keep_request(keep_schedule(value, depth), n_prefix)
     else:
         raise ValueError(f"unknown budget {kind!r}")
-    counts, clamped = _run(request, depth, n_tokens, n_prefix, max_remove)
+    counts, clamped = _run(request, depth, n_tokens, n_prefix, max_remove, active)
     if clamped and warn:
         detail = ", ".join(f"layer {l}: {a} -> {g}" for l, a, g in clamped)
         warnings.warn(f"budget {kind}={value!r} is more than {len(clamped)} layer(s) can take with "
@@ -117,7 +123,7 @@ def solve(budget: Tuple[str, object], unit: str, depth: int, n_tokens: int, n_pr
 
 
 def _solve_flops(target: float, unit: str, depth: int, n_tokens: int, n_prefix: int,
-                 max_remove: MaxRemove, cost: VitCost) -> List[int]:
+                 max_remove: MaxRemove, cost: VitCost, active: Callable[[int], bool]) -> List[int]:
     base = cost.total(n_tokens, [0] * depth)
 
     def ratio(counts: Sequence[int]) -> float:
@@ -129,7 +135,7 @@ def _solve_flops(target: float, unit: str, depth: int, n_tokens: int, n_prefix: 
         def counts_for(t: int) -> List[int]:
             q, m = divmod(t, depth)
             wanted = [q + (1 if layer < m else 0) for layer in range(depth)]
-            return _run(lambda layer, n: wanted[layer], depth, n_tokens, n_prefix, max_remove)[0]
+            return _run(lambda layer, n: wanted[layer], depth, n_tokens, n_prefix, max_remove, active)[0]
 
         hi = depth * max(max(max_remove(layer, n_tokens, n_prefix) for layer in range(depth)), 0)
         lo = 0
@@ -148,7 +154,7 @@ def _solve_flops(target: float, unit: str, depth: int, n_tokens: int, n_prefix: 
     if unit == "keep":
         def counts_for_keep(keep: float) -> List[int]:
             request = _keep_request([keep] * depth, n_prefix)
-            return _run(request, depth, n_tokens, n_prefix, max_remove)[0]
+            return _run(request, depth, n_tokens, n_prefix, max_remove, active)[0]
 
         lo, hi = 0.0, 1.0  # ratio falls as keep falls
         if ratio(counts_for_keep(lo)) > target + 1e-9:

@@ -25,6 +25,7 @@ class TokenState:
         reducer: the method's reducer (shared by all forwards of a patched model).
         removals: tokens to remove after each block, for this input size.
         n_prefix: protected prefix tokens (class, distillation, registers), always first.
+        has_cls: whether the first prefix token is a class token.
         prop_attn: add `log(size)` to the attention logits of every key.
         size: `[B, N, 1]` float32 count of input tokens each token stands for; `None` while all
             sizes are one (then no attention bias is needed and fused attention runs unmasked).
@@ -39,6 +40,7 @@ class TokenState:
     reducer: "Reducer"
     removals: Tuple[int, ...]
     n_prefix: int
+    has_cls: bool
     prop_attn: bool
     batch: int
     n_input: int

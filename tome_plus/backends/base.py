@@ -29,6 +29,7 @@ class PatchInfo:
     reducer: Reducer
     depth: int
     n_prefix: int
+    has_cls: bool
     cost: Callable[[int], VitCost]  # n_tokens -> FLOPs model, for the flops budget
     swapped: List[Tuple[nn.Module, type]] = field(default_factory=list)
     schedules: Dict[int, Tuple[int, ...]] = field(default_factory=dict)
@@ -38,7 +39,8 @@ class PatchInfo:
         """Per-layer removal counts for `n_tokens` input tokens (solved once per size)."""
         if n_tokens not in self.schedules:
             counts = solve(self.config.budget, self.reducer.budget_unit, self.depth, n_tokens,
-                           self.n_prefix, self.reducer.max_remove, self.cost(n_tokens))
+                           self.n_prefix, self.reducer.max_remove, self.cost(n_tokens),
+                           active=self.reducer.active)
             self.schedules[n_tokens] = tuple(counts)
         return self.schedules[n_tokens]
 
@@ -46,7 +48,7 @@ class PatchInfo:
         batch, n_tokens = x.shape[0], x.shape[1]
         source = initial_source(batch, n_tokens, x.device) if (trace or self.config.trace_source) else None
         return TokenState(reducer=self.reducer, removals=self.removals(n_tokens), n_prefix=self.n_prefix,
-                          prop_attn=self.config.prop_attn, batch=batch, n_input=n_tokens, source=source)
+                          has_cls=self.has_cls, prop_attn=self.config.prop_attn, batch=batch, n_input=n_tokens, source=source)
 
     def last_size_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Sizes of the last forward, if `x` is that forward's output (same batch and tokens)."""

@@ -217,7 +217,8 @@ def cost_model(model: nn.Module):
 def patch(model: nn.Module, reducer: Reducer, config: ReductionConfig, method: str) -> PatchInfo:
     check(model)
     info = PatchInfo(method=method, config=config, reducer=reducer, depth=len(model.blocks),
-                     n_prefix=model.num_prefix_tokens, cost=cost_model(model))
+                     n_prefix=model.num_prefix_tokens, has_cls=getattr(model, "cls_token", None) is not None,
+                     cost=cost_model(model))
     for blk in model.blocks:
         swap_class(blk, ReducingBlock, info)
     swap_class(model, ReducingViT, info)

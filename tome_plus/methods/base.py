@@ -31,7 +31,8 @@ class ReductionConfig:
         keep: fraction of the reducible tokens kept by each layer (a float or a per-layer list).
         flops: target fraction of the unpatched model's FLOPs, solved into per-layer counts for
             the model and input size.
-        prop_attn: proportional attention (add `log(size)` to every key's logit).
+        prop_attn: proportional attention (add `log(size)` to every key's logit); None takes the
+            method's default (its paper's).
         trace_source: record which input patches each token stands for (`tome_plus.inspect`).
         weighted_pool: average pooling weighs each token by its size, so the pooled feature is the
             mean over input patches (the original ToMe code takes a plain mean over tokens; set
@@ -41,14 +42,17 @@ class ReductionConfig:
     r: Optional[RBudget] = None
     keep: Optional[KeepBudget] = None
     flops: Optional[float] = None
-    prop_attn: bool = True
+    prop_attn: Optional[bool] = None
     trace_source: bool = False
     weighted_pool: bool = True
 
-    # The budget used when the caller gives none; set by each method.
+    # The budget used when the caller gives none, and the proportional-attention default; per method.
     default_budget: ClassVar[Dict[str, object]] = {"r": 0}
+    default_prop_attn: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
+        if self.prop_attn is None:
+            self.prop_attn = self.default_prop_attn
         given = [name for name in ("r", "keep", "flops") if getattr(self, name) is not None]
         if len(given) > 1:
             raise ValueError(f"give one budget, not {' and '.join(given)}")
@@ -118,6 +122,10 @@ class Reducer:
 
     def __init__(self, config: ReductionConfig) -> None:
         self.config = config
+
+    def active(self, layer: int) -> bool:
+        """Whether the method reduces in `layer` at all (by configuration, not by budget)."""
+        return True
 
     def needs_at(self, layer: int) -> FrozenSet[str]:
         """Signals wanted from the attention of `layer` (methods that prune only in some layers narrow this)."""

@@ -1,0 +1,159 @@
+"""Zero-TPrune against a plain reference (loops over tokens): WPR, head filter, I' -> S -> I."""
+import math
+
+import pytest
+import torch
+
+import tome_plus
+from tome_plus.backends import timm_vit
+from tome_plus.methods.zero_tprune import ZeroTPrune, ZeroTPruneConfig, aggregate_heads, default_iters
+from tome_plus.state import TokenState
+from tome_plus.triton_kernels.pagerank import weighted_pagerank_torch
+
+from conftest import PREFIX_MODELS, make
+
+
+def naive_wpr(attn, iters, alive, init, has_cls):
+    """One head: `attn` N x N nested lists; returns the score list."""
+    n = len(attn)
+    live = [i for i in range(n) if alive[i]]
+    rows = {}
+    for i in live:
+        total = sum(attn[i][j] for j in live)
+        rows[i] = {j: attn[i][j] / total for j in live}
+    weight = {i: 1.0 for i in live}
+    if init == "cls" and has_cls and alive[0]:
+        weight[0] = math.sqrt(len(live))
+    z = sum(weight.values())
+    s = {i: weight[i] / z for i in live}
+    for _ in range(iters):
+        s = {j: sum(rows[i][j] * s[i] for i in live) for j in live}
+    return [s.get(i, 0.0) for i in range(n)]
+
+
+def naive_aggregate(per_head, alive, lo, hi):
+    live = [i for i in range(len(alive)) if alive[i]]
+    n = len(live)
+    chosen = []
+    for s in per_head:
+        vals = [s[i] * n for i in live]
+        mean = sum(vals) / n
+        var = sum((v - mean) ** 2 for v in vals) / n
+        if lo <= var <= hi:
+            chosen.append(s)
+    chosen = chosen or per_head
+    return [math.sqrt(sum(s[i] ** 2 for s in chosen) / len(chosen)) for i in range(len(alive))]
+
+
+def naive_zero_tprune(attn, keys, k, n_prefix, iters, s_share=0.5, init="cls", var_range=(0.01, 0.7)):
+    """One image: attn [H, N, N], keys [N, d]. Returns the sorted kept positions."""
+    heads, n = attn.shape[0], attn.shape[-1]
+    a = attn.tolist()
+    body = n - n_prefix
+    r_s = min(round(k * s_share), body // 2)
+    alive = [True] * n
+    if r_s > 0:
+        imp = naive_aggregate([naive_wpr(a[h], 1, alive, init, n_prefix > 0) for h in range(heads)], alive, *var_range)
+        ranked = sorted(range(n_prefix, n), key=lambda i: imp[i])
+        sources, targets = ranked[:body // 2], ranked[body // 2:]
+        unit = keys / keys.norm(dim=-1, keepdim=True)
+        best = {s: max(float(unit[s] @ unit[t]) for t in targets) for s in sources}
+        for s in sorted(sources, key=lambda s: -best[s])[:r_s]:
+            alive[s] = False
+    imp = naive_aggregate([naive_wpr(a[h], iters, alive, init, n_prefix > 0) for h in range(heads)], alive, *var_range)
+    candidates = sorted((i for i in range(n_prefix, n) if alive[i]), key=lambda i: -imp[i])
+    return sorted(list(range(n_prefix)) + candidates[:n - k - n_prefix])
+
+
+def state_for(layer, depth, n_prefix):
+    return TokenState(reducer=None, removals=(0,) * depth, n_prefix=n_prefix, has_cls=n_prefix > 0,
+                      prop_attn=False, batch=1, n_input=0, layer=layer)
+
+
+@pytest.mark.parametrize("n,n_prefix,k,layer,s_share", [(13, 1, 4, 0, 0.5), (20, 1, 9, 5, 0.5), (18, 2, 6, 11, 1.0),
+                                                         (16, 0, 5, 4, 0.0), (25, 5, 7, 2, 0.3)])
+def test_plan_matches_naive(n, n_prefix, k, layer, s_share):
+    torch.manual_seed(n * 7 + k)
+    batch, heads, depth = 2, 3, 12
+    # a spread of head temperatures so the variance filter keeps some heads and drops others
+    temps = torch.tensor([0.3, 1.0, 4.0]).view(1, heads, 1, 1)
+    attn = (torch.randn(batch, heads, n, n) * temps).softmax(-1)
+    keys = torch.randn(batch, n, 8)
+    reducer = ZeroTPrune(ZeroTPruneConfig(r=k, s_share=s_share))
+    reducer.check(depth)
+    plan = reducer.plan({"attn": attn, "keys": keys}, state_for(layer, depth, n_prefix), k)
+    assert plan.src is None  # pruning never merges
+    for b in range(batch):
+        expected = naive_zero_tprune(attn[b], keys[b], k, n_prefix, default_iters(depth)[layer], s_share)
+        assert plan.keep[b].tolist() == expected
+
+
+def test_aggregate_heads_filters_and_falls_back():
+    torch.manual_seed(0)
+    attn = (torch.randn(1, 4, 10, 10) * torch.tensor([0.1, 1.0, 3.0, 8.0]).view(1, 4, 1, 1)).softmax(-1)
+    scores, var = weighted_pagerank_torch(attn, 5)
+    agg = aggregate_heads(scores, var, (0.01, 0.7))
+    ref = naive_aggregate([s for s in scores[0].tolist()], [True] * 10, 0.01, 0.7)
+    torch.testing.assert_close(agg[0], torch.tensor(ref), rtol=1e-5, atol=1e-7)
+    passed = ((var >= 0.01) & (var <= 0.7))[0]
+    assert 0 < passed.sum() < 4  # the case exercises the filter
+    # no head passes: every head counts
+    none = aggregate_heads(scores, var, (100.0, 200.0))
+    torch.testing.assert_close(none, scores.square().mean(1).sqrt())
+
+
+def test_default_iterations():
+    assert default_iters(12) == [30, 30, 30, 5, 5, 5, 5, 5, 5, 1, 1, 1]
+
+
+@pytest.mark.parametrize("name,kwargs", PREFIX_MODELS)
+@torch.no_grad()
+def test_model_identity_and_invariants(name, kwargs, images):
+    model = make(name, **kwargs)
+    ref = model(images)
+    tome_plus.patch(model, "zero_tprune", r=0)
+    assert torch.equal(model(images), ref)
+    p = model.num_prefix_tokens
+    tome_plus.patch(model, "zero_tprune", r=12, layers=[2, 5, 8], trace_source=True)
+    model(images)
+    info = tome_plus.inspect(model)
+    n0 = info.input_tokens
+    assert list(info.tokens) == [n0] * 2 + [n0 - 12] * 3 + [n0 - 24] * 3 + [n0 - 36] * 4
+    assert torch.equal(info.size, torch.ones(2, n0 - 36, 1))  # pruning: sizes stay 1
+    assert torch.equal(info.source.sum(-1, keepdim=True), info.size)
+    assert int(info.source.sum()) == 2 * (n0 - 36)  # pruned patches are held by nobody
+    assert torch.equal(info.source[:, :p, :p], torch.eye(p).expand(2, -1, -1))
+
+
+def test_attention_probabilities_only_in_pruning_layers(monkeypatch, images):
+    model = make("vit_tiny_patch16_224")
+    seen = []
+    original = timm_vit.attention_with_signals
+
+    def spy(attn, x, bias, needs):
+        seen.append("attn" in needs)
+        return original(attn, x, bias, needs)
+
+    monkeypatch.setattr(timm_vit, "attention_with_signals", spy)
+    tome_plus.patch(model, "zero_tprune", r=8, layers=[3, 9])
+    with torch.no_grad():
+        model(images)
+    assert [i for i, explicit in enumerate(seen) if explicit] == [3, 9]
+
+
+def test_flops_budget_prunes_only_in_chosen_layers():
+    model = make("vit_tiny_patch16_224")
+    tome_plus.patch(model, "zero_tprune", flops=0.7, layers=[1, 4, 7])
+    removals = tome_plus.backends.base.get_info(model).removals(197)
+    assert [i for i, r in enumerate(removals) if r] == [1, 4, 7]
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"layers": [3, 12]}, "do not exist"), ({"layers": [-1]}, "do not exist"), ({"iters": [0] * 12}, "positive"),
+    ({"iters": [2.5] * 12}, "positive"), ({"iters": [5] * 11}, "12"), ({"s_share": 1.5}, "s_share"),
+    ({"init": "random"}, "init"), ({"var_range": (0.7, 0.01)}, "var_range"),
+])
+def test_clear_errors(options, match):
+    model = make("vit_tiny_patch16_224")
+    with pytest.raises(ValueError, match=match):
+        tome_plus.patch(model, "zero_tprune", r=4, **options)

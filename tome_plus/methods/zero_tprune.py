@@ -1,0 +1,147 @@
+"""Zero-TPrune: zero-shot token pruning with the attention graph.
+
+Wang, Dedhia, Jha, "Zero-TPrune: Zero-Shot Token Pruning through Leveraging of the Attention Graph
+in Pre-Trained Transformers", CVPR 2024 (arXiv:2305.17328). Implements (METHODS.md section 3):
+- Weighted PageRank (WPR) per head, s_t = A^T s_{t-1}, class-token start sqrt(N) (or uniform),
+  30 / 5 / 1 iterations in the first three / middle / last three layers (the paper gives the
+  ranges 30-50, 5-10, 1; we take the cheap end);
+- Emphasizing Informative Region (EIR): root-mean-square over heads, with the Variance-based Head
+  Filter (VHF): heads whose variance of N s lies outside [0.01, 0.7] are left out, all heads kept
+  if none passes;
+- the order I' -> S -> I: one WPR step ranks the tokens; the S-stage partitions them by that
+  importance (less important half as sources), matches each source to its most similar token of
+  the other half by cosine on the keys and drops the sources of the best-matched pairs; the
+  I-stage runs WPR on the survivors (rows renormalised over surviving keys) and keeps the top.
+Pruning only: sizes stay 1, so no proportional attention is needed. Attention probabilities are
+computed only in the pruning layers; every other layer keeps fused attention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Dict, FrozenSet, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..merging import Plan
+from ..state import TokenState
+from ..triton_kernels.matching import bipartite_match
+from ..triton_kernels.pagerank import weighted_pagerank
+from .base import ReductionConfig, Reducer, register
+
+
+@dataclass
+class ZeroTPruneConfig(ReductionConfig):
+    """Zero-TPrune.
+
+    Attributes:
+        layers: the blocks that prune (after their attention); None: every block the budget
+            gives tokens to.
+        s_share: share of each layer's removal done by the S-stage (similarity); the I-stage
+            (importance) removes the rest.
+        iters: WPR iterations per layer (a list over all blocks); None: 30 in the first three
+            blocks, 1 in the last three, 5 between.
+        init: WPR start, "cls" (class token sqrt(N) times the others) or "uniform".
+        var_range: VHF's [v_min, v_max] on the variance of N s per head.
+    """
+
+    layers: Optional[Sequence[int]] = None
+    s_share: float = 0.5
+    iters: Optional[Sequence[int]] = None
+    init: str = "cls"
+    var_range: Tuple[float, float] = (0.01, 0.7)
+
+    default_budget: ClassVar[Dict[str, object]] = {"flops": 0.65}  # the paper's DeiT-S setting: -34.7% FLOPs
+    default_prop_attn: ClassVar[bool] = False  # pruning never merges: every size stays 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.s_share <= 1.0:
+            raise ValueError(f"s_share must lie in [0, 1], got {self.s_share}")
+        if self.init not in ("cls", "uniform"):
+            raise ValueError(f"init must be 'cls' or 'uniform', got {self.init!r}")
+        lo, hi = self.var_range
+        if not 0.0 <= lo <= hi:
+            raise ValueError(f"var_range must be (v_min, v_max) with 0 <= v_min <= v_max, got {self.var_range}")
+        if self.iters is not None:
+            bad = [v for v in self.iters if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+            if bad:
+                raise ValueError(f"iters must be positive integers, got {list(self.iters)}")
+        if self.layers is not None:
+            if any(isinstance(v, bool) or not isinstance(v, int) for v in self.layers):
+                raise ValueError(f"layers must be block indices (ints), got {list(self.layers)}")
+
+
+def default_iters(depth: int) -> List[int]:
+    return [30 if layer < 3 else 1 if layer >= depth - 3 else 5 for layer in range(depth)]
+
+
+def aggregate_heads(scores: torch.Tensor, variance: torch.Tensor, var_range: Tuple[float, float]) -> torch.Tensor:
+    """EIR with VHF: root-mean-square over the heads whose variance lies in `var_range`.
+
+    scores `[B, H, N]`, variance `[B, H]` -> `[B, N]`; all heads count when none passes.
+    """
+    lo, hi = var_range
+    passed = (variance >= lo) & (variance <= hi)
+    passed = passed | ~passed.any(dim=-1, keepdim=True)
+    w = passed.float().unsqueeze(-1)
+    return ((w * scores.square()).sum(1) / w.sum(1)).sqrt()
+
+
+@register
+class ZeroTPrune(Reducer):
+    name = "zero_tprune"
+    config_class = ZeroTPruneConfig
+    needs = frozenset({"attn", "keys"})
+    budget_unit = "r"
+
+    def __init__(self, config: ZeroTPruneConfig) -> None:
+        super().__init__(config)
+        self.layer_set: Optional[FrozenSet[int]] = None if config.layers is None else frozenset(config.layers)
+        self.iters: Optional[List[int]] = None if config.iters is None else list(config.iters)
+
+    def check(self, depth: int) -> None:
+        if self.layer_set is not None:
+            outside = sorted(l for l in self.layer_set if not 0 <= l < depth)
+            if outside:
+                raise ValueError(f"layers {outside} do not exist: the model has blocks 0..{depth - 1}")
+        if self.iters is None:
+            self.iters = default_iters(depth)
+        elif len(self.iters) != depth:
+            raise ValueError(f"iters lists {len(self.iters)} layers but the model has {depth}")
+
+    def active(self, layer: int) -> bool:
+        return self.layer_set is None or layer in self.layer_set
+
+    def needs_at(self, layer: int) -> FrozenSet[str]:
+        return self.needs if self.active(layer) else frozenset()
+
+    def max_remove(self, layer: int, n_tokens: int, n_prefix: int) -> int:
+        # at least one reducible token survives
+        return max(n_tokens - n_prefix - 1, 0) if self.active(layer) else 0
+
+    def importance(self, attn: torch.Tensor, iters: int, alive: Optional[torch.Tensor], n_cls: int) -> torch.Tensor:
+        scores, variance = weighted_pagerank(attn, iters, alive, self.config.init, n_cls)
+        return aggregate_heads(scores, variance, self.config.var_range)
+
+    def plan(self, signals: Dict[str, torch.Tensor], state: TokenState, n_remove: int) -> Plan:
+        attn, keys, p = signals["attn"], signals["keys"], state.n_prefix
+        batch, n = attn.shape[0], attn.shape[-1]
+        body = n - p
+        n_cls = 1 if state.has_cls else 0
+        r_s = min(round(n_remove * self.config.s_share), body // 2)
+
+        # I': one WPR step ranks the tokens; nothing is pruned yet
+        with torch.no_grad():
+            alive = torch.ones(batch, n, dtype=torch.bool, device=attn.device)
+            if r_s > 0:
+                ranked = self.importance(attn, 1, None, n_cls)[:, p:].argsort(dim=-1) + p  # least important first
+                sources, targets = ranked[:, :body // 2], ranked[:, body // 2:]
+                best, _ = bipartite_match(keys, sources, targets)
+                dropped = sources.gather(1, best.argsort(dim=-1, descending=True)[:, :r_s])
+                alive.scatter_(1, dropped, False)
+            # I: WPR on the survivors; keep the most important so that n_remove tokens go in all
+            score = self.importance(attn, self.iters[state.layer], alive, n_cls)
+            score = score.masked_fill(~alive, float("-inf"))
+            score[:, :p] = float("inf")  # prefix tokens are never pruned
+            keep = score.topk(n - n_remove, dim=-1).indices.sort(dim=-1).values
+        return Plan(keep=keep)
