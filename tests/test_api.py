@@ -47,6 +47,7 @@ def test_unknown_option_names_valid_ones(vit):
 @pytest.mark.parametrize("options", [
     {"r": -1}, {"r": [1, -2]}, {"r": 1.5}, {"r": (4, 2.0)}, {"keep": 0.0}, {"keep": 1.5}, {"keep": -0.1},
     {"flops": 0.0}, {"flops": 1.2}, {"r": 4, "keep": 0.9}, {"keep": 0.9, "flops": 0.5}, {"r": [1] * 13},
+    {"r": []}, {"keep": []}, {"r": 4, "prop_attn": "no"}, {"r": 4, "trace_source": 1}, {"r": 4, "weighted_pool": None},
 ])
 def test_bad_budgets_raise_value_error(vit, options):
     with pytest.raises(ValueError):
@@ -89,6 +90,8 @@ def test_r_inflect_schedule():
     assert all(a >= b for a, b in zip(sched, sched[1:]))
     assert r_schedule((8, 0.0), 12) == [8] * 12
     assert r_schedule((10, 0.5), 5) == [int(5 + 2.5 * i) for i in range(5)]
+    # ToMe truncates the first layer's count and mirrors it: (13, -0.5) starts at int(19.5) = 19, ends at 7
+    assert r_schedule((13, -0.5), 12) == [19, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7]
 
 
 @torch.no_grad()

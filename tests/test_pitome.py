@@ -95,13 +95,14 @@ def test_deit_code_preset_matches_naive_tome_matching_in_early_layers():
     keys, x = torch.randn(1, n, 8), torch.randn(1, n, 4)
     size = torch.ones(1, n, 1)
     config = PitomeConfig(keep=0.9, preset="deit_code")
-    assert config.prop_attn is False and config.margin_at(0, depth) == 0.75
+    assert config.prop_attn is False and config.energy == "elu" and config.margin_at(0, depth) == 0.75
     reducer = Pitome(config)
     for layer, tome_matching in ((2, True), (5, True), (6, False), (11, False)):
         plan = reducer.plan({"keys": keys}, state_for(layer, depth, 1), k)
         out, out_size = merge_wavg(plan, x, size)
         margin = 0.75 - 0.75 * layer / depth
-        ref_x, ref_size, _ = naive_pitome(x[0], size[0, :, 0], keys[0], k, 1, margin, tome_matching=tome_matching)
+        ref_x, ref_size, _ = naive_pitome(x[0], size[0, :, 0], keys[0], k, 1, margin, variant="elu",
+                                          tome_matching=tome_matching)
         torch.testing.assert_close(out[0], ref_x, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out_size[0, :, 0], ref_size)
 
@@ -118,7 +119,8 @@ def test_keep_below_half_explains(options):
         PitomeConfig(**options)
 
 
-@pytest.mark.parametrize("options", [{"energy": "gauss"}, {"preset": "mae"}, {"margin": "high"}])
+@pytest.mark.parametrize("options", [{"energy": "gauss"}, {"preset": "mae"}, {"margin": "high"}, {"margin": True},
+                                     {"alpha": -1.0}, {"alpha": "1"}])
 def test_bad_options(options):
     with pytest.raises(ValueError):
         PitomeConfig(**options)

@@ -188,6 +188,21 @@ def test_weighted_average_pool():
     torch.testing.assert_close(model.forward_head(feats, pre_logits=True), model.fc_norm(feats.mean(1)))
 
 
+@torch.no_grad()
+def test_forward_head_pools_with_the_sizes_of_its_own_features():
+    model = variant("avgpool_no_cls")
+    tome_plus.patch(model, "tome", r=8)
+    a, b = torch.randn(2, 3, 224, 224), torch.randn(2, 3, 224, 224)
+    feats_a = model.forward_features(a)
+    head_a = model.forward_head(feats_a)
+    model.forward_features(b)  # another forward in between must not change how feats_a pools
+    torch.testing.assert_close(model.forward_head(feats_a), head_a, rtol=0, atol=0)
+    torch.testing.assert_close(model(a), head_a)
+    # a tensor that is not forward_features' output pools as timm does (plain mean)
+    copy = feats_a.clone()
+    torch.testing.assert_close(model.forward_head(copy, pre_logits=True), model.fc_norm(copy.mean(1)))
+
+
 @pytest.mark.parametrize("name", ["cls", "registers"])
 @torch.no_grad()
 def test_forward_intermediates_unmerge_onto_grid(name, images):
@@ -213,3 +228,17 @@ def test_forward_intermediates_unmerge_onto_grid(name, images):
                                       norm=True, return_prefix_tokens=True)
     torch.testing.assert_close(nlc[0][0], expected)
     assert nlc[0][1].shape == (2, p, feats.shape[-1])
+
+
+@torch.no_grad()
+def test_deepcopy_of_patched_model_is_independent(images):
+    import copy
+    model = variant("cls")
+    ref = model(images)
+    tome_plus.patch(model, "tome", r=8)
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(twin(images), model(images))
+    tome_plus.unpatch(twin)
+    assert type(twin) is VisionTransformer and type(twin.blocks[0]) is Block
+    assert type(model) is not VisionTransformer  # the original stays patched
+    assert torch.equal(twin(images), ref)

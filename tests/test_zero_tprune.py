@@ -50,7 +50,7 @@ def naive_zero_tprune(attn, keys, k, n_prefix, iters, s_share=0.5, init="cls", v
     heads, n = attn.shape[0], attn.shape[-1]
     a = attn.tolist()
     body = n - n_prefix
-    r_s = min(round(k * s_share), body // 2)
+    r_s = min(math.floor(k * s_share + 0.5), body // 2)  # half rounds up
     alive = [True] * n
     if r_s > 0:
         imp = naive_aggregate([naive_wpr(a[h], 1, alive, init, n_prefix > 0) for h in range(heads)], alive, *var_range)
@@ -151,7 +151,8 @@ def test_flops_budget_prunes_only_in_chosen_layers():
 @pytest.mark.parametrize("options,match", [
     ({"layers": [3, 12]}, "do not exist"), ({"layers": [-1]}, "do not exist"), ({"iters": [0] * 12}, "positive"),
     ({"iters": [2.5] * 12}, "positive"), ({"iters": [5] * 11}, "12"), ({"s_share": 1.5}, "s_share"),
-    ({"init": "random"}, "init"), ({"var_range": (0.7, 0.01)}, "var_range"),
+    ({"init": "random"}, "init"), ({"var_range": (0.7, 0.01)}, "var_range"), ({"var_range": (0.1,)}, "var_range"),
+    ({"s_share": True}, "s_share"), ({"layers": 3}, "layers"),
 ])
 def test_clear_errors(options, match):
     model = make("vit_tiny_patch16_224")

@@ -88,6 +88,7 @@ def inspect(model: nn.Module) -> Inspection:
     if state is None:
         return Inspection(info.method, config, None, None, None, None, None)
     n_out = state.counts[-1] if state.counts else state.n_input
-    size = state.size if state.size is not None else torch.ones(state.batch, n_out, 1)
+    device = state.source.device if state.source is not None else None
+    size = state.size if state.size is not None else torch.ones(state.batch, n_out, 1, device=device)
     source = binary_source(state.source, n_out) if state.source is not None else None
     return Inspection(info.method, config, state.removals, state.counts, state.n_input, size, source)

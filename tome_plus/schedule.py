@@ -45,11 +45,13 @@ class VitCost:
 def r_schedule(r, depth: int) -> List[int]:
     """ToMe's schedules: constant int, per-layer list (padded with zeros) or `(r, inflect)`."""
     if isinstance(r, tuple):
+        # ToMe's schedule: the first layer's count is truncated, the last mirrors it around r,
+        # and the layers between are truncated points of the straight line
         r0, inflect = r
-        lo = r0 * (1.0 - inflect)
-        hi = r0 * (1.0 + inflect)
-        step = (hi - lo) / max(depth - 1, 1)
-        return [int(lo + step * i) for i in range(depth)]
+        first = int(r0 * (1.0 - inflect))
+        last = 2 * r0 - first
+        step = (last - first) / max(depth - 1, 1)
+        return [int(first + step * i) for i in range(depth)]
     if isinstance(r, list):
         if len(r) > depth:
             raise ValueError(f"r lists {len(r)} layers but the model has {depth}")
@@ -130,14 +132,18 @@ def _solve_flops(target: float, unit: str, depth: int, n_tokens: int, n_prefix: 
         return cost.total(n_tokens, counts) / base
 
     if unit == "r":
-        # t tokens per layer on average: floor(t / depth) everywhere, one more in the first
-        # t % depth layers. FLOPs fall monotonically in t, which makes bisection exact.
+        # t tokens over the active layers: floor(t / n) in each, one more in the first t % n.
+        # FLOPs fall monotonically in t, which makes bisection exact.
+        layers = [layer for layer in range(depth) if active(layer)] or list(range(depth))
+
         def counts_for(t: int) -> List[int]:
-            q, m = divmod(t, depth)
-            wanted = [q + (1 if layer < m else 0) for layer in range(depth)]
+            q, m = divmod(t, len(layers))
+            wanted = [0] * depth
+            for i, layer in enumerate(layers):
+                wanted[layer] = q + (1 if i < m else 0)
             return _run(lambda layer, n: wanted[layer], depth, n_tokens, n_prefix, max_remove, active)[0]
 
-        hi = depth * max(max(max_remove(layer, n_tokens, n_prefix) for layer in range(depth)), 0)
+        hi = len(layers) * max(max(max_remove(layer, n_tokens, n_prefix) for layer in layers), 0)
         lo = 0
         if ratio(counts_for(hi)) > target + 1e-9:
             raise ValueError(f"flops={target} is below what this method reaches on this model and "

@@ -192,7 +192,9 @@ def merge_wavg(x: torch.Tensor, size: Optional[torch.Tensor], keep: torch.Tensor
     """Size-weighted merge (`size=None`: all ones); returns x and float32 sizes `[B, K, 1]`."""
     if size is None:
         size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device, dtype=torch.float32)
-    if use_triton(x):
+    # The kernel has no backward: when gradients must flow (training) the PyTorch twin runs.
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or size.requires_grad)
+    if use_triton(x) and not needs_grad:
         return merge_wavg_triton(x, size, keep, src, dst)
     return merge_wavg_torch(x, size, keep, src, dst)
 

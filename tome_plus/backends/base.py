@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..methods.base import ReductionConfig, Reducer
 from ..schedule import VitCost, solve
@@ -34,6 +35,9 @@ class PatchInfo:
     swapped: List[Tuple[nn.Module, type]] = field(default_factory=list)
     schedules: Dict[int, Tuple[int, ...]] = field(default_factory=dict)
     last_state: Optional[TokenState] = None
+    head_size: Optional[torch.Tensor] = None  # set by `forward` while its head runs
+    # forward_features' outputs (by identity, weakly held) -> their sizes
+    feature_sizes: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
 
     def removals(self, n_tokens: int) -> Tuple[int, ...]:
         """Per-layer removal counts for `n_tokens` input tokens (solved once per size)."""
@@ -50,12 +54,15 @@ class PatchInfo:
         return TokenState(reducer=self.reducer, removals=self.removals(n_tokens), n_prefix=self.n_prefix,
                           has_cls=self.has_cls, prop_attn=self.config.prop_attn, batch=batch, n_input=n_tokens, source=source)
 
-    def last_size_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """Sizes of the last forward, if `x` is that forward's output (same batch and tokens)."""
-        state = self.last_state
-        if state is None or state.size is None or state.size.shape[:2] != x.shape[:2]:
-            return None
-        return state.size
+    def remember_features(self, x: torch.Tensor, size: Optional[torch.Tensor]) -> None:
+        """Keep the sizes of a tensor `forward_features` returned, for a later `forward_head(x)`;
+        the entry goes when the tensor does."""
+        if size is not None:
+            self.feature_sizes[x] = size
+
+    def features_size(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Sizes of `x` if it is the very tensor a `forward_features` call returned, else None."""
+        return self.feature_sizes.get(x)
 
 
 def swap_class(module: nn.Module, mixin: type, info: PatchInfo) -> None:

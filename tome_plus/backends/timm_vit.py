@@ -117,23 +117,41 @@ class ReducingViT:
         x = self.patch_drop(x)
         return self.norm_pre(x)
 
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        _no_masks(attn_mask, is_causal)
+        x, state, _ = self._run_blocks(self._embed(x))
+        info: PatchInfo = get_info(self)
+        info.head_size = state.size  # the sizes of exactly these tokens, for `pool`
+        try:
+            return self.forward_head(self.norm(x))
+        finally:
+            info.head_size = None
+
     def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                          is_causal: bool = False) -> torch.Tensor:
         _no_masks(attn_mask, is_causal)
-        x, _, _ = self._run_blocks(self._embed(x))
-        return self.norm(x)
+        x, state, _ = self._run_blocks(self._embed(x))
+        x = self.norm(x)
+        get_info(self).remember_features(x, state.size)
+        return x
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
-        """Average pooling weighs each token by its size, so it averages over the input patches."""
+        """Average pooling weighs each token by its size, so it averages over the input patches.
+
+        The sizes are known for the tokens of the running `forward`, and for the very tensor the
+        last `forward_features` call returned; any other input pools as timm does.
+        """
         info: PatchInfo = get_info(self)
         pool_type = self.global_pool if pool_type is None else pool_type
-        size = info.last_size_for(x)
+        size = info.head_size if info.head_size is not None else info.features_size(x)
         if (size is None or not info.config.weighted_pool or self.attn_pool is not None
                 or pool_type not in ("avg", "avgmax")):
             return super().pool(x, pool_type)
         start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
-        tokens, weights = x[:, start:], size[:, start:].to(x.dtype)
-        mean = (tokens * weights).sum(dim=1) / weights.sum(dim=1)
+        tokens, weights = x[:, start:], size[:, start:]
+        # float32: bf16 cannot count past 256 patches exactly
+        mean = ((tokens.float() * weights).sum(dim=1) / weights.sum(dim=1)).to(x.dtype)
         return mean if pool_type == "avg" else 0.5 * (tokens.amax(dim=1) + mean)
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,

@@ -60,6 +60,9 @@ class ReductionConfig:
             for name, value in self.default_budget.items():
                 setattr(self, name, value)
         self._validate_budget()
+        for name in ("prop_attn", "trace_source", "weighted_pool"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def _validate_budget(self) -> None:
         r, keep, flops = self.r, self.keep, self.flops
@@ -71,8 +74,8 @@ class ReductionConfig:
                     raise ValueError(f"r must be >= 0, got {r[0]}")
                 if not -1.0 <= r[1] <= 1.0:
                     raise ValueError(f"inflect must lie in [-1, 1], got {r[1]}")
-            elif isinstance(r, (list, torch.Size)) or (isinstance(r, Sequence) and not isinstance(r, str)):
-                if not all(_is_int(v) for v in r):
+            elif isinstance(r, Sequence) and not isinstance(r, str):
+                if len(r) == 0 or not all(_is_int(v) for v in r):
                     raise ValueError(f"r as a list must hold ints, got {r!r}")
                 if any(v < 0 for v in r):
                     raise ValueError(f"r must be >= 0 in every layer, got {list(r)}")
@@ -84,6 +87,8 @@ class ReductionConfig:
                 raise ValueError(f"r must be an int, a per-layer list or (r, inflect), got {r!r}")
         if keep is not None:
             values = list(keep) if isinstance(keep, (list, tuple)) else [keep]
+            if not values:
+                raise ValueError("keep as a list needs one fraction per layer, got []")
             for v in values:
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
                     raise ValueError(f"keep must lie in (0, 1], got {keep!r}")

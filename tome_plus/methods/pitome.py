@@ -36,15 +36,16 @@ class PitomeConfig(ReductionConfig):
     candidates must fit among the T tokens.
 
     Attributes:
-        energy: "paper" (Eq. 4) or "elu" (the authors' code).
+        energy: "paper" (Eq. 4) or "elu" (the authors' code); None: the preset's ("paper" for
+            "paper", "elu" for "deit_code").
         margin: a constant m, or a callable `(layer, depth) -> m`; None: the preset's schedule
             (0.9 - 0.9 l / L for "paper", 0.75 - 0.75 l / L for "deit_code").
         alpha: scale of the exponential branch of f_m.
-        preset: "paper" or "deit_code" (the authors' DeiT code path; also sets prop_attn=False
-            unless given).
+        preset: "paper" or "deit_code" (the authors' DeiT code path; also sets energy="elu" and
+            prop_attn=False unless given).
     """
 
-    energy: str = "paper"
+    energy: Optional[str] = None
     margin: Optional[Margin] = None
     alpha: float = 1.0
     preset: str = "paper"
@@ -56,11 +57,15 @@ class PitomeConfig(ReductionConfig):
             raise ValueError(f"preset must be one of {PRESETS}, got {self.preset!r}")
         if self.prop_attn is None:
             self.prop_attn = self.preset == "paper"
+        if self.energy is None:
+            self.energy = "paper" if self.preset == "paper" else "elu"
         super().__post_init__()
         if self.energy not in VARIANTS:
             raise ValueError(f"energy must be one of {VARIANTS}, got {self.energy!r}")
-        if self.margin is not None and not callable(self.margin) and not isinstance(self.margin, (int, float)):
+        if self.margin is not None and not callable(self.margin) and not _is_number(self.margin):
             raise ValueError(f"margin must be a number or a callable (layer, depth) -> m, got {self.margin!r}")
+        if not _is_number(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
         keeps = self.keep if isinstance(self.keep, (list, tuple)) else [self.keep]
         if self.keep is not None and any(k < 0.5 for k in keeps):
             raise ValueError(f"PiToMe needs keep >= 0.5 (got {self.keep!r}): a layer removes k = T - floor(T keep) "
@@ -73,6 +78,10 @@ class PitomeConfig(ReductionConfig):
             return float(self.margin)
         top = 0.9 if self.preset == "paper" else 0.75
         return top - top * layer / depth
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @register
@@ -92,9 +101,10 @@ class Pitome(Reducer):
     def plan(self, signals: Dict[str, torch.Tensor], state: TokenState, n_remove: int) -> Plan:
         keys, p, k = signals["keys"], state.n_prefix, n_remove
         depth = len(state.removals)
-        energy = energy_score(keys[:, p:], self.config.margin_at(state.layer, depth), self.config.alpha,
-                              self.config.energy)
-        order = energy.argsort(dim=-1, descending=True) + p  # positions, highest energy first
+        with torch.no_grad():  # energies only order the tokens
+            energy = energy_score(keys[:, p:], self.config.margin_at(state.layer, depth), self.config.alpha,
+                                  self.config.energy)
+            order = energy.argsort(dim=-1, descending=True) + p  # positions, highest energy first
         if self.uses_tome_matching(state.layer, depth):
             return bipartite_plan(keys, k, p, order[:, 0::2], order[:, 1::2])
         candidates = order[:, :2 * k]

@@ -17,6 +17,7 @@ computed only in the pruning layers; every other layer keeps fused attention.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
@@ -55,10 +56,13 @@ class ZeroTPruneConfig(ReductionConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.s_share <= 1.0:
+        if isinstance(self.s_share, bool) or not isinstance(self.s_share, (int, float)) or not 0.0 <= self.s_share <= 1.0:
             raise ValueError(f"s_share must lie in [0, 1], got {self.s_share}")
         if self.init not in ("cls", "uniform"):
             raise ValueError(f"init must be 'cls' or 'uniform', got {self.init!r}")
+        if (not isinstance(self.var_range, (tuple, list)) or len(self.var_range) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.var_range)):
+            raise ValueError(f"var_range must be (v_min, v_max), got {self.var_range!r}")
         lo, hi = self.var_range
         if not 0.0 <= lo <= hi:
             raise ValueError(f"var_range must be (v_min, v_max) with 0 <= v_min <= v_max, got {self.var_range}")
@@ -67,6 +71,8 @@ class ZeroTPruneConfig(ReductionConfig):
             if bad:
                 raise ValueError(f"iters must be positive integers, got {list(self.iters)}")
         if self.layers is not None:
+            if not isinstance(self.layers, (list, tuple, range)):
+                raise ValueError(f"layers must be a list of block indices, got {self.layers!r}")
             if any(isinstance(v, bool) or not isinstance(v, int) for v in self.layers):
                 raise ValueError(f"layers must be block indices (ints), got {list(self.layers)}")
 
@@ -128,7 +134,8 @@ class ZeroTPrune(Reducer):
         batch, n = attn.shape[0], attn.shape[-1]
         body = n - p
         n_cls = 1 if state.has_cls else 0
-        r_s = min(round(n_remove * self.config.s_share), body // 2)
+        # round half up (Python's round() would send 2.5 to 2 but 3.5 to 4)
+        r_s = min(math.floor(n_remove * self.config.s_share + 0.5), body // 2)
 
         # I': one WPR step ranks the tokens; nothing is pruned yet
         with torch.no_grad():
