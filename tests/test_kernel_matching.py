@@ -63,6 +63,18 @@ def test_match_triton_equals_torch(batch, n, dtype, n_prefix, shuffled):
     assert (a_idx >= n_prefix).all() and (b_idx >= n_prefix).all()
 
 
+@pytest.mark.parametrize("dim", [7, 64, 200, 1024])
+def test_match_feature_dims(dim):
+    """Keys (64), odd sizes and CLIP-L hidden states (1024) walk the feature dim in chunks."""
+    torch.manual_seed(dim)
+    metric = torch.randn(2, 41, dim)
+    a_idx, b_idx = split(41, 1, 2, shuffled=True)
+    s_ref, i_ref = bipartite_match_torch(metric, a_idx, b_idx)
+    s_tri, i_tri = bipartite_match_triton(metric, a_idx, b_idx)
+    torch.testing.assert_close(s_tri, s_ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(i_tri, i_ref)
+
+
 def test_match_equals_naive_loops():
     torch.manual_seed(0)
     metric = torch.randn(2, 23, 16)

@@ -242,3 +242,45 @@ def test_deepcopy_of_patched_model_is_independent(images):
     assert type(twin) is VisionTransformer and type(twin.blocks[0]) is Block
     assert type(model) is not VisionTransformer  # the original stays patched
     assert torch.equal(twin(images), ref)
+
+
+def test_class_attention_signal(images):
+    """A method asking for `cls_attn` gets the class token's softmax row; no class token is an error."""
+    from tome_plus.merging import Plan
+    from tome_plus.methods.base import Reducer, _REGISTRY, register
+
+    seen = []
+
+    class ClsProbe(Reducer):
+        name = "_test_cls_probe"
+        needs = frozenset({"cls_attn"})
+
+        def max_remove(self, layer, n_tokens, n_prefix):
+            return n_tokens - n_prefix
+
+        def plan(self, signals, state, n_remove):
+            seen.append(signals["cls_attn"])
+            keep = torch.arange(signals["cls_attn"].shape[-1] - n_remove).expand(signals["cls_attn"].shape[0], -1)
+            return Plan(keep=keep)
+
+    register(ClsProbe)
+    try:
+        model = make("vit_tiny_patch16_224", depth=2)
+        tome_plus.patch(model, "_test_cls_probe", r=[4])
+        with torch.no_grad():
+            model(images)
+        cls_row = seen[0]
+        assert cls_row.shape == (2, 3, 197)
+        # reference: the class token's softmax row of block 0, written out
+        with torch.no_grad():
+            blk = model.blocks[0]
+            h = blk.norm1(model.norm_pre(model._pos_embed(model.patch_embed(images))))
+            q, k, _ = blk.attn.qkv(h).reshape(2, 197, 3, 3, -1).permute(2, 0, 3, 1, 4)
+            ref = ((q[:, :, :1] @ k.transpose(-2, -1)) * blk.attn.scale).softmax(-1)[:, :, 0]
+        torch.testing.assert_close(cls_row, ref, rtol=1e-5, atol=1e-6)
+        no_cls = make("vit_tiny_patch16_224", depth=2, class_token=False, global_pool="avg")
+        tome_plus.patch(no_cls, "_test_cls_probe", r=[4])
+        with pytest.raises(ValueError, match="no class token"), torch.no_grad():
+            no_cls(images)
+    finally:
+        _REGISTRY.pop("_test_cls_probe")

@@ -65,11 +65,18 @@ def _match_kernel(m_ptr, a_ptr, b_ptr, score_ptr, index_ptr, n_a, n_b, dim,
     batch = tl.program_id(0)
     offs_a = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_a, mask_d = offs_a < n_a, offs_d < dim
+    mask_a = offs_a < n_a
     rows_a = tl.load(a_ptr + batch * s_ab + offs_a, mask=mask_a, other=0)
-    a = tl.load(m_ptr + batch * s_mb + rows_a[:, None] * s_mn + offs_d[None, :] * s_md,
-                mask=mask_a[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-    a = a / tl.maximum(tl.sqrt(tl.sum(a * a, axis=1)), 1e-12)[:, None]
+    base = m_ptr + batch * s_mb
+    # the feature dim is walked in chunks (keys have 64, CLIP hidden states 1024): raw dot
+    # products first, then both inverse norms, so no chunk of features stays resident
+    sq_a = tl.zeros([BLOCK_A], tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        dd = d0 + offs_d
+        a = tl.load(base + rows_a[:, None] * s_mn + dd[None, :] * s_md,
+                    mask=mask_a[:, None] & (dd[None, :] < dim), other=0.0).to(tl.float32)
+        sq_a += tl.sum(a * a, axis=1)
+    inv_a = 1.0 / tl.maximum(tl.sqrt(sq_a), 1e-12)
 
     best = tl.full([BLOCK_A], float("-inf"), tl.float32)
     best_idx = tl.zeros([BLOCK_A], tl.int32)
@@ -77,11 +84,19 @@ def _match_kernel(m_ptr, a_ptr, b_ptr, score_ptr, index_ptr, n_a, n_b, dim,
         offs_b = start + tl.arange(0, BLOCK_B)
         mask_b = offs_b < n_b
         rows_b = tl.load(b_ptr + batch * s_bb + offs_b, mask=mask_b, other=0)
-        b = tl.load(m_ptr + batch * s_mb + rows_b[:, None] * s_mn + offs_d[None, :] * s_md,
-                    mask=mask_b[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        b = b / tl.maximum(tl.sqrt(tl.sum(b * b, axis=1)), 1e-12)[:, None]
-        # full fp32 products: a TF32 dot would reorder near-ties against the PyTorch twin
-        scores = tl.dot(a, tl.trans(b), input_precision="ieee")
+        dots = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
+        sq_b = tl.zeros([BLOCK_B], tl.float32)
+        for d0 in range(0, dim, BLOCK_D):
+            dd = d0 + offs_d
+            d_ok = dd < dim
+            a = tl.load(base + rows_a[:, None] * s_mn + dd[None, :] * s_md,
+                        mask=mask_a[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            b = tl.load(base + rows_b[:, None] * s_mn + dd[None, :] * s_md,
+                        mask=mask_b[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            # full fp32 products: a TF32 dot would reorder near-ties against the PyTorch twin
+            dots = tl.dot(a, tl.trans(b), dots, input_precision="ieee")
+            sq_b += tl.sum(b * b, axis=1)
+        scores = dots * inv_a[:, None] * (1.0 / tl.maximum(tl.sqrt(sq_b), 1e-12))[None, :]
         scores = tl.where(mask_b[None, :], scores, float("-inf"))
         block_best = tl.max(scores, axis=1)
         block_idx = tl.argmax(scores, axis=1).to(tl.int32) + start
@@ -140,7 +155,7 @@ def bipartite_match_triton(metric: torch.Tensor, a_idx: torch.Tensor, b_idx: tor
     grid = (batch, triton.cdiv(n_a, block_a))
     _match_kernel[grid](metric, a_idx, b_idx, score, index, n_a, n_b, dim,
                         metric.stride(0), metric.stride(1), metric.stride(2), a_idx.stride(0), b_idx.stride(0),
-                        BLOCK_A=block_a, BLOCK_B=64, BLOCK_D=max(16, triton.next_power_of_2(dim)))
+                        BLOCK_A=block_a, BLOCK_B=64, BLOCK_D=min(64, max(16, triton.next_power_of_2(dim))))
     return score, index
 
 

@@ -78,6 +78,9 @@ class ReducingBlock:
             return super().forward(x, *args, **kwargs)
         layer, n_remove = state.layer, state.removals[state.layer]
         needs = state.reducer.needs_at(layer) if n_remove > 0 else frozenset()
+        if "cls_attn" in needs and not state.has_cls:
+            raise ValueError(f"{type(state.reducer).__name__} scores tokens by the class token's attention, "
+                             f"but this model has no class token")
         y, signals = attention_with_signals(self.attn, self.norm1(x), state.attn_bias(x.dtype), needs)
         x = x + self.drop_path1(self.ls1(y))
         if n_remove > 0:
