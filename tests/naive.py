@@ -1,4 +1,6 @@
 """Independent, deliberately plain references used by the tests (loops over tokens)."""
+import math
+
 import torch
 
 
@@ -37,3 +39,27 @@ def naive_bipartite_merge(x, size, metric, r, n_prefix):
     new_x = torch.stack([sum(size[m] * x[m] for m in g) / sum(size[m] for m in g) for g in groups])
     new_size = torch.stack([sum(size[m] for m in g) for g in groups])
     return new_x, new_size, groups
+
+
+def naive_energy(metric, margin, alpha, variant):
+    """METHODS.md section 2 for one image with Python loops and float64 scalars. metric: [T, d]."""
+    rows = [[float(v) for v in row] for row in metric]
+    t = len(rows)
+    units = []
+    for row in rows:
+        norm = max(math.sqrt(sum(v * v for v in row)), 1e-12)
+        units.append([v / norm for v in row])
+    energies = []
+    for i in range(t):
+        total = 0.0
+        for j in range(t):
+            w = sum(p * q for p, q in zip(units[i], units[j]))
+            if variant == "paper":
+                if j == i:
+                    continue
+                total += w if w >= margin else alpha * (math.exp(w - margin) - 1)
+            else:
+                z = w - margin
+                total += z if z > 0 else alpha * (math.exp(z) - 1)
+        energies.append(total / t)
+    return torch.tensor(energies)

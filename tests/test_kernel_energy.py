@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 from tome_plus.triton_kernels.energy import energy_score, energy_score_torch, energy_score_triton
 
+from naive import naive_energy
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Both implementations upcast to fp32 before any arithmetic, so half inputs differ only in the
@@ -87,30 +89,6 @@ def test_non_contiguous(layout):
         ref = energy_score_torch(x, 0.2, 0.5, variant)
         got = energy_score_triton(x, 0.2, 0.5, variant)
         assert_close_energy(got, ref, x, 0.2, variant, 1e-5)
-
-
-def naive_energy(metric, margin, alpha, variant):
-    """METHODS.md section 2 for one image with Python loops and float64 scalars. metric: [T, d]."""
-    rows = [[float(v) for v in row] for row in metric]
-    t = len(rows)
-    units = []
-    for row in rows:
-        norm = max(math.sqrt(sum(v * v for v in row)), 1e-12)
-        units.append([v / norm for v in row])
-    energies = []
-    for i in range(t):
-        total = 0.0
-        for j in range(t):
-            w = sum(p * q for p, q in zip(units[i], units[j]))
-            if variant == "paper":
-                if j == i:
-                    continue
-                total += w if w >= margin else alpha * (math.exp(w - margin) - 1)
-            else:
-                z = w - margin
-                total += z if z > 0 else alpha * (math.exp(z) - 1)
-        energies.append(total / t)
-    return torch.tensor(energies)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

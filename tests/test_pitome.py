@@ -10,24 +10,7 @@ from tome_plus.methods.pitome import Pitome, PitomeConfig
 from tome_plus.state import TokenState
 
 from conftest import PREFIX_MODELS, make
-
-
-def naive_energy(unit, body, margin, alpha, variant):
-    t = len(body)
-    energy = {}
-    for i in body:
-        total = 0.0
-        for j in body:
-            w = float(unit[i] @ unit[j])
-            if variant == "paper":
-                if j == i:
-                    continue
-                total += w if w >= margin else alpha * (math.exp(w - margin) - 1)
-            else:
-                z = w - margin
-                total += z if z > 0 else alpha * (math.exp(z) - 1)
-        energy[i] = total / t
-    return energy
+from naive import naive_energy
 
 
 def naive_pitome(x, size, keys, k, n_prefix, margin, alpha=1.0, variant="paper", tome_matching=False):
@@ -35,7 +18,7 @@ def naive_pitome(x, size, keys, k, n_prefix, margin, alpha=1.0, variant="paper",
     n = keys.shape[0]
     unit = keys / keys.norm(dim=-1, keepdim=True)
     body = list(range(n_prefix, n))
-    energy = naive_energy(unit, body, margin, alpha, variant)
+    energy = dict(zip(body, naive_energy(keys[n_prefix:], margin, alpha, variant).tolist()))
     order = sorted(body, key=lambda i: -energy[i])
     if tome_matching:
         a_side, b_side = order[0::2], order[1::2]

@@ -58,11 +58,6 @@ class TokenState:
             return None
         return self.size.log().to(dtype).transpose(1, 2).unsqueeze(1)
 
-    def sizes_or_ones(self, x: torch.Tensor) -> torch.Tensor:
-        if self.size is not None:
-            return self.size
-        return x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
-
 
 def initial_source(batch: int, n_tokens: int, device: torch.device) -> torch.Tensor:
     """Identity source map: input token j is held by token j."""

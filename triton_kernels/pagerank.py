@@ -101,6 +101,14 @@ def _wpr_finish(s, alive, valid, scores_ptr, var_ptr, pid, N):
 
 
 @triton.jit
+def _wpr_alive(alive_ptr, b, N, cols, valid_c, HAS_ALIVE: tl.constexpr):
+    """Surviving tokens of image b (all valid columns when no mask was given)."""
+    if HAS_ALIVE:
+        return tl.load(alive_ptr + b.to(tl.int64) * N + cols, mask=valid_c, other=0) != 0
+    return valid_c
+
+
+@triton.jit
 def _wpr_onchip_kernel(attn_ptr, alive_ptr, scores_ptr, var_ptr, H, N, n_cls, iters,
                        stride_b, stride_h, stride_i, stride_j,
                        BLOCK_N: tl.constexpr, HAS_ALIVE: tl.constexpr, CLS: tl.constexpr):
@@ -112,10 +120,7 @@ def _wpr_onchip_kernel(attn_ptr, alive_ptr, scores_ptr, var_ptr, H, N, n_cls, it
     cols = tl.arange(0, BLOCK_N)
     valid_r = rows < N
     valid_c = cols < N
-    if HAS_ALIVE:
-        alive_c = tl.load(alive_ptr + b.to(tl.int64) * N + cols, mask=valid_c, other=0) != 0
-    else:
-        alive_c = valid_c
+    alive_c = _wpr_alive(alive_ptr, b, N, cols, valid_c, HAS_ALIVE)
     base = attn_ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
     ptrs = base + rows[:, None].to(tl.int64) * stride_i + cols[None, :].to(tl.int64) * stride_j
     # Dead keys are masked at the load, so they never enter row sums or receive mass.
@@ -143,10 +148,7 @@ def _wpr_stream_kernel(attn_ptr, alive_ptr, scores_ptr, var_ptr, H, N, n_cls, it
     h = pid % H
     cols = tl.arange(0, BLOCK_N)
     valid_c = cols < N
-    if HAS_ALIVE:
-        alive_c = tl.load(alive_ptr + b.to(tl.int64) * N + cols, mask=valid_c, other=0) != 0
-    else:
-        alive_c = valid_c
+    alive_c = _wpr_alive(alive_ptr, b, N, cols, valid_c, HAS_ALIVE)
     base = attn_ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
 
     s = _wpr_start(alive_c, n_cls, CLS)

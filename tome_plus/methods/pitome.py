@@ -24,7 +24,7 @@ from ..merging import Plan
 from ..state import TokenState
 from ..triton_kernels.energy import VARIANTS, energy_score
 from .base import ReductionConfig, Reducer, register
-from .tome import bipartite_plan
+from .tome import bipartite_plan, pairwise_limit
 
 Margin = Union[float, Callable[[int, int], float]]
 PRESETS = ("paper", "deit_code")
@@ -92,7 +92,7 @@ class Pitome(Reducer):
     budget_unit = "keep"
 
     def max_remove(self, layer: int, n_tokens: int, n_prefix: int) -> int:
-        return max(n_tokens - n_prefix, 0) // 2
+        return pairwise_limit(n_tokens, n_prefix)  # the 2k candidates pair up
 
     def uses_tome_matching(self, layer: int, depth: int) -> bool:
         """The authors' DeiT code runs ToMe's top-k matching in the first half of the layers."""

@@ -28,6 +28,11 @@ class TomeConfig(ReductionConfig):
     default_budget: ClassVar[Dict[str, object]] = {"r": 16}
 
 
+def pairwise_limit(n_tokens: int, n_prefix: int) -> int:
+    """Most tokens one pairwise merge can remove: half of the reducible ones."""
+    return max(n_tokens - n_prefix, 0) // 2
+
+
 def bipartite_plan(metric: torch.Tensor, r: int, n_prefix: int,
                    a_idx: Optional[torch.Tensor] = None, b_idx: Optional[torch.Tensor] = None,
                    protected: Optional[torch.Tensor] = None) -> Plan:
@@ -69,7 +74,7 @@ class Tome(Reducer):
     budget_unit = "r"
 
     def max_remove(self, layer: int, n_tokens: int, n_prefix: int) -> int:
-        return max(n_tokens - n_prefix, 0) // 2
+        return pairwise_limit(n_tokens, n_prefix)
 
     def plan(self, signals: Dict[str, torch.Tensor], state: TokenState, n_remove: int) -> Plan:
         return bipartite_plan(signals["keys"], n_remove, state.n_prefix)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import json
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 
 import tome_plus
 
-from .common import DTYPES, PeakMemory, add_method_args, describe, method_options
+from .common import DTYPES, PeakMemory, add_method_args, describe, method_options, save_json
 from .flops import count_flops
 
 
@@ -186,9 +185,7 @@ def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace
         from . import kernel_bench
         report = kernel_bench.run(dtype=args.dtype, runs=args.runs or 30)
         print(kernel_bench.format_report(report))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(report, f, indent=2)
+        save_json(report, args.json)
         return report
     cuda = args.device.startswith("cuda")
     report = run_bench(
@@ -198,9 +195,7 @@ def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace
         runs=args.runs if args.runs is not None else (50 if cuda else 10),
         img_size=args.img_size, progress=not args.no_progress)
     print(format_table(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    save_json(report, args.json)
     if args.csv:
         write_csv(report, args.csv)
     return report

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import weakref
 from typing import Any, Dict, Optional
 
@@ -61,6 +62,13 @@ def parse_options(items) -> Dict[str, Any]:
         key, value = item.split("=", 1)
         options[key.strip()] = _literal(value.strip())
     return options
+
+
+def save_json(report: Dict[str, Any], path: Optional[str]) -> None:
+    """Write a tool's report as indented JSON (nothing when no path was given)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
 
 
 def describe(method: str, options: Dict[str, Any]) -> str:

@@ -12,7 +12,6 @@ the processes talk through gloo. Unreadable or truncated images are skipped and 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 import tome_plus
 
 from ..methods import get_method
-from .common import add_method_args, describe, method_options
+from .common import add_method_args, describe, method_options, save_json
 from .flops import count_flops
 
 
@@ -221,9 +220,7 @@ def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace
                       amp=args.amp, device=args.device, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_result(result))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
+        save_json(result, args.json)
     return result
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ import tome_plus
 
 from .bench import _cpu_name
 from ..methods import get_method
-from .common import _literal, parse_options
+from .common import _literal, parse_options, save_json
 from .flops import count_flops
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -236,9 +235,7 @@ def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace
                           batch_size=args.batch_size, k=args.k, progress=not args.no_progress,
                           options=options)
     print(format_table(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    save_json(report, args.json)
     if args.plot:
         plot(report, args.plot)
     return report
