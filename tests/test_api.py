@@ -130,6 +130,7 @@ def test_flops_budget_hits_target(vit, target):
 
 
 def test_flops_unreachable_is_clear_error(vit):
+    tome_plus.unpatch(vit)
     with pytest.raises(ValueError, match="below what this method reaches"):
         tome_plus.patch(vit, "tome", flops=0.05)
     assert get_info(vit) is None

@@ -15,7 +15,7 @@ from timm.data import create_transform, resolve_data_config
 
 import tome_plus
 from tome_plus.tools.cli import main
-from tome_plus.tools.eval import evaluate
+from tome_plus.tools.eval import SafeImageFolder, evaluate
 
 CLASSES = [f"n0{i}_class" for i in range(7)]  # 7 classes: top-5 is not trivially 100%
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -118,5 +118,89 @@ def test_pretrained_without_hub_is_a_clear_error(folder):
     proc = subprocess.run([sys.executable, "-m", "tome_plus.tools.eval", "--model", "vit_tiny_patch16_224",
                            "--pretrained", "--data", str(folder), "--workers", "0", "--no-progress"],
                           env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "could not get pretrained weights" in proc.stderr and "--checkpoint" in proc.stderr
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("tome-plus eval: error: could not get pretrained weights") and "--checkpoint" in last
+
+
+def test_link_loop_counts_each_image_once_under_its_real_class(tmp_path, capsys):
+    root, expected = tmp_path / "val", {}
+    for c, name in enumerate(["class_a", "class_b", "class_c"]):
+        (root / name).mkdir(parents=True)
+        for i in range(5):
+            path = root / name / f"{i}.png"
+            Image.fromarray(np.full((24, 24, 3), 50 * c + 9 * i, np.uint8)).save(path)
+            expected[os.path.realpath(path)] = c
+    (root / "class_a" / "loop").symlink_to("..")  # torchvision's ImageFolder lists 615 samples here
+    (root / "class_c" / "b0.png").symlink_to(root / "class_b" / "0.png")  # class_b's image, linked
+    outside = tmp_path / "elsewhere"  # a folder linked in from outside the split: the class it is linked into
+    outside.mkdir()
+    Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(outside / "x.png")
+    (root / "class_c" / "more").symlink_to(outside)
+    expected[os.path.realpath(outside / "x.png")] = 2
+
+    dataset = SafeImageFolder(str(root), transform=None)
+    assert dataset.classes == ["class_a", "class_b", "class_c"]
+    labels = {os.path.realpath(path): target for path, target in dataset.samples}
+    assert len(dataset.samples) == len(labels) == 16 and labels == expected
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=3).eval()
+    ckpt, out = tmp_path / "tiny3.safetensors", tmp_path / "r.json"
+    save_file(model.state_dict(), str(ckpt))
+    main(["eval", "--model", "vit_tiny_patch16_224", "--checkpoint", str(ckpt), "--data", str(root),
+          "--batch-size", "8", "--workers", "0", "--device", "cpu", "--no-progress", "--json", str(out)])
+    err = capsys.readouterr().err
+    assert "tome-plus eval: note: --data: 2 link(s)" in err and "class_a/loop" in err and "class_c/b0.png" in err
+    result = json.loads(out.read_text())
+    transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
+    with torch.no_grad():  # reference: every real file once, with the class folder it was written to
+        logits = model(torch.stack([transform(Image.open(p).convert("RGB")) for p in expected]))
+    top1 = 100.0 * (logits.argmax(-1) == torch.tensor(list(expected.values()))).float().mean().item()
+    assert (result["images"], result["repeated_links"]) == (16, 2)
+    assert result["top1"] == pytest.approx(top1)
+
+
+def run_cli(argv, capsys):
+    """Exit status and stderr of `tome-plus ARGV`."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_cli_errors_are_one_line_with_exit_status(folder, checkpoint, tmp_path, capsys):
+    base = ["eval", "--workers", "0", "--no-progress", "--device", "cpu"]
+    tiny = [*base, "--model", "vit_tiny_patch16_224", "--checkpoint", str(checkpoint)]
+    two = tmp_path / "two"
+    for name in CLASSES[:2]:
+        (two / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(two / name / "a.png")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    pickled = tmp_path / "garbage.pth"
+    pickled.write_bytes(b"not a pickle")
+    failures = [  # exit 1: the command line is fine, the work fails
+        ([*tiny, "--data", str(tmp_path / "missing")], f"--data {str(tmp_path / 'missing')!r} is not a directory"),
+        ([*tiny, "--data", str(two)], "--data has 2 classes but the model head has 7"),
+        ([*base, "--model", "vit_tiny_patch16_224", "--checkpoint", str(garbage), "--data", str(folder)],
+         "could not be read as a timm, safetensors or torch checkpoint"),
+        ([*base, "--model", "vit_tiny_patch16_224", "--checkpoint", str(pickled), "--data", str(folder)],
+         "could not be read as a timm, safetensors or torch checkpoint"),
+        ([*base, "--model", "vit_small_patch16_224", "--checkpoint", str(checkpoint), "--data", str(folder)],
+         "does not fit vit_small_patch16_224: 151 tensor shape(s) differ"),  # all but head.bias (7,)
+    ]
+    for argv, message in failures:
+        status, err = run_cli(argv, capsys)
+        assert (status, err.count("\n")) == (1, 1), (argv, err)
+        assert err.startswith("tome-plus eval: error: ") and message in err, err
+    usage = [  # exit 2: refused before any work
+        ([*tiny, "--data", str(folder), "--r", "8"], "a budget or option needs --method"),
+        ([*tiny, "--data", str(folder), "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        ([*tiny, "--data", str(folder), "--method", "tome", "--budget", "depth=3"], "--budget kind must be"),
+    ]
+    if not torch.cuda.is_available():
+        usage.append(([*tiny[:-4], "--data", str(folder), "--device", "cuda"], "no CUDA GPU is available"))
+    for argv, message in usage:
+        status, err = run_cli(argv, capsys)
+        assert (status, err.count("\n")) == (2, 1), (argv, err)
+        assert err.startswith("tome-plus eval: error: ") and message in err, err

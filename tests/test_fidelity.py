@@ -96,3 +96,53 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     assert 10.0 < base["knn_top1"] <= 100.0  # real features beat the 10% of chance on 10 classes
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "kNN top-1" in capsys.readouterr().out
+
+
+def test_concurrent_conversions_do_not_collide(monkeypatch, tmp_path):
+    import safetensors.torch
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("TOME_PLUS_CACHE", str(tmp_path / "cache"))  # empty: both must convert
+    written = []
+    real_save = safetensors.torch.save_file
+
+    def save_file(tensors, path, *args, **kwargs):
+        written.append(path)
+        real_save(tensors, path, *args, **kwargs)
+        if len(written) == 1:  # another process converts after this one wrote, before it renamed
+            focus_dinov2.cached_weights()
+
+    monkeypatch.setattr(focus_dinov2, "convert", lambda: {"w": torch.arange(3.0)})
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    out = focus_dinov2.cached_weights()
+    assert len(written) == 2 and written[0] != written[1]
+    torch.testing.assert_close(load_file(str(out))["w"], torch.arange(3.0))
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--budget", "r=4,x"], "--budget values must be numbers separated by commas, got '4,x'"),
+    (["--budget", "depth=4"], "--budget kind must be r, keep or flops"),
+    (["--methods", "tome,nope"], "--method: unknown method 'nope'"),
+    (["--img-size", "100"], "--img-size must be a multiple of the patch size 14, got 100"),
+    (["--bank", "0"], "argument --bank: must be >= 1, got 0"),
+])
+def test_cli_refuses_bad_values_in_one_line(argv, message, capsys, monkeypatch):
+    from tome_plus.tools.cli import main
+    monkeypatch.setattr(fidelity, "run_fidelity", lambda *a, **k: pytest.fail("refused before the run"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fidelity", *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"tome-plus fidelity: error: {message}")
+    assert err.count("\n") == 1
+
+
+@needs_focus
+@needs_fmnist
+def test_quick_run_takes_every_budget_given(tmp_path):
+    out = tmp_path / "f.json"
+    fidelity.main(["--quick", "--methods", "tome", "--budget", "r=2,4", "--no-progress", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["budget"]) for r in rows] == [("unpatched", "-"), ("tome", "r=2"), ("tome", "r=4")]
+    # 112 px at patch 14: 8 x 8 patches + the class token; 12 layers remove r each
+    assert [r["tokens_out"] for r in rows] == [65, 65 - 12 * 2, 65 - 12 * 4]

@@ -118,8 +118,8 @@ def test_merge_triton_equals_torch_and_naive(batch, n, dtype):
     n_keep = max(1, n // 2)
     n_src = (n - n_keep) // 2 + (n - n_keep) % 2  # the rest of the tokens are pruned
     keep, src, dst = random_plan(batch, n, n_keep, n_src, seed=n)
-    ref, ref_size = merge_wavg_torch(x, size, keep, src, dst)
-    out, out_size = merge_wavg_triton(x, size, keep, src, dst)
+    ref, ref_size, _ = merge_wavg_torch(x, size, keep, src, dst)
+    out, out_size, _ = merge_wavg_triton(x, size, keep, src, dst)
     tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
@@ -132,7 +132,7 @@ def test_merge_triton_equals_torch_and_naive(batch, n, dtype):
     kept_total = size.gather(1, keep.unsqueeze(-1)).sum((1, 2)) + size.gather(1, src.unsqueeze(-1)).sum((1, 2))
     assert torch.equal(out_size.sum((1, 2)), kept_total)
     # deterministic: no order-dependent atomics
-    again, _ = merge_wavg_triton(x, size, keep, src, dst)
+    again, _, _ = merge_wavg_triton(x, size, keep, src, dst)
     assert torch.equal(again, out)
 
 
@@ -140,7 +140,7 @@ def test_merge_triton_equals_torch_and_naive(batch, n, dtype):
 def test_prune_gather(dtype):
     x = torch.randn(3, 20, 8).to(dtype)
     keep = torch.stack([torch.randperm(20)[:7] for _ in range(3)])
-    out, out_size = merge_wavg_triton(x, torch.ones(3, 20, 1), keep, None, None)
+    out, out_size, _ = merge_wavg_triton(x, torch.ones(3, 20, 1), keep, None, None)
     assert torch.equal(out, x.gather(1, keep.unsqueeze(-1).expand(-1, -1, 8)))
     assert torch.equal(out_size, torch.ones(3, 7, 1))
 
@@ -154,7 +154,7 @@ def test_training_gradients_flow_with_forced_triton(monkeypatch):
     for mode in ("torch", "triton"):
         monkeypatch.setenv("TOME_PLUS_KERNELS", mode)
         x = torch.randn(2, 30, 16, generator=torch.Generator().manual_seed(0), requires_grad=True)
-        out, _ = merge_wavg(x, size, keep, src, dst)
+        out, _, _ = merge_wavg(x, size, keep, src, dst)
         assert out.requires_grad
         (out * torch.arange(16.0)).sum().backward()
         grads[mode] = x.grad

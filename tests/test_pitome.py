@@ -62,7 +62,7 @@ def test_plan_matches_naive(variant, n, n_prefix, k, layer):
     size = torch.randint(1, 4, (batch, n, 1)).float()
     reducer = Pitome(PitomeConfig(keep=0.5, energy=variant))
     plan = reducer.plan({"keys": keys}, state_for(layer, depth, n_prefix), k)
-    out, out_size = merge_wavg(plan, x, size)
+    out, out_size, _ = merge_wavg(plan, x, size)
     margin = 0.9 - 0.9 * layer / depth
     for b in range(batch):
         ref_x, ref_size, _ = naive_pitome(x[b], size[b, :, 0], keys[b], k, n_prefix, margin, variant=variant)
@@ -82,7 +82,7 @@ def test_deit_code_preset_matches_naive_tome_matching_in_early_layers():
     reducer = Pitome(config)
     for layer, tome_matching in ((2, True), (5, True), (6, False), (11, False)):
         plan = reducer.plan({"keys": keys}, state_for(layer, depth, 1), k)
-        out, out_size = merge_wavg(plan, x, size)
+        out, out_size, _ = merge_wavg(plan, x, size)
         margin = 0.75 - 0.75 * layer / depth
         ref_x, ref_size, _ = naive_pitome(x[0], size[0, :, 0], keys[0], k, 1, margin, variant="elu",
                                           tome_matching=tome_matching)

@@ -19,7 +19,7 @@ def test_bipartite_plan_matches_naive_loops(n, n_prefix, r):
     metric = torch.randn(batch, n, 8)
     size = torch.randint(1, 5, (batch, n, 1)).float()
     plan = bipartite_plan(metric, r, n_prefix)
-    out, out_size = merge_wavg(plan, x, size)
+    out, out_size, _ = merge_wavg(plan, x, size)
     assert out.shape == (batch, n - r, dim)
     for b in range(batch):
         ref_x, ref_size, _ = naive_bipartite_merge(x[b], size[b, :, 0], metric[b], r, n_prefix)

@@ -90,3 +90,24 @@ def test_cli_on_a_real_photo_with_real_weights(tmp_path, monkeypatch):
     # 257 - 12 * 16 = 65 tokens left: 64 patch groups, so many flat regions with white borders between
     assert (right == 255).all(-1).mean() > 0.02
     assert len(np.unique(right.reshape(-1, 3), axis=0)) < 200
+
+
+def test_cli_refuses_a_model_that_is_not_a_vit_in_one_line(tmp_path, capsys):
+    from tome_plus.tools.cli import main
+    photo = tmp_path / "in.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(photo)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["vis", "--image", str(photo), "--out", str(tmp_path / "out.png"), "--model", "resnet18"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    assert err.startswith("tome-plus vis: error: tome_plus cannot patch ResNet") and err.count("\n") == 1
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_cli_timm_vit_at_its_own_img_size(tmp_path):
+    from tome_plus.tools.cli import main
+    photo, out = tmp_path / "in.png", tmp_path / "new" / "out.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(photo)
+    main(["vis", "--image", str(photo), "--out", str(out), "--model", "vit_tiny_patch16_224", "--img-size", "64",
+          "--r", "1"])
+    assert Image.open(out).size == (64, 64)  # a 4 x 4 grid of 16 px patches, the model built for 64 px

@@ -130,9 +130,9 @@ def test_attention_probabilities_only_in_pruning_layers(monkeypatch, images):
     seen = []
     original = timm_vit.attention_with_signals
 
-    def spy(attn, x, bias, needs):
+    def spy(attn, x, state, needs, owner):
         seen.append("attn" in needs)
-        return original(attn, x, bias, needs)
+        return original(attn, x, state, needs, owner)
 
     monkeypatch.setattr(timm_vit, "attention_with_signals", spy)
     tome_plus.patch(model, "zero_tprune", r=8, layers=[3, 9])

@@ -35,14 +35,16 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
     config = config_cls(**options)
     reducer = reducer_cls(config)
     reducer.check(backend.depth(model))
+    info = backend.prepare(model, reducer, config, method)
+    if not info.has_cls and any("cls_attn" in reducer.needs_at(layer) for layer in range(info.depth)):
+        raise ValueError(f"method {method!r} scores tokens by the class token's attention, but "
+                         f"{type(model).__name__} has no class token")
+    # solve for the model's default input now, so budget errors and warnings come from here,
+    # and before anything changes: a failed re-patch leaves the working patch in place
+    info.removals(backend.default_tokens(model), strict=True)
     unpatch(model)
-    info = backend.patch(model, reducer, config, method)
+    backend.install(model, info)
     setattr(model, ATTR, info)
-    try:  # solve now for the model's default input, so budget errors and warnings come from here
-        info.removals(backend.default_tokens(model))
-    except Exception:
-        unpatch(model)
-        raise
     return model
 
 
@@ -88,7 +90,6 @@ def inspect(model: nn.Module) -> Inspection:
     if state is None:
         return Inspection(info.method, config, None, None, None, None, None)
     n_out = state.counts[-1] if state.counts else state.n_input
-    device = state.source.device if state.source is not None else None
-    size = state.size if state.size is not None else torch.ones(state.batch, n_out, 1, device=device)
+    size = state.size if state.size is not None else torch.ones(state.batch, n_out, 1, device=state.device)
     source = binary_source(state.source, n_out) if state.source is not None else None
     return Inspection(info.method, config, state.removals, state.counts, state.n_input, size, source)

@@ -26,26 +26,32 @@ class Plan:
             in `keep` or `src` is dropped).
         dst: `[B, R]` for each source, the *output* position (index into `keep`) of the token it
             merges into.
+        csr: the sources grouped by destination and each output token's start in that list
+            (`[B, R]`, `[B, K + 1]`), when the plan kernel wrote them; the merge kernel needs them
+            and otherwise groups the sources itself.
     """
 
     keep: torch.Tensor
     src: Optional[torch.Tensor] = None
     dst: Optional[torch.Tensor] = None
+    csr: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     @property
     def n_out(self) -> int:
         return self.keep.shape[1]
 
 
-def merge_wavg(plan: Plan, x: torch.Tensor, size: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def merge_wavg(plan: Plan, x: torch.Tensor, size: Optional[torch.Tensor], log_scale: Optional[float] = None
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Size-weighted merge: `x_dst' = (s_dst x_dst + sum s_src x_src) / (s_dst + sum s_src)`.
 
     `size=None` means all ones; pure pruning of all-ones sizes keeps them None (no attention
-    bias needed later). Runs the fused Triton kernel on CUDA, its PyTorch twin elsewhere.
+    bias needed later). With `log_scale`, also `log(size') * log_scale` (`[B, K]`, the size
+    channel of proportional attention). Runs the fused Triton kernel on CUDA, its twin elsewhere.
     """
     if plan.src is None and size is None:
-        return kernels.prune_gather(x, None, plan.keep)[0], None
-    return kernels.merge_wavg(x, size, plan.keep, plan.src, plan.dst)
+        return kernels.merge_wavg(x, None, plan.keep)[0], None, None
+    return kernels.merge_wavg(x, size, plan.keep, plan.src, plan.dst, csr=plan.csr, log_scale=log_scale)
 
 
 def new_positions(plan: Plan, n_tokens: int) -> torch.Tensor:
@@ -69,8 +75,8 @@ def merge_source(plan: Plan, source: torch.Tensor, n_tokens: int) -> torch.Tenso
 def apply_plan(plan: Plan, x: torch.Tensor, state: TokenState) -> Tuple[torch.Tensor, TokenState]:
     """Apply `plan` to x, sizes and source; returns the reduced x and the next state."""
     n_tokens = x.shape[1]
-    x, size = merge_wavg(plan, x, state.size)
+    x, size, log_size = merge_wavg(plan, x, state.size, state.log_size_scale if state.prop_attn else None)
     source = state.source
     if source is not None:
         source = merge_source(plan, source, n_tokens)
-    return x, state.replace(size=size, source=source)
+    return x, state.replace(size=size, log_size=log_size, source=source)

@@ -7,11 +7,13 @@ can take are clamped with one warning.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Sequence, Tuple
 
+from .warn import warn_caller
+
 MaxRemove = Callable[[int, int, int], int]  # (layer, n_tokens, n_prefix) -> most removable
+KeepRemoval = Callable[[int, float], int]  # (reducible tokens T, keep) -> tokens removed
 
 
 @dataclass(frozen=True)
@@ -19,7 +21,10 @@ class VitCost:
     """Analytic FLOPs of a pre-norm ViT in which each block reduces between attention and MLP.
 
     FLOPs count a multiply-add as 2, as `torch.utils.flop_counter` does. The reduction step's own
-    cost (matching) is left out: it is what the Triton kernels make small.
+    cost (matching) is left out: it is what the Triton kernels make small. With proportional
+    attention's size channel (`prop_attn.py`), every block after the first merge computes q and k
+    at the padded width `qk_dim` (heads x padded head dim): a few percent more FLOPs, counted here
+    so that a `flops` target is what the forward really does.
     """
 
     dim: int
@@ -28,16 +33,21 @@ class VitCost:
     depth: int
     embed_flops: float
     head_flops: float
+    qk_dim: int = 0  # padded q/k width once the size channel is on; 0: never padded
+    pad_after_merge: bool = False
 
-    def block(self, n_in: int, n_out: int) -> float:
-        attn = 2 * n_in * self.dim * self.attn_dim * 4 + 4 * n_in * n_in * self.attn_dim
+    def block(self, n_in: int, n_out: int, padded: bool = False) -> float:
+        qk = self.qk_dim if padded and self.qk_dim else self.attn_dim
+        qkv = 2 * n_in * self.dim * (2 * qk + self.attn_dim)
+        attn = qkv + 2 * n_in * self.attn_dim * self.dim + 2 * n_in * n_in * (qk + self.attn_dim)
         mlp = 4 * n_out * self.dim * self.hidden
         return float(attn + mlp)
 
     def total(self, n_tokens: int, removals: Sequence[int]) -> float:
-        flops, n = self.embed_flops + self.head_flops, n_tokens
+        flops, n, padded = self.embed_flops + self.head_flops, n_tokens, False
         for r in removals:
-            flops += self.block(n, n - r)
+            flops += self.block(n, n - r, padded)
+            padded = padded or (self.pad_after_merge and r > 0)
             n -= r
         return flops
 
@@ -85,15 +95,20 @@ def _run(request: Callable[[int, int], int], depth: int, n_tokens: int, n_prefix
     return out, clamped
 
 
-def _keep_request(keeps: Sequence[float], n_prefix: int) -> Callable[[int, int], int]:
-    """Remove `T - floor(T keep)` of the T reducible tokens (PiToMe's k)."""
+def paper_keep_removal(t: int, keep: float) -> int:
+    """Remove `T - floor(T keep)` of the T reducible tokens (PiToMe's paper: keep floor(T keep))."""
     # the epsilon keeps e.g. 196 * 0.75 = 147.0 from flooring to 146 through float error
-    return lambda layer, n: (n - n_prefix) - math.floor((n - n_prefix) * keeps[layer] + 1e-9)
+    return t - math.floor(t * keep + 1e-9)
+
+
+def _keep_request(keeps: Sequence[float], n_prefix: int, removal: KeepRemoval) -> Callable[[int, int], int]:
+    return lambda layer, n: removal(n - n_prefix, keeps[layer])
 
 
 def solve(budget: Tuple[str, object], unit: str, depth: int, n_tokens: int, n_prefix: int,
           max_remove: MaxRemove, cost: VitCost, warn: bool = True,
-          active: Callable[[int], bool] = lambda layer: True) -> List[int]:
+          active: Callable[[int], bool] = lambda layer: True,
+          keep_removal: KeepRemoval = paper_keep_removal, strict: bool = True) -> List[int]:
     """Per-layer removal counts for one budget.
 
     Args:
@@ -105,31 +120,44 @@ def solve(budget: Tuple[str, object], unit: str, depth: int, n_tokens: int, n_pr
         max_remove: the method's per-layer limit `(layer, n_tokens, n_prefix) -> int`.
         cost: the backend's FLOPs model.
         active: which layers the method reduces in at all (e.g. Zero-TPrune's `layers`).
+        keep_removal: how a `keep` fraction of T reducible tokens becomes a count.
+        strict: an unreachable `flops` target raises ValueError; otherwise it warns and returns
+            the schedule that comes closest (the most the method can remove).
     """
     kind, value = budget
     if kind == "flops":
-        return _solve_flops(float(value), unit, depth, n_tokens, n_prefix, max_remove, cost, active)
+        return _solve_flops(float(value), unit, depth, n_tokens, n_prefix, max_remove, cost, active,
+                            keep_removal, strict)
     if kind == "r":
         wanted = r_schedule(value, depth)
         request = lambda layer, n: wanted[layer]
     elif kind == "keep":
-        request = _keep_request(keep_schedule(value, depth), n_prefix)
+        request = _keep_request(keep_schedule(value, depth), n_prefix, keep_removal)
     else:
         raise ValueError(f"unknown budget {kind!r}")
     counts, clamped = _run(request, depth, n_tokens, n_prefix, max_remove, active)
     if clamped and warn:
         detail = ", ".join(f"layer {l}: {a} -> {g}" for l, a, g in clamped)
-        warnings.warn(f"budget {kind}={value!r} is more than {len(clamped)} layer(s) can take with "
-                      f"{n_tokens} input tokens; clamped ({detail})", stacklevel=4)
+        warn_caller(f"budget {kind}={value!r} is more than {len(clamped)} layer(s) can take with "
+                    f"{n_tokens} input tokens; clamped ({detail})")
     return counts
 
 
 def _solve_flops(target: float, unit: str, depth: int, n_tokens: int, n_prefix: int,
-                 max_remove: MaxRemove, cost: VitCost, active: Callable[[int], bool]) -> List[int]:
+                 max_remove: MaxRemove, cost: VitCost, active: Callable[[int], bool],
+                 keep_removal: KeepRemoval, strict: bool) -> List[int]:
     base = cost.total(n_tokens, [0] * depth)
 
     def ratio(counts: Sequence[int]) -> float:
         return cost.total(n_tokens, counts) / base
+
+    def unreachable(most: List[int]) -> List[int]:
+        message = (f"flops={target} is below what this method reaches on this model and input "
+                   f"({n_tokens} tokens: {ratio(most):.3f} of the unpatched FLOPs)")
+        if strict:
+            raise ValueError(message)
+        warn_caller(message + "; using that schedule")
+        return most
 
     if unit == "r":
         # t tokens over the active layers: floor(t / n) in each, one more in the first t % n.
@@ -146,8 +174,7 @@ def _solve_flops(target: float, unit: str, depth: int, n_tokens: int, n_prefix: 
         hi = len(layers) * max(max(max_remove(layer, n_tokens, n_prefix) for layer in layers), 0)
         lo = 0
         if ratio(counts_for(hi)) > target + 1e-9:
-            raise ValueError(f"flops={target} is below what this method reaches on this model and "
-                             f"input ({ratio(counts_for(hi)):.3f} of the unpatched FLOPs)")
+            return unreachable(counts_for(hi))
         while hi - lo > 1:  # invariant: ratio(lo) > target >= ratio(hi), or lo == 0
             mid = (lo + hi) // 2
             if ratio(counts_for(mid)) > target:
@@ -159,13 +186,12 @@ def _solve_flops(target: float, unit: str, depth: int, n_tokens: int, n_prefix: 
 
     if unit == "keep":
         def counts_for_keep(keep: float) -> List[int]:
-            request = _keep_request([keep] * depth, n_prefix)
+            request = _keep_request([keep] * depth, n_prefix, keep_removal)
             return _run(request, depth, n_tokens, n_prefix, max_remove, active)[0]
 
         lo, hi = 0.0, 1.0  # ratio falls as keep falls
         if ratio(counts_for_keep(lo)) > target + 1e-9:
-            raise ValueError(f"flops={target} is below what this method reaches on this model and "
-                             f"input ({ratio(counts_for_keep(lo)):.3f} of the unpatched FLOPs)")
+            return unreachable(counts_for_keep(lo))
         for _ in range(50):
             mid = (lo + hi) / 2
             if ratio(counts_for_keep(mid)) > target:

@@ -29,10 +29,14 @@ class TokenState:
         prop_attn: add `log(size)` to the attention logits of every key.
         size: `[B, N, 1]` float32 count of input tokens each token stands for; `None` while all
             sizes are one (then no attention bias is needed and fused attention runs unmasked).
+        log_size: `[B, N]` float32 `log(size) * log_size_scale` when proportional attention is on
+            and something merged: the extra key channel of `prop_attn.py`, written by the merge.
+        log_size_scale: `1 / scale` of the model's attention (so `scale * k'_D = log s`).
         source: `[B, N0]` long, for each input token the index of the token that now holds it
             (-1 once pruned); `None` unless traced. A compact form of ToMe's binary `[B, N, N0]`
             source map, which `binary_source` rebuilds.
         batch, n_input: batch size and tokens entering the first block.
+        device: where the tokens live (for tensors `inspect` makes when nothing merged).
         layer: index of the next block.
         counts: tokens after each block run so far.
     """
@@ -44,7 +48,10 @@ class TokenState:
     prop_attn: bool
     batch: int
     n_input: int
+    device: Optional[torch.device] = None
+    log_size_scale: float = 1.0
     size: Optional[torch.Tensor] = None
+    log_size: Optional[torch.Tensor] = None
     source: Optional[torch.Tensor] = None
     layer: int = 0
     counts: Tuple[int, ...] = ()

@@ -2,7 +2,9 @@
 
 Patching swaps `module.__class__` for a subclass that mixes in the reducing forward (ToMe's
 approach): parameters, buffers and `state_dict` keys stay as they are, `isinstance` checks against
-the original classes still hold, and `unpatch` puts the original classes back.
+the original classes still hold, and `unpatch` puts the original classes back. The subclasses are
+made on first use, so pickling names them by their two parents (both importable) instead: a
+patched model survives `pickle`, `torch.save(model)`, `copy.deepcopy` and DataLoader workers.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from ..schedule import VitCost, solve
 from ..state import TokenState, initial_source
 
 ATTR = "_tome_plus"
+SCRATCH = "_tome_plus_scratch"  # caches a patched module keeps (derived weights): never pickled
 _SUBCLASSES: Dict[Tuple[type, type], type] = {}
 
 
@@ -31,28 +34,48 @@ class PatchInfo:
     depth: int
     n_prefix: int
     has_cls: bool
-    cost: Callable[[int], VitCost]  # n_tokens -> FLOPs model, for the flops budget
+    cost: Callable[[int], VitCost]  # n_tokens -> FLOPs model, for the flops budget (picklable)
+    log_size_scale: float = 1.0  # 1 / attention scale: the size channel holds log(s) / scale
     swapped: List[Tuple[nn.Module, type]] = field(default_factory=list)
     schedules: Dict[int, Tuple[int, ...]] = field(default_factory=dict)
+    # What `inspect` reports: written once a forward has finished, never read by a forward.
     last_state: Optional[TokenState] = None
-    head_size: Optional[torch.Tensor] = None  # set by `forward` while its head runs
-    # forward_features' outputs (by identity, weakly held) -> their sizes
+    # forward_features' outputs (by identity, weakly held) -> their sizes. Keyed by the tensor
+    # itself, so nested or concurrent forwards never see each other's entries.
     feature_sizes: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
 
-    def removals(self, n_tokens: int) -> Tuple[int, ...]:
-        """Per-layer removal counts for `n_tokens` input tokens (solved once per size)."""
+    def removals(self, n_tokens: int, strict: bool = False) -> Tuple[int, ...]:
+        """Per-layer removal counts for `n_tokens` input tokens (solved once per size).
+
+        `strict`: an unreachable `flops` target raises (at `patch`); inside a forward it warns and
+        uses the closest schedule instead, so an unusual input size never fails mid-inference.
+        """
         if n_tokens not in self.schedules:
             counts = solve(self.config.budget, self.reducer.budget_unit, self.depth, n_tokens,
                            self.n_prefix, self.reducer.max_remove, self.cost(n_tokens),
-                           active=self.reducer.active)
+                           active=self.reducer.active, keep_removal=self.reducer.keep_removal,
+                           strict=strict)
             self.schedules[n_tokens] = tuple(counts)
         return self.schedules[n_tokens]
 
     def new_state(self, x: torch.Tensor, trace: bool = False) -> TokenState:
-        batch, n_tokens = x.shape[0], x.shape[1]
+        # int(): under torch.jit.trace sizes are traced values; the schedule is static per size anyway
+        batch, n_tokens = int(x.shape[0]), int(x.shape[1])
         source = initial_source(batch, n_tokens, x.device) if (trace or self.config.trace_source) else None
         return TokenState(reducer=self.reducer, removals=self.removals(n_tokens), n_prefix=self.n_prefix,
-                          has_cls=self.has_cls, prop_attn=self.config.prop_attn, batch=batch, n_input=n_tokens, source=source)
+                          has_cls=self.has_cls, prop_attn=self.config.prop_attn, batch=batch, n_input=n_tokens,
+                          device=x.device, log_size_scale=self.log_size_scale, source=source)
+
+    def __getstate__(self) -> dict:
+        # the last forward's tensors and the weak features map belong to this process only
+        state = dict(self.__dict__)
+        state["last_state"] = None
+        state["feature_sizes"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.feature_sizes = WeakIdKeyDictionary()
 
     def remember_features(self, x: torch.Tensor, size: Optional[torch.Tensor]) -> None:
         """Keep the sizes of a tensor `forward_features` returned, for a later `forward_head(x)`;
@@ -65,19 +88,46 @@ class PatchInfo:
         return self.feature_sizes.get(x)
 
 
+def patched_class(mixin: type, cls: type) -> type:
+    """The class `(mixin, cls)`, made once per pair."""
+    key = (mixin, cls)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(f"TomePlus{cls.__name__}", (mixin, cls),
+                                {"__reduce_ex__": _reduce_patched, "_tome_plus_parents": key,
+                                 "__module__": mixin.__module__})
+    return _SUBCLASSES[key]
+
+
+def _new_patched(mixin: type, cls: type) -> nn.Module:
+    """Unpickling: an empty instance of the patched class, made again from its parents."""
+    patched = patched_class(mixin, cls)
+    return patched.__new__(patched)
+
+
+def _reduce_patched(self: nn.Module, protocol: int):
+    # the default reduction names the class itself, which no module defines
+    reduced = list(object.__reduce_ex__(self, max(protocol, 2)))
+    if isinstance(reduced[2], dict) and SCRATCH in reduced[2]:
+        reduced[2] = {k: v for k, v in reduced[2].items() if k != SCRATCH}
+    return (_new_patched, type(self)._tome_plus_parents) + tuple(reduced[2:])
+
+
+def original_class(module: nn.Module) -> type:
+    """The class `module` had before patching (its own class when not patched)."""
+    return getattr(type(module), "_tome_plus_parents", (None, type(module)))[1]
+
+
 def swap_class(module: nn.Module, mixin: type, info: PatchInfo) -> None:
     """Give `module` the class `(mixin, type(module))`, remembering the original."""
     cls = type(module)
-    key = (mixin, cls)
-    if key not in _SUBCLASSES:
-        _SUBCLASSES[key] = type(f"TomePlus{cls.__name__}", (mixin, cls), {})
     info.swapped.append((module, cls))
-    module.__class__ = _SUBCLASSES[key]
+    module.__class__ = patched_class(mixin, cls)
 
 
 def restore_classes(info: PatchInfo) -> None:
     for module, cls in info.swapped:
         module.__class__ = cls
+        module.__dict__.pop(SCRATCH, None)
     info.swapped.clear()
 
 

@@ -7,6 +7,7 @@ bias; explicit attention probabilities are computed only in layers whose method 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, FrozenSet, List, Optional, Tuple, Union
 
 import torch
@@ -22,7 +23,12 @@ from ..merging import apply_plan
 from ..methods.base import ReductionConfig, Reducer
 from ..schedule import VitCost
 from ..state import TokenState
-from .base import PatchInfo, get_info, swap_class
+from ..prop_attn import pad_qkv, padded_head_dim, split_padded, write_size_channel
+from .base import SCRATCH, PatchInfo, get_info, original_class, swap_class
+
+# Proportional attention through the extra q/k channel (fast SDPA); False falls back to the additive
+# mask everywhere (kept for comparison and debugging: both give the same logits).
+SIZE_CHANNEL = True
 
 FAMILY = "timm VisionTransformer (ViT, DeiT, distilled DeiT, DeiT-3, DINOv2 incl. registers, timm CLIP/SigLIP ViTs)"
 
@@ -31,18 +37,33 @@ def matches(model: nn.Module) -> bool:
     return isinstance(model, VisionTransformer)
 
 
-def attention_with_signals(attn: Attention, x: torch.Tensor, bias: Optional[torch.Tensor],
-                           needs: FrozenSet[str]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+def attention_with_signals(attn: Attention, x: torch.Tensor, state: TokenState, needs: FrozenSet[str],
+                           owner: nn.Module) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """timm `Attention.forward` that also returns the signals a reducer asked for.
 
-    Fused SDPA unless `"attn"` is needed; `"cls_attn"` costs one extra `q_cls K^T` row.
+    Fused SDPA unless `"attn"` is needed; `"cls_attn"` costs one extra `q_cls K^T` row; `"k"` (the
+    per-head keys, a view) is free and `"keys"` (their head average) one mean. Proportional
+    attention runs as the extra q/k channel of `prop_attn.py` (the qkv GEMM writes the padded
+    layout) where it can, and as an additive key bias otherwise (explicit attention, qk-norm).
     """
     batch, n_tokens, _ = x.shape
-    attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
+    heads, head_dim = attn.num_heads, attn.head_dim
+    attn_dim = getattr(attn, "attn_dim", heads * head_dim)
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(batch, n_tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    size_channel = (SIZE_CHANNEL and state.log_size is not None and "attn" not in needs
+                    and isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity))
+    bias = None
+    if size_channel:
+        weight, qkv_bias = padded_qkv(owner, attn)
+        q, k, v = split_padded(F.linear(x, weight, qkv_bias), heads, head_dim)
+        write_size_channel(k, head_dim, state.log_size)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=attn.scale)
+    else:
+        qkv = attn.qkv(x).reshape(batch, n_tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        bias = state.attn_bias(x.dtype)
 
     signals: Dict[str, torch.Tensor] = {}
     if "attn" in needs:
@@ -53,13 +74,17 @@ def attention_with_signals(attn: Attention, x: torch.Tensor, bias: Optional[torc
         signals["attn"] = probs
         out = attn.attn_drop(probs) @ v
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
+        if not size_channel:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
         if "cls_attn" in needs:
+            # with the size channel, q'k' already carries log s
             logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
             if bias is not None:
                 logits = logits + bias
             signals["cls_attn"] = logits.softmax(dim=-1)[:, :, 0]
+    k = k[..., :head_dim]
+    if "k" in needs:
+        signals["k"] = k
     if "keys" in needs:
         signals["keys"] = k.mean(dim=1)
 
@@ -70,6 +95,26 @@ def attention_with_signals(attn: Attention, x: torch.Tensor, bias: Optional[torc
     return attn.proj_drop(attn.proj(out)), signals
 
 
+def padded_qkv(owner: nn.Module, attn: Attention) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The size-channel qkv weight and bias of `attn`, cached on the patched block `owner`.
+
+    Rebuilt (differentiably) whenever gradients may flow or a compiler traces, and otherwise
+    whenever the parameters change (in-place updates bump their version; `.to()` moves them), so
+    the cache never serves stale weights.
+    """
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    if (torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))) \
+            or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return pad_qkv(weight, bias, attn.num_heads, attn.head_dim)
+    key = (weight._version, weight.data_ptr(), weight.dtype, weight.device,
+           None if bias is None else (bias._version, bias.data_ptr(), bias.dtype))
+    cached = owner.__dict__.get(SCRATCH)
+    if cached is None or cached[0] != key:
+        cached = (key, *pad_qkv(weight, bias, attn.num_heads, attn.head_dim))
+        owner.__dict__[SCRATCH] = cached
+    return cached[1], cached[2]
+
+
 class ReducingBlock:
     """Mixin for timm `Block`: reduce tokens between attention and MLP when given a state."""
 
@@ -78,10 +123,7 @@ class ReducingBlock:
             return super().forward(x, *args, **kwargs)
         layer, n_remove = state.layer, state.removals[state.layer]
         needs = state.reducer.needs_at(layer) if n_remove > 0 else frozenset()
-        if "cls_attn" in needs and not state.has_cls:
-            raise ValueError(f"{type(state.reducer).__name__} scores tokens by the class token's attention, "
-                             f"but this model has no class token")
-        y, signals = attention_with_signals(self.attn, self.norm1(x), state.attn_bias(x.dtype), needs)
+        y, signals = attention_with_signals(self.attn, self.norm1(x), state, needs, self)
         x = x + self.drop_path1(self.ls1(y))
         if n_remove > 0:
             x, state = apply_plan(state.reducer.plan(signals, state, n_remove), x, state)
@@ -100,8 +142,7 @@ class ReducingViT:
 
     def _run_blocks(self, x: torch.Tensor, trace: bool = False, take: Optional[List[int]] = None,
                     stop: Optional[int] = None):
-        info: PatchInfo = get_info(self)
-        state = info.new_state(x, trace=trace)
+        state = get_info(self).new_state(x, trace=trace)
         taken = []
         blocks = self.blocks if stop is None else self.blocks[:stop + 1]
         for i, blk in enumerate(blocks):
@@ -111,7 +152,6 @@ class ReducingViT:
                 x, state = blk(x, state=state)
             if take is not None and i in take:
                 taken.append((x, state))
-        info.last_state = state
         return x, state, taken
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,31 +164,40 @@ class ReducingViT:
                 is_causal: bool = False) -> torch.Tensor:
         _no_masks(attn_mask, is_causal)
         x, state, _ = self._run_blocks(self._embed(x))
-        info: PatchInfo = get_info(self)
-        info.head_size = state.size  # the sizes of exactly these tokens, for `pool`
-        try:
-            return self.forward_head(self.norm(x))
-        finally:
-            info.head_size = None
+        x = self.norm(x)
+        if type(self).forward_head is VisionTransformer.forward_head:
+            # timm's head, with this forward's sizes handed to the pooling directly: nothing
+            # another (nested, concurrent) forward could overwrite
+            x = self.fc_norm(self._pool_sized(x, state.size))
+            x = self.head(self.head_drop(x))
+        else:  # e.g. distilled DeiT: token heads, no pooling to weigh
+            x = self.forward_head(x)
+        get_info(self).last_state = state
+        return x
 
     def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                          is_causal: bool = False) -> torch.Tensor:
         _no_masks(attn_mask, is_causal)
         x, state, _ = self._run_blocks(self._embed(x))
         x = self.norm(x)
-        get_info(self).remember_features(x, state.size)
+        info = get_info(self)
+        info.remember_features(x, state.size)
+        info.last_state = state
         return x
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         """Average pooling weighs each token by its size, so it averages over the input patches.
 
-        The sizes are known for the tokens of the running `forward`, and for the very tensor the
-        last `forward_features` call returned; any other input pools as timm does.
+        Sizes are known for the very tensor a `forward_features` call returned (so
+        `forward_head(forward_features(x))` pools like `forward(x)`); any other input pools as
+        timm does.
         """
-        info: PatchInfo = get_info(self)
+        return self._pool_sized(x, get_info(self).features_size(x), pool_type)
+
+    def _pool_sized(self, x: torch.Tensor, size: Optional[torch.Tensor],
+                    pool_type: Optional[str] = None) -> torch.Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
-        size = info.head_size if info.head_size is not None else info.features_size(x)
-        if (size is None or not info.config.weighted_pool or self.attn_pool is not None
+        if (size is None or not get_info(self).config.weighted_pool or self.attn_pool is not None
                 or pool_type not in ("avg", "avgmax")):
             return super().pool(x, pool_type)
         start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
@@ -169,8 +218,9 @@ class ReducingViT:
         assert output_fmt in ("NCHW", "NLC"), "Output format must be one of NCHW or NLC."
         take, max_index = feature_take_indices(len(self.blocks), indices)
         batch, _, height, width = x.shape
-        x, _, taken = self._run_blocks(self._embed(x), trace=True, take=list(take),
-                                       stop=max_index if stop_early else None)
+        x, state, taken = self._run_blocks(self._embed(x), trace=True, take=list(take),
+                                           stop=max_index if stop_early else None)
+        get_info(self).last_state = state
         p = self.num_prefix_tokens
         full = [unmerge(self.norm(y) if norm else y, state.source) for y, state in taken]
         prefix = [y[:, :p] for y in full] if p else None
@@ -199,7 +249,7 @@ def _no_masks(attn_mask, is_causal) -> None:
 def check(model: nn.Module) -> None:
     """Raise TypeError for ViT variants whose blocks this backend does not reimplement."""
     for i, blk in enumerate(model.blocks):
-        if not isinstance(blk, Block) or type(blk).forward is not Block.forward:
+        if not isinstance(blk, Block) or original_class(blk).forward is not Block.forward:
             raise TypeError(f"block {i} is {type(blk).__name__}; the timm backend supports timm's "
                             f"pre-norm `Block` (not ResPostBlock, ParallelScalingBlock, ...)")
         if type(blk.attn) is not Attention:
@@ -216,31 +266,57 @@ def default_tokens(model: nn.Module) -> int:
     return model.patch_embed.num_patches + model.num_prefix_tokens
 
 
-def cost_model(model: nn.Module):
-    """FLOPs model of `model` for the schedule solver (n_tokens -> VitCost)."""
+@dataclass(frozen=True)
+class VitCostModel:
+    """FLOPs model of one timm ViT for the schedule solver: `n_tokens -> VitCost` (picklable)."""
+
+    dim: int
+    attn_dim: int
+    hidden: int
+    depth: int
+    n_prefix: int
+    patch_flops: float  # embedding FLOPs per patch
+    head_flops: float
+    qk_dim: int = 0  # q/k width with the size channel (0: the channel never runs)
+
+    def __call__(self, n_tokens: int) -> VitCost:
+        return VitCost(dim=self.dim, attn_dim=self.attn_dim, hidden=self.hidden, depth=self.depth,
+                       embed_flops=(n_tokens - self.n_prefix) * self.patch_flops, head_flops=self.head_flops,
+                       qk_dim=self.qk_dim, pad_after_merge=self.qk_dim > 0)
+
+
+def cost_model(model: nn.Module, size_channel: bool = False) -> VitCostModel:
+    """FLOPs model of `model` for the schedule solver; `size_channel`: proportional attention will
+    run through the padded q/k channel once something merged."""
     blk = model.blocks[0]
-    dim = model.embed_dim
-    attn_dim = getattr(blk.attn, "attn_dim", blk.attn.num_heads * blk.attn.head_dim)
-    hidden = blk.mlp.fc1.out_features
     proj = model.patch_embed.proj
     patch_area = proj.kernel_size[0] * proj.kernel_size[1] if hasattr(proj, "kernel_size") else 0
-    in_chans = getattr(proj, "in_channels", 3)
     n_heads_out = model.num_classes * (2 if hasattr(model, "head_dist") else 1)
+    attn = blk.attn
+    return VitCostModel(dim=model.embed_dim, attn_dim=getattr(attn, "attn_dim", attn.num_heads * attn.head_dim),
+                        hidden=blk.mlp.fc1.out_features, depth=len(model.blocks), n_prefix=model.num_prefix_tokens,
+                        patch_flops=2.0 * getattr(proj, "in_channels", 3) * patch_area * model.embed_dim,
+                        head_flops=2.0 * model.embed_dim * n_heads_out,
+                        qk_dim=attn.num_heads * padded_head_dim(attn.head_dim) if size_channel else 0)
 
-    def cost(n_tokens: int) -> VitCost:
-        n_patches = n_tokens - model.num_prefix_tokens
-        return VitCost(dim=dim, attn_dim=attn_dim, hidden=hidden, depth=len(model.blocks),
-                       embed_flops=2.0 * n_patches * in_chans * patch_area * dim,
-                       head_flops=2.0 * dim * n_heads_out)
-    return cost
+
+def uses_size_channel(model: nn.Module, reducer: Reducer, config: ReductionConfig) -> bool:
+    """Whether proportional attention will run as the padded q/k channel in this model."""
+    return (SIZE_CHANNEL and config.prop_attn and reducer.merges
+            and all(isinstance(b.attn.q_norm, nn.Identity) and isinstance(b.attn.k_norm, nn.Identity)
+                    for b in model.blocks))
 
 
-def patch(model: nn.Module, reducer: Reducer, config: ReductionConfig, method: str) -> PatchInfo:
+def prepare(model: nn.Module, reducer: Reducer, config: ReductionConfig, method: str) -> PatchInfo:
+    """Check the model and describe it for `reducer`; changes nothing yet."""
     check(model)
-    info = PatchInfo(method=method, config=config, reducer=reducer, depth=len(model.blocks),
+    return PatchInfo(method=method, config=config, reducer=reducer, depth=len(model.blocks),
                      n_prefix=model.num_prefix_tokens, has_cls=getattr(model, "cls_token", None) is not None,
-                     cost=cost_model(model))
+                     cost=cost_model(model, uses_size_channel(model, reducer, config)), log_size_scale=1.0 / float(model.blocks[0].attn.scale))
+
+
+def install(model: nn.Module, info: PatchInfo) -> None:
+    """Swap in the reducing classes (the model must be unpatched)."""
     for blk in model.blocks:
         swap_class(blk, ReducingBlock, info)
     swap_class(model, ReducingViT, info)
-    return info

@@ -7,18 +7,20 @@ know nothing of any one method.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import ClassVar, Dict, FrozenSet, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 
 from ..merging import Plan
+from ..schedule import paper_keep_removal
 from ..state import TokenState
 
 RBudget = Union[int, Sequence[int], Tuple[int, float]]
 KeepBudget = Union[float, Sequence[float]]
 
-SIGNALS = frozenset({"keys", "cls_attn", "attn"})
+SIGNALS = frozenset({"k", "keys", "cls_attn", "attn"})
 
 
 @dataclass
@@ -65,36 +67,46 @@ class ReductionConfig:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def _validate_budget(self) -> None:
+        # numbers.Integral / Real accept numpy scalars too; values are stored as Python numbers
         r, keep, flops = self.r, self.keep, self.flops
         if r is not None:
             if isinstance(r, tuple):
-                if len(r) != 2 or not _is_int(r[0]) or isinstance(r[1], bool) or not isinstance(r[1], (int, float)):
+                if len(r) != 2 or not is_int(r[0]) or not is_real(r[1]):
                     raise ValueError(f"r as a tuple is ToMe's schedule (r, inflect), got {r!r}")
                 if r[0] < 0:
                     raise ValueError(f"r must be >= 0, got {r[0]}")
                 if not -1.0 <= r[1] <= 1.0:
                     raise ValueError(f"inflect must lie in [-1, 1], got {r[1]}")
+                self.r = (int(r[0]), float(r[1]))
             elif isinstance(r, Sequence) and not isinstance(r, str):
-                if len(r) == 0 or not all(_is_int(v) for v in r):
+                if len(r) == 0 or not all(is_int(v) for v in r):
                     raise ValueError(f"r as a list must hold ints, got {r!r}")
                 if any(v < 0 for v in r):
                     raise ValueError(f"r must be >= 0 in every layer, got {list(r)}")
-                self.r = list(r)
-            elif _is_int(r):
+                self.r = [int(v) for v in r]
+            elif is_int(r):
                 if r < 0:
                     raise ValueError(f"r must be >= 0, got {r}")
+                self.r = int(r)
             else:
                 raise ValueError(f"r must be an int, a per-layer list or (r, inflect), got {r!r}")
         if keep is not None:
-            values = list(keep) if isinstance(keep, (list, tuple)) else [keep]
+            is_list = isinstance(keep, (list, tuple))
+            values = list(keep) if is_list else [keep]
             if not values:
                 raise ValueError("keep as a list needs one fraction per layer, got []")
             for v in values:
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
-                    raise ValueError(f"keep must lie in (0, 1], got {keep!r}")
+                if not is_real(v):
+                    raise ValueError(f"keep must be a number in (0, 1] or a list of them, got {v!r}")
+                if not 0.0 < v <= 1.0:
+                    raise ValueError(f"keep must lie in (0, 1], got {float(v)}")
+            self.keep = [float(v) for v in values] if is_list else float(keep)
         if flops is not None:
-            if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0.0 < flops <= 1.0:
-                raise ValueError(f"flops must lie in (0, 1], got {flops!r}")
+            if not is_real(flops):
+                raise ValueError(f"flops must be a number in (0, 1], got {flops!r}")
+            if not 0.0 < flops <= 1.0:
+                raise ValueError(f"flops must lie in (0, 1], got {float(flops)}")
+            self.flops = float(flops)
 
     @property
     def budget(self) -> Tuple[str, object]:
@@ -108,14 +120,23 @@ class ReductionConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_real(v: object) -> bool:
+    """A real number (Python or numpy), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 class Reducer:
     """One token-reduction method.
 
     Subclasses set `name`, `config_class`, `needs` and implement `max_remove` and `plan`.
+    `needs` names the signals `plan` reads from the layer's attention: "k" (per-head keys
+    `[B, H, N, D]` after qk-norm, a free view), "keys" (their head average `[B, N, D]`, one mean),
+    "cls_attn" (the class token's attention row `[B, H, N]`, one extra row of logits) and "attn"
+    (the probabilities `[B, H, N, N]`: explicit attention in that layer, so ask only where needed).
     `budget_unit` tells the FLOPs solver which schedule family the method's paper uses:
     "r" (a constant count per layer) or "keep" (a constant fraction per layer).
     """
@@ -124,6 +145,7 @@ class Reducer:
     config_class: ClassVar[Type[ReductionConfig]] = ReductionConfig
     needs: ClassVar[FrozenSet[str]] = frozenset({"keys"})
     budget_unit: ClassVar[str] = "r"
+    merges: ClassVar[bool] = True  # sizes grow (False for pure pruning: sizes stay one)
 
     def __init__(self, config: ReductionConfig) -> None:
         self.config = config
@@ -142,6 +164,10 @@ class Reducer:
     def max_remove(self, layer: int, n_tokens: int, n_prefix: int) -> int:
         """The most tokens `layer` can remove from `n_tokens` with `n_prefix` protected."""
         raise NotImplementedError
+
+    def keep_removal(self, t: int, keep: float) -> int:
+        """Tokens removed from `t` reducible ones for a `keep` fraction: `t - floor(t keep)`."""
+        return paper_keep_removal(t, keep)
 
     def plan(self, signals: Dict[str, torch.Tensor], state: TokenState, n_remove: int) -> Plan:
         """Decide which of the tokens survive; `n_remove` is exactly how many must go."""

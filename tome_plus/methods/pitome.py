@@ -23,7 +23,7 @@ import torch
 from ..merging import Plan
 from ..state import TokenState
 from ..triton_kernels.energy import VARIANTS, energy_score
-from .base import ReductionConfig, Reducer, register
+from .base import ReductionConfig, Reducer, is_real, register
 from .tome import bipartite_plan, pairwise_limit
 
 Margin = Union[float, Callable[[int, int], float]]
@@ -62,9 +62,9 @@ class PitomeConfig(ReductionConfig):
         super().__post_init__()
         if self.energy not in VARIANTS:
             raise ValueError(f"energy must be one of {VARIANTS}, got {self.energy!r}")
-        if self.margin is not None and not callable(self.margin) and not _is_number(self.margin):
+        if self.margin is not None and not callable(self.margin) and not is_real(self.margin):
             raise ValueError(f"margin must be a number or a callable (layer, depth) -> m, got {self.margin!r}")
-        if not _is_number(self.alpha) or self.alpha <= 0:
+        if not is_real(self.alpha) or self.alpha <= 0:
             raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
         keeps = self.keep if isinstance(self.keep, (list, tuple)) else [self.keep]
         if self.keep is not None and any(k < 0.5 for k in keeps):
@@ -80,8 +80,6 @@ class PitomeConfig(ReductionConfig):
         return top - top * layer / depth
 
 
-def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @register
@@ -94,6 +92,13 @@ class Pitome(Reducer):
     def max_remove(self, layer: int, n_tokens: int, n_prefix: int) -> int:
         return pairwise_limit(n_tokens, n_prefix)  # the 2k candidates pair up
 
+    def keep_removal(self, t: int, keep: float) -> int:
+        """The paper keeps floor(T keep) tokens; the authors' code removes floor(T - T keep)
+        (19, not 20, of 196 at keep 0.9), computed in floating point exactly as written there."""
+        if self.config.preset == "deit_code":
+            return math.floor(t - t * keep)
+        return super().keep_removal(t, keep)
+
     def uses_tome_matching(self, layer: int, depth: int) -> bool:
         """The authors' DeiT code runs ToMe's top-k matching in the first half of the layers."""
         return self.config.preset == "deit_code" and layer < math.ceil(depth / 2)
@@ -104,10 +109,11 @@ class Pitome(Reducer):
         with torch.no_grad():  # energies only order the tokens
             energy = energy_score(keys[:, p:], self.config.margin_at(state.layer, depth), self.config.alpha,
                                   self.config.energy)
-            order = energy.argsort(dim=-1, descending=True) + p  # positions, highest energy first
+            # body positions (counted from p), highest energy first; equal energies in position order
+            order = energy.argsort(dim=-1, descending=True, stable=True)
         if self.uses_tome_matching(state.layer, depth):
-            return bipartite_plan(keys, k, p, order[:, 0::2], order[:, 1::2])
-        candidates = order[:, :2 * k]
-        untouched = order[:, 2 * k:].sort(dim=-1).values
-        # all k tokens of A merge (r = |A|): no second top-k, unlike ToMe
-        return bipartite_plan(keys, k, p, candidates[:, 0::2], candidates[:, 1::2], protected=untouched)
+            return bipartite_plan(keys, k, p, order[:, 0::2], order[:, 1::2], offset=p)
+        # the 2k highest-energy tokens pair up, A = even ranks, B = odd; the rest pass untouched.
+        # All k tokens of A merge (r = |A|): no second top-k, unlike ToMe
+        return bipartite_plan(keys, k, p, order[:, 0:2 * k:2], order[:, 1:2 * k:2],
+                              protected=order[:, 2 * k:], offset=p)

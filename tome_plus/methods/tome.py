@@ -17,7 +17,7 @@ import torch
 
 from ..merging import Plan
 from ..state import TokenState
-from ..triton_kernels.matching import bipartite_match
+from ..triton_kernels import plan as plan_kernel
 from .base import ReductionConfig, Reducer, register
 
 
@@ -35,46 +35,33 @@ def pairwise_limit(n_tokens: int, n_prefix: int) -> int:
 
 def bipartite_plan(metric: torch.Tensor, r: int, n_prefix: int,
                    a_idx: Optional[torch.Tensor] = None, b_idx: Optional[torch.Tensor] = None,
-                   protected: Optional[torch.Tensor] = None) -> Plan:
+                   protected: Optional[torch.Tensor] = None, offset: int = 0) -> Plan:
     """Merge the `r` best-matched A tokens into their most similar B token.
 
+    `metric` is `[B, N, C]`, or per-head keys `[B, H, N, D]` (cosine on their head average).
     By default tokens split alternately by position, A = even, B = odd, and the `n_prefix`
     protected tokens leave both sides (ToMe's -inf row/column protection, generalised to any
-    number of prefix tokens; keeping the absolute parity reproduces ToMe's merges exactly). Explicit `a_idx`/`b_idx` (`[B, Na]`, `[B, Nb]`) give other splits;
-    `protected` (`[B, P]`) then lists tokens that pass untouched. Output order: prefix, protected,
-    unmerged A (in position order), B.
+    number of prefix tokens; keeping the absolute parity reproduces ToMe's merges exactly).
+    Explicit `a_idx`/`b_idx` (`[B, Na]`, `[B, Nb]`, positions counted from `offset`) give other
+    splits; `protected` (same form) lists tokens that pass untouched. Output order: prefix,
+    protected, unmerged A (both in position order), B. Ties go to the lower position. One fused
+    launch on CUDA (`triton_kernels/plan.py`, which holds the PyTorch twin too).
     """
-    batch, n_tokens, _ = metric.shape
-    device = metric.device
-    if a_idx is None:
-        first_even = n_prefix + n_prefix % 2
-        first_odd = n_prefix + 1 - n_prefix % 2
-        a_idx = torch.arange(first_even, n_tokens, 2, device=device).expand(batch, -1)
-        b_idx = torch.arange(first_odd, n_tokens, 2, device=device).expand(batch, -1)
-    with torch.no_grad():
-        node_max, node_idx = bipartite_match(metric, a_idx, b_idx)
-        order = node_max.argsort(dim=-1, descending=True)
-        src_rank, unm_rank = order[:, :r], order[:, r:]
-        src = a_idx.gather(1, src_rank)
-        unm = a_idx.gather(1, unm_rank).sort(dim=-1).values
-        dst_in_b = node_idx.gather(1, src_rank)
-
-    prefix = torch.arange(n_prefix, device=device).expand(batch, -1)
-    parts = [prefix] + ([protected] if protected is not None else []) + [unm, b_idx]
-    keep = torch.cat(parts, dim=1)
-    dst = dst_in_b + (keep.shape[1] - b_idx.shape[1])
-    return Plan(keep=keep, src=src, dst=dst)
+    if metric.dim() == 3:
+        metric = metric.unsqueeze(1)
+    out = plan_kernel.bipartite_plan(metric, r, n_prefix, a_idx, b_idx, protected, offset)
+    return Plan(keep=out.keep, src=out.src, dst=out.dst, csr=out.csr)
 
 
 @register
 class Tome(Reducer):
     name = "tome"
     config_class = TomeConfig
-    needs = frozenset({"keys"})
+    needs = frozenset({"k"})  # per-head keys: the plan kernel averages them itself
     budget_unit = "r"
 
     def max_remove(self, layer: int, n_tokens: int, n_prefix: int) -> int:
         return pairwise_limit(n_tokens, n_prefix)
 
     def plan(self, signals: Dict[str, torch.Tensor], state: TokenState, n_remove: int) -> Plan:
-        return bipartite_plan(signals["keys"], n_remove, state.n_prefix)
+        return bipartite_plan(signals["k"], n_remove, state.n_prefix)

@@ -27,7 +27,7 @@ from ..merging import Plan
 from ..state import TokenState
 from ..triton_kernels.matching import bipartite_match
 from ..triton_kernels.pagerank import weighted_pagerank
-from .base import ReductionConfig, Reducer, register
+from .base import ReductionConfig, Reducer, is_int, is_real, register
 
 
 @dataclass
@@ -56,25 +56,30 @@ class ZeroTPruneConfig(ReductionConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.s_share, bool) or not isinstance(self.s_share, (int, float)) or not 0.0 <= self.s_share <= 1.0:
+        if not is_real(self.s_share) or not 0.0 <= self.s_share <= 1.0:
             raise ValueError(f"s_share must lie in [0, 1], got {self.s_share}")
         if self.init not in ("cls", "uniform"):
             raise ValueError(f"init must be 'cls' or 'uniform', got {self.init!r}")
         if (not isinstance(self.var_range, (tuple, list)) or len(self.var_range) != 2
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.var_range)):
+                or not all(is_real(v) for v in self.var_range)):
             raise ValueError(f"var_range must be (v_min, v_max), got {self.var_range!r}")
-        lo, hi = self.var_range
+        lo, hi = self.var_range = (float(self.var_range[0]), float(self.var_range[1]))
         if not 0.0 <= lo <= hi:
             raise ValueError(f"var_range must be (v_min, v_max) with 0 <= v_min <= v_max, got {self.var_range}")
         if self.iters is not None:
-            bad = [v for v in self.iters if isinstance(v, bool) or not isinstance(v, int) or v < 1]
-            if bad:
+            if not isinstance(self.iters, (list, tuple, range)):
+                raise ValueError(f"iters must be a list with one iteration count per block, got {self.iters!r}")
+            if any(not is_int(v) or v < 1 for v in self.iters):
                 raise ValueError(f"iters must be positive integers, got {list(self.iters)}")
+            self.iters = [int(v) for v in self.iters]
         if self.layers is not None:
             if not isinstance(self.layers, (list, tuple, range)):
                 raise ValueError(f"layers must be a list of block indices, got {self.layers!r}")
-            if any(isinstance(v, bool) or not isinstance(v, int) for v in self.layers):
+            if any(not is_int(v) for v in self.layers):
                 raise ValueError(f"layers must be block indices (ints), got {list(self.layers)}")
+            if len(self.layers) == 0:
+                raise ValueError("layers=[] prunes in no block; give the blocks that prune, or None for all")
+            self.layers = [int(v) for v in self.layers]
 
 
 def default_iters(depth: int) -> List[int]:
@@ -99,6 +104,7 @@ class ZeroTPrune(Reducer):
     config_class = ZeroTPruneConfig
     needs = frozenset({"attn", "keys"})
     budget_unit = "r"
+    merges = False
 
     def __init__(self, config: ZeroTPruneConfig) -> None:
         super().__init__(config)
@@ -141,14 +147,17 @@ class ZeroTPrune(Reducer):
         with torch.no_grad():
             alive = torch.ones(batch, n, dtype=torch.bool, device=attn.device)
             if r_s > 0:
-                ranked = self.importance(attn, 1, None, n_cls)[:, p:].argsort(dim=-1) + p  # least important first
+                # least important first; stable sorts throughout: ties go by position
+                ranked = self.importance(attn, 1, None, n_cls)[:, p:].argsort(dim=-1, stable=True) + p
                 sources, targets = ranked[:, :body // 2], ranked[:, body // 2:]
                 best, _ = bipartite_match(keys, sources, targets)
-                dropped = sources.gather(1, best.argsort(dim=-1, descending=True)[:, :r_s])
-                alive.scatter_(1, dropped, False)
+                dropped = sources.gather(1, best.argsort(dim=-1, descending=True, stable=True)[:, :r_s])
+                alive = alive.scatter(1, dropped, torch.zeros_like(dropped, dtype=torch.bool))
             # I: WPR on the survivors; keep the most important so that n_remove tokens go in all
             score = self.importance(attn, self.iters[state.layer], alive, n_cls)
             score = score.masked_fill(~alive, float("-inf"))
             score[:, :p] = float("inf")  # prefix tokens are never pruned
-            keep = score.topk(n - n_remove, dim=-1).indices.sort(dim=-1).values
+            # a stable sort, not topk: topk's order among equal scores is unspecified
+            ranked = score.argsort(dim=-1, descending=True, stable=True)
+            keep = ranked[:, :n - n_remove].sort(dim=-1).values
         return Plan(keep=keep)

@@ -1,4 +1,8 @@
-"""`tome-plus`: the command-line entry point."""
+"""`tome-plus`: the command-line entry point.
+
+Exit status: 0 on success, 2 for a refused command line, 1 for a failed run; errors are one line
+`tome-plus <cmd>: error: ...` on stderr (see `tome_plus.tools.common`).
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +10,7 @@ import sys
 from typing import Optional, Sequence
 
 from . import bench, eval as evaluate, fidelity, vis
+from .common import Parser
 
 COMMANDS = {
     "bench": (bench, "throughput: unpatched vs. patched in one run"),
@@ -16,7 +21,7 @@ COMMANDS = {
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="tome-plus", description="token reduction for vision transformers")
+    parser = Parser(prog="tome-plus", description="token reduction for vision transformers")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         module.build_parser(sub.add_parser(name, help=help_text, description=module.__doc__,

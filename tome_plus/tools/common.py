@@ -1,11 +1,23 @@
-"""Pieces the command-line tools share: method/budget arguments, model creation, memory."""
+"""Pieces the command-line tools share: method/budget arguments, errors, outputs, memory.
+
+Exit status of every tool: 0 on success; 2 when the command line is refused before any work
+(argparse's own errors and the tools' checks of option values: ranges, budget syntax, method
+names, a device this machine lacks, an output path that cannot be written); 1 when the work fails
+(missing or unreadable input files, data that does not fit the model, a model tome_plus cannot
+patch, a budget the model cannot take). Either way one line `tome-plus <cmd>: error: ...` goes to
+stderr; `TOME_PLUS_DEBUG=1` shows the traceback of a failure instead.
+"""
 from __future__ import annotations
 
 import argparse
 import ast
 import json
+import os
+import sys
 import weakref
-from typing import Any, Dict, Optional
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, NoReturn, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -13,6 +25,98 @@ from torch.utils._pytree import tree_flatten
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+EXIT_FAILURE, EXIT_USAGE = 1, 2
+# What a tool reports as one line: errors about files, data, models and budgets. Anything else
+# (AttributeError, KeyError, ...) is a bug in tome_plus and keeps its traceback.
+RUNTIME_ERRORS = (OSError, ValueError, TypeError, RuntimeError, ImportError)
+
+
+class UsageError(Exception):
+    """A command-line value refused before any work (exit status 2, as argparse's own errors)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line like every other tool error (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(self.prog, message, EXIT_USAGE)
+
+
+def fail(prog: str, message: Any, status: int) -> NoReturn:
+    """Print `prog: error: message` on one line to stderr and exit with `status`."""
+    text = "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    print(f"{prog}: error: {text or type(message).__name__}", file=sys.stderr)
+    raise SystemExit(status)
+
+
+@contextmanager
+def cli_errors(prog: str) -> Iterator[None]:
+    """Turn the errors a user can cause into one line and an exit status (see the module doc)."""
+    try:
+        yield
+    except UsageError as e:
+        fail(prog, e, EXIT_USAGE)
+    except RUNTIME_ERRORS as e:
+        if os.environ.get("TOME_PLUS_DEBUG") == "1":
+            raise
+        fail(prog, e, EXIT_FAILURE)
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse `type`: an integer >= `low`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def check_device(text: str) -> str:
+    """An argparse `type`: a torch device this machine has (a missing GPU fails here, not mid-run)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is available to torch here; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text}: only {count} CUDA device(s) here")
+    return text
+
+
+def check_method(name: Optional[str]) -> None:
+    """An unknown method is a usage error, before any model is built."""
+    from ..methods import get_method
+
+    if name is not None:
+        try:
+            get_method(name)
+        except ValueError as e:
+            raise UsageError(f"--method: {e}") from None
+
+
+def prepare_output(path: Optional[str], option: str) -> None:
+    """Create the folder of an output file now, so a long run cannot fail at its end for want of
+    it; refuse (usage error) a path that cannot be written."""
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"{option} {path}: is a folder; give a file name")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot create folder {target.parent} ({e.strerror})") from None
+    if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UsageError(f"{option} {path}: not writable")
 
 
 def _literal(text: str) -> Any:
@@ -45,9 +149,11 @@ def method_options(args: argparse.Namespace) -> Dict[str, Any]:
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.budget:
+        if "=" not in args.budget:
+            raise UsageError(f"--budget takes KIND=VALUE, got {args.budget!r}")
         kind, value = next(iter(parse_options([args.budget]).items()))
         if kind not in ("r", "keep", "flops"):
-            raise SystemExit(f"--budget kind must be r, keep or flops, got {kind!r}")
+            raise UsageError(f"--budget kind must be r, keep or flops, got {kind!r}")
         options[kind] = value
     options.update(parse_options(args.option))
     return options
@@ -58,7 +164,7 @@ def parse_options(items) -> Dict[str, Any]:
     options: Dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"--option takes KEY=VALUE, got {item!r}")
+            raise UsageError(f"--option takes KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         options[key.strip()] = _literal(value.strip())
     return options

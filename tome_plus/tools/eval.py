@@ -7,15 +7,18 @@ The folder holds one sub-folder per class; classes are indexed in sorted folder 
 sorted synsets give the standard indices). Images go through timm's data config and eval
 transforms for the model. Under `torchrun` each process evaluates its own shard (no sample is
 padded or duplicated), the counts are all-reduced and rank 0 prints and writes the result; on CPU
-the processes talk through gloo. Unreadable or truncated images are skipped and counted.
+the processes talk through gloo. Unreadable or truncated images are skipped and counted. Links are
+followed, and each image file counts once, under the class folder it really lies in (see
+`scan_image_folder`).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -25,23 +28,86 @@ from tqdm.auto import tqdm
 import tome_plus
 
 from ..methods import get_method
-from .common import add_method_args, describe, method_options, save_json
+from .common import (Parser, UsageError, add_method_args, check_device, check_method, cli_errors, describe,
+                     int_at_least, method_options, prepare_output, save_json)
 from .flops import count_flops
+
+PROG = "tome-plus eval"
+
+
+def scan_image_folder(root: str) -> Tuple[List[str], List[Tuple[str, int]], List[str]]:
+    """Classes, `(path, class index)` samples and repeated links of an ImageFolder split.
+
+    Classes and image extensions are torchvision ImageFolder's, and links are followed as there,
+    but every image file is counted once. ImageFolder walks a directory link loop (`class_a/loop
+    -> ..`) again and again and labels every file it reaches by the class folder it went through:
+    a folder of 15 images becomes 615 samples, most of them under the wrong class. Here every
+    real folder is walked once and every file is taken once (by its real path), labelled by the
+    class folder it really lies in. A file whose real path is outside every class folder (class
+    folders or images linked in from elsewhere, a common layout) takes the class folder it was
+    reached through, the first in sorted order if several reach it. The links that led to
+    something already counted are returned (relative to `root`) so the caller can say so.
+    """
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
+
+    classes, _ = find_classes(root)
+    class_of_dir = {os.path.realpath(os.path.join(root, c)): i for i, c in enumerate(classes)}
+    walked = {os.path.realpath(root), *class_of_dir}
+    found: Dict[str, Tuple[str, int]] = {}  # real path -> (path it was reached by, class)
+    repeats: List[str] = []
+
+    @functools.lru_cache(maxsize=None)
+    def class_of(folder: str) -> Optional[int]:
+        """The class folder that `folder` (a real path) lies in, if any."""
+        if folder in class_of_dir:
+            return class_of_dir[folder]
+        parent = os.path.dirname(folder)
+        return None if parent == folder else class_of(parent)
+
+    for index, name in enumerate(classes):
+        for folder, subfolders, files in os.walk(os.path.join(root, name), followlinks=True):
+            kept = []
+            for sub in sorted(subfolders):
+                real = os.path.realpath(os.path.join(folder, sub))
+                if real in walked:  # a loop, or a folder that is (or will be) walked on its own
+                    repeats.append(os.path.relpath(os.path.join(folder, sub), root))
+                else:
+                    walked.add(real)
+                    kept.append(sub)
+            subfolders[:] = kept
+            real_folder = os.path.realpath(folder)
+            for file in sorted(files):
+                if not has_file_allowed_extension(file, IMG_EXTENSIONS):
+                    continue
+                path = os.path.join(folder, file)
+                # one lstat per plain file: resolving every path in full is slow on ImageNet-size folders
+                real = os.path.realpath(path) if os.path.islink(path) else os.path.join(real_folder, file)
+                if real in found:
+                    repeats.append(os.path.relpath(path, root))
+                else:
+                    home = class_of(os.path.dirname(real))
+                    found[real] = (path, index if home is None else home)
+    samples = sorted(found.values(), key=lambda s: (s[1], s[0]))
+    return classes, samples, repeats
 
 
 class SafeImageFolder(Dataset):
-    """An ImageFolder that yields None for images it cannot decode instead of raising."""
+    """An ImageFolder (each file once, see `scan_image_folder`) that yields None for images it
+    cannot decode instead of raising."""
 
     def __init__(self, root: str, transform) -> None:
-        from torchvision.datasets import ImageFolder
-
         if not os.path.isdir(root):
             raise FileNotFoundError(f"--data {root!r} is not a directory")
         try:
-            folder = ImageFolder(root)
-        except (FileNotFoundError, RuntimeError) as e:
+            self.classes, self.samples, self.repeats = scan_image_folder(root)
+        except FileNotFoundError as e:
             raise FileNotFoundError(f"--data {root!r} holds no class folders with images ({e})") from None
-        self.samples, self.classes, self.transform = folder.samples, folder.classes, transform
+        counted = {target for _, target in self.samples}
+        empty = [c for i, c in enumerate(self.classes) if i not in counted]
+        if empty:
+            raise FileNotFoundError(f"--data {root!r}: class folder(s) {empty[:5]} hold no images of their own "
+                                    "(linked files count once, under the class folder they lie in)")
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -79,8 +145,9 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def load_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None):
-    """A timm model from the hub (`pretrained`) or a local checkpoint, whose head size it takes."""
+def load_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None, **kwargs: Any):
+    """A timm model from the hub (`pretrained`) or a local checkpoint, whose head size it takes;
+    `kwargs` go to `timm.create_model`."""
     import timm
     from timm.models import load_state_dict
 
@@ -89,21 +156,36 @@ def load_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = 
     if checkpoint:
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"--checkpoint {checkpoint!r} does not exist")
-        state = load_state_dict(checkpoint)
+        try:
+            state = load_state_dict(checkpoint)
+        except Exception as e:  # safetensors, pickle and zip readers share no base error class
+            raise ValueError(f"--checkpoint {checkpoint!r} could not be read as a timm, safetensors or "
+                             f"torch checkpoint ({type(e).__name__}: {e})") from None
         if "head.weight" not in state:
             raise ValueError(f"{checkpoint} has no classifier head ('head.weight'); eval needs one")
-        model = timm.create_model(name, pretrained=False, num_classes=state["head.weight"].shape[0])
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{checkpoint} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model = timm.create_model(name, pretrained=False, num_classes=state["head.weight"].shape[0], **kwargs)
+        own = model.state_dict()
+        shapes = [f"{k} is {tuple(v.shape)} there, {tuple(own[k].shape)} here"
+                  for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        problems = []
+        if shapes:
+            problems.append(f"{len(shapes)} tensor shape(s) differ, e.g. {shapes[0]}")
+        if missing:
+            problems.append(f"missing {missing[:5]}")
+        if unexpected:
+            problems.append(f"unexpected {unexpected[:5]}")
+        if problems:
+            raise ValueError(f"{checkpoint} does not fit {name}: " + "; ".join(problems))
+        model.load_state_dict(state)
         return model
     if pretrained:
         try:
-            return timm.create_model(name, pretrained=True)
+            return timm.create_model(name, pretrained=True, **kwargs)
         except Exception as e:  # hub unreachable, no weights for this name, ...
             raise RuntimeError(f"could not get pretrained weights for {name} from the model hub "
                                f"({type(e).__name__}: {e}); pass a local file with --checkpoint PATH") from None
-    return timm.create_model(name, pretrained=False)
+    return timm.create_model(name, pretrained=False, **kwargs)
 
 
 def _setup_distributed(device: str):
@@ -132,6 +214,10 @@ def evaluate(model_name: str, data: str, method: Optional[str] = None, options: 
     if len(dataset) == 0:
         raise FileNotFoundError(f"--data {data!r} holds no images")
     rank, world, dev = _setup_distributed(device)
+    if dataset.repeats and rank == 0:
+        print(f"{PROG}: note: --data: {len(dataset.repeats)} link(s) lead to images already counted "
+              f"({', '.join(dataset.repeats[:3])}); each image counts once, under the class folder it lies in",
+              file=sys.stderr)
     try:
         model = load_model(model_name, pretrained, checkpoint)
         config = resolve_data_config({}, model=model)
@@ -175,6 +261,7 @@ def evaluate(model_name: str, data: str, method: Optional[str] = None, options: 
             "model": model_name, "checkpoint": checkpoint, "pretrained": pretrained, "data": data,
             "method": method, "options": options, "top1": 100.0 * hit1 / max(n, 1),
             "top5": 100.0 * hit5 / max(n, 1), "images": n, "skipped": skipped,
+            "repeated_links": len(dataset.repeats),
             "images_per_s": n / float(elapsed.item()), "gflops_per_image": flops / 1e9,
             "flops_ratio": flops / base_flops, "world_size": world, "device": str(dev), "amp": amp,
             "batch_size": batch_size, "data_config": {k: (list(v) if isinstance(v, tuple) else v)
@@ -186,18 +273,18 @@ def evaluate(model_name: str, data: str, method: Optional[str] = None, options: 
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="tome-plus eval", description=__doc__,
-                                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = parser or Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="timm model name")
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs the hub)")
     src.add_argument("--checkpoint", default=None, help="local timm / safetensors / torch checkpoint")
     parser.add_argument("--data", required=True, help="ImageFolder validation split (one folder per class)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--batch-size", type=int_at_least(1), default=64)
+    parser.add_argument("--workers", type=int_at_least(0), default=min(8, os.cpu_count() or 1))
     parser.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", default=None, metavar="OUT", help="write the result as JSON (rank 0)")
+    parser.add_argument("--device", type=check_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default=None, metavar="OUT",
+                        help="write the result as JSON (rank 0; missing folders are created first)")
     parser.add_argument("--no-progress", action="store_true")
     add_method_args(parser, default_method=None)
     return parser
@@ -212,16 +299,21 @@ def format_result(r: Dict[str, Any]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace] = None) -> Dict[str, Any]:
     args = args or build_parser().parse_args(argv)
-    options = method_options(args)
-    if options and not args.method:
-        raise SystemExit("a budget or option needs --method")
-    result = evaluate(args.model, args.data, args.method, options, pretrained=args.pretrained,
-                      checkpoint=args.checkpoint, batch_size=args.batch_size, workers=args.workers,
-                      amp=args.amp, device=args.device, progress=not args.no_progress)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(format_result(result))
-        save_json(result, args.json)
-    return result
+    with cli_errors(PROG):
+        options = method_options(args)
+        if options and not args.method:
+            raise UsageError("a budget or option needs --method")
+        check_method(args.method)
+        rank0 = int(os.environ.get("RANK", "0")) == 0
+        if rank0:
+            prepare_output(args.json, "--json")
+        result = evaluate(args.model, args.data, args.method, options, pretrained=args.pretrained,
+                          checkpoint=args.checkpoint, batch_size=args.batch_size, workers=args.workers,
+                          amp=args.amp, device=args.device, progress=not args.no_progress)
+        if rank0:
+            print(format_result(result))
+            save_json(result, args.json)
+        return result
 
 
 if __name__ == "__main__":

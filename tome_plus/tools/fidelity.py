@@ -31,8 +31,11 @@ import tome_plus
 
 from .bench import _cpu_name
 from ..methods import get_method
-from .common import _literal, parse_options, save_json
+from .common import (Parser, UsageError, _literal, check_method, cli_errors, int_at_least, parse_options,
+                     prepare_output, save_json)
 from .flops import count_flops
+
+PROG = "tome-plus fidelity"
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -190,55 +193,69 @@ def plot(report: Dict[str, Any], path: str) -> None:
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="tome-plus fidelity", description=__doc__)
+    parser = parser or Parser(prog=PROG, description=__doc__)
     parser.add_argument("--methods", default=None,
                         help="comma-separated methods (default: every registered method)")
     parser.add_argument("--budget", default=None, metavar="KIND=V1,V2,...",
-                        help="budgets to sweep, e.g. flops=0.5,0.65,0.8 (default) or r=4,8,12")
+                        help="budgets to sweep, each value in turn: flops=0.5,0.65,0.8 (default) or r=4,8,12")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra method option for every run (repeatable)")
-    parser.add_argument("--bank", type=int, default=1000, help="training images in the k-NN bank")
-    parser.add_argument("--test", type=int, default=1000, help="test images")
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--k", type=int, default=20, help="neighbours in the k-NN vote")
+    parser.add_argument("--bank", type=int_at_least(1), default=1000, help="training images in the k-NN bank")
+    parser.add_argument("--test", type=int_at_least(1), default=1000, help="test images")
+    parser.add_argument("--img-size", type=int_at_least(14), default=224, help="a multiple of 14")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=32)
+    parser.add_argument("--k", type=int_at_least(1), default=20, help="neighbours in the k-NN vote")
     parser.add_argument("--quick", action="store_true",
-                        help="a small smoke run: 64 bank / 64 test images at 112 px, one budget")
-    parser.add_argument("--json", default=None, metavar="PATH")
+                        help="a small smoke run: 64 bank / 64 test images at 112 px, the first default "
+                             "budget only (every --budget value when given)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="missing folders are created first")
     parser.add_argument("--plot", default=None, metavar="PATH", help="PNG: k-NN top-1 vs. FLOPs")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
 
 def parse_budgets(text: Optional[str]) -> Tuple[str, List[Any]]:
+    """`"r=4,8,12"` -> `("r", [4, 8, 12])`: one run per value (the default: flops at 0.5, 0.65, 0.8)."""
     if not text:
         return DEFAULT_BUDGETS[0], list(DEFAULT_BUDGETS[1])
     if "=" not in text:
-        raise SystemExit(f"--budget takes KIND=V1,V2,..., got {text!r}")
+        raise UsageError(f"--budget takes KIND=V1,V2,..., got {text!r}")
     kind, values = text.split("=", 1)
     kind = kind.strip()
     if kind not in ("r", "keep", "flops"):
-        raise SystemExit(f"--budget kind must be r, keep or flops, got {kind!r}")
-    return kind, [_literal(v.strip()) for v in values.split(",") if v.strip()]
+        raise UsageError(f"--budget kind must be r, keep or flops, got {kind!r}")
+    parsed = [_literal(v.strip()) for v in values.split(",")]
+    bad = [v for v in parsed if isinstance(v, bool) or not isinstance(v, (int, float))]
+    if bad:
+        raise UsageError(f"--budget values must be numbers separated by commas, got {values!r}")
+    return kind, parsed
 
 
 def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace] = None) -> Dict[str, Any]:
     args = args or build_parser().parse_args(argv)
-    methods = args.methods.split(",") if args.methods else tome_plus.methods()
-    budgets = parse_budgets(args.budget)
-    n_bank, n_test, img_size = args.bank, args.test, args.img_size
-    if args.quick:
-        n_bank, n_test, img_size = 64, 64, 112
-        budgets = (budgets[0], budgets[1][:1])
-    options = parse_options(args.option)
-    report = run_fidelity(methods, budgets, n_bank=n_bank, n_test=n_test, img_size=img_size,
-                          batch_size=args.batch_size, k=args.k, progress=not args.no_progress,
-                          options=options)
-    print(format_table(report))
-    save_json(report, args.json)
-    if args.plot:
-        plot(report, args.plot)
-    return report
+    with cli_errors(PROG):
+        methods = [m.strip() for m in args.methods.split(",")] if args.methods else tome_plus.methods()
+        for method in methods:
+            check_method(method)
+        budgets = parse_budgets(args.budget)
+        n_bank, n_test, img_size = args.bank, args.test, args.img_size
+        if args.quick:
+            n_bank, n_test, img_size = 64, 64, 112
+            if args.budget is None:  # budgets asked for by name all run, quick or not
+                budgets = (budgets[0], budgets[1][:1])
+        if img_size % 14:
+            raise UsageError(f"--img-size must be a multiple of the patch size 14, got {img_size}")
+        options = parse_options(args.option)
+        prepare_output(args.json, "--json")
+        prepare_output(args.plot, "--plot")
+        report = run_fidelity(methods, budgets, n_bank=n_bank, n_test=n_test, img_size=img_size,
+                              batch_size=args.batch_size, k=args.k, progress=not args.no_progress,
+                              options=options)
+        print(format_table(report))
+        save_json(report, args.json)
+        if args.plot:
+            plot(report, args.plot)
+        return report
 
 
 if __name__ == "__main__":

