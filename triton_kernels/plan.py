@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from . import check_launch, use_triton
+from .matching import bipartite_match_torch
 
 
 @dataclass
@@ -69,12 +69,7 @@ def bipartite_plan_torch(metric: torch.Tensor, r: int, n_prefix: int, a_idx: Opt
         first_a, n_a, first_b, n_b = alternate_sides(n_tokens, n_prefix)
         a_idx = torch.arange(first_a, first_a + 2 * n_a, 2, device=device).expand(batch, -1)
         b_idx = torch.arange(first_b, first_b + 2 * n_b, 2, device=device).expand(batch, -1)
-    unit = F.normalize(metric.float().mean(dim=1), dim=-1)
-    dim = unit.shape[-1]
-    a = unit.gather(1, a_idx.unsqueeze(-1).expand(-1, -1, dim))
-    b = unit.gather(1, b_idx.unsqueeze(-1).expand(-1, -1, dim))
-    scores = a @ b.transpose(1, 2)
-    node_max, node_idx = scores.masked_fill(scores.isnan(), float("-inf")).max(dim=-1)  # first max wins
+    node_max, node_idx = bipartite_match_torch(metric.float().mean(dim=1), a_idx, b_idx)
     order = node_max.argsort(dim=-1, descending=True, stable=True)
     src_rank, unm_rank = order[:, :r], order[:, r:]
     src = a_idx.gather(1, src_rank)

@@ -2,9 +2,13 @@
 
 Every ratio printed is measured in this one run on this one GPU:
 - per kernel at the shapes of ViT-B/16, ViT-L/16 and CLIP-L/336 (LLaVA's vision tower), batch
-  256 (64 for CLIP-L/336): match+merge (ToMe step), weighted PageRank (30 iterations), energy;
-- end to end, images/s of the unpatched timm model vs. the patched model with the PyTorch twins
-  vs. with the Triton kernels, and batch-1 latency.
+  256 (64 for CLIP-L/336): match+merge (ToMe's step as the model runs it: the fused plan from the
+  per-head keys, then the size-weighted merge), weighted PageRank (30 iterations), energy;
+- attention at full length: SDPA without a mask, with proportional attention's additive
+  `[B, 1, 1, N]` mask, and with its extra q/k channel (`tome_plus.prop_attn`), alone and with the
+  qkv GEMM that feeds it;
+- end to end, the unpatched timm model vs. the patched model with the PyTorch twins vs. with the
+  Triton kernels, eager and replayed from a CUDA graph, and batch-1 latency.
 
     tome-plus bench --kernels --json kernels.json
 """
@@ -15,26 +19,31 @@ import os
 import statistics
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
+import torch.nn.functional as F
+
+from .bench import Forward, Precision, input_size, resolve_graphs, resolve_precision, time_forwards
+from .common import UsageError
 
 SHAPES = {  # name: (batch, tokens, width, heads)
     "vit_b16": (256, 197, 768, 12),
     "vit_l16": (256, 197, 1024, 16),
     "clip_l336": (64, 577, 1024, 16),
 }
-END_TO_END = [  # model, budget, batch
+END_TO_END = [  # model, budget, batch (optionally a 4th item: timm.create_model kwargs)
     ("vit_base_patch16_224", {"r": 16}, 256),
     ("deit_small_patch16_224", {"r": 13}, 256),
     ("vit_large_patch16_224", {"r": 8}, 256),
     ("vit_large_patch14_clip_336", {"r": 12}, 64),
     ("vit_large_patch14_clip_336", {"r": 8}, 64),
 ]
+VARIANTS = ("baseline", "torch", "triton")  # end to end: unpatched, patched with twins, with Triton
 
 
 @contextmanager
-def kernels(mode: str):
+def kernels(mode: str) -> Iterator[None]:
     old = os.environ.get("TOME_PLUS_KERNELS")
     os.environ["TOME_PLUS_KERNELS"] = mode
     try:
@@ -44,6 +53,14 @@ def kernels(mode: str):
             os.environ.pop("TOME_PLUS_KERNELS", None)
         else:
             os.environ["TOME_PLUS_KERNELS"] = old
+
+
+def in_mode(mode: str, forward: Forward) -> Forward:
+    """`forward` with `TOME_PLUS_KERNELS=mode` (read at each call, so also while a graph is captured)."""
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with kernels(mode):
+            return forward(x)
+    return run
 
 
 def time_ms(fn: Callable[[], Any], warmup: int = 10, runs: int = 50) -> float:
@@ -68,101 +85,191 @@ def time_ms(fn: Callable[[], Any], warmup: int = 10, runs: int = 50) -> float:
     return statistics.median(times)
 
 
+def _label(name: str, shape: tuple) -> str:
+    batch, n, width, heads = shape
+    return f"{name} B{batch} N{n} C{width} H{heads}"
+
+
 def kernel_rows(dtype: torch.dtype, device: str, shapes: Dict[str, tuple], runs: int) -> List[Dict[str, Any]]:
-    from ..merging import Plan, merge_wavg
+    from ..merging import merge_wavg
     from ..methods.tome import bipartite_plan
     from ..triton_kernels.energy import energy_score
     from ..triton_kernels.pagerank import weighted_pagerank
 
     rows = []
     for name, (batch, n, width, heads) in shapes.items():
+        head_dim = width // heads
         x = torch.randn(batch, n, width, device=device, dtype=dtype)
-        keys = torch.randn(batch, n, width // heads, device=device, dtype=dtype)
+        # per-head keys as attention hands them over: a strided view into the qkv output
+        keys = torch.randn(batch, n, 3, heads, head_dim, device=device, dtype=dtype).permute(2, 0, 3, 1, 4)[1]
+        metric = torch.randn(batch, n, head_dim, device=device, dtype=dtype)
         size = torch.rand(batch, n, 1, device=device) + 1
         attn = torch.randn(batch, heads, n, n, device=device, dtype=dtype).softmax(-1)
         r = min(16 if n < 300 else 12, (n - 1) // 2)
 
         def match_merge():
             plan = bipartite_plan(keys, r, 1)
-            return merge_wavg(plan, x, size)
+            return merge_wavg(plan, x, size, head_dim ** 0.5)  # log_scale 1 / scale: prop_attn's channel
 
         cases = {
             f"match+merge r={r}": match_merge,
             "wpr 30 iters": lambda: weighted_pagerank(attn, 30),
-            "energy": lambda: energy_score(keys[:, 1:], 0.5),
+            "energy": lambda: energy_score(metric[:, 1:], 0.5),
         }
         for case, fn in cases.items():
             timings = {}
             for mode in ("torch", "triton"):
                 with kernels(mode):
                     timings[mode] = time_ms(fn, warmup=min(10, runs), runs=runs)
-            rows.append({"shape": f"{name} B{batch} N{n} C{width} H{heads}", "op": case,
+            rows.append({"shape": _label(name, (batch, n, width, heads)), "op": case,
                          "torch_ms": timings["torch"], "triton_ms": timings["triton"],
                          "speedup": timings["torch"] / timings["triton"]})
-        attention = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
-            x.view(batch, n, heads, -1).transpose(1, 2), x.view(batch, n, heads, -1).transpose(1, 2),
-            x.view(batch, n, heads, -1).transpose(1, 2)), warmup=min(10, runs), runs=runs)
-        rows.append({"shape": f"{name} B{batch} N{n} C{width} H{heads}", "op": "reference: one SDPA",
-                     "torch_ms": attention, "triton_ms": None, "speedup": None})
     return rows
 
 
 @torch.no_grad()
-def end_to_end_rows(dtype: torch.dtype, device: str, models: List[tuple], runs: int) -> List[Dict[str, Any]]:
+def attention_rows(dtype: torch.dtype, device: str, shapes: Dict[str, tuple], runs: int) -> List[Dict[str, Any]]:
+    """Proportional attention's cost at full length: the additive mask vs. the extra q/k channel,
+    each against SDPA without a mask; SDPA alone and with the qkv GEMM that writes its inputs."""
+    from ..prop_attn import pad_qkv, split_padded, write_size_channel
+
+    rows = []
+    for name, (batch, n, width, heads) in shapes.items():
+        head_dim = width // heads
+        scale = head_dim ** -0.5
+        x = torch.randn(batch, n, width, device=device, dtype=dtype)
+        weight = torch.randn(3 * width, width, device=device, dtype=dtype) * width ** -0.5
+        bias = torch.randn(3 * width, device=device, dtype=dtype) * 0.02
+        padded_weight, padded_bias = pad_qkv(weight, bias, heads, head_dim)  # once, as the patched model caches it
+        log_size = torch.rand(batch, n, device=device) * 3  # merged groups of 1 to 20 tokens
+        mask = log_size[:, None, None, :].to(dtype)
+
+        def plain_qkv():
+            qkv = F.linear(x, weight, bias).view(batch, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+            return qkv.unbind(0)
+
+        def padded_qkv():
+            q, k, v = split_padded(F.linear(x, padded_weight, padded_bias), heads, head_dim)
+            write_size_channel(k, head_dim, log_size / scale)
+            return q, k, v
+
+        plain, padded = plain_qkv(), padded_qkv()
+        layouts = {  # name: (SDPA alone, qkv GEMM + SDPA)
+            "no mask": (lambda: F.scaled_dot_product_attention(*plain),
+                        lambda: F.scaled_dot_product_attention(*plain_qkv())),
+            "[B,1,1,N] mask": (lambda: F.scaled_dot_product_attention(*plain, attn_mask=mask),
+                               lambda: F.scaled_dot_product_attention(*plain_qkv(), attn_mask=mask)),
+            "extra channel": (lambda: F.scaled_dot_product_attention(*padded, scale=scale),
+                              lambda: F.scaled_dot_product_attention(*padded_qkv(), scale=scale)),
+        }
+        diff = (layouts["extra channel"][0]().float() - layouts["[B,1,1,N] mask"][0]().float()).abs().max().item()
+        first: Dict[str, float] = {}
+        for layout, (sdpa, with_qkv) in layouts.items():
+            t_sdpa = time_ms(sdpa, warmup=min(10, runs), runs=runs)
+            t_qkv = time_ms(with_qkv, warmup=min(10, runs), runs=runs)
+            first = first or {"sdpa": t_sdpa, "qkv": t_qkv}
+            rows.append({"shape": _label(name, (batch, n, width, heads)), "layout": layout,
+                         "sdpa_ms": t_sdpa, "sdpa_vs_no_mask": t_sdpa / first["sdpa"],
+                         "qkv_sdpa_ms": t_qkv, "qkv_sdpa_vs_no_mask": t_qkv / first["qkv"],
+                         "max_abs_diff_vs_mask": diff if layout == "extra channel" else None})
+    return rows
+
+
+def end_to_end_rows(precision: Precision, device: str, models: List[tuple], runs: int,
+                    graphs: bool) -> List[Dict[str, Any]]:
     import timm
 
     import tome_plus
 
     rows = []
-    for model_name, budget, batch in models:
-        base = timm.create_model(model_name, pretrained=False).eval().to(device, dtype)
+    for model_name, budget, batch, *kwargs in models:  # optional 4th item: timm.create_model kwargs
+        model_kwargs = kwargs[0] if kwargs else {}
+        base = timm.create_model(model_name, pretrained=False, **model_kwargs).eval()
+        base = base.to(device, precision.tensor_dtype)
         patched = tome_plus.patch(copy.deepcopy(base), "tome", **budget)
-        size = base.pretrained_cfg.get("input_size", (3, 224, 224))
+        forwards = {"baseline": precision.forward(base),
+                    "torch": in_mode("torch", precision.forward(patched)),
+                    "triton": in_mode("triton", precision.forward(patched))}
+        size = input_size(base, model_kwargs.get("img_size"))
         for b in (batch, 1) if model_name == "vit_base_patch16_224" else (batch,):
-            x = torch.randn(b, *size, device=device, dtype=dtype)
-            warm = min(10, runs)
-            t_base = time_ms(lambda: base(x), warm, runs)
-            with kernels("torch"):
-                t_torch = time_ms(lambda: patched(x), warm, runs)
-            with kernels("triton"):
-                t_triton = time_ms(lambda: patched(x), warm, runs)
-            rows.append({"model": model_name, "budget": budget, "batch": b, "baseline_ms": t_base,
-                         "torch_ms": t_torch, "triton_ms": t_triton,
-                         "speedup_torch": t_base / t_torch, "speedup_triton": t_base / t_triton})
-        del base, patched
+            x = torch.randn(b, *size, device=device, dtype=precision.tensor_dtype)
+            timing = time_forwards(forwards, x, warmup=min(10, runs), runs=runs, graphs=graphs)
+            ms = {v: statistics.median(timing[v].eager) * 1e3 for v in VARIANTS}
+            gms = {v: statistics.median(timing[v].graph) * 1e3 if timing[v].graph else None for v in VARIANTS}
+            row: Dict[str, Any] = {"model": model_name, "budget": budget, "batch": b}
+            for v in VARIANTS:
+                row[f"{v}_ms"], row[f"{v}_graph_ms"] = ms[v], gms[v]
+            for v in VARIANTS[1:]:
+                row[f"speedup_{v}"] = ms["baseline"] / ms[v]
+                row[f"graph_speedup_{v}"] = gms["baseline"] / gms[v] if gms["baseline"] and gms[v] else None
+            row["graph_max_abs_diff"] = {v: timing[v].graph_max_abs_diff for v in VARIANTS}
+            row["graph_errors"] = {v: timing[v].graph_error for v in VARIANTS if timing[v].graph_error}
+            rows.append(row)
+        del base, patched, forwards
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
 def run(dtype: str = "float16", runs: int = 30, shapes: Optional[Dict[str, tuple]] = None,
-        models: Optional[List[tuple]] = None) -> Dict[str, Any]:
-    """The whole report. On CPU it only runs under the Triton interpreter (a smoke test of this
-    script; interpreter timings say nothing about speed)."""
+        models: Optional[List[tuple]] = None, precision: Optional[str] = None,
+        graphs: Optional[bool] = None) -> Dict[str, Any]:
+    """The whole report. Kernel and attention rows take tensors in `dtype`; the end-to-end models
+    run in `precision` (see `tome-plus bench`), with CUDA-graph timings unless `graphs=False`.
+    On CPU it only runs under the Triton interpreter (a smoke test of this script; interpreter
+    timings say nothing about speed, and there are no graphs)."""
     if torch.cuda.is_available():
         device, name = "cuda", torch.cuda.get_device_name()
     elif os.environ.get("TRITON_INTERPRET") == "1":
         device, name = "cpu", "cpu (Triton interpreter: timings are meaningless)"
     else:
-        raise SystemExit("tome-plus bench --kernels needs a CUDA GPU (the Triton kernels run on CPU only "
+        raise UsageError("--kernels needs a CUDA GPU (the Triton kernels run on CPU only "
                          "in the interpreter, which says nothing about speed)")
-    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-    return {"device": name, "torch": torch.__version__, "dtype": dtype,
-            "kernels": kernel_rows(torch_dtype, device, shapes or SHAPES, runs),
-            "end_to_end": end_to_end_rows(torch_dtype, device, models or END_TO_END, runs)}
+    prec = resolve_precision(device, dtype, precision)
+    use_graphs = resolve_graphs(device, graphs)
+    shapes = shapes or SHAPES
+    return {"device": name, "torch": torch.__version__, "dtype": dtype, "precision": prec.label,
+            "graphs": use_graphs,
+            "kernels": kernel_rows(prec.dtype, device, shapes, runs),
+            "attention": attention_rows(prec.dtype, device, shapes, runs),
+            "end_to_end": end_to_end_rows(prec, device, models or END_TO_END, runs, bool(use_graphs))}
+
+
+def _ms(value: Optional[float], width: int) -> str:
+    return f"{value:>{width}.2f}" if value is not None else f"{'-':>{width}}"
+
+
+def _ratio(value: Optional[float], width: int) -> str:
+    return f"{value:>{width - 1}.2f}x" if value is not None else f"{'-':>{width}}"
 
 
 def format_report(report: Dict[str, Any]) -> str:
-    lines = [f"{report['device']} | torch {report['torch']} | {report['dtype']}", "",
+    graphs = {None: "n/a (CPU)", False: "off"}.get(report["graphs"], "on")
+    lines = [f"{report['device']} | torch {report['torch']} | kernels {report['dtype']} | "
+             f"end to end {report['precision']}, graphs {graphs}", "",
              f"{'shape':<34}{'op':<22}{'torch ms':>10}{'triton ms':>11}{'speed-up':>10}"]
     for r in report["kernels"]:
-        tri = f"{r['triton_ms']:>11.3f}" if r["triton_ms"] is not None else f"{'':>11}"
-        spd = f"{r['speedup']:>9.1f}x" if r["speedup"] is not None else ""
-        lines.append(f"{r['shape']:<34}{r['op']:<22}{r['torch_ms']:>10.3f}{tri}{spd}")
-    lines += ["", f"{'model':<30}{'budget':<10}{'batch':>6}{'base ms':>10}{'torch ms':>10}{'triton ms':>11}"
-                  f"{'x torch':>9}{'x triton':>10}"]
+        lines.append(f"{r['shape']:<34}{r['op']:<22}{r['torch_ms']:>10.3f}{r['triton_ms']:>11.3f}"
+                     f"{r['speedup']:>9.1f}x")
+    lines += ["", f"{'shape':<34}{'attention':<16}{'SDPA ms':>9}{'x no mask':>11}{'qkv+SDPA ms':>13}"
+                  f"{'x no mask':>11}"]
+    for r in report["attention"]:
+        diff = r["max_abs_diff_vs_mask"]
+        lines.append(f"{r['shape']:<34}{r['layout']:<16}{r['sdpa_ms']:>9.3f}{r['sdpa_vs_no_mask']:>10.2f}x"
+                     f"{r['qkv_sdpa_ms']:>13.3f}{r['qkv_sdpa_vs_no_mask']:>10.2f}x"
+                     + (f"  (max abs diff to the mask: {diff:.2g})" if diff is not None else ""))
+    lines += ["", f"{'model':<30}{'budget':<10}{'batch':>6}  {'run':<6}{'base ms':>10}{'torch ms':>10}"
+                  f"{'triton ms':>11}{'x torch':>9}{'x triton':>10}"]
+    notes = []
     for r in report["end_to_end"]:
         budget = ",".join(f"{k}={v}" for k, v in r["budget"].items())
-        lines.append(f"{r['model']:<30}{budget:<10}{r['batch']:>6}{r['baseline_ms']:>10.2f}{r['torch_ms']:>10.2f}"
-                     f"{r['triton_ms']:>11.2f}{r['speedup_torch']:>8.2f}x{r['speedup_triton']:>9.2f}x")
-    return "\n".join(lines)
+        for run_kind, key, speed in (("eager", "ms", "speedup"), ("graph", "graph_ms", "graph_speedup")):
+            head = f"{r['model']:<30}{budget:<10}{r['batch']:>6}" if run_kind == "eager" else " " * 46
+            lines.append(f"{head}  {run_kind:<6}{_ms(r['baseline_' + key], 10)}{_ms(r['torch_' + key], 10)}"
+                         f"{_ms(r['triton_' + key], 11)}{_ratio(r[speed + '_torch'], 9)}"
+                         f"{_ratio(r[speed + '_triton'], 10)}")
+        notes += [f"{r['model']} batch {r['batch']} {v}: graph capture failed: {e}"
+                  for v, e in r["graph_errors"].items()]
+        notes += [f"{r['model']} batch {r['batch']} {v}: graphed output differs from eager by up to {d:.3g}"
+                  for v, d in r["graph_max_abs_diff"].items() if d]
+    return "\n".join(lines + notes)
