@@ -31,7 +31,8 @@ class TokenState:
             sizes are one (then no attention bias is needed and fused attention runs unmasked).
         log_size: `[B, N]` float32 `log(size) * log_size_scale` when proportional attention is on
             and something merged: the extra key channel of `prop_attn.py`, written by the merge.
-        log_size_scale: `1 / scale` of the model's attention (so `scale * k'_D = log s`).
+        log_size_scale: `1 / scale` of the model's attention (so `scale * k'_D = log s`); None
+            when the backend runs proportional attention as a mask (no channel to write).
         source: `[B, N0]` long, for each input token the index of the token that now holds it
             (-1 once pruned); `None` unless traced. A compact form of ToMe's binary `[B, N, N0]`
             source map, which `binary_source` rebuilds.
@@ -49,7 +50,7 @@ class TokenState:
     batch: int
     n_input: int
     device: Optional[torch.device] = None
-    log_size_scale: float = 1.0
+    log_size_scale: Optional[float] = None
     size: Optional[torch.Tensor] = None
     log_size: Optional[torch.Tensor] = None
     source: Optional[torch.Tensor] = None

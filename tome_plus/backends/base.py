@@ -35,7 +35,8 @@ class PatchInfo:
     n_prefix: int
     has_cls: bool
     cost: Callable[[int], VitCost]  # n_tokens -> FLOPs model, for the flops budget (picklable)
-    log_size_scale: float = 1.0  # 1 / attention scale: the size channel holds log(s) / scale
+    # 1 / attention scale: the size channel holds log(s) / scale; None where the channel never runs
+    log_size_scale: Optional[float] = None
     swapped: List[Tuple[nn.Module, type]] = field(default_factory=list)
     schedules: Dict[int, Tuple[int, ...]] = field(default_factory=dict)
     # What `inspect` reports: written once a forward has finished, never read by a forward.

@@ -310,9 +310,11 @@ def uses_size_channel(model: nn.Module, reducer: Reducer, config: ReductionConfi
 def prepare(model: nn.Module, reducer: Reducer, config: ReductionConfig, method: str) -> PatchInfo:
     """Check the model and describe it for `reducer`; changes nothing yet."""
     check(model)
+    channel = uses_size_channel(model, reducer, config)
     return PatchInfo(method=method, config=config, reducer=reducer, depth=len(model.blocks),
                      n_prefix=model.num_prefix_tokens, has_cls=getattr(model, "cls_token", None) is not None,
-                     cost=cost_model(model, uses_size_channel(model, reducer, config)), log_size_scale=1.0 / float(model.blocks[0].attn.scale))
+                     cost=cost_model(model, channel),
+                     log_size_scale=1.0 / float(model.blocks[0].attn.scale) if channel else None)
 
 
 def install(model: nn.Module, info: PatchInfo) -> None:
