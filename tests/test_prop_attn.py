@@ -96,3 +96,42 @@ def test_cache_is_not_pickled_and_unpatch_drops_it(images):
     assert torch.equal(clone(images), ref)
     tome_plus.unpatch(model)
     assert all(SCRATCH not in blk.__dict__ for blk in model.blocks)
+
+
+@torch.no_grad()
+def test_updates_that_bypass_the_version_counter(images):
+    """`.data` writes (and fused optimizer steps) keep `_version`: a mode switch or `refresh` rebuilds."""
+    model = make("vit_tiny_patch16_224", depth=3)
+    tome_plus.patch(model, "tome", r=8)
+    model(images)
+    fresh = copy.deepcopy(model)
+    for m in (model, fresh):
+        m.blocks[2].attn.qkv.weight.data.mul_(0.5)
+    tome_plus.refresh(fresh)
+    expected = fresh(images)
+    model.train()
+    model.eval()
+    torch.testing.assert_close(model(images), expected, rtol=0, atol=0)
+    model.blocks[1].attn.qkv.bias.data.add_(1.0)
+    tome_plus.refresh(model)
+    fresh.blocks[1].attn.qkv.bias.data.add_(1.0)
+    tome_plus.refresh(fresh)
+    torch.testing.assert_close(model(images), fresh(images), rtol=0, atol=0)
+
+
+def test_inference_mode_weights_and_cache(images):
+    with torch.inference_mode():
+        model = make("vit_tiny_patch16_224", depth=3)  # inference tensors: no version counter
+        tome_plus.patch(model, "tome", r=8)
+        out = model(images)
+    ref = make("vit_tiny_patch16_224", depth=3)
+    tome_plus.patch(ref, "tome", r=8)
+    with torch.no_grad():
+        torch.testing.assert_close(out, ref(images), rtol=0, atol=0)
+    # a cache built under inference_mode must not be served to a forward that needs gradients
+    ref.requires_grad_(False)
+    with torch.inference_mode():
+        ref(images)
+    x = images.clone().requires_grad_(True)
+    ref(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

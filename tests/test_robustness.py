@@ -310,3 +310,29 @@ def test_numpy_scalars_are_numbers():
         assert got == get_info(model).removals(197)
     with pytest.raises(ValueError, match=r"got 1\.5"):
         tome_plus.patch(model, "pitome", keep=np.float32(1.5))
+
+
+@torch.no_grad()
+def test_jit_trace_with_triton_kernels(monkeypatch):
+    """A Triton launch bypasses the dispatcher, so a trace would replay empty index tensors: tracing
+    runs the PyTorch twins."""
+    monkeypatch.setenv("TOME_PLUS_KERNELS", "triton")
+    model = make("vit_tiny_patch16_224", depth=2, img_size=64)
+    tome_plus.patch(model, "tome", r=4)
+    x = torch.randn(1, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, x, check_trace=False)
+    y = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(traced(y), model(y), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_head_of_the_users_runs_and_pools_by_size():
+    from timm.models.vision_transformer import VisionTransformer
+    model = make("vit_tiny_patch16_224", class_token=False, global_pool="avg", depth=3)
+    tome_plus.patch(model, "tome", r=8)
+    x = torch.randn(2, 3, 224, 224)
+    ref = model(x)
+    model.forward_head = lambda feats, pre_logits=False: VisionTransformer.forward_head(model, feats) + 1.0
+    torch.testing.assert_close(model(x), ref + 1.0, rtol=1e-6, atol=1e-6)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from .backends import find_backend
-from .backends.base import ATTR, get_info, restore_classes
+from .backends.base import ATTR, drop_scratch, get_info, restore_classes
 from .methods import get_method, method_names
 from .state import binary_source
 
@@ -54,6 +54,18 @@ def unpatch(model: nn.Module) -> nn.Module:
     if info is not None:
         restore_classes(info)
         delattr(model, ATTR)
+    return model
+
+
+def refresh(model: nn.Module) -> nn.Module:
+    """Rebuild what the patch derived from the weights (proportional attention's padded qkv) on the
+    next forward. Needed only after weight updates that bypass PyTorch's version counter and are not
+    followed by `model.train()`/`model.eval()`: writes through `.data`, or storage refilled in place
+    (FSDP). In-place updates, `load_state_dict`, `.to()` and optimizer steps followed by a mode
+    switch are picked up without it. A no-op on an unpatched model."""
+    info = get_info(model)
+    if info is not None:
+        drop_scratch(info)
     return model
 
 

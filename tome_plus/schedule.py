@@ -161,7 +161,8 @@ def _solve_flops(target: float, unit: str, depth: int, n_tokens: int, n_prefix: 
 
     if unit == "r":
         # t tokens over the active layers: floor(t / n) in each, one more in the first t % n.
-        # FLOPs fall monotonically in t, which makes bisection exact.
+        # FLOPs fall with t (past t = 1, where the size channel's padding may add a little), so
+        # bisection with the `lo == 0` invariant below finds the closest schedule.
         layers = [layer for layer in range(depth) if active(layer)] or list(range(depth))
 
         def counts_for(t: int) -> List[int]:

@@ -40,7 +40,8 @@ def check_launch(kernel, *tensors: torch.Tensor) -> None:
 def use_triton(x: torch.Tensor) -> bool:
     """Whether ops on `x` should run their Triton kernel."""
     mode = kernel_mode()
-    if mode == "torch":
+    if mode == "torch" or torch.jit.is_tracing():
+        # a Triton launch bypasses the dispatcher: a trace would record its outputs as empty tensors
         return False
     if mode == "auto":
         return x.is_cuda

@@ -7,7 +7,7 @@
   its destination weighted by size, normalised by the summed sizes; x and size in one pass. The
   kernel reads the sources of each output row in a fixed order (sorted by destination, then by
   position in `src`), so results are deterministic: no float atomics.
-- `prune_gather(x, keep)`: the same kernel without sources (tokens not kept are dropped).
+  Without sources it only gathers (pruning: tokens not kept are dropped).
 
 Sides are explicit index lists, so PiToMe's energy-ordered candidates and Zero-TPrune's importance
 partition reuse the kernel; protected prefix tokens are simply left out of both lists.
@@ -32,11 +32,14 @@ def bipartite_match_torch(metric: torch.Tensor, a_idx: torch.Tensor, b_idx: torc
 
     Ties go to the lower B index; a NaN score counts as -inf (never the best match), as in the kernel.
     """
-    unit = F.normalize(metric.float(), dim=-1)
-    d = unit.shape[-1]
-    a = unit.gather(1, a_idx.unsqueeze(-1).expand(-1, -1, d))
-    b = unit.gather(1, b_idx.unsqueeze(-1).expand(-1, -1, d))
-    scores = a @ b.transpose(1, 2)
+    # the kernel's formula: raw dot products times both inverse norms (not normalise-then-dot), so
+    # that scores equal in exact arithmetic round alike in both and ties break the same way
+    feats = metric.float()
+    inv = 1.0 / feats.square().sum(-1).sqrt().clamp_min(1e-12)
+    d = feats.shape[-1]
+    a = feats.gather(1, a_idx.unsqueeze(-1).expand(-1, -1, d))
+    b = feats.gather(1, b_idx.unsqueeze(-1).expand(-1, -1, d))
+    scores = (a @ b.transpose(1, 2)) * inv.gather(1, a_idx).unsqueeze(-1) * inv.gather(1, b_idx).unsqueeze(1)
     return scores.masked_fill(scores.isnan(), float("-inf")).max(dim=-1)
 
 
@@ -88,7 +91,8 @@ def _match_kernel(m_ptr, a_ptr, b_ptr, score_ptr, index_ptr, n_a, n_b, dim,
         a = tl.load(base + rows_a[:, None] * s_mn + dd[None, :] * s_md,
                     mask=mask_a[:, None] & (dd[None, :] < dim), other=0.0).to(tl.float32)
         sq_a += tl.sum(a * a, axis=1)
-    inv_a = 1.0 / tl.maximum(tl.sqrt(sq_a), 1e-12)
+    # IEEE-rounded sqrt and division (not the fast approximations), as the twin computes them
+    inv_a = tl.div_rn(tl.full([BLOCK_A], 1.0, tl.float32), tl.maximum(tl.sqrt_rn(sq_a), 1e-12))
 
     best = tl.full([BLOCK_A], float("-inf"), tl.float32)
     best_idx = tl.zeros([BLOCK_A], tl.int32)
@@ -108,7 +112,8 @@ def _match_kernel(m_ptr, a_ptr, b_ptr, score_ptr, index_ptr, n_a, n_b, dim,
             # full fp32 products: a TF32 dot would reorder near-ties against the PyTorch twin
             dots = tl.dot(a, tl.trans(b), dots, input_precision="ieee")
             sq_b += tl.sum(b * b, axis=1)
-        scores = dots * inv_a[:, None] * (1.0 / tl.maximum(tl.sqrt(sq_b), 1e-12))[None, :]
+        inv_b = tl.div_rn(tl.full([BLOCK_B], 1.0, tl.float32), tl.maximum(tl.sqrt_rn(sq_b), 1e-12))
+        scores = dots * inv_a[:, None] * inv_b[None, :]
         # NaN (a NaN key) counts as -inf, as in the twin: it must never win, nor hide a real score
         scores = tl.where(mask_b[None, :] & (scores == scores), scores, float("-inf"))
         block_best = tl.max(scores, axis=1)

@@ -13,9 +13,11 @@ and where to (`dst`, output positions), plus the merge's sources grouped by dest
   are); `protected` (`[B, P]`, same form) pass untouched. The `r` best-matched A tokens merge
   into their most similar B token.
 - Output order: prefix, protected and unmerged A each in position order, B in the order given.
-- Ties break by position, lower first, everywhere (the best match among equal scores, the ranking
-  of equal scores); a NaN score counts as -inf. So a plan depends neither on the batch around an
-  image nor on the implementation.
+- Ties (bit-equal scores) break by order, lower first, everywhere: the best match among equal
+  scores is the first in B, equal scores rank by their order in A (position for the alternate
+  split, the given order for explicit sides); a NaN score counts as -inf. Twin and kernel compute
+  scores by the same formula (raw dots times IEEE-rounded inverse norms), so bit-equal tokens tie
+  in both; scores that differ only by summation-order rounding can still order differently.
 
 The Triton kernel runs one program per image through five passes over small scratch buffers (head
 average and norms, best match per A token, rank, plan, CSR), so the score matrix never reaches
@@ -69,7 +71,8 @@ def bipartite_plan_torch(metric: torch.Tensor, r: int, n_prefix: int, a_idx: Opt
         first_a, n_a, first_b, n_b = alternate_sides(n_tokens, n_prefix)
         a_idx = torch.arange(first_a, first_a + 2 * n_a, 2, device=device).expand(batch, -1)
         b_idx = torch.arange(first_b, first_b + 2 * n_b, 2, device=device).expand(batch, -1)
-    node_max, node_idx = bipartite_match_torch(metric.float().mean(dim=1), a_idx, b_idx)
+    # heads summed, not averaged, as the kernel does (the 1/H cancels in the cosine)
+    node_max, node_idx = bipartite_match_torch(metric.float().sum(dim=1), a_idx, b_idx)
     order = node_max.argsort(dim=-1, descending=True, stable=True)
     src_rank, unm_rank = order[:, :r], order[:, r:]
     src = a_idx.gather(1, src_rank)
@@ -109,7 +112,9 @@ def _average_rows(m_ptr, b, pos, valid, feat_ptr, inv_ptr, row0, heads, dim,
         tl.store(feat_ptr + (row0 + offs)[:, None] * dim + dd[None, :], acc, mask=ok)
         sq += tl.sum(acc * acc, axis=1)
     # the mean's 1/H cancels in the cosine
-    tl.store(inv_ptr + row0 + offs, 1.0 / tl.maximum(tl.sqrt(sq), 1e-12), mask=valid)
+    # IEEE-rounded sqrt and division, as the twin computes them
+    tl.store(inv_ptr + row0 + offs, tl.div_rn(tl.full([BLOCK], 1.0, tl.float32), tl.maximum(tl.sqrt_rn(sq), 1e-12)),
+             mask=valid)
 
 
 @triton.jit

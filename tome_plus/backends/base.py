@@ -125,10 +125,16 @@ def swap_class(module: nn.Module, mixin: type, info: PatchInfo) -> None:
     module.__class__ = patched_class(mixin, cls)
 
 
+def drop_scratch(info: PatchInfo) -> None:
+    """Forget what the patched modules derived from their weights (rebuilt on the next forward)."""
+    for module, _ in info.swapped:
+        module.__dict__.pop(SCRATCH, None)
+
+
 def restore_classes(info: PatchInfo) -> None:
+    drop_scratch(info)
     for module, cls in info.swapped:
         module.__class__ = cls
-        module.__dict__.pop(SCRATCH, None)
     info.swapped.clear()
 
 

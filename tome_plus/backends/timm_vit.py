@@ -98,16 +98,18 @@ def attention_with_signals(attn: Attention, x: torch.Tensor, state: TokenState, 
 def padded_qkv(owner: nn.Module, attn: Attention) -> Tuple[torch.Tensor, torch.Tensor]:
     """The size-channel qkv weight and bias of `attn`, cached on the patched block `owner`.
 
-    Rebuilt (differentiably) whenever gradients may flow or a compiler traces, and otherwise
-    whenever the parameters change (in-place updates bump their version; `.to()` moves them), so
-    the cache never serves stale weights.
+    Rebuilt (differentiably) whenever gradients may flow, a compiler traces or the weights are
+    inference tensors (no version counter); otherwise cached and rebuilt when a parameter's version
+    (in-place updates, `load_state_dict`), storage (`.to()`), dtype or the inference mode changes.
+    Updates that bypass the version counter (fused optimizer steps, writes through `.data`, FSDP
+    refills) are covered by `train()`/`eval()` dropping the cache, and by `tome_plus.refresh(model)`.
     """
     weight, bias = attn.qkv.weight, attn.qkv.bias
-    if (torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))) \
-            or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    params = (weight,) if bias is None else (weight, bias)
+    if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or torch.jit.is_tracing() \
+            or torch.compiler.is_compiling() or any(p.is_inference() for p in params):
         return pad_qkv(weight, bias, attn.num_heads, attn.head_dim)
-    key = (weight._version, weight.data_ptr(), weight.dtype, weight.device,
-           None if bias is None else (bias._version, bias.data_ptr(), bias.dtype))
+    key = (torch.is_inference_mode_enabled(),) + tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
     cached = owner.__dict__.get(SCRATCH)
     if cached is None or cached[0] != key:
         cached = (key, *pad_qkv(weight, bias, attn.num_heads, attn.head_dim))
@@ -129,6 +131,11 @@ class ReducingBlock:
             x, state = apply_plan(state.reducer.plan(signals, state, n_remove), x, state)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, state.replace(layer=layer + 1, counts=state.counts + (x.shape[1],))
+
+    def train(self, mode: bool = True):
+        # weights may have changed without a version bump (fused optimizers): derive them afresh
+        self.__dict__.pop(SCRATCH, None)
+        return super().train(mode)
 
 
 def unmerge(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -165,14 +172,16 @@ class ReducingViT:
         _no_masks(attn_mask, is_causal)
         x, state, _ = self._run_blocks(self._embed(x))
         x = self.norm(x)
-        if type(self).forward_head is VisionTransformer.forward_head:
+        info = get_info(self)
+        if type(self).forward_head is VisionTransformer.forward_head and "forward_head" not in self.__dict__:
             # timm's head, with this forward's sizes handed to the pooling directly: nothing
             # another (nested, concurrent) forward could overwrite
             x = self.fc_norm(self._pool_sized(x, state.size))
             x = self.head(self.head_drop(x))
-        else:  # e.g. distilled DeiT: token heads, no pooling to weigh
+        else:  # e.g. distilled DeiT, or a head of the user's: it may pool through `self.pool`
+            info.remember_features(x, state.size)
             x = self.forward_head(x)
-        get_info(self).last_state = state
+        info.last_state = state
         return x
 
     def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
