@@ -51,8 +51,9 @@ def attention_with_signals(attn: Attention, x: torch.Tensor, state: TokenState, 
     attn_dim = getattr(attn, "attn_dim", heads * head_dim)
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     dropout = attn.attn_drop.p if attn.training else 0.0
-    size_channel = (SIZE_CHANNEL and state.log_size is not None and "attn" not in needs
-                    and isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity))
+    # a log-size channel exists only where `prepare` chose the channel (`uses_size_channel`: no
+    # qk-norm, a merging method); SIZE_CHANNEL is read again so it can be switched after `patch`
+    size_channel = SIZE_CHANNEL and state.log_size is not None and "attn" not in needs
     bias = None
     if size_channel:
         weight, qkv_bias = padded_qkv(owner, attn)
