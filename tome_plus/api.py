@@ -34,6 +34,7 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
     backend = find_backend(model)
     config = config_cls(**options)
     reducer = reducer_cls(config)
+    reducer.for_family(backend.KIND)
     reducer.check(backend.depth(model))
     info = backend.prepare(model, reducer, config, method)
     if not info.has_cls and any("cls_attn" in reducer.needs_at(layer) for layer in range(info.depth)):
@@ -81,6 +82,9 @@ class Inspection:
         input_tokens: tokens entering the first block.
         size: `[B, N, 1]` input tokens each output token stands for.
         source: `[B, N, N0]` 0/1 map of the input tokens each output token holds (traced only).
+        image_tokens: LLaVA only: `[B]` image tokens each sample of the last forward passed to the
+            language model (what reached the projector, per image, is `tokens` at the feature
+            layer less the class token under the "default" strategy).
     """
 
     method: str
@@ -90,6 +94,7 @@ class Inspection:
     input_tokens: Optional[int]
     size: Optional[torch.Tensor]
     source: Optional[torch.Tensor]
+    image_tokens: Optional[torch.Tensor] = None
 
 
 def inspect(model: nn.Module) -> Inspection:
@@ -100,8 +105,9 @@ def inspect(model: nn.Module) -> Inspection:
     state = info.last_state
     config = asdict(info.config)
     if state is None:
-        return Inspection(info.method, config, None, None, None, None, None)
+        return Inspection(info.method, config, None, None, None, None, None, info.image_tokens)
     n_out = state.counts[-1] if state.counts else state.n_input
     size = state.size if state.size is not None else torch.ones(state.batch, n_out, 1, device=state.device)
     source = binary_source(state.source, n_out) if state.source is not None else None
-    return Inspection(info.method, config, state.removals, state.counts, state.n_input, size, source)
+    return Inspection(info.method, config, state.removals, state.counts, state.n_input, size, source,
+                      info.image_tokens)

@@ -15,10 +15,13 @@ padding channel, in place. v keeps its width, so the attention output is unchang
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+
+SCRATCH = "_tome_plus_scratch"  # where a patched module caches its padded weights: never pickled
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -61,3 +64,37 @@ def split_padded(qkv: torch.Tensor, heads: int, head_dim: int
 def write_size_channel(k_padded: torch.Tensor, head_dim: int, log_size_scaled: torch.Tensor) -> None:
     """k'[..., D] = log(s) / scale for every head, in place (`log_size_scaled`: `[B, N]`)."""
     k_padded[..., head_dim].copy_(log_size_scaled.unsqueeze(1).to(k_padded.dtype))
+
+
+def cached_padded_qkv(owner: nn.Module, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
+                      heads: int, head_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The size-channel qkv weight and bias built from `weights` (one fused `[3 H D, C]` qkv, or
+    the q, k, v projections in that order, fused here into one GEMM), cached on `owner`.
+
+    Rebuilt (differentiably) whenever gradients may flow, a compiler traces or the weights are
+    inference tensors (no version counter); otherwise cached and rebuilt when a parameter's version
+    (in-place updates, `load_state_dict`), storage (`.to()`), dtype or the inference mode changes.
+    Updates that bypass the version counter (fused optimizer steps, writes through `.data`, FSDP
+    refills) are covered by `train()`/`eval()` dropping the cache, and by `tome_plus.refresh(model)`.
+    """
+    params = tuple(weights) + tuple(b for b in biases if b is not None)
+
+    def build() -> Tuple[torch.Tensor, torch.Tensor]:
+        weight = weights[0] if len(weights) == 1 else torch.cat(list(weights))
+        if all(b is None for b in biases):
+            bias = None
+        elif len(biases) == 1:
+            bias = biases[0]
+        else:  # a missing projection bias is a zero bias
+            bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
+        return pad_qkv(weight, bias, heads, head_dim)
+
+    if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or torch.jit.is_tracing() \
+            or torch.compiler.is_compiling() or any(p.is_inference() for p in params):
+        return build()
+    key = (torch.is_inference_mode_enabled(),) + tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
+    cached = owner.__dict__.get(SCRATCH)
+    if cached is None or cached[0] != key:
+        cached = (key, *build())
+        owner.__dict__[SCRATCH] = cached
+    return cached[1], cached[2]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Protocol, Sequence, Tuple
 
 from .warn import warn_caller
 
@@ -35,12 +35,13 @@ class VitCost:
     head_flops: float
     qk_dim: int = 0  # padded q/k width once the size channel is on; 0: never padded
     pad_after_merge: bool = False
+    reduce_after_mlp: bool = False  # the MLP runs on the layer's input count (reduction site "block")
 
     def block(self, n_in: int, n_out: int, padded: bool = False) -> float:
         qk = self.qk_dim if padded and self.qk_dim else self.attn_dim
         qkv = 2 * n_in * self.dim * (2 * qk + self.attn_dim)
         attn = qkv + 2 * n_in * self.attn_dim * self.dim + 2 * n_in * n_in * (qk + self.attn_dim)
-        mlp = 4 * n_out * self.dim * self.hidden
+        mlp = 4 * (n_in if self.reduce_after_mlp else n_out) * self.dim * self.hidden
         return float(attn + mlp)
 
     def total(self, n_tokens: int, removals: Sequence[int]) -> float:
@@ -50,6 +51,34 @@ class VitCost:
             padded = padded or (self.pad_after_merge and r > 0)
             n -= r
         return flops
+
+
+@dataclass(frozen=True)
+class VitCostModel:
+    """FLOPs model of one pre-norm ViT-shaped encoder for the schedule solver: `n_tokens -> VitCost`
+    (picklable; what a backend fills in from its model)."""
+
+    dim: int
+    attn_dim: int
+    hidden: int
+    depth: int
+    n_prefix: int
+    patch_flops: float  # embedding FLOPs per patch
+    head_flops: float
+    qk_dim: int = 0  # q/k width with the size channel (0: the channel never runs)
+    reduce_after_mlp: bool = False  # the method reduces after the whole layer (site "block")
+
+    def __call__(self, n_tokens: int) -> VitCost:
+        return VitCost(dim=self.dim, attn_dim=self.attn_dim, hidden=self.hidden, depth=self.depth,
+                       embed_flops=(n_tokens - self.n_prefix) * self.patch_flops, head_flops=self.head_flops,
+                       qk_dim=self.qk_dim, pad_after_merge=self.qk_dim > 0,
+                       reduce_after_mlp=self.reduce_after_mlp)
+
+
+class Cost(Protocol):
+    """What the solver needs of a backend's FLOPs model: the FLOPs of one forward."""
+
+    def total(self, n_tokens: int, removals: Sequence[int]) -> float: ...
 
 
 def r_schedule(r, depth: int) -> List[int]:
@@ -106,7 +135,7 @@ def _keep_request(keeps: Sequence[float], n_prefix: int, removal: KeepRemoval) -
 
 
 def solve(budget: Tuple[str, object], unit: str, depth: int, n_tokens: int, n_prefix: int,
-          max_remove: MaxRemove, cost: VitCost, warn: bool = True,
+          max_remove: MaxRemove, cost: Cost, warn: bool = True,
           active: Callable[[int], bool] = lambda layer: True,
           keep_removal: KeepRemoval = paper_keep_removal, strict: bool = True) -> List[int]:
     """Per-layer removal counts for one budget.
@@ -144,7 +173,7 @@ def solve(budget: Tuple[str, object], unit: str, depth: int, n_tokens: int, n_pr
 
 
 def _solve_flops(target: float, unit: str, depth: int, n_tokens: int, n_prefix: int,
-                 max_remove: MaxRemove, cost: VitCost, active: Callable[[int], bool],
+                 max_remove: MaxRemove, cost: Cost, active: Callable[[int], bool],
                  keep_removal: KeepRemoval, strict: bool) -> List[int]:
     base = cost.total(n_tokens, [0] * depth)
 

@@ -16,11 +16,11 @@ import torch.nn as nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..methods.base import ReductionConfig, Reducer
-from ..schedule import VitCost, solve
+from ..schedule import Cost, solve
+from ..prop_attn import SCRATCH
 from ..state import TokenState, initial_source
 
 ATTR = "_tome_plus"
-SCRATCH = "_tome_plus_scratch"  # caches a patched module keeps (derived weights): never pickled
 _SUBCLASSES: Dict[Tuple[type, type], type] = {}
 
 
@@ -34,13 +34,18 @@ class PatchInfo:
     depth: int
     n_prefix: int
     has_cls: bool
-    cost: Callable[[int], VitCost]  # n_tokens -> FLOPs model, for the flops budget (picklable)
+    cost: Callable[[int], Cost]  # n_tokens -> FLOPs model, for the flops budget (picklable)
     # 1 / attention scale: the size channel holds log(s) / scale; None where the channel never runs
     log_size_scale: Optional[float] = None
+    # only the first `reduce_depth` layers may reduce (LLaVA: those feeding the image features)
+    reduce_depth: Optional[int] = None
     swapped: List[Tuple[nn.Module, type]] = field(default_factory=list)
+    # inner modules that carry this record too (an HF encoder inside a tower); untagged at unpatch
+    tagged: List[nn.Module] = field(default_factory=list)
     schedules: Dict[int, Tuple[int, ...]] = field(default_factory=dict)
     # What `inspect` reports: written once a forward has finished, never read by a forward.
     last_state: Optional[TokenState] = None
+    image_tokens: Optional[torch.Tensor] = None  # LLaVA: image tokens per sample the LLM last received
     # forward_features' outputs (by identity, weakly held) -> their sizes. Keyed by the tensor
     # itself, so nested or concurrent forwards never see each other's entries.
     feature_sizes: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
@@ -54,10 +59,13 @@ class PatchInfo:
         if n_tokens not in self.schedules:
             counts = solve(self.config.budget, self.reducer.budget_unit, self.depth, n_tokens,
                            self.n_prefix, self.reducer.max_remove, self.cost(n_tokens),
-                           active=self.reducer.active, keep_removal=self.reducer.keep_removal,
+                           active=self.active, keep_removal=self.reducer.keep_removal,
                            strict=strict)
             self.schedules[n_tokens] = tuple(counts)
         return self.schedules[n_tokens]
+
+    def active(self, layer: int) -> bool:
+        return (self.reduce_depth is None or layer < self.reduce_depth) and self.reducer.active(layer)
 
     def new_state(self, x: torch.Tensor, trace: bool = False) -> TokenState:
         # int(): under torch.jit.trace sizes are traced values; the schedule is static per size anyway
@@ -71,6 +79,7 @@ class PatchInfo:
         # the last forward's tensors and the weak features map belong to this process only
         state = dict(self.__dict__)
         state["last_state"] = None
+        state["image_tokens"] = None
         state["feature_sizes"] = None
         return state
 
@@ -131,11 +140,20 @@ def drop_scratch(info: PatchInfo) -> None:
         module.__dict__.pop(SCRATCH, None)
 
 
+def tag(module: nn.Module, info: PatchInfo) -> None:
+    """Let an inner module find the patch record (`get_info(module)`) until unpatched."""
+    setattr(module, ATTR, info)
+    info.tagged.append(module)
+
+
 def restore_classes(info: PatchInfo) -> None:
     drop_scratch(info)
     for module, cls in info.swapped:
         module.__class__ = cls
+    for module in info.tagged:
+        module.__dict__.pop(ATTR, None)
     info.swapped.clear()
+    info.tagged.clear()
 
 
 def get_info(model: nn.Module) -> Optional[PatchInfo]:

@@ -1,35 +1,35 @@
 """timm backend: `VisionTransformer` and its relatives (DeiT, distilled DeiT, DeiT-3, DINOv2 with
 registers, CLIP/SigLIP ViTs in timm), timm 1.x.
 
-Each block reduces between attention and MLP. Attention runs through
-`F.scaled_dot_product_attention` with proportional attention as an additive `[B, 1, 1, N]` key
-bias; explicit attention probabilities are computed only in layers whose method asks for them.
+Each block reduces between attention and MLP, through the shared step of `reduce.py`. Attention
+runs through `F.scaled_dot_product_attention`, proportional attention as the extra q/k channel of
+`prop_attn.py` (an additive key bias under qk-norm); explicit attention probabilities are computed
+only in layers whose method asks for them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, FrozenSet, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from timm.layers import Attention
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from ..merging import apply_plan
 from ..methods.base import ReductionConfig, Reducer
-from ..schedule import VitCost
+from ..prop_attn import SCRATCH, cached_padded_qkv, padded_head_dim
+from ..reduce import QKV, attention_with_signals as shared_attention, prenorm_layer
+from ..schedule import VitCostModel
 from ..state import TokenState
-from ..prop_attn import pad_qkv, padded_head_dim, split_padded, write_size_channel
-from .base import SCRATCH, PatchInfo, get_info, original_class, swap_class
+from .base import PatchInfo, get_info, original_class, swap_class
 
 # Proportional attention through the extra q/k channel (fast SDPA); False falls back to the additive
 # mask everywhere (kept for comparison and debugging: both give the same logits).
 SIZE_CHANNEL = True
 
+KIND = "timm"  # the family name methods see (`Reducer.for_family`)
 FAMILY = "timm VisionTransformer (ViT, DeiT, distilled DeiT, DeiT-3, DINOv2 incl. registers, timm CLIP/SigLIP ViTs)"
 
 
@@ -39,83 +39,26 @@ def matches(model: nn.Module) -> bool:
 
 def attention_with_signals(attn: Attention, x: torch.Tensor, state: TokenState, needs: FrozenSet[str],
                            owner: nn.Module) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """timm `Attention.forward` that also returns the signals a reducer asked for.
-
-    Fused SDPA unless `"attn"` is needed; `"cls_attn"` costs one extra `q_cls K^T` row; `"k"` (the
-    per-head keys, a view) is free and `"keys"` (their head average) one mean. Proportional
-    attention runs as the extra q/k channel of `prop_attn.py` (the qkv GEMM writes the padded
-    layout) where it can, and as an additive key bias otherwise (explicit attention, qk-norm).
-    """
+    """timm `Attention.forward` that also returns the signals a reducer asked for (the shared
+    `reduce.attention_with_signals`, with timm's qkv GEMM, qk-norm, gate and output projection).
+    The size channel's padded qkv weight is cached on the patched block `owner`."""
     batch, n_tokens, _ = x.shape
     heads, head_dim = attn.num_heads, attn.head_dim
-    attn_dim = getattr(attn, "attn_dim", heads * head_dim)
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    dropout = attn.attn_drop.p if attn.training else 0.0
+
+    def project(h: torch.Tensor):
+        q, k, v = attn.qkv(h).reshape(batch, n_tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return attn.q_norm(q), attn.k_norm(k), v
+
+    padded = lambda: cached_padded_qkv(owner, (attn.qkv.weight,), (attn.qkv.bias,), heads, head_dim)
+    qkv = QKV(project, padded, heads, head_dim, float(attn.scale), attn.attn_drop.p if attn.training else 0.0)
     # a log-size channel exists only where `prepare` chose the channel (`uses_size_channel`: no
     # qk-norm, a merging method); SIZE_CHANNEL is read again so it can be switched after `patch`
-    size_channel = SIZE_CHANNEL and state.log_size is not None and "attn" not in needs
-    bias = None
-    if size_channel:
-        weight, qkv_bias = padded_qkv(owner, attn)
-        q, k, v = split_padded(F.linear(x, weight, qkv_bias), heads, head_dim)
-        write_size_channel(k, head_dim, state.log_size)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=attn.scale)
-    else:
-        qkv = attn.qkv(x).reshape(batch, n_tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        bias = state.attn_bias(x.dtype)
-
-    signals: Dict[str, torch.Tensor] = {}
-    if "attn" in needs:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias
-        probs = logits.softmax(dim=-1)
-        signals["attn"] = probs
-        out = attn.attn_drop(probs) @ v
-    else:
-        if not size_channel:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
-        if "cls_attn" in needs:
-            # with the size channel, q'k' already carries log s
-            logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
-            if bias is not None:
-                logits = logits + bias
-            signals["cls_attn"] = logits.softmax(dim=-1)[:, :, 0]
-    k = k[..., :head_dim]
-    if "k" in needs:
-        signals["k"] = k
-    if "keys" in needs:
-        signals["keys"] = k.mean(dim=1)
-
-    out = out.transpose(1, 2).reshape(batch, n_tokens, attn_dim)
+    out, signals = shared_attention(x, state, needs, qkv, size_channel=SIZE_CHANNEL)
     out = attn.norm(out) if hasattr(attn, "norm") else out
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out)), signals
-
-
-def padded_qkv(owner: nn.Module, attn: Attention) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The size-channel qkv weight and bias of `attn`, cached on the patched block `owner`.
-
-    Rebuilt (differentiably) whenever gradients may flow, a compiler traces or the weights are
-    inference tensors (no version counter); otherwise cached and rebuilt when a parameter's version
-    (in-place updates, `load_state_dict`), storage (`.to()`), dtype or the inference mode changes.
-    Updates that bypass the version counter (fused optimizer steps, writes through `.data`, FSDP
-    refills) are covered by `train()`/`eval()` dropping the cache, and by `tome_plus.refresh(model)`.
-    """
-    weight, bias = attn.qkv.weight, attn.qkv.bias
-    params = (weight,) if bias is None else (weight, bias)
-    if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or torch.jit.is_tracing() \
-            or torch.compiler.is_compiling() or any(p.is_inference() for p in params):
-        return pad_qkv(weight, bias, attn.num_heads, attn.head_dim)
-    key = (torch.is_inference_mode_enabled(),) + tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
-    cached = owner.__dict__.get(SCRATCH)
-    if cached is None or cached[0] != key:
-        cached = (key, *pad_qkv(weight, bias, attn.num_heads, attn.head_dim))
-        owner.__dict__[SCRATCH] = cached
-    return cached[1], cached[2]
 
 
 class ReducingBlock:
@@ -124,14 +67,12 @@ class ReducingBlock:
     def forward(self, x: torch.Tensor, *args, state: Optional[TokenState] = None, **kwargs):
         if state is None:  # called outside a patched forward: behave as the original block
             return super().forward(x, *args, **kwargs)
-        layer, n_remove = state.layer, state.removals[state.layer]
-        needs = state.reducer.needs_at(layer) if n_remove > 0 else frozenset()
-        y, signals = attention_with_signals(self.attn, self.norm1(x), state, needs, self)
-        x = x + self.drop_path1(self.ls1(y))
-        if n_remove > 0:
-            x, state = apply_plan(state.reducer.plan(signals, state, n_remove), x, state)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x, state.replace(layer=layer + 1, counts=state.counts + (x.shape[1],))
+
+        def attention(h, needs):
+            y, signals = attention_with_signals(self.attn, self.norm1(h), state, needs, self)
+            return self.drop_path1(self.ls1(y)), signals
+
+        return prenorm_layer(x, state, attention, lambda h: self.drop_path2(self.ls2(self.mlp(self.norm2(h)))))
 
     def train(self, mode: bool = True):
         # weights may have changed without a version bump (fused optimizers): derive them afresh
@@ -276,28 +217,9 @@ def default_tokens(model: nn.Module) -> int:
     return model.patch_embed.num_patches + model.num_prefix_tokens
 
 
-@dataclass(frozen=True)
-class VitCostModel:
-    """FLOPs model of one timm ViT for the schedule solver: `n_tokens -> VitCost` (picklable)."""
-
-    dim: int
-    attn_dim: int
-    hidden: int
-    depth: int
-    n_prefix: int
-    patch_flops: float  # embedding FLOPs per patch
-    head_flops: float
-    qk_dim: int = 0  # q/k width with the size channel (0: the channel never runs)
-
-    def __call__(self, n_tokens: int) -> VitCost:
-        return VitCost(dim=self.dim, attn_dim=self.attn_dim, hidden=self.hidden, depth=self.depth,
-                       embed_flops=(n_tokens - self.n_prefix) * self.patch_flops, head_flops=self.head_flops,
-                       qk_dim=self.qk_dim, pad_after_merge=self.qk_dim > 0)
-
-
-def cost_model(model: nn.Module, size_channel: bool = False) -> VitCostModel:
+def cost_model(model: nn.Module, size_channel: bool = False, site: str = "attn") -> VitCostModel:
     """FLOPs model of `model` for the schedule solver; `size_channel`: proportional attention will
-    run through the padded q/k channel once something merged."""
+    run through the padded q/k channel once something merged; `site`: where the method reduces."""
     blk = model.blocks[0]
     proj = model.patch_embed.proj
     patch_area = proj.kernel_size[0] * proj.kernel_size[1] if hasattr(proj, "kernel_size") else 0
@@ -307,7 +229,8 @@ def cost_model(model: nn.Module, size_channel: bool = False) -> VitCostModel:
                         hidden=blk.mlp.fc1.out_features, depth=len(model.blocks), n_prefix=model.num_prefix_tokens,
                         patch_flops=2.0 * getattr(proj, "in_channels", 3) * patch_area * model.embed_dim,
                         head_flops=2.0 * model.embed_dim * n_heads_out,
-                        qk_dim=attn.num_heads * padded_head_dim(attn.head_dim) if size_channel else 0)
+                        qk_dim=attn.num_heads * padded_head_dim(attn.head_dim) if size_channel else 0,
+                        reduce_after_mlp=site == "block")
 
 
 def uses_size_channel(model: nn.Module, reducer: Reducer, config: ReductionConfig) -> bool:
@@ -323,7 +246,7 @@ def prepare(model: nn.Module, reducer: Reducer, config: ReductionConfig, method:
     channel = uses_size_channel(model, reducer, config)
     return PatchInfo(method=method, config=config, reducer=reducer, depth=len(model.blocks),
                      n_prefix=model.num_prefix_tokens, has_cls=getattr(model, "cls_token", None) is not None,
-                     cost=cost_model(model, channel),
+                     cost=cost_model(model, channel, reducer.site),
                      log_size_scale=1.0 / float(model.blocks[0].attn.scale) if channel else None)
 
 

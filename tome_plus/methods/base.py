@@ -20,7 +20,7 @@ from ..state import TokenState
 RBudget = Union[int, Sequence[int], Tuple[int, float]]
 KeepBudget = Union[float, Sequence[float]]
 
-SIGNALS = frozenset({"k", "keys", "cls_attn", "attn"})
+SIGNALS = frozenset({"k", "keys", "cls_attn", "attn", "x"})
 
 
 @dataclass
@@ -136,7 +136,10 @@ class Reducer:
     `needs` names the signals `plan` reads from the layer's attention: "k" (per-head keys
     `[B, H, N, D]` after qk-norm, a free view), "keys" (their head average `[B, N, D]`, one mean),
     "cls_attn" (the class token's attention row `[B, H, N]`, one extra row of logits) and "attn"
-    (the probabilities `[B, H, N, N]`: explicit attention in that layer, so ask only where needed).
+    (the probabilities `[B, H, N, N]`: explicit attention in that layer, so ask only where needed)
+    and "x" (the hidden state `[B, N, C]` where the method reduces).
+    `site` says where a layer reduces: "attn" (between attention and MLP, the ViT papers) or
+    "block" (after the whole layer).
     `budget_unit` tells the FLOPs solver which schedule family the method's paper uses:
     "r" (a constant count per layer) or "keep" (a constant fraction per layer).
     """
@@ -149,6 +152,15 @@ class Reducer:
 
     def __init__(self, config: ReductionConfig) -> None:
         self.config = config
+
+    @property
+    def site(self) -> str:
+        """Where a layer reduces: "attn" (between attention and MLP) or "block" (after the MLP)."""
+        return "attn"
+
+    def for_family(self, family: str) -> None:
+        """Settle options whose paper default depends on the model family ("timm" or "hf"); called
+        by the backend at `patch`. Most methods have none."""
 
     def active(self, layer: int) -> bool:
         """Whether the method reduces in `layer` at all (by configuration, not by budget)."""

@@ -11,12 +11,16 @@ Tran et al., "Accelerating Transformers with Spectrum-Preserving Token Merging",
 Authors' code variants, offered by name: `energy="elu"` (E_i = mean_j ELU(W_ij - m, alpha)) and
 `preset="deit_code"` (ToMe-style matching on the energy-ordered split in the first half of the
 layers, margin 0.75 - 0.75 l / L, proportional attention off).
+
+The metric: head-averaged keys between attention and MLP on timm ViTs (the paper); on HF CLIP /
+SigLIP towers (LLaVA) the hidden state after the whole encoder layer, as the authors' LLaVA code
+does (`metric="hidden"`, the default there).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Dict, Optional, Union
+from typing import Callable, ClassVar, Dict, FrozenSet, Optional, Union
 
 import torch
 
@@ -43,12 +47,16 @@ class PitomeConfig(ReductionConfig):
         alpha: scale of the exponential branch of f_m.
         preset: "paper" or "deit_code" (the authors' DeiT code path; also sets energy="elu" and
             prop_attn=False unless given).
+        metric: "keys" (head-averaged keys, reduce between attention and MLP) or "hidden" (the
+            layer's output hidden state, reduce after the MLP); None: "keys" on timm models,
+            "hidden" on HF vision towers (the authors' code for each).
     """
 
     energy: Optional[str] = None
     margin: Optional[Margin] = None
     alpha: float = 1.0
     preset: str = "paper"
+    metric: Optional[str] = None
 
     default_budget: ClassVar[Dict[str, object]] = {"keep": 0.9}
 
@@ -60,6 +68,8 @@ class PitomeConfig(ReductionConfig):
         if self.energy is None:
             self.energy = "paper" if self.preset == "paper" else "elu"
         super().__post_init__()
+        if self.metric not in (None, "keys", "hidden"):
+            raise ValueError(f"metric must be 'keys' or 'hidden', got {self.metric!r}")
         if self.energy not in VARIANTS:
             raise ValueError(f"energy must be one of {VARIANTS}, got {self.energy!r}")
         if self.margin is not None and not callable(self.margin) and not is_real(self.margin):
@@ -89,6 +99,17 @@ class Pitome(Reducer):
     needs = frozenset({"keys"})
     budget_unit = "keep"
 
+    def for_family(self, family: str) -> None:
+        if self.config.metric is None:
+            self.config.metric = "hidden" if family == "hf" else "keys"
+
+    @property
+    def site(self) -> str:
+        return "block" if self.config.metric == "hidden" else "attn"
+
+    def needs_at(self, layer: int) -> FrozenSet[str]:
+        return frozenset({"x"}) if self.config.metric == "hidden" else self.needs
+
     def max_remove(self, layer: int, n_tokens: int, n_prefix: int) -> int:
         return pairwise_limit(n_tokens, n_prefix)  # the 2k candidates pair up
 
@@ -104,7 +125,8 @@ class Pitome(Reducer):
         return self.config.preset == "deit_code" and layer < math.ceil(depth / 2)
 
     def plan(self, signals: Dict[str, torch.Tensor], state: TokenState, n_remove: int) -> Plan:
-        keys, p, k = signals["keys"], state.n_prefix, n_remove
+        keys = signals["x"] if self.config.metric == "hidden" else signals["keys"]
+        p, k = state.n_prefix, n_remove
         depth = len(state.removals)
         with torch.no_grad():  # energies only order the tokens
             energy = energy_score(keys[:, p:], self.config.margin_at(state.layer, depth), self.config.alpha,

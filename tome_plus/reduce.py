@@ -1,0 +1,124 @@
+"""The reduce step every backend shares: attention that also yields a method's signals, the plan,
+and its application to the tokens.
+
+A backend says how q, k, v come out of its layer (`QKV`) and where its residual branches are
+(`prenorm_layer`'s callables); everything between (which attention to run, which signals to
+collect, when to call the method, what to do with the plan) lives here once, so a timm block, an
+HF encoder layer and, later, an LLM decoder layer reduce in exactly the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, FrozenSet, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .merging import apply_plan
+from .prop_attn import split_padded, write_size_channel
+from .state import TokenState
+
+Signals = Dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class QKV:
+    """How one attention layer projects its input, for `attention_with_signals`.
+
+    Attributes:
+        project: `x -> (q, k, v)`, each `[B, H, N, D]` (q and k after any qk-norm).
+        padded: `() -> (weight, bias)` of the one GEMM that writes the size-channel layout
+            (`prop_attn.pad_qkv`); None where the channel cannot run (qk-norm).
+        heads, head_dim: H and D.
+        scale: the attention scale (q k^T scale).
+        dropout: attention dropout probability in effect (0 in eval).
+        sdpa_scale: what the unpatched layer passes to SDPA as `scale` (None: SDPA's default),
+            so that an unreduced layer computes bit for bit what the original does.
+    """
+
+    project: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    padded: Optional[Callable[[], Tuple[torch.Tensor, torch.Tensor]]]
+    heads: int
+    head_dim: int
+    scale: float
+    dropout: float = 0.0
+    sdpa_scale: Optional[float] = None
+
+
+def attention_with_signals(x: torch.Tensor, state: TokenState, needs: FrozenSet[str], qkv: QKV,
+                           size_channel: bool = True) -> Tuple[torch.Tensor, Signals]:
+    """Multi-head attention of `x` (`[B, N, C]`, already normed) -> (`[B, N, H D]`, signals).
+
+    Fused SDPA unless `"attn"` is needed; `"cls_attn"` costs one extra `q_cls K^T` row; `"k"` (the
+    per-head keys, a view) is free and `"keys"` (their head average) one mean. Proportional
+    attention runs as the extra q/k channel of `prop_attn.py` where a log-size channel exists and
+    the layer allows it (`size_channel`, `qkv.padded`), as an additive key bias otherwise.
+    """
+    batch, n_tokens, _ = x.shape
+    channel = size_channel and qkv.padded is not None and state.log_size is not None and "attn" not in needs
+    bias = None
+    if channel:
+        weight, qkv_bias = qkv.padded()
+        q, k, v = split_padded(F.linear(x, weight, qkv_bias), qkv.heads, qkv.head_dim)
+        write_size_channel(k, qkv.head_dim, state.log_size)
+        sdpa_scale = qkv.scale  # the padded head dim would change SDPA's default
+    else:
+        sdpa_scale = qkv.sdpa_scale
+        q, k, v = qkv.project(x)
+        bias = state.attn_bias(x.dtype)
+
+    signals: Signals = {}
+    if "attn" in needs:
+        logits = (q * qkv.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        probs = logits.softmax(dim=-1)
+        signals["attn"] = probs
+        out = F.dropout(probs, qkv.dropout) @ v if qkv.dropout else probs @ v
+    else:
+        # with the size channel, q'k' already carries log s
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=qkv.dropout, scale=sdpa_scale)
+        if "cls_attn" in needs:
+            logits = (q[:, :, :1] * qkv.scale) @ k.transpose(-2, -1)
+            if bias is not None:
+                logits = logits + bias
+            signals["cls_attn"] = logits.softmax(dim=-1)[:, :, 0]
+    k = k[..., :qkv.head_dim]
+    if "k" in needs:
+        signals["k"] = k
+    if "keys" in needs:
+        signals["keys"] = k.mean(dim=1)
+    return out.transpose(1, 2).reshape(batch, n_tokens, -1), signals
+
+
+def reduce_step(x: torch.Tensor, state: TokenState, signals: Signals, n_remove: int
+                ) -> Tuple[torch.Tensor, TokenState]:
+    """signals -> the method's plan -> applied to x, sizes and source (one call per reducing layer)."""
+    return apply_plan(state.reducer.plan(signals, state, n_remove), x, state)
+
+
+def prenorm_layer(x: torch.Tensor, state: TokenState,
+                  attention: Callable[[torch.Tensor, FrozenSet[str]], Tuple[torch.Tensor, Signals]],
+                  mlp: Callable[[torch.Tensor], torch.Tensor]) -> Tuple[torch.Tensor, TokenState]:
+    """One pre-norm transformer layer that reduces where its method says.
+
+    `attention(x, needs)` returns the attention branch's residual update (norm, attention, output
+    projection, LayerScale, drop-path: the backend's business) and the signals; `mlp(x)` the MLP
+    branch's. The method reduces between the two (`site == "attn"`, the ViT papers) or after the
+    whole layer (`site == "block"`, with the layer's output as the `"x"` signal).
+    """
+    reducer, layer = state.reducer, state.layer
+    n_remove = state.removals[layer]
+    at_block = reducer.site == "block"
+    needs = reducer.needs_at(layer) if n_remove > 0 else frozenset()
+    y, signals = attention(x, needs - {"x"})
+    x = x + y
+    if n_remove > 0 and not at_block:
+        if "x" in needs:
+            signals["x"] = x
+        x, state = reduce_step(x, state, signals, n_remove)
+    x = x + mlp(x)
+    if n_remove > 0 and at_block:
+        signals["x"] = x
+        x, state = reduce_step(x, state, signals, n_remove)
+    return x, state.replace(layer=layer + 1, counts=state.counts + (x.shape[1],))
