@@ -401,3 +401,24 @@ def test_llava_example_runs():
     out = subprocess.run([sys.executable, os.path.join(root, "examples", "llava.py")], check=True, timeout=300,
                          capture_output=True, text=True, env=env).stdout
     assert "image placeholders in the prompt: 64" in out and "received: [40]" in out
+
+
+def test_vipllava_multi_layer_features(pixels):
+    """VipLlava concatenates several layers' features token by token: only the layers before the
+    first feature layer reduce, so every selected layer holds the same tokens."""
+    from transformers import VipLlavaConfig, VipLlavaForConditionalGeneration
+    torch.manual_seed(0)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       vocab_size=200, pad_token_id=0)
+    config = VipLlavaConfig(vision_config=CLIPVisionConfig(**TOWER), text_config=text, image_token_id=IMAGE_ID,
+                            vision_feature_layer=[-1, 2])
+    model = VipLlavaForConditionalGeneration(config).eval()
+    ids, mask = prompts((3, 5), (1, 2))
+    ref = greedy(model, ids, mask, pixels)
+    tome_plus.patch(model, "tome", r=0)
+    assert torch.equal(greedy(model, ids, mask, pixels), ref)
+    tome_plus.patch(model, "tome", r=6)
+    assert torch.equal(greedy(model, ids, mask, pixels), greedy(model, ids, mask, pixels, use_cache=False))
+    info = tome_plus.inspect(model)
+    assert info.removals == (6, 6, 0, 0)  # hidden_states[2] is layer 1's output
+    assert torch.equal(info.image_tokens, torch.full((2,), 65 - 12 - 1))

@@ -1,4 +1,5 @@
-"""HF transformers backend: LLaVA (`LlavaForConditionalGeneration` and its subclasses).
+"""HF transformers backend: LLaVA (`LlavaForConditionalGeneration`, `VipLlavaForConditionalGeneration`
+and their subclasses: one fixed-size image-token run per image).
 
 The vision tower (CLIP or SigLIP) reduces through `hf_clip`; only the layers that feed the image
 features (`vision_feature_layer`, e.g. -2 of 24: the first 23) reduce, so no work is spent on a
@@ -16,18 +17,25 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
-from transformers import LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration, VipLlavaForConditionalGeneration
 
 from ..methods.base import ReductionConfig, Reducer
 from . import hf_clip
 from .base import PatchInfo, get_info, swap_class
 
 KIND = "hf"
-FAMILY = "HF transformers LlavaForConditionalGeneration (the vision tower reduces, the LLM gets fewer image tokens)"
+FAMILY = ("HF transformers LlavaForConditionalGeneration, VipLlavaForConditionalGeneration (the vision tower "
+          "reduces, the LLM gets fewer image tokens)")
+MODELS = (LlavaForConditionalGeneration, VipLlavaForConditionalGeneration)
 
 
 def matches(model: nn.Module) -> bool:
-    return isinstance(model, LlavaForConditionalGeneration)
+    return isinstance(model, MODELS)
+
+
+def select_strategy(model: nn.Module, strategy: Optional[str] = None) -> str:
+    """"default" drops the class token from the features, "full" keeps it (VipLlava always drops it)."""
+    return strategy or getattr(model.config, "vision_feature_select_strategy", None) or "default"
 
 
 def tower(model: nn.Module) -> nn.Module:
@@ -71,12 +79,11 @@ def install(model: nn.Module, info: PatchInfo) -> None:
 def image_tokens_per_image(model: nn.Module, pixel_values: torch.Tensor, feature_layer=None,
                            strategy: Optional[str] = None) -> Tuple[int, int]:
     """(unpatched, reduced) image tokens one image of this size puts into the LLM."""
-    config, vision = model.config, tower(model)
-    strategy = config.vision_feature_select_strategy if strategy is None else strategy
+    vision = tower(model)
     patch = vision.config.patch_size
     n_input = (pixel_values.shape[-2] // patch) * (pixel_values.shape[-1] // patch) + int(hf_clip.has_cls(vision))
     removed = sum(get_info(model).removals(n_input)[:feature_depth(model, feature_layer)])
-    drop = 1 if strategy == "default" else 0
+    drop = 1 if select_strategy(model, strategy) == "default" else 0
     return n_input - drop, n_input - removed - drop
 
 
