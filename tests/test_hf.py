@@ -213,8 +213,9 @@ def test_tower_unpatch_restores_and_pickles(pixels):
 def test_tower_errors(pixels):
     model = clip()
     tome_plus.patch(model, "tome", r=4)
-    with pytest.raises(ValueError, match="output_attentions"):
-        model(pixels, output_attentions=True)
+    with pytest.warns(UserWarning, match="attention maps are not recorded"):
+        out = model(pixels, output_attentions=True)
+    assert out.last_hidden_state.shape[1] < 65
     with pytest.raises(ValueError, match="metric"):
         tome_plus.patch(model, "pitome", metric="values")
 
@@ -381,7 +382,7 @@ def test_tower_training_gradients(monkeypatch, pixels):
         monkeypatch.setattr(hf_clip, "SIZE_CHANNEL", channel)
         model = clip().train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
         tome_plus.patch(model, "tome", r=6)
         model(pixels).last_hidden_state[:, :5].pow(2).sum().backward()
         return [model.encoder.layers[i].self_attn.q_proj.weight.grad for i in (0, 3)]
@@ -422,3 +423,121 @@ def test_vipllava_multi_layer_features(pixels):
     info = tome_plus.inspect(model)
     assert info.removals == (6, 6, 0, 0)  # hidden_states[2] is layer 1's output
     assert torch.equal(info.image_tokens, torch.full((2,), 65 - 12 - 1))
+
+
+# ------------------------------------------------------------- LLaVA: what generate users rely on
+
+def patched_llava(r=6):
+    model = llava()
+    tome_plus.patch(model, "tome", r=r)
+    return model
+
+
+def test_llava_keeps_forward_signature():
+    """transformers reads the signature (logits_to_keep, mm_encoder_outputs) to decide what to pass."""
+    import inspect
+    model = patched_llava()
+    params = inspect.signature(model.forward).parameters
+    assert "logits_to_keep" in params and "mm_encoder_outputs" in params
+    assert model._supports_logits_to_keep()
+
+
+def test_llava_return_sequences_and_beams(pixels):
+    model = patched_llava()
+    ids, mask = prompts((3, 5), (1, 2))
+    out = greedy(model, ids, mask, pixels, num_beams=2, num_return_sequences=2)
+    assert out.shape[0] == 4 and torch.equal(out[:, :ids.shape[1]], ids.repeat_interleave(2, dim=0))
+    best = greedy(model, ids, mask, pixels, num_beams=2)
+    assert torch.equal(out[0::2], best)  # the first returned beam is the best one
+
+
+def test_llava_equal_length_rows_different_image_counts(pixels):
+    """Rows of equal length with 1 and 2 images differ after the cut: generate pads on the left,
+    so every row's continuation equals the row's own."""
+    model = patched_llava()
+    images = torch.cat([pixels, pixels[:1]])
+    ids, mask = prompts((N_IMAGE + 2, 3), (2, 3), images_per_row=[1, 2])
+    assert bool(mask.all())  # no padding in the input
+    batch = greedy(model, ids, None, images)
+    for row, (n, sl) in enumerate([(1, slice(0, 1)), (2, slice(1, 3))]):
+        alone = greedy(model, ids[row:row + 1], None, images[sl])
+        assert torch.equal(batch[row], alone[0])
+
+
+def test_llava_position_ids_renumbered(pixels):
+    model = patched_llava()
+    ids, mask = prompts((3, 5), (1, 2))
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    with torch.no_grad():
+        implicit = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        explicit = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=positions).logits
+    valid = torch.tensor([[True] * implicit.shape[1]] * 2)
+    valid[1, :implicit.shape[1] - (mask[1].sum() - (N_IMAGE - tome_plus.inspect(model).image_tokens[1]))] = False
+    torch.testing.assert_close(explicit[valid], implicit[valid], rtol=1e-5, atol=1e-5)
+
+
+def test_llava_second_turn_with_the_cache(pixels):
+    """Turn 2 passes the whole conversation (with the processor's image runs) and turn 1's cache:
+    it continues as a fresh run over that conversation does."""
+    model = patched_llava()
+    ids, mask = prompts((3, 5), (3, 5))
+    with torch.no_grad():
+        first = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=3,
+                               do_sample=False, return_dict_in_generate=True)
+        follow = torch.cat([first.sequences, torch.tensor([[60, 61]] * 2)], dim=1)
+        follow_mask = torch.ones_like(follow)
+        second = model.generate(input_ids=follow, attention_mask=follow_mask, cache=first.cache, max_new_tokens=3,
+                                do_sample=False)
+        fresh = model.generate(input_ids=follow, attention_mask=follow_mask, pixel_values=pixels, max_new_tokens=3,
+                               do_sample=False)
+    assert torch.equal(second, fresh)
+
+
+def test_llava_manual_loop_with_uncut_mask_is_refused(pixels):
+    model = patched_llava()
+    ids, mask = prompts((3, 5), (3, 5))
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True)
+        step = out.logits[:, -1].argmax(-1, keepdim=True)
+        grown = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)  # the processor's mask, grown
+        with pytest.raises(ValueError, match="the cache holds"):
+            model(input_ids=step, attention_mask=grown, cache=out.cache)
+
+
+def test_llava_max_length_counts_the_callers_prompt(pixels):
+    model = patched_llava()
+    ids, mask = prompts((3, 5), (3, 5))
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_length=ids.shape[1] + 4,
+                             do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 4
+
+
+def test_llava_inner_model_and_precomputed_features(pixels):
+    model = patched_llava()
+    ids, mask = prompts((3, 5), (1, 2))
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        inner = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixels).last_hidden_state
+        features = model.model.get_image_features(pixel_values=pixels)
+        pre = model(input_ids=ids, attention_mask=mask, mm_encoder_outputs={"image": features}).logits
+    torch.testing.assert_close(model.lm_head(inner), ref)
+    torch.testing.assert_close(pre, ref)
+
+
+def test_llava_padded_labels_of_different_lengths(pixels):
+    model = patched_llava()
+    ids, mask = prompts((6, 5), (1, 2), left=False)
+    labels = torch.where((ids == IMAGE_ID) | (mask == 0), -100, ids)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels)
+        n_image = tome_plus.inspect(model).image_tokens
+        losses = []
+        for row, shape in enumerate([(6, 5), (1, 2)]):
+            ids1, mask1 = prompts(shape)
+            labels1 = torch.where(ids1 == IMAGE_ID, -100, ids1)
+            one = model(input_ids=ids1, attention_mask=mask1, pixel_values=pixels[row:row + 1], labels=labels1)
+            losses.append((one.loss, int((labels1 != -100).sum()) - 1))
+    total = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
+    torch.testing.assert_close(out.loss, total, rtol=1e-4, atol=1e-5)
+    assert torch.equal(n_image, torch.full((2,), n_image[0].item()))

@@ -28,6 +28,7 @@ from ..prop_attn import SCRATCH, cached_padded_qkv, padded_head_dim
 from ..reduce import QKV, attention_with_signals, prenorm_layer
 from ..schedule import VitCostModel
 from ..state import TokenState
+from ..warn import warn_caller
 from .base import PatchInfo, get_info, original_class, swap_class, tag
 
 SIZE_CHANNEL = True  # as in timm_vit: False runs proportional attention as an additive mask
@@ -97,9 +98,9 @@ class ReducingEncoder:
         if attention_mask is not None or kwargs.get("is_causal"):
             raise ValueError("attention masks cannot follow tokens through a reduction; "
                              "call tome_plus.unpatch(model) for masked attention")
-        if kwargs.get("output_attentions"):
-            raise ValueError("output_attentions is not available on a patched model (attention runs fused); "
-                             "call tome_plus.unpatch(model) to get attention maps")
+        if kwargs.get("output_attentions"):  # e.g. LLaVA asked for the LLM's: those still come
+            warn_caller("the vision tower's attention maps are not recorded while it is patched (its attention "
+                        "runs fused); call tome_plus.unpatch(model) to get them")
         info = get_info(self)
         state = info.new_state(inputs_embeds)
         x = inputs_embeds
@@ -114,7 +115,8 @@ class ReducingEncoder:
 
 def keep_output_recording(model: nn.Module) -> None:
     """transformers records `output_hidden_states` through hooks it looks up by the model's class
-    name; give the patched class the original's entry (also after unpickling in a new process)."""
+    name; give the patched class the original's entry. (In a process that unpickled the model the
+    original's entry may be missing too: transformers itself then records nothing.)"""
     try:
         from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY as registry
     except ImportError:  # transformers without that registry records outputs another way

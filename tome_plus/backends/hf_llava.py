@@ -7,21 +7,28 @@ reduction nobody reads. The model itself then makes the fewer image tokens fit t
 prompt from the unchanged processor holds the unpatched number of image placeholders per image;
 before anything runs, each image's placeholder run is cut to the reduced count, and
 `input_ids` / `inputs_embeds`, `attention_mask`, `position_ids` and `labels` are cut with it
-(rows re-padded on the side the batch was padded on). `generate` does this once for the prompt
-and hands back the caller's own prompt in front of the new tokens, so slicing the output at the
-prompt length works as before. Prompts already cut to the reduced count pass unchanged.
+(rows re-padded on the side the batch was padded on; position ids renumbered as for a prompt
+with fewer placeholders). `generate` does this once for the prompt (left-padded, as generation
+needs), counts `max_length` / `min_length` in the caller's tokens, and hands back the caller's own
+prompt in front of the new tokens, so slicing the output at the prompt length works as before. A
+later turn that passes the cache back with the whole conversation is cut the same way. Prompts
+already cut to the reduced count pass unchanged. The inner `LlavaModel` is patched alike, so a call
+of `model.model(...)` or one with precomputed `mm_encoder_outputs` fits too.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import copy
+import functools
+import inspect
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from transformers import LlavaForConditionalGeneration, VipLlavaForConditionalGeneration
+from transformers import DynamicCache, LlavaForConditionalGeneration, VipLlavaForConditionalGeneration
 
 from ..methods.base import ReductionConfig, Reducer
 from . import hf_clip
-from .base import PatchInfo, get_info, swap_class
+from .base import PatchInfo, get_info, original_class, swap_class, tag
 
 KIND = "hf"
 FAMILY = ("HF transformers LlavaForConditionalGeneration, VipLlavaForConditionalGeneration (the vision tower "
@@ -39,7 +46,8 @@ def select_strategy(model: nn.Module, strategy: Optional[str] = None) -> str:
 
 
 def tower(model: nn.Module) -> nn.Module:
-    vision = model.model.vision_tower
+    """The vision tower of the LLaVA model (or of its inner `LlavaModel`)."""
+    vision = model.model.vision_tower if hasattr(model, "model") else model.vision_tower
     if not hf_clip.matches(vision):
         raise TypeError(f"the vision tower is {type(vision).__name__}; tome_plus supports CLIP and SigLIP towers")
     return vision
@@ -73,112 +81,244 @@ def prepare(model: nn.Module, reducer: Reducer, config: ReductionConfig, method:
 
 def install(model: nn.Module, info: PatchInfo) -> None:
     hf_clip.install(tower(model), info)
-    swap_class(model, ReducingLlava, info)
+    swap_class(model.model, FittingInner, info)
+    tag(model.model, info)
+    swap_class(model, FittingLlava, info)
 
 
-def image_tokens_per_image(model: nn.Module, pixel_values: torch.Tensor, feature_layer=None,
-                           strategy: Optional[str] = None) -> Tuple[int, int]:
-    """(unpatched, reduced) image tokens one image of this size puts into the LLM."""
-    vision = tower(model)
+def image_counts(model: nn.Module, n_pixels: Optional[Tuple[int, int]] = None, feature_layer=None,
+                 strategy: Optional[str] = None) -> Tuple[int, int]:
+    """(unpatched, reduced) image tokens one image of `n_pixels` (H, W; default: the tower's
+    configured size) puts into the LLM."""
+    vision, info = tower(model), get_info(model)
     patch = vision.config.patch_size
-    n_input = (pixel_values.shape[-2] // patch) * (pixel_values.shape[-1] // patch) + int(hf_clip.has_cls(vision))
-    removed = sum(get_info(model).removals(n_input)[:feature_depth(model, feature_layer)])
+    height, width = n_pixels if n_pixels is not None else (vision.config.image_size,) * 2
+    n_input = (height // patch) * (width // patch) + int(hf_clip.has_cls(vision))
+    depth = feature_depth(model, feature_layer)
+    if feature_layer is not None and not isinstance(feature_layer, int) and depth < (info.reduce_depth or 0):
+        raise ValueError(f"vision_feature_layer {feature_layer!r} reads layers the tower reduces in (it was patched "
+                         f"for {model.config.vision_feature_layer!r}); set it in the config and patch again")
+    removed = sum(info.removals(n_input)[:depth])
     drop = 1 if select_strategy(model, strategy) == "default" else 0
     return n_input - drop, n_input - removed - drop
 
 
-def _padding_left(attention_mask: Optional[torch.Tensor]) -> bool:
-    """Whether a batch is left-padded (some row starts with padding), as for generation."""
-    return attention_mask is not None and bool((attention_mask[:, 0] == 0).any())
-
-
-def fit_prompt(model: nn.Module, pixel_values: torch.Tensor, input_ids=None, inputs_embeds=None,
-               attention_mask=None, position_ids=None, labels=None, feature_layer=None, strategy=None):
-    """Cut every image's placeholder run to the reduced count; returns the five tensors, cut alike.
-
-    A prompt that already has the reduced count passes unchanged. Anything else is an error that
-    says what was expected.
-    """
-    n_full, n_reduced = image_tokens_per_image(model, pixel_values, feature_layer, strategy)
+def image_mask(model: nn.Module, input_ids=None, inputs_embeds=None) -> torch.Tensor:
+    """`[B, L]` True at the image placeholders (by id, or by embedding as HF does for embeds)."""
     image_id = model.config.image_token_id
     if input_ids is not None:
-        is_image = input_ids == image_id
-    else:
-        image_embed = model.get_input_embeddings()(torch.tensor(image_id, device=inputs_embeds.device))
-        is_image = (inputs_embeds == image_embed).all(-1)
-    n_images = pixel_values.shape[0]
+        return input_ids == image_id
+    image_embed = model.get_input_embeddings()(torch.tensor(image_id, device=inputs_embeds.device))
+    return (inputs_embeds == image_embed).all(-1)
+
+
+def fit_prompt(is_image: torch.Tensor, n_full: int, n_reduced: int, n_images: Optional[int],
+               tensors: Dict[str, Optional[torch.Tensor]], left: Optional[bool] = None) -> Dict[str, Any]:
+    """Cut every image's placeholder run from `n_full` to its first `n_reduced` tokens.
+
+    `tensors` maps "input_ids", "inputs_embeds", "attention_mask", "position_ids", "labels" to
+    `[B, L, ...]` tensors or None; returns them cut alike (rows re-padded: on the left when `left`,
+    else on the side the batch was padded on), with "image_tokens" (`[B]`, what each row keeps) and
+    "removed" (how much shorter the batch became). A prompt already at `n_reduced` per image passes
+    unchanged; any other count raises. `n_images`: images given with the prompt (None: not known,
+    e.g. a later turn with the cache; then every row must hold whole runs).
+    """
     per_row = is_image.sum(dim=1).tolist()
     total = sum(per_row)
-    if n_full == n_reduced or total == n_images * n_reduced:
-        return input_ids, inputs_embeds, attention_mask, position_ids, labels
-    if total != n_images * n_full or any(n % n_full for n in per_row):
-        raise ValueError(f"the prompt holds {per_row} image tokens per sample for {n_images} image(s); "
-                         f"expected {n_full} per image (as the model's processor inserts them) or "
-                         f"{n_reduced} (already reduced)")
-    # keep the first n_reduced placeholders of every image's run (runs are n_full long, in order)
+    out = dict(tensors, image_tokens=is_image.sum(dim=1), removed=0, has_images=total > 0)
+    whole = lambda n: all(c % n == 0 for c in per_row)
+    if n_full == n_reduced or total == 0:
+        return out
+    if n_images is not None:  # the images are known: the total says which count the prompt uses
+        if total == n_images * n_reduced and whole(n_reduced):
+            return out
+        cut = total == n_images * n_full and whole(n_full)
+    else:  # a later turn: the conversation as the caller has it holds whole processor runs
+        if not whole(n_full) and whole(n_reduced):
+            return out
+        cut = whole(n_full)
+    if not cut:
+        images = f"{n_images} image(s)" if n_images is not None else "the images of this prompt"
+        raise ValueError(f"the prompt holds {per_row} image tokens per sample for {images}; expected {n_full} per "
+                         f"image (as the model's processor inserts them) or {n_reduced} (already reduced)")
     rank = is_image.long().cumsum(dim=1) - 1
-    keep = ~is_image | (rank % n_full < n_reduced)
+    keep = ~is_image | (rank % n_full < n_reduced)  # the first n_reduced of every image's run
     counts = keep.sum(dim=1)
     length = int(counts.max())
-    left = _padding_left(attention_mask)
+    mask = tensors.get("attention_mask")
+    if left is None:  # keep the batch's padding side (left if some row starts with padding)
+        left = mask is not None and bool((mask[:, 0] == 0).any())
     start = (length - counts) if left else torch.zeros_like(counts)
-    dest = start.unsqueeze(1) + keep.long().cumsum(dim=1) - 1  # new position of every kept token
+    dest = start.unsqueeze(1) + keep.long().cumsum(dim=1) - 1
     rows, cols = keep.nonzero(as_tuple=True)
     new_cols = dest[rows, cols]
 
-    def cut(t: Optional[torch.Tensor], fill) -> Optional[torch.Tensor]:
+    def cut_tensor(t: Optional[torch.Tensor], fill) -> Optional[torch.Tensor]:
         if t is None:
             return None
-        out = t.new_full((t.shape[0], length) + tuple(t.shape[2:]), fill)
-        out[rows, new_cols] = t[rows, cols]
-        return out
+        result = t.new_full((t.shape[0], length) + tuple(t.shape[2:]), fill)
+        result[rows, new_cols] = t[rows, cols]
+        return result
 
-    pad_id = getattr(model.config.text_config, "pad_token_id", None) or getattr(model.config, "pad_token_id", None) or 0
-    if attention_mask is None and bool((counts != length).any()):
-        attention_mask = torch.ones_like(is_image, dtype=torch.long)  # rows now differ in length
-    if position_ids is not None and position_ids.dim() != 2:
-        raise ValueError(f"position_ids of shape {tuple(position_ids.shape)}: tome_plus cuts [batch, length] ones")
-    return (cut(input_ids, pad_id), cut(inputs_embeds, 0.0), cut(attention_mask, 0), cut(position_ids, 0),
-            cut(labels, -100))
+    if mask is None and bool((counts != length).any()):
+        mask = torch.ones_like(is_image, dtype=torch.long)  # rows now differ in length: say where the pads are
+    positions = tensors.get("position_ids")
+    if positions is not None:
+        if positions.dim() != 2:
+            raise ValueError(f"position_ids of shape {tuple(positions.shape)}: tome_plus cuts [batch, length] ones")
+        # as if the prompt had held fewer placeholders: later tokens move up by the cut ones before them
+        positions = positions - (is_image & ~keep).long().cumsum(dim=1)
+    out.update(input_ids=cut_tensor(tensors.get("input_ids"), tensors.get("pad_id", 0)),
+               inputs_embeds=cut_tensor(tensors.get("inputs_embeds"), 0.0), attention_mask=cut_tensor(mask, 0),
+               position_ids=cut_tensor(positions, 0), labels=cut_tensor(tensors.get("labels"), -100),
+               image_tokens=(is_image & keep).sum(dim=1), removed=is_image.shape[1] - length)
+    return out
 
 
-class ReducingLlava:
-    """Mixin for `LlavaForConditionalGeneration`: prompts with the processor's placeholder count fit."""
+FITTED = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "labels")
 
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, *args,
-                inputs_embeds=None, labels=None, **kwargs):
-        if pixel_values is not None:
-            input_ids, inputs_embeds, attention_mask, position_ids, labels = fit_prompt(
-                self, pixel_values, input_ids, inputs_embeds, attention_mask, position_ids, labels,
-                kwargs.get("vision_feature_layer"), kwargs.get("vision_feature_select_strategy"))
-            self._remember_image_tokens(input_ids, inputs_embeds)
-        return super().forward(input_ids, pixel_values, attention_mask, position_ids, *args,
-                               inputs_embeds=inputs_embeds, labels=labels, **kwargs)
 
-    def generate(self, inputs: Optional[torch.Tensor] = None, **kwargs):
-        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
-        pixel_values = kwargs.get("pixel_values")
-        if pixel_values is None or (input_ids is None and kwargs.get("inputs_embeds") is None):
-            return super().generate(input_ids, **kwargs)
-        fitted, embeds, mask, position_ids, _ = fit_prompt(
-            self, pixel_values, input_ids, kwargs.pop("inputs_embeds", None), kwargs.pop("attention_mask", None),
-            kwargs.pop("position_ids", None), None, kwargs.get("vision_feature_layer"),
-            kwargs.get("vision_feature_select_strategy"))
-        for name, value in (("inputs_embeds", embeds), ("attention_mask", mask), ("position_ids", position_ids)):
-            if value is not None:
-                kwargs[name] = value
-        out = super().generate(fitted, **kwargs)
-        if input_ids is None or fitted is input_ids:
+def fit_call(model: nn.Module, args: Dict[str, Any], extra: Dict[str, Any], left: Optional[bool] = None
+             ) -> Optional[Dict[str, Any]]:
+    """Fit the prompt of one forward/generate call (its arguments by name, `extra` its **kwargs)
+    in place; returns `fit_prompt`'s result, or None where there was nothing to fit."""
+    get = lambda name: args.get(name, extra.get(name))
+    ids, embeds = get("input_ids"), get("inputs_embeds")
+    if ids is None and embeds is None:
+        return None
+    pixels, encoded = get("pixel_values"), (get("mm_encoder_outputs") or {}).get("image")
+    cache = get("cache") if get("cache") is not None else get("past_key_values")
+    fitted = _fit(model, ids, embeds, pixels, encoded, cache, get, left)
+    if fitted is not None:
+        for name in FITTED:
+            if fitted[name] is not None:
+                (args if name in args else extra)[name] = fitted[name]
+    return fitted
+
+
+def check_cache(args: Dict[str, Any], extra: Dict[str, Any]) -> None:
+    """A forward's attention mask must cover the cache and the new tokens: a mask grown from the
+    processor's (uncut) one would silently shift every position."""
+    get = lambda name: args.get(name, extra.get(name))
+    cache = get("cache") if get("cache") is not None else get("past_key_values")
+    mask, tokens = get("attention_mask"), get("input_ids") if get("input_ids") is not None else get("inputs_embeds")
+    if not isinstance(cache, DynamicCache) or mask is None or tokens is None or cache.get_seq_length() == 0:
+        return
+    if mask.shape[1] != cache.get_seq_length() + tokens.shape[1]:
+        raise ValueError(f"attention_mask covers {mask.shape[1]} tokens, but the cache holds {cache.get_seq_length()} "
+                         f"and {tokens.shape[1]} are new: the cache holds the prompt as tome_plus cut it; pass the "
+                         f"whole conversation to generate (its images are cut the same way), or cut the mask with "
+                         f"tome_plus.backends.hf_llava.fit_prompt")
+
+
+def _fit(model, ids, embeds, pixels, encoded, cache, get, left) -> Optional[Dict[str, Any]]:
+    layer, strategy = get("vision_feature_layer"), get("vision_feature_select_strategy")
+    if pixels is not None:
+        n_full, n_reduced = image_counts(model, tuple(pixels.shape[-2:]), layer, strategy)
+        n_images = pixels.shape[0]
+    elif encoded is not None:  # features made earlier (by this patched tower): their length is the count
+        features = encoded.pooler_output
+        n_full, n_reduced = image_counts(model, None, layer, strategy)[0], features[0].shape[0]
+        n_images = len(features)
+    elif cache is not None and (ids if ids is not None else embeds).shape[1] > 1:
+        # a later turn: the whole conversation again, whose images the cache holds cut
+        n_full, n_reduced = image_counts(model, None, layer, strategy)
+        n_images = None
+    else:
+        return None
+    tensors = {name: get(name) for name in FITTED}
+    tensors["pad_id"] = pad_token_id(model)
+    return fit_prompt(image_mask(model, ids, embeds), n_full, n_reduced, n_images, tensors, left)
+
+
+def pad_token_id(model: nn.Module) -> int:
+    text = getattr(model.config, "text_config", None)
+    for value in (getattr(text, "pad_token_id", None), getattr(model.config, "pad_token_id", None)):
+        if value is not None:
+            return value
+    return 0
+
+
+def bind(method, self: nn.Module, args, kwargs) -> inspect.BoundArguments:
+    """`args`/`kwargs` of a call bound to the original `method`'s parameters (by name from here on)."""
+    return inspect.signature(method).bind(self, *args, **kwargs)
+
+
+def var_kwargs(bound: inspect.BoundArguments) -> Dict[str, Any]:
+    """The **kwargs part of a bound call (a dict, possibly empty; edited in place)."""
+    for name, param in bound.signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            return bound.arguments.setdefault(name, {})
+    return {}
+
+
+class _SignatureOfOriginal:
+    """Patched classes report the original `forward` signature: transformers reads it (e.g. to
+    pass `logits_to_keep` and `mm_encoder_outputs` in `generate`)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        parents = cls.__dict__.get("_tome_plus_parents")
+        if parents is not None:
+            mixin_forward = parents[0].forward
+            cls.forward = functools.wraps(parents[1].forward)(lambda self, *a, **k: mixin_forward(self, *a, **k))
+
+
+class FittingInner(_SignatureOfOriginal):
+    """Mixin for the inner `LlavaModel`: a prompt with the processor's placeholder count fits."""
+
+    def forward(self, *args, **kwargs):
+        bound = bind(original_class(self).forward, self, args, kwargs)
+        fitted = fit_call(self, bound.arguments, var_kwargs(bound))
+        if fitted is not None and fitted["has_images"]:
+            get_info(self).image_tokens = fitted["image_tokens"]
+        check_cache(bound.arguments, var_kwargs(bound))
+        return super().forward(*bound.args[1:], **bound.kwargs)
+
+
+class FittingLlava(_SignatureOfOriginal):
+    """Mixin for `LlavaForConditionalGeneration` (and VipLlava): prompts with the processor's
+    placeholder count fit, in `forward` (labels too) and in `generate`."""
+
+    def forward(self, *args, **kwargs):
+        bound = bind(original_class(self).forward, self, args, kwargs)
+        fitted = fit_call(self, bound.arguments, var_kwargs(bound))
+        if fitted is not None and fitted["has_images"]:
+            get_info(self).image_tokens = fitted["image_tokens"]
+        check_cache(bound.arguments, var_kwargs(bound))
+        return super().forward(*bound.args[1:], **bound.kwargs)
+
+    def generate(self, *args, **kwargs):
+        bound = bind(original_class(self).generate, self, args, kwargs)
+        extra = var_kwargs(bound)
+        ids = bound.arguments.get("inputs")
+        if ids is None:
+            ids = extra.get("input_ids")
+        elif "input_ids" not in extra:  # fit it under its keyword name, hand it back positionally
+            extra["input_ids"] = bound.arguments.pop("inputs")
+        fitted = fit_call(self, bound.arguments, extra, left=True)
+        if fitted is None or fitted["removed"] == 0 and fitted["input_ids"] is ids:
+            return super().generate(*bound.args[1:], **bound.kwargs)
+        removed = fitted["removed"]
+        # max_length / min_length count the caller's prompt: the cut one is `removed` shorter
+        config = bound.arguments.get("generation_config")
+        for name in ("max_length", "min_length"):
+            if extra.get(name) is not None:
+                extra[name] -= removed
+        if config is not None and (config.max_length is not None or config.min_length):
+            config = copy.deepcopy(config)
+            if config.max_length is not None and config.max_new_tokens is None:
+                config.max_length -= removed
+            if config.min_length:
+                config.min_length = max(config.min_length - removed, 0)
+            bound.arguments["generation_config"] = config
+        out = super().generate(*bound.args[1:], **bound.kwargs)
+        if ids is None:  # from embeddings: generate returns only the new tokens
             return out
-        # the caller's prompt in front of the new tokens, as the unpatched model returns them
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
-        restored = torch.cat([input_ids, sequences[:, fitted.shape[1]:]], dim=1)
+        prompt = ids.repeat_interleave(sequences.shape[0] // ids.shape[0], dim=0)  # num_return_sequences
+        restored = torch.cat([prompt, sequences[:, fitted["input_ids"].shape[1]:]], dim=1)
         if isinstance(out, torch.Tensor):
             return restored
         out.sequences = restored
         return out
-
-    def _remember_image_tokens(self, input_ids, inputs_embeds) -> None:
-        """For `inspect`: image tokens per sample that reach the language model."""
-        if input_ids is not None:
-            get_info(self).image_tokens = (input_ids == self.config.image_token_id).sum(dim=1)
