@@ -270,3 +270,154 @@ def test_failed_capture_is_reported_and_the_run_goes_on(monkeypatch, tmp_path):
     assert f"tome capture failed: {error}" in table and "x graphed" not in table
     bench.write_csv(report, str(tmp_path / "r.csv"))
     assert [r["graph_error"] for r in csv.DictReader((tmp_path / "r.csv").open())] == ["", error]
+
+
+# ---------------------------------------------------------------- --hf: random-weight LLaVA shapes
+
+HF_TINY = ["bench", "--hf", "llava-tiny", "--device", "cpu", "--dtype", "float32", "--warmup", "0", "--no-progress"]
+
+
+def tick_per_token(monkeypatch, tick: float = 1e-4):
+    """A fake clock that moves only inside tower and LLM layers, by the tokens each one is given
+    (hooks go on the built model; its patched twin copies them). Returns what the clock saw."""
+    from tome_plus.tools import hf_shapes
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    clock = SimpleNamespace(now=0.0)
+    real_build = hf_shapes.build_llava
+
+    def advance(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        clock.now += hidden.shape[1] * tick
+
+    def build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        for module in model.modules():
+            if isinstance(module, (CLIPEncoderLayer, LlamaDecoderLayer)):
+                module.register_forward_pre_hook(advance, with_kwargs=True)
+        return model
+    monkeypatch.setattr(hf_shapes, "build_llava", build)
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    return clock
+
+
+def test_hf_bench_llava_tiny_end_to_end(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    tick = 1e-4
+    tick_per_token(monkeypatch, tick)
+    out_json, out_csv = tmp_path / "new" / "r.json", tmp_path / "r.csv"
+    main([*HF_TINY, "--batch-size", "2", "--runs", "2", "--r", "4", "--json", str(out_json), "--csv", str(out_csv)])
+    printed = capsys.readouterr().out
+    assert printed.startswith("llava-tiny: ") and "speed-up: vision" in printed
+    assert "image tokens to the LLM" in printed and "graphs: n/a" in printed
+    report = json.loads(out_json.read_text())
+    for key in ("hf", "method", "options", "device_name", "precision", "batch_size", "text_tokens",
+                "image_placeholders",
+                "transformers", "results", "vision_speedup", "prefill_speedup", "llm_speedup", "image_token_ratio",
+                "tower_flops_ratio", "llm_flops_ratio", "prefill_flops_ratio", "memory_ratio"):
+        assert key in report, key
+    assert report["hf"] == "llava-tiny" and report["options"] == {"r": 4} and report["image_placeholders"] == 64
+    base, patched = report["results"]
+    # 64 patches + CLS; r=4 in the first 3 of 4 layers (the features are layer -2's); CLS dropped
+    tokens_in = [65, 61, 57, 53]
+    assert patched["tokens"] == [61, 57, 53, 53] and base["tokens"] == []
+    assert (base["image_tokens"], patched["image_tokens"]) == (64, 52)
+    assert (base["prompt_tokens"], patched["prompt_tokens"]) == (32 + 64, 32 + 52)
+    # the fake clock: every ratio follows from the token counts alone
+    assert base["vision_ms_per_batch"] == pytest.approx(4 * 65 * tick * 1e3)
+    assert patched["vision_ms_per_batch"] == pytest.approx(sum(tokens_in) * tick * 1e3)
+    assert base["vision_images_per_s"] == pytest.approx(2 / (4 * 65 * tick))
+    assert base["llm_ms_per_batch"] == pytest.approx(2 * 96 * tick * 1e3)
+    assert patched["llm_ms_per_batch"] == pytest.approx(2 * 84 * tick * 1e3)
+    assert base["prefill_ms_per_batch"] == pytest.approx((4 * 65 + 2 * 96) * tick * 1e3)
+    assert patched["prefill_ms_per_batch"] == pytest.approx((sum(tokens_in) + 2 * 84) * tick * 1e3)
+    assert report["llm_speedup"] == pytest.approx(96 / 84)
+    assert report["prefill_speedup"] == pytest.approx((4 * 65 + 2 * 96) / (sum(tokens_in) + 2 * 84))
+    # fewer image tokens, fewer FLOPs in every part
+    assert report["image_token_ratio"] == pytest.approx(52 / 64)
+    assert patched["llm_gflops_per_prompt"] < base["llm_gflops_per_prompt"]
+    assert report["tower_flops_ratio"] < 1 and report["llm_flops_ratio"] < 1 and report["prefill_flops_ratio"] < 1
+    for r in (base, patched):
+        parts = r["tower_gflops_per_image"] + r["projector_gflops_per_image"] + r["llm_gflops_per_prompt"]
+        assert parts == pytest.approx(r["prefill_gflops_per_prompt"])  # the parts make up the forward
+    rows = list(csv.DictReader(out_csv.open()))
+    assert [r["name"] for r in rows] == ["baseline", "tome"] and rows[1]["tokens"] == "61 57 53 53"
+
+
+def test_hf_bench_zero_budget_changes_nothing(capsys):
+    pytest.importorskip("transformers")
+    report = bench.main(["--hf", "llava-tiny", "--device", "cpu", "--warmup", "0", "--runs", "1", "--batch-size", "1",
+                         "--r", "0", "--no-progress"])
+    base, patched = report["results"]
+    assert base["image_tokens"] == patched["image_tokens"] == 64
+    assert report["tower_flops_ratio"] == 1 and report["llm_flops_ratio"] == 1 and report["prefill_flops_ratio"] == 1
+
+
+def test_hf_patched_twin_shares_weights_and_llm_alone_sees_what_the_forward_gives_it():
+    pytest.importorskip("transformers")
+    from tome_plus.tools import hf_shapes
+    base = hf_shapes.build_llava("llava-tiny")
+    twin = tome_plus.patch(bench.shared_copy(base), "tome", r=4)
+    assert all(a is b for a, b in zip(base.parameters(), twin.parameters()))
+    assert not hasattr(base, "_tome_plus") and type(base).__name__ == "LlavaForConditionalGeneration"
+    ids, mask, pixels = hf_shapes.make_inputs(base.config, 2, 8)
+    with torch.no_grad():
+        for model, n_image in ((base, 64), (twin, 52)):
+            llm_kwargs = bench.llm_inputs(model, ids, mask, pixels)
+            assert llm_kwargs["inputs_embeds"].shape[:2] == llm_kwargs["attention_mask"].shape == (2, 8 + n_image)
+            alone = bench.llm_prefill(model, llm_kwargs)
+            torch.testing.assert_close(alone, bench.llava_prefill(model, ids, mask, pixels).logits)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--hf", "llava-huge"], "argument --hf: unknown shape 'llava-huge'; known shapes: llava-1.5-7b-shape, "),
+    (["--hf", "llava-tiny", "--model", "vit_tiny_patch16_224"], "give --hf or --model, not both"),
+    (["--hf", "llava-tiny", "--img-size", "64"], "--img-size does not go with --hf"),
+    (["--hf", "llava-tiny", "--graphs"], "--graphs does not go with --hf"),
+    (["--hf", "llava-tiny", "--kernels"], "--kernels does not go with --hf"),
+    (["--hf", "llava-tiny", "--precision", "half"], "--precision half needs --dtype float16 or bfloat16"),
+    (["--hf", "llava-tiny", "--text-tokens", "0"], "argument --text-tokens: must be >= 1, got 0"),
+    (["--hf", "llava-tiny", "--method", "nope"], "--method: unknown method 'nope'"),
+])
+def test_hf_bench_refuses_bad_values_in_one_line(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "run_hf_bench", lambda *a, **k: pytest.fail("refused values must stop before the run"))
+    status, err = run_cli(["bench", "--device", "cpu", "--no-progress", *argv], capsys)
+    assert status == 2
+    assert err.startswith("tome-plus") and message in err and err.count("\n") == 1
+    if "unknown shape" in message:
+        assert "llava-small-shape" in err and "llava-tiny" in err
+
+
+def test_hf_bench_without_transformers_says_how_to_install(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    status, err = run_cli([*HF_TINY, "--runs", "1"], capsys)
+    assert status == 1 and err.startswith("tome-plus bench: error: --hf needs transformers")
+    assert err.endswith('install it with pip install -e ".[hf]"\n') and err.count("\n") == 1
+
+
+def test_timm_bench_never_imports_transformers():
+    code = ("import sys; from tome_plus.tools.cli import main; "
+            "main(['bench', '--model', 'vit_tiny_patch16_224', '--device', 'cpu', '--dtype', 'float32', "
+            "'--img-size', '32', '--batch-size', '1', '--warmup', '0', '--runs', '1', '--r', '1', '--no-progress']); "
+            "assert 'transformers' not in sys.modules, 'transformers was imported'")
+    env = dict(__import__("os").environ, TRITON_INTERPRET="1")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True)
+
+
+@pytest.mark.parametrize("dtype,precision,label,weights", [
+    ("float32", None, "fp32", torch.float32),
+    ("bfloat16", None, "bf16 weights", torch.bfloat16),  # --hf: half weights unless autocast is asked for
+    ("bfloat16", "autocast", "autocast bf16", torch.float32),
+])
+def test_hf_precision_defaults_to_half_weights(dtype, precision, label, weights):
+    pytest.importorskip("transformers")
+    from tome_plus.tools import hf_shapes
+    prec = bench.resolve_hf_precision("cpu", dtype, precision)
+    assert prec.label == label and prec.tensor_dtype == weights
+    model = hf_shapes.build_llava("llava-tiny", dtype=prec.tensor_dtype)
+    assert {p.dtype for p in model.parameters()} == {weights} and torch.get_default_dtype() == torch.float32
+    ids, mask, pixels = hf_shapes.make_inputs(model.config, 1, 3, dtype=prec.tensor_dtype)
+    # BOS, 2 text tokens (the "USER:" in front of the image), then the 64 placeholders
+    assert ids.shape == (1, 3 + 64) and ids[0, 0] == 1 and bool((ids[0, 3:] == 199).all())
+    assert bool((ids[0, 1:3] > 2).all()) and pixels.dtype == weights

@@ -8,7 +8,13 @@ interleaved run by run, so drift of the machine hits every model alike.
 
 Precision: `--dtype float32` runs in fp32. For float16/bfloat16, `--precision autocast` (the
 default) keeps fp32 weights and inputs and runs the forward under `torch.autocast`;
-`--precision half` casts weights and inputs to the dtype.
+`--precision half` casts weights and inputs to the dtype (the default with --hf).
+
+`--hf SHAPE` benchmarks a random-weight HF LLaVA of a known shape instead (llava-1.5-7b-shape on
+a GPU, llava-small-shape on a CPU): the vision side in images/s, the prefill forward of a prompt
+with one image and the language model alone on the prompt it gets, all interleaved; FLOPs of the
+tower, projector and LLM; the image tokens that reach the LLM. The patched model shares the
+unpatched one's weights, so the GPU holds them once. transformers is imported only for --hf.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import sys
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, ContextManager, Dict, Hashable, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
@@ -30,9 +36,11 @@ import tome_plus
 
 from .common import (DTYPES, Parser, PeakMemory, UsageError, add_method_args, check_device, check_method,
                      cli_errors, describe, int_at_least, method_options, prepare_output, save_json)
-from .flops import count_flops
+from .flops import count_flops, flop_counter
+from .hf_shapes import check_shape, shapes_help
 
 PROG = "tome-plus bench"
+DEFAULT_MODEL = "vit_base_patch16_224"
 PRECISIONS = ("autocast", "half")
 SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -218,16 +226,17 @@ class Measurement:
     graph_error: Optional[str] = None
 
 
-def _peak_memory_mib(forward: Forward, x: torch.Tensor) -> float:
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
-        torch.cuda.reset_peak_memory_stats(x.device)
-        before = torch.cuda.memory_allocated(x.device)
-        forward(x)
-        torch.cuda.synchronize(x.device)
-        return (torch.cuda.max_memory_allocated(x.device) - before) / 2**20
+def peak_memory_mib(call: Callable[[], Any], device: torch.device) -> float:
+    """Peak MiB that `call()` allocates on `device` above what was allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        call()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     with PeakMemory() as mem:
-        forward(x)
+        call()
     return mem.peak / 2**20
 
 
@@ -276,7 +285,7 @@ def run_bench(model_name: str, method: str, options: Dict[str, Any], device: str
         results.append(Measurement(
             name=name, images_per_s=batch_size / med, ms_per_batch=med * 1e3,
             ms_per_batch_min=min(t.eager) * 1e3, gflops_per_image=flops / 1e9,
-            peak_mem_mib=_peak_memory_mib(forwards[name], x),
+            peak_mem_mib=peak_memory_mib(lambda: forwards[name](x), x.device),
             tokens=list(tome_plus.inspect(model).tokens) if name != "baseline" else [],
             graph_images_per_s=batch_size / gmed if gmed is not None else None,
             graph_ms_per_batch=gmed * 1e3 if gmed is not None else None,
@@ -370,25 +379,305 @@ def write_csv(report: Dict[str, Any], path: str) -> None:
             writer.writerow([report[k] for k in keys] + [cell(c, r[c]) for c in columns])
 
 
+# --------------------------------------------------------------------- HF LLaVA shapes (--hf)
+
+HF_PARTS = ("vision", "prefill", "llm")
+
+
+def resolve_hf_precision(device: str, dtype: str, precision: Optional[str] = None) -> Precision:
+    """As `resolve_precision`, but float16/bfloat16 default to "half": LLaVA runs with half weights,
+    and a 7B model's fp32 weights would not fit where its fp16 ones do."""
+    half = DTYPES.get(dtype) in (torch.float16, torch.bfloat16)
+    return resolve_precision(device, dtype, precision or ("half" if half else None))
+
+
+def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` with modules of its own but the same parameter and buffer tensors, so
+    patching the copy leaves `model` unpatched while the weights are held once (a 7B model needs
+    its 14 GB of fp16 weights once, not twice)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return copy.deepcopy(model, {id(t): t for t in tensors})
+
+
+def image_features(model: torch.nn.Module, pixel_values: torch.Tensor) -> Any:
+    """The vision side as LLaVA's forward runs it: the tower with the hidden states of the feature
+    layer recorded, the selection, the projector."""
+    config = model.config
+    return model.get_image_features(pixel_values=pixel_values, vision_feature_layer=config.vision_feature_layer,
+                                    vision_feature_select_strategy=config.vision_feature_select_strategy)
+
+
+def llava_prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  pixel_values: torch.Tensor) -> Any:
+    """The whole prefill forward; logits of the last position only, as `generate` asks for them."""
+    return model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, logits_to_keep=1)
+
+
+def llm_inputs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               pixel_values: torch.Tensor) -> Dict[str, Any]:
+    """The keyword arguments the language model gets inside one `llava_prefill` (the embedded
+    prompt, cut by a patched model to its image-token count, image features in place), recorded
+    from the call itself so the LLM alone runs on exactly that, whatever the patch does to get it."""
+    seen: Dict[str, Any] = {}
+
+    def record(module: torch.nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        seen.update({k: kwargs.get(k) for k in ("inputs_embeds", "attention_mask", "position_ids")})
+    handle = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        llava_prefill(model, input_ids, attention_mask, pixel_values)
+    finally:
+        handle.remove()
+    if seen.get("inputs_embeds") is None:
+        raise RuntimeError(f"{type(model).__name__} did not pass inputs_embeds to its language model by keyword")
+    return {k: v for k, v in seen.items() if v is not None}
+
+
+def llm_prefill(model: torch.nn.Module, llm_kwargs: Dict[str, Any]) -> torch.Tensor:
+    """The language model alone on a ready prompt, and the head on its last position."""
+    hidden = model.model.language_model(**llm_kwargs)[0]
+    return model.lm_head(hidden[:, -1:])
+
+
+def llava_flops(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                pixel_values: torch.Tensor) -> Dict[str, int]:
+    """FLOPs of one `llava_prefill`, by part: tower, projector, llm (decoder and head), total."""
+    with torch.no_grad(), flop_counter() as counter:
+        llava_prefill(model, input_ids, attention_mask, pixel_values)
+    # the counter names modules by path from the root, whose name is its class's (patched or not)
+    root = type(model).__name__
+    per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    part = lambda path: per_module.get(f"{root}.{path}", 0)  # noqa: E731
+    return {"tower": part("model.vision_tower"), "projector": part("model.multi_modal_projector"),
+            "llm": part("model.language_model") + part("lm_head"), "total": counter.get_total_flops()}
+
+
+@dataclass
+class HFMeasurement:
+    """One LLaVA model: times of the vision side, of the whole prefill and of the language model
+    alone (per batch), FLOPs per image or prompt, and the image tokens that reached the LLM."""
+
+    name: str
+    image_tokens: int  # per prompt (one image each), as the language model received them
+    prompt_tokens: int  # per prompt, after the cut
+    vision_images_per_s: float
+    vision_ms_per_batch: float
+    vision_ms_per_batch_min: float
+    prefill_prompts_per_s: float
+    prefill_ms_per_batch: float
+    prefill_ms_per_batch_min: float
+    llm_ms_per_batch: float
+    llm_ms_per_batch_min: float
+    tower_gflops_per_image: float
+    projector_gflops_per_image: float
+    llm_gflops_per_prompt: float
+    prefill_gflops_per_prompt: float  # all parts together
+    peak_mem_mib: float  # of the prefill forward
+    tokens: List[int] = field(default_factory=list)  # the tower's, after each layer
+
+
+def _hf_calls(models: Dict[str, torch.nn.Module], prec: Precision, ids: torch.Tensor, mask: torch.Tensor,
+              pixels: torch.Tensor, llm_in: Dict[str, Dict[str, Any]]) -> Dict[Tuple[str, str], Callable[[], Any]]:
+    """The timed calls, keyed (model, part), part by part so a round alternates the models."""
+    def inference(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+        def call() -> Any:
+            with torch.no_grad(), prec.context():
+                return fn(*args)
+        return call
+    calls: Dict[Tuple[str, str], Callable[[], Any]] = {}
+    for part in HF_PARTS:
+        for name, model in models.items():
+            fn, args = {"vision": (image_features, (model, pixels)),
+                        "prefill": (llava_prefill, (model, ids, mask, pixels)),
+                        "llm": (llm_prefill, (model, llm_in[name]))}[part]
+            calls[(name, part)] = inference(fn, *args)
+    return calls
+
+
+def run_hf_bench(shape: str, method: str, options: Dict[str, Any], device: str = "cpu", dtype: str = "float32",
+                 batch_size: int = 1, text_tokens: int = 32, warmup: int = 1, runs: int = 3, progress: bool = True,
+                 precision: Optional[str] = None) -> Dict[str, Any]:
+    """Benchmark a random-weight LLaVA of `shape` (see `hf_shapes.SHAPES`) unpatched vs. patched.
+
+    Times, interleaved in one loop: the vision side (`get_image_features`: tower and projector),
+    the whole prefill forward on a prompt of `text_tokens` text tokens around one image's
+    placeholders, and the language model alone on the prompt it actually gets. FLOPs of the tower,
+    projector and LLM come from one counted prefill of one prompt.
+    """
+    from . import hf_shapes
+
+    hf_shapes.require_transformers()
+    import transformers
+
+    prec = resolve_hf_precision(device, dtype, precision)
+    dev = torch.device(device)
+    baseline = hf_shapes.build_llava(shape, device, prec.tensor_dtype)
+    patched = tome_plus.patch(shared_copy(baseline), method, **options)
+    models = {"baseline": baseline, method: patched}
+    ids, mask, pixels = hf_shapes.make_inputs(baseline.config, batch_size, text_tokens, device, prec.tensor_dtype)
+    with torch.no_grad(), prec.context():
+        llm_in = {name: llm_inputs(model, ids, mask, pixels) for name, model in models.items()}
+    calls = _hf_calls(models, prec, ids, mask, pixels, llm_in)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    with tqdm(desc=f"bench {shape}", total=(warmup + runs) * len(calls), disable=not progress, file=sys.stderr) as bar:
+        times = interleave(calls, warmup, runs, sync=sync, step=bar.update)
+
+    results = []
+    for name, model in models.items():
+        with prec.context():
+            flops = llava_flops(model, ids[:1], mask[:1], pixels[:1])
+        # last, so `inspect` below describes this full-batch prefill
+        peak = peak_memory_mib(calls[(name, "prefill")], dev)
+        if name == "baseline":
+            image_tokens, tokens = (ids == baseline.config.image_token_id).sum(dim=1), []
+        else:
+            info = tome_plus.inspect(model)
+            image_tokens, tokens = info.image_tokens, list(info.tokens)
+        med = {part: statistics.median(times[(name, part)]) for part in HF_PARTS}
+        best = {part: min(times[(name, part)]) for part in HF_PARTS}
+        results.append(HFMeasurement(
+            name=name, image_tokens=int(image_tokens.max()), prompt_tokens=llm_in[name]["inputs_embeds"].shape[1],
+            vision_images_per_s=batch_size / med["vision"], vision_ms_per_batch=med["vision"] * 1e3,
+            vision_ms_per_batch_min=best["vision"] * 1e3,
+            prefill_prompts_per_s=batch_size / med["prefill"], prefill_ms_per_batch=med["prefill"] * 1e3,
+            prefill_ms_per_batch_min=best["prefill"] * 1e3,
+            llm_ms_per_batch=med["llm"] * 1e3, llm_ms_per_batch_min=best["llm"] * 1e3,
+            tower_gflops_per_image=flops["tower"] / 1e9, projector_gflops_per_image=flops["projector"] / 1e9,
+            llm_gflops_per_prompt=flops["llm"] / 1e9, prefill_gflops_per_prompt=flops["total"] / 1e9,
+            peak_mem_mib=peak, tokens=tokens))
+    base, red = results
+    ratio = lambda key: getattr(red, key) / getattr(base, key) if getattr(base, key) else None  # noqa: E731
+    return {
+        "hf": shape, "model": shape, "description": hf_shapes.SHAPES[shape].description,
+        "method": method, "options": options, "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+        "dtype": dtype, "precision": prec.label, "graphs": None, "batch_size": batch_size,
+        "text_tokens": text_tokens, "image_placeholders": hf_shapes.image_placeholders(baseline.config),
+        "image_size": baseline.config.vision_config.image_size, "warmup": warmup, "runs": runs,
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "results": [asdict(r) for r in results],
+        "vision_speedup": ratio("vision_images_per_s"),
+        "prefill_speedup": base.prefill_ms_per_batch / red.prefill_ms_per_batch,
+        "llm_speedup": base.llm_ms_per_batch / red.llm_ms_per_batch,
+        "image_token_ratio": ratio("image_tokens"), "prompt_token_ratio": ratio("prompt_tokens"),
+        "tower_flops_ratio": ratio("tower_gflops_per_image"), "llm_flops_ratio": ratio("llm_gflops_per_prompt"),
+        "prefill_flops_ratio": ratio("prefill_gflops_per_prompt"), "memory_ratio": ratio("peak_mem_mib"),
+    }
+
+
+# (label, result key, format) of the --hf table's rows
+HF_ROWS = [
+    ("image tokens to the LLM / prompt", "image_tokens", "d"),
+    ("prompt tokens", "prompt_tokens", "d"),
+    ("vision images/s", "vision_images_per_s", ".1f"),
+    ("vision ms/batch", "vision_ms_per_batch", ".2f"),
+    ("prefill ms/batch (whole model)", "prefill_ms_per_batch", ".2f"),
+    ("LLM alone ms/batch", "llm_ms_per_batch", ".2f"),
+    ("tower GFLOPs/image", "tower_gflops_per_image", "gflops"),
+    ("projector GFLOPs/image", "projector_gflops_per_image", "gflops"),
+    ("LLM GFLOPs/prompt", "llm_gflops_per_prompt", "gflops"),
+    ("prefill GFLOPs/prompt (all)", "prefill_gflops_per_prompt", "gflops"),
+    ("prefill peak MiB", "peak_mem_mib", ".1f"),
+]
+
+
+def _cell(value: float, fmt: str) -> str:
+    if fmt == "gflops":  # a 7B prefill is thousands, the test shape's tower hundredths
+        fmt = ".2f" if abs(value) >= 1 else ".4f"
+    return format(value, fmt)
+
+
+def format_hf_table(report: Dict[str, Any]) -> str:
+    """The --hf report: one row per quantity, the two models and their ratio as columns."""
+    base, red = report["results"]
+    lines = [f"{report['hf']}: {report['description']}",
+             f"{describe(report['method'], report['options'])} | {report['device_name']} ({report['device']}) "
+             f"{report['precision']} | batch {report['batch_size']}: {report['text_tokens']} text tokens + "
+             f"{report['image_placeholders']} image placeholders per prompt | {report['runs']} runs after "
+             f"{report['warmup']} warm-up",
+             f"{'':<34}{'baseline':>12}{red['name']:>12}{'ratio':>9}"]
+    for label, key, fmt in HF_ROWS:
+        ratio = red[key] / base[key] if base[key] else float("nan")
+        lines.append(f"{label:<34}{_cell(base[key], fmt):>12}{_cell(red[key], fmt):>12}{ratio:>8.2f}x")
+    lines.append(f"speed-up: vision {report['vision_speedup']:.2f}x, prefill {report['prefill_speedup']:.2f}x, "
+                 f"LLM alone {report['llm_speedup']:.2f}x | FLOPs: tower {report['tower_flops_ratio']:.2f}x, "
+                 f"LLM {report['llm_flops_ratio']:.2f}x, prefill {report['prefill_flops_ratio']:.2f}x")
+    lines.append("graphs: n/a (--hf times eager forwards)")
+    lines.append("tower tokens after each layer: " + " ".join(str(t) for t in red["tokens"]))
+    return "\n".join(lines)
+
+
+def write_hf_csv(report: Dict[str, Any], path: str) -> None:
+    keys = ["hf", "method", "device_name", "dtype", "precision", "batch_size", "text_tokens"]
+    columns = [f.name for f in fields(HFMeasurement)]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(keys + columns)
+        for r in report["results"]:
+            writer.writerow([report[k] for k in keys]
+                            + [" ".join(map(str, r[c])) if c == "tokens" else r[c] for c in columns])
+
+
+def check_hf_args(args: argparse.Namespace) -> None:
+    """Options of the timm bench that an --hf run cannot take (usage errors)."""
+    if args.model is not None:
+        raise UsageError("--hf builds its own model; give --hf or --model, not both")
+    for given, option, why in ((args.img_size, "--img-size", "the shape fixes the image size"),
+                               (args.graphs, "--graphs", "--hf times eager forwards"),
+                               (args.kernels, "--kernels", "the kernel bench takes no model")):
+        if given:
+            raise UsageError(f"{option} does not go with --hf: {why}")
+
+
+def main_hf(args: argparse.Namespace) -> Dict[str, Any]:
+    """`tome-plus bench --hf SHAPE`: checks, run, table and outputs."""
+    check_hf_args(args)
+    check_method(args.method)
+    options = method_options(args)
+    resolve_hf_precision(args.device, args.dtype, args.precision)  # refused here, before any model is built
+    cuda = args.device.startswith("cuda")
+    report = run_hf_bench(
+        args.hf, args.method, options, device=args.device, dtype=args.dtype,
+        batch_size=args.batch_size if args.batch_size is not None else (8 if cuda else 1),
+        text_tokens=args.text_tokens,
+        warmup=args.warmup if args.warmup is not None else (5 if cuda else 1),
+        runs=args.runs if args.runs is not None else (20 if cuda else 3),
+        progress=not args.no_progress, precision=args.precision)
+    print(format_hf_table(report))
+    save_json(report, args.json)
+    if args.csv:
+        write_hf_csv(report, args.csv)
+    return report
+
+
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     parser = parser or Parser(prog=PROG, description=__doc__)
-    parser.add_argument("--model", default="vit_base_patch16_224", help="timm model name")
+    parser.add_argument("--model", default=None, help=f"timm model name (default {DEFAULT_MODEL})")
+    parser.add_argument("--hf", type=check_shape, default=None, metavar="SHAPE",
+                        help="instead of --model: a random-weight HF LLaVA of a known shape, built here "
+                             "(needs transformers); reports vision images/s, prefill and LLM latency, FLOPs "
+                             "per part and image tokens. The 7B/13B shapes need a GPU with ~15/~28 GB in "
+                             "fp16 at batch 1 (weights held once; more with larger batches). Shapes: "
+                             + shapes_help().replace("%", "%%"))
+    parser.add_argument("--text-tokens", type=int_at_least(1), default=32,
+                        help="--hf: text tokens per prompt (BOS included) around the image placeholders "
+                             "(default 32)")
     parser.add_argument("--device", type=check_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float16" if torch.cuda.is_available() else "float32",
                         choices=sorted(DTYPES))
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="for float16/bfloat16: autocast (default; fp32 weights, forward under "
-                             "torch.autocast) or half (weights and inputs cast to --dtype)")
+                             "torch.autocast) or half (weights and inputs cast to --dtype; default with --hf)")
     parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="also time each model captured in a CUDA graph (default on CUDA; CUDA only)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=None,
-                        help="images per batch (default 256 on CUDA, 8 on CPU)")
+                        help="images per batch (default 256 on CUDA, 8 on CPU; --hf: prompts of one "
+                             "image each, 8 on CUDA, 1 on CPU)")
     parser.add_argument("--img-size", type=int_at_least(1), default=None,
                         help="input resolution (default: the model's)")
     parser.add_argument("--warmup", type=int_at_least(0), default=None,
-                        help="untimed runs first (default 10 on CUDA, 2 on CPU)")
+                        help="untimed runs first (default 10 on CUDA, 2 on CPU; --hf: 5 and 1)")
     parser.add_argument("--runs", type=int_at_least(1), default=None,
-                        help="timed runs (default 50 on CUDA, 10 on CPU)")
+                        help="timed runs (default 50 on CUDA, 10 on CPU; --hf: 20 and 3)")
     parser.add_argument("--json", default=None, metavar="PATH",
                         help="write the report as JSON (missing folders are created before the run)")
     parser.add_argument("--csv", default=None, metavar="PATH", help="write the results as CSV (same)")
@@ -404,6 +693,8 @@ def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace
     with cli_errors(PROG):
         prepare_output(args.json, "--json")
         prepare_output(args.csv, "--csv")
+        if args.hf is not None:
+            return main_hf(args)
         if args.kernels:
             from . import kernel_bench
             report = kernel_bench.run(dtype=args.dtype, runs=args.runs if args.runs is not None else 30,
@@ -418,7 +709,7 @@ def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace
         resolve_graphs(args.device, args.graphs)
         cuda = args.device.startswith("cuda")
         report = run_bench(
-            args.model, args.method, options, device=args.device, dtype=args.dtype,
+            args.model or DEFAULT_MODEL, args.method, options, device=args.device, dtype=args.dtype,
             batch_size=args.batch_size if args.batch_size is not None else (256 if cuda else 8),
             warmup=args.warmup if args.warmup is not None else (10 if cuda else 2),
             runs=args.runs if args.runs is not None else (50 if cuda else 10),
