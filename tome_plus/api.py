@@ -42,7 +42,7 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
                          f"{type(model).__name__} has no class token")
     # solve for the model's default input now, so budget errors and warnings come from here,
     # and before anything changes: a failed re-patch leaves the working patch in place
-    info.removals(backend.default_tokens(model), strict=True)
+    backend.check_budget(model, info)
     unpatch(model)
     backend.install(model, info)
     setattr(model, ATTR, info)
@@ -85,6 +85,8 @@ class Inspection:
         image_tokens: LLaVA only: `[B]` image tokens each sample of the last forward passed to the
             language model (what reached the projector, per image, is `tokens` at the feature
             layer less the class token under the "default" strategy).
+        llm_kept: ATP only: `[modules, B]` visual tokens each module kept, per instance.
+        llm_positions: ATP only: per module, `[B, K]` position ids of the tokens kept (-1: padding).
     """
 
     method: str
@@ -95,6 +97,8 @@ class Inspection:
     size: Optional[torch.Tensor]
     source: Optional[torch.Tensor]
     image_tokens: Optional[torch.Tensor] = None
+    llm_kept: Optional[torch.Tensor] = None
+    llm_positions: Optional[List[torch.Tensor]] = None
 
 
 def inspect(model: nn.Module) -> Inspection:
@@ -102,12 +106,12 @@ def inspect(model: nn.Module) -> Inspection:
     info = get_info(model)
     if info is None:
         raise ValueError("model is not patched; call tome_plus.patch(model, method, ...) first")
-    state = info.last_state
+    state = info.last_state if info.tower is None else info.tower.last_state
     config = asdict(info.config)
+    llm = (info.image_tokens, info.llm_kept, info.llm_positions)
     if state is None:
-        return Inspection(info.method, config, None, None, None, None, None, info.image_tokens)
+        return Inspection(info.method, config, None, None, None, None, None, *llm)
     n_out = state.counts[-1] if state.counts else state.n_input
     size = state.size if state.size is not None else torch.ones(state.batch, n_out, 1, device=state.device)
     source = binary_source(state.source, n_out) if state.source is not None else None
-    return Inspection(info.method, config, state.removals, state.counts, state.n_input, size, source,
-                      info.image_tokens)
+    return Inspection(info.method, config, state.removals, state.counts, state.n_input, size, source, *llm)

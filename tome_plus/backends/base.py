@@ -42,6 +42,12 @@ class PatchInfo:
     swapped: List[Tuple[nn.Module, type]] = field(default_factory=list)
     # inner modules that carry this record too (an HF encoder inside a tower); untagged at unpatch
     tagged: List[nn.Module] = field(default_factory=list)
+    # trainable parts registered on the model (ATP's modules), as (owner, attribute); removed at unpatch
+    attached: List[Tuple[nn.Module, str]] = field(default_factory=list)
+    modules: Optional[nn.Module] = None  # the method's trainable part, if any
+    tower: Optional["PatchInfo"] = None  # LLaVA with an LLM method: the vision tower's own record
+    llm_kept: Optional[torch.Tensor] = None  # ATP: [modules, B] visual tokens each module kept, last forward
+    llm_positions: Optional[List[torch.Tensor]] = None  # ATP: per module [B, K] position ids kept (-1: pad)
     schedules: Dict[int, Tuple[int, ...]] = field(default_factory=dict)
     # What `inspect` reports: written once a forward has finished, never read by a forward.
     last_state: Optional[TokenState] = None
@@ -80,6 +86,8 @@ class PatchInfo:
         state = dict(self.__dict__)
         state["last_state"] = None
         state["image_tokens"] = None
+        state["llm_kept"] = None
+        state["llm_positions"] = None
         state["feature_sizes"] = None
         return state
 
@@ -140,6 +148,13 @@ def drop_scratch(info: PatchInfo) -> None:
         module.__dict__.pop(SCRATCH, None)
 
 
+def attach(owner: nn.Module, name: str, module: nn.Module, info: PatchInfo) -> None:
+    """Register a trainable part under `owner.name` (in its `state_dict`, moved with `.to()`) until unpatched."""
+    owner.add_module(name, module)
+    info.attached.append((owner, name))
+    info.modules = module
+
+
 def tag(module: nn.Module, info: PatchInfo) -> None:
     """Let an inner module find the patch record (`get_info(module)`) until unpatched."""
     setattr(module, ATTR, info)
@@ -152,8 +167,13 @@ def restore_classes(info: PatchInfo) -> None:
         module.__class__ = cls
     for module in info.tagged:
         module.__dict__.pop(ATTR, None)
+    for owner, name in info.attached:
+        delattr(owner, name)
+    if info.tower is not None:
+        restore_classes(info.tower)
     info.swapped.clear()
     info.tagged.clear()
+    info.attached.clear()
 
 
 def get_info(model: nn.Module) -> Optional[PatchInfo]:

@@ -36,5 +36,8 @@ class Backend(Protocol):
     def prepare(self, model: nn.Module, reducer: Reducer, config: ReductionConfig, method: str) -> PatchInfo:
         """Check the model and describe it (prefix, cost model); changes nothing."""
 
+    def check_budget(self, model: nn.Module, info: PatchInfo) -> None:
+        """Raise for a budget the model cannot meet (at `patch`, before anything changes)."""
+
     def install(self, model: nn.Module, info: PatchInfo) -> None:
         """Swap in the reducing classes (the model is unpatched when called)."""

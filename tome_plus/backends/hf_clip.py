@@ -206,6 +206,11 @@ def prepare(model: nn.Module, reducer: Reducer, config: ReductionConfig, method:
                      log_size_scale=1.0 / float(attn.scale) if channel else None, reduce_depth=reduce_depth)
 
 
+def check_budget(model: nn.Module, info: PatchInfo) -> None:
+    """Solve the budget at the model's default input now: its errors and warnings come from `patch`."""
+    info.removals(default_tokens(model), strict=True)
+
+
 def install(model: nn.Module, info: PatchInfo) -> None:
     """Swap in the reducing classes (the record lives on the patched model; inner modules are tagged)."""
     for layer in encoder_layers(model):

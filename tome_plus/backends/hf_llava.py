@@ -27,8 +27,8 @@ import torch.nn as nn
 from transformers import DynamicCache, LlavaForConditionalGeneration, VipLlavaForConditionalGeneration
 
 from ..methods.base import ReductionConfig, Reducer
-from . import hf_clip
-from .base import PatchInfo, get_info, original_class, swap_class, tag
+from . import hf_clip, hf_llm
+from .base import PatchInfo, attach, get_info, original_class, swap_class, tag
 
 KIND = "hf"
 FAMILY = ("HF transformers LlavaForConditionalGeneration, VipLlavaForConditionalGeneration (the vision tower "
@@ -76,29 +76,104 @@ def prepare(model: nn.Module, reducer: Reducer, config: ReductionConfig, method:
     vision = tower(model)
     if model.config.image_token_id is None:
         raise ValueError("the config has no image_token_id: the image placeholders cannot be found")
-    return hf_clip.prepare(vision, reducer, config, method, reduce_depth=feature_depth(model))
+    if getattr(reducer, "target", None) != "llm":
+        return hf_clip.prepare(vision, reducer, config, method, reduce_depth=feature_depth(model))
+    return prepare_llm(model, reducer, config, method)
+
+
+def prepare_llm(model: nn.Module, reducer: Reducer, config: ReductionConfig, method: str) -> PatchInfo:
+    """A method that prunes inside the language model (ATP), with the tower's own method if asked."""
+    from ..methods import get_method
+    from ..methods.atp import AtpModules, default_layers, module_fraction
+    llm = model.model.language_model
+    if not hf_llm.matches_decoder(llm):
+        raise TypeError(f"the language model is {type(llm).__name__}; ATP supports Llama-family decoders "
+                        f"(q/k/v/o projections, RMS norms, rotary embeddings)")
+    n_layers = len(llm.layers)
+    layers = config.layers if config.layers is not None else default_layers(n_layers)
+    if layers[-1] >= n_layers - 1:
+        raise ValueError(f"ATP modules go after decoder layers 0..{n_layers - 2} (a module after the last layer "
+                         f"would prune nothing that is used), got {config.layers}")
+    tower_info = None
+    if config.tower is not None:
+        options = dict(config.tower)
+        tower_cls = get_method(options.pop("method"))
+        if getattr(tower_cls, "target", None) == "llm":
+            raise ValueError(f"tower method {tower_cls.name!r} does not run in a vision tower")
+        tower_reducer = tower_cls(tower_cls.config_class(**options))
+        tower_reducer.for_family(KIND)
+        tower_info = hf_clip.prepare(tower(model), tower_reducer, tower_reducer.config, tower_cls.name,
+                                     reduce_depth=feature_depth(model))
+    info = PatchInfo(method=method, config=config, reducer=reducer, depth=n_layers, n_prefix=0, has_cls=False,
+                     cost=no_cost, tower=tower_info)
+    fraction = module_fraction(config.keep, layers, n_layers)
+    info.modules = AtpModules(layers, llm.config.hidden_size, config.hidden, fraction).to(
+        device=llm.norm.weight.device)
+    if config.weights is not None:
+        load_modules(info.modules, config.weights)
+    return info
+
+
+def no_cost(n_tokens: int) -> None:
+    """ATP's counts are decided per instance at run time: there is no schedule to solve."""
+    return None
+
+
+def load_modules(modules: nn.Module, path: str) -> None:
+    """Trained ATP weights (as `tome_plus.atp.save` writes them) into `modules`; marks them trained."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("modules", state)
+    missing, unexpected = modules.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit these ATP modules (layers, widths): missing {missing}, "
+                         f"unexpected {unexpected}")
+    modules.trained.fill_(True)
+
+
+def check_budget(model: nn.Module, info: PatchInfo) -> None:
+    record = info.tower if info.modules is not None else info
+    if record is not None:
+        record.removals(default_tokens(model), strict=True)
 
 
 def install(model: nn.Module, info: PatchInfo) -> None:
-    hf_clip.install(tower(model), info)
+    if info.modules is None:
+        hf_clip.install(tower(model), info)
+    else:
+        if info.tower is not None:
+            hf_clip.install(tower(model), info.tower)
+        llm = model.model.language_model
+        swap_class(llm, hf_llm.AtpDecoder, info)
+        tag(llm, info)
+        attach(model, MODULES_ATTR, info.modules, info)
     swap_class(model.model, FittingInner, info)
     tag(model.model, info)
     swap_class(model, FittingLlava, info)
+
+
+MODULES_ATTR = "tome_plus_atp"  # where a patched model holds its ATP modules (their state_dict prefix)
+
+
+def tower_record(model: nn.Module) -> Optional[PatchInfo]:
+    """The vision tower's patch record (None where the tower is not patched)."""
+    info = get_info(model)
+    return info.tower if info.modules is not None else info
 
 
 def image_counts(model: nn.Module, n_pixels: Optional[Tuple[int, int]] = None, feature_layer=None,
                  strategy: Optional[str] = None) -> Tuple[int, int]:
     """(unpatched, reduced) image tokens one image of `n_pixels` (H, W; default: the tower's
     configured size) puts into the LLM."""
-    vision, info = tower(model), get_info(model)
+    vision, info = tower(model), tower_record(model)
     patch = vision.config.patch_size
     height, width = n_pixels if n_pixels is not None else (vision.config.image_size,) * 2
     n_input = (height // patch) * (width // patch) + int(hf_clip.has_cls(vision))
     depth = feature_depth(model, feature_layer)
-    if feature_layer is not None and not isinstance(feature_layer, int) and depth < (info.reduce_depth or 0):
+    if (info is not None and feature_layer is not None and not isinstance(feature_layer, int)
+            and depth < (info.reduce_depth or 0)):
         raise ValueError(f"vision_feature_layer {feature_layer!r} reads layers the tower reduces in (it was patched "
                          f"for {model.config.vision_feature_layer!r}); set it in the config and patch again")
-    removed = sum(info.removals(n_input)[:depth])
+    removed = sum(info.removals(n_input)[:depth]) if info is not None else 0
     drop = 1 if select_strategy(model, strategy) == "default" else 0
     return n_input - drop, n_input - removed - drop
 
@@ -270,10 +345,54 @@ class FittingInner(_SignatureOfOriginal):
     def forward(self, *args, **kwargs):
         bound = bind(original_class(self).forward, self, args, kwargs)
         fitted = fit_call(self, bound.arguments, var_kwargs(bound))
+        info = get_info(self)
         if fitted is not None and fitted["has_images"]:
-            get_info(self).image_tokens = fitted["image_tokens"]
+            info.image_tokens = fitted["image_tokens"]
         check_cache(bound.arguments, var_kwargs(bound))
-        return super().forward(*bound.args[1:], **bound.kwargs)
+        if info.modules is None:
+            return super().forward(*bound.args[1:], **bound.kwargs)
+        scope = llm_scope(self, bound.arguments, var_kwargs(bound))
+        token = hf_llm.SCOPE.set(scope)
+        try:
+            out = super().forward(*bound.args[1:], **bound.kwargs)
+        finally:
+            hf_llm.SCOPE.reset(token)
+        if scope.kept:
+            info.llm_kept, info.llm_positions = torch.stack(scope.kept), scope.positions
+        collector = hf_llm.COLLECT.get()
+        if collector is not None:
+            collector.append(scope)
+        return out
+
+
+def llm_scope(model: nn.Module, args: Dict[str, Any], extra: Dict[str, Any]) -> "hf_llm.LlmInputs":
+    """What ATP needs to know of this forward's tokens: which are visual, and each visual token's
+    SAP grid score (its place in its image's grid; along the run where the tower merged tokens)."""
+    get = lambda name: args.get(name, extra.get(name))
+    visual = image_mask(model, get("input_ids"), get("inputs_embeds"))
+    pixels = get("pixel_values")
+    per_row = visual.sum(dim=1).tolist()
+    spatial = torch.zeros(visual.shape, device=visual.device)
+    if sum(per_row) and pixels is not None:
+        n_full, n_run = image_counts(model, tuple(pixels.shape[-2:]), get("vision_feature_layer"),
+                                     get("vision_feature_select_strategy"))
+        patch = tower(model).config.patch_size
+        grid = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)
+        first = n_run - grid[0] * grid[1]  # a class token kept by the "full" strategy comes first
+        if n_full == n_run and first in (0, 1):
+            table = hf_llm_spatial(grid, first, visual.device)
+        else:
+            table = hf_llm_spatial((1, n_run), 0, visual.device)
+        rank = (visual.long().cumsum(dim=1) - 1).clamp(min=0) % n_run
+        spatial = torch.where(visual, table[rank], spatial)
+    collecting = hf_llm.COLLECT.get() is not None
+    return hf_llm.LlmInputs(visual=visual, spatial=spatial, has_visual=sum(per_row) > 0, soft=collecting)
+
+
+def hf_llm_spatial(grid: Tuple[int, int], first: int, device: torch.device) -> torch.Tensor:
+    from ..methods.atp import spatial_score
+    table = spatial_score(grid, device)
+    return torch.cat([table.new_ones(first), table]) if first else table
 
 
 class FittingLlava(_SignatureOfOriginal):
@@ -291,6 +410,11 @@ class FittingLlava(_SignatureOfOriginal):
     def generate(self, *args, **kwargs):
         bound = bind(original_class(self).generate, self, args, kwargs)
         extra = var_kwargs(bound)
+        config = bound.arguments.get("generation_config")
+        beams = extra.get("num_beams", getattr(config, "num_beams", None) or self.generation_config.num_beams)
+        if get_info(self).modules is not None and (beams or 1) > 1:
+            raise ValueError("ATP keeps a different set of tokens per instance in the cache, which beam search would "
+                             "reorder; generate with num_beams=1 (greedy or sampling)")
         ids = bound.arguments.get("inputs")
         if ids is None:
             ids = extra.get("input_ids")

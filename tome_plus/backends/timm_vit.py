@@ -250,6 +250,11 @@ def prepare(model: nn.Module, reducer: Reducer, config: ReductionConfig, method:
                      log_size_scale=1.0 / float(model.blocks[0].attn.scale) if channel else None)
 
 
+def check_budget(model: nn.Module, info: PatchInfo) -> None:
+    """Solve the budget at the model's default input now: its errors and warnings come from `patch`."""
+    info.removals(default_tokens(model), strict=True)
+
+
 def install(model: nn.Module, info: PatchInfo) -> None:
     """Swap in the reducing classes (the model must be unpatched)."""
     for blk in model.blocks:

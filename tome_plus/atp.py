@@ -1,0 +1,134 @@
+"""ATP's trainable part: train the modules of a patched LLaVA, save and load just their weights.
+
+    tome_plus.patch(llava, "atp", keep=0.25)
+    history = tome_plus.atp.train(llava, batches, steps=1000, checkpoint="atp.pt")
+    tome_plus.patch(other_llava, "atp", keep=0.25, weights="atp.pt")
+
+Training runs the model with soft masks (nothing is removed; a module's mask enters every later
+layer's attention as `log(m)` on the keys) and minimises the language-model loss plus
+`budget_weight * (layer-averaged visual fraction kept - keep)^2`. Only the ATP modules train; the
+LLM and the tower stay frozen unless `train_llm=True`. Under `torch.distributed` (e.g. `torchrun`,
+gloo on CPU, NCCL on GPU) every rank starts from rank 0's modules and averages gradients, so the
+modules stay identical across ranks.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterable, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+from .backends import hf_llm
+from .backends.base import get_info
+from .backends.hf_llava import load_modules
+
+
+def modules(model: nn.Module) -> nn.Module:
+    """The ATP modules of a model patched with "atp"."""
+    info = get_info(model)
+    if info is None or info.method != "atp":
+        raise ValueError('model is not patched with "atp"; call tome_plus.patch(model, "atp", ...) first')
+    return info.modules
+
+
+def save(model: nn.Module, path: str, **extra: Any) -> None:
+    """Write the ATP modules' weights (and `extra` entries, e.g. the optimizer) to `path`."""
+    mods = modules(model)
+    payload = {"modules": mods.state_dict(), "layers": list(mods.layers), **extra}
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load(model: nn.Module, path: str) -> None:
+    """Load weights `save` wrote; the modules' thresholds decide from then on."""
+    load_modules(modules(model), path)
+
+
+def _cycle(batches: Iterable[Dict[str, torch.Tensor]]) -> Iterator[Dict[str, torch.Tensor]]:
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("the batches are empty")
+
+
+def train(model: nn.Module, batches: Iterable[Dict[str, torch.Tensor]], steps: int, lr: float = 1e-3,
+          weight_decay: float = 0.0, checkpoint: Optional[str] = None, save_every: int = 100,
+          resume: bool = False, train_llm: bool = False, progress: bool = True) -> List[Dict[str, float]]:
+    """Train the ATP modules of `model` for `steps` optimizer steps; returns one record per step.
+
+    `batches`: an iterable (cycled) of model inputs with `labels` (`input_ids`, `attention_mask`,
+    `pixel_values`, `labels`, as a LLaVA processor makes them; -100 where no loss). `checkpoint`:
+    where to save the modules, the optimizer and the step every `save_every` steps and at the end;
+    `resume=True` continues from it. The modules' thresholds decide at inference afterwards.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    info = get_info(model)
+    mods = modules(model)
+    config = info.config
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    world = dist.get_world_size() if rank is not None and dist.is_available() and dist.is_initialized() else 1
+    frozen = [p for p in model.parameters() if p.requires_grad and not any(p is q for q in mods.parameters())]
+    if not train_llm:
+        for p in frozen:
+            p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in mods.parameters():
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    start = 0
+    if resume and checkpoint is not None and os.path.exists(checkpoint):
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        mods.load_state_dict(state["modules"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    if world > 1:  # every rank starts from rank 0's modules
+        for tensor in mods.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    history: List[Dict[str, float]] = []
+    data = _cycle(batches)
+    bar = tqdm(range(start, steps), disable=not progress or rank != 0, desc="ATP", unit="step")
+    try:
+        for step in bar:
+            batch = next(data)
+            collected: List[hf_llm.LlmInputs] = []
+            token = hf_llm.COLLECT.set(collected)
+            try:
+                out = model(**batch)
+            finally:
+                hf_llm.COLLECT.reset(token)
+            fractions = [s.kept_fraction for s in collected if s.kept_fraction is not None]
+            if not fractions:
+                raise ValueError("no batch reached an ATP module with image tokens: batches need pixel_values and "
+                                 "image placeholders")
+            kept = torch.cat(fractions).mean()
+            budget = config.budget_weight * (kept - config.keep) ** 2
+            loss = out.loss + budget
+            optimizer.zero_grad(set_to_none=False)
+            loss.backward()
+            if world > 1:
+                for p in params:
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= world
+            optimizer.step()
+            record = {"step": step + 1, "loss": loss.item(), "lm_loss": out.loss.item(), "budget_loss": budget.item(),
+                      "kept": kept.item()}
+            history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", kept=f"{record['kept']:.3f}")
+            if checkpoint is not None and rank == 0 and ((step + 1) % save_every == 0 or step + 1 == steps):
+                mods.trained.fill_(True)
+                save(model, checkpoint, optimizer=optimizer.state_dict(), step=step + 1)
+    finally:
+        if not train_llm:
+            for p in frozen:
+                p.requires_grad_(True)
+    mods.trained.fill_(True)
+    return history

@@ -1,0 +1,247 @@
+"""HF transformers backend: the language model of a LLaVA-style model (Llama-family decoders:
+`LlamaModel` and the models built like it), where ATP prunes visual tokens between layers.
+
+A patched decoder runs its layers itself. Before the first ATP module the layers see what HF
+gives them (its causal mask, its rotary embeddings). An ATP module after layer l reads that
+layer's attention probabilities (explicit attention there only; SDPA everywhere else), keeps
+per instance the tokens it decides on and drops the others physically: the survivors are
+gathered to the right (left padding, so every row's last token stays last) with their hidden
+states, position ids and rotary angles, and every later layer attends with a mask of its own
+(padding slots as keys never, causal by slot order, which is position order). Counts differ per
+instance; rows are padded to the batch's largest count.
+
+The KV cache of a layer after a module holds that segment's tokens only. Which of its slots are
+real is stored on the cache object itself (it travels with `generate`), so decoding steps and
+later turns attend to exactly what each layer kept. The output hidden states are scattered back
+to the input's positions (zeros where a token was pruned), so logits and labels line up as
+unpatched.
+
+In training the modules' soft masks enter every later layer's attention as `log(m)` on the keys
+(the tokens stay; shapes are static), and the layer-averaged kept fraction is left for the
+budget loss.
+"""
+from __future__ import annotations
+
+import contextvars
+import math
+import sys
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+CACHE_ATTR = "_tome_plus_atp_valid"  # per segment after a module: [B, P] which cached slots are real
+
+
+@dataclass
+class LlmInputs:
+    """What the LLaVA forward tells its language model about the current tokens."""
+
+    visual: torch.Tensor  # [B, L] bool: image tokens
+    spatial: torch.Tensor  # [B, L] float: SAP grid score of each image token (0 elsewhere)
+    has_visual: bool
+    soft: bool = False  # training: soft masks, nothing removed
+    # filled in by the decoder, for inspect and the training loss
+    kept: List[torch.Tensor] = field(default_factory=list)  # per module: [B] visual tokens kept
+    positions: List[torch.Tensor] = field(default_factory=list)  # per module: [B, K] position ids (-1: pad)
+    kept_fraction: Optional[torch.Tensor] = None  # [B] visual fraction averaged over layers (soft)
+
+
+SCOPE: contextvars.ContextVar[Optional[LlmInputs]] = contextvars.ContextVar("tome_plus_llm", default=None)
+# set by ATP training: forwards run with soft masks and leave their LlmInputs here (for the budget loss)
+COLLECT: contextvars.ContextVar[Optional[List[LlmInputs]]] = contextvars.ContextVar("tome_plus_llm_collect",
+                                                                                     default=None)
+
+
+@dataclass
+class Segment:
+    """The current tokens of one stretch of layers (all rows padded to the same count K)."""
+
+    index: torch.Tensor  # [B, K] input position of each slot
+    valid: torch.Tensor  # [B, K] bool: a real token (not padding)
+    positions: torch.Tensor  # [B, K] position ids
+    cos: torch.Tensor  # [B, K, D] rotary angles
+    sin: torch.Tensor
+    visual: torch.Tensor  # [B, K] bool
+    spatial: torch.Tensor  # [B, K] float
+    instruction: torch.Tensor  # [B, K] bool: text after the image
+    key_bias: Optional[torch.Tensor] = None  # [B, K] log soft mask (training)
+
+
+def matches_decoder(model: nn.Module) -> bool:
+    """A Llama-family decoder: layers with q/k/v/o projections, RMS norms, rotary embeddings."""
+    layers = getattr(model, "layers", None)
+    return (layers is not None and len(layers) > 0 and hasattr(model, "rotary_emb") and hasattr(model, "norm")
+            and all(hasattr(layers[0].self_attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+            and hasattr(layers[0], "input_layernorm") and hasattr(layers[0], "post_attention_layernorm"))
+
+
+def _family(layer: nn.Module):
+    """The layer's own modeling module (for its `apply_rotary_pos_emb` and `repeat_kv`)."""
+    return sys.modules[type(layer.self_attn).__module__]
+
+
+def run_layer(layer: nn.Module, h: torch.Tensor, mask: Optional[torch.Tensor], cos: torch.Tensor,
+              sin: torch.Tensor, cache, want_probs: bool):
+    """One decoder layer: SDPA, or explicit attention that also returns the probabilities."""
+    attn, family = layer.self_attn, _family(layer)
+    batch, n, _ = h.shape
+    x = layer.input_layernorm(h)
+    shape = (batch, n, -1, attn.head_dim)
+    q, k, v = (p(x).view(shape).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k = family.apply_rotary_pos_emb(q, k, cos, sin)
+    if cache is not None:
+        k, v = cache.update(k, v, attn.layer_idx)
+    k, v = family.repeat_kv(k, attn.num_key_value_groups), family.repeat_kv(v, attn.num_key_value_groups)
+    dropout = attn.attention_dropout if attn.training else 0.0
+    probs = None
+    if want_probs:
+        logits = (q @ k.transpose(-2, -1)) * attn.scaling
+        if mask is not None:
+            logits = logits + (mask if mask.dtype != torch.bool else _additive(mask, logits.dtype))
+        probs = logits.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        out = F.dropout(probs, dropout, attn.training) @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=attn.scaling,
+                                             is_causal=mask is None and n > 1)
+    h = h + attn.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
+    h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return h, probs
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def segment_mask(past_valid: torch.Tensor, seg: Segment, dtype: torch.dtype) -> torch.Tensor:
+    """`[B, 1, K, P + K]` mask of a segment: cached slots and earlier slots that are real, causal
+    by slot order, each slot always seeing itself (padding rows stay finite); float with the
+    soft masks' log on the keys."""
+    batch, k = seg.valid.shape
+    p = past_valid.shape[1]
+    keys = torch.cat([past_valid, seg.valid], dim=1)
+    slot = torch.arange(k, device=keys.device)
+    causal = torch.arange(p + k, device=keys.device).unsqueeze(0) <= (p + slot).unsqueeze(1)
+    mask = (keys.unsqueeze(1) & causal.unsqueeze(0))
+    mask[:, slot, p + slot] = True
+    mask = mask.unsqueeze(1)
+    if seg.key_bias is None:
+        return mask
+    bias = torch.cat([seg.key_bias.new_zeros(batch, p), seg.key_bias], dim=1)
+    return _additive(mask, dtype) + bias.to(dtype)[:, None, None, :]
+
+
+def compact(h: torch.Tensor, seg: Segment, keep: torch.Tensor):
+    """Drop the slots `keep` ([B, K] bool) rejects; survivors move right in order, rows padded
+    on the left to the largest count."""
+    counts = keep.sum(dim=1)
+    n = int(counts.max())
+    # stable sort by keep: dropped slots first, kept last, each in order; the last n are the
+    # row's kept slots behind (n - count) dropped ones, which become padding
+    order = keep.long().argsort(dim=1, stable=True)[:, -n:]
+    occupied = torch.arange(n, device=h.device).unsqueeze(0) >= (n - counts).unsqueeze(1)
+    take = lambda t: t.gather(1, order if t.dim() == 2 else order.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+    seg = Segment(index=take(seg.index), valid=take(seg.valid) & occupied, positions=take(seg.positions),
+                  cos=take(seg.cos), sin=take(seg.sin), visual=take(seg.visual) & occupied,
+                  spatial=take(seg.spatial), instruction=take(seg.instruction) & occupied,
+                  key_bias=None if seg.key_bias is None else take(seg.key_bias))
+    return take(h), seg
+
+
+def instruction_after_image(visual: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Text tokens after the first image token of their row (the instruction)."""
+    seen = visual.long().cumsum(dim=1) > 0
+    return seen & ~visual & valid
+
+
+class AtpDecoder:
+    """Mixin for a Llama-family decoder model (`LlamaModel`, ...): runs ATP between its layers.
+
+    Falls back to the original forward where nothing is pruned: no image tokens in this forward
+    and none pruned earlier in its cache."""
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, **kwargs):
+        scope = SCOPE.get()
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        stored = getattr(cache, CACHE_ATTR, None) if cache is not None else None
+        if (scope is None or not scope.has_visual) and stored is None:
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        return self._atp_forward(scope, stored, input_ids, attention_mask, position_ids, cache, inputs_embeds,
+                                 use_cache)
+
+    def _atp_forward(self, scope, stored, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache):
+        from .base import get_info
+        info = get_info(self)
+        atp, reducer = info.modules, info.reducer
+        h = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
+        batch, n, _ = h.shape
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = (torch.arange(n, device=h.device) + past).unsqueeze(0)
+        position_ids = position_ids.expand(batch, n)
+        hf_mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask, cache=cache,
+                                     position_ids=position_ids)
+        cos, sin = self.rotary_emb(h, position_ids=position_ids)
+        full = attention_mask.bool() if attention_mask is not None else torch.ones(batch, past + n, dtype=torch.bool,
+                                                                                  device=h.device)
+        valid = full[:, -n:]
+        visual = scope.visual if scope is not None and scope.has_visual else torch.zeros_like(valid)
+        spatial = scope.spatial if scope is not None and scope.has_visual else torch.zeros(batch, n, device=h.device)
+        seg = Segment(index=torch.arange(n, device=h.device).expand(batch, n), valid=valid, positions=position_ids,
+                      cos=cos.expand(batch, -1, -1), sin=sin.expand(batch, -1, -1), visual=visual & valid,
+                      spatial=spatial, instruction=instruction_after_image(visual, valid))
+        soft = scope is not None and scope.soft
+        n_visual = seg.visual.sum(dim=1).clamp(min=1).float()
+        kept_sum = torch.zeros(batch, device=h.device)  # soft: sum over layers of the visual fraction
+        fraction_now = torch.ones(batch, device=h.device)
+        segments_valid: List[torch.Tensor] = []  # this forward's slots, per segment after a module
+        past_valid = full[:, :past]  # segment 0's cache: what HF's mask covers
+        for i, layer in enumerate(self.layers):
+            module = atp.at(i)
+            explicit = module is not None and scope is not None and scope.has_visual
+            if not segments_valid and seg.key_bias is None and not explicit:
+                mask = hf_mask
+            else:
+                mask = segment_mask(past_valid, seg, h.dtype)
+            h, probs = run_layer(layer, h, mask, seg.cos, seg.sin, cache, explicit)
+            kept_sum = kept_sum + fraction_now
+            if module is None:
+                continue
+            if explicit:
+                from ..methods.atp import scores
+                score = scores(probs, seg.visual, seg.instruction, seg.valid)
+                pooled = lambda m: (h * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
+                keep = reducer.decide(module, bool(atp.trained), atp.fraction, score, seg.spatial, seg.visual,
+                                      pooled(seg.visual.to(h.dtype)), pooled(seg.instruction.to(h.dtype)), soft=soft)
+                if soft:
+                    m = torch.where(seg.visual, keep, torch.ones_like(keep))
+                    base = seg.key_bias if seg.key_bias is not None else torch.zeros_like(m)
+                    seg = replace(seg, key_bias=base + m.clamp(min=1e-6).log())
+                    fraction_now = (seg.key_bias.exp() * seg.visual).sum(dim=1) / n_visual
+                else:
+                    h, seg = compact(h, seg, keep)
+                    scope.kept.append(seg.visual.sum(dim=1))
+                    scope.positions.append(torch.where(seg.valid, seg.positions, torch.full_like(seg.positions, -1)))
+            stored_here = stored[len(segments_valid)] if stored is not None else None
+            past_valid = stored_here if stored_here is not None else full[:, :0]
+            segments_valid.append(seg.valid)
+        h = self.norm(h)
+        if scope is not None and soft:
+            scope.kept_fraction = kept_sum / len(self.layers)
+        if cache is not None:
+            prior = stored if stored is not None else [None] * len(segments_valid)
+            setattr(cache, CACHE_ATTR, [v if p is None else torch.cat([p, v], dim=1)
+                                        for p, v in zip(prior, segments_valid)])
+        out = h.new_zeros(batch, n, h.shape[-1])
+        out.scatter_(1, seg.index.unsqueeze(-1).expand_as(h), h)  # back to the input's positions
+        return BaseModelOutputWithPast(last_hidden_state=out, cache=cache)

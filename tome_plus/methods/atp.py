@@ -1,0 +1,231 @@
+"""ATP: adaptive, instance-wise pruning of visual tokens inside the LLM of a LLaVA-style model.
+
+Ye et al., "ATP-LLaVA: Adaptive Token Pruning for Large Vision Language Models", CVPR 2025
+(arXiv:2412.00447); METHODS.md section 5. The authors published no code, and the parts of the
+paper we could read give the design, not its constants; where a detail below is our choice it
+says so.
+
+An ATP module sits after a decoder layer and prunes visual tokens only (text tokens never):
+- scores from that layer's attention probabilities (explicit attention in that one layer):
+  self-modal S_self(j), the attention visual token j receives from the visual queries that can
+  see it, and cross-modal S_cross(j), from the text queries after the image (the instruction),
+  each averaged over heads and queries and scaled by the number of visual tokens (so that
+  uniform attention scores 1); the redundancy score is S_r = (S_self + S_cross) / 2 (our
+  choice of combination; S_self alone where no text follows the image), used as its percentile
+  among the instance's visual tokens;
+- spatial augmented pruning (SAP): S_s(j) in (0, 1] grades token j's place on the image's 2-D
+  grid, s / s_max with s the largest power of two dividing both grid coordinates (our choice):
+  every threshold on it keeps a uniform grid sample (coarsest points first);
+- a small MLP with two heads predicts per instance the thresholds theta_r, theta_s from the
+  pooled visual and instruction states and the score quantiles (its inputs and widths are our
+  choice); training uses the soft mask m = max(sigmoid(tau (S_r - theta_r)), sigmoid(tau (S_s -
+  theta_s))), inference the hard rule "S_r > theta_r or S_s > theta_s", with the pruned tokens
+  removed and the survivors keeping their position ids.
+
+The budget `keep` is the visual-token fraction averaged over the LLM's layers (the paper reports
+its 75% reduction as an average token count). Without trained weights (zero-shot), every module
+keeps the same fraction f of the visual tokens reaching it, the top by S_r + S_s, with f solved
+so that the layer average is `keep`. Module positions: the text we could access does not state
+them; the default places modules after layers 4, 14 and 24 of 32, scaled to the model's depth
+(our choice, configurable with `layers`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import ReductionConfig, Reducer, is_int, is_real, register
+
+PAPER_DEPTH, DEFAULT_LAYERS = 32, (4, 14, 24)
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+@dataclass
+class AtpConfig(ReductionConfig):
+    """ATP (LLaVA models only).
+
+    Attributes:
+        keep: target fraction of visual tokens, averaged over the LLM's layers (the training
+            budget; zero-shot, what the modules keep).
+        weights: path of trained ATP weights (`tome_plus.atp.save`); None: zero-shot.
+        layers: decoder layers after which a module prunes; None: 4, 14, 24 of 32, scaled.
+        tau: temperature of the soft masks in training.
+        budget_weight: weight of the budget loss (layer-averaged kept fraction - keep)^2.
+        hidden: width of the threshold MLP.
+        tower: a method for the vision tower too, e.g. {"method": "tome", "r": 8}; the tower
+            then hands fewer image tokens to the LLM, in which ATP prunes further.
+    """
+
+    weights: Optional[str] = None
+    layers: Optional[Sequence[int]] = None
+    tau: float = 10.0
+    budget_weight: float = 2.0
+    hidden: int = 256
+    tower: Optional[dict] = None
+
+    default_budget: ClassVar[Dict[str, object]] = {"keep": 0.25}
+    default_prop_attn: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.budget[0] != "keep" or isinstance(self.keep, list):
+            raise ValueError("ATP takes its budget as one keep fraction (of visual tokens, averaged over layers)")
+        if self.layers is not None:
+            if not self.layers or not all(is_int(v) and v >= 0 for v in self.layers):
+                raise ValueError(f"layers must be a non-empty list of decoder layer indices, got {self.layers!r}")
+            self.layers = sorted(int(v) for v in self.layers)
+        for name in ("tau", "budget_weight"):
+            if not is_real(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
+        if not is_int(self.hidden) or self.hidden < 1:
+            raise ValueError(f"hidden must be a positive int, got {self.hidden!r}")
+        if self.tower is not None and (not isinstance(self.tower, dict) or "method" not in self.tower):
+            raise ValueError(f"tower must be a dict like {{'method': 'tome', 'r': 8}}, got {self.tower!r}")
+
+
+def default_layers(depth: int) -> List[int]:
+    """4, 14, 24 of 32 scaled to `depth` (distinct, inside the model)."""
+    return sorted({min(depth - 2, max(0, round(p * depth / PAPER_DEPTH))) for p in DEFAULT_LAYERS})
+
+
+def module_fraction(keep: float, layers: Sequence[int], depth: int) -> float:
+    """The fraction f each module keeps so that the visual-token fraction averaged over the
+    `depth` layers is `keep` (layers up to and including a module's see what reached it)."""
+    def average(f: float) -> float:
+        bounds = [-1] + list(layers) + [depth - 1]
+        return sum((bounds[i + 1] - bounds[i]) * f ** i for i in range(len(bounds) - 1)) / depth
+    if average(0.0) >= keep:  # even pruning everything after the first module cannot get lower
+        return 0.0
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if average(mid) < keep else (lo, mid)
+    return (lo + hi) / 2
+
+
+def spatial_score(grid: Tuple[int, int], device: torch.device) -> torch.Tensor:
+    """SAP's grid score of every token of an `h x w` grid, row-major, in (0, 1]."""
+    h, w = grid
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    both = (ys | xs).flatten()
+    # the largest power of two dividing both coordinates (the origin divides by any)
+    s_max = 1 << max(int(max(h, w) - 1).bit_length(), 0)
+    stride = torch.where(both == 0, torch.full_like(both, s_max), both & -both)
+    return stride.float() / s_max
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-4), 1 - 1e-4)
+    return math.log(p / (1 - p))
+
+
+class AtpModule(nn.Module):
+    """One module's threshold predictor: per instance, (theta_r, theta_s)."""
+
+    def __init__(self, dim: int, hidden: int, fraction: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(2 * dim)
+        self.mlp = nn.Sequential(nn.Linear(2 * dim + len(QUANTILES), hidden), nn.GELU())
+        self.head_r, self.head_s = nn.Linear(hidden, 1), nn.Linear(hidden, 1)
+        for head in (self.head_r, self.head_s):
+            nn.init.zeros_(head.weight)
+        # thresholds live in (0, 1) like the scores (a sigmoid: no threshold can leave every mask
+        # saturated, so the gradient never dies); untrained, theta_r prunes the lowest 1 - f by
+        # redundancy and theta_s keeps the coarsest grid points
+        nn.init.constant_(self.head_r.bias, _logit(1.0 - fraction))
+        nn.init.constant_(self.head_s.bias, _logit(0.99))
+
+    def forward(self, visual_state: torch.Tensor, text_state: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """`[B, C]` pooled states, `[B, N]` percentile scores (nan off the visual tokens) -> `[B, 2]`
+        thresholds (theta_r, theta_s) in (0, 1)."""
+        quantiles = torch.nanquantile(score.float(), torch.tensor(QUANTILES, device=score.device), dim=1).T
+        z = torch.cat([self.norm(torch.cat([visual_state, text_state], -1).float()), quantiles.nan_to_num(0.5)], -1)
+        z = self.mlp(z.to(self.head_r.weight.dtype))
+        return torch.sigmoid(torch.cat([self.head_r(z), self.head_s(z)], dim=-1).float())
+
+
+class AtpModules(nn.Module):
+    """All modules of one model (the trainable part, saved and loaded on its own)."""
+
+    def __init__(self, layers: Sequence[int], dim: int, hidden: int, fraction: float) -> None:
+        super().__init__()
+        self.layers = list(layers)
+        self.fraction = fraction  # zero-shot: what each module keeps
+        self.modules_ = nn.ModuleList(AtpModule(dim, hidden, fraction) for _ in layers)
+        self.register_buffer("trained", torch.tensor(False))  # thresholds decide once trained or loaded
+
+    def at(self, layer: int) -> Optional[AtpModule]:
+        return self.modules_[self.layers.index(layer)] if layer in self.layers else None
+
+
+def scores(probs: torch.Tensor, visual: torch.Tensor, instruction: torch.Tensor, valid: torch.Tensor
+           ) -> torch.Tensor:
+    """Redundancy score S_r `[B, N]` (0 off the visual tokens) from one layer's attention.
+
+    probs: `[B, H, N, N]` attention probabilities of the current tokens (queries x keys);
+    visual / instruction / valid: `[B, N]` masks of the visual tokens, the text after the image
+    and the real (non-padding) tokens.
+    """
+    attn = probs.float().mean(dim=1)  # over heads
+    n_visual = visual.sum(dim=1, keepdim=True).clamp(min=1).float()
+    q_visual = (visual & valid).float()
+    # self-modal: mean over the visual queries that can see key j (causal: those at or after j)
+    seen_by = torch.flip(torch.cumsum(torch.flip(q_visual, [1]), 1), [1]).clamp(min=1)
+    s_self = (q_visual.unsqueeze(-1) * attn).sum(dim=1) / seen_by
+    q_text = (instruction & valid).float()
+    n_text = q_text.sum(dim=1, keepdim=True)
+    s_cross = (q_text.unsqueeze(-1) * attn).sum(dim=1) / n_text.clamp(min=1)
+    combined = torch.where(n_text > 0, (s_self + s_cross) / 2, s_self) * n_visual
+    return torch.where(visual, combined, torch.zeros_like(combined))
+
+
+def percentile(score: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """Each visual token's score as its rank among the instance's visual tokens, in (0, 1]
+    (ties by position); nan elsewhere."""
+    masked = torch.where(visual, score, torch.full_like(score, -math.inf))
+    order = masked.argsort(dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    n_visual = visual.sum(dim=1, keepdim=True)
+    pct = (ranks - (order.shape[1] - n_visual) + 1).float() / n_visual.clamp(min=1).float()
+    return torch.where(visual, pct, torch.full_like(pct, math.nan))
+
+
+@register
+class Atp(Reducer):
+    """Registered so `tome_plus.patch(llava, "atp", ...)` finds it; the LLaVA backend runs it in
+    the language model (`target = "llm"`), not through the per-layer `plan` of the ViT methods."""
+
+    name = "atp"
+    config_class = AtpConfig
+    needs = frozenset({"attn"})
+    budget_unit = "keep"
+    merges = False
+    target = "llm"
+
+    def max_remove(self, layer: int, n_tokens: int, n_prefix: int) -> int:
+        return 0
+
+    def decide(self, module: AtpModule, trained: bool, fraction: float, score: torch.Tensor, spatial: torch.Tensor,
+               visual: torch.Tensor, visual_state: torch.Tensor, text_state: torch.Tensor,
+               soft: bool = False) -> torch.Tensor:
+        """Keep mask `[B, N]` (bool; float in (0, 1] with `soft`) over the current tokens:
+        text tokens always 1."""
+        pct = percentile(score, visual)
+        if not trained and not soft:  # zero-shot: the top f by the combined score
+            combined = torch.where(visual, pct + spatial, torch.full_like(pct, -math.inf))
+            n_keep = (visual.sum(dim=1) * fraction).ceil().long()
+            rank = combined.argsort(dim=1, descending=True, stable=True).argsort(dim=1, stable=True)
+            return ~visual | (rank < n_keep.unsqueeze(1))
+        theta = module(visual_state, text_state, pct)
+        pct = pct.nan_to_num(0.0)
+        if soft:
+            tau = self.config.tau
+            m = torch.maximum(torch.sigmoid(tau * (pct - theta[:, :1])), torch.sigmoid(tau * (spatial - theta[:, 1:])))
+            return torch.where(visual, m, torch.ones_like(m))
+        return ~visual | (pct > theta[:, :1]) | (spatial > theta[:, 1:])
