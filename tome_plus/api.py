@@ -32,6 +32,9 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
     if unknown:
         raise TypeError(f"unknown option(s) {unknown} for method {method!r}; valid options: {valid}")
     backend = find_backend(model)
+    if getattr(reducer_cls, "target", None) == "llm" and not getattr(backend, "LLM_METHODS", False):
+        raise TypeError(f"method {method!r} prunes inside the language model of a LLaVA-style model; "
+                        f"{type(model).__name__} has none")
     config = config_cls(**options)
     reducer = reducer_cls(config)
     reducer.for_family(backend.KIND)

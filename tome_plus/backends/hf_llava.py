@@ -31,6 +31,7 @@ from . import hf_clip, hf_llm
 from .base import PatchInfo, attach, get_info, original_class, swap_class, tag
 
 KIND = "hf"
+LLM_METHODS = True  # methods that prune inside the language model (ATP) run here
 FAMILY = ("HF transformers LlavaForConditionalGeneration, VipLlavaForConditionalGeneration (the vision tower "
           "reduces, the LLM gets fewer image tokens)")
 MODELS = (LlavaForConditionalGeneration, VipLlavaForConditionalGeneration)
@@ -386,7 +387,8 @@ def llm_scope(model: nn.Module, args: Dict[str, Any], extra: Dict[str, Any]) -> 
         rank = (visual.long().cumsum(dim=1) - 1).clamp(min=0) % n_run
         spatial = torch.where(visual, table[rank], spatial)
     collecting = hf_llm.COLLECT.get() is not None
-    return hf_llm.LlmInputs(visual=visual, spatial=spatial, has_visual=sum(per_row) > 0, soft=collecting)
+    return hf_llm.LlmInputs(visual=visual, spatial=spatial, has_visual=sum(per_row) > 0, soft=collecting,
+                            prompt_length=hf_llm.PROMPT_LENGTH.get())
 
 
 def hf_llm_spatial(grid: Tuple[int, int], first: int, device: torch.device) -> torch.Tensor:
@@ -421,6 +423,14 @@ class FittingLlava(_SignatureOfOriginal):
         elif "input_ids" not in extra:  # fit it under its keyword name, hand it back positionally
             extra["input_ids"] = bound.arguments.pop("inputs")
         fitted = fit_call(self, bound.arguments, extra, left=True)
+        prompt = (fitted["input_ids"] if fitted is not None and fitted["input_ids"] is not None else ids)
+        token = hf_llm.PROMPT_LENGTH.set(prompt.shape[1] if prompt is not None else None)
+        try:
+            return self._generate(bound, extra, ids, fitted)
+        finally:
+            hf_llm.PROMPT_LENGTH.reset(token)
+
+    def _generate(self, bound, extra, ids, fitted):
         if fitted is None or fitted["removed"] == 0 and fitted["input_ids"] is ids:
             return super().generate(*bound.args[1:], **bound.kwargs)
         removed = fitted["removed"]

@@ -46,6 +46,9 @@ class LlmInputs:
     spatial: torch.Tensor  # [B, L] float: SAP grid score of each image token (0 elsewhere)
     has_visual: bool
     soft: bool = False  # training: soft masks, nothing removed
+    # generate without a cache re-runs prompt + generated tokens: only the prompt's text counts
+    # as the instruction, so each step decides as the cached prefill did
+    prompt_length: Optional[int] = None
     # filled in by the decoder, for inspect and the training loss
     kept: List[torch.Tensor] = field(default_factory=list)  # per module: [B] visual tokens kept
     positions: List[torch.Tensor] = field(default_factory=list)  # per module: [B, K] position ids (-1: pad)
@@ -53,6 +56,8 @@ class LlmInputs:
 
 
 SCOPE: contextvars.ContextVar[Optional[LlmInputs]] = contextvars.ContextVar("tome_plus_llm", default=None)
+# set by `generate`: the prompt's length (the fitted one)
+PROMPT_LENGTH: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("tome_plus_prompt", default=None)
 # set by ATP training: forwards run with soft masks and leave their LlmInputs here (for the budget loss)
 COLLECT: contextvars.ContextVar[Optional[List[LlmInputs]]] = contextvars.ContextVar("tome_plus_llm_collect",
                                                                                      default=None)
@@ -200,6 +205,8 @@ class AtpDecoder:
         seg = Segment(index=torch.arange(n, device=h.device).expand(batch, n), valid=valid, positions=position_ids,
                       cos=cos.expand(batch, -1, -1), sin=sin.expand(batch, -1, -1), visual=visual & valid,
                       spatial=spatial, instruction=instruction_after_image(visual, valid))
+        if scope is not None and scope.prompt_length is not None and past == 0:
+            seg.instruction &= seg.index < scope.prompt_length
         soft = scope is not None and scope.soft
         n_visual = seg.visual.sum(dim=1).clamp(min=1).float()
         kept_sum = torch.zeros(batch, device=h.device)  # soft: sum over layers of the visual fraction

@@ -1,0 +1,266 @@
+"""ATP inside the LLM of a tiny random LLaVA (Llama text model, 4 layers)."""
+import math
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+pytest.importorskip("transformers", reason='ATP tests need transformers: pip install -e ".[hf]"')
+
+import tome_plus  # noqa: E402
+from tome_plus.backends import hf_llm  # noqa: E402
+from tome_plus.methods.atp import module_fraction, percentile, scores, spatial_score  # noqa: E402
+
+from test_hf import IMAGE_ID, N_IMAGE, greedy, llava, prompts  # noqa: E402
+
+
+@pytest.fixture
+def pixels():
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 64, 64)
+
+
+def batches(n=4, seed=0):
+    out = []
+    for s in range(n):
+        torch.manual_seed(seed + s)
+        ids, mask = prompts((3, 6), (2, 7))
+        ids = torch.where(ids == IMAGE_ID, ids, torch.randint(2, 150, ids.shape))
+        labels = torch.where((ids == IMAGE_ID) | (mask == 0), -100, ids)
+        out.append(dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 64, 64), labels=labels))
+    return out
+
+
+def thresholds(model, bias_r, bias_s=20.0, spread=0.0):
+    """Make the modules decide by their thresholds: theta = sigmoid(bias (+ a per-instance spread))."""
+    mods = tome_plus.atp.modules(model)
+    torch.manual_seed(3)
+    for module in mods.modules_:
+        torch.nn.init.normal_(module.head_r.weight, std=spread)
+        torch.nn.init.constant_(module.head_r.bias, bias_r)
+        torch.nn.init.constant_(module.head_s.bias, bias_s)
+    mods.trained.fill_(True)
+
+
+# -------------------------------------------------------------------------------- the pieces
+
+def test_scores_equal_a_loop_reference():
+    torch.manual_seed(0)
+    b, h, n = 2, 3, 9
+    probs = torch.rand(b, h, n, n).tril()
+    probs = probs / probs.sum(-1, keepdim=True)
+    visual = torch.zeros(b, n, dtype=torch.bool)
+    visual[:, 2:6] = True
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[1, 0] = False
+    instruction = hf_llm.instruction_after_image(visual, valid)
+    got = scores(probs, visual, instruction, valid)
+    for r in range(b):
+        n_vis = int(visual[r].sum())
+        for j in range(n):
+            if not visual[r, j]:
+                assert got[r, j] == 0
+                continue
+            mean = probs[r].mean(0)
+            sv = [mean[i, j] for i in range(n) if visual[r, i] and valid[r, i] and i >= j]
+            st = [mean[i, j] for i in range(n) if instruction[r, i]]
+            s_self = sum(sv) / len(sv)
+            expected = (s_self + sum(st) / len(st)) / 2 * n_vis if st else s_self * n_vis
+            assert math.isclose(float(got[r, j]), float(expected), rel_tol=1e-5)
+
+
+def test_spatial_score_is_a_nested_uniform_grid():
+    grid = spatial_score((6, 8), torch.device("cpu")).view(6, 8)
+    for y in range(6):
+        for x in range(8):
+            s = 8 if y == x == 0 else max(2 ** k for k in range(4) if y % 2 ** k == 0 and x % 2 ** k == 0)
+            assert grid[y, x] == s / 8
+    # any threshold keeps a uniform grid: every 2nd row and column above 1/8, every 4th above 1/4
+    assert torch.equal((grid > 1 / 8).nonzero(), torch.cartesian_prod(torch.arange(0, 6, 2), torch.arange(0, 8, 2)))
+
+
+def test_percentile_ranks_visual_tokens():
+    score = torch.tensor([[0.0, 3.0, 1.0, 2.0, 5.0]])
+    visual = torch.tensor([[False, True, True, True, False]])
+    pct = percentile(score, visual)
+    assert torch.allclose(pct[0, 1:4], torch.tensor([1.0, 1 / 3, 2 / 3])) and pct[0, 0].isnan() and pct[0, 4].isnan()
+
+
+@pytest.mark.parametrize("keep,layers,depth", [(0.25, [4, 14, 24], 32), (0.5, [0, 2], 4), (0.7, [1], 4)])
+def test_module_fraction_meets_the_layer_average(keep, layers, depth):
+    f = module_fraction(keep, layers, depth)
+    per_layer, kept = [], 1.0
+    for layer in range(depth):
+        per_layer.append(kept)
+        if layer in layers:
+            kept *= f
+    assert math.isclose(sum(per_layer) / depth, keep, abs_tol=1e-6)
+
+
+# ------------------------------------------------------------------------------- inference
+
+def test_zero_shot_keeps_the_fraction_and_generates_consistently(pixels):
+    model = llava()
+    tome_plus.patch(model, "atp", keep=0.5, layers=[0, 2])
+    ids, mask = prompts((3, 5), (1, 2))
+    cached = greedy(model, ids, mask, pixels)
+    info = tome_plus.inspect(model)
+    f = module_fraction(0.5, [0, 2], 4)
+    first = math.ceil(N_IMAGE * f)
+    assert info.llm_kept.tolist() == [[first] * 2, [math.ceil(first * f)] * 2]
+    assert torch.equal(cached, greedy(model, ids, mask, pixels, use_cache=False))
+
+
+def test_keeping_everything_gives_the_unpatched_tokens(pixels):
+    model = llava()
+    ids, mask = prompts((3, 5), (1, 2))
+    ref = greedy(model, ids, mask, pixels)
+    with torch.no_grad():
+        ref_logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    tome_plus.patch(model, "atp", keep=0.25, layers=[0, 2])
+    thresholds(model, bias_r=-20.0, bias_s=-20.0)
+    assert torch.equal(greedy(model, ids, mask, pixels), ref)
+    assert torch.equal(tome_plus.inspect(model).llm_kept, torch.full((2, 2), N_IMAGE))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    tome_plus.unpatch(model)
+    assert torch.equal(greedy(model, ids, mask, pixels), ref)
+
+
+def test_per_instance_counts_and_survivor_positions(pixels):
+    model = llava()
+    tome_plus.patch(model, "atp", keep=0.25, layers=[1])
+    thresholds(model, bias_r=0.0, spread=0.5)
+    ids, mask = prompts((3, 5), (1, 2))
+    images = torch.stack([pixels[0], -pixels[0]])
+    cached = greedy(model, ids, mask, images)
+    info = tome_plus.inspect(model)
+    counts = info.llm_kept[0]
+    assert counts[0] != counts[1] and bool((counts > 0).all()) and bool((counts < N_IMAGE).all())
+    assert torch.equal(cached, greedy(model, ids, mask, images, use_cache=False))
+    with torch.no_grad():  # a plain forward: HF's position ids are the token indices
+        model(input_ids=ids, attention_mask=mask, pixel_values=images)
+    positions = tome_plus.inspect(model).llm_positions[0]
+    for row in range(2):
+        kept = positions[row][positions[row] >= 0]
+        assert bool((kept[1:] > kept[:-1]).all())  # order kept
+        image = (ids[row] == IMAGE_ID).nonzero().flatten()
+        text = ((ids[row] != IMAGE_ID) & (mask[row] == 1)).nonzero().flatten()
+        assert set(text.tolist()) <= set(kept.tolist())  # every text token survives, at its own position
+        assert len(set(kept.tolist()) & set(image.tolist())) == int(counts[row])  # survivors keep their ids
+        assert len(kept) == len(text) + int(counts[row])
+
+
+def test_atp_with_a_tower_method(pixels):
+    model = llava()
+    tome_plus.patch(model, "atp", keep=0.5, layers=[0, 2], tower={"method": "tome", "r": 6})
+    ids, mask = prompts((3, 5), (1, 2))
+    cached = greedy(model, ids, mask, pixels)
+    info = tome_plus.inspect(model)
+    n_image = int(info.image_tokens[0])
+    assert n_image < N_IMAGE and info.tokens[0] == 65 - 6  # the tower merged
+    assert info.llm_kept[0, 0] == math.ceil(n_image * module_fraction(0.5, [0, 2], 4))  # ATP pruned further
+    assert torch.equal(cached, greedy(model, ids, mask, pixels, use_cache=False))
+    tome_plus.unpatch(model)
+    assert type(model.model.vision_tower.encoder.layers[0]).__name__ == "CLIPEncoderLayer"
+
+
+def test_state_dict_and_unpatch(pixels):
+    model = llava()
+    keys = set(model.state_dict())
+    ids, mask = prompts((3, 5), (1, 2))
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    tome_plus.patch(model, "atp", keep=0.5)
+    added = set(model.state_dict()) - keys
+    assert added and all(k.startswith("tome_plus_atp.") for k in added)
+    tome_plus.unpatch(model)
+    assert set(model.state_dict()) == keys and not hasattr(model, "tome_plus_atp")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits, ref)
+
+
+def test_errors(pixels):
+    model = llava()
+    with pytest.raises(ValueError, match="after decoder layers 0..2"):
+        tome_plus.patch(model, "atp", layers=[3])
+    with pytest.raises(ValueError, match="one keep fraction"):
+        tome_plus.patch(model, "atp", r=4)
+    with pytest.raises(ValueError, match="tower must be a dict"):
+        tome_plus.patch(model, "atp", tower="tome")
+    tome_plus.patch(model, "atp", keep=0.5)
+    ids, mask = prompts((3, 5), (1, 2))
+    with pytest.raises(ValueError, match="num_beams=1"):
+        greedy(model, ids, mask, pixels, num_beams=2)
+    from conftest import make
+    with pytest.raises(TypeError):
+        tome_plus.patch(make("vit_tiny_patch16_224"), "atp", keep=0.5)
+
+
+# ------------------------------------------------------------------------------- training
+
+def test_training_moves_toward_the_budget_and_lowers_the_loss(tmp_path, pixels):
+    model = llava()
+    tome_plus.patch(model, "atp", keep=0.3, layers=[0, 2])
+    data = batches()
+    history = tome_plus.atp.train(model, data, steps=37, lr=1e-3, progress=False, checkpoint=str(tmp_path / "a.pt"),
+                                  save_every=10)
+    first, last = history[0], history[-1]  # both on batch 0 (4 batches, cycled)
+    assert abs(last["kept"] - 0.3) < abs(first["kept"] - 0.3)
+    assert last["loss"] < first["loss"]
+    trained = tome_plus.atp.modules(model)
+    assert bool(trained.trained)
+    # the saved weights load into a fresh model and decide the same
+    ids, mask = prompts((3, 5), (1, 2))
+    out = greedy(model, ids, mask, pixels)
+    other = llava()
+    tome_plus.patch(other, "atp", keep=0.3, layers=[0, 2], weights=str(tmp_path / "a.pt"))
+    assert torch.equal(greedy(other, ids, mask, pixels), out)
+    assert torch.equal(tome_plus.inspect(other).llm_kept, tome_plus.inspect(model).llm_kept)
+
+
+def test_training_resumes_from_a_checkpoint(tmp_path):
+    path = str(tmp_path / "a.pt")
+    straight = llava()
+    tome_plus.patch(straight, "atp", keep=0.3, layers=[0, 2])
+    tome_plus.atp.train(straight, batches(), steps=4, progress=False)
+    split = llava()
+    tome_plus.patch(split, "atp", keep=0.3, layers=[0, 2])
+    tome_plus.atp.train(split, batches(), steps=2, progress=False, checkpoint=path)
+    again = llava()
+    tome_plus.patch(again, "atp", keep=0.3, layers=[0, 2])
+    history = tome_plus.atp.train(again, batches()[2:] + batches()[:2], steps=4, progress=False, checkpoint=path,
+                                  resume=True)
+    assert [h["step"] for h in history] == [3, 4]
+    for a, b in zip(tome_plus.atp.modules(again).state_dict().values(),
+                    tome_plus.atp.modules(straight).state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def _rank(rank, world, init, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = llava()
+        torch.manual_seed(100 + rank)  # different module init per rank: training must broadcast rank 0's
+        tome_plus.patch(model, "atp", keep=0.3, layers=[0, 2])
+        for p in tome_plus.atp.modules(model).parameters():
+            torch.nn.init.normal_(p, std=0.01)
+        tome_plus.atp.train(model, batches(2, seed=10 * rank), steps=3, progress=False)
+        torch.save(tome_plus.atp.modules(model).state_dict(), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo_training_keeps_ranks_equal(tmp_path):
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.start_processes(_rank, args=(2, init, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    changed = llava()
+    tome_plus.patch(changed, "atp", keep=0.3, layers=[0, 2])
+    assert not all(torch.equal(a[k], v) for k, v in tome_plus.atp.modules(changed).state_dict().items())
