@@ -190,6 +190,8 @@ def test_errors(pixels):
         tome_plus.patch(model, "atp", r=4)
     with pytest.raises(ValueError, match="tower must be a dict"):
         tome_plus.patch(model, "atp", tower="tome")
+    with pytest.warns(UserWarning, match="prune every visual token"):  # layers 0-1 of 4 keep all: >= 0.5
+        tome_plus.patch(model, "atp", keep=0.4, layers=[1])
     tome_plus.patch(model, "atp", keep=0.5)
     ids, mask = prompts((3, 5), (1, 2))
     with pytest.raises(ValueError, match="num_beams=1"):
@@ -264,3 +266,18 @@ def test_two_process_gloo_training_keeps_ranks_equal(tmp_path):
     changed = llava()
     tome_plus.patch(changed, "atp", keep=0.3, layers=[0, 2])
     assert not all(torch.equal(a[k], v) for k, v in tome_plus.atp.modules(changed).state_dict().items())
+
+
+def test_atp_train_command(tmp_path, capsys):
+    from tome_plus.tools import cli
+    out = str(tmp_path / "w" / "atp.pt")
+    args = ["atp-train", "--hf-shape", "llava-tiny", "--data", "synthetic", "--layers", "0", "--keep", "0.7",
+            "--batch-size", "2", "--no-progress", "--out", out]
+    assert cli.main(args + ["--steps", "2"]) == 0
+    assert torch.load(out, weights_only=False)["step"] == 2
+    assert cli.main(args + ["--steps", "3", "--resume"]) == 0
+    assert torch.load(out, weights_only=False)["step"] == 3
+    assert "visual tokens kept" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cli.main(["atp-train", "--hf-shape", "llava-tiny", "--data", "train.jsonl", "--out", out])
+    assert e.value.code == 2 and "needs --model" in capsys.readouterr().err

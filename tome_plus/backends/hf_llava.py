@@ -27,6 +27,7 @@ import torch.nn as nn
 from transformers import DynamicCache, LlavaForConditionalGeneration, VipLlavaForConditionalGeneration
 
 from ..methods.base import ReductionConfig, Reducer
+from ..warn import warn_caller
 from . import hf_clip, hf_llm
 from .base import PatchInfo, attach, get_info, original_class, swap_class, tag
 
@@ -108,6 +109,10 @@ def prepare_llm(model: nn.Module, reducer: Reducer, config: ReductionConfig, met
     info = PatchInfo(method=method, config=config, reducer=reducer, depth=n_layers, n_prefix=0, has_cls=False,
                      cost=no_cost, tower=tower_info)
     fraction = module_fraction(config.keep, layers, n_layers)
+    if fraction == 0.0:
+        warn_caller(f"keep={config.keep} is at or below what ATP reaches with modules after layers {layers} of "
+                    f"{n_layers} (the layers up to the first module see every visual token): the modules prune "
+                    f"every visual token; move the first module earlier (layers=...) or raise keep")
     info.modules = AtpModules(layers, llm.config.hidden_size, config.hidden, fraction).to(
         device=llm.norm.weight.device)
     if config.weights is not None:

@@ -26,7 +26,7 @@ import sys
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, ContextManager, Dict, Hashable, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
@@ -422,6 +422,8 @@ def llm_inputs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: 
 
     def record(module: torch.nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
         seen.update({k: kwargs.get(k) for k in ("inputs_embeds", "attention_mask", "position_ids")})
+        if "tome_plus.backends.hf_llm" in sys.modules:  # ATP: which tokens are visual, for its modules
+            seen["_atp_scope"] = sys.modules["tome_plus.backends.hf_llm"].SCOPE.get()
     handle = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         llava_prefill(model, input_ids, attention_mask, pixel_values)
@@ -433,9 +435,18 @@ def llm_inputs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: 
 
 
 def llm_prefill(model: torch.nn.Module, llm_kwargs: Dict[str, Any]) -> torch.Tensor:
-    """The language model alone on a ready prompt, and the head on its last position."""
-    hidden = model.model.language_model(**llm_kwargs)[0]
-    return model.lm_head(hidden[:, -1:])
+    """The language model alone on a ready prompt, and the head on its last position (with ATP,
+    under the scope the real call gave it, so its modules prune as there)."""
+    kwargs = dict(llm_kwargs)
+    scope = kwargs.pop("_atp_scope", None)
+    if scope is None:
+        return model.lm_head(model.model.language_model(**kwargs)[0][:, -1:])
+    from ..backends import hf_llm
+    token = hf_llm.SCOPE.set(replace(scope, kept=[], positions=[]))
+    try:
+        return model.lm_head(model.model.language_model(**kwargs)[0][:, -1:])
+    finally:
+        hf_llm.SCOPE.reset(token)
 
 
 def llava_flops(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -473,6 +484,7 @@ class HFMeasurement:
     prefill_gflops_per_prompt: float  # all parts together
     peak_mem_mib: float  # of the prefill forward
     tokens: List[int] = field(default_factory=list)  # the tower's, after each layer
+    llm_kept: List[float] = field(default_factory=list)  # ATP: visual tokens each module kept (batch mean)
 
 
 def _hf_calls(models: Dict[str, torch.nn.Module], prec: Precision, ids: torch.Tensor, mask: torch.Tensor,
@@ -531,7 +543,8 @@ def run_hf_bench(shape: str, method: str, options: Dict[str, Any], device: str =
             image_tokens, tokens = (ids == baseline.config.image_token_id).sum(dim=1), []
         else:
             info = tome_plus.inspect(model)
-            image_tokens, tokens = info.image_tokens, list(info.tokens)
+            image_tokens, tokens = info.image_tokens, list(info.tokens or [])
+            llm_kept = info.llm_kept.float().mean(dim=1).tolist() if info.llm_kept is not None else []
         med = {part: statistics.median(times[(name, part)]) for part in HF_PARTS}
         best = {part: min(times[(name, part)]) for part in HF_PARTS}
         results.append(HFMeasurement(
@@ -543,7 +556,7 @@ def run_hf_bench(shape: str, method: str, options: Dict[str, Any], device: str =
             llm_ms_per_batch=med["llm"] * 1e3, llm_ms_per_batch_min=best["llm"] * 1e3,
             tower_gflops_per_image=flops["tower"] / 1e9, projector_gflops_per_image=flops["projector"] / 1e9,
             llm_gflops_per_prompt=flops["llm"] / 1e9, prefill_gflops_per_prompt=flops["total"] / 1e9,
-            peak_mem_mib=peak, tokens=tokens))
+            peak_mem_mib=peak, tokens=tokens, llm_kept=llm_kept if name != "baseline" else []))
     base, red = results
     ratio = lambda key: getattr(red, key) / getattr(base, key) if getattr(base, key) else None  # noqa: E731
     return {
@@ -602,7 +615,10 @@ def format_hf_table(report: Dict[str, Any]) -> str:
                  f"LLM alone {report['llm_speedup']:.2f}x | FLOPs: tower {report['tower_flops_ratio']:.2f}x, "
                  f"LLM {report['llm_flops_ratio']:.2f}x, prefill {report['prefill_flops_ratio']:.2f}x")
     lines.append("graphs: n/a (--hf times eager forwards)")
-    lines.append("tower tokens after each layer: " + " ".join(str(t) for t in red["tokens"]))
+    if red["tokens"]:
+        lines.append("tower tokens after each layer: " + " ".join(str(t) for t in red["tokens"]))
+    if red.get("llm_kept"):
+        lines.append("visual tokens after each ATP module: " + " ".join(f"{t:.1f}" for t in red["llm_kept"]))
     return "\n".join(lines)
 
 
