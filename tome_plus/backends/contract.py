@@ -7,7 +7,7 @@ itself is `reduce.prenorm_layer` / `reduce.reduce_step`, shared by all of them.
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable, Optional, Protocol
 
 import torch.nn as nn
 
@@ -35,6 +35,9 @@ class Backend(Protocol):
 
     def prepare(self, model: nn.Module, reducer: Reducer, config: ReductionConfig, method: str) -> PatchInfo:
         """Check the model and describe it (prefix, cost model); changes nothing."""
+
+    def model_name(self, model: nn.Module) -> Optional[str]:
+        """The model's name where known (timm's with its tag), for methods with per-model presets."""
 
     def check_budget(self, model: nn.Module, info: PatchInfo) -> None:
         """Raise for a budget the model cannot meet (at `patch`, before anything changes)."""

@@ -206,6 +206,10 @@ def prepare(model: nn.Module, reducer: Reducer, config: ReductionConfig, method:
                      log_size_scale=1.0 / float(attn.scale) if channel else None, reduce_depth=reduce_depth)
 
 
+def model_name(model: nn.Module) -> Optional[str]:
+    return getattr(model.config, "_name_or_path", None) or None
+
+
 def check_budget(model: nn.Module, info: PatchInfo) -> None:
     """Solve the budget at the model's default input now: its errors and warnings come from `patch`."""
     info.removals(default_tokens(model), strict=True)

@@ -136,6 +136,10 @@ def load_modules(modules: nn.Module, path: str) -> None:
     modules.trained.fill_(True)
 
 
+def model_name(model: nn.Module) -> Optional[str]:
+    return getattr(model.config, "_name_or_path", None) or None
+
+
 def check_budget(model: nn.Module, info: PatchInfo) -> None:
     record = info.tower if info.modules is not None else info
     if record is not None:

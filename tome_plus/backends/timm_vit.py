@@ -250,6 +250,13 @@ def prepare(model: nn.Module, reducer: Reducer, config: ReductionConfig, method:
                      log_size_scale=1.0 / float(model.blocks[0].attn.scale) if channel else None)
 
 
+def model_name(model: nn.Module) -> Optional[str]:
+    """timm's name with its tag (`vit_base_patch16_224.mae`), or the architecture alone."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch, tag = cfg.get("architecture"), cfg.get("tag")
+    return f"{arch}.{tag}" if arch and tag else arch
+
+
 def check_budget(model: nn.Module, info: PatchInfo) -> None:
     """Solve the budget at the model's default input now: its errors and warnings come from `patch`."""
     info.removals(default_tokens(model), strict=True)

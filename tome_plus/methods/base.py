@@ -162,6 +162,15 @@ class Reducer:
         """Settle options whose paper default depends on the model family ("timm" or "hf"); called
         by the backend at `patch`. Most methods have none."""
 
+    def for_model(self, name: Optional[str], base_gflops: Optional[float]) -> None:
+        """Settle what depends on the very model (its name, e.g. timm's `deit_small_patch16_224`,
+        and its unpatched GFLOPs at the default input): DiffRate's published schedules."""
+
+    def removals(self, n_tokens: int, n_prefix: int) -> Optional[List[int]]:
+        """Per-layer removal counts the method fixes itself (a searched schedule); None: solve
+        them from the budget."""
+        return None
+
     def active(self, layer: int) -> bool:
         """Whether the method reduces in `layer` at all (by configuration, not by budget)."""
         return True
