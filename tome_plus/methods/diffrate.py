@@ -16,7 +16,7 @@ similarity to the destination (their proportional-attention tweak for off-the-sh
 Schedules: the published searched counts ship with the package (`diffrate_schedules.json`, keyed
 by timm model name and GFLOPs); `schedule=` takes a searched one (a path or a dict with the same
 keys). After block l the model keeps min(prune[l], merge[l]) tokens, as a running minimum where a
-published list rises. The search itself (learnable rates) is not part of this file.
+published list rises. The search (learnable rates) is `tome_plus.diffrate_search`.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from ..state import TokenState
 from .base import ReductionConfig, Reducer, is_real, register
 
 SCHEDULES = os.path.join(os.path.dirname(__file__), "diffrate_schedules.json")
-SEARCH_HINT = "search one with `tome-plus diffrate-search` (not yet available) and pass schedule=PATH"
+SEARCH_HINT = "search one with `tome-plus diffrate-search --model NAME --data DIR --flops F --out PATH` and pass schedule=PATH"
 MERGES = ("mean", "size_weighted")
 
 

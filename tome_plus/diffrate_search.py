@@ -1,0 +1,224 @@
+"""DiffRate's search: learn per-block prune and merge counts for a FLOPs target (timm ViTs).
+
+Chen et al., ICCV 2023; METHODS.md section 4. For each block and each of prune / merge, logits
+theta over the candidate kept counts {N, N - g, N - 2g, ...} (g the granularity), zero-initialised;
+pi = softmax(theta), expected count k = sum_c pi_c c, rounded up with a straight-through ceil.
+Tokens stay in the tensor (static shapes): each block sorts them by the class token's attention
+(averaged over heads), and the keep-probability of sorted rank i, P_i = sum_{c > i} pi_c, makes
+the straight-through mask m = hard - stopgrad(P) + P (hard in the forward, P's gradient in the
+backward). A pruned token leaves attention (its key gets log m); a merged token also hands
+its state to its most similar kept token (hidden-state cosine), weighted by how much of it is
+merged away (our reading of the masked merge; the authors' search code is not copied here).
+FLOPs are analytic per block (attention with the incoming count, MLP with the outgoing one), so
+the loss `task + lambda (GFLOPs - target)^2` (lambda = 5) reaches theta through the counts too.
+Only theta trains (AdamW, lr 0.01 with a cosine decay to 0.001, no weight decay); the backbone is
+frozen and keeps no gradients. Under `torch.distributed` (torchrun; gloo on CPU, NCCL on GPU) the
+rate gradients are averaged, so every rank holds the same rates.
+
+The task loss: cross-entropy with labels for the model's own classes; for a backbone without them
+(e.g. the DINOv2 backbone of `tome-plus fidelity`), `distill=True` uses 1 - cosine between the
+searched and the unpatched model's pooled features instead: it asks the reduced model to keep the
+unpatched features, which is what the fidelity check measures, and needs no labels or head to
+train (a linear probe would tie the schedule to the probe's classes).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+class DiffRateRates(nn.Module):
+    """Learnable prune and merge logits of every block over the candidate kept counts."""
+
+    def __init__(self, depth: int, n_tokens: int, n_prefix: int, granularity: int = 4) -> None:
+        super().__init__()
+        self.n_tokens, self.n_prefix = n_tokens, n_prefix
+        counts = list(range(n_tokens, n_prefix, -granularity))
+        self.register_buffer("candidates", torch.tensor(counts, dtype=torch.float32))
+        self.prune = nn.Parameter(torch.zeros(depth, len(counts)))
+        self.merge = nn.Parameter(torch.zeros(depth, len(counts)))
+
+    def expected(self, logits: torch.Tensor) -> torch.Tensor:
+        """Straight-through ceil of the expected count (a float tensor carrying pi's gradient)."""
+        k = (logits.softmax(-1) * self.candidates).sum(-1)
+        return k + (k.ceil() - k).detach()
+
+    def mask(self, logits: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(`[n]` straight-through keep mask over sorted ranks, count) of one block's logits."""
+        pi = logits.softmax(-1)
+        count = self.expected(logits)
+        ranks = torch.arange(n, device=logits.device, dtype=torch.float32)
+        prob = (pi.unsqueeze(0) * (self.candidates.unsqueeze(0) > ranks.unsqueeze(1))).sum(-1)
+        hard = (ranks < count.detach()).float()
+        return hard - prob.detach() + prob, count
+
+    def schedule(self) -> Dict[str, List[int]]:
+        """The searched counts as DiffRate's JSON keys (running minima, class token included)."""
+        prune, merge, n = [], [], self.n_tokens
+        with torch.no_grad():
+            for lp, lm in zip(self.prune, self.merge):
+                k_p = min(int(self.expected(lp)), n)
+                k_m = min(int(self.expected(lm)), k_p)
+                prune.append(k_p)
+                merge.append(k_m)
+                n = k_m
+        return {"prune_kept_num": prune, "merge_kept_num": merge}
+
+
+def block_flops(n_in: torch.Tensor, n_out: torch.Tensor, dim: int, hidden: int) -> torch.Tensor:
+    """MACs of one block: attention with the incoming count, MLP with the outgoing one."""
+    return 4 * n_in * dim * dim + 2 * n_in * n_in * dim + 2 * n_out * dim * hidden
+
+
+def search_forward(model: nn.Module, images: torch.Tensor, rates: DiffRateRates
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A timm ViT run with the rates' masks: (logits, pooled features, GMACs)."""
+    x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
+    batch, n, dim = x.shape
+    p = rates.n_prefix
+    alive = x.new_ones(batch, n)  # product of the masks so far (hard forward, soft backward)
+    hidden = model.blocks[0].mlp.fc1.out_features
+    patch = model.patch_embed.proj
+    macs = (n - p) * patch.in_channels * patch.kernel_size[0] * patch.kernel_size[1] * dim + dim * model.num_classes
+    count_in = x.new_tensor(float(n))
+    for layer, blk in enumerate(model.blocks):
+        attn = blk.attn
+        h = blk.norm1(x)
+        q, k, v = attn.qkv(h).reshape(batch, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        bias = alive.clamp(min=1e-6).log()[:, None, None, :]
+        probs = ((q @ k.transpose(-2, -1)) * attn.scale + bias).softmax(-1)
+        x = x + blk.drop_path1(blk.ls1(attn.proj((probs @ v).transpose(1, 2).reshape(batch, n, -1))))
+        importance = probs[:, :, 0].mean(1).detach()
+        importance[:, :p] = math.inf
+        order = importance.argsort(dim=1, descending=True, stable=True)
+        m_prune, k_p = rates.mask(rates.prune[layer], n)
+        m_merge, k_m = rates.mask(rates.merge[layer], n)
+        by_token = lambda m: torch.empty_like(alive).scatter_(1, order, m.expand(batch, -1).to(alive.dtype))
+        keep_p, keep_m = by_token(m_prune), by_token(m_merge)
+        # merged away: kept by the prune, dropped by the merge; into the most similar token the merge keeps
+        moving = alive * keep_p * (1 - keep_m)
+        with torch.no_grad():
+            unit = F.normalize(x, dim=-1)
+            sim = unit @ unit.transpose(1, 2)
+            allowed = (keep_m.detach() * alive.detach() > 0.5)
+            allowed[:, :p] = False
+            sim = sim.masked_fill(~allowed.unsqueeze(1), -math.inf)
+            dst = sim.argmax(dim=-1)
+        received = torch.zeros_like(x).scatter_add(1, dst.unsqueeze(-1).expand_as(x), moving.unsqueeze(-1) * x)
+        weight = torch.zeros_like(alive).scatter_add(1, dst, moving)
+        x = (x + received) / (1 + weight).unsqueeze(-1)
+        alive = alive * keep_p * keep_m
+        count_out = torch.minimum(torch.minimum(k_p, k_m), count_in)
+        macs = macs + block_flops(count_in, count_out, dim, hidden)
+        count_in = count_out
+        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    x = model.norm(x)
+    pooled = model.pool(x) if hasattr(model, "pool") else x[:, 0]
+    return model.head(model.fc_norm(pooled)), pooled, macs / 1e9
+
+
+def full_gmacs(model: nn.Module) -> float:
+    """The unpatched model's MACs per image (GMACs, DiffRate's unit), by the same analytic count."""
+    n = model.patch_embed.num_patches + model.num_prefix_tokens
+    rates = DiffRateRates(len(model.blocks), n, model.num_prefix_tokens)
+    dim, hidden = model.embed_dim, model.blocks[0].mlp.fc1.out_features
+    patch = model.patch_embed.proj
+    macs = (n - model.num_prefix_tokens) * patch.in_channels * patch.kernel_size[0] * patch.kernel_size[1] * dim
+    macs += dim * model.num_classes + len(model.blocks) * block_flops(torch.tensor(float(n)), torch.tensor(float(n)),
+                                                                      dim, hidden).item()
+    del rates
+    return macs / 1e9
+
+
+def _cycle(batches: Iterable[Any]) -> Iterator[Any]:
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("the batches are empty")
+
+
+def search(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, Optional[torch.Tensor]]], gflops: float,
+           steps: int, granularity: int = 4, lr: float = 0.01, min_lr: float = 0.001, flops_weight: float = 5.0,
+           distill: bool = False, checkpoint: Optional[str] = None, resume: bool = False, progress: bool = True
+           ) -> Tuple[DiffRateRates, List[Dict[str, float]]]:
+    """Search the rates of a timm ViT for `gflops` (GMACs, as DiffRate reports them).
+
+    `batches`: an iterable (cycled) of `(images, labels)`; labels may be None with `distill`.
+    `checkpoint`: the rates, optimizer, scheduler and step, written every 50 steps and at the end
+    (rank 0); `resume` continues from it. Returns the rates and one record per step.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    device = next(model.parameters()).device
+    n_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    rates = DiffRateRates(len(model.blocks), n_tokens, model.num_prefix_tokens, granularity).to(device)
+    optimizer = torch.optim.AdamW(rates.parameters(), lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=min_lr)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    start = 0
+    if resume and checkpoint and os.path.exists(checkpoint):
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        rates.load_state_dict(state["rates"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["step"]
+    history: List[Dict[str, float]] = []
+    data = _cycle(batches)
+    for step in tqdm(range(start, steps), disable=not progress or rank != 0, desc="DiffRate search", unit="step"):
+        images, labels = next(data)
+        images = images.to(device)
+        logits, pooled, macs = search_forward(model, images, rates)
+        if distill:
+            with torch.no_grad():
+                target = model.forward_head(model.forward_features(images), pre_logits=True)
+            task = (1 - F.cosine_similarity(pooled, target, dim=-1)).mean()
+        else:
+            if labels is None:
+                raise ValueError("labels are needed unless distill=True")
+            task = F.cross_entropy(logits, labels.to(device))
+        loss = task + flops_weight * (macs - gflops) ** 2
+        optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        if world > 1:
+            for param in rates.parameters():
+                dist.all_reduce(param.grad)
+                param.grad /= world
+        optimizer.step()
+        scheduler.step()
+        history.append({"step": step + 1, "loss": loss.item(), "task": task.item(), "gflops": macs.item()})
+        if checkpoint and rank == 0 and ((step + 1) % 50 == 0 or step + 1 == steps):
+            save_checkpoint(checkpoint, rates, optimizer, scheduler, step + 1)
+    return rates, history
+
+
+def save_checkpoint(path: str, rates: DiffRateRates, optimizer, scheduler, step: int) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save({"rates": rates.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step}, tmp)
+    os.replace(tmp, path)
+
+
+def save_schedule(rates: DiffRateRates, path: str, **about: Any) -> Dict[str, List[int]]:
+    """Write the searched counts as JSON (`tome_plus.patch(model, "diffrate", schedule=path)`)."""
+    schedule = dict(rates.schedule(), **about)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(schedule, f, indent=1)
+    os.replace(tmp, path)
+    return schedule
