@@ -57,17 +57,28 @@ def test_scores_equal_a_loop_reference():
     instruction = hf_llm.instruction_after_image(visual, valid)
     got = scores(probs, visual, instruction, valid)
     for r in range(b):
-        n_vis = int(visual[r].sum())
         for j in range(n):
             if not visual[r, j]:
                 assert got[r, j] == 0
                 continue
             mean = probs[r].mean(0)
-            sv = [mean[i, j] for i in range(n) if visual[r, i] and valid[r, i] and i >= j]
-            st = [mean[i, j] for i in range(n) if instruction[r, i]]
+            window = lambda i: max(sum(bool(valid[r, k]) for k in range(i + 1)), 1)  # keys query i sees
+            sv = [mean[i, j] * window(i) for i in range(n) if visual[r, i] and valid[r, i] and i >= j]
+            st = [mean[i, j] * window(i) for i in range(n) if instruction[r, i]]
             s_self = sum(sv) / len(sv)
-            expected = (s_self + sum(st) / len(st)) / 2 * n_vis if st else s_self * n_vis
+            expected = (s_self + sum(st) / len(st)) / 2 if st else s_self
             assert math.isclose(float(got[r, j]), float(expected), rel_tol=1e-5)
+
+
+def test_uniform_causal_attention_scores_every_position_alike():
+    n = 12
+    probs = torch.ones(n, n).tril()
+    probs = (probs / probs.sum(-1, keepdim=True)).expand(1, 2, n, n)
+    visual = torch.zeros(1, n, dtype=torch.bool)
+    visual[:, 2:9] = True
+    valid = torch.ones(1, n, dtype=torch.bool)
+    got = scores(probs, visual, hf_llm.instruction_after_image(visual, valid), valid)
+    torch.testing.assert_close(got[visual], torch.ones(7))
 
 
 def test_spatial_score_is_a_nested_uniform_grid():
@@ -129,6 +140,21 @@ def test_keeping_everything_gives_the_unpatched_tokens(pixels):
     assert torch.equal(greedy(model, ids, mask, pixels), ref)
 
 
+def test_image_in_a_later_forward_with_the_cache(pixels):
+    """A text-only first turn, then an image with the cache: the modules score the new tokens."""
+    model = llava()
+    tome_plus.patch(model, "atp", keep=0.5, layers=[0, 2])
+    text = torch.tensor([[1, 20, 21, 22]] * 2)
+    with torch.no_grad():
+        first = model(input_ids=text, attention_mask=torch.ones_like(text), use_cache=True)
+        ids, _ = prompts((0, 3), (0, 3))
+        ids = ids[:, 1:]
+        mask = torch.ones(2, text.shape[1] + ids.shape[1], dtype=torch.long)
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, cache=first.cache)
+    assert out.logits.shape[1] == ids.shape[1]
+    assert bool((tome_plus.inspect(model).llm_kept < N_IMAGE).all())
+
+
 def test_per_instance_counts_and_survivor_positions(pixels):
     model = llava()
     tome_plus.patch(model, "atp", keep=0.25, layers=[1])
@@ -182,7 +208,7 @@ def test_state_dict_and_unpatch(pixels):
         assert torch.equal(model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits, ref)
 
 
-def test_errors(pixels):
+def test_errors(pixels, tmp_path):
     model = llava()
     with pytest.raises(ValueError, match="after decoder layers 0..2"):
         tome_plus.patch(model, "atp", layers=[3])
@@ -196,6 +222,11 @@ def test_errors(pixels):
     ids, mask = prompts((3, 5), (1, 2))
     with pytest.raises(ValueError, match="num_beams=1"):
         greedy(model, ids, mask, pixels, num_beams=2)
+    tome_plus.atp.save(model, str(tmp_path / "w.pt"))
+    with pytest.raises(ValueError, match="patch with layers"):
+        tome_plus.patch(llava(), "atp", keep=0.7, layers=[1], weights=str(tmp_path / "w.pt"))
+    with pytest.raises(ValueError, match="train_llm=True with a checkpoint"):
+        tome_plus.atp.train(model, batches(1), steps=1, train_llm=True, checkpoint=str(tmp_path / "c.pt"))
     from conftest import make
     with pytest.raises(TypeError):
         tome_plus.patch(make("vit_tiny_patch16_224"), "atp", keep=0.5)
@@ -214,6 +245,17 @@ def test_training_moves_toward_the_budget_and_lowers_the_loss(tmp_path, pixels):
     assert last["loss"] < first["loss"]
     trained = tome_plus.atp.modules(model)
     assert bool(trained.trained)
+    init = llava()
+    tome_plus.patch(init, "atp", keep=0.3, layers=[0, 2])
+    for before, after in zip(tome_plus.atp.modules(init).modules_, trained.modules_):
+        assert not torch.equal(before.head_r.bias, after.head_r.bias)
+        assert not torch.equal(before.head_s.weight, after.head_s.weight)  # the spatial head learns too
+    # what inference keeps, averaged over the 4 layers, is near the budget the training aimed at
+    with torch.no_grad():
+        model(**{k: v for k, v in data[0].items() if k != "labels"})
+    kept = tome_plus.inspect(model).llm_kept.float() / N_IMAGE  # [modules, B]
+    layer_average = (1 + 2 * kept[0] + kept[1]) / 4  # layer 0 sees all; 1-2 after module 0; 3 after 1
+    assert bool(((layer_average - 0.3).abs() < 0.1).all()), layer_average
     # the saved weights load into a fresh model and decide the same
     ids, mask = prompts((3, 5), (1, 2))
     out = greedy(model, ids, mask, pixels)
@@ -251,6 +293,8 @@ def _rank(rank, world, init, out):
         tome_plus.patch(model, "atp", keep=0.3, layers=[0, 2])
         for p in tome_plus.atp.modules(model).parameters():
             torch.nn.init.normal_(p, std=0.01)
+        if rank == 0:
+            torch.save(tome_plus.atp.modules(model).state_dict(), os.path.join(out, "init0.pt"))
         tome_plus.atp.train(model, batches(2, seed=10 * rank), steps=3, progress=False)
         torch.save(tome_plus.atp.modules(model).state_dict(), os.path.join(out, f"rank{rank}.pt"))
     finally:
@@ -263,9 +307,8 @@ def test_two_process_gloo_training_keeps_ranks_equal(tmp_path):
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    changed = llava()
-    tome_plus.patch(changed, "atp", keep=0.3, layers=[0, 2])
-    assert not all(torch.equal(a[k], v) for k, v in tome_plus.atp.modules(changed).state_dict().items())
+    init = torch.load(tmp_path / "init0.pt")
+    assert not all(torch.equal(a[k], init[k]) for k in a if a[k].is_floating_point())  # trained, from rank 0's start
 
 
 def test_atp_train_command(tmp_path, capsys):

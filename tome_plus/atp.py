@@ -70,6 +70,9 @@ def train(model: nn.Module, batches: Iterable[Dict[str, torch.Tensor]], steps: i
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if train_llm and checkpoint is not None:
+        raise ValueError("train_llm=True with a checkpoint: the checkpoint holds the ATP modules only, the trained "
+                         "LLM would be lost; save the model yourself and pass checkpoint=None")
     info = get_info(model)
     mods = modules(model)
     config = info.config
@@ -79,9 +82,9 @@ def train(model: nn.Module, batches: Iterable[Dict[str, torch.Tensor]], steps: i
     if not train_llm:
         for p in frozen:
             p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
     for p in mods.parameters():
         p.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     start = 0
     if resume and checkpoint is not None and os.path.exists(checkpoint):
@@ -108,7 +111,7 @@ def train(model: nn.Module, batches: Iterable[Dict[str, torch.Tensor]], steps: i
             if not fractions:
                 raise ValueError("no batch reached an ATP module with image tokens: batches need pixel_values and "
                                  "image placeholders")
-            kept = torch.cat(fractions).mean()
+            kept = torch.cat(fractions).nanmean()  # rows without an image have no fraction
             budget = config.budget_weight * (kept - config.keep) ** 2
             loss = out.loss + budget
             optimizer.zero_grad(set_to_none=False)

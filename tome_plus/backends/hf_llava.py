@@ -89,8 +89,8 @@ def prepare_llm(model: nn.Module, reducer: Reducer, config: ReductionConfig, met
     from ..methods.atp import AtpModules, default_layers, module_fraction
     llm = model.model.language_model
     if not hf_llm.matches_decoder(llm):
-        raise TypeError(f"the language model is {type(llm).__name__}; ATP supports Llama-family decoders "
-                        f"(q/k/v/o projections, RMS norms, rotary embeddings)")
+        raise TypeError(f"the language model is {type(llm).__name__}; ATP supports {', '.join(hf_llm.DECODERS)} "
+                        f"(without qk-norm or a sliding window in use)")
     n_layers = len(llm.layers)
     layers = config.layers if config.layers is not None else default_layers(n_layers)
     if layers[-1] >= n_layers - 1:
@@ -127,8 +127,11 @@ def no_cost(n_tokens: int) -> None:
 
 def load_modules(modules: nn.Module, path: str) -> None:
     """Trained ATP weights (as `tome_plus.atp.save` writes them) into `modules`; marks them trained."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("modules", state)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    state = saved.get("modules", saved)
+    if "layers" in saved and list(saved["layers"]) != list(modules.layers):
+        raise ValueError(f"{path} holds ATP modules for decoder layers {list(saved['layers'])}, not "
+                         f"{list(modules.layers)}: patch with layers={list(saved['layers'])}")
     missing, unexpected = modules.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path} does not fit these ATP modules (layers, widths): missing {missing}, "
@@ -396,8 +399,11 @@ def llm_scope(model: nn.Module, args: Dict[str, Any], extra: Dict[str, Any]) -> 
         rank = (visual.long().cumsum(dim=1) - 1).clamp(min=0) % n_run
         spatial = torch.where(visual, table[rank], spatial)
     collecting = hf_llm.COLLECT.get() is not None
+    answer = hf_llm.ANSWER.get()
+    if answer is not None and answer.shape != visual.shape:
+        answer = None
     return hf_llm.LlmInputs(visual=visual, spatial=spatial, has_visual=sum(per_row) > 0, soft=collecting,
-                            prompt_length=hf_llm.PROMPT_LENGTH.get())
+                            prompt_length=hf_llm.PROMPT_LENGTH.get(), answer=answer)
 
 
 def hf_llm_spatial(grid: Tuple[int, int], first: int, device: torch.device) -> torch.Tensor:
@@ -416,7 +422,12 @@ class FittingLlava(_SignatureOfOriginal):
         if fitted is not None and fitted["has_images"]:
             get_info(self).image_tokens = fitted["image_tokens"]
         check_cache(bound.arguments, var_kwargs(bound))
-        return super().forward(*bound.args[1:], **bound.kwargs)
+        labels = bound.arguments.get("labels", var_kwargs(bound).get("labels"))
+        token = hf_llm.ANSWER.set(labels != -100 if labels is not None else None)
+        try:
+            return super().forward(*bound.args[1:], **bound.kwargs)
+        finally:
+            hf_llm.ANSWER.reset(token)
 
     def generate(self, *args, **kwargs):
         bound = bind(original_class(self).generate, self, args, kwargs)

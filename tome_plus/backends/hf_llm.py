@@ -49,6 +49,8 @@ class LlmInputs:
     # generate without a cache re-runs prompt + generated tokens: only the prompt's text counts
     # as the instruction, so each step decides as the cached prefill did
     prompt_length: Optional[int] = None
+    # training: the answer's tokens (labels != -100) are not part of the instruction that scores
+    answer: Optional[torch.Tensor] = None
     # filled in by the decoder, for inspect and the training loss
     kept: List[torch.Tensor] = field(default_factory=list)  # per module: [B] visual tokens kept
     positions: List[torch.Tensor] = field(default_factory=list)  # per module: [B, K] position ids (-1: pad)
@@ -58,6 +60,8 @@ class LlmInputs:
 SCOPE: contextvars.ContextVar[Optional[LlmInputs]] = contextvars.ContextVar("tome_plus_llm", default=None)
 # set by `generate`: the prompt's length (the fitted one)
 PROMPT_LENGTH: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("tome_plus_prompt", default=None)
+# set by the LLaVA forward from its labels: `[B, L]` the answer's tokens
+ANSWER: contextvars.ContextVar[Optional[torch.Tensor]] = contextvars.ContextVar("tome_plus_answer", default=None)
 # set by ATP training: forwards run with soft masks and leave their LlmInputs here (for the budget loss)
 COLLECT: contextvars.ContextVar[Optional[List[LlmInputs]]] = contextvars.ContextVar("tome_plus_llm_collect",
                                                                                      default=None)
@@ -78,12 +82,17 @@ class Segment:
     key_bias: Optional[torch.Tensor] = None  # [B, K] log soft mask (training)
 
 
+DECODERS = ("LlamaModel", "MistralModel", "Qwen2Model")  # whose layers `run_layer` computes exactly
+
+
 def matches_decoder(model: nn.Module) -> bool:
-    """A Llama-family decoder: layers with q/k/v/o projections, RMS norms, rotary embeddings."""
+    """A decoder whose layers `run_layer` reimplements: Llama, Mistral and Qwen2 (pre-norm, q/k/v/o
+    projections, rotary embeddings; no qk-norm, no sliding window in use, no embedding scaling)."""
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
     layers = getattr(model, "layers", None)
-    return (layers is not None and len(layers) > 0 and hasattr(model, "rotary_emb") and hasattr(model, "norm")
-            and all(hasattr(layers[0].self_attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
-            and hasattr(layers[0], "input_layernorm") and hasattr(layers[0], "post_attention_layernorm"))
+    return (any(c.__name__ in DECODERS for c in type(model).__mro__) and not window and layers is not None
+            and len(layers) > 0 and not hasattr(layers[0].self_attn, "q_norm"))
 
 
 def _family(layer: nn.Module):
@@ -207,10 +216,14 @@ class AtpDecoder:
                       spatial=spatial, instruction=instruction_after_image(visual, valid))
         if scope is not None and scope.prompt_length is not None and past == 0:
             seg.instruction &= seg.index < scope.prompt_length
+        if scope is not None and scope.answer is not None and past == 0:
+            seg.instruction &= ~scope.answer
         soft = scope is not None and scope.soft
-        n_visual = seg.visual.sum(dim=1).clamp(min=1).float()
+        n_visual = seg.visual.sum(dim=1).float()
         kept_sum = torch.zeros(batch, device=h.device)  # soft: sum over layers of the visual fraction
         fraction_now = torch.ones(batch, device=h.device)
+        alive = seg.visual  # soft: the visual tokens the hard rule would still keep
+        kept_st = torch.ones(batch, n, device=h.device)  # soft: hard keep forward, soft mask backward
         segments_valid: List[torch.Tensor] = []  # this forward's slots, per segment after a module
         past_valid = full[:, :past]  # segment 0's cache: what HF's mask covers
         for i, layer in enumerate(self.layers):
@@ -228,27 +241,32 @@ class AtpDecoder:
                 from ..methods.atp import scores
                 score = scores(probs, seg.visual, seg.instruction, seg.valid)
                 pooled = lambda m: (h * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
-                keep = reducer.decide(module, bool(atp.trained), atp.fraction, score, seg.spatial, seg.visual,
-                                      pooled(seg.visual.to(h.dtype)), pooled(seg.instruction.to(h.dtype)), soft=soft)
+                # in training, tokens the hard rule pruned earlier leave the percentiles, as at inference
+                ranked = alive if soft else seg.visual
+                keep = reducer.decide(module, bool(atp.trained), atp.fraction, score, seg.spatial, ranked,
+                                      pooled(ranked.to(h.dtype)), pooled(seg.instruction.to(h.dtype)), soft=soft)
                 if soft:
-                    m = torch.where(seg.visual, keep, torch.ones_like(keep))
+                    m = torch.where(ranked, keep, torch.ones_like(keep))
                     base = seg.key_bias if seg.key_bias is not None else torch.zeros_like(m)
                     seg = replace(seg, key_bias=base + m.clamp(min=1e-6).log())
-                    fraction_now = (seg.key_bias.exp() * seg.visual).sum(dim=1) / n_visual
+                    hard = m > 0.5  # the inference rule: passes a threshold
+                    alive = alive & hard
+                    # the budget counts what inference keeps (hard forward), with the soft gradient
+                    kept_st = kept_st * (hard.float() - m.detach() + m)
+                    fraction_now = (kept_st * seg.visual).sum(dim=1) / n_visual.clamp(min=1)
                 else:
                     h, seg = compact(h, seg, keep)
                     scope.kept.append(seg.visual.sum(dim=1))
                     scope.positions.append(torch.where(seg.valid, seg.positions, torch.full_like(seg.positions, -1)))
-            stored_here = stored[len(segments_valid)] if stored is not None else None
-            past_valid = stored_here if stored_here is not None else full[:, :0]
+            # a cache filled by forwards that pruned nothing holds every earlier token in every layer
+            past_valid = stored[len(segments_valid)] if stored is not None else full[:, :past]
             segments_valid.append(seg.valid)
         h = self.norm(h)
-        if scope is not None and soft:
-            scope.kept_fraction = kept_sum / len(self.layers)
+        if scope is not None and soft:  # rows without image tokens have no fraction (nan)
+            scope.kept_fraction = torch.where(n_visual > 0, kept_sum / len(self.layers), torch.nan)
         if cache is not None:
-            prior = stored if stored is not None else [None] * len(segments_valid)
-            setattr(cache, CACHE_ATTR, [v if p is None else torch.cat([p, v], dim=1)
-                                        for p, v in zip(prior, segments_valid)])
+            prior = stored if stored is not None else [full[:, :past]] * len(segments_valid)
+            setattr(cache, CACHE_ATTR, [torch.cat([p, v], dim=1) for p, v in zip(prior, segments_valid)])
         out = h.new_zeros(batch, n, h.shape[-1])
         out.scatter_(1, seg.index.unsqueeze(-1).expand_as(h), h)  # back to the input's positions
         return BaseModelOutputWithPast(last_hidden_state=out, cache=cache)

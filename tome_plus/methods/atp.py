@@ -9,8 +9,9 @@ An ATP module sits after a decoder layer and prunes visual tokens only (text tok
 - scores from that layer's attention probabilities (explicit attention in that one layer):
   self-modal S_self(j), the attention visual token j receives from the visual queries that can
   see it, and cross-modal S_cross(j), from the text queries after the image (the instruction),
-  each averaged over heads and queries and scaled by the number of visual tokens (so that
-  uniform attention scores 1); the redundancy score is S_r = (S_self + S_cross) / 2 (our
+  each averaged over heads and queries, every weight scaled by the size of its query's causal
+  window (so uniform attention scores 1 at every position: causal masking favours no token);
+  the redundancy score is S_r = (S_self + S_cross) / 2 (our
   choice of combination; S_self alone where no text follows the image), used as its percentile
   among the instance's visual tokens;
 - spatial augmented pruning (SAP): S_s(j) in (0, 1] grades token j's place on the image's 2-D
@@ -43,6 +44,7 @@ from .base import ReductionConfig, Reducer, is_int, is_real, register
 
 PAPER_DEPTH, DEFAULT_LAYERS = 32, (4, 14, 24)
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+SPATIAL_INIT = 0.1
 
 
 @dataclass
@@ -136,9 +138,10 @@ class AtpModule(nn.Module):
             nn.init.zeros_(head.weight)
         # thresholds live in (0, 1) like the scores (a sigmoid: no threshold can leave every mask
         # saturated, so the gradient never dies); untrained, theta_r prunes the lowest 1 - f by
-        # redundancy and theta_s keeps the coarsest grid points
+        # redundancy and theta_s keeps a stride-4 grid (stride / s_max > SPATIAL_INIT for s_max <= 32):
+        # enough tokens on the spatial branch for the max of the soft mask to send it gradient
         nn.init.constant_(self.head_r.bias, _logit(1.0 - fraction))
-        nn.init.constant_(self.head_s.bias, _logit(0.99))
+        nn.init.constant_(self.head_s.bias, _logit(SPATIAL_INIT))
 
     def forward(self, visual_state: torch.Tensor, text_state: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         """`[B, C]` pooled states, `[B, N]` percentile scores (nan off the visual tokens) -> `[B, 2]`
@@ -167,12 +170,17 @@ def scores(probs: torch.Tensor, visual: torch.Tensor, instruction: torch.Tensor,
            ) -> torch.Tensor:
     """Redundancy score S_r `[B, N]` (0 off the visual tokens) from one layer's attention.
 
-    probs: `[B, H, N, N]` attention probabilities of the current tokens (queries x keys);
+    probs: `[B, H, N, P + N]` attention probabilities of the current N tokens (queries) over the
+    keys, P of them cached (only the current tokens' keys are scored);
     visual / instruction / valid: `[B, N]` masks of the visual tokens, the text after the image
     and the real (non-padding) tokens.
+
+    Each weight a_ij is scaled by the number of keys query i sees (its causal window), so uniform
+    attention scores 1 wherever the query sits: causal masking favours no image position.
     """
-    attn = probs.float().mean(dim=1)  # over heads
-    n_visual = visual.sum(dim=1, keepdim=True).clamp(min=1).float()
+    n = visual.shape[1]
+    window = valid.float().cumsum(dim=1).clamp(min=1)  # keys each query sees
+    attn = probs[..., -n:].float().mean(dim=1) * window.unsqueeze(-1)  # over heads, window-scaled
     q_visual = (visual & valid).float()
     # self-modal: mean over the visual queries that can see key j (causal: those at or after j)
     seen_by = torch.flip(torch.cumsum(torch.flip(q_visual, [1]), 1), [1]).clamp(min=1)
@@ -180,7 +188,7 @@ def scores(probs: torch.Tensor, visual: torch.Tensor, instruction: torch.Tensor,
     q_text = (instruction & valid).float()
     n_text = q_text.sum(dim=1, keepdim=True)
     s_cross = (q_text.unsqueeze(-1) * attn).sum(dim=1) / n_text.clamp(min=1)
-    combined = torch.where(n_text > 0, (s_self + s_cross) / 2, s_self) * n_visual
+    combined = torch.where(n_text > 0, (s_self + s_cross) / 2, s_self)
     return torch.where(visual, combined, torch.zeros_like(combined))
 
 
