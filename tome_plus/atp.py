@@ -14,7 +14,7 @@ modules stay identical across ranks.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,7 @@ from tqdm import tqdm
 from .backends import hf_llm
 from .backends.base import get_info
 from .backends.hf_llava import load_modules
+from .training import cycle
 
 
 def modules(model: nn.Module) -> nn.Module:
@@ -46,16 +47,6 @@ def save(model: nn.Module, path: str, **extra: Any) -> None:
 def load(model: nn.Module, path: str) -> None:
     """Load weights `save` wrote; the modules' thresholds decide from then on."""
     load_modules(modules(model), path)
-
-
-def _cycle(batches: Iterable[Dict[str, torch.Tensor]]) -> Iterator[Dict[str, torch.Tensor]]:
-    while True:
-        empty = True
-        for batch in batches:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("the batches are empty")
 
 
 def train(model: nn.Module, batches: Iterable[Dict[str, torch.Tensor]], steps: int, lr: float = 1e-3,
@@ -96,7 +87,7 @@ def train(model: nn.Module, batches: Iterable[Dict[str, torch.Tensor]], steps: i
         for tensor in mods.state_dict().values():
             dist.broadcast(tensor, src=0)
     history: List[Dict[str, float]] = []
-    data = _cycle(batches)
+    data = cycle(batches)
     bar = tqdm(range(start, steps), disable=not progress or rank != 0, desc="ATP", unit="step")
     try:
         for step in bar:

@@ -26,13 +26,15 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from .training import cycle
 
 
 class DiffRateRates(nn.Module):
@@ -139,16 +141,6 @@ def full_gmacs(model: nn.Module) -> float:
     return macs / 1e9
 
 
-def _cycle(batches: Iterable[Any]) -> Iterator[Any]:
-    while True:
-        empty = True
-        for batch in batches:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("the batches are empty")
-
-
 def search(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, Optional[torch.Tensor]]], gflops: float,
            steps: int, granularity: int = 4, lr: float = 0.01, min_lr: float = 0.001, flops_weight: float = 5.0,
            distill: bool = False, checkpoint: Optional[str] = None, resume: bool = False, progress: bool = True
@@ -179,7 +171,7 @@ def search(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, Optional[torc
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
     history: List[Dict[str, float]] = []
-    data = _cycle(batches)
+    data = cycle(batches)
     for step in tqdm(range(start, steps), disable=not progress or rank != 0, desc="DiffRate search", unit="step"):
         images, labels = next(data)
         images = images.to(device)

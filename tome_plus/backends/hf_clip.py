@@ -14,7 +14,7 @@ Imported only for models from transformers: the timm path never imports it.
 from __future__ import annotations
 
 import contextvars
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn

@@ -23,10 +23,9 @@ budget loss.
 from __future__ import annotations
 
 import contextvars
-import math
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn

@@ -38,7 +38,6 @@ from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .base import ReductionConfig, Reducer, is_int, is_real, register
 

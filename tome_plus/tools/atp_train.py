@@ -21,9 +21,9 @@ import os
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
-from .common import Parser, UsageError, check_device, cli_errors, int_at_least, prepare_output
+from .common import (Parser, UsageError, check_device, cli_errors, int_at_least, prepare_output, setup_distributed,
+                     teardown_distributed)
 from .hf_shapes import SHAPES, check_shape, require_transformers
 
 PROG = "tome-plus atp-train"
@@ -66,23 +66,11 @@ def jsonl_batches(path: str, processor, batch_size: int, rank: int, world: int, 
             yield {k: v.to(device) for k, v in inputs.items()}
 
 
-def setup_distributed(device: str):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = device.startswith("cuda")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    return rank, world, device
-
-
 def run(args: argparse.Namespace) -> List[Dict[str, float]]:
     require_transformers()
     import tome_plus
-    rank, world, device = setup_distributed(args.device)
+    rank, world, dev = setup_distributed(args.device)
+    device = str(dev)
     try:
         processor = None
         if args.model:
@@ -111,8 +99,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, float]]:
                   f"-> {args.out}")
         return history
     finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        teardown_distributed(world)
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:

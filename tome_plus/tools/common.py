@@ -17,9 +17,10 @@ import sys
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, NoReturn, Optional
+from typing import Any, Callable, Dict, Iterator, NoReturn, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -214,3 +215,23 @@ class PeakMemory(TorchDispatchMode):
             self.peak = max(self.peak, self.current)
             weakref.finalize(storage, self._free, key, nbytes)
         return out
+
+
+def setup_distributed(device: str) -> Tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process; under `torchrun` joins the process group
+    (NCCL on CUDA, gloo on CPU) and takes the GPU of its local rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device(device)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    dev = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    return rank, world, dev
+
+
+def teardown_distributed(world: int) -> None:
+    if world > 1 and dist.is_initialized():
+        dist.destroy_process_group()

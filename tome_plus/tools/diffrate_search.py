@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 
-from .common import Parser, UsageError, check_device, cli_errors, int_at_least, prepare_output
+from .common import (Parser, UsageError, check_device, cli_errors, int_at_least, prepare_output, setup_distributed,
+                     teardown_distributed)
 
 PROG = "tome-plus diffrate-search"
 
@@ -68,14 +68,7 @@ def load_model(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     from .. import diffrate_search as searcher
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    device = args.device
-    if world > 1:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-            torch.cuda.set_device(device)
+    rank, world, device = setup_distributed(args.device)
     try:
         model = load_model(args).to(device).eval()
         full = searcher.full_gmacs(model)
@@ -101,8 +94,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                   f"kept after each block: {[min(p, m) for p, m in zip(schedule['prune_kept_num'], schedule['merge_kept_num'])]}")
         return result
     finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        teardown_distributed(world)
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:

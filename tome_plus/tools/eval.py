@@ -29,7 +29,8 @@ import tome_plus
 
 from ..methods import get_method
 from .common import (Parser, UsageError, add_method_args, check_device, check_method, cli_errors, describe,
-                     int_at_least, method_options, prepare_output, save_json)
+                     int_at_least, method_options, prepare_output, save_json, setup_distributed,
+                     teardown_distributed)
 from .flops import count_flops
 
 PROG = "tome-plus eval"
@@ -188,19 +189,6 @@ def load_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = 
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def _setup_distributed(device: str):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, torch.device(device)
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = device.startswith("cuda")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    dev = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(dev)
-    return rank, world, dev
-
-
 def evaluate(model_name: str, data: str, method: Optional[str] = None, options: Optional[Dict[str, Any]] = None,
              pretrained: bool = False, checkpoint: Optional[str] = None, batch_size: int = 64,
              workers: int = 4, amp: bool = False, device: str = "cpu", progress: bool = True) -> Dict[str, Any]:
@@ -213,7 +201,7 @@ def evaluate(model_name: str, data: str, method: Optional[str] = None, options: 
     dataset = SafeImageFolder(data, transform=None)  # a bad folder fails before the model loads
     if len(dataset) == 0:
         raise FileNotFoundError(f"--data {data!r} holds no images")
-    rank, world, dev = _setup_distributed(device)
+    rank, world, dev = setup_distributed(device)
     if dataset.repeats and rank == 0:
         print(f"{PROG}: note: --data: {len(dataset.repeats)} link(s) lead to images already counted "
               f"({', '.join(dataset.repeats[:3])}); each image counts once, under the class folder it lies in",
@@ -268,8 +256,7 @@ def evaluate(model_name: str, data: str, method: Optional[str] = None, options: 
                                                       for k, v in config.items()},
         }
     finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        teardown_distributed(world)
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
