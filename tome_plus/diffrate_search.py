@@ -9,8 +9,9 @@ the straight-through mask m = hard - stopgrad(P) + P (hard in the forward, P's g
 backward). A pruned token leaves attention (its key gets log m); a merged token also hands
 its state to its most similar kept token (hidden-state cosine), weighted by how much of it is
 merged away (our reading of the masked merge; the authors' search code is not copied here).
-FLOPs are analytic per block (attention with the incoming count, MLP with the outgoing one), so
-the loss `task + lambda (GFLOPs - target)^2` (lambda = 5) reaches theta through the counts too.
+FLOPs are analytic per block (attention with the incoming count, MLP with the outgoing one, each
+block's own count, not its running minimum, so every block feels the FLOPs term), so the loss
+`task + lambda (GFLOPs - target)^2` (lambda = 5) reaches theta through the counts too.
 Only theta trains (AdamW, lr 0.01 with a cosine decay to 0.001, no weight decay); the backbone is
 frozen and keeps no gradients. Under `torch.distributed` (torchrun; gloo on CPU, NCCL on GPU) the
 rate gradients are averaged, so every rank holds the same rates.
@@ -119,7 +120,10 @@ def search_forward(model: nn.Module, images: torch.Tensor, rates: DiffRateRates
         weight = torch.zeros_like(alive).scatter_add(1, dst, moving)
         x = (x + received) / (1 + weight).unsqueeze(-1)
         alive = alive * keep_p * keep_m
-        count_out = torch.minimum(torch.minimum(k_p, k_m), count_in)
+        # not clamped to the incoming count: a running minimum would leave every block after the
+        # smallest without a FLOPs gradient (the search then only ever moves the first block);
+        # unclamped, a block larger than an earlier one costs FLOPs until it comes down
+        count_out = torch.minimum(k_p, k_m)
         macs = macs + block_flops(count_in, count_out, dim, hidden)
         count_in = count_out
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
