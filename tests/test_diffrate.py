@@ -190,25 +190,87 @@ def test_masks_are_hard_forward_and_soft_backward():
     torch.testing.assert_close(rates.prune.grad[0], theta.grad)
 
 
-def test_gradients_reach_both_rate_logits():
+def test_task_gradients_reach_both_rate_logits():
+    """The task loss alone (no FLOPs term) moves the prune and the merge logits of every searched
+    block (block 0 keeps every token, as in the authors' search; with class-token pooling nothing
+    after the last block's attention reads the other tokens, so its counts are free: no gradient)."""
     model, rates = toy().requires_grad_(False), ds.DiffRateRates(4, 17, 1)
     images, labels = toy_batches(1)[0]
-    logits, _, macs = ds.search_forward(model, images, rates)
-    (torch.nn.functional.cross_entropy(logits, labels) + macs).backward()
-    assert rates.prune.grad.abs().sum() > 0 and rates.merge.grad.abs().sum() > 0
+    logits, _, _ = ds.search_forward(model, images, rates)
+    torch.nn.functional.cross_entropy(logits, labels).backward()
+    for grad in (rates.prune.grad, rates.merge.grad):
+        assert bool((grad[1:-1].abs().sum(-1) > 0).all()) and grad[0].abs().sum() == 0 and grad[-1].abs().sum() == 0
     assert all(p.grad is None for p in model.parameters())
+
+
+def set_rates(rates, prune, merge):
+    """Logits that put all probability on these kept counts per block."""
+    with torch.no_grad():
+        for logits, counts in ((rates.prune, prune), (rates.merge, merge)):
+            logits.fill_(-100.0)
+            for layer, c in enumerate(counts):
+                logits[layer, rates.candidates.tolist().index(c)] = 100.0
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_search_forward_is_the_patched_model(pool):
+    """With the rates on one schedule, the search's masked forward gives the patched model's
+    logits (mean merge, similarity sizes, proportional attention); with nothing removed, the
+    unpatched model's logits and pre-logits (the distillation target)."""
+    model = toy().requires_grad_(False)
+    model.global_pool = pool
+    images = toy_batches(1)[0][0]
+    rates = ds.DiffRateRates(4, 17, 1)
+    set_rates(rates, [17, 17, 17, 17], [17, 17, 17, 17])
+    logits, pooled, _ = ds.search_forward(model, images, rates)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(images), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(pooled, model.forward_head(model.forward_features(images), pre_logits=True),
+                                   rtol=1e-4, atol=1e-5)
+    set_rates(rates, [17, 13, 13, 9], [17, 13, 9, 5])
+    logits, _, _ = ds.search_forward(model, images, rates)
+    schedule = rates.schedule()
+    assert schedule["merge_kept_num"] == [17, 13, 9, 5]
+    tome_plus.patch(model, "diffrate", schedule=schedule)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(images), rtol=1e-4, atol=1e-4)
+
+
+def test_schedule_is_for_its_input_size():
+    preset = presets()["deit_small_patch16_224"]["2.9"]
+    with pytest.raises(ValueError, match="for 197 input tokens .* got 257"):  # at patch: the model's default size
+        tome_plus.patch(make("deit_small_patch16_224", img_size=256), "diffrate", schedule=preset)
+    model = make("deit_small_patch16_224", dynamic_img_size=True)
+    tome_plus.patch(model, "diffrate", schedule=preset)
+    with pytest.raises(ValueError, match="for 197 input tokens .* got 257"):  # in a forward at another size
+        model(torch.randn(1, 3, 256, 256))
+
+
+def test_flops_fraction_picks_by_real_cost():
+    model = make("deit_tiny_patch16_224")
+    tome_plus.patch(model, "diffrate", gflops=0.6)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    named = list(tome_plus.inspect(model).tokens)
+    from tome_plus.tools.flops import count_flops
+    x = torch.randn(1, 3, 224, 224)
+    ratio = count_flops(model, x) / count_flops(tome_plus.unpatch(model) or model, x)
+    tome_plus.patch(model, "diffrate", flops=round(ratio, 3))  # the "0.6" preset's real share, not 0.6 / 1.3
+    with torch.no_grad():
+        model(x)
+    assert list(tome_plus.inspect(model).tokens) == named
 
 
 @pytest.mark.parametrize("distill", [False, True])
 def test_short_search_moves_flops_toward_the_target(distill):
     model = toy()
-    start = ds.search_forward(model, toy_batches(1)[0][0], ds.DiffRateRates(4, 17, 1))[2].item()
+    start = ds.search_forward(model.requires_grad_(False), toy_batches(1)[0][0], ds.DiffRateRates(4, 17, 1))[2].item()
     target = 0.6 * ds.full_gmacs(model)
     batches = [(x, None if distill else y) for x, y in toy_batches()]
     rates, history = ds.search(model, batches, target, steps=40, lr=0.2, flops_weight=1e5, distill=distill,
                                progress=False)
     assert abs(history[-1]["gflops"] - target) < 0.5 * abs(start - target)
-    assert all(p.requires_grad is False for p in model.parameters())
+    assert all(p.requires_grad is False for p in model.parameters())  # as it was handed in
 
 
 def test_searched_schedule_round_trips(tmp_path):

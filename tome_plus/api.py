@@ -41,7 +41,8 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
     info = backend.prepare(model, reducer, config, method)
     n_default = backend.default_tokens(model)
     cost = info.cost(n_default)
-    reducer.for_model(backend.model_name(model), cost.total(n_default, [0] * info.depth) / 2e9 if cost else None)
+    gflops_of = (lambda removals: cost.total(n_default, removals or [0] * info.depth) / 1e9) if cost else None
+    reducer.for_model(backend.model_name(model), gflops_of)
     reducer.check(backend.depth(model))
     if not info.has_cls and any("cls_attn" in reducer.needs_at(layer) for layer in range(info.depth)):
         raise ValueError(f"method {method!r} scores tokens by the class token's attention, but "

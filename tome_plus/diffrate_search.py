@@ -65,15 +65,15 @@ class DiffRateRates(nn.Module):
 
     def schedule(self) -> Dict[str, List[int]]:
         """The searched counts as DiffRate's JSON keys (running minima, class token included)."""
-        prune, merge, n = [], [], self.n_tokens
+        prune, merge, n = [self.n_tokens], [self.n_tokens], self.n_tokens  # block 0 keeps every token
         with torch.no_grad():
-            for lp, lm in zip(self.prune, self.merge):
+            for lp, lm in zip(self.prune[1:], self.merge[1:]):
                 k_p = min(int(self.expected(lp)), n)
                 k_m = min(int(self.expected(lm)), k_p)
                 prune.append(k_p)
                 merge.append(k_m)
                 n = k_m
-        return {"prune_kept_num": prune, "merge_kept_num": merge}
+        return {"prune_kept_num": prune, "merge_kept_num": merge, "n_tokens": self.n_tokens}
 
 
 def block_flops(n_in: torch.Tensor, n_out: torch.Tensor, dim: int, hidden: int) -> torch.Tensor:
@@ -81,13 +81,39 @@ def block_flops(n_in: torch.Tensor, n_out: torch.Tensor, dim: int, hidden: int) 
     return 4 * n_in * dim * dim + 2 * n_in * n_in * dim + 2 * n_out * dim * hidden
 
 
-def search_forward(model: nn.Module, images: torch.Tensor, rates: DiffRateRates
+def policy_softmax(logits: torch.Tensor, keep: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Softmax over the keys a mask keeps, `keep` `[B, N]` in [0, 1]: exp(logit) * keep, renormalised.
+    Unlike a `log(keep)` bias it has a gradient for a key at keep = 0 (every token still sees itself)."""
+    n = keep.shape[-1]
+    policy = keep[:, None, None, :]
+    eye = torch.eye(n, device=keep.device, dtype=keep.dtype)
+    policy = policy + (1 - policy) * eye  # a dropped query still attends to itself
+    weights = (logits - logits.amax(dim=-1, keepdim=True)).exp() * policy
+    return (weights + eps / n) / (weights.sum(dim=-1, keepdim=True) + eps)
+
+
+def ste_min(a: torch.Tensor, b: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+    """min(a, b, cap) in the forward; the full gradient to both a and b in the backward (as the
+    authors' search does): a plain minimum would starve the larger one, and a running minimum
+    every later block, of the FLOPs gradient."""
+    value = torch.minimum(torch.minimum(a, b), cap).detach()
+    return value + (a - a.detach()) + (b - b.detach())
+
+
+def search_forward(model: nn.Module, images: torch.Tensor, rates: DiffRateRates, prop_attn: bool = True
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A timm ViT run with the rates' masks: (logits, pooled features, GMACs)."""
+    """A timm ViT run with the rates' masks: (logits, pooled features after `fc_norm`, GMACs).
+
+    It computes what `tome_plus.patch(model, "diffrate", ...)` runs at inference, with masks in
+    place of removal: sizes grow by each merged source's size times its similarity (clamped at 1,
+    as the authors' search does) and enter attention as `log(size)` (`prop_attn`); average pooling
+    weighs the live tokens by size.
+    """
     x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
     batch, n, dim = x.shape
     p = rates.n_prefix
     alive = x.new_ones(batch, n)  # product of the masks so far (hard forward, soft backward)
+    size = x.new_ones(batch, n)
     hidden = model.blocks[0].mlp.fc1.out_features
     patch = model.patch_embed.proj
     macs = (n - p) * patch.in_channels * patch.kernel_size[0] * patch.kernel_size[1] * dim + dim * model.num_classes
@@ -97,10 +123,16 @@ def search_forward(model: nn.Module, images: torch.Tensor, rates: DiffRateRates
         h = blk.norm1(x)
         q, k, v = attn.qkv(h).reshape(batch, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k = attn.q_norm(q), attn.k_norm(k)
-        bias = alive.clamp(min=1e-6).log()[:, None, None, :]
-        probs = ((q @ k.transpose(-2, -1)) * attn.scale + bias).softmax(-1)
+        logits = (q @ k.transpose(-2, -1)) * attn.scale
+        if prop_attn:
+            logits = logits + size.log()[:, None, None, :]
+        probs = policy_softmax(logits, alive)
         x = x + blk.drop_path1(blk.ls1(attn.proj((probs @ v).transpose(1, 2).reshape(batch, n, -1))))
-        importance = probs[:, :, 0].mean(1).detach()
+        if layer == 0:  # the first block keeps every token, as in the authors' search
+            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+            macs = macs + block_flops(count_in, count_in, dim, hidden)
+            continue
+        importance = (probs[:, :, 0].mean(1) * alive).detach()
         importance[:, :p] = math.inf
         order = importance.argsort(dim=1, descending=True, stable=True)
         m_prune, k_p = rates.mask(rates.prune[layer], n)
@@ -115,21 +147,25 @@ def search_forward(model: nn.Module, images: torch.Tensor, rates: DiffRateRates
             allowed = (keep_m.detach() * alive.detach() > 0.5)
             allowed[:, :p] = False
             sim = sim.masked_fill(~allowed.unsqueeze(1), -math.inf)
-            dst = sim.argmax(dim=-1)
+            best, dst = sim.max(dim=-1)
         received = torch.zeros_like(x).scatter_add(1, dst.unsqueeze(-1).expand_as(x), moving.unsqueeze(-1) * x)
         weight = torch.zeros_like(alive).scatter_add(1, dst, moving)
         x = (x + received) / (1 + weight).unsqueeze(-1)
+        gained = torch.zeros_like(size).scatter_add(1, dst, moving * best.clamp(min=0).nan_to_num(0.0) * size)
+        size = (size + gained).clamp(min=1)
         alive = alive * keep_p * keep_m
-        # not clamped to the incoming count: a running minimum would leave every block after the
-        # smallest without a FLOPs gradient (the search then only ever moves the first block);
-        # unclamped, a block larger than an earlier one costs FLOPs until it comes down
-        count_out = torch.minimum(k_p, k_m)
+        count_out = ste_min(k_p, k_m, count_in)
         macs = macs + block_flops(count_in, count_out, dim, hidden)
         count_in = count_out
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
     x = model.norm(x)
-    pooled = model.pool(x) if hasattr(model, "pool") else x[:, 0]
-    return model.head(model.fc_norm(pooled)), pooled, macs / 1e9
+    if getattr(model, "global_pool", "token") == "avg":
+        weights = (alive * size)[:, p:, None]
+        pooled = (x[:, p:] * weights).sum(1) / weights.sum(1).clamp(min=1e-6)
+    else:
+        pooled = model.pool(x)
+    pooled = model.fc_norm(pooled)
+    return model.head(pooled), pooled, macs / 1e9
 
 
 def full_gmacs(model: nn.Module) -> float:
@@ -147,19 +183,33 @@ def full_gmacs(model: nn.Module) -> float:
 
 def search(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, Optional[torch.Tensor]]], gflops: float,
            steps: int, granularity: int = 4, lr: float = 0.01, min_lr: float = 0.001, flops_weight: float = 5.0,
-           distill: bool = False, checkpoint: Optional[str] = None, resume: bool = False, progress: bool = True
-           ) -> Tuple[DiffRateRates, List[Dict[str, float]]]:
+           distill: bool = False, checkpoint: Optional[str] = None, resume: bool = False, progress: bool = True,
+           prop_attn: bool = True) -> Tuple[DiffRateRates, List[Dict[str, float]]]:
     """Search the rates of a timm ViT for `gflops` (GMACs, as DiffRate reports them).
 
     `batches`: an iterable (cycled) of `(images, labels)`; labels may be None with `distill`.
     `checkpoint`: the rates, optimizer, scheduler and step, written every 50 steps and at the end
-    (rank 0); `resume` continues from it. Returns the rates and one record per step.
+    (rank 0); `resume` continues from it (to `steps`, the cosine stretched to them). `prop_attn`:
+    as the schedule will run (the inference default). Returns the rates and one record per step.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if getattr(model, "cls_token", None) is None:
+        raise ValueError("DiffRate orders tokens by the class token's attention: the model has no class token")
     model.eval()
-    for p in model.parameters():
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:  # frozen for the search, handed back as they were
         p.requires_grad_(False)
+    try:
+        return _search(model, batches, gflops, steps, granularity, lr, min_lr, flops_weight, distill, checkpoint,
+                       resume, progress, prop_attn)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def _search(model, batches, gflops, steps, granularity, lr, min_lr, flops_weight, distill, checkpoint, resume,
+            progress, prop_attn):
     device = next(model.parameters()).device
     n_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
     rates = DiffRateRates(len(model.blocks), n_tokens, model.num_prefix_tokens, granularity).to(device)
@@ -173,13 +223,17 @@ def search(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, Optional[torc
         rates.load_state_dict(state["rates"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        scheduler.T_max = steps  # a resumed run may go further than the first one planned
         start = state["step"]
+    if world > 1:  # every rank continues from rank 0's rates (no shared file system needed)
+        for tensor in rates.state_dict().values():
+            dist.broadcast(tensor, src=0)
     history: List[Dict[str, float]] = []
     data = cycle(batches)
     for step in tqdm(range(start, steps), disable=not progress or rank != 0, desc="DiffRate search", unit="step"):
         images, labels = next(data)
         images = images.to(device)
-        logits, pooled, macs = search_forward(model, images, rates)
+        logits, pooled, macs = search_forward(model, images, rates, prop_attn)
         if distill:
             with torch.no_grad():
                 target = model.forward_head(model.forward_features(images), pre_logits=True)

@@ -162,9 +162,10 @@ class Reducer:
         """Settle options whose paper default depends on the model family ("timm" or "hf"); called
         by the backend at `patch`. Most methods have none."""
 
-    def for_model(self, name: Optional[str], base_gflops: Optional[float]) -> None:
-        """Settle what depends on the very model (its name, e.g. timm's `deit_small_patch16_224`,
-        and its unpatched GFLOPs at the default input): DiffRate's published schedules."""
+    def for_model(self, name: Optional[str], gflops_of) -> None:
+        """Settle what depends on the very model: its name (e.g. timm's `deit_small_patch16_224`)
+        and `gflops_of(removals)`, its GFLOPs at the default input with those per-layer removals
+        (None: unpatched). DiffRate picks its published schedules here."""
 
     def removals(self, n_tokens: int, n_prefix: int) -> Optional[List[int]]:
         """Per-layer removal counts the method fixes itself (a searched schedule); None: solve

@@ -104,6 +104,20 @@ def kept_counts(schedule: dict, n_tokens: int) -> List[Tuple[int, int]]:
     return out
 
 
+def n_tokens_of(schedule: dict) -> int:
+    """The input token count a schedule is for: written by the search, else its block 0's count
+    (every published schedule starts with the full count)."""
+    return int(schedule.get("n_tokens", schedule["prune_kept_num"][0]))
+
+
+def schedule_removals(schedule: dict, n_tokens: int) -> List[int]:
+    counts, n = [], n_tokens
+    for _, k_m in kept_counts(schedule, n_tokens):
+        counts.append(n - k_m)
+        n = k_m
+    return counts
+
+
 @register
 class DiffRate(Reducer):
     name = "diffrate"
@@ -114,8 +128,9 @@ class DiffRate(Reducer):
         super().__init__(config)
         self.schedule: Optional[dict] = config.schedule
 
-    def for_model(self, name: Optional[str], base_gflops: Optional[float]) -> None:
-        """Pick the published schedule for `name` (timm's name, with its tag: `vit_base_patch16_224.mae`)."""
+    def for_model(self, name: Optional[str], gflops_of) -> None:
+        """Pick the published schedule for `name` (timm's name, with its tag: `vit_base_patch16_224.mae`);
+        `gflops_of(removals)`: the model's GFLOPs with those per-layer removals (None: unpatched)."""
         if self.schedule is not None:
             return
         table = presets()
@@ -128,12 +143,14 @@ class DiffRate(Reducer):
             if key is None:
                 raise ValueError(f"no published DiffRate schedule for {name} at {self.config.gflops} GFLOPs "
                                  f"(published: {', '.join(found)}); {SEARCH_HINT}")
-        else:
-            target = self.config.flops * base_gflops
-            key = min(found, key=lambda k: abs(float(k) - target))
-            if abs(float(key) - target) > 0.03 * base_gflops:
-                raise ValueError(f"flops={self.config.flops} is {target:.2f} GFLOPs for {name}; the published "
-                                 f"schedules are at {', '.join(found)} GFLOPs; {SEARCH_HINT}")
+        else:  # by what each schedule really costs on this model (a preset's name is only its target)
+            base = gflops_of(None)
+            cost = {k: gflops_of(schedule_removals(v, n_tokens_of(v))) / base for k, v in found.items()}
+            key = min(found, key=lambda k: abs(cost[k] - self.config.flops))
+            if abs(cost[key] - self.config.flops) > 0.03:
+                costs = ", ".join(f"{k} ({cost[k]:.3f})" for k in found)
+                raise ValueError(f"flops={self.config.flops}: the published schedules for {name} cost {costs} of the "
+                                 f"unpatched FLOPs; {SEARCH_HINT}")
         self.schedule = found[key]
 
     def check(self, depth: int) -> None:
@@ -142,13 +159,16 @@ class DiffRate(Reducer):
                              f"{depth}")
 
     def removals(self, n_tokens: int, n_prefix: int) -> List[int]:
-        """Tokens removed by each block: the schedule's counts, exactly."""
-        counts, n = [], n_tokens
-        for k_p, k_m in kept_counts(self.schedule, n_tokens):
-            if k_m < n_prefix + 1:
-                raise ValueError(f"the schedule keeps {k_m} tokens, fewer than the {n_prefix} protected + 1")
-            counts.append(n - k_m)
-            n = k_m
+        """Tokens removed by each block: the schedule's counts, exactly (for the token count it
+        was searched at: any other input size is an error, not a silently different schedule)."""
+        expected = n_tokens_of(self.schedule)
+        if n_tokens != expected:
+            raise ValueError(f"the DiffRate schedule is for {expected} input tokens (the image size it was searched "
+                             f"at), got {n_tokens}")
+        counts = schedule_removals(self.schedule, n_tokens)
+        kept = n_tokens - sum(counts)
+        if kept < n_prefix + 1:
+            raise ValueError(f"the schedule keeps {kept} tokens, fewer than the {n_prefix} protected + 1")
         return counts
 
     def max_remove(self, layer: int, n_tokens: int, n_prefix: int) -> int:
@@ -172,4 +192,6 @@ class DiffRate(Reducer):
             best, dst = sim.max(dim=-1)
         del n
         mode = "mean" if self.config.merge == "mean" else "wavg"
-        return Plan(keep=keep, src=src, dst=dst + p, mode=mode, src_weight=best if mode == "mean" else None)
+        # a source adds its size times its similarity; an opposed source (negative cosine) adds nothing
+        # rather than a negative size (whose log would be nan)
+        return Plan(keep=keep, src=src, dst=dst + p, mode=mode, src_weight=best.clamp(min=0) if mode == "mean" else None)

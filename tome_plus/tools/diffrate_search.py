@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
@@ -39,12 +40,18 @@ def fashion_batches(size: int, batch_size: int, count: int, rank: int, world: in
 
 
 def folder_batches(model, root: str, batch_size: int, workers: int, rank: int, world: int, seed: int):
+    """(batches, number of classes) of an ImageFolder split, with the model's own transforms."""
     import timm.data
-    from torch.utils.data import DataLoader
-    from torch.utils.data.distributed import DistributedSampler
-    from .eval import SafeImageFolder, collate
+    from .eval import SafeImageFolder
     config = timm.data.resolve_data_config({}, model=model)
     dataset = SafeImageFolder(root, timm.data.create_transform(**config, is_training=False))
+    return _folder_batches(dataset, batch_size, workers, rank, world, seed), len(dataset.classes)
+
+
+def _folder_batches(dataset, batch_size: int, workers: int, rank: int, world: int, seed: int):
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+    from .eval import collate
     sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed) if world > 1 else None
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
                         num_workers=workers, drop_last=True, collate_fn=collate)
@@ -76,9 +83,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         if args.data == "fashion-mnist":
             size = model.patch_embed.img_size[0]
             batches = fashion_batches(size, args.batch_size, args.count, rank, world, args.seed)
+            n_classes = 10
         else:
-            batches = folder_batches(model, args.data, args.batch_size, args.workers, rank, world, args.seed)
-        distill = args.distill or args.dinov2 or model.num_classes == 0
+            batches, n_classes = folder_batches(model, args.data, args.batch_size, args.workers, rank, world, args.seed)
+        # labels train only a head made for exactly these classes; otherwise keep the unpatched features
+        distill = args.distill or args.dinov2 or n_classes != model.num_classes
+        if distill and rank == 0 and not (args.distill or args.dinov2):
+            print(f"{PROG}: note: the data has {n_classes} classes and the model's head {model.num_classes}: "
+                  f"searching by distillation to the unpatched features", file=sys.stderr)
         rates, history = searcher.search(model, batches, target, args.steps, granularity=args.granularity, lr=args.lr,
                                          flops_weight=args.flops_weight, distill=distill,
                                          checkpoint=args.out + ".state", resume=args.resume,
