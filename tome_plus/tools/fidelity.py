@@ -174,10 +174,11 @@ def run_fidelity(methods: Sequence[str], budgets: Tuple[str, Sequence[Any]], n_b
 
 
 def format_table(report: Dict[str, Any]) -> str:
+    width = max([14] + [len(r["budget"]) + 2 for r in report["rows"]])  # a schedule's file name can be long
     lines = [report["model"], report["data"], f"machine: {report['machine']} ({report['threads']} threads)",
-             f"{'method':<14}{'budget':<14}{'kNN top-1':>10}{'cos':>8}{'FLOPs':>8}{'img/s':>8}{'tokens':>8}"]
+             f"{'method':<14}{'budget':<{width}}{'kNN top-1':>10}{'cos':>8}{'FLOPs':>8}{'img/s':>8}{'tokens':>8}"]
     for r in report["rows"]:
-        lines.append(f"{r['method']:<14}{r['budget']:<14}{r['knn_top1']:>10.1f}{r['cosine_to_unpatched']:>8.4f}"
+        lines.append(f"{r['method']:<14}{r['budget']:<{width}}{r['knn_top1']:>10.1f}{r['cosine_to_unpatched']:>8.4f}"
                      f"{r['flops_ratio']:>8.3f}{r['images_per_s']:>8.1f}{r['tokens_out']:>8d}")
     return "\n".join(lines)
 
