@@ -327,9 +327,13 @@ def pad_token_id(model: nn.Module) -> int:
     return 0
 
 
+# every forward (each decoding step) binds its arguments: look each signature up once
+_signature = functools.lru_cache(maxsize=None)(inspect.signature)
+
+
 def bind(method, self: nn.Module, args, kwargs) -> inspect.BoundArguments:
     """`args`/`kwargs` of a call bound to the original `method`'s parameters (by name from here on)."""
-    return inspect.signature(method).bind(self, *args, **kwargs)
+    return _signature(method).bind(self, *args, **kwargs)
 
 
 def var_kwargs(bound: inspect.BoundArguments) -> Dict[str, Any]:
