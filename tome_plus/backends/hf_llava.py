@@ -356,16 +356,23 @@ class _SignatureOfOriginal:
             cls.forward = functools.wraps(parents[1].forward)(lambda self, *a, **k: mixin_forward(self, *a, **k))
 
 
+def fitted_call(model: nn.Module, args, kwargs) -> inspect.BoundArguments:
+    """A forward's arguments bound by name, the prompt fitted (`inspect` told how many image tokens
+    it carries) and the cache checked: what both patched forwards do first."""
+    bound = bind(original_class(model).forward, model, args, kwargs)
+    fitted = fit_call(model, bound.arguments, var_kwargs(bound))
+    if fitted is not None and fitted["has_images"]:
+        get_info(model).image_tokens = fitted["image_tokens"]
+    check_cache(bound.arguments, var_kwargs(bound))
+    return bound
+
+
 class FittingInner(_SignatureOfOriginal):
     """Mixin for the inner `LlavaModel`: a prompt with the processor's placeholder count fits."""
 
     def forward(self, *args, **kwargs):
-        bound = bind(original_class(self).forward, self, args, kwargs)
-        fitted = fit_call(self, bound.arguments, var_kwargs(bound))
+        bound = fitted_call(self, args, kwargs)
         info = get_info(self)
-        if fitted is not None and fitted["has_images"]:
-            info.image_tokens = fitted["image_tokens"]
-        check_cache(bound.arguments, var_kwargs(bound))
         if info.modules is None:
             return super().forward(*bound.args[1:], **bound.kwargs)
         scope = llm_scope(self, bound.arguments, var_kwargs(bound))
@@ -421,11 +428,7 @@ class FittingLlava(_SignatureOfOriginal):
     placeholder count fit, in `forward` (labels too) and in `generate`."""
 
     def forward(self, *args, **kwargs):
-        bound = bind(original_class(self).forward, self, args, kwargs)
-        fitted = fit_call(self, bound.arguments, var_kwargs(bound))
-        if fitted is not None and fitted["has_images"]:
-            get_info(self).image_tokens = fitted["image_tokens"]
-        check_cache(bound.arguments, var_kwargs(bound))
+        bound = fitted_call(self, args, kwargs)
         labels = bound.arguments.get("labels", var_kwargs(bound).get("labels"))
         token = hf_llm.ANSWER.set(labels != -100 if labels is not None else None)
         try:
