@@ -176,7 +176,6 @@ class DiffRate(Reducer):
 
     def plan(self, signals: Dict[str, torch.Tensor], state: TokenState, n_remove: int) -> Plan:
         cls_attn, x, p = signals["cls_attn"], signals["x"], state.n_prefix
-        n = x.shape[1]
         k_p, k_m = kept_counts(self.schedule, state.n_input)[state.layer]
         importance = cls_attn.float().mean(dim=1)
         # prefix tokens first, in order; then by importance, ties to the lower position
@@ -190,7 +189,6 @@ class DiffRate(Reducer):
             take = lambda idx: unit.gather(1, idx.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
             sim = take(src) @ take(keep[:, p:]).transpose(1, 2)  # sources x possible destinations
             best, dst = sim.max(dim=-1)
-        del n
         mode = "mean" if self.config.merge == "mean" else "wavg"
         # a source adds its size times its similarity; an opposed source (negative cosine) adds nothing
         # rather than a negative size (whose log would be nan)
