@@ -34,6 +34,9 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from ..methods.atp import scores
+from .base import get_info
+
 CACHE_ATTR = "_tome_plus_atp_valid"  # per segment after a module: [B, P] which cached slots are real
 
 
@@ -190,7 +193,6 @@ class AtpDecoder:
                                  use_cache)
 
     def _atp_forward(self, scope, stored, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache):
-        from .base import get_info
         info = get_info(self)
         atp, reducer = info.modules, info.reducer
         h = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
@@ -237,7 +239,6 @@ class AtpDecoder:
             if module is None:
                 continue
             if explicit:
-                from ..methods.atp import scores
                 score = scores(probs, seg.visual, seg.instruction, seg.valid)
                 pooled = lambda m: (h * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
                 # in training, tokens the hard rule pruned earlier leave the percentiles, as at inference
