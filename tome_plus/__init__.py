@@ -1,11 +1,11 @@
 """tome_plus: token reduction for vision transformers, one line to patch a model."""
 import importlib
 
-from . import vis
+from . import heads, vis
 from .api import Inspection, inspect, methods, patch, refresh, unpatch
 
 __version__ = "0.1.0"
-__all__ = ["patch", "unpatch", "refresh", "methods", "inspect", "Inspection", "vis", "atp"]
+__all__ = ["patch", "unpatch", "refresh", "methods", "inspect", "Inspection", "vis", "heads", "atp"]
 
 
 def __getattr__(name: str):

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from .backends import find_backend
-from .backends.base import ATTR, drop_scratch, get_info, restore_classes
+from . import heads
+from .backends.base import ATTR, attach, drop_scratch, get_info, restore_classes
 from .methods import get_method, method_names
 from .state import binary_source
 
@@ -18,13 +19,21 @@ def methods() -> List[str]:
     return method_names()
 
 
-def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
+def patch(model: nn.Module, method: str, head: Optional[str] = None,
+          head_options: Optional[Dict[str, Any]] = None, **options: Any) -> nn.Module:
     """Make `model` reduce tokens with `method`, in place; returns the model.
 
     Options are the method's config fields (see `tome_plus.methods.get_method(name).config_class`):
     one budget of `r`, `keep` or `flops`, plus `prop_attn`, `trace_source`, `weighted_pool` and
-    the method's own. Patching a patched model replaces its method.
+    the method's own. Patching a patched model replaces its method (and its head).
+
+    `head="clca"` (timm classifiers) replaces the model's final norm and head by the cross-layer
+    cache and aggregation head (`tome_plus.heads`, options `head_options`, see `ClcaConfig`); it
+    is trained by fine-tuning (`tome-plus finetune`) and saved alone with `tome_plus.heads.save`.
     """
+    if head is None and head_options:
+        raise TypeError("head_options need a head, e.g. head='clca'")
+    head_config = heads.make_config(head, head_options) if head is not None else None
     reducer_cls = get_method(method)
     config_cls = reducer_cls.config_class
     valid = config_cls.option_names()
@@ -32,6 +41,9 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
     if unknown:
         raise TypeError(f"unknown option(s) {unknown} for method {method!r}; valid options: {valid}")
     backend = find_backend(model)
+    if head is not None and not getattr(backend, "HEADS", False):
+        raise TypeError(f"head={head!r} replaces a classifier's head; the {backend.KIND} backend "
+                        f"({type(model).__name__}) has none to replace")
     if getattr(reducer_cls, "target", None) == "llm" and not getattr(backend, "LLM_METHODS", False):
         raise TypeError(f"method {method!r} prunes inside the language model of a LLaVA-style model; "
                         f"{type(model).__name__} has none")
@@ -50,10 +62,24 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
     # solve for the model's default input now, so budget errors and warnings come from here,
     # and before anything changes: a failed re-patch leaves the working patch in place
     backend.check_budget(model, info)
+    head_module = _build_head(model, backend, info, head, head_config) if head is not None else None
     unpatch(model)
     backend.install(model, info)
     setattr(model, ATTR, info)
+    if head_module is not None:
+        attach(model, heads.ATTR, head_module, info, method_part=False)
+        info.head, info.head_name = head_module, head
     return model
+
+
+def _build_head(model: nn.Module, backend, info, name: str, config) -> nn.Module:
+    """The head for the blocks that reduce at the model's default input (weights loaded if given)."""
+    removals = info.removals(backend.default_tokens(model))
+    reducing = [layer for layer, r in enumerate(removals) if r > 0]
+    module = heads.HEADS[name][1](model, config, reducing, info.depth)
+    if config.weights is not None:
+        heads.load_into(module, name, config.weights)
+    return module.train(model.training)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -89,6 +115,7 @@ class Inspection:
         input_tokens: tokens entering the first block.
         size: `[B, N, 1]` input tokens each output token stands for.
         source: `[B, N, N0]` 0/1 map of the input tokens each output token holds (traced only).
+        head: the head replacing the model's own ("clca"), or None.
         image_tokens: LLaVA only: `[B]` image tokens each sample of the last forward passed to the
             language model (what reached the projector, per image, is `tokens` at the feature
             layer less the class token under the "default" strategy).
@@ -106,6 +133,7 @@ class Inspection:
     image_tokens: Optional[torch.Tensor] = None
     llm_kept: Optional[torch.Tensor] = None
     llm_positions: Optional[List[torch.Tensor]] = None
+    head: Optional[str] = None
 
 
 def inspect(model: nn.Module) -> Inspection:
@@ -117,8 +145,9 @@ def inspect(model: nn.Module) -> Inspection:
     config = asdict(info.config)
     llm = (info.image_tokens, info.llm_kept, info.llm_positions)
     if state is None:
-        return Inspection(info.method, config, None, None, None, None, None, *llm)
+        return Inspection(info.method, config, None, None, None, None, None, *llm, head=info.head_name)
     n_out = state.counts[-1] if state.counts else state.n_input
     size = state.size if state.size is not None else torch.ones(state.batch, n_out, 1, device=state.device)
     source = binary_source(state.source, n_out) if state.source is not None else None
-    return Inspection(info.method, config, state.removals, state.counts, state.n_input, size, source, *llm)
+    return Inspection(info.method, config, state.removals, state.counts, state.n_input, size, source, *llm,
+                      head=info.head_name)

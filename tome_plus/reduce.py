@@ -121,4 +121,6 @@ def prenorm_layer(x: torch.Tensor, state: TokenState,
     if n_remove > 0 and at_block:
         signals["x"] = x
         x, state = reduce_step(x, state, signals, n_remove)
+    if state.head is not None:  # e.g. CLCA: cache, append and collect after the layer
+        x, state = state.head.after_layer(x, state)
     return x, state.replace(layer=layer + 1, counts=state.counts + (x.shape[1],))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import torch
 
@@ -40,6 +40,8 @@ class TokenState:
         device: where the tokens live (for tensors `inspect` makes when nothing merged).
         layer: index of the next block.
         counts: tokens after each block run so far.
+        head: the running state of a head that follows the blocks (`heads/`, e.g. CLCA's cache),
+            or None; `prenorm_layer` hands it each layer's output (`after_layer`).
     """
 
     reducer: "Reducer"
@@ -56,6 +58,7 @@ class TokenState:
     source: Optional[torch.Tensor] = None
     layer: int = 0
     counts: Tuple[int, ...] = ()
+    head: Optional[Any] = None
 
     def replace(self, **changes) -> "TokenState":
         return dataclasses.replace(self, **changes)
@@ -65,6 +68,23 @@ class TokenState:
         if not self.prop_attn or self.size is None:
             return None
         return self.size.log().to(dtype).transpose(1, 2).unsqueeze(1)
+
+
+def insert_tokens(x: torch.Tensor, state: TokenState, at: int, tokens: torch.Tensor, protect: bool
+                  ) -> Tuple[torch.Tensor, TokenState]:
+    """Insert `tokens` (`[B, n, C]`, size 1 each) at position `at` of `x`; `protect`: they join the
+    protected prefix (`at` must then be `state.n_prefix`), so no reducer touches them."""
+    n = tokens.shape[1]
+    x = torch.cat([x[:, :at], tokens.to(x.dtype), x[:, at:]], dim=1)
+    size, log_size, source = state.size, state.log_size, state.source
+    if size is not None:
+        size = torch.cat([size[:, :at], size.new_ones(size.shape[0], n, 1), size[:, at:]], dim=1)
+    if log_size is not None:  # log 1 = 0
+        log_size = torch.cat([log_size[:, :at], log_size.new_zeros(log_size.shape[0], n), log_size[:, at:]], dim=1)
+    if source is not None:  # input tokens held at or after `at` moved n places on
+        source = torch.where(source >= at, source + n, source)
+    return x, state.replace(size=size, log_size=log_size, source=source,
+                            n_prefix=state.n_prefix + n if protect else state.n_prefix)
 
 
 def initial_source(batch: int, n_tokens: int, device: torch.device) -> torch.Tensor:

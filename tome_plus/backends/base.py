@@ -49,12 +49,17 @@ class PatchInfo:
     llm_kept: Optional[torch.Tensor] = None  # ATP: [modules, B] visual tokens each module kept, last forward
     llm_positions: Optional[List[torch.Tensor]] = None  # ATP: per module [B, K] position ids kept (-1: pad)
     schedules: Dict[int, Tuple[int, ...]] = field(default_factory=dict)
+    # a head that replaces the model's own (`heads/`): its module (also registered on the model) and name
+    head: Optional[nn.Module] = None
+    head_name: Optional[str] = None
     # What `inspect` reports: written once a forward has finished, never read by a forward.
     last_state: Optional[TokenState] = None
     image_tokens: Optional[torch.Tensor] = None  # LLaVA: image tokens per sample the LLM last received
     # forward_features' outputs (by identity, weakly held) -> their sizes. Keyed by the tensor
     # itself, so nested or concurrent forwards never see each other's entries.
     feature_sizes: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
+    # the same for a head's per-forward state (CLCA's collected class tokens)
+    feature_heads: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
 
     def removals(self, n_tokens: int, strict: bool = False) -> Tuple[int, ...]:
         """Per-layer removal counts for `n_tokens` input tokens (solved once per size).
@@ -93,17 +98,21 @@ class PatchInfo:
         state["llm_kept"] = None
         state["llm_positions"] = None
         state["feature_sizes"] = None
+        state["feature_heads"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.feature_sizes = WeakIdKeyDictionary()
+        self.feature_heads = WeakIdKeyDictionary()
 
-    def remember_features(self, x: torch.Tensor, size: Optional[torch.Tensor]) -> None:
-        """Keep the sizes of a tensor `forward_features` returned, for a later `forward_head(x)`;
-        the entry goes when the tensor does."""
+    def remember_features(self, x: torch.Tensor, size: Optional[torch.Tensor], head=None) -> None:
+        """Keep the sizes (and the head's state) of a tensor `forward_features` returned, for a
+        later `forward_head(x)`; the entries go when the tensor does."""
         if size is not None:
             self.feature_sizes[x] = size
+        if head is not None:
+            self.feature_heads[x] = head
 
     def features_size(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Sizes of `x` if it is the very tensor a `forward_features` call returned, else None."""
@@ -152,11 +161,13 @@ def drop_scratch(info: PatchInfo) -> None:
         module.__dict__.pop(SCRATCH, None)
 
 
-def attach(owner: nn.Module, name: str, module: nn.Module, info: PatchInfo) -> None:
-    """Register a trainable part under `owner.name` (in its `state_dict`, moved with `.to()`) until unpatched."""
+def attach(owner: nn.Module, name: str, module: nn.Module, info: PatchInfo, method_part: bool = True) -> None:
+    """Register a trainable part under `owner.name` (in its `state_dict`, moved with `.to()`) until
+    unpatched; `method_part`: it is the method's own (`info.modules`), not a head's."""
     owner.add_module(name, module)
     info.attached.append((owner, name))
-    info.modules = module
+    if method_part:
+        info.modules = module
 
 
 def tag(module: nn.Module, info: PatchInfo) -> None:

@@ -30,6 +30,7 @@ from .base import PatchInfo, get_info, original_class, swap_class
 SIZE_CHANNEL = True
 
 KIND = "timm"  # the family name methods see (`Reducer.for_family`)
+HEADS = True  # classifiers: a tome_plus head (CLCA) may replace the model's own
 FAMILY = "timm VisionTransformer (ViT, DeiT, distilled DeiT, DeiT-3, DINOv2 incl. registers, timm CLIP/SigLIP ViTs)"
 
 
@@ -91,7 +92,10 @@ class ReducingViT:
 
     def _run_blocks(self, x: torch.Tensor, trace: bool = False, take: Optional[List[int]] = None,
                     stop: Optional[int] = None):
-        state = get_info(self).new_state(x, trace=trace)
+        info = get_info(self)
+        state = info.new_state(x, trace=trace)
+        if info.head is not None:  # e.g. CLCA's carrier token
+            x, state = info.head.start(x, state)
         taken = []
         blocks = self.blocks if stop is None else self.blocks[:stop + 1]
         for i, blk in enumerate(blocks):
@@ -113,9 +117,12 @@ class ReducingViT:
                 is_causal: bool = False) -> torch.Tensor:
         _no_masks(attn_mask, is_causal)
         x, state, _ = self._run_blocks(self._embed(x))
-        x = self.norm(x)
         info = get_info(self)
-        if type(self).forward_head is VisionTransformer.forward_head and "forward_head" not in self.__dict__:
+        if info.head is not None:  # it replaces the final norm and the model's head
+            info.last_state = state
+            return info.head.logits(state.head.collected)
+        x = self.norm(x)
+        if original_class(self).forward_head is VisionTransformer.forward_head and "forward_head" not in self.__dict__:
             # timm's head, with this forward's sizes handed to the pooling directly: nothing
             # another (nested, concurrent) forward could overwrite
             x = self.fc_norm(self._pool_sized(x, state.size))
@@ -132,9 +139,21 @@ class ReducingViT:
         x, state, _ = self._run_blocks(self._embed(x))
         x = self.norm(x)
         info = get_info(self)
-        info.remember_features(x, state.size)
+        info.remember_features(x, state.size, state.head)
         info.last_state = state
         return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """timm's head; with a tome_plus head (CLCA), that head, for the very tensor a
+        `forward_features` call returned (it aggregates class tokens of several blocks)."""
+        info = get_info(self)
+        if info.head is None:
+            return super().forward_head(x, pre_logits=pre_logits)
+        run = info.feature_heads.get(x)
+        if run is None:
+            raise ValueError("the CLCA head aggregates the class token of several blocks: call model(x), or "
+                             "forward_head on the very tensor forward_features returned")
+        return info.head.logits(run.collected, pre_logits=pre_logits)
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         """Average pooling weighs each token by its size, so it averages over the input patches.

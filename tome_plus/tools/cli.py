@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import atp_train, bench, diffrate_search, eval as evaluate, fidelity, vis
+from . import atp_train, bench, diffrate_search, eval as evaluate, fidelity, finetune, vis
 from .common import Parser
 
 COMMANDS = {
@@ -18,6 +18,7 @@ COMMANDS = {
     "fidelity": (fidelity, "offline quality: real DINOv2 weights, Fashion-MNIST k-NN, every method"),
     "vis": (vis, "draw which patches each token stands for"),
     "diffrate-search": (diffrate_search, "search DiffRate's per-block kept counts for a FLOPs target"),
+    "finetune": (finetune, "fine-tune a patched classifier with the CLCA head or its own (torchrun capable)"),
     "atp-train": (atp_train, "train ATP's modules inside a LLaVA model (torchrun for several processes)"),
 }
 

@@ -39,12 +39,14 @@ def fashion_batches(size: int, batch_size: int, count: int, rank: int, world: in
             yield to_model_input(images[idx.numpy()], size), torch.from_numpy(labels[idx.numpy()])
 
 
-def folder_batches(model, root: str, batch_size: int, workers: int, rank: int, world: int, seed: int):
-    """(batches, number of classes) of an ImageFolder split, with the model's own transforms."""
+def folder_batches(model, root: str, batch_size: int, workers: int, rank: int, world: int, seed: int,
+                   training: bool = False):
+    """(batches, number of classes) of an ImageFolder split, with the model's own transforms
+    (`training`: timm's training augmentation)."""
     import timm.data
     from .eval import SafeImageFolder
     config = timm.data.resolve_data_config({}, model=model)
-    dataset = SafeImageFolder(root, timm.data.create_transform(**config, is_training=False))
+    dataset = SafeImageFolder(root, timm.data.create_transform(**config, is_training=training))
     return _folder_batches(dataset, batch_size, workers, rank, world, seed), len(dataset.classes)
 
 

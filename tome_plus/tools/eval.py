@@ -189,33 +189,73 @@ def load_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = 
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def evaluate(model_name: str, data: str, method: Optional[str] = None, options: Optional[Dict[str, Any]] = None,
-             pretrained: bool = False, checkpoint: Optional[str] = None, batch_size: int = 64,
-             workers: int = 4, amp: bool = False, device: str = "cpu", progress: bool = True) -> Dict[str, Any]:
-    """Evaluate; in a torchrun job every rank returns the same all-reduced result."""
+class FashionMnist(Dataset):
+    """The first `count` Fashion-MNIST test images at `size` px (as `tome-plus fidelity` feeds them)."""
+
+    classes = tuple(range(10))
+    repeats: List[str] = []
+
+    def __init__(self, count: int, size: int) -> None:
+        from .fidelity import fashion_mnist
+        self.images, self.labels = fashion_mnist("test", count)
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        from .fidelity import to_model_input
+        return to_model_input(self.images[index:index + 1], self.size)[0], int(self.labels[index])
+
+
+def evaluate(model_name: Optional[str], data: str, method: Optional[str] = None,
+             options: Optional[Dict[str, Any]] = None, pretrained: bool = False, checkpoint: Optional[str] = None,
+             batch_size: int = 64, workers: int = 4, amp: bool = False, device: str = "cpu", progress: bool = True,
+             finetuned: Optional[str] = None, count: int = 10000) -> Dict[str, Any]:
+    """Evaluate; in a torchrun job every rank returns the same all-reduced result.
+
+    `finetuned`: a checkpoint of `tome-plus finetune` (its model, method and head) instead of
+    `model_name`; `data="fashion-mnist"`: the first `count` Fashion-MNIST test images."""
     from timm.data import create_transform, resolve_data_config
 
     options = dict(options or {})
     if method:
         get_method(method)  # unknown method: error before any work
-    dataset = SafeImageFolder(data, transform=None)  # a bad folder fails before the model loads
-    if len(dataset) == 0:
+    fashion = data == "fashion-mnist"
+    dataset = None if fashion else SafeImageFolder(data, transform=None)  # a bad folder fails before the model loads
+    if dataset is not None and len(dataset) == 0:
         raise FileNotFoundError(f"--data {data!r} holds no images")
     rank, world, dev = setup_distributed(device)
-    if dataset.repeats and rank == 0:
+    if dataset is not None and dataset.repeats and rank == 0:
         print(f"{PROG}: note: --data: {len(dataset.repeats)} link(s) lead to images already counted "
               f"({', '.join(dataset.repeats[:3])}); each image counts once, under the class folder it lies in",
               file=sys.stderr)
     try:
-        model = load_model(model_name, pretrained, checkpoint)
+        if finetuned:
+            from .finetune import load_finetuned, read_checkpoint, unpatched_twin
+            payload = read_checkpoint(finetuned)
+            model, base = load_finetuned(payload), unpatched_twin(payload)
+            model_name = model_name or finetuned
+            method, options = None, {}
+            trained = (payload["method"], payload["options"], payload["head"])
+        else:
+            model = base = load_model(model_name, pretrained, checkpoint)
+            trained = (None, {}, None)
         config = resolve_data_config({}, model=model)
-        dataset.transform = create_transform(**config, is_training=False)
-        if len(dataset.classes) != model.num_classes:
+        if fashion:  # the size the model was built for (a pretrained config may name another)
+            size = model.patch_embed.img_size[-1]
+            config["input_size"] = (3, size, size)
+            dataset = FashionMnist(count, size)
+        else:
+            dataset.transform = create_transform(**config, is_training=False)
+        head = tome_plus.heads.name_of(model)
+        classes = tome_plus.heads.module(model).num_classes if head else model.num_classes
+        if len(dataset.classes) != classes:
             raise ValueError(f"--data has {len(dataset.classes)} classes but the model head has "
-                             f"{model.num_classes}; use a matching checkpoint or data split")
+                             f"{classes}; use a matching checkpoint or data split")
         model = model.eval().to(dev)
         probe = torch.zeros(1, *config["input_size"], device=dev)
-        base_flops = count_flops(model, probe)
+        base_flops = count_flops(base.eval().to(dev), probe)
         if method:
             tome_plus.patch(model, method, **options)
         flops = count_flops(model, probe)
@@ -233,7 +273,7 @@ def evaluate(model_name: str, data: str, method: Optional[str] = None, options: 
                 if images is None:
                     continue
                 images, targets = images.to(dev, non_blocking=True), targets.to(dev)
-                top = model(images).topk(min(5, model.num_classes), dim=-1).indices
+                top = model(images).topk(min(5, classes), dim=-1).indices
                 hits = top == targets[:, None]
                 counts[0] += hits[:, 0].sum().item()
                 counts[1] += hits.any(dim=-1).sum().item()
@@ -247,7 +287,8 @@ def evaluate(model_name: str, data: str, method: Optional[str] = None, options: 
         hit1, hit5, n, skipped = (int(v) for v in counts.tolist())
         return {
             "model": model_name, "checkpoint": checkpoint, "pretrained": pretrained, "data": data,
-            "method": method, "options": options, "top1": 100.0 * hit1 / max(n, 1),
+            "finetuned": finetuned, "method": method or trained[0], "options": options or trained[1],
+            "head": trained[2] or head, "top1": 100.0 * hit1 / max(n, 1),
             "top5": 100.0 * hit5 / max(n, 1), "images": n, "skipped": skipped,
             "repeated_links": len(dataset.repeats),
             "images_per_s": n / float(elapsed.item()), "gflops_per_image": flops / 1e9,
@@ -261,11 +302,15 @@ def evaluate(model_name: str, data: str, method: Optional[str] = None, options: 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     parser = parser or Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="timm model name")
+    parser.add_argument("--model", default=None, help="timm model name")
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs the hub)")
     src.add_argument("--checkpoint", default=None, help="local timm / safetensors / torch checkpoint")
-    parser.add_argument("--data", required=True, help="ImageFolder validation split (one folder per class)")
+    src.add_argument("--finetuned", default=None, metavar="PATH",
+                     help="a checkpoint of `tome-plus finetune`: its model, method and head (no --model)")
+    parser.add_argument("--data", required=True,
+                        help='ImageFolder validation split (one folder per class), or "fashion-mnist" (test split)')
+    parser.add_argument("--count", type=int_at_least(1), default=10000, help="fashion-mnist: test images used")
     parser.add_argument("--batch-size", type=int_at_least(1), default=64)
     parser.add_argument("--workers", type=int_at_least(0), default=min(8, os.cpu_count() or 1))
     parser.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
@@ -279,6 +324,7 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
 
 def format_result(r: Dict[str, Any]) -> str:
     what = describe(r["method"], r["options"]) if r["method"] else "unpatched"
+    what += f" + {r['head']} head" if r.get("head") else ""
     return (f"{r['model']} | {what} | top-1 {r['top1']:.2f} | top-5 {r['top5']:.2f} | "
             f"{r['images']} images ({r['skipped']} skipped) | {r['images_per_s']:.1f} images/s | "
             f"{r['gflops_per_image']:.2f} GFLOPs ({r['flops_ratio']:.2f}x) | {r['world_size']} process(es)")
@@ -291,12 +337,17 @@ def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace
         if options and not args.method:
             raise UsageError("a budget or option needs --method")
         check_method(args.method)
+        if args.finetuned and (args.model or args.method):
+            raise UsageError("--finetuned brings its model and method: no --model, --method or budget")
+        if not args.finetuned and not args.model:
+            raise UsageError("give --model (or --finetuned PATH)")
         rank0 = int(os.environ.get("RANK", "0")) == 0
         if rank0:
             prepare_output(args.json, "--json")
         result = evaluate(args.model, args.data, args.method, options, pretrained=args.pretrained,
                           checkpoint=args.checkpoint, batch_size=args.batch_size, workers=args.workers,
-                          amp=args.amp, device=args.device, progress=not args.no_progress)
+                          amp=args.amp, device=args.device, progress=not args.no_progress,
+                          finetuned=args.finetuned, count=args.count)
         if rank0:
             print(format_result(result))
             save_json(result, args.json)

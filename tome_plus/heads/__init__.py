@@ -1,0 +1,87 @@
+"""Heads that replace a patched classifier's own head: `patch(model, method, head="clca")`.
+
+    tome_plus.patch(vit, "tome", r=8, head="clca", head_options={"num_classes": 10})
+    tome_plus.heads.save(vit, "clca.pt")          # the head's weights alone
+    tome_plus.patch(other_vit, "tome", r=8, head="clca", head_options={"weights": "clca.pt"})
+
+A head is an `nn.Module` registered on the patched model as `model.tome_plus_head` (in its
+`state_dict`, moved by `.to()`, trained with the model) until `unpatch` removes it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from ..backends.base import get_info
+from .clca import ClcaConfig, ClcaHead, build as build_clca
+
+ATTR = "tome_plus_head"
+HEADS = {"clca": (ClcaConfig, build_clca)}
+
+
+def head_names():
+    return sorted(HEADS)
+
+
+def make_config(name: str, options: Optional[Dict[str, Any]]):
+    """Validate a head's name and options (`TypeError` naming the valid ones, as `patch` does)."""
+    if name not in HEADS:
+        raise ValueError(f"unknown head {name!r}; heads: {head_names()}")
+    config_cls = HEADS[name][0]
+    options = dict(options or {})
+    valid = [f.name for f in dataclasses.fields(config_cls)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(f"unknown head option(s) {unknown} for head {name!r}; valid options: {valid}")
+    return config_cls(**options)
+
+
+def name_of(model: nn.Module) -> Optional[str]:
+    """The name of the head a patched model carries, or None."""
+    info = get_info(model)
+    return info.head_name if info is not None else None
+
+
+def module(model: nn.Module) -> ClcaHead:
+    """The head of a model patched with `head=...`."""
+    info = get_info(model)
+    if info is None or info.head is None:
+        raise ValueError("model has no tome_plus head; patch it with head='clca'")
+    return info.head
+
+
+def save(model: nn.Module, path: str, **extra: Any) -> None:
+    """Write the head's weights and its shape (and `extra` entries) to `path`, atomically."""
+    head = module(model)
+    payload = {"head": get_info(model).head_name, "state_dict": head.state_dict(),
+               "append_at": list(head.append_at), "collect_at": list(head.collect_at), **extra}
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load(model: nn.Module, path: str) -> None:
+    """Load weights `save` wrote into the head of `model` (same layers, width and classes)."""
+    load_into(module(model), get_info(model).head_name, path)
+
+
+def load_into(head: nn.Module, name: str, path: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"head weights {path!r} do not exist")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("head") != name:
+        raise ValueError(f"{path} holds a {payload.get('head')!r} head, not {name!r}")
+    for key in ("append_at", "collect_at"):
+        if tuple(payload[key]) != tuple(getattr(head, key)):
+            raise ValueError(f"{path} was trained with {key}={payload[key]}, this patch has "
+                             f"{list(getattr(head, key))}: give head_options={{'layers': ...}} to match")
+    own = head.state_dict()
+    shapes = [f"{k}: {tuple(v.shape)} there, {tuple(own[k].shape)} here"
+              for k, v in payload["state_dict"].items() if k in own and v.shape != own[k].shape]
+    if shapes:
+        raise ValueError(f"{path} does not fit this head ({shapes[0]})")
+    head.load_state_dict(payload["state_dict"])
