@@ -44,8 +44,10 @@ FORMAT = "tome_plus.finetune/1"
 
 def build_model(source: Dict[str, Any], num_classes: int, method: Optional[str], options: Dict[str, Any],
                 head: str, head_options: Dict[str, Any]) -> nn.Module:
-    """The model a checkpoint describes: backbone, classes, method and head (weights not loaded)."""
+    """The model a checkpoint describes: backbone, classes, method and head (weights not loaded).
+    Seeded, so that a random-init backbone (no weights given) is the same at training and loading."""
     import tome_plus
+    torch.manual_seed(source.get("seed", 0))
     if source["dinov2"]:
         from .focus_dinov2 import load_model as dinov2
         model = dinov2(source["img_size"] or 224)
@@ -112,7 +114,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, float]]:
     try:
         torch.manual_seed(args.seed)
         source = {"dinov2": args.dinov2, "model": args.model, "pretrained": args.pretrained,
-                  "checkpoint": args.checkpoint, "img_size": args.img_size}
+                  "checkpoint": args.checkpoint, "img_size": args.img_size, "seed": args.seed}
         if args.data == "fashion-mnist":
             n_classes = 10
         else:
