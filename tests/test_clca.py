@@ -275,3 +275,14 @@ def test_errors():
     with pytest.raises(ValueError, match="class token"):
         tome_plus.patch(no_cls, "tome", head="clca")
     assert tome_plus.heads.name_of(no_cls) is None
+
+
+@torch.no_grad()
+def test_torch_compile_without_graph_breaks():
+    torch._dynamo.reset()
+    model = make("vit_tiny_patch16_224", depth=4, **SMALL)
+    tome_plus.patch(model, "tome", r=[2, 0, 2, 0], head="clca")
+    x = torch.randn(2, 3, 64, 64)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), eager, rtol=1e-4, atol=1e-4)

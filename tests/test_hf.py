@@ -218,6 +218,9 @@ def test_tower_errors(pixels):
     assert out.last_hidden_state.shape[1] < 65
     with pytest.raises(ValueError, match="metric"):
         tome_plus.patch(model, "pitome", metric="values")
+    with pytest.raises(TypeError, match="has none to replace"):  # CLCA is for timm classifiers
+        tome_plus.patch(model, "tome", r=4, head="clca")
+    assert tome_plus.inspect(model).method == "tome" and tome_plus.inspect(model).head is None
 
 
 def test_timm_path_does_not_import_transformers():
