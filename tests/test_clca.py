@@ -167,6 +167,31 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1])
 
 
+def test_head_follows_train_and_eval_and_takes_batch_one():
+    model = make("vit_small_patch16_224", **SMALL)
+    tome_plus.patch(model, "tome", r=1, head="clca")
+    head = tome_plus.heads.module(model)
+    assert not head.training  # patched in eval mode, as the model was
+    model.train()
+    assert head.training and head.aggregate[0].training
+    model(torch.randn(2, 3, 64, 64))
+    assert head.aggregate[0].num_batches_tracked == 1
+    model.eval()
+    with torch.no_grad():
+        one = model(torch.randn(1, 3, 64, 64))
+    assert one.shape == (1, 5) and head.aggregate[0].num_batches_tracked == 1
+
+
+def test_carrier_starts_as_the_class_token_entering_the_blocks():
+    for kwargs in ({}, {"pre_norm": True}, {"no_embed_class": True}):
+        model = make("vit_small_patch16_224", **SMALL, **kwargs)
+        with torch.no_grad():
+            model.cls_token.normal_()
+            entering = model.norm_pre(model._pos_embed(model.patch_embed(torch.randn(1, 3, 64, 64))))[0, 0]
+        tome_plus.patch(model, "tome", r=1, head="clca")
+        torch.testing.assert_close(tome_plus.heads.module(model).carrier[0, 0], entering)
+
+
 def test_forward_features_then_forward_head():
     model = make("vit_small_patch16_224", **SMALL)
     tome_plus.patch(model, "pitome", r=1, head="clca")
@@ -201,6 +226,9 @@ def test_head_weights_save_and_load_alone(tmp_path):
         torch.testing.assert_close(fresh(images), model(images))
     # the file holds the head only
     assert all(k.startswith(("carrier", "aggregate", "classifier")) for k in torch.load(path)["state_dict"])
+    with pytest.raises(ValueError, match="trained with"):  # same shapes, another computation
+        tome_plus.patch(make("vit_small_patch16_224", **SMALL), "tome", r=1, head="clca",
+                        head_options={"weights": str(path), "protect_cached": True})
     mismatched = make("vit_small_patch16_224", **SMALL)
     with pytest.raises(ValueError, match="trained with"):
         tome_plus.patch(mismatched, "tome", r=[2] + [0] * 11, head="clca", head_options={"weights": str(path)})

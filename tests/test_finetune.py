@@ -57,7 +57,13 @@ def test_frozen_clca_trains_the_head_alone_and_resumes(folder, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(other.eval()(x), model(x))
     history = finetune(folder, out, "--head", "clca", "--freeze", "--resume", steps=3)
-    assert [r["step"] for r in history] == [3] and read_checkpoint(str(out))["step"] == 3
+    resumed = read_checkpoint(str(out))
+    assert [r["step"] for r in history] == [3] and resumed["step"] == 3
+    # the optimizer went on from its saved state (a fresh one would count 1 step)
+    assert all(s["step"] == 3 for s in resumed["optimizer"]["state"].values())
+    with pytest.raises(SystemExit) as e:  # other settings cannot resume this checkpoint
+        finetune(folder, out, "--head", "clca", "--freeze", "--resume", "--head-option", "cache_gap=False", steps=4)
+    assert e.value.code == 1
 
 
 def test_linear_head_full_finetune_and_eval(folder, tmp_path):
@@ -86,7 +92,18 @@ def test_clca_checkpoint_evaluates_like_a_direct_loop(folder, tmp_path):
           "--json", str(report)])
     r = json.loads(report.read_text())
     from timm.data import create_transform, resolve_data_config
-    model = load_finetuned(str(out))
+    import timm
+    # the model rebuilt by hand: same seeded backbone, method and head, the checkpoint's weights
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224")
+    tome_plus.patch(model, "tome", r=8, head="clca", head_options={"num_classes": 3})
+    model.load_state_dict(read_checkpoint(str(out))["weights"])
+    model.eval()
+    # the final norm and the model's own head, unused under CLCA, do not train; the blocks do
+    torch.manual_seed(0)
+    start = timm.create_model("vit_tiny_patch16_224")
+    assert torch.equal(model.norm.weight, start.norm.weight) and torch.equal(model.head.weight, start.head.weight)
+    assert not torch.equal(model.blocks[0].attn.qkv.weight, start.blocks[0].attn.qkv.weight)
     transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
     hits = 0
     for c, name in enumerate(CLASSES):
@@ -117,6 +134,9 @@ def test_usage_errors(folder, tmp_path, capsys):
             finetune(folder, tmp_path / "x.pt", *extra)
         assert e.value.code == 2
         assert word in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # 12 images make no batch of 64: an error, not an endless wait
+        finetune(folder, tmp_path / "x.pt", "--batch-size", "64")
+    assert e.value.code == 1 and "no full batch" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["eval", "--finetuned", str(tmp_path / "x.pt"), "--model", "vit_tiny_patch16_224", "--data", str(folder)])
     assert e.value.code == 2

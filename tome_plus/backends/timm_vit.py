@@ -119,7 +119,7 @@ class ReducingViT:
         x, state, _ = self._run_blocks(self._embed(x))
         info = get_info(self)
         if info.head is not None:  # it replaces the final norm and the model's head
-            info.last_state = state
+            info.last_state = _for_inspect(state)
             return info.head.logits(state.head.collected)
         x = self.norm(x)
         if original_class(self).forward_head is VisionTransformer.forward_head and "forward_head" not in self.__dict__:
@@ -130,7 +130,7 @@ class ReducingViT:
         else:  # e.g. distilled DeiT, or a head of the user's: it may pool through `self.pool`
             info.remember_features(x, state.size)
             x = self.forward_head(x)
-        info.last_state = state
+        info.last_state = _for_inspect(state)
         return x
 
     def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
@@ -140,7 +140,7 @@ class ReducingViT:
         x = self.norm(x)
         info = get_info(self)
         info.remember_features(x, state.size, state.head)
-        info.last_state = state
+        info.last_state = _for_inspect(state)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -190,7 +190,7 @@ class ReducingViT:
         batch, _, height, width = x.shape
         x, state, taken = self._run_blocks(self._embed(x), trace=True, take=list(take),
                                            stop=max_index if stop_early else None)
-        get_info(self).last_state = state
+        get_info(self).last_state = _for_inspect(state)
         p = self.num_prefix_tokens
         full = [unmerge(self.norm(y) if norm else y, state.source) for y, state in taken]
         prefix = [y[:, :p] for y in full] if p else None
@@ -208,6 +208,11 @@ class ReducingViT:
         if return_prefix_tokens and prefix is not None:
             inter = list(zip(inter, prefix))
         return inter if intermediates_only else (self.norm(x), inter)
+
+
+def _for_inspect(state: TokenState) -> TokenState:
+    """The state `inspect` keeps: without a head's tensors (nor the autograd graph behind them)."""
+    return state if state.head is None else state.replace(head=None)
 
 
 def _no_masks(attn_mask, is_causal) -> None:

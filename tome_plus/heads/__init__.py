@@ -58,7 +58,8 @@ def save(model: nn.Module, path: str, **extra: Any) -> None:
     """Write the head's weights and its shape (and `extra` entries) to `path`, atomically."""
     head = module(model)
     payload = {"head": get_info(model).head_name, "state_dict": head.state_dict(),
-               "append_at": list(head.append_at), "collect_at": list(head.collect_at), **extra}
+               "append_at": list(head.append_at), "collect_at": list(head.collect_at),
+               "options": behaviour(head), **extra}
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -67,6 +68,11 @@ def save(model: nn.Module, path: str, **extra: Any) -> None:
 def load(model: nn.Module, path: str) -> None:
     """Load weights `save` wrote into the head of `model` (same layers, width and classes)."""
     load_into(module(model), get_info(model).head_name, path)
+
+
+def behaviour(head: nn.Module) -> Dict[str, Any]:
+    """The options that change what a head computes without changing its shapes."""
+    return {"cache_gap": head.cache_gap, "protect_cached": head.protect_cached}
 
 
 def load_into(head: nn.Module, name: str, path: str) -> None:
@@ -79,6 +85,8 @@ def load_into(head: nn.Module, name: str, path: str) -> None:
         if tuple(payload[key]) != tuple(getattr(head, key)):
             raise ValueError(f"{path} was trained with {key}={payload[key]}, this patch has "
                              f"{list(getattr(head, key))}: give head_options={{'layers': ...}} to match")
+    if payload.get("options", behaviour(head)) != behaviour(head):
+        raise ValueError(f"{path} was trained with {payload['options']}, this head has {behaviour(head)}")
     own = head.state_dict()
     shapes = [f"{k}: {tuple(v.shape)} there, {tuple(own[k].shape)} here"
               for k, v in payload["state_dict"].items() if k in own and v.shape != own[k].shape]

@@ -174,7 +174,9 @@ def build(model: nn.Module, config: ClcaConfig, reducing: Sequence[int], depth: 
     carrier = model.cls_token.detach().reshape(-1)
     pos = getattr(model, "pos_embed", None)
     if pos is not None and not getattr(model, "no_embed_class", False):
-        carrier = carrier + pos.detach()[0, 0]  # the class token as it enters the blocks
+        carrier = carrier + pos.detach()[0, 0]
+    with torch.no_grad():  # the class token as it enters the blocks (after a CLIP-style pre-norm)
+        carrier = model.norm_pre(carrier)
     head = ClcaHead(model.embed_dim, num_classes, append_at, collect_at, carrier, config.cache_gap,
                     config.protect_cached, config.expansion)
     return head.to(device=model.cls_token.device, dtype=model.cls_token.dtype)

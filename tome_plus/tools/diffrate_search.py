@@ -28,41 +28,52 @@ from .common import (Parser, UsageError, check_device, cli_errors, int_at_least,
 PROG = "tome-plus diffrate-search"
 
 
-def fashion_batches(size: int, batch_size: int, count: int, rank: int, world: int, seed: int
-                    ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+def fashion_batches(size: int, batch_size: int, count: int, rank: int, world: int, seed: int,
+                    min_batch: int = 1) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """Endless shuffled batches of this rank's share of the first `count` training images; a
+    last batch smaller than `min_batch` is left out (BatchNorm cannot train on one image)."""
     from .fidelity import fashion_mnist, to_model_input
     images, labels = fashion_mnist("train", count)
     images, labels = images[rank::world], labels[rank::world]
+    if len(labels) < min_batch:
+        raise ValueError(f"{len(labels)} training image(s) per process; need at least {min_batch}")
     generator = torch.Generator().manual_seed(seed + rank)
     while True:
         for idx in torch.randperm(len(labels), generator=generator).split(batch_size):
-            yield to_model_input(images[idx.numpy()], size), torch.from_numpy(labels[idx.numpy()])
+            if len(idx) >= min_batch:
+                yield to_model_input(images[idx.numpy()], size), torch.from_numpy(labels[idx.numpy()])
 
 
 def folder_batches(model, root: str, batch_size: int, workers: int, rank: int, world: int, seed: int,
-                   training: bool = False):
+                   training: bool = False, min_batch: int = 1):
     """(batches, number of classes) of an ImageFolder split, with the model's own transforms
     (`training`: timm's training augmentation)."""
     import timm.data
     from .eval import SafeImageFolder
     config = timm.data.resolve_data_config({}, model=model)
     dataset = SafeImageFolder(root, timm.data.create_transform(**config, is_training=training))
-    return _folder_batches(dataset, batch_size, workers, rank, world, seed), len(dataset.classes)
+    return _folder_batches(dataset, batch_size, workers, rank, world, seed, min_batch), len(dataset.classes)
 
 
-def _folder_batches(dataset, batch_size: int, workers: int, rank: int, world: int, seed: int):
+def _folder_batches(dataset, batch_size: int, workers: int, rank: int, world: int, seed: int,
+                    min_batch: int = 1):
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
     from .eval import collate
     sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed) if world > 1 else None
+    generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
-                        num_workers=workers, drop_last=True, collate_fn=collate)
+                        num_workers=workers, drop_last=True, collate_fn=collate, generator=generator)
+    if len(loader) == 0:  # drop_last left nothing: the loop below would never yield
+        raise ValueError(f"{len(dataset)} image(s) make no full batch of {batch_size} per process; "
+                         f"lower --batch-size")
     epoch = 0
     while True:
         if sampler is not None:
             sampler.set_epoch(epoch)
         for images, labels, _ in loader:
-            if images is not None:  # every image of the batch unreadable
+            # unreadable images leave the batch: none left, or too few for BatchNorm, skip it
+            if images is not None and len(images) >= min_batch:
                 yield images, labels
         epoch += 1
 

@@ -47,13 +47,14 @@ def build_model(source: Dict[str, Any], num_classes: int, method: Optional[str],
     """The model a checkpoint describes: backbone, classes, method and head (weights not loaded).
     Seeded, so that a random-init backbone (no weights given) is the same at training and loading."""
     import tome_plus
-    torch.manual_seed(source.get("seed", 0))
-    if source["dinov2"]:
-        from .focus_dinov2 import load_model as dinov2
-        model = dinov2(source["img_size"] or 224)
-    else:
-        from .eval import load_model
-        model = load_model(source["model"], source["pretrained"], source["checkpoint"])
+    with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+        torch.manual_seed(source.get("seed", 0))
+        if source["dinov2"]:
+            from .focus_dinov2 import load_model as dinov2
+            model = dinov2(source["img_size"] or 224)
+        else:
+            from .eval import load_model
+            model = load_model(source["model"], source["pretrained"], source["checkpoint"])
     if head == "linear" and model.num_classes != num_classes:
         model.reset_classifier(num_classes)
     if head == "clca" or method:
@@ -68,6 +69,25 @@ def trainable_module(model: nn.Module, head: str) -> nn.Module:
     """What `--freeze` trains: the CLCA head, or the model's own classifier."""
     import tome_plus
     return tome_plus.heads.module(model) if head == "clca" else model.get_classifier()
+
+
+def replaced_by_head(model: nn.Module) -> List[nn.Parameter]:
+    """Parameters the CLCA head leaves unused (final norms, the model's own heads): frozen, so that
+    no optimizer decays them and DDP finds no parameter without a gradient."""
+    names = ("norm", "fc_norm", "head", "head_dist", "attn_pool")
+    return [p for name in names if isinstance(getattr(model, name, None), nn.Module)
+            for p in getattr(model, name).parameters()]
+
+
+def param_groups(params: List[nn.Parameter], named: Dict[int, str], weight_decay: float) -> List[Dict[str, Any]]:
+    """AdamW groups: no weight decay for biases, norms and tokens (the carrier, as the authors')."""
+    no_decay = [p for p in params if p.ndim <= 1 or named.get(id(p), "").endswith(("carrier", "cls_token",
+                                                                                     "pos_embed", "reg_token"))]
+    decay = [p for p in params if not any(p is q for q in no_decay)]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+SETTINGS = ("source", "num_classes", "method", "options", "head", "head_options", "frozen")
 
 
 def read_checkpoint(path: str) -> Dict[str, Any]:
@@ -122,34 +142,42 @@ def run(args: argparse.Namespace) -> List[Dict[str, float]]:
             n_classes = len(SafeImageFolder(args.data, transform=None).classes)
         options, head_options = method_options(args), parse_options(args.head_option)
         model = build_model(source, n_classes, args.method, options, args.head, head_options).to(device)
-        if args.data == "fashion-mnist":
-            size = model.patch_embed.img_size[0]
-            batches = fashion_batches(size, args.batch_size, args.count, rank, world, args.seed)
-        else:
-            batches, _ = folder_batches(model, args.data, args.batch_size, args.workers, rank, world, args.seed,
-                                        training=True)
+        settings = dict(zip(SETTINGS, (source, n_classes, args.method, options, args.head, head_options,
+                                       args.freeze)))
         target = trainable_module(model, args.head) if args.freeze else model
         for p in model.parameters():
             p.requires_grad_(False)
-        params = list(target.parameters())
+        unused = replaced_by_head(model) if args.head == "clca" else []
+        params = [p for p in target.parameters() if not any(p is q for q in unused)]
         for p in params:
             p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        named = {id(p): name for name, p in model.named_parameters()}
+        optimizer = torch.optim.AdamW(param_groups(params, named, args.weight_decay), lr=args.lr)
         start = 0
         if args.resume and os.path.exists(args.out):
-            state = torch.load(args.out, map_location="cpu", weights_only=False)
+            state = read_checkpoint(args.out)
+            changed = [k for k in SETTINGS if state[k] != settings[k]]
+            if changed:
+                raise ValueError(f"--resume: {args.out} was trained with other settings ({', '.join(changed)}: "
+                                 f"{[state[k] for k in changed]}); start a new --out")
             target.load_state_dict(state["weights"])
             optimizer.load_state_dict(state["optimizer"])
             start = state["step"]
+        # a resumed run draws fresh shuffles (seeded by the step) instead of repeating the first batches
+        data_seed = args.seed + 7919 * start
+        if args.data == "fashion-mnist":
+            size = model.patch_embed.img_size[0]
+            batches = fashion_batches(size, args.batch_size, args.count, rank, world, data_seed, min_batch=2)
+        else:
+            batches, _ = folder_batches(model, args.data, args.batch_size, args.workers, rank, world, data_seed,
+                                        training=True, min_batch=2)
         if world > 1:  # every rank starts from rank 0's weights
             for tensor in target.state_dict().values():
                 dist.broadcast(tensor, src=0)
 
         def save(step: int) -> None:
-            payload = {"format": FORMAT, "source": source, "num_classes": n_classes, "method": args.method,
-                       "options": options, "head": args.head, "head_options": head_options,
-                       "frozen": args.freeze, "weights": target.state_dict(), "optimizer": optimizer.state_dict(),
-                       "step": step}
+            payload = {"format": FORMAT, **settings, "weights": target.state_dict(),
+                       "optimizer": optimizer.state_dict(), "step": step}
             tmp = f"{args.out}.tmp{os.getpid()}"
             torch.save(payload, tmp)
             os.replace(tmp, args.out)
@@ -160,9 +188,9 @@ def run(args: argparse.Namespace) -> List[Dict[str, float]]:
         data = cycle(batches)
         bar = tqdm(range(start, args.steps), desc="finetune", unit="step", file=sys.stderr,
                    disable=args.no_progress or rank != 0)
+        model.train(not args.freeze)
+        target.train()
         for step in bar:
-            model.train(not args.freeze)
-            target.train()
             for group in optimizer.param_groups:
                 group["lr"] = args.lr * _lr_factor(step, args.steps, args.warmup_steps, args.min_lr / args.lr)
             images, labels = next(data)
