@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .backends import hf_llm
 from .backends.base import get_info
 from .backends.hf_llava import load_modules
-from .training import cycle
+from .training import average_gradients, broadcast_from_first, cycle, distributed_world
 
 
 def modules(model: nn.Module) -> nn.Module:
@@ -67,8 +67,7 @@ def train(model: nn.Module, batches: Iterable[Dict[str, torch.Tensor]], steps: i
     info = get_info(model)
     mods = modules(model)
     config = info.config
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    world = dist.get_world_size() if rank is not None and dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if distributed_world() > 1 else 0
     frozen = [p for p in model.parameters() if p.requires_grad and not any(p is q for q in mods.parameters())]
     if not train_llm:
         for p in frozen:
@@ -83,9 +82,7 @@ def train(model: nn.Module, batches: Iterable[Dict[str, torch.Tensor]], steps: i
         mods.load_state_dict(state["modules"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
-    if world > 1:  # every rank starts from rank 0's modules
-        for tensor in mods.state_dict().values():
-            dist.broadcast(tensor, src=0)
+    broadcast_from_first(mods)  # every rank starts from rank 0's modules
     history: List[Dict[str, float]] = []
     data = cycle(batches)
     bar = tqdm(range(start, steps), disable=not progress or rank != 0, desc="ATP", unit="step")
@@ -107,11 +104,7 @@ def train(model: nn.Module, batches: Iterable[Dict[str, torch.Tensor]], steps: i
             loss = out.loss + budget
             optimizer.zero_grad(set_to_none=False)
             loss.backward()
-            if world > 1:
-                for p in params:
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                        p.grad /= world
+            average_gradients(params)
             optimizer.step()
             record = {"step": step + 1, "loss": loss.item(), "lm_loss": out.loss.item(), "budget_loss": budget.item(),
                       "kept": kept.item()}

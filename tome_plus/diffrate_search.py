@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .training import cycle
+from .training import average_gradients, broadcast_from_first, cycle, distributed_world
 
 
 class DiffRateRates(nn.Module):
@@ -215,8 +215,7 @@ def _search(model, batches, gflops, steps, granularity, lr, min_lr, flops_weight
     rates = DiffRateRates(len(model.blocks), n_tokens, model.num_prefix_tokens, granularity).to(device)
     optimizer = torch.optim.AdamW(rates.parameters(), lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=min_lr)
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    rank = dist.get_rank() if world > 1 else 0
+    rank = dist.get_rank() if distributed_world() > 1 else 0
     start = 0
     if resume and checkpoint and os.path.exists(checkpoint):
         state = torch.load(checkpoint, map_location=device, weights_only=False)
@@ -225,9 +224,7 @@ def _search(model, batches, gflops, steps, granularity, lr, min_lr, flops_weight
         scheduler.load_state_dict(state["scheduler"])
         scheduler.T_max = steps  # a resumed run may go further than the first one planned
         start = state["step"]
-    if world > 1:  # every rank continues from rank 0's rates (no shared file system needed)
-        for tensor in rates.state_dict().values():
-            dist.broadcast(tensor, src=0)
+    broadcast_from_first(rates)  # every rank continues from rank 0's rates
     history: List[Dict[str, float]] = []
     data = cycle(batches)
     for step in tqdm(range(start, steps), disable=not progress or rank != 0, desc="DiffRate search", unit="step"):
@@ -245,10 +242,7 @@ def _search(model, batches, gflops, steps, granularity, lr, min_lr, flops_weight
         loss = task + flops_weight * (macs - gflops) ** 2
         optimizer.zero_grad(set_to_none=False)
         loss.backward()
-        if world > 1:
-            for param in rates.parameters():
-                dist.all_reduce(param.grad)
-                param.grad /= world
+        average_gradients(rates.parameters())
         optimizer.step()
         scheduler.step()
         history.append({"step": step + 1, "loss": loss.item(), "task": task.item(), "gflops": macs.item()})

@@ -30,7 +30,6 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -128,7 +127,7 @@ def _lr_factor(step: int, steps: int, warmup: int, floor: float) -> float:
 def run(args: argparse.Namespace) -> List[Dict[str, float]]:
     import tome_plus
     from .diffrate_search import fashion_batches, folder_batches
-    from ..training import cycle
+    from ..training import average_gradients, broadcast_from_first, cycle
 
     rank, world, device = setup_distributed(args.device)
     try:
@@ -171,9 +170,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, float]]:
         else:
             batches, _ = folder_batches(model, args.data, args.batch_size, args.workers, rank, world, data_seed,
                                         training=True, min_batch=2)
-        if world > 1:  # every rank starts from rank 0's weights
-            for tensor in target.state_dict().values():
-                dist.broadcast(tensor, src=0)
+        broadcast_from_first(target)  # every rank starts from rank 0's weights
 
         def save(step: int) -> None:
             payload = {"format": FORMAT, **settings, "weights": target.state_dict(),
@@ -199,11 +196,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, float]]:
             loss = F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing)
             optimizer.zero_grad(set_to_none=False)
             loss.backward()
-            if world > 1:
-                for p in params:
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                        p.grad /= world
+            average_gradients(params)
             optimizer.step()
             record = {"step": step + 1, "loss": loss.item(),
                       "accuracy": (logits.argmax(-1) == labels).float().mean().item()}
