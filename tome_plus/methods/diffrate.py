@@ -177,8 +177,10 @@ class DiffRate(Reducer):
     def plan(self, signals: Dict[str, torch.Tensor], state: TokenState, n_remove: int) -> Plan:
         cls_attn, x, p = signals["cls_attn"], signals["x"], state.n_prefix
         k_p, k_m = kept_counts(self.schedule, state.n_input)[state.layer]
-        # counts relative to the tokens present: a head may have added some (CLCA's cached tokens)
-        k_m, k_p = x.shape[1] - n_remove, x.shape[1] - n_remove + (k_p - k_m)
+        # kept counts relative to the tokens present (a head may have added some: CLCA's cached
+        # tokens): `n_remove` go, `k_p - k_m` of them by merging
+        k_m, n_merge = x.shape[1] - n_remove, k_p - k_m
+        k_p = k_m + n_merge
         importance = cls_attn.float().mean(dim=1)
         # prefix tokens first, in order; then by importance, ties to the lower position
         importance[:, :p] = math.inf
