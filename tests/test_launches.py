@@ -56,18 +56,22 @@ def count_launches(monkeypatch):
 
     def one_attention(*args, **kwargs):
         # one fused kernel on a GPU; the CPU may decompose it (the padded head dim takes the math
-        # path here), which is not what a GPU launches
+        # path here), which is not what a GPU launches. The GPU kernels write their output as
+        # [B, N, H, D] in memory (so merging the heads afterwards is a view); the math path writes
+        # [B, H, N, D], whose head merge would be a copy no GPU makes: give the GPU's layout.
         mode.ops.append("sdpa")
         mode.paused = True
         try:
-            return sdpa(*args, **kwargs)
+            return sdpa(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2)
         finally:
             mode.paused = False
 
-    monkeypatch.setattr(InterpretedFunction, "run", counted)
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", one_attention)
-    with mode:
-        yield mode
+    # undone on exit, not at the test's end: a later count must not feed this one's counters
+    with monkeypatch.context() as patched:
+        patched.setattr(InterpretedFunction, "run", counted)
+        patched.setattr(torch.nn.functional, "scaled_dot_product_attention", one_attention)
+        with mode:
+            yield mode
 
 
 def launches(model, x, monkeypatch):
@@ -121,3 +125,23 @@ def test_sync_detector_sees_item(monkeypatch):
         t.sum().item()
         t.nonzero()
     assert len(mode.syncs) == 2
+
+
+@pytest.mark.parametrize("method,options", [("tome", {"r": 4}), ("zero_tprune", {"keep": 0.8})])
+def test_clca_head_launches_and_no_host_sync(method, options, monkeypatch):
+    """The CLCA head over the same reducer: one mean per caching block, one copy per append (three
+    with sizes) and a small head; never a host sync."""
+    monkeypatch.setenv("TOME_PLUS_KERNELS", "triton")
+    model = make("vit_tiny_patch16_224", depth=4, img_size=96)
+    x = torch.randn(2, 3, 96, 96)
+    tome_plus.patch(model, method, **options)
+    plain = launches(model, x, monkeypatch)
+    tome_plus.patch(model, method, head="clca", **options)
+    head = tome_plus.heads.module(model)
+    clca = launches(model, x, monkeypatch)
+    assert clca.syncs == []
+    caching = sum(1 for layer in range(4) if layer < head.append_at[-1])
+    extra = len(clca.ops) - len(plain.ops)
+    # per caching block one mean; per append one copy of x (+ sizes and log-sizes once something
+    # merged); the carrier's insertion; the head's 6 ops less the final norm and linear head
+    assert extra <= caching + 3 * len(head.append_at) + 1 + 4, (extra, clca.ops)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from .methods.base import Reducer
@@ -70,18 +71,27 @@ class TokenState:
         return self.size.log().to(dtype).transpose(1, 2).unsqueeze(1)
 
 
-def insert_tokens(x: torch.Tensor, state: TokenState, at: int, tokens: torch.Tensor, protect: bool
+def insert_tokens(x: torch.Tensor, state: TokenState, at: int, tokens: Sequence[torch.Tensor], protect: bool
                   ) -> Tuple[torch.Tensor, TokenState]:
-    """Insert `tokens` (`[B, n, C]`, size 1 each) at position `at` of `x`; `protect`: they join the
-    protected prefix (`at` must then be `state.n_prefix`), so no reducer touches them."""
-    n = tokens.shape[1]
-    x = torch.cat([x[:, :at], tokens.to(x.dtype), x[:, at:]], dim=1)
+    """Insert `tokens` (`[B, n_i, C]` each, size 1 each) at position `at` of `x`, in one copy;
+    `protect`: they join the protected prefix (`at` must then be `state.n_prefix`), so no reducer
+    touches them."""
+    n = sum(t.shape[1] for t in tokens)
+    at_end = at == x.shape[1]
+    x = torch.cat([x[:, :at], *(t.to(x.dtype) for t in tokens), x[:, at:]], dim=1)
+
+    def insert(t: torch.Tensor, value: float) -> torch.Tensor:
+        if at_end:  # one launch
+            return F.pad(t, (0, 0, 0, n) if t.dim() == 3 else (0, n), value=value)
+        filler = torch.full((t.shape[0], n) + t.shape[2:], value, dtype=t.dtype, device=t.device)
+        return torch.cat([t[:, :at], filler, t[:, at:]], dim=1)
+
     size, log_size, source = state.size, state.log_size, state.source
     if size is not None:
-        size = torch.cat([size[:, :at], size.new_ones(size.shape[0], n, 1), size[:, at:]], dim=1)
+        size = insert(size, 1.0)
     if log_size is not None:  # log 1 = 0
-        log_size = torch.cat([log_size[:, :at], log_size.new_zeros(log_size.shape[0], n), log_size[:, at:]], dim=1)
-    if source is not None:  # input tokens held at or after `at` moved n places on
+        log_size = insert(log_size, 0.0)
+    if source is not None and not at_end:  # input tokens held at or after `at` moved n places on
         source = torch.where(source >= at, source + n, source)
     return x, state.replace(size=size, log_size=log_size, source=source,
                             n_prefix=state.n_prefix + n if protect else state.n_prefix)

@@ -119,7 +119,7 @@ class ClcaHead(nn.Module):
     def start(self, x: torch.Tensor, state: TokenState) -> Tuple[torch.Tensor, TokenState]:
         """Put the carrier after the protected prefix and start this forward's cache."""
         at = state.n_prefix
-        x, state = insert_tokens(x, state, at, self.carrier.expand(x.shape[0], -1, -1), protect=True)
+        x, state = insert_tokens(x, state, at, [self.carrier.expand(x.shape[0], -1, -1)], protect=True)
         return x, state.replace(head=ClcaRun(self, carrier_at=at))
 
     def logits(self, collected: Sequence[torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
@@ -150,7 +150,7 @@ class ClcaRun:
         # what earlier blocks cached joins first; this block's state is cached for the next append
         if layer in head.append_at and cache:
             at = state.n_prefix if head.protect_cached else x.shape[1]
-            x, state = insert_tokens(x, state, at, torch.cat(cache, dim=1), protect=head.protect_cached)
+            x, state = insert_tokens(x, state, at, cache, protect=head.protect_cached)
             cache = ()
         if head.append_at and layer < head.append_at[-1]:
             entries = []
