@@ -41,17 +41,22 @@ def main():
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--heads", nargs="+", default=["linear", "clca"], choices=["linear", "clca", "cla"],
+                   help="cla: the CLCA head without its cache (the aggregation head alone)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the unpatched linear run")
     p.add_argument("--out", default=None, help="JSON report")
     args = p.parse_args()
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [(None, "linear")] + [(k, head) for k in args.keeps for head in ("linear", "clca")]
+        runs = [] if args.no_baseline else [(None, "linear")]
+        runs += [(k, head) for k in args.keeps for head in args.heads]
         for keep, head in runs:
             ckpt = os.path.join(tmp, f"{keep}_{head}.pt")
             budget = ["--method", args.method, "--budget", f"keep={keep_list(keep)}"] if keep else []
+            kind = ["--head", "clca", "--head-option", "cache=False"] if head == "cla" else ["--head", head]
             cli("finetune", "--dinov2", "--img-size", args.img_size, "--data", "fashion-mnist", "--count", args.train,
-                "--head", head, "--freeze", "--steps", args.steps, "--batch-size", args.batch_size, "--lr", args.lr,
+                *kind, "--freeze", "--steps", args.steps, "--batch-size", args.batch_size, "--lr", args.lr,
                 "--min-lr", args.lr / 10, "--warmup-steps", max(1, args.steps // 10), "--out", ckpt, "--no-progress",
                 *budget)
             report = os.path.join(tmp, f"{keep}_{head}.json")
@@ -64,7 +69,7 @@ def main():
             print(rows[-1], flush=True)
     print(f"\n{args.method}, DINOv2 ViT-S/14 at {args.img_size} px, Fashion-MNIST: {args.train} training images, "
           f"{args.steps} steps of {args.batch_size} (backbone frozen), {args.test} test images\n")
-    print("| tokens kept | head | top-1 | GFLOPs (x unpatched) |\n|---|---|---|---|")
+    print("| tokens kept | head | top-1 | GFLOPs (x unpatched) |\n|---|---|---|---|")  # cla: CLCA without its cache
     for r in rows:
         kept = "100% (unpatched)" if r["keep"] is None else f"{r['keep']:.0%}"
         print(f"| {kept} | {r['head']} | {r['top1']:.1f} | {r['gflops']:.2f} ({r['flops_ratio']:.2f}x) |")

@@ -96,11 +96,33 @@ def test_parameter_count_is_the_formula():
         assert head.aggregate[1].weight.shape == (e * c, 1, k)
 
 
+def test_aggregation_head_alone_without_the_cache():
+    model = make("vit_small_patch16_224", **SMALL)
+    r = [3, 2, 0, 2, 0, 0, 1, 0, 0, 0, 0, 0]
+    tome_plus.patch(model, "tome", r=r, head="clca", head_options={"cache": False}, trace_source=True)
+    head = tome_plus.heads.module(model).eval()
+    c, k = model.embed_dim, len(head.collect_at)
+    assert head.carrier is None and head.append_at == ()
+    assert sum(p.numel() for p in head.parameters()) == 2 * c + 2 * c * k + 2 * c + 4 * c + 2 * c * 5 + 5
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(images)
+        with_head = tome_plus.inspect(model)
+        # the tokens are the plain method's; the head aggregates its class tokens
+        tome_plus.patch(model, "tome", r=r, trace_source=True)
+        feats = model.forward_intermediates(images, indices=list(head.collect_at), norm=False,
+                                            return_prefix_tokens=True, intermediates_only=True)
+    assert with_head.tokens == tome_plus.inspect(model).tokens
+    stacked = [prefix[:, 0] for _, prefix in feats]
+    torch.testing.assert_close(out, head.logits(stacked))
+
+
 def test_schedule_of_appends_and_stacked_tokens():
     # reduction blocks 3, 6, 9 of 12 (the paper's setting): append after 3, 6, 9 and depth - 2
     assert schedule(ClcaConfig(), [3, 6, 9], 12) == ((3, 6, 9, 10), (3, 6, 9, 11))
     assert schedule(ClcaConfig(recover_at_last=False), [3, 6, 9], 12) == ((3, 6, 9), (3, 6, 9, 11))
     assert schedule(ClcaConfig(layers=[2, 11]), [0, 1], 12) == ((2, 10), (2, 11))
+    assert schedule(ClcaConfig(cache=False), [3, 6, 9], 12) == ((), (3, 6, 9, 11))
     with pytest.raises(ValueError, match="not blocks"):
         schedule(ClcaConfig(layers=[12]), [], 12)
 

@@ -72,7 +72,7 @@ def load(model: nn.Module, path: str) -> None:
 
 def behaviour(head: nn.Module) -> Dict[str, Any]:
     """The options that change what a head computes without changing its shapes."""
-    return {"cache_gap": head.cache_gap, "protect_cached": head.protect_cached}
+    return {"cache": head.carrier is not None, "cache_gap": head.cache_gap, "protect_cached": head.protect_cached}
 
 
 def load_into(head: nn.Module, name: str, path: str) -> None:

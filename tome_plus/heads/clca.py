@@ -42,6 +42,8 @@ class ClcaConfig:
         layers: the reduction blocks (0-based) after which cached tokens are appended and whose
             class token the head aggregates; None: the blocks that reduce at the model's default
             input size.
+        cache: the cross-layer cache (carrier and cached tokens); False leaves the aggregation
+            head alone (CLA without CLC, the paper's ablation).
         recover_at_last: also append the cache after block depth - 2 (the authors' default).
         cache_gap: cache the mean of the reducible tokens as well as the carrier (the authors' default).
         protect_cached: appended tokens join the protected prefix instead of the reducible tokens
@@ -52,6 +54,7 @@ class ClcaConfig:
 
     num_classes: Optional[int] = None
     layers: Optional[Sequence[int]] = None
+    cache: bool = True
     recover_at_last: bool = True
     cache_gap: bool = True
     protect_cached: bool = False
@@ -65,7 +68,7 @@ class ClcaConfig:
             if isinstance(self.layers, (str, bytes)) or not all(is_int(v) for v in self.layers):
                 raise ValueError(f"layers must be a list of block indices, got {self.layers!r}")
             self.layers = sorted({int(v) for v in self.layers})
-        for name in ("recover_at_last", "cache_gap", "protect_cached"):
+        for name in ("cache", "recover_at_last", "cache_gap", "protect_cached"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not is_int(self.expansion) or self.expansion < 1:
@@ -81,28 +84,31 @@ def schedule(config: ClcaConfig, reducing: Sequence[int], depth: int) -> Tuple[T
     append = set(v for v in layers if v < depth - 1)  # nothing runs after the last block
     if config.recover_at_last and depth >= 2:
         append.add(depth - 2)
+    if not config.cache:
+        append = set()
     collect = set(layers) | {depth - 1}
     return tuple(sorted(append)), tuple(sorted(collect))
 
 
 class ClcaHead(nn.Module):
-    """The trainable part: the carrier token and the aggregation head.
+    """The trainable part: the carrier token (when caching) and the aggregation head.
 
     Args:
         dim: the model's width C.
         num_classes: output classes.
         append_at, collect_at: from `schedule` (K = len(collect_at)).
-        carrier: `[C]` initial carrier (the model's class token as it enters the first block).
+        carrier: `[C]` initial carrier (the model's class token as it enters the first block);
+            None: no cross-layer cache.
         cache_gap, protect_cached, expansion: as `ClcaConfig`.
     """
 
     def __init__(self, dim: int, num_classes: int, append_at: Sequence[int], collect_at: Sequence[int],
-                 carrier: torch.Tensor, cache_gap: bool = True, protect_cached: bool = False,
+                 carrier: Optional[torch.Tensor], cache_gap: bool = True, protect_cached: bool = False,
                  expansion: int = 2) -> None:
         super().__init__()
         self.append_at, self.collect_at = tuple(append_at), tuple(collect_at)
         self.cache_gap, self.protect_cached = cache_gap, protect_cached
-        self.carrier = nn.Parameter(carrier.detach().clone().reshape(1, 1, dim))
+        self.carrier = nn.Parameter(carrier.detach().clone().reshape(1, 1, dim)) if carrier is not None else None
         k, wide = len(self.collect_at), expansion * dim
         self.aggregate = nn.Sequential(
             nn.BatchNorm1d(dim),
@@ -119,6 +125,8 @@ class ClcaHead(nn.Module):
     def start(self, x: torch.Tensor, state: TokenState) -> Tuple[torch.Tensor, TokenState]:
         """Put the carrier after the protected prefix and start this forward's cache."""
         at = state.n_prefix
+        if self.carrier is None:  # the aggregation head alone
+            return x, state.replace(head=ClcaRun(self, carrier_at=-1))
         x, state = insert_tokens(x, state, at, [self.carrier.expand(x.shape[0], -1, -1)], protect=True)
         return x, state.replace(head=ClcaRun(self, carrier_at=at))
 
@@ -127,7 +135,7 @@ class ClcaHead(nn.Module):
         if len(collected) != len(self.collect_at):
             raise ValueError(f"the CLCA head aggregates {len(self.collect_at)} class tokens, got {len(collected)}")
         stacked = torch.stack(list(collected), dim=-1)  # [B, C, K]
-        h = self.aggregate(stacked.to(self.carrier.dtype))  # [B, 2C, 1]
+        h = self.aggregate(stacked.to(self.classifier.weight.dtype))  # [B, 2C, 1]
         return h.flatten(1) if pre_logits else self.classifier(h).flatten(1)
 
     def extra_repr(self) -> str:
@@ -177,6 +185,6 @@ def build(model: nn.Module, config: ClcaConfig, reducing: Sequence[int], depth: 
         carrier = carrier + pos.detach()[0, 0]
     with torch.no_grad():  # the class token as it enters the blocks (after a CLIP-style pre-norm)
         carrier = model.norm_pre(carrier)
-    head = ClcaHead(model.embed_dim, num_classes, append_at, collect_at, carrier, config.cache_gap,
-                    config.protect_cached, config.expansion)
+    head = ClcaHead(model.embed_dim, num_classes, append_at, collect_at, carrier if config.cache else None,
+                    config.cache_gap, config.protect_cached, config.expansion)
     return head.to(device=model.cls_token.device, dtype=model.cls_token.dtype)
