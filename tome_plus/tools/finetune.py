@@ -56,11 +56,11 @@ def build_model(source: Dict[str, Any], num_classes: int, method: Optional[str],
             model = load_model(source["model"], source["pretrained"], source["checkpoint"])
     if head == "linear" and model.num_classes != num_classes:
         model.reset_classifier(num_classes)
-    if head == "clca" or method:
-        if head == "clca":
-            head_options = {"num_classes": num_classes, **head_options}
-        tome_plus.patch(model, method or "tome", **({"head": "clca", "head_options": head_options}
-                                                    if head == "clca" else {}), **(options if method else {"r": 0}))
+    if head == "clca":  # without a method: the head on the unreduced model (ToMe with r=0)
+        tome_plus.patch(model, method or "tome", head="clca", head_options={"num_classes": num_classes, **head_options},
+                        **(options if method else {"r": 0}))
+    elif method:
+        tome_plus.patch(model, method, **options)
     return model
 
 
