@@ -2,6 +2,11 @@
 
     tome-plus eval --model deit_small_patch16_224 --pretrained --data /data/imagenet/val --method tome --r 13
     torchrun --nproc_per_node=8 -m tome_plus.tools.eval --model ... --data ... --json result.json
+    tome-plus eval --finetuned fm.pt --data fashion-mnist
+
+`--finetuned` takes a checkpoint of `tome-plus finetune` (its backbone, method, head and weights)
+instead of `--model`; `--data fashion-mnist` evaluates on the Debian Fashion-MNIST test split
+(`--count` images) at the model's size.
 
 The folder holds one sub-folder per class; classes are indexed in sorted folder order (ImageNet's
 sorted synsets give the standard indices). Images go through timm's data config and eval
