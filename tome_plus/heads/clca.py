@@ -18,7 +18,9 @@ reduction layers may merge or prune (`protect_cached=True` keeps them instead). 
 difference: the authors' carrier is "the last token of the sequence", which their reducers may
 merge or prune and which, after an append, is a cached copy; here the carrier is a protected token
 (after the class, distillation and register tokens), so its state is defined under every reducer.
-Attention does not see positions, so where it sits changes nothing else.
+Attention does not see positions, so where it sits changes nothing else. The GAP token averages
+every reducible token (theirs, the span between the class token and the appended ones: once merges
+reorder the tokens the two cannot be told apart). `cache=False` leaves the aggregation head alone.
 """
 from __future__ import annotations
 
