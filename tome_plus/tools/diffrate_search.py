@@ -22,8 +22,8 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
-from .common import (Parser, UsageError, check_device, cli_errors, int_at_least, prepare_output, setup_distributed,
-                     teardown_distributed)
+from .common import (Parser, UsageError, check_device, cli_errors, int_at_least, load_backbone, prepare_output,
+                     setup_distributed, teardown_distributed)
 
 PROG = "tome-plus diffrate-search"
 
@@ -78,19 +78,11 @@ def _folder_batches(dataset, batch_size: int, workers: int, rank: int, world: in
         epoch += 1
 
 
-def load_model(args: argparse.Namespace):
-    if args.dinov2:
-        from .focus_dinov2 import load_model as dinov2
-        return dinov2(args.img_size or 224)
-    from .eval import load_model as timm_model
-    return timm_model(args.model, args.pretrained, args.checkpoint)
-
-
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     from .. import diffrate_search as searcher
     rank, world, device = setup_distributed(args.device)
     try:
-        model = load_model(args).to(device).eval()
+        model = load_backbone(vars(args)).to(device).eval()
         full = searcher.full_gmacs(model)
         target = args.gflops if args.gflops is not None else args.flops * full
         if args.data == "fashion-mnist":

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .common import (Parser, UsageError, add_method_args, check_device, check_method, cli_errors, int_at_least,
-                     method_options, parse_options, prepare_output, setup_distributed, teardown_distributed)
+                     load_backbone, method_options, parse_options, prepare_output, setup_distributed,
+                     teardown_distributed)
 
 PROG = "tome-plus finetune"
 FORMAT = "tome_plus.finetune/1"
@@ -48,12 +49,7 @@ def build_model(source: Dict[str, Any], num_classes: int, method: Optional[str],
     import tome_plus
     with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
         torch.manual_seed(source.get("seed", 0))
-        if source["dinov2"]:
-            from .focus_dinov2 import load_model as dinov2
-            model = dinov2(source["img_size"] or 224)
-        else:
-            from .eval import load_model
-            model = load_model(source["model"], source["pretrained"], source["checkpoint"])
+        model = load_backbone(source)
     if head == "linear" and model.num_classes != num_classes:
         model.reset_classifier(num_classes)
     if head == "clca":  # without a method: the head on the unreduced model (ToMe with r=0)
