@@ -1,15 +1,12 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # `triton_kernels/` sits at the top of the repository (the design card) but installs as
 # `tome_plus.triton_kernels`: a top-level `triton_kernels` module already ships with other
 # distributions (PyPI, vLLM's Triton), and we must not overwrite it.
-PACKAGES = [
-    "tome_plus",
-    "tome_plus.methods",
-    "tome_plus.backends",
-    "tome_plus.tools",
-    "tome_plus.triton_kernels",
-]
+# Found, not listed: a hand-written list once missed `tome_plus.heads`, and the wheel could not import.
+PACKAGES = find_packages(include=["tome_plus", "tome_plus.*"]) + [
+    "tome_plus.triton_kernels" + name[len("triton_kernels"):]
+    for name in find_packages(include=["triton_kernels", "triton_kernels.*"])]
 
 setup(
     name="tome_plus",
