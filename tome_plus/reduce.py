@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .merging import apply_plan
+from .precision import fp32_logits, selection_precision
 from .prop_attn import split_padded, write_size_channel
 from .state import TokenState
 
@@ -69,32 +70,40 @@ def attention_with_signals(x: torch.Tensor, state: TokenState, needs: FrozenSet[
 
     signals: Signals = {}
     if "attn" in needs:
-        logits = (q * qkv.scale) @ k.transpose(-2, -1)
+        # the probabilities are a signal: float32 whatever the model's precision (`precision.py`);
+        # the layer's output is computed from them in the model's dtype
+        logits = fp32_logits(q, k, qkv.scale)
         if bias is not None:
-            logits = logits + bias
+            logits = logits + state.attn_bias(torch.float32)
         probs = logits.softmax(dim=-1)
         signals["attn"] = probs
+        probs = probs.to(v.dtype)
         out = F.dropout(probs, qkv.dropout) @ v if qkv.dropout else probs @ v
     else:
         # with the size channel, q'k' already carries log s
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=qkv.dropout, scale=sdpa_scale)
         if "cls_attn" in needs:
-            logits = (q[:, :, :1] * qkv.scale) @ k.transpose(-2, -1)
+            logits = fp32_logits(q[:, :, :1], k, qkv.scale)
             if bias is not None:
-                logits = logits + bias
+                logits = logits + state.attn_bias(torch.float32)
             signals["cls_attn"] = logits.softmax(dim=-1)[:, :, 0]
     k = k[..., :qkv.head_dim]
     if "k" in needs:
         signals["k"] = k
-    if "keys" in needs:
-        signals["keys"] = k.mean(dim=1)
+    if "keys" in needs:  # accumulated and kept in float32: a signal, and only [B, N, D]
+        signals["keys"] = k.mean(dim=1, dtype=torch.float32)
     return out.transpose(1, 2).reshape(batch, n_tokens, -1), signals
 
 
 def reduce_step(x: torch.Tensor, state: TokenState, signals: Signals, n_remove: int
                 ) -> Tuple[torch.Tensor, TokenState]:
-    """signals -> the method's plan -> applied to x, sizes and source (one call per reducing layer)."""
-    return apply_plan(state.reducer.plan(signals, state, n_remove), x, state)
+    """signals -> the method's plan -> applied to x, sizes and source (one call per reducing layer).
+
+    The plan runs with autocast off: its scores are formed in float32 from whatever dtype the
+    signals have (`precision.py`), so a half-precision model chooses the tokens fp32 chooses."""
+    with selection_precision(x.device):
+        plan = state.reducer.plan(signals, state, n_remove)
+    return apply_plan(plan, x, state)
 
 
 def prenorm_layer(x: torch.Tensor, state: TokenState,

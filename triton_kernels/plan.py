@@ -72,7 +72,7 @@ def bipartite_plan_torch(metric: torch.Tensor, r: int, n_prefix: int, a_idx: Opt
         a_idx = torch.arange(first_a, first_a + 2 * n_a, 2, device=device).expand(batch, -1)
         b_idx = torch.arange(first_b, first_b + 2 * n_b, 2, device=device).expand(batch, -1)
     # heads summed, not averaged, as the kernel does (the 1/H cancels in the cosine)
-    node_max, node_idx = bipartite_match_torch(metric.float().sum(dim=1), a_idx, b_idx)
+    node_max, node_idx = bipartite_match_torch(metric.sum(dim=1, dtype=torch.float32), a_idx, b_idx)
     order = node_max.argsort(dim=-1, descending=True, stable=True)
     src_rank, unm_rank = order[:, :r], order[:, r:]
     src = a_idx.gather(1, src_rank)

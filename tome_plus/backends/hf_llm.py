@@ -35,6 +35,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..methods.atp import scores
+from ..precision import HALF, fp32_logits
 from .base import get_info
 
 CACHE_ATTR = "_tome_plus_atp_valid"  # per segment after a module: [B, P] which cached slots are real
@@ -117,11 +118,13 @@ def run_layer(layer: nn.Module, h: torch.Tensor, mask: Optional[torch.Tensor], c
     dropout = attn.attention_dropout if attn.training else 0.0
     probs = None
     if want_probs:
-        logits = (q @ k.transpose(-2, -1)) * attn.scaling
+        # the probabilities are ATP's signal: float32 for a half model too (`precision.py`); fp32
+        # models keep HF's eager formula bit for bit
+        logits = (q @ k.transpose(-2, -1)) * attn.scaling if q.dtype not in HALF else fp32_logits(q, k, attn.scaling)
         if mask is not None:
-            logits = logits + (mask if mask.dtype != torch.bool else _additive(mask, logits.dtype))
-        probs = logits.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-        out = F.dropout(probs, dropout, attn.training) @ v
+            logits = logits + (mask.float() if mask.dtype != torch.bool else _additive(mask, logits.dtype))
+        probs = logits.softmax(dim=-1, dtype=torch.float32)
+        out = F.dropout(probs.to(v.dtype), dropout, attn.training) @ v
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=attn.scaling,
                                              is_causal=mask is None and n > 1)

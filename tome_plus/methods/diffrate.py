@@ -189,8 +189,11 @@ class DiffRate(Reducer):
         if src.shape[1] == 0:
             return Plan(keep=keep)
         with torch.no_grad():
-            unit = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-            take = lambda idx: unit.gather(1, idx.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
+            # the rows are gathered in x's dtype and compared in float32 (a half model must pick
+            # the destinations fp32 picks)
+            def take(idx: torch.Tensor) -> torch.Tensor:
+                rows = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])).float()
+                return rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)
             sim = take(src) @ take(keep[:, p:]).transpose(1, 2)  # sources x possible destinations
             best, dst = sim.max(dim=-1)
         mode = "mean" if self.config.merge == "mean" else "wavg"
