@@ -34,9 +34,20 @@ def fp32_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     with selection_precision(q.device):
         if q.dtype not in HALF:
             return (q * scale) @ k.transpose(-2, -1)
-        if q.is_cuda:  # half in, float32 out: no float32 copy of k
+        if q.is_cuda and _BMM_OUT_DTYPE:  # half in, float32 out: no float32 copy of k
             lead = q.shape[:-2]
             out = torch.bmm(q.reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:]).transpose(1, 2),
                             out_dtype=torch.float32)
             return out.view(*lead, q.shape[-2], k.shape[-2]).mul_(scale)
         return (q.float() @ k.float().transpose(-2, -1)).mul_(scale)
+
+
+def _bmm_has_out_dtype() -> bool:
+    """`torch.bmm(..., out_dtype=)` (half in, float32 out on CUDA) exists from torch 2.8 on."""
+    try:
+        return "out_dtype" in str(torch.ops.aten.bmm.dtype._schema)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_BMM_OUT_DTYPE = _bmm_has_out_dtype()
