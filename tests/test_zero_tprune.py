@@ -6,7 +6,8 @@ import torch
 
 import tome_plus
 from tome_plus.backends import timm_vit
-from tome_plus.methods.zero_tprune import ZeroTPrune, ZeroTPruneConfig, aggregate_heads, default_iters
+from tome_plus.methods.zero_tprune import (ZeroTPrune, ZeroTPruneConfig, aggregate_heads, default_iters,
+                                          head_variance)
 from tome_plus.state import TokenState
 from tome_plus.triton_kernels.pagerank import weighted_pagerank_torch
 
@@ -31,21 +32,29 @@ def naive_wpr(attn, iters, alive, init, has_cls):
     return [s.get(i, 0.0) for i in range(n)]
 
 
-def naive_aggregate(per_head, alive, lo, hi):
-    live = [i for i in range(len(alive)) if alive[i]]
+def naive_aggregate(per_head, alive, lo, hi, n_prefix=0, min_heads=0.0):
+    """EIR + VHF: the variance of each head over the alive reducible tokens, scaled to mean 1."""
+    live = [i for i in range(n_prefix, len(alive)) if alive[i]]
     n = len(live)
-    chosen = []
+    distance = []
     for s in per_head:
-        vals = [s[i] * n for i in live]
+        total = sum(s[i] for i in live)
+        vals = [s[i] * n / total for i in live]
         mean = sum(vals) / n
         var = sum((v - mean) ** 2 for v in vals) / n
-        if lo <= var <= hi:
-            chosen.append(s)
-    chosen = chosen or per_head
-    return [math.sqrt(sum(s[i] ** 2 for s in chosen) / len(chosen)) for i in range(len(alive))]
+        distance.append(0.0 if lo <= var <= hi else math.log(lo / var) if var < lo else math.log(var / hi))
+    heads = len(per_head)
+    chosen = [h for h in range(heads) if distance[h] == 0.0]
+    need = math.ceil(min_heads * heads)
+    if need == 0:
+        chosen = chosen or list(range(heads))
+    else:
+        nearest = sorted(range(heads), key=lambda h: (distance[h], h))[:need]
+        chosen = sorted(set(chosen) | set(nearest))
+    return [math.sqrt(sum(per_head[h][i] ** 2 for h in chosen) / len(chosen)) for i in range(len(alive))]
 
 
-def naive_zero_tprune(attn, keys, k, n_prefix, iters, s_share=0.5, init="cls", var_range=(0.01, 0.7)):
+def naive_zero_tprune(attn, keys, k, n_prefix, iters, s_share=0.5, init="cls", var_range=(0.01, 0.7), min_heads=0.5):
     """One image: attn [H, N, N], keys [N, d]. Returns the sorted kept positions."""
     heads, n = attn.shape[0], attn.shape[-1]
     a = attn.tolist()
@@ -53,14 +62,16 @@ def naive_zero_tprune(attn, keys, k, n_prefix, iters, s_share=0.5, init="cls", v
     r_s = min(math.floor(k * s_share + 0.5), body // 2)  # half rounds up
     alive = [True] * n
     if r_s > 0:
-        imp = naive_aggregate([naive_wpr(a[h], 1, alive, init, n_prefix > 0) for h in range(heads)], alive, *var_range)
+        imp = naive_aggregate([naive_wpr(a[h], 1, alive, init, n_prefix > 0) for h in range(heads)], alive, *var_range,
+                              n_prefix, min_heads)
         ranked = sorted(range(n_prefix, n), key=lambda i: imp[i])
         sources, targets = ranked[:body // 2], ranked[body // 2:]
         unit = keys / keys.norm(dim=-1, keepdim=True)
         best = {s: max(float(unit[s] @ unit[t]) for t in targets) for s in sources}
         for s in sorted(sources, key=lambda s: -best[s])[:r_s]:
             alive[s] = False
-    imp = naive_aggregate([naive_wpr(a[h], iters, alive, init, n_prefix > 0) for h in range(heads)], alive, *var_range)
+    imp = naive_aggregate([naive_wpr(a[h], iters, alive, init, n_prefix > 0) for h in range(heads)], alive, *var_range,
+                          n_prefix, min_heads)
     candidates = sorted((i for i in range(n_prefix, n) if alive[i]), key=lambda i: -imp[i])
     return sorted(list(range(n_prefix)) + candidates[:n - k - n_prefix])
 
@@ -88,18 +99,43 @@ def test_plan_matches_naive(n, n_prefix, k, layer, s_share):
         assert plan.keep[b].tolist() == expected
 
 
-def test_aggregate_heads_filters_and_falls_back():
+@pytest.mark.parametrize("n_prefix", [0, 1, 5])
+@pytest.mark.parametrize("min_heads", [0.0, 0.5, 1.0])
+def test_head_filter_matches_naive(n_prefix, min_heads):
+    torch.manual_seed(n_prefix)
+    heads, n = 6, 14
+    attn = (torch.randn(2, heads, n, n) * torch.tensor([0.1, 0.5, 1.0, 2.0, 4.0, 8.0]).view(1, heads, 1, 1)).softmax(-1)
+    # the prefix soaks up mass, as a class token does, and must not set the variance
+    attn[..., :n_prefix] += 2.0
+    attn = attn / attn.sum(-1, keepdim=True)
+    alive = torch.ones(2, n, dtype=torch.bool)
+    alive[1, n_prefix + 1::3] = False
+    reducer = ZeroTPrune(ZeroTPruneConfig(r=1, min_heads=min_heads))
+    for b in range(2):
+        got = reducer.importance(attn[b:b + 1], 5, alive[b:b + 1], int(n_prefix > 0), n_prefix)[0]
+        per_head = [naive_wpr(attn[b, h].tolist(), 5, alive[b].tolist(), "cls", n_prefix > 0) for h in range(heads)]
+        want = naive_aggregate(per_head, alive[b].tolist(), 0.01, 0.7, n_prefix, min_heads)
+        torch.testing.assert_close(got, torch.tensor(want), rtol=1e-5, atol=1e-7)
+
+
+def test_head_filter_leaves_the_prefix_out_and_fills_up_to_min_heads():
     torch.manual_seed(0)
     attn = (torch.randn(1, 4, 10, 10) * torch.tensor([0.1, 1.0, 3.0, 8.0]).view(1, 4, 1, 1)).softmax(-1)
-    scores, var = weighted_pagerank_torch(attn, 5)
-    agg = aggregate_heads(scores, var, (0.01, 0.7))
-    ref = naive_aggregate([s for s in scores[0].tolist()], [True] * 10, 0.01, 0.7)
-    torch.testing.assert_close(agg[0], torch.tensor(ref), rtol=1e-5, atol=1e-7)
-    passed = ((var >= 0.01) & (var <= 0.7))[0]
-    assert 0 < passed.sum() < 4  # the case exercises the filter
-    # no head passes: every head counts
-    none = aggregate_heads(scores, var, (100.0, 200.0))
-    torch.testing.assert_close(none, scores.square().mean(1).sqrt())
+    scores, _ = weighted_pagerank_torch(attn, 5)
+    body_var = head_variance(scores, None, 1)
+    # a class token holding most of the mass does not change the statistic
+    heavy = scores.clone()
+    heavy[..., 0] = 50 * heavy[..., 1:].sum(-1)
+    torch.testing.assert_close(head_variance(heavy, None, 1), body_var)
+    inside = ((body_var >= 0.01) & (body_var <= 0.7))[0]
+    assert 0 < inside.sum() < 4  # the case exercises the filter
+    rms = lambda heads: scores[:, heads].square().mean(1).sqrt()
+    torch.testing.assert_close(aggregate_heads(scores, body_var, (0.01, 0.7)), rms(inside.nonzero()[:, 0]))
+    # nothing passes: min_heads=0 takes every head, min_heads=0.5 the two nearest the range
+    far = (100.0, 200.0)
+    torch.testing.assert_close(aggregate_heads(scores, body_var, far), rms(torch.arange(4)))
+    nearest = body_var[0].argsort(descending=True)[:2].sort().values  # all lie below: the largest are nearest
+    torch.testing.assert_close(aggregate_heads(scores, body_var, far, 0.5), rms(nearest))
 
 
 def test_default_iterations():
@@ -158,3 +194,53 @@ def test_clear_errors(options, match):
     model = make("vit_tiny_patch16_224")
     with pytest.raises(ValueError, match=match):
         tome_plus.patch(model, "zero_tprune", r=4, **options)
+
+
+@torch.no_grad()
+def test_forward_matches_a_loop_over_timm_block_parts(images):
+    """The patched forward equals a loop over timm's own block parts that prunes between the
+    pruning block's attention and MLP."""
+    model = make("vit_tiny_patch16_224", depth=3)
+    tome_plus.patch(model, "zero_tprune", r=20, layers=[1])
+    got = model(images)
+    info = tome_plus.backends.base.get_info(model)
+    reducer, n_remove = info.reducer, info.removals(197)[1]
+    tome_plus.unpatch(model)
+    x = model._pos_embed(model.patch_embed(images))
+    for i, blk in enumerate(model.blocks):
+        if i != 1:
+            x = blk(x)
+            continue
+        attn = blk.attn
+        b, n, c = x.shape
+        q, k, v = attn.qkv(blk.norm1(x)).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)
+        x = x + blk.ls1(attn.proj((probs @ v).transpose(1, 2).reshape(b, n, c)))
+        state = TokenState(reducer=reducer, removals=(0, n_remove, 0), n_prefix=1, has_cls=True, prop_attn=False,
+                           batch=b, n_input=n, layer=1)
+        keep = reducer.plan({"attn": probs, "keys": k.mean(1)}, state, n_remove).keep
+        x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, c))
+        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+    want = model.forward_head(model.norm(x))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_site_block_same_answer_paper_cost(images):
+    """Pruning commutes with the row-wise MLP: "block" (the paper's place) returns what "attn"
+    returns for the same counts, and counts the pruning block's MLP at full length, so the same
+    FLOPs target removes more tokens there."""
+    assert ZeroTPruneConfig().site == "attn"
+    outs, counts = {}, {}
+    for site in ("block", "attn"):
+        model = make("vit_tiny_patch16_224", depth=4)
+        tome_plus.patch(model, "zero_tprune", r=20, layers=[1, 2], site=site)
+        with torch.no_grad():
+            outs[site] = model(images)
+        tome_plus.patch(model, "zero_tprune", flops=0.6, layers=[1, 2], site=site)
+        counts[site] = tome_plus.backends.base.get_info(model).removals(197)
+    torch.testing.assert_close(outs["block"], outs["attn"], rtol=1e-5, atol=1e-6)
+    assert sum(counts["block"]) > sum(counts["attn"])
+    with pytest.raises(ValueError, match="site"):
+        tome_plus.patch(make("vit_tiny_patch16_224"), "zero_tprune", r=4, site="mlp")
+    with pytest.raises(ValueError, match="min_heads"):
+        tome_plus.patch(make("vit_tiny_patch16_224"), "zero_tprune", r=4, min_heads=2)

@@ -6,8 +6,15 @@ in Pre-Trained Transformers", CVPR 2024 (arXiv:2305.17328). Implements (METHODS.
   30 / 5 / 1 iterations in the first three / middle / last three layers (the paper gives the
   ranges 30-50, 5-10, 1; we take the cheap end);
 - Emphasizing Informative Region (EIR): root-mean-square over heads, with the Variance-based Head
-  Filter (VHF): heads whose variance of N s lies outside [0.01, 0.7] are left out, all heads kept
-  if none passes;
+  Filter (VHF): a head counts when the variance of its importance over the reducible tokens lies
+  in [0.01, 0.7]. The scale: the head's scores over the N_b alive reducible tokens (class,
+  distillation and register tokens left out: the class token's mass, often most of the total,
+  would otherwise set the variance alone), renormalised to mean 1, i.e. N_b s / sum s. Its variance
+  is the squared coefficient of variation: 0 for a flat head, 0.01 a spread of 10% of the mean,
+  0.7 a head that favours a few tokens. When fewer than `min_heads` of the heads pass, the heads
+  nearest the range (in log variance) fill up to that share, so the importance does not jump
+  between "every head" and "one head" from image to image; `min_heads=0` is the rule as
+  METHODS.md states it (the passing heads; every head when none passes);
 - the order I' -> S -> I: one WPR step ranks the tokens; the S-stage partitions them by that
   importance (less important half as sources), matches each source to its most similar token of
   the other half by cosine on the keys and drops the sources of the best-matched pairs; the
@@ -42,7 +49,16 @@ class ZeroTPruneConfig(ReductionConfig):
         iters: WPR iterations per layer (a list over all blocks); None: 30 in the first three
             blocks, 1 in the last three, 5 between.
         init: WPR start, "cls" (class token sqrt(N) times the others) or "uniform".
-        var_range: VHF's [v_min, v_max] on the variance of N s per head.
+        var_range: VHF's [v_min, v_max] on the variance of each head's importance over the
+            reducible tokens, scaled to mean 1 (see the module docstring).
+        min_heads: share of the heads that VHF keeps at least: the passing heads, then the
+            ones nearest the range; 0: the passing heads, or every head when none passes.
+        site: "attn" (prune between the block's attention and MLP) or "block" (after the whole
+            block: the paper's pruning layer between blocks, fed by the block's attention).
+            Pruning picks rows and the MLP works row by row, so both give the same output; "block"
+            pays for the pruned tokens' MLP, as the paper's FLOPs count does, so a `flops` target
+            solves to the paper's schedule there. "attn" is the default because it is cheaper for
+            the same answer.
     """
 
     layers: Optional[Sequence[int]] = None
@@ -50,6 +66,8 @@ class ZeroTPruneConfig(ReductionConfig):
     iters: Optional[Sequence[int]] = None
     init: str = "cls"
     var_range: Tuple[float, float] = (0.01, 0.7)
+    min_heads: float = 0.5
+    site: str = "attn"
 
     default_budget: ClassVar[Dict[str, object]] = {"flops": 0.65}  # the paper's DeiT-S setting: -34.7% FLOPs
     default_prop_attn: ClassVar[bool] = False  # pruning never merges: every size stays 1
@@ -66,6 +84,11 @@ class ZeroTPruneConfig(ReductionConfig):
         lo, hi = self.var_range = (float(self.var_range[0]), float(self.var_range[1]))
         if not 0.0 <= lo <= hi:
             raise ValueError(f"var_range must be (v_min, v_max) with 0 <= v_min <= v_max, got {self.var_range}")
+        if not is_real(self.min_heads) or not 0.0 <= self.min_heads <= 1.0:
+            raise ValueError(f"min_heads is a share of the heads in [0, 1], got {self.min_heads!r}")
+        if self.site not in ("block", "attn"):
+            raise ValueError(f"site must be 'block' (between blocks, the paper) or 'attn' (between attention "
+                             f"and MLP), got {self.site!r}")
         if self.iters is not None:
             if not isinstance(self.iters, (list, tuple, range)):
                 raise ValueError(f"iters must be a list with one iteration count per block, got {self.iters!r}")
@@ -86,14 +109,36 @@ def default_iters(depth: int) -> List[int]:
     return [30 if layer < 3 else 1 if layer >= depth - 3 else 5 for layer in range(depth)]
 
 
-def aggregate_heads(scores: torch.Tensor, variance: torch.Tensor, var_range: Tuple[float, float]) -> torch.Tensor:
-    """EIR with VHF: root-mean-square over the heads whose variance lies in `var_range`.
+def head_variance(scores: torch.Tensor, alive: Optional[torch.Tensor], n_prefix: int) -> torch.Tensor:
+    """VHF's statistic: `[B, H, N]` scores -> `[B, H]` variance of each head's importance over the
+    alive reducible tokens (prefix left out), renormalised there to mean 1."""
+    body = scores[..., n_prefix:]
+    live = (alive[:, n_prefix:] if alive is not None else torch.ones_like(body[:, 0], dtype=torch.bool)).unsqueeze(1)
+    n_live = live.sum(-1).clamp(min=1)
+    scaled = body * (n_live / body.sum(-1).clamp(min=1e-30)).unsqueeze(-1)
+    return ((scaled - 1.0).square() * live).sum(-1) / n_live
 
-    scores `[B, H, N]`, variance `[B, H]` -> `[B, N]`; all heads count when none passes.
+
+def aggregate_heads(scores: torch.Tensor, variance: torch.Tensor, var_range: Tuple[float, float],
+                    min_heads: float = 0.0) -> torch.Tensor:
+    """EIR with VHF: root-mean-square over the heads that pass, `[B, H, N]`, `[B, H]` -> `[B, N]`.
+
+    A head passes when its variance lies in `var_range`; when fewer than `ceil(min_heads H)` pass,
+    the heads nearest the range (distance in log variance; ties to the lower head) make up the
+    number. `min_heads=0`: the passing heads, or every head when none passes.
     """
     lo, hi = var_range
-    passed = (variance >= lo) & (variance <= hi)
-    passed = passed | ~passed.any(dim=-1, keepdim=True)
+    heads = variance.shape[-1]
+    log_v = variance.clamp(min=1e-30).log()
+    below = (math.log(lo) - log_v).clamp(min=0) if lo > 0 else torch.zeros_like(log_v)
+    distance = below + (log_v - math.log(hi)).clamp(min=0) if hi > 0 else below + torch.inf
+    passed = distance == 0
+    need = math.ceil(min_heads * heads)
+    if need == 0:
+        passed = passed | ~passed.any(dim=-1, keepdim=True)
+    else:
+        rank = distance.argsort(dim=-1, stable=True).argsort(dim=-1)
+        passed = passed | (rank < need)
     w = passed.float().unsqueeze(-1)
     return ((w * scores.square()).sum(1) / w.sum(1)).sqrt()
 
@@ -121,6 +166,10 @@ class ZeroTPrune(Reducer):
         elif len(self.iters) != depth:
             raise ValueError(f"iters lists {len(self.iters)} layers but the model has {depth}")
 
+    @property
+    def site(self) -> str:
+        return self.config.site
+
     def active(self, layer: int) -> bool:
         return self.layer_set is None or layer in self.layer_set
 
@@ -131,9 +180,12 @@ class ZeroTPrune(Reducer):
         # at least one reducible token survives
         return max(n_tokens - n_prefix - 1, 0) if self.active(layer) else 0
 
-    def importance(self, attn: torch.Tensor, iters: int, alive: Optional[torch.Tensor], n_cls: int) -> torch.Tensor:
-        scores, variance = weighted_pagerank(attn, iters, alive, self.config.init, n_cls)
-        return aggregate_heads(scores, variance, self.config.var_range)
+    def importance(self, attn: torch.Tensor, iters: int, alive: Optional[torch.Tensor], n_cls: int,
+                   n_prefix: int) -> torch.Tensor:
+        # the kernel's own variance spans the prefix too; VHF needs it over the reducible tokens
+        scores, _ = weighted_pagerank(attn, iters, alive, self.config.init, n_cls)
+        variance = head_variance(scores, alive, n_prefix)
+        return aggregate_heads(scores, variance, self.config.var_range, self.config.min_heads)
 
     def plan(self, signals: Dict[str, torch.Tensor], state: TokenState, n_remove: int) -> Plan:
         attn, keys, p = signals["attn"], signals["keys"], state.n_prefix
@@ -148,13 +200,13 @@ class ZeroTPrune(Reducer):
             alive = torch.ones(batch, n, dtype=torch.bool, device=attn.device)
             if r_s > 0:
                 # least important first; stable sorts throughout: ties go by position
-                ranked = self.importance(attn, 1, None, n_cls)[:, p:].argsort(dim=-1, stable=True) + p
+                ranked = self.importance(attn, 1, None, n_cls, p)[:, p:].argsort(dim=-1, stable=True) + p
                 sources, targets = ranked[:, :body // 2], ranked[:, body // 2:]
                 best, _ = bipartite_match(keys, sources, targets)
                 dropped = sources.gather(1, best.argsort(dim=-1, descending=True, stable=True)[:, :r_s])
                 alive = alive.scatter(1, dropped, torch.zeros_like(dropped, dtype=torch.bool))
             # I: WPR on the survivors; keep the most important so that n_remove tokens go in all
-            score = self.importance(attn, self.iters[state.layer], alive, n_cls)
+            score = self.importance(attn, self.iters[state.layer], alive, n_cls, p)
             score = score.masked_fill(~alive, float("-inf"))
             score[:, :p] = float("inf")  # prefix tokens are never pruned
             # a stable sort, not topk: topk's order among equal scores is unspecified
