@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import tome_plus
+from tome_plus import reduce
 from tome_plus.backends import timm_vit
 from tome_plus.backends.base import SCRATCH
 from tome_plus.prop_attn import pad_qkv, padded_head_dim, split_padded, write_size_channel
@@ -41,6 +42,12 @@ def test_extra_channel_equals_masked_attention(bias):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     # the unpadded channels are exactly the projection's q and k
     assert torch.equal(qp[..., :d], q) and torch.equal(kp[..., :d], k) and torch.equal(vp, v)
+
+
+@pytest.fixture(autouse=True)
+def channel_on_cpu(monkeypatch):
+    """These tests are about the size channel: run it on CPU too, as CUDA does."""
+    monkeypatch.setattr(reduce, "CHANNEL_DEVICES", frozenset({"cuda", "cpu"}))
 
 
 def _run(model, x, train=False):
@@ -135,3 +142,27 @@ def test_inference_mode_weights_and_cache(images):
     x = images.clone().requires_grad_(True)
     ref(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_layout_per_device(monkeypatch, images):
+    """CPU runs proportional attention as the mask (faster there), CUDA as the size channel: the
+    head dim SDPA sees tells which ran; the outputs agree."""
+    monkeypatch.undo()  # the library's own setting, not the fixture's
+    model = make("vit_tiny_patch16_224", depth=3)
+    tome_plus.patch(model, "tome", r=8)
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        seen.append((q.shape[-1], attn_mask is not None))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    cpu = model(images)
+    assert seen[0] == (64, False) and set(seen[1:]) == {(64, True)}  # nothing merged before layer 0
+    seen.clear()
+    monkeypatch.setattr(reduce, "CHANNEL_DEVICES", frozenset({"cpu"}))  # as on CUDA
+    channel = model(images)
+    assert seen[0] == (64, False) and set(seen[1:]) == {(72, False)}
+    torch.testing.assert_close(cpu, channel, rtol=1e-5, atol=1e-5)

@@ -21,6 +21,13 @@ from .state import TokenState
 
 Signals = Dict[str, torch.Tensor]
 
+# Devices where proportional attention runs as the size channel (`prop_attn.py`). On CUDA the
+# channel keeps SDPA's fused kernels, which an additive mask leaves (3x, shared/perf); on CPU it
+# is the padded head dim that leaves the fast path: SDPA at B8 H12 N150 D64, 2 threads, takes
+# 14.1 ms plain, 14.7 ms with the `[B, 1, 1, N]` mask and 48.8 ms with q/k padded to 72, so the
+# mask runs there. Same logits either way (`tests/test_prop_attn.py`).
+CHANNEL_DEVICES = frozenset({"cuda"})
+
 
 @dataclass(frozen=True)
 class QKV:
@@ -52,11 +59,13 @@ def attention_with_signals(x: torch.Tensor, state: TokenState, needs: FrozenSet[
 
     Fused SDPA unless `"attn"` is needed; `"cls_attn"` costs one extra `q_cls K^T` row; `"k"` (the
     per-head keys, a view) is free and `"keys"` (their head average) one mean. Proportional
-    attention runs as the extra q/k channel of `prop_attn.py` where a log-size channel exists and
-    the layer allows it (`size_channel`, `qkv.padded`), as an additive key bias otherwise.
+    attention runs as the extra q/k channel of `prop_attn.py` where a log-size channel exists, the
+    layer allows it (`size_channel`, `qkv.padded`) and the device gains by it (`CHANNEL_DEVICES`),
+    as an additive key bias otherwise.
     """
     batch, n_tokens, _ = x.shape
-    channel = size_channel and qkv.padded is not None and state.log_size is not None and "attn" not in needs
+    channel = (size_channel and x.device.type in CHANNEL_DEVICES and qkv.padded is not None
+               and state.log_size is not None and "attn" not in needs)
     bias = None
     if channel:
         weight, qkv_bias = qkv.padded()
