@@ -161,3 +161,19 @@ def test_dispatch_forced_triton(monkeypatch):
     monkeypatch.setenv("TOME_PLUS_KERNELS", "torch")
     ref = energy_score(x, 0.5, 1.0, "paper")
     assert_close_energy(got, ref, x, 0.5, "paper", 1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bit_equal_tokens_tie_alike_in_both_paths(variant):
+    """A half-flat image gives bit-equal keys: each path must give them bit-equal energies (the
+    j != i of Eq. 4 once put the zero at a different place in each row, so equal tokens summed in
+    different orders), so that both order them by position and PiToMe picks the same tokens."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 40, 64, generator=g)
+    x[:, 3:40:2] = x[:, 3:4]  # every other token from 3 on: one flat patch
+    x = x.to(DEVICE)
+    twin, kernel = energy_score_torch(x, 0.5, 1.0, variant), energy_score_triton(x, 0.5, 1.0, variant)
+    for e in (twin, kernel):
+        assert torch.equal(e[:, 3:40:2], e[:, 3:4].expand(-1, 19))
+    order = lambda e: e.argsort(dim=-1, descending=True, stable=True)
+    assert torch.equal(order(twin), order(kernel))

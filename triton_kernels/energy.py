@@ -36,8 +36,10 @@ def energy_score_torch(metric: torch.Tensor, margin: float, alpha: float = 1.0,
     if variant == "elu":
         return F.elu(sim - margin, alpha=alpha).mean(-1)
     f = torch.where(sim >= margin, sim, alpha * (torch.exp(sim - margin) - 1))
-    f = f.masked_fill(torch.eye(t, dtype=torch.bool, device=sim.device), 0.0)
-    return f.sum(-1) / t
+    # j != i as "all j, less the self term": zeroing the diagonal would put the zero at a
+    # different place in each row, so bit-equal tokens would sum in different orders and tie
+    # differently here and in the kernel
+    return (f.sum(-1) - f.diagonal(dim1=-2, dim2=-1)) / t
 
 
 @triton.jit
@@ -67,6 +69,7 @@ def _energy_kernel(x_ptr, out_ptr, T, D, stride_b, stride_t, stride_d, margin, a
     inv_i = 1.0 / tl.maximum(tl.sqrt(sq_i), 1e-12)
 
     total = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    self_term = tl.zeros((BLOCK_I,), dtype=tl.float32)
     for j0 in range(0, T, BLOCK_J):
         cols = j0 + tl.arange(0, BLOCK_J)
         col_ok = cols < T
@@ -94,10 +97,11 @@ def _energy_kernel(x_ptr, out_ptr, T, D, stride_b, stride_t, stride_d, margin, a
             f = tl.where(z > 0, z, soft)
         else:
             f = tl.where(w >= margin, w, soft)
-            keep = keep & (rows[:, None] != cols[None, :])  # Eq. 4 sums over j != i
+            # Eq. 4 sums over j != i: all j, less the self term (as the twin; see there why)
+            self_term += tl.sum(tl.where(keep & (rows[:, None] == cols[None, :]), f, 0.0), axis=1)
         total += tl.sum(tl.where(keep, f, 0.0), axis=1)
 
-    tl.store(out_ptr + pid_b * T + rows, total / T, mask=row_ok)
+    tl.store(out_ptr + pid_b * T + rows, (total - self_term) / T, mask=row_ok)
 
 
 def energy_score_triton(metric: torch.Tensor, margin: float, alpha: float = 1.0,
