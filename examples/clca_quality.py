@@ -46,6 +46,12 @@ def main():
     p.add_argument("--no-baseline", action="store_true", help="skip the unpatched linear run")
     p.add_argument("--out", default=None, help="JSON report")
     args = p.parse_args()
+    if args.out:  # its folder now: a run of many minutes must not fail at its end for want of it
+        from tome_plus.tools.common import UsageError, prepare_output
+        try:
+            prepare_output(args.out, "--out")
+        except UsageError as e:
+            p.error(str(e))
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

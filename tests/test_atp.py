@@ -281,6 +281,11 @@ def test_training_resumes_from_a_checkpoint(tmp_path):
     for a, b in zip(tome_plus.atp.modules(again).state_dict().values(),
                     tome_plus.atp.modules(straight).state_dict().values()):
         torch.testing.assert_close(a, b)
+    # the checkpoint records its keep target; resuming it for another is refused
+    other = llava()
+    tome_plus.patch(other, "atp", keep=0.5, layers=[0, 2])
+    with pytest.raises(ValueError, match="trained for keep=0.3, not keep=0.5"):
+        tome_plus.atp.train(other, batches(), steps=6, progress=False, checkpoint=path, resume=True)
 
 
 def _rank(rank, world, init, out):
@@ -311,16 +316,75 @@ def test_two_process_gloo_training_keeps_ranks_equal(tmp_path):
     assert not all(torch.equal(a[k], init[k]) for k in a if a[k].is_floating_point())  # trained, from rank 0's start
 
 
+def run_atp_cli(argv, capsys):
+    """Exit status and stderr of `tome-plus ARGV` (which must exit)."""
+    from tome_plus.tools import cli
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    return e.value.code, capsys.readouterr().err
+
+
 def test_atp_train_command(tmp_path, capsys):
     from tome_plus.tools import cli
     out = str(tmp_path / "w" / "atp.pt")
     args = ["atp-train", "--hf-shape", "llava-tiny", "--data", "synthetic", "--layers", "0", "--keep", "0.7",
             "--batch-size", "2", "--no-progress", "--out", out]
+    status, err = run_atp_cli(args + ["--steps", "2", "--resume"], capsys)  # nothing to resume yet
+    assert status == 2 and "--resume: there is no checkpoint at --out" in err and not os.path.exists(out)
     assert cli.main(args + ["--steps", "2"]) == 0
-    assert torch.load(out, weights_only=False)["step"] == 2
+    saved = torch.load(out, weights_only=False)
+    assert saved["step"] == 2 and saved["keep"] == 0.7
     assert cli.main(args + ["--steps", "3", "--resume"]) == 0
     assert torch.load(out, weights_only=False)["step"] == 3
     assert "visual tokens kept" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as e:
-        cli.main(["atp-train", "--hf-shape", "llava-tiny", "--data", "train.jsonl", "--out", out])
-    assert e.value.code == 2 and "needs --model" in capsys.readouterr().err
+    # the checkpoint still loads the way the docs say (the recorded settings are plain data)
+    model = llava()
+    tome_plus.patch(model, "atp", keep=0.7, layers=[0], weights=out)
+    before = open(out, "rb").read()
+    refused = [  # one line, exit 2, the checkpoint untouched
+        (args + ["--steps", "4"], "already exists; pass --resume to continue it or --overwrite to replace it"),
+        ([*args[:8], "0.5", *args[9:], "--steps", "4", "--resume"],
+         f"--resume: {out} was trained for --keep 0.7, not 0.5"),
+        ([*args[:6], "1", *args[7:], "--steps", "4", "--resume"], "holds modules after layers [0], not --layers [1]"),
+        (args + ["--steps", "4", "--resume", "--overwrite"], "not allowed with argument"),
+        (["atp-train", "--hf-shape", "llava-tiny", "--data", "train.jsonl", "--out", out], "needs --model"),
+        (args + ["--steps", "4", "--keep", "2"], "--keep must lie in (0, 1], got 2.0"),
+    ]
+    for argv, message in refused:
+        status, err = run_atp_cli(argv, capsys)
+        assert (status, err.count("\n")) == (2, 1) and message in err, (argv, err)
+        assert open(out, "rb").read() == before
+    # modules of another model shape (here: widened in the file): one line, not a state_dict dump
+    other = str(tmp_path / "other.pt")
+    wide = dict(saved, modules={k: v.repeat(2, *[1] * (v.dim() - 1)) if v.dim() else v
+                                for k, v in saved["modules"].items()})
+    torch.save(wide, other)
+    status, err = run_atp_cli([*args[:-1], other, "--steps", "4", "--resume"], capsys)
+    assert (status, err.count("\n")) == (2, 1), err
+    assert f"--resume: {other} holds ATP modules of another model shape than --hf-shape llava-tiny" in err
+    assert cli.main(args + ["--steps", "1", "--overwrite"]) == 0
+    assert torch.load(out, weights_only=False)["step"] == 1
+
+
+def test_atp_train_ctrl_c_says_where_it_stopped_and_resumes(tmp_path, capsys, monkeypatch):
+    from tome_plus.tools import atp_train, cli
+    real = atp_train.synthetic_batches
+
+    def stop_at_step_4(*a, **k):  # Ctrl-C while step 4 asks for its batch
+        for i, batch in enumerate(real(*a, **k)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield batch
+    monkeypatch.setattr(atp_train, "synthetic_batches", stop_at_step_4)
+    out = str(tmp_path / "atp.pt")
+    args = ["atp-train", "--hf-shape", "llava-tiny", "--data", "synthetic", "--layers", "0", "--keep", "0.7",
+            "--batch-size", "2", "--no-progress", "--out", out, "--steps", "6", "--save-every", "2"]
+    status, err = run_atp_cli(args, capsys)
+    assert status == 130
+    assert err == (f"tome-plus atp-train: interrupted: stopped after step 3 of 6; {out} holds step 2: run the same "
+                   "command with --resume to continue from there\n")
+    saved = torch.load(out, weights_only=False)
+    assert saved["step"] == 2 and os.listdir(tmp_path) == ["atp.pt"]
+    monkeypatch.undo()
+    assert cli.main(args + ["--resume"]) == 0
+    assert torch.load(out, weights_only=False)["step"] == 6

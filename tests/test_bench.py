@@ -85,6 +85,12 @@ def run_cli(argv, capsys):
     (["--warmup", "-1"], "argument --warmup: must be >= 0, got -1"),
     (["--method", "nope"], "--method: unknown method 'nope'"),
     (["--budget", "r16"], "--budget takes KIND=VALUE"),
+    (["--budget", "r=(4,8,12)"], "r as a tuple is ToMe's schedule (r, inflect), got (4, 8, 12)"),
+    (["--budget", "r=abc"], "r must be an int, a per-layer list or (r, inflect), got 'abc'"),
+    (["--r", "-1"], "r must be >= 0, got -1"),
+    (["--keep", "2"], "keep must lie in (0, 1], got 2.0"),
+    (["--option", "nope=1"], "unknown option(s) ['nope'] for method 'tome'"),
+    (["--method", "diffrate", "--option", "schedule=/no/such.json"], "schedule='/no/such.json': no such file"),
     (["--graphs"], "--graphs needs a CUDA device (CUDA graphs); this run is on cpu"),
     (["--precision", "half"], "--precision half needs --dtype float16 or bfloat16"),
     (["--dtype", "float16", "--precision", "fast"], "argument --precision: invalid choice: 'fast'"),
@@ -113,10 +119,10 @@ def test_bench_unwritable_output_refused_before_the_run(tmp_path, capsys, monkey
 
 
 def test_errors_during_the_run_exit_1_in_one_line(capsys):
-    # a budget tome_plus.patch refuses (a tuple r is ToMe's (r, inflect)), and a model timm lacks
+    # a budget this model cannot take (known once it is built), and a model timm lacks
     status, err = run_cli(["bench", *TINY, "--img-size", "64", "--batch-size", "1", "--runs", "1",
-                           "--budget", "r=(4,8,12)"], capsys)
-    assert status == 1 and err.startswith("tome-plus bench: error: ") and err.count("\n") == 1
+                           "--flops", "0.01"], capsys)
+    assert status == 1 and err.startswith("tome-plus bench: error: flops=0.01 is below") and err.count("\n") == 1
     status, err = run_cli(["bench", "--model", "no_such_model", "--device", "cpu", "--no-progress"], capsys)
     assert status == 1 and "no_such_model" in err and err.count("\n") == 1
 

@@ -180,7 +180,6 @@ def test_cli_errors_are_one_line_with_exit_status(folder, checkpoint, tmp_path, 
     pickled = tmp_path / "garbage.pth"
     pickled.write_bytes(b"not a pickle")
     failures = [  # exit 1: the command line is fine, the work fails
-        ([*tiny, "--data", str(tmp_path / "missing")], f"--data {str(tmp_path / 'missing')!r} is not a directory"),
         ([*tiny, "--data", str(two)], "--data has 2 classes but the model head has 7"),
         ([*base, "--model", "vit_tiny_patch16_224", "--checkpoint", str(garbage), "--data", str(folder)],
          "could not be read as a timm, safetensors or torch checkpoint"),
@@ -194,7 +193,14 @@ def test_cli_errors_are_one_line_with_exit_status(folder, checkpoint, tmp_path, 
         assert (status, err.count("\n")) == (1, 1), (argv, err)
         assert err.startswith("tome-plus eval: error: ") and message in err, err
     usage = [  # exit 2: refused before any work
+        ([*tiny, "--data", str(tmp_path / "missing")], f"--data {str(tmp_path / 'missing')!r} is not a folder"),
+        ([*base, "--model", "vit_tiny_patch16_224", "--checkpoint", str(tmp_path / "nope.pt"), "--data", str(folder)],
+         "--checkpoint"),
         ([*tiny, "--data", str(folder), "--r", "8"], "a budget or option needs --method"),
+        ([*tiny, "--data", str(folder), "--method", "tome", "--r", "-1"], "r must be >= 0, got -1"),
+        ([*tiny, "--data", str(folder), "--method", "tome", "--keep", "2"], "keep must lie in (0, 1], got 2"),
+        ([*tiny, "--data", str(folder), "--method", "tome", "--budget", "r=abc"], "r must be an int"),
+        ([*tiny, "--data", str(folder), "--method", "tome", "--option", "nope=1"], "unknown option(s) ['nope']"),
         ([*tiny, "--data", str(folder), "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
         ([*tiny, "--data", str(folder), "--method", "tome", "--budget", "depth=3"], "--budget kind must be"),
     ]
@@ -204,3 +210,41 @@ def test_cli_errors_are_one_line_with_exit_status(folder, checkpoint, tmp_path, 
         status, err = run_cli(argv, capsys)
         assert (status, err.count("\n")) == (2, 1), (argv, err)
         assert err.startswith("tome-plus eval: error: ") and message in err, err
+
+
+def test_a_resnet_checkpoint_evaluates_unpatched_and_is_refused_for_a_method(folder, tmp_path, capsys):
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=len(CLASSES)).eval()
+    ckpt, out = tmp_path / "resnet.safetensors", tmp_path / "r.json"
+    save_file(model.state_dict(), str(ckpt))
+    base = ["eval", "--model", "resnet18", "--checkpoint", str(ckpt), "--data", str(folder), "--workers", "0",
+            "--no-progress", "--device", "cpu"]
+    status, err = run_cli([*base, "--method", "tome", "--r", "4"], capsys)
+    assert (status, err.count("\n")) == (1, 1) and err.startswith("tome-plus eval: error: tome_plus cannot patch ResNet")
+    main([*base, "--json", str(out)])  # its classifier is fc.weight: no method, no patching, evaluated
+    result = json.loads(out.read_text())
+    transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
+    hits = 0
+    for c, name in enumerate(CLASSES):
+        for path in sorted((folder / name).glob("img*.png")):
+            with Image.open(path) as img, torch.no_grad():
+                hits += int(model(transform(img.convert("RGB"))[None]).argmax()) == c
+    assert (result["images"], result["skipped"]) == (21, 2) and result["top1"] == pytest.approx(100.0 * hits / 21)
+
+
+def test_ctrl_c_says_how_far_it_got(folder, checkpoint, tmp_path, capsys, monkeypatch):
+    from tome_plus.tools import eval as module
+
+    def stop_after_one(iterable, **kwargs):
+        for i, item in enumerate(iterable):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield item
+    monkeypatch.setattr(module, "tqdm", stop_after_one)
+    out = tmp_path / "r.json"
+    status, err = run_cli(["eval", "--model", "vit_tiny_patch16_224", "--checkpoint", str(checkpoint), "--data",
+                           str(folder), "--batch-size", "4", "--workers", "0", "--device", "cpu", "--json", str(out)],
+                          capsys)
+    assert status == 130 and not out.exists()
+    assert err == ("tome-plus eval: interrupted: stopped after 4 of 23 images; nothing was written (--json is "
+                   "written at the end)\n")

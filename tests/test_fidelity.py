@@ -126,6 +126,12 @@ def test_concurrent_conversions_do_not_collide(monkeypatch, tmp_path):
     (["--methods", "tome,nope"], "--method: unknown method 'nope'"),
     (["--img-size", "100"], "--img-size must be a multiple of the patch size 14, got 100"),
     (["--bank", "0"], "argument --bank: must be >= 1, got 0"),
+    (["--quick", "--k", "65"], "--k 65 is more neighbours than the 64 images of the bank (--bank)"),
+    (["--bank", "10", "--k", "11"], "--k 11 is more neighbours than the 10 images of the bank"),
+    (["--budget", "r=-1"], "r must be >= 0, got -1"),
+    (["--budget", "keep=0.5,2"], "keep must lie in (0, 1], got 2.0"),
+    (["--methods", "diffrate", "--budget", "r=4"], "DiffRate takes gflops=, schedule= or flops=, not r or keep"),
+    (["--diffrate-schedule", "/no/such/schedule.json"], "--diffrate-schedule '/no/such/schedule.json': no such file"),
 ])
 def test_cli_refuses_bad_values_in_one_line(argv, message, capsys, monkeypatch):
     from tome_plus.tools.cli import main
@@ -166,3 +172,28 @@ def test_quick_run_with_a_searched_diffrate_schedule(tmp_path):
     assert [r["method"] for r in rows] == ["unpatched", "tome", "diffrate"]
     assert rows[2]["budget"] == "schedule=rates.json" and rows[2]["tokens_out"] == 30
     assert rows[2]["flops_ratio"] < 0.7 and 0.5 < rows[2]["cosine_to_unpatched"] < 1.0
+
+
+def test_quick_keeps_the_sizes_given(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fidelity, "run_fidelity", lambda *a, **k: calls.append(k) or {"rows": []})
+    monkeypatch.setattr(fidelity, "format_table", lambda report: "")
+    fidelity.main(["--quick", "--methods", "tome"])
+    fidelity.main(["--quick", "--methods", "tome", "--img-size", "56", "--bank", "10", "--k", "10"])
+    fidelity.main(["--methods", "tome", "--test", "7"])
+    sizes = [(k["n_bank"], k["n_test"], k["img_size"], k["k"]) for k in calls]
+    assert sizes == [(64, 64, 112, 20), (10, 64, 56, 10), (1000, 7, 224, 20)]
+
+
+def test_a_bad_diffrate_schedule_is_found_before_the_run_and_named(tmp_path, capsys, monkeypatch):
+    from tome_plus.tools.cli import main
+    monkeypatch.setattr(fidelity, "run_fidelity", lambda *a, **k: pytest.fail("found before the run"))
+    corrupt, wrong = tmp_path / "corrupt.json", tmp_path / "wrong.json"
+    corrupt.write_text('{"prune_kept_num": [65, 60')
+    wrong.write_text('{"prune_kept_num": [65, 0], "merge_kept_num": [65, 60]}')
+    for path, message in ((corrupt, "could not be read as JSON"), (wrong, "prune_kept_num")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fidelity", "--quick", "--methods", "tome", "--diffrate-schedule", str(path)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1 and err.count("\n") == 1
+        assert err.startswith(f"tome-plus fidelity: error: --diffrate-schedule {str(path)!r}") and message in err

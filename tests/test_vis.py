@@ -111,3 +111,38 @@ def test_cli_timm_vit_at_its_own_img_size(tmp_path):
     main(["vis", "--image", str(photo), "--out", str(out), "--model", "vit_tiny_patch16_224", "--img-size", "64",
           "--r", "1"])
     assert Image.open(out).size == (64, 64)  # a 4 x 4 grid of 16 px patches, the model built for 64 px
+
+
+def test_cli_refuses_an_output_without_an_image_extension_before_the_run(tmp_path, capsys, monkeypatch):
+    from tome_plus.tools import vis
+    from tome_plus.tools.cli import main
+    photo = tmp_path / "in.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(photo)
+    monkeypatch.setattr(vis, "visualize", lambda *a, **k: pytest.fail("refused before the run"))
+    for out, message in (("noext", "no file extension"), ("x.abc", "PIL cannot write '.abc' images")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["vis", "--image", str(photo), "--out", str(tmp_path / out)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1
+        assert err.startswith(f"tome-plus vis: error: --out {tmp_path / out}: {message}"), err
+    with pytest.raises(SystemExit) as exit_info:  # a missing image, and a budget no method takes
+        main(["vis", "--image", str(tmp_path / "none.png"), "--out", str(tmp_path / "o.png")])
+    assert exit_info.value.code == 2 and "--image" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["vis", "--image", str(photo), "--out", str(tmp_path / "o.png"), "--r", "-1"])
+    assert exit_info.value.code == 2 and "r must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_resnet_checkpoint_as_unpatchable(tmp_path, capsys):
+    import timm
+    from safetensors.torch import save_file
+    from tome_plus.tools.cli import main
+    photo, ckpt = tmp_path / "in.png", tmp_path / "resnet.safetensors"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(photo)
+    save_file(timm.create_model("resnet18", num_classes=5).state_dict(), str(ckpt))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["vis", "--image", str(photo), "--out", str(tmp_path / "out.png"), "--model", "resnet18",
+              "--checkpoint", str(ckpt)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.count("\n") == 1
+    assert err.startswith("tome-plus vis: error: tome_plus cannot patch ResNet"), err

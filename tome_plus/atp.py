@@ -79,6 +79,9 @@ def train(model: nn.Module, batches: Iterable[Dict[str, torch.Tensor]], steps: i
     start = 0
     if resume and checkpoint is not None and os.path.exists(checkpoint):
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if state.get("keep", config.keep) != config.keep:
+            raise ValueError(f"{checkpoint} was trained for keep={state['keep']}, not keep={config.keep}; resume with "
+                             f"its keep or start a new checkpoint")
         mods.load_state_dict(state["modules"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
@@ -112,7 +115,8 @@ def train(model: nn.Module, batches: Iterable[Dict[str, torch.Tensor]], steps: i
             bar.set_postfix(loss=f"{record['loss']:.3f}", kept=f"{record['kept']:.3f}")
             if checkpoint is not None and rank == 0 and ((step + 1) % save_every == 0 or step + 1 == steps):
                 mods.trained.fill_(True)
-                save(model, checkpoint, optimizer=optimizer.state_dict(), step=step + 1)
+                # the keep target is recorded so that a resume for another target is refused
+                save(model, checkpoint, optimizer=optimizer.state_dict(), step=step + 1, keep=config.keep)
     finally:
         if not train_llm:
             for p in frozen:

@@ -10,7 +10,9 @@ known shape (for trying the pipeline without weights). `--data` is a JSON-lines 
 needs `--model` for the processor), or `synthetic` (random images and token prompts, for smoke
 tests). Under `torchrun` every process trains on its own shard (gloo on CPU, NCCL on GPU) and
 the modules stay identical across ranks; rank 0 writes `--out` every `--save-every` steps and at
-the end, and `--resume` continues from it. The result loads with
+the end, and `--resume` continues from it (with the same --keep and model; an existing `--out` is
+refused without `--resume` or `--overwrite`). Ctrl-C prints where the run stopped and which step
+`--out` holds. The result loads with
 `tome_plus.patch(model, "atp", keep=..., layers=..., weights="atp.pt")`.
 """
 from __future__ import annotations
@@ -18,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from .common import (Parser, UsageError, check_device, cli_errors, int_at_least, prepare_output, setup_distributed,
-                     teardown_distributed)
+from .common import (Parser, UsageError, check_checkpoint_out, check_device, check_options, cli_errors, int_at_least,
+                     is_rank0, prepare_output, setup_distributed, teardown_distributed)
 from .hf_shapes import SHAPES, check_shape, require_transformers
 
 PROG = "tome-plus atp-train"
@@ -66,12 +69,108 @@ def jsonl_batches(path: str, processor, batch_size: int, rank: int, world: int, 
             yield {k: v.to(device) for k, v in inputs.items()}
 
 
-def run(args: argparse.Namespace) -> List[Dict[str, float]]:
+class Progress:
+    """Where a run is, for the line Ctrl-C prints: the step it reached and the step `--out` holds."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.start: Optional[int] = None  # the step training went on from (None: not started)
+        self.drawn = self.done = 0  # batches drawn since, and steps done since
+        self.before = _stamp(args.out)  # --out as it was before this run (to tell a new checkpoint)
+
+    def batches(self, batches: Iterator[Dict[str, torch.Tensor]]) -> Iterator[Dict[str, torch.Tensor]]:
+        """`batches`, counting the steps: the trainer asks for a batch once the step before is done."""
+        for batch in batches:
+            self.drawn += 1
+            yield batch
+            self.done = self.drawn
+
+    def interrupted(self) -> str:
+        args = self.args
+        where = ("stopped before training started" if self.start is None
+                 else f"stopped after step {self.start + self.done} of {args.steps}")
+        if not os.path.exists(args.out):
+            if self.start is not None and self.done:
+                return (f"{where}, before the first checkpoint (every --save-every {args.save_every} steps): "
+                        "nothing was written")
+            return f"{where}: nothing was written"
+        step = _saved_step(args.out)
+        if _stamp(args.out) == self.before and not args.resume:
+            return f"{where}: {args.out} was not replaced yet (it still holds the earlier run's step {step})"
+        return (f"{where}; {args.out} holds step {step}: run the same command with --resume to continue "
+                "from there")
+
+
+def _stamp(path: str) -> Optional[tuple]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _saved_step(path: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False).get("step", "?")
+    except Exception:  # any reader's error: the line still goes out
+        return "?"
+
+
+def read_checkpoint(path: str) -> Dict[str, Any]:
+    """A checkpoint `tome_plus.atp.train` wrote (the modules, their layers, optimizer and step)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # pickle and zip readers share no base error class
+        raise ValueError(f"{path} could not be read ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict) or not {"modules", "layers", "optimizer", "step"} <= set(payload):
+        raise ValueError(f"{path} is not a checkpoint of `tome-plus atp-train` (modules, layers, optimizer, step)")
+    return payload
+
+
+def check_resume(payload: Dict[str, Any], args: argparse.Namespace) -> None:
+    """What a command line can contradict in the checkpoint it resumes: --keep, --layers (usage errors)."""
+    if payload.get("keep", args.keep) != args.keep:  # `tome_plus.atp.train` records its keep target
+        raise UsageError(f"--resume: {args.out} was trained for --keep {payload['keep']}, not {args.keep}; "
+                         "resume with its --keep, or start a new --out")
+    if args.layers and list(args.layers) != list(payload["layers"]):
+        raise UsageError(f"--resume: {args.out} holds modules after layers {list(payload['layers'])}, not "
+                         f"--layers {list(args.layers)}; resume with its layers, or start a new --out")
+
+
+def check_fits(payload: Dict[str, Any], mods: torch.nn.Module, args: argparse.Namespace) -> None:
+    """The checkpoint's modules must be those of this model (layers, widths): a usage error in one line."""
+    what = f"--model {args.model}" if args.model else f"--hf-shape {args.hf_shape}"
+    if list(payload["layers"]) != list(mods.layers):
+        raise UsageError(f"--resume: {args.out} holds modules after layers {list(payload['layers'])}, {what} "
+                         f"puts them after {list(mods.layers)}; resume with the model it was trained on, or "
+                         "start a new --out")
+    own, saved = mods.state_dict(), payload["modules"]
+    shapes = [f"{k} is {tuple(v.shape)} there, {tuple(own[k].shape)} here" for k, v in saved.items()
+              if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    if shapes or missing or unexpected:
+        detail = (f"{len(shapes)} tensor shape(s) differ, e.g. {shapes[0]}" if shapes
+                  else f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise UsageError(f"--resume: {args.out} holds ATP modules of another model shape than {what} ({detail}); "
+                         "resume with the model it was trained on, or start a new --out")
+
+
+def run(args: argparse.Namespace, progress: Optional[Progress] = None) -> List[Dict[str, float]]:
     require_transformers()
     import tome_plus
+    progress = progress or Progress(args)
     rank, world, dev = setup_distributed(args.device)
     device = str(dev)
     try:
+        payload = None
+        if args.resume:  # checked before the model is built (every rank reads --out: a shared file system)
+            payload = read_checkpoint(args.out)
+            check_resume(payload, args)
+            if payload["step"] >= args.steps:
+                if rank == 0:
+                    print(f"{PROG}: note: {args.out} already holds step {payload['step']} of --steps {args.steps}: "
+                          "nothing to do (raise --steps to train on)", file=sys.stderr)
+                return []
         processor = None
         if args.model:
             from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -85,12 +184,15 @@ def run(args: argparse.Namespace) -> List[Dict[str, float]]:
         if args.layers:
             options["layers"] = args.layers
         tome_plus.patch(model, "atp", **options)
+        if payload is not None:
+            check_fits(payload, tome_plus.atp.modules(model), args)
         if args.data == "synthetic":
             batches = synthetic_batches(model.config, args.batch_size, args.seed + 1000 * rank, device)
         else:
             batches = jsonl_batches(args.data, processor, args.batch_size, rank, world, device)
-        history = tome_plus.atp.train(model, batches, steps=args.steps, lr=args.lr, checkpoint=args.out,
-                                      save_every=args.save_every, resume=args.resume,
+        progress.start = payload["step"] if payload is not None else 0
+        history = tome_plus.atp.train(model, progress.batches(batches), steps=args.steps, lr=args.lr,
+                                      checkpoint=args.out, save_every=args.save_every, resume=args.resume,
                                       progress=not args.no_progress)
         if rank == 0 and history:
             last = history[-1]
@@ -115,7 +217,11 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--batch-size", type=int_at_least(1), default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--save-every", type=int_at_least(1), default=100)
-    parser.add_argument("--resume", action="store_true", help="continue from --out")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true",
+                        help="continue the checkpoint at --out (same --keep and model; an error when there is none)")
+    resume.add_argument("--overwrite", action="store_true",
+                        help="replace a checkpoint at --out (without --resume or this, an existing --out is refused)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", type=check_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", action="store_true")
@@ -124,17 +230,20 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
 
 def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace] = None) -> List[Dict[str, float]]:
     args = args or build_parser().parse_args(argv)
-    with cli_errors(PROG):
+    progress = Progress(args)
+    with cli_errors(PROG, on_interrupt=progress.interrupted):
         if not 0.0 < args.keep <= 1.0:
             raise UsageError(f"--keep must lie in (0, 1], got {args.keep}")
+        check_options("atp", {"keep": args.keep, **({"layers": args.layers} if args.layers else {})})
         if args.data != "synthetic" and not args.model:
             raise UsageError("--data FILE needs --model (its processor builds the prompts); use --data synthetic "
                              "with --hf-shape")
         if args.data != "synthetic" and not os.path.isfile(args.data):
             raise UsageError(f"--data {args.data!r} is not a file")
-        if int(os.environ.get("RANK", "0")) == 0:
+        if is_rank0():
             prepare_output(args.out, "--out")
-        return run(args)
+        check_checkpoint_out(args.out, args.resume, args.overwrite)
+        return run(args, progress)
 
 
 if __name__ == "__main__":

@@ -706,7 +706,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
 
 def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace] = None) -> Dict[str, Any]:
     args = args or build_parser().parse_args(argv)
-    with cli_errors(PROG):
+    outputs = " or ".join(option for option, value in (("--json", args.json), ("--csv", args.csv)) if value)
+    written = "nothing was written" + (f" ({outputs} at the end)" if outputs else "")
+    with cli_errors(PROG, on_interrupt=lambda: f"stopped before the timings were complete; {written}"):
         prepare_output(args.json, "--json")
         prepare_output(args.csv, "--csv")
         if args.hf is not None:

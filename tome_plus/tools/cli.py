@@ -1,7 +1,9 @@
 """`tome-plus`: the command-line entry point.
 
-Exit status: 0 on success, 2 for a refused command line, 1 for a failed run; errors are one line
-`tome-plus <cmd>: error: ...` on stderr (see `tome_plus.tools.common`).
+Exit status: 0 on success, 2 for a refused command line, 1 for a failed run, 130 after Ctrl-C;
+errors are one line `tome-plus <cmd>: error: ...` on stderr (see `tome_plus.tools.common`).
+`tome-plus` alone prints the usage and the commands to stderr and exits with 2 (argparse's
+convention for a missing argument); `tome-plus --help` prints the same to stdout and exits with 0.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import sys
 from typing import Optional, Sequence
 
 from . import atp_train, bench, diffrate_search, eval as evaluate, fidelity, finetune, vis
-from .common import Parser
+from .common import EXIT_USAGE, Parser, interrupted
 
 COMMANDS = {
     "bench": (bench, "throughput: unpatched vs. patched in one run"),
@@ -23,14 +25,31 @@ COMMANDS = {
 }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = Parser(prog="tome-plus", description="token reduction for vision transformers")
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = Parser(prog="tome-plus", description="token reduction for vision transformers",
+                    epilog="`tome-plus COMMAND --help` describes a command.")
+    parser.add_argument("--version", action="version", version=f"tome_plus {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         module.build_parser(sub.add_parser(name, help=help_text, description=module.__doc__,
                                            formatter_class=argparse.RawDescriptionHelpFormatter))
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if not argv:  # no command: the usage and the command list, as argparse does for a missing argument
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
     args = parser.parse_args(argv)
-    COMMANDS[args.command][0].main(args=args)
+    prog = f"tome-plus {args.command}"
+    try:
+        COMMANDS[args.command][0].main(args=args)
+    except KeyboardInterrupt:  # a tool without its own report of where it stopped
+        interrupted(prog, "stopped before it finished")
     return 0
 
 

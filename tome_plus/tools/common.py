@@ -1,11 +1,16 @@
 """Pieces the command-line tools share: method/budget arguments, errors, outputs, memory.
 
 Exit status of every tool: 0 on success; 2 when the command line is refused before any work
-(argparse's own errors and the tools' checks of option values: ranges, budget syntax, method
-names, a device this machine lacks, an output path that cannot be written); 1 when the work fails
-(missing or unreadable input files, data that does not fit the model, a model tome_plus cannot
-patch, a budget the model cannot take). Either way one line `tome-plus <cmd>: error: ...` goes to
-stderr; `TOME_PLUS_DEBUG=1` shows the traceback of a failure instead.
+(argparse's own errors and the tools' checks of option values: ranges, budget values and syntax,
+method names and options, a device this machine lacks, an input path that does not exist, an
+output path that cannot be written or that holds a checkpoint the run would replace, `--resume`
+with nothing to resume or with other settings than the checkpoint's); 1 when the work fails
+(unreadable or corrupt input files, data that does not fit the model, a model tome_plus cannot
+patch, a budget the model cannot take); 130 when Ctrl-C stops it. Either way one line goes to
+stderr: `tome-plus <cmd>: error: ...`, or `tome-plus <cmd>: interrupted: ...` (where it stopped,
+what was written, how to go on); `TOME_PLUS_DEBUG=1` shows the traceback of a failure instead.
+Warnings during a tool's run are one line too, `tome-plus <cmd>: warning: ...` (the library's
+own warnings stay Python warnings for library users).
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import ast
 import json
 import os
 import sys
+import warnings
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +34,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-EXIT_FAILURE, EXIT_USAGE = 1, 2
+EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 # What a tool reports as one line: errors about files, data, models and budgets. Anything else
 # (AttributeError, KeyError, ...) is a bug in tome_plus and keeps its traceback.
 RUNTIME_ERRORS = (OSError, ValueError, TypeError, RuntimeError, ImportError)
@@ -45,20 +51,63 @@ class Parser(argparse.ArgumentParser):
         fail(self.prog, message, EXIT_USAGE)
 
 
+def one_line(message: Any) -> str:
+    """A message as one line: its non-empty lines joined by "; "."""
+    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
 def fail(prog: str, message: Any, status: int) -> NoReturn:
     """Print `prog: error: message` on one line to stderr and exit with `status`."""
-    text = "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
-    print(f"{prog}: error: {text or type(message).__name__}", file=sys.stderr)
+    print(f"{prog}: error: {one_line(message) or type(message).__name__}", file=sys.stderr)
     raise SystemExit(status)
 
 
+def is_rank0() -> bool:
+    """Whether this process is rank 0 of a torchrun job (or runs alone)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def interrupted(prog: str, message: str) -> NoReturn:
+    """Ctrl-C: one line `prog: interrupted: message` (rank 0 only under torchrun), exit status 130."""
+    if is_rank0():
+        print(f"{prog}: interrupted: {one_line(message)}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_INTERRUPTED)
+
+
 @contextmanager
-def cli_errors(prog: str) -> Iterator[None]:
-    """Turn the errors a user can cause into one line and an exit status (see the module doc)."""
-    try:
+def cli_warnings(prog: str) -> Iterator[None]:
+    """Warnings raised while a tool runs print as one line `prog: warning: ...` (not Python's
+    two-line format, which would point at the console-script shim); the filters stay as they are."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        try:
+            print(f"{prog}: warning: {one_line(message)}", file=file or sys.stderr, flush=True)
+        except (OSError, ValueError):  # a closed stderr: as Python's own showwarning, say nothing
+            pass
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
         yield
+
+
+@contextmanager
+def cli_errors(prog: str, on_interrupt: Optional[Callable[[], str]] = None) -> Iterator[None]:
+    """Turn the errors a user can cause into one line and an exit status (see the module doc).
+
+    `on_interrupt()` says, on Ctrl-C, where the work stopped, what was written and how to go on
+    (without it the line says only that the tool stopped)."""
+    try:
+        with cli_warnings(prog):
+            yield
     except UsageError as e:
         fail(prog, e, EXIT_USAGE)
+    except KeyboardInterrupt:
+        message = "stopped before it finished"
+        if on_interrupt is not None:
+            try:
+                message = on_interrupt()
+            except Exception as e:  # the report must not turn Ctrl-C into a traceback
+                message = f"stopped ({type(e).__name__} while reporting where)"
+        interrupted(prog, message)
     except RUNTIME_ERRORS as e:
         if os.environ.get("TOME_PLUS_DEBUG") == "1":
             raise
@@ -104,6 +153,70 @@ def check_method(name: Optional[str]) -> None:
             raise UsageError(f"--method: {e}") from None
 
 
+def check_options(method: str, options: Dict[str, Any]) -> None:
+    """The method's options (budget included) as `tome_plus.patch` will check them, now, before any
+    model is built: a bad value (`--r -1`, `--keep 2`, `--budget r=abc`) or an unknown option is a
+    usage error. A `schedule` file that is missing is a usage error too; one that cannot be read
+    as a schedule is a failure naming the file."""
+    from ..methods import get_method
+
+    check_method(method)
+    config_cls = get_method(method).config_class
+    valid = config_cls.option_names()
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise UsageError(f"unknown option(s) {unknown} for method {method!r}; valid options: {valid}")
+    schedule = options.get("schedule")
+    if isinstance(schedule, str):  # DiffRate's searched schedule: a file that must be there and hold one
+        if not os.path.isfile(schedule):
+            raise UsageError(f"schedule={schedule!r}: no such file")
+        try:
+            with open(schedule, encoding="utf-8") as f:
+                loaded = json.load(f)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ValueError(f"schedule={schedule!r} could not be read as JSON ({e})") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"schedule={schedule!r} is not a JSON object with prune_kept_num and merge_kept_num")
+        options = {**options, "schedule": loaded}
+        try:
+            config_cls(**options)
+        except ValueError as e:
+            if "kept_num" in str(e):  # what the file holds is at fault
+                raise ValueError(f"schedule={schedule!r}: {one_line(e)}") from None
+            raise UsageError(one_line(e)) from None
+        return
+    try:
+        config_cls(**options)
+    except (ValueError, TypeError) as e:
+        raise UsageError(one_line(e)) from None
+
+
+def check_input(path: Optional[str], option: str, folder: bool = False) -> None:
+    """An input path named on the command line must exist (a usage error otherwise, before any work)."""
+    if path is None:
+        return
+    if folder and not os.path.isdir(path):
+        raise UsageError(f"{option} {path!r} is not a folder" + ("" if os.path.exists(path) else " (no such path)"))
+    if not folder and not os.path.isfile(path):
+        raise UsageError(f"{option} {path!r} is not a file" + ("" if os.path.exists(path) else " (no such path)"))
+
+
+def check_checkpoint_out(path: str, resume: bool, overwrite: bool) -> None:
+    """A trainer's `--out`: refuse to replace a checkpoint unless `--overwrite`, and refuse
+    `--resume` when there is nothing to resume (usage errors, before any work; rank 0 checks)."""
+    if resume and overwrite:
+        raise UsageError("--resume continues --out, --overwrite replaces it: give one")
+    if not is_rank0():
+        return
+    exists = os.path.exists(path)
+    if resume and not exists:
+        raise UsageError(f"--resume: there is no checkpoint at --out {path!r} to continue; "
+                         "leave out --resume to start a new run")
+    if exists and not resume and not overwrite:
+        raise UsageError(f"--out {path!r} already exists; pass --resume to continue it or --overwrite to "
+                         "replace it")
+
+
 def prepare_output(path: Optional[str], option: str) -> None:
     """Create the folder of an output file now, so a long run cannot fail at its end for want of
     it; refuse (usage error) a path that cannot be written."""
@@ -144,7 +257,8 @@ def add_method_args(parser: argparse.ArgumentParser, default_method: Optional[st
 
 
 def method_options(args: argparse.Namespace) -> Dict[str, Any]:
-    """The `tome_plus.patch` keyword options given on the command line."""
+    """The `tome_plus.patch` keyword options given on the command line, checked against
+    `args.method`'s config when there is one (see `check_options`)."""
     options: Dict[str, Any] = {}
     for name in ("r", "keep", "flops", "prop_attn"):
         if getattr(args, name) is not None:
@@ -155,8 +269,12 @@ def method_options(args: argparse.Namespace) -> Dict[str, Any]:
         kind, value = next(iter(parse_options([args.budget]).items()))
         if kind not in ("r", "keep", "flops"):
             raise UsageError(f"--budget kind must be r, keep or flops, got {kind!r}")
+        if kind in options:
+            raise UsageError(f"--budget {kind}=... and --{kind}: give the budget once")
         options[kind] = value
     options.update(parse_options(args.option))
+    if getattr(args, "method", None):
+        check_options(args.method, options)
     return options
 
 

@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 import tome_plus
 
 from ..methods import get_method
-from .common import (Parser, UsageError, add_method_args, check_device, check_method, cli_errors, describe,
-                     int_at_least, method_options, prepare_output, save_json, setup_distributed,
-                     teardown_distributed)
+from .common import (Parser, UsageError, add_method_args, check_device, check_input, check_method, cli_errors,
+                     describe, int_at_least, is_rank0, method_options, prepare_output, save_json,
+                     setup_distributed, teardown_distributed)
 from .flops import count_flops
 
 PROG = "tome-plus eval"
@@ -151,6 +151,26 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
+def classifier_key(name: str, **kwargs: Any) -> str:
+    """The state_dict key of the classifier weights of timm's `name` (`head.weight` for a ViT,
+    `fc.weight` for a ResNet, ...), from the model built without memory (meta tensors)."""
+    import timm
+
+    with torch.device("meta"):
+        probe = timm.create_model(name, pretrained=False, **kwargs)
+    head = probe.get_classifier()
+    head = head[0] if isinstance(head, (tuple, list)) else head
+    prefix = {id(m): n for n, m in probe.named_modules()}.get(id(head))
+    return f"{prefix}.weight" if prefix else "head.weight"
+
+
+def check_patchable(model) -> None:
+    """A model tome_plus cannot patch is refused before any work (TypeError, exit 1)."""
+    from ..backends import find_backend
+
+    find_backend(model)
+
+
 def load_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None, **kwargs: Any):
     """A timm model from the hub (`pretrained`) or a local checkpoint, whose head size it takes;
     `kwargs` go to `timm.create_model`."""
@@ -167,9 +187,11 @@ def load_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = 
         except Exception as e:  # safetensors, pickle and zip readers share no base error class
             raise ValueError(f"--checkpoint {checkpoint!r} could not be read as a timm, safetensors or "
                              f"torch checkpoint ({type(e).__name__}: {e})") from None
-        if "head.weight" not in state:
-            raise ValueError(f"{checkpoint} has no classifier head ('head.weight'); eval needs one")
-        model = timm.create_model(name, pretrained=False, num_classes=state["head.weight"].shape[0], **kwargs)
+        key = classifier_key(name, **kwargs)
+        if key not in state:
+            raise ValueError(f"{checkpoint} has no classifier weights for {name} ({key!r}); a checkpoint "
+                             f"without its classifier cannot be evaluated")
+        model = timm.create_model(name, pretrained=False, num_classes=state[key].shape[0], **kwargs)
         own = model.state_dict()
         shapes = [f"{k} is {tuple(v.shape)} there, {tuple(own[k].shape)} here"
                   for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
@@ -216,11 +238,14 @@ class FashionMnist(Dataset):
 def evaluate(model_name: Optional[str], data: str, method: Optional[str] = None,
              options: Optional[Dict[str, Any]] = None, pretrained: bool = False, checkpoint: Optional[str] = None,
              batch_size: int = 64, workers: int = 4, amp: bool = False, device: str = "cpu", progress: bool = True,
-             finetuned: Optional[str] = None, count: int = 10000) -> Dict[str, Any]:
+             finetuned: Optional[str] = None, count: int = 10000,
+             status: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
     """Evaluate; in a torchrun job every rank returns the same all-reduced result.
 
     `finetuned`: a checkpoint of `tome-plus finetune` (its model, method and head) instead of
-    `model_name`; `data="fashion-mnist"`: the first `count` Fashion-MNIST test images."""
+    `model_name`; `data="fashion-mnist"`: the first `count` Fashion-MNIST test images. `status`,
+    when given, is kept up to date with this process's `images` (done) and `total` (its share)."""
+    status = status if status is not None else {}
     from timm.data import create_transform, resolve_data_config
 
     options = dict(options or {})
@@ -246,6 +271,8 @@ def evaluate(model_name: Optional[str], data: str, method: Optional[str] = None,
         else:
             model = base = load_model(model_name, pretrained, checkpoint)
             trained = (None, {}, None)
+            if method:
+                check_patchable(model)
         config = resolve_data_config({}, model=model)
         if fashion:  # the size the model was built for (a pretrained config may name another)
             size = model.patch_embed.img_size[-1]
@@ -271,6 +298,7 @@ def evaluate(model_name: Optional[str], data: str, method: Optional[str] = None,
         amp_ctx = torch.autocast(dev.type, dtype=torch.float16 if dev.type == "cuda" else torch.bfloat16,
                                  enabled=amp)
         start = time.perf_counter()
+        status.update(images=0, total=len(loader.sampler))
         with torch.no_grad(), amp_ctx:
             for images, targets, skipped in tqdm(loader, desc=f"eval {model_name}", file=sys.stderr,
                                                  disable=not progress or rank != 0):
@@ -283,6 +311,7 @@ def evaluate(model_name: Optional[str], data: str, method: Optional[str] = None,
                 counts[0] += hits[:, 0].sum().item()
                 counts[1] += hits.any(dim=-1).sum().item()
                 counts[2] += len(targets)
+                status["images"] = int(counts[2] + counts[3])
         elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
         if world > 1:
             reduce_dev = dev if dev.type == "cuda" else torch.device("cpu")
@@ -337,7 +366,16 @@ def format_result(r: Dict[str, Any]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace] = None) -> Dict[str, Any]:
     args = args or build_parser().parse_args(argv)
-    with cli_errors(PROG):
+    status: Dict[str, int] = {}
+
+    def interrupted() -> str:
+        written = "nothing was written" + (" (--json is written at the end)" if args.json else "")
+        if "total" not in status:
+            return f"stopped before the evaluation started; {written}"
+        share = " (rank 0's share)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        return f"stopped after {status['images']} of {status['total']} images{share}; {written}"
+
+    with cli_errors(PROG, on_interrupt=interrupted):
         options = method_options(args)
         if options and not args.method:
             raise UsageError("a budget or option needs --method")
@@ -346,13 +384,17 @@ def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace
             raise UsageError("--finetuned brings its model and method: no --model, --method or budget")
         if not args.finetuned and not args.model:
             raise UsageError("give --model (or --finetuned PATH)")
-        rank0 = int(os.environ.get("RANK", "0")) == 0
+        if args.data != "fashion-mnist":
+            check_input(args.data, "--data", folder=True)
+        check_input(args.checkpoint, "--checkpoint")
+        check_input(args.finetuned, "--finetuned")
+        rank0 = is_rank0()
         if rank0:
             prepare_output(args.json, "--json")
         result = evaluate(args.model, args.data, args.method, options, pretrained=args.pretrained,
                           checkpoint=args.checkpoint, batch_size=args.batch_size, workers=args.workers,
                           amp=args.amp, device=args.device, progress=not args.no_progress,
-                          finetuned=args.finetuned, count=args.count)
+                          finetuned=args.finetuned, count=args.count, status=status)
         if rank0:
             print(format_result(result))
             save_json(result, args.json)

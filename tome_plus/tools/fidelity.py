@@ -31,8 +31,8 @@ import tome_plus
 
 from .bench import _cpu_name
 from ..methods import get_method
-from .common import (Parser, UsageError, _literal, check_method, cli_errors, int_at_least, parse_options,
-                     prepare_output, save_json)
+from .common import (Parser, UsageError, _literal, check_method, check_options, cli_errors, int_at_least,
+                     parse_options, prepare_output, save_json)
 from .flops import count_flops
 
 PROG = "tome-plus fidelity"
@@ -42,6 +42,7 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
                    "Sneaker", "Bag", "Ankle boot"]
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEFAULT_BUDGETS = ("flops", (0.5, 0.65, 0.8))
+FULL, QUICK = (1000, 1000, 224), (64, 64, 112)  # (--bank, --test, --img-size) by default and with --quick
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -218,13 +219,18 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
                         help="budgets to sweep, each value in turn: flops=0.5,0.65,0.8 (default) or r=4,8,12")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra method option for every run (repeatable)")
-    parser.add_argument("--bank", type=int_at_least(1), default=1000, help="training images in the k-NN bank")
-    parser.add_argument("--test", type=int_at_least(1), default=1000, help="test images")
-    parser.add_argument("--img-size", type=int_at_least(14), default=224, help="a multiple of 14")
+    parser.add_argument("--bank", type=int_at_least(1), default=None,
+                        help=f"training images in the k-NN bank (default {FULL[0]}; {QUICK[0]} with --quick)")
+    parser.add_argument("--test", type=int_at_least(1), default=None,
+                        help=f"test images (default {FULL[1]}; {QUICK[1]} with --quick)")
+    parser.add_argument("--img-size", type=int_at_least(14), default=None,
+                        help=f"a multiple of 14 (default {FULL[2]}; {QUICK[2]} with --quick)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=32)
-    parser.add_argument("--k", type=int_at_least(1), default=20, help="neighbours in the k-NN vote")
+    parser.add_argument("--k", type=int_at_least(1), default=20,
+                        help="neighbours in the k-NN vote (at most --bank)")
     parser.add_argument("--quick", action="store_true",
-                        help="a small smoke run: 64 bank / 64 test images at 112 px, the first default "
+                        help=f"a small smoke run: by default {QUICK[0]} bank / {QUICK[1]} test images at "
+                             f"{QUICK[2]} px (--bank, --test and --img-size still apply), the first default "
                              "budget only (every --budget value when given)")
     parser.add_argument("--json", default=None, metavar="PATH", help="missing folders are created first")
     parser.add_argument("--plot", default=None, metavar="PATH", help="PNG: k-NN top-1 vs. FLOPs")
@@ -249,21 +255,53 @@ def parse_budgets(text: Optional[str]) -> Tuple[str, List[Any]]:
     return kind, parsed
 
 
+def check_schedule_file(path: str) -> None:
+    """A `--diffrate-schedule` file: there (usage error otherwise) and a schedule (failure naming
+    the file otherwise), checked before any work."""
+    import json
+    from ..methods.diffrate import check_schedule
+
+    if not os.path.isfile(path):
+        raise UsageError(f"--diffrate-schedule {path!r}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            schedule = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"--diffrate-schedule {path!r} could not be read as JSON ({e})") from None
+    if not isinstance(schedule, dict):
+        raise ValueError(f"--diffrate-schedule {path!r} is not a DiffRate schedule (a JSON object with "
+                         "prune_kept_num and merge_kept_num)")
+    try:
+        check_schedule(schedule)
+    except ValueError as e:
+        raise ValueError(f"--diffrate-schedule {path!r}: {e}") from None
+
+
 def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace] = None) -> Dict[str, Any]:
     args = args or build_parser().parse_args(argv)
-    with cli_errors(PROG):
+    outputs = " or ".join(option for option, value in (("--json", args.json), ("--plot", args.plot)) if value)
+    written = "nothing was written" + (f" ({outputs} at the end)" if outputs else "")
+    with cli_errors(PROG, on_interrupt=lambda: f"stopped before the table was complete; {written}"):
         methods = [m.strip() for m in args.methods.split(",")] if args.methods else sweepable_methods()
         for method in methods:
             check_method(method)
         budgets = parse_budgets(args.budget)
-        n_bank, n_test, img_size = args.bank, args.test, args.img_size
-        if args.quick:
-            n_bank, n_test, img_size = 64, 64, 112
-            if args.budget is None:  # budgets asked for by name all run, quick or not
-                budgets = (budgets[0], budgets[1][:1])
+        defaults = QUICK if args.quick else FULL
+        n_bank, n_test, img_size = (given if given is not None else default
+                                    for given, default in zip((args.bank, args.test, args.img_size), defaults))
+        if args.quick and args.budget is None:  # budgets asked for by name all run, quick or not
+            budgets = (budgets[0], budgets[1][:1])
         if img_size % 14:
             raise UsageError(f"--img-size must be a multiple of the patch size 14, got {img_size}")
+        if args.k > n_bank:
+            raise UsageError(f"--k {args.k} is more neighbours than the {n_bank} images of the bank (--bank)")
         options = parse_options(args.option)
+        kind, values = budgets
+        for method in methods:
+            for value in values:
+                check_options(method, {kind: value, **options})
+        for path in args.diffrate_schedule:
+            check_schedule_file(path)
         prepare_output(args.json, "--json")
         prepare_output(args.plot, "--plot")
         report = run_fidelity(methods, budgets, n_bank=n_bank, n_test=n_test, img_size=img_size,

@@ -17,9 +17,14 @@ and aggregation head; the backbone stays in eval mode); otherwise every weight t
 AdamW with linear warm-up and a cosine decay (the CLCA authors' recipe, without their epochs).
 `--out` holds what trained (the head's weights with `--freeze`, the whole model otherwise), the
 optimizer and the step, written every `--save-every` steps and at the end (`--resume` continues
-from it); with `--head clca` the head's weights also go alone to `OUT.head.pt`
-(`tome_plus.heads.load`). Under `torchrun` each process reads its own shard, the trainable weights
-start from rank 0's and gradients are averaged, so they stay identical; rank 0 writes.
+from it, with the same settings; an existing `--out` is refused without `--resume` or
+`--overwrite`); with `--head clca` the head's weights also go alone to `OUT.head.pt`
+(`tome_plus.heads.load`). Ctrl-C prints where the run stopped and which step `--out` holds.
+The CLCA head's BatchNorm needs batches of at least 2 images: `--batch-size 1` is refused with
+it, and a batch left with one image (the last of a pass, or after unreadable images, which are
+skipped and counted) is left out. Under `torchrun` each process reads its own shard, the trainable weights
+start from rank 0's and gradients are averaged, so they stay identical (BatchNorm statistics are
+averaged at every checkpoint); rank 0 writes.
 """
 from __future__ import annotations
 
@@ -34,9 +39,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .common import (Parser, UsageError, add_method_args, check_device, check_method, cli_errors, int_at_least,
-                     load_backbone, method_options, parse_options, prepare_output, setup_distributed,
-                     teardown_distributed)
+from ..heads import make_config as make_head_config
+from .common import (Parser, UsageError, add_method_args, check_checkpoint_out, check_device, check_input,
+                     check_method, cli_errors, int_at_least, is_rank0, load_backbone, method_options, parse_options,
+                     prepare_output, setup_distributed, teardown_distributed)
 
 PROG = "tome-plus finetune"
 FORMAT = "tome_plus.finetune/1"
@@ -120,11 +126,95 @@ def _lr_factor(step: int, steps: int, warmup: int, floor: float) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def run(args: argparse.Namespace) -> List[Dict[str, float]]:
+def needs_two_samples(module: nn.Module) -> bool:
+    """Whether training `module` needs at least 2 samples per batch (BatchNorm, as in the CLCA head,
+    cannot take its batch statistics from one)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def average_buffers(module: nn.Module) -> None:
+    """Replace each floating buffer (BatchNorm's running statistics, which every process gathers from
+    its own batches) by its mean over the processes, so that the processes hold the same module."""
+    from ..training import distributed_world
+    import torch.distributed as dist
+
+    world = distributed_world()
+    if world > 1:
+        for buffer in module.buffers():
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer)
+                buffer /= world
+
+
+class FolderBatches:
+    """Endless shuffled training batches of this rank's share of an ImageFolder split (timm's
+    training transforms for `model`). Unreadable images leave their batch and are counted in
+    `skipped` (each time one comes up); a batch left with fewer than `min_batch` images is
+    skipped, and a whole pass without one batch to train on is an error, never an endless loop."""
+
+    def __init__(self, model: nn.Module, root: str, batch_size: int, workers: int, rank: int, world: int,
+                 seed: int, min_batch: int = 1) -> None:
+        import timm.data
+        from torch.utils.data import DataLoader
+        from torch.utils.data.distributed import DistributedSampler
+        from .eval import SafeImageFolder, collate
+
+        config = timm.data.resolve_data_config({}, model=model)
+        self.root, self.min_batch, self.skipped = root, min_batch, 0
+        self.dataset = SafeImageFolder(root, timm.data.create_transform(**config, is_training=True))
+        self.sampler = DistributedSampler(self.dataset, world, rank, shuffle=True, seed=seed) if world > 1 else None
+        self.loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=self.sampler is None,
+                                 sampler=self.sampler, num_workers=workers, drop_last=True, collate_fn=collate,
+                                 generator=torch.Generator().manual_seed(seed))
+        if len(self.loader) == 0:  # drop_last left nothing
+            raise ValueError(f"{len(self.dataset)} image(s) make no full batch of {batch_size} per process; "
+                             f"lower --batch-size")
+
+    def __iter__(self):
+        epoch = 0
+        while True:
+            if self.sampler is not None:
+                self.sampler.set_epoch(epoch)
+            used = 0
+            for images, labels, skipped in self.loader:
+                self.skipped += skipped
+                if images is not None and len(images) >= self.min_batch:
+                    used += 1
+                    yield images, labels
+            if used == 0:
+                raise ValueError(f"--data {self.root!r}: a whole pass gave no batch of at least {self.min_batch} "
+                                 f"readable image(s) ({self.skipped} unreadable image(s) skipped so far)")
+            epoch += 1
+
+
+class Progress:
+    """Where a run is, for the line Ctrl-C prints: steps done, the step `--out` holds."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.done: Optional[int] = None  # steps done (None: training has not started)
+        self.saved: Optional[int] = None  # the step --out holds (None: nothing written)
+
+    def interrupted(self) -> str:
+        args = self.args
+        where = (f"stopped after step {self.done} of {args.steps}" if self.done is not None
+                 else "stopped before training started")
+        if self.saved is None:
+            if self.done:
+                return (f"{where}, before the first checkpoint (every --save-every {args.save_every} steps): "
+                        "nothing was written")
+            return f"{where}: nothing was written"
+        return (f"{where}; {args.out} holds step {self.saved}: run the same command with --resume to continue "
+                "from there")
+
+
+def run(args: argparse.Namespace, progress: Optional[Progress] = None) -> List[Dict[str, float]]:
     import tome_plus
-    from .diffrate_search import fashion_batches, folder_batches
+    import torch.distributed as dist
+    from .diffrate_search import fashion_batches
     from ..training import average_gradients, broadcast_from_first, cycle
 
+    progress = progress or Progress(args)
     rank, world, device = setup_distributed(args.device)
     try:
         torch.manual_seed(args.seed)
@@ -136,9 +226,23 @@ def run(args: argparse.Namespace) -> List[Dict[str, float]]:
             from .eval import SafeImageFolder
             n_classes = len(SafeImageFolder(args.data, transform=None).classes)
         options, head_options = method_options(args), parse_options(args.head_option)
-        model = build_model(source, n_classes, args.method, options, args.head, head_options).to(device)
         settings = dict(zip(SETTINGS, (source, n_classes, args.method, options, args.head, head_options,
                                        args.freeze)))
+        state = None
+        if args.resume:  # checked before the model is built (every rank reads --out: a shared file system)
+            state = read_checkpoint(args.out)
+            changed = [k for k in SETTINGS if state[k] != settings[k]]
+            if changed:
+                raise UsageError(f"--resume: {args.out} was trained with other settings "
+                                 + ", ".join(f"{k}: {state[k]!r} there, {settings[k]!r} here" for k in changed)
+                                 + "; resume with its settings, or start a new --out")
+            progress.saved = state["step"]
+            if state["step"] >= args.steps:
+                if rank == 0:
+                    print(f"{PROG}: note: {args.out} already holds step {state['step']} of --steps {args.steps}: "
+                          "nothing to do (raise --steps to train on)", file=sys.stderr)
+                return []
+        model = build_model(source, n_classes, args.method, options, args.head, head_options).to(device)
         target = trainable_module(model, args.head) if args.freeze else model
         for p in model.parameters():
             p.requires_grad_(False)
@@ -148,32 +252,44 @@ def run(args: argparse.Namespace) -> List[Dict[str, float]]:
             p.requires_grad_(True)
         named = {id(p): name for name, p in model.named_parameters()}
         optimizer = torch.optim.AdamW(param_groups(params, named, args.weight_decay), lr=args.lr)
+        min_batch = 2 if needs_two_samples(target) else 1
+        if args.batch_size < min_batch:
+            raise UsageError(f"--batch-size {args.batch_size}: what trains has BatchNorm, which needs at least "
+                             f"{min_batch} images per batch and process")
         start = 0
-        if args.resume and os.path.exists(args.out):
-            state = read_checkpoint(args.out)
-            changed = [k for k in SETTINGS if state[k] != settings[k]]
-            if changed:
-                raise ValueError(f"--resume: {args.out} was trained with other settings ({', '.join(changed)}: "
-                                 f"{[state[k] for k in changed]}); start a new --out")
+        if state is not None:
             target.load_state_dict(state["weights"])
             optimizer.load_state_dict(state["optimizer"])
             start = state["step"]
+        if world > 1:  # every rank must go on from the same step, or the gradient exchange deadlocks
+            steps = torch.tensor([start, -start], dtype=torch.int64)
+            dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+            if steps[0] != -steps[1]:
+                raise ValueError(f"--resume: the processes read different steps from {args.out} "
+                                 f"({int(-steps[1])} to {int(steps[0])}); --out must be on a file system every "
+                                 "process sees")
         # a resumed run draws fresh shuffles (seeded by the step) instead of repeating the first batches
         data_seed = args.seed + 7919 * start
         if args.data == "fashion-mnist":
             size = model.patch_embed.img_size[0]
-            batches = fashion_batches(size, args.batch_size, args.count, rank, world, data_seed, min_batch=2)
+            batches = fashion_batches(size, args.batch_size, args.count, rank, world, data_seed, min_batch=min_batch)
+            folder = None
         else:
-            batches, _ = folder_batches(model, args.data, args.batch_size, args.workers, rank, world, data_seed,
-                                        training=True, min_batch=2)
+            batches = folder = FolderBatches(model, args.data, args.batch_size, args.workers, rank, world,
+                                             data_seed, min_batch=min_batch)
         broadcast_from_first(target)  # every rank starts from rank 0's weights
 
         def save(step: int) -> None:
             payload = {"format": FORMAT, **settings, "weights": target.state_dict(),
                        "optimizer": optimizer.state_dict(), "step": step}
             tmp = f"{args.out}.tmp{os.getpid()}"
-            torch.save(payload, tmp)
-            os.replace(tmp, args.out)
+            try:  # written whole and renamed: Ctrl-C mid-write leaves the last checkpoint as it was
+                torch.save(payload, tmp)
+                os.replace(tmp, args.out)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            progress.saved = step
             if args.head == "clca":
                 tome_plus.heads.save(model, args.out + ".head.pt")
 
@@ -183,6 +299,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, float]]:
                    disable=args.no_progress or rank != 0)
         model.train(not args.freeze)
         target.train()
+        progress.done = start
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = args.lr * _lr_factor(step, args.steps, args.warmup_steps, args.min_lr / args.lr)
@@ -194,16 +311,25 @@ def run(args: argparse.Namespace) -> List[Dict[str, float]]:
             loss.backward()
             average_gradients(params)
             optimizer.step()
+            progress.done = step + 1
             record = {"step": step + 1, "loss": loss.item(),
-                      "accuracy": (logits.argmax(-1) == labels).float().mean().item()}
+                      "accuracy": (logits.argmax(-1) == labels).float().mean().item(),
+                      "skipped": folder.skipped if folder is not None else 0}
             history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
-            if rank == 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
-                save(step + 1)
+            if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+                average_buffers(target)  # every rank holds (and rank 0 writes) the same BatchNorm statistics
+                if rank == 0:
+                    save(step + 1)
         model.eval()
+        skipped = torch.tensor([folder.skipped if folder is not None else 0], dtype=torch.int64)
+        if world > 1:
+            dist.all_reduce(skipped)
         if rank == 0 and history:
             last = history[-1]
-            print(f"step {last['step']}: loss {last['loss']:.4f}, batch accuracy {last['accuracy']:.3f} -> {args.out}")
+            note = f" ({int(skipped)} unreadable image(s) skipped)" if int(skipped) else ""
+            print(f"step {last['step']}: loss {last['loss']:.4f}, batch accuracy {last['accuracy']:.3f}{note} "
+                  f"-> {args.out}")
         return history
     finally:
         teardown_distributed(world)
@@ -234,7 +360,11 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--label-smoothing", type=float, default=0.0)
     parser.add_argument("--save-every", type=int_at_least(1), default=100)
-    parser.add_argument("--resume", action="store_true", help="continue from --out")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true",
+                        help="continue the checkpoint at --out (same settings; an error when there is none)")
+    resume.add_argument("--overwrite", action="store_true",
+                        help="replace a checkpoint at --out (without --resume or this, an existing --out is refused)")
     parser.add_argument("--workers", type=int_at_least(0), default=min(8, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", type=check_device, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -245,23 +375,34 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
 
 def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace] = None) -> List[Dict[str, float]]:
     args = args or build_parser().parse_args(argv)
-    with cli_errors(PROG):
+    progress = Progress(args)
+    with cli_errors(PROG, on_interrupt=progress.interrupted):
         check_method(args.method)
         if method_options(args) and not args.method:
             raise UsageError("a budget or option needs --method")
         if args.head_option and args.head != "clca":
             raise UsageError("--head-option belongs to --head clca")
+        if args.head == "clca":
+            try:
+                make_head_config("clca", parse_options(args.head_option))
+            except (ValueError, TypeError) as e:
+                raise UsageError(f"--head-option: {e}") from None
+            if args.batch_size < 2:
+                raise UsageError(f"--batch-size {args.batch_size}: the CLCA head's BatchNorm needs at least 2 "
+                                 "images per batch and process")
         if args.lr <= 0 or args.min_lr < 0 or args.min_lr > args.lr:
             raise UsageError(f"need 0 <= --min-lr <= --lr and --lr > 0, got {args.min_lr} and {args.lr}")
         if args.dinov2 and (args.pretrained or args.checkpoint):
             raise UsageError("--dinov2 brings its own weights")
         if args.img_size is not None and not args.dinov2:
             raise UsageError("--img-size belongs to --dinov2 (a timm model's size comes with it)")
-        if args.data != "fashion-mnist" and not os.path.isdir(args.data):
-            raise UsageError(f"--data {args.data!r} is not a folder")
-        if int(os.environ.get("RANK", "0")) == 0:
+        if args.data != "fashion-mnist":
+            check_input(args.data, "--data", folder=True)
+        check_input(args.checkpoint, "--checkpoint")
+        if is_rank0():
             prepare_output(args.out, "--out")
-        return run(args)
+        check_checkpoint_out(args.out, args.resume, args.overwrite)
+        return run(args, progress)
 
 
 if __name__ == "__main__":

