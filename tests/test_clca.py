@@ -101,6 +101,13 @@ def test_aggregation_head_alone_without_the_cache():
     r = [3, 2, 0, 2, 0, 0, 1, 0, 0, 0, 0, 0]
     tome_plus.patch(model, "tome", r=r, head="clca", head_options={"cache": False}, trace_source=True)
     head = tome_plus.heads.module(model).eval()
+    torch.manual_seed(4)
+    with torch.no_grad():  # every weight and statistic away from its initial value (BN starts as ~identity)
+        for weight in head.parameters():
+            weight.normal_(0.0, 0.5)
+        for bn in (head.aggregate[0], head.aggregate[2]):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
     c, k = model.embed_dim, len(head.collect_at)
     assert head.carrier is None and head.append_at == ()
     assert sum(p.numel() for p in head.parameters()) == 2 * c + 2 * c * k + 2 * c + 4 * c + 2 * c * 5 + 5
@@ -113,8 +120,31 @@ def test_aggregation_head_alone_without_the_cache():
         feats = model.forward_intermediates(images, indices=list(head.collect_at), norm=False,
                                             return_prefix_tokens=True, intermediates_only=True)
     assert with_head.tokens == tome_plus.inspect(model).tokens
-    stacked = [prefix[:, 0] for _, prefix in feats]
-    torch.testing.assert_close(out, head.logits(stacked))
+    stacked = torch.stack([prefix[:, 0] for _, prefix in feats], dim=-1)  # [B, C, K] class tokens
+    torch.testing.assert_close(out, aggregation_head_by_hand(head, stacked), rtol=1e-5, atol=1e-5)
+
+
+def aggregation_head_by_hand(head, stacked):
+    """The CLA head of the module docstring, from its parameters with plain ops, in float64:
+    BatchNorm (eval), depth-wise Conv1d C -> 2C over the K stacked blocks, BatchNorm, GELU (erf),
+    point-wise Conv1d to the classes."""
+    bn1, conv, bn2, _ = head.aggregate
+    p = lambda t: t.detach().double()
+
+    def batch_norm(h, bn):  # h [B, C, L]
+        scale = p(bn.weight) / (p(bn.running_var) + bn.eps).sqrt()
+        return (h - p(bn.running_mean)[:, None]) * scale[:, None] + p(bn.bias)[:, None]
+
+    h = batch_norm(p(stacked), bn1)
+    c, k = h.shape[1], h.shape[2]
+    per_input = conv.out_channels // c  # each input channel feeds `expansion` outputs, in order
+    wide = torch.stack([(h[:, o // per_input] * p(conv.weight)[o, 0]).sum(-1) + p(conv.bias)[o]
+                        for o in range(conv.out_channels)], dim=1)  # [B, 2C]: the kernel spans all K
+    assert conv.weight.shape == (2 * c, 1, k)
+    wide = batch_norm(wide[:, :, None], bn2)[:, :, 0]
+    wide = 0.5 * wide * (1 + torch.erf(wide / 2 ** 0.5))
+    logits = wide @ p(head.classifier.weight)[:, :, 0].T + p(head.classifier.bias)
+    return logits.float()
 
 
 def test_schedule_of_appends_and_stacked_tokens():

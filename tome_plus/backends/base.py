@@ -5,6 +5,17 @@ approach): parameters, buffers and `state_dict` keys stay as they are, `isinstan
 the original classes still hold, and `unpatch` puts the original classes back. The subclasses are
 made on first use, so pickling names them by their two parents (both importable) instead: a
 patched model survives `pickle`, `torch.save(model)`, `copy.deepcopy` and DataLoader workers.
+
+Tracing and scripting. `torch.export` and `torch.jit.trace` run the patched forward on a real
+input, so they record its removal schedule (fixed per input size) and need nothing here. The
+other two cannot: `torch.fx.symbolic_trace` hands the forward a `Proxy`, whose token count is
+unknown, and `torch.jit.script` compiles the source of the patched classes. Where the patched
+forward computes exactly what the original does (nothing removed at any input size the model
+takes, no head: `PatchInfo.reduces`), both see the original: under FX the patched methods call the
+original class's (`fx_original`), and for scripting `__prepare_scriptable__` (which
+`torch.jit.script` calls first) hands over `unpatched_view`, the module tree with its original
+classes sharing the very parameters and buffers. Otherwise both refuse with one line naming
+`torch.export` and `torch.jit.trace` (`FX_REFUSAL`, `SCRIPT_REFUSAL`).
 """
 from __future__ import annotations
 
@@ -12,16 +23,24 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.fx
 import torch.nn as nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..methods.base import ReductionConfig, Reducer
-from ..schedule import Cost, solve
+from ..schedule import Cost, keep_schedule, r_schedule, solve
 from ..prop_attn import SCRATCH
 from ..state import TokenState, initial_source
 
 ATTR = "_tome_plus"
 _SUBCLASSES: Dict[Tuple[type, type], type] = {}
+
+EXPORT_HINT = ("use torch.export.export(model, (x,)) or torch.jit.trace(model, x), which run the forward and "
+               "record the removal schedule of x's size, or tome_plus.unpatch(model)")
+FX_REFUSAL = ("tome_plus: torch.fx.symbolic_trace cannot follow a token reduction or a tome_plus head (their "
+              "steps branch on tensor shapes, which a Proxy does not have); " + EXPORT_HINT)
+SCRIPT_REFUSAL = ("tome_plus: torch.jit.script cannot compile a token reduction or a tome_plus head; "
+                  + EXPORT_HINT)
 
 
 @dataclass(eq=False)
@@ -81,6 +100,24 @@ class PatchInfo:
 
     def active(self, layer: int) -> bool:
         return (self.reduce_depth is None or layer < self.reduce_depth) and self.reducer.active(layer)
+
+    def reduces(self, n_tokens: Optional[int] = None) -> bool:
+        """Whether the patched forward may compute anything other than the original: a head or a
+        trainable part replaces or joins the model's own, or some layer removes tokens, for
+        `n_tokens` input tokens (a model whose input size is fixed), or at some input size (None).
+        Host-side only: read while tracing or scripting, never by a forward."""
+        if self.head is not None or self.attached or self.tower is not None:
+            return True
+        if n_tokens is not None:
+            return any(self.removals(n_tokens))
+        if type(self.reducer).removals is not Reducer.removals:  # a schedule of its own, for one size
+            return True
+        kind, value = self.config.budget
+        if kind == "r":
+            return any(r_schedule(value, self.depth))
+        if kind == "keep":
+            return any(k < 1.0 for k in keep_schedule(value, self.depth))
+        return True  # flops: solved per input size
 
     def new_state(self, x: torch.Tensor, trace: bool = False) -> TokenState:
         # int(): under torch.jit.trace sizes are traced values; the schedule is static per size anyway
@@ -193,3 +230,54 @@ def restore_classes(info: PatchInfo) -> None:
 
 def get_info(model: nn.Module) -> Optional[PatchInfo]:
     return getattr(model, ATTR, None)
+
+
+def is_fx_proxy(x: object) -> bool:
+    """Whether `x` is a `torch.fx.symbolic_trace` placeholder (an isinstance check: no launch, no sync)."""
+    return isinstance(x, torch.fx.Proxy)
+
+
+def fx_original(module: nn.Module, info: PatchInfo, n_tokens: Optional[int], name: str, *args, **kwargs):
+    """Under `torch.fx.symbolic_trace`: the original class's method `name`, traced as the original
+    would be, where the patched one computes the same (`info.reduces(n_tokens)` false); else
+    `FX_REFUSAL`. `n_tokens`: the model's token count when its input size is fixed, else None."""
+    if info.reduces(n_tokens):
+        raise torch.fx.proxy.TraceError(FX_REFUSAL)
+    return getattr(original_class(module), name)(module, *args, **kwargs)
+
+
+def prepare_scriptable(module: nn.Module, info: Optional[PatchInfo], n_tokens: Optional[int]) -> nn.Module:
+    """`__prepare_scriptable__` of a patched module: its `unpatched_view` where the patched forward
+    computes what the original does (`info` None: a block or layer, which does whenever it is
+    called alone), else `SCRIPT_REFUSAL`."""
+    if info is not None and info.reduces(n_tokens):
+        raise RuntimeError(SCRIPT_REFUSAL)
+    return unpatched_view(module)
+
+
+def unpatched_view(module: nn.Module) -> nn.Module:
+    """`module` and everything under it with their original classes, as new module objects that
+    share the parameters and buffers (the tensors themselves) with the patched ones; what the patch
+    added (its record, cached padded weights, trainable parts) is left out. The patched tree is not
+    touched, so `torch.jit.script` may rewrite the view's submodules freely."""
+    infos = [get_info(m) for m in module.modules()]
+    attached = {(id(owner), name) for info in infos if info is not None for owner, name in info.attached}
+    memo: Dict[int, nn.Module] = {}
+
+    def view(m: nn.Module) -> nn.Module:
+        if id(m) in memo:  # shared submodules stay shared
+            return memo[id(m)]
+        cls = original_class(m)
+        copy = cls.__new__(cls)
+        state = {k: v for k, v in m.__dict__.items() if k not in (ATTR, SCRATCH)}
+        state["_parameters"] = dict(m._parameters)
+        state["_buffers"] = dict(m._buffers)
+        state["_modules"] = {}
+        copy.__dict__.update(state)
+        memo[id(m)] = copy
+        for name, child in m._modules.items():
+            if (id(m), name) not in attached:
+                copy._modules[name] = view(child) if child is not None else None
+        return copy
+
+    return view(module)

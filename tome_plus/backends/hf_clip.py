@@ -9,6 +9,11 @@ attention-pool head adds `log(size)` to its probe's logits, so a merged token we
 patches it stands for (`weighted_pool=False` turns that off).
 
 The hidden states HF reports (`output_hidden_states`) have each layer's reduced length.
+`torch.export` and `torch.jit.trace` record a patched tower's schedule. Where nothing reduces,
+`torch.jit.script` compiles the original classes (so it fails where transformers' own tower does)
+and an FX trace that reaches the encoder traces the original one; otherwise both refuse with one
+line naming those two (`base`). `symbolic_trace` of the tower itself always refuses: its `*args`
+forward gets one Proxy for all arguments (the unpatched tower does not trace either).
 Imported only for models from transformers: the timm path never imports it.
 """
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
+from torch.fx.proxy import TraceError
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionModel
 from transformers.models.siglip.modeling_siglip import (SiglipEncoderLayer, SiglipMultiheadAttentionPoolingHead,
@@ -29,7 +35,8 @@ from ..reduce import QKV, attention_with_signals, prenorm_layer
 from ..schedule import VitCostModel
 from ..state import TokenState
 from ..warn import warn_caller
-from .base import PatchInfo, get_info, original_class, swap_class, tag
+from .base import (EXPORT_HINT, FX_REFUSAL, PatchInfo, fx_original, get_info, is_fx_proxy, original_class,
+                   prepare_scriptable, swap_class, tag)
 
 SIZE_CHANNEL = True  # as in timm_vit: False runs proportional attention as an additive mask
 
@@ -90,11 +97,16 @@ class ReducingEncoderLayer:
         self.__dict__.pop(SCRATCH, None)  # weights may have changed without a version bump
         return super().train(mode)
 
+    def __prepare_scriptable__(self):
+        return prepare_scriptable(self, None, None)  # alone (no state) it is the original layer
+
 
 class ReducingEncoder:
     """Mixin for `CLIPEncoder` / `SiglipEncoder`: runs the layers with a per-forward `TokenState`."""
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+        if is_fx_proxy(inputs_embeds):
+            return fx_original(self, get_info(self), None, "forward", inputs_embeds, attention_mask, **kwargs)
         if attention_mask is not None or kwargs.get("is_causal"):
             raise ValueError("attention masks cannot follow tokens through a reduction; "
                              "call tome_plus.unpatch(model) for masked attention")
@@ -111,6 +123,9 @@ class ReducingEncoder:
             scope["state"] = state
         info.last_state = state
         return BaseModelOutput(last_hidden_state=x)
+
+    def __prepare_scriptable__(self):
+        return prepare_scriptable(self, get_info(self), None)
 
 
 def keep_output_recording(model: nn.Module) -> None:
@@ -132,12 +147,27 @@ class ReducingTower:
     """Mixin for the vision model: opens the scope in which its pooling head finds this forward's sizes."""
 
     def forward(self, *args, **kwargs):
+        if is_fx_proxy(args) or is_fx_proxy(kwargs):  # symbolic_trace of the tower itself: one `*args` Proxy
+            if tower_record(self).reduces():
+                raise TraceError(FX_REFUSAL)
+            raise TraceError(f"tome_plus: torch.fx.symbolic_trace cannot map its Proxy for `*args` onto "
+                             f"{original_class(self).__name__}'s arguments; " + EXPORT_HINT)
+        if any(is_fx_proxy(a) for a in (*args, *kwargs.values())):
+            return fx_original(self, tower_record(self), None, "forward", *args, **kwargs)
         keep_output_recording(self)
         token = _SCOPE.set({})
         try:
             return super().forward(*args, **kwargs)
         finally:
             _SCOPE.reset(token)
+
+    def __prepare_scriptable__(self):
+        return prepare_scriptable(self, tower_record(self), None)
+
+
+def tower_record(tower: nn.Module) -> PatchInfo:
+    """The patch record of a tower: on it (patched alone) or on its encoder (inside LLaVA)."""
+    return get_info(tower) or get_info(tower.encoder)
 
 
 class SizedAttentionPool:
@@ -157,6 +187,9 @@ class SizedAttentionPool:
         residual = hidden_state
         hidden_state = residual + self.mlp(self.layernorm(hidden_state))
         return hidden_state[:, 0]
+
+    def __prepare_scriptable__(self):
+        return prepare_scriptable(self, None, None)  # outside a tower forward it pools as the original
 
 
 def encoder_layers(tower: nn.Module) -> nn.ModuleList:

@@ -6,8 +6,8 @@ runs through `F.scaled_dot_product_attention`, proportional attention as the ext
 `prop_attn.py` (an additive key bias under qk-norm); explicit attention probabilities are computed
 only in layers whose method asks for them.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch.fx writes the root forward's annotations into the
+# code it generates, which must stay real types (a string annotation breaks scripting the FX graph).
 from typing import Dict, FrozenSet, List, Optional, Tuple, Union
 
 import torch
@@ -23,7 +23,7 @@ from ..prop_attn import SCRATCH, cached_padded_qkv, padded_head_dim
 from ..reduce import QKV, attention_with_signals as shared_attention, prenorm_layer
 from ..schedule import VitCostModel
 from ..state import TokenState
-from .base import PatchInfo, get_info, original_class, swap_class
+from .base import PatchInfo, fx_original, get_info, is_fx_proxy, original_class, prepare_scriptable, swap_class
 
 # Proportional attention through the extra q/k channel (fast SDPA); False falls back to the additive
 # mask everywhere (kept for comparison and debugging: both give the same logits).
@@ -80,6 +80,10 @@ class ReducingBlock:
         self.__dict__.pop(SCRATCH, None)
         return super().train(mode)
 
+    def __prepare_scriptable__(self):
+        # scripted alone, a block runs without a state, i.e. as the original block
+        return prepare_scriptable(self, None, None)
+
 
 def unmerge(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """Back onto the input tokens: each takes the value of the token holding it (0 if pruned)."""
@@ -88,7 +92,15 @@ def unmerge(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
 
 
 class ReducingViT:
-    """Mixin for timm `VisionTransformer`: runs the blocks with a per-forward `TokenState`."""
+    """Mixin for timm `VisionTransformer`: runs the blocks with a per-forward `TokenState`.
+
+    Under `torch.fx.symbolic_trace` (the input is a `Proxy`) the forwards trace as the original
+    class's where nothing reduces, and refuse otherwise; `torch.jit.script` compiles the original
+    classes (`__prepare_scriptable__`), on the same terms (`base.fx_original`, `base.prepare_scriptable`).
+    """
+
+    def __prepare_scriptable__(self):
+        return prepare_scriptable(self, get_info(self), static_tokens(self))
 
     def _run_blocks(self, x: torch.Tensor, trace: bool = False, take: Optional[List[int]] = None,
                     stop: Optional[int] = None):
@@ -115,6 +127,8 @@ class ReducingViT:
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
+        if is_fx_proxy(x):
+            return fx_original(self, get_info(self), static_tokens(self), "forward", x, attn_mask, is_causal)
         _no_masks(attn_mask, is_causal)
         x, state, _ = self._run_blocks(self._embed(x))
         info = get_info(self)
@@ -135,6 +149,9 @@ class ReducingViT:
 
     def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                          is_causal: bool = False) -> torch.Tensor:
+        if is_fx_proxy(x):
+            return fx_original(self, get_info(self), static_tokens(self), "forward_features", x, attn_mask,
+                               is_causal)
         _no_masks(attn_mask, is_causal)
         x, state, _ = self._run_blocks(self._embed(x))
         x = self.norm(x)
@@ -184,6 +201,10 @@ class ReducingViT:
         """timm's `forward_intermediates`, with every intermediate un-merged onto the full patch
         grid (each patch takes the value of the token that holds it; pruned patches are zero), so
         both NCHW and NLC outputs have the unpatched model's shapes."""
+        if is_fx_proxy(x):
+            return fx_original(self, get_info(self), static_tokens(self), "forward_intermediates", x, indices,
+                               return_prefix_tokens, norm, stop_early, output_fmt, intermediates_only, output_dict,
+                               attn_mask, is_causal)
         _no_masks(attn_mask, is_causal)
         assert output_fmt in ("NCHW", "NLC"), "Output format must be one of NCHW or NLC."
         take, max_index = feature_take_indices(len(self.blocks), indices)
@@ -221,6 +242,29 @@ def _no_masks(attn_mask, is_causal) -> None:
                          "call tome_plus.unpatch(model) for masked attention")
 
 
+def attention_branch(blk: Block, x: torch.Tensor, attend) -> torch.Tensor:
+    """The residual update of a timm `Block`'s attention branch with the attention product given:
+    `attend(q, k, v)` (`[B, H, N, D]` each, q and k after qk-norm, unscaled) returns `[B, H, N, D]`.
+    The rest is the block's own: norm1, qkv, qk-norm, the output norm (`scale_attn_norm`), gate,
+    projection, dropout, LayerScale and drop-path. For code that runs its own attention on timm's
+    weights (DiffRate's search, `tome_plus.diffrate_search`)."""
+    attn = blk.attn
+    h = blk.norm1(x)
+    batch, n_tokens, _ = h.shape
+    gate = attn.gate(h).sigmoid() if getattr(attn, "gate", None) is not None else None
+    q, k, v = attn.qkv(h).reshape(batch, n_tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    out = attend(attn.q_norm(q), attn.k_norm(k), v).transpose(1, 2).reshape(batch, n_tokens, -1)
+    out = attn.norm(out) if hasattr(attn, "norm") else out
+    if gate is not None:
+        out = out * gate
+    return blk.drop_path1(blk.ls1(attn.proj_drop(attn.proj(out))))
+
+
+def mlp_branch(blk: Block, x: torch.Tensor) -> torch.Tensor:
+    """The residual update of a timm `Block`'s MLP branch (norm2, MLP, LayerScale, drop-path)."""
+    return blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+
 def check(model: nn.Module) -> None:
     """Raise TypeError for ViT variants whose blocks this backend does not reimplement."""
     for i, blk in enumerate(model.blocks):
@@ -239,6 +283,15 @@ def depth(model: nn.Module) -> int:
 def default_tokens(model: nn.Module) -> int:
     """Tokens entering the first block at the model's default image size."""
     return model.patch_embed.num_patches + model.num_prefix_tokens
+
+
+def static_tokens(model: nn.Module) -> Optional[int]:
+    """Tokens entering the first block when the model takes one input size only (timm asserts the
+    image size and no patch dropout runs), else None."""
+    if (getattr(model, "dynamic_img_size", False) or not getattr(model.patch_embed, "strict_img_size", False)
+            or not isinstance(getattr(model, "patch_drop", None), nn.Identity)):
+        return None
+    return default_tokens(model)
 
 
 def cost_model(model: nn.Module, size_channel: bool = False, site: str = "attn") -> VitCostModel:
