@@ -5,12 +5,13 @@ from . import heads, vis
 from .api import Inspection, inspect, methods, patch, refresh, unpatch
 
 __version__ = "0.1.0"
-__all__ = ["patch", "unpatch", "refresh", "methods", "inspect", "Inspection", "vis", "heads", "atp"]
+__all__ = ["patch", "unpatch", "refresh", "methods", "inspect", "Inspection", "vis", "heads", "atp",
+           "diffrate_search"]
 
 
 def __getattr__(name: str):
-    # `tome_plus.atp` (ATP training, save/load) needs transformers: loaded on first use only, so
-    # the timm path never imports it
-    if name == "atp":
-        return importlib.import_module(".atp", __name__)
+    # `tome_plus.atp` (ATP training, save/load) needs transformers and `tome_plus.diffrate_search`
+    # timm's training data tools: loaded on first use only, so `import tome_plus` stays light
+    if name in ("atp", "diffrate_search"):
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'tome_plus' has no attribute {name!r}")
