@@ -5,7 +5,7 @@ import torch
 
 
 def naive_bipartite_merge(x, size, metric, r, n_prefix):
-    """Bipartite soft matching for one image, written from METHODS.md section 1 with loops.
+    """Bipartite soft matching for one image, written from docs/methods.md (ToMe) with loops.
 
     x: [N, C], size: [N] floats, metric: [N, d]. Returns (x', size', groups) where groups[j] is the
     list of input positions merged into output token j. Output order: prefix, unmerged A, B.
@@ -42,7 +42,7 @@ def naive_bipartite_merge(x, size, metric, r, n_prefix):
 
 
 def naive_energy(metric, margin, alpha, variant):
-    """METHODS.md section 2 for one image with Python loops and float64 scalars. metric: [T, d]."""
+    """docs/methods.md (PiToMe) for one image with Python loops and float64 scalars. metric: [T, d]."""
     rows = [[float(v) for v in row] for row in metric]
     t = len(rows)
     units = []

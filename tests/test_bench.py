@@ -11,9 +11,9 @@ import torch
 from timm.models.vision_transformer import Block
 
 import tome_plus
-from tome_plus.tools import bench
+from tome_plus.tools import bench, bench_hf, timing
 from tome_plus.tools.cli import main
-from tome_plus.tools.common import PeakMemory
+from tome_plus.tools.timing import PeakMemory
 
 from test_flops import plain_math_flops, vit_flops
 
@@ -41,7 +41,7 @@ def test_bench_cli_end_to_end(tmp_path, capsys, monkeypatch):
     def advance(module, args):
         if isinstance(module, Block):
             clock.now += args[0].shape[1] * tick
-    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock.now))
     hook = torch.nn.modules.module.register_module_forward_pre_hook(advance)
     out_json, out_csv = tmp_path / "new" / "folder" / "r.json", tmp_path / "r.csv"
     try:
@@ -149,7 +149,7 @@ def test_interleave_runs_every_fn_once_per_round_and_drops_warmup(monkeypatch):
             calls.append(name)
             clock.now += seconds * (10 if clock.round == 0 else 1)  # the warm-up round is slow
         return call
-    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock.now))
     step = lambda: setattr(clock, "round", len(calls) // 2)  # noqa: E731
     times = bench.interleave({"a": fn("a", 1.0), "b": fn("b", 3.0)}, warmup=1, runs=2,
                              sync=lambda: syncs.append(1), step=step)
@@ -189,7 +189,7 @@ def test_precision_resolution(dtype, precision, label, weights):
 
 
 def test_autocast_this_torch_lacks_is_a_usage_error(capsys, monkeypatch):
-    monkeypatch.setattr(bench, "autocast_supported", lambda device_type, dtype: False)
+    monkeypatch.setattr(timing, "autocast_supported", lambda device_type, dtype: False)
     monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("refused values must stop before the run"))
     status, err = run_cli(["bench", *TINY, "--dtype", "float16"], capsys)
     assert status == 2 and err == ("tome-plus bench: error: --precision autocast: this torch has no cpu autocast "
@@ -242,10 +242,10 @@ def fake_capture(failing: int = -1, off_by: float = 0.0):
 
 def test_graph_timings_share_the_interleaved_loop_and_are_checked_against_eager(monkeypatch):
     monkeypatch.setattr(bench, "resolve_graphs", lambda device, graphs=None: True)
-    monkeypatch.setattr(bench, "capture_graph", fake_capture(off_by=1.0))
+    monkeypatch.setattr(timing, "capture_graph", fake_capture(off_by=1.0))
     loops = []
     real = bench.interleave
-    monkeypatch.setattr(bench, "interleave", lambda fns, *a, **k: loops.append(list(fns)) or real(fns, *a, **k))
+    monkeypatch.setattr(timing, "interleave", lambda fns, *a, **k: loops.append(list(fns)) or real(fns, *a, **k))
     report = bench.run_bench("vit_tiny_patch16_224", "tome", {"r": 1}, img_size=64, batch_size=1, warmup=0,
                              runs=2, progress=False, graphs=True)
     # one loop: eager and graphed calls of both models interleaved
@@ -263,7 +263,7 @@ def test_graph_timings_share_the_interleaved_loop_and_are_checked_against_eager(
 
 def test_failed_capture_is_reported_and_the_run_goes_on(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "resolve_graphs", lambda device, graphs=None: True)
-    monkeypatch.setattr(bench, "capture_graph", fake_capture(failing=1))
+    monkeypatch.setattr(timing, "capture_graph", fake_capture(failing=1))
     report = bench.run_bench("vit_tiny_patch16_224", "tome", {"r": 1}, img_size=64, batch_size=1, warmup=0,
                              runs=1, progress=False, graphs=True)
     base, patched = report["results"]
@@ -304,7 +304,7 @@ def tick_per_token(monkeypatch, tick: float = 1e-4):
                 module.register_forward_pre_hook(advance, with_kwargs=True)
         return model
     monkeypatch.setattr(hf_shapes, "build_llava", build)
-    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock.now))
     return clock
 
 
@@ -387,7 +387,7 @@ def test_hf_patched_twin_shares_weights_and_llm_alone_sees_what_the_forward_give
     (["--hf", "llava-tiny", "--method", "nope"], "--method: unknown method 'nope'"),
 ])
 def test_hf_bench_refuses_bad_values_in_one_line(argv, message, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "run_hf_bench", lambda *a, **k: pytest.fail("refused values must stop before the run"))
+    monkeypatch.setattr(bench_hf, "run_hf_bench", lambda *a, **k: pytest.fail("refused values must stop before the run"))
     status, err = run_cli(["bench", "--device", "cpu", "--no-progress", *argv], capsys)
     assert status == 2
     assert err.startswith("tome-plus") and message in err and err.count("\n") == 1

@@ -34,7 +34,7 @@ REDUCERS = [("tome", {"r": 1}), ("pitome", {"r": 1}), ("zero_tprune", {"keep": [
 
 
 def naive_clca_tome(model, head, image, r_per_layer):
-    """ToMe + CLCA for one image, written from METHODS.md sections 1 and 6 with plain loops and
+    """ToMe + CLCA for one image, written from docs/methods.md (ToMe, CLCA head) with plain loops and
     explicit attention (`softmax(q k^T scale + log s)`)."""
     x = model._pos_embed(model.patch_embed(image[None]))[0]  # [N, C], class token first
     carrier = head.carrier[0, 0]

@@ -549,3 +549,41 @@ def test_llava_padded_labels_of_different_lengths(pixels):
     total = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
     torch.testing.assert_close(out.loss, total, rtol=1e-4, atol=1e-5)
     assert torch.equal(n_image, torch.full((2,), n_image[0].item()))
+
+
+def test_llava_atp_with_tower_pickles_and_unpatches_whole(pixels):
+    """ATP with a tower method: one record undoes both (`unpatch`, `refresh`); a copy runs alike,
+    without the last forward's tensors."""
+    model = llava()
+    classes = {name: type(m) for name, m in model.named_modules()}
+    tome_plus.patch(model, "atp", keep=0.5, layers=[0, 2], tower={"method": "tome", "r": 6})
+    ids, mask = prompts((3, 5), (1, 2))
+    pickled = pickle.loads(pickle.dumps(model))  # before a forward: transformers' hooks do not pickle
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        for clone in (pickled, copy.deepcopy(model)):
+            assert tome_plus.inspect(clone).llm_kept is None and tome_plus.inspect(clone).image_tokens is None
+            assert torch.equal(clone(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits, out)
+            for field in ("llm_kept", "image_tokens", "tokens"):
+                assert torch.equal(torch.as_tensor(getattr(tome_plus.inspect(clone), field)),
+                                   torch.as_tensor(getattr(tome_plus.inspect(model), field)))
+    tome_plus.refresh(model)
+    tome_plus.unpatch(model)
+    assert {name: type(m) for name, m in model.named_modules()} == classes
+    assert not any(hasattr(m, "_tome_plus") for m in model.modules())
+
+
+def test_llava_collecting_runs_soft_masks(pixels):
+    from tome_plus.backends import hf_llm
+    model = llava()
+    tome_plus.patch(model, "atp", keep=0.5, layers=[0, 2])
+    ids, mask = prompts((3, 5), (1, 2))
+    labels = torch.where((ids == IMAGE_ID) | (mask == 0), -100, ids)
+    with hf_llm.collecting() as collected:
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels)
+    assert len(collected) == 1 and collected[0].soft and collected[0].kept_fraction.shape == (2,)
+    assert torch.equal(collected[0].answer, labels != -100)  # the forward's labels reached the LLM side
+    assert hf_llm.CALL.get().collect is None  # nothing collected outside the block
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    assert len(collected) == 1

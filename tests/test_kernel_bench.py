@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from tome_plus.tools import bench, kernel_bench
+from tome_plus.tools import bench, kernel_bench, timing
 
 from test_bench import fake_capture
 
@@ -20,7 +20,7 @@ def feed_interleave(monkeypatch, seconds):
     def fed(fns, warmup, runs, *args, **kwargs):
         return {key: list(seconds[key]) for key in real(fns, 0, 1, *args, **kwargs)}
 
-    monkeypatch.setattr(bench, "interleave", fed)
+    monkeypatch.setattr(timing, "interleave", fed)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter on CPU")
@@ -76,7 +76,7 @@ def test_kernel_bench_end_to_end_graphs_share_the_bench_helper(monkeypatch):
     # bookkeeping, not the kernels
     in_mode = kernel_bench.in_mode
     monkeypatch.setattr(kernel_bench, "in_mode", lambda mode, forward: in_mode("torch", forward))
-    monkeypatch.setattr(bench, "capture_graph", fake_capture(failing=2, off_by=0.5))
+    monkeypatch.setattr(timing, "capture_graph", fake_capture(failing=2, off_by=0.5))
     feed_interleave(monkeypatch, {("baseline", "eager"): [0.010], ("torch", "eager"): [0.008],
                                   ("triton", "eager"): [0.005], ("baseline", "graph"): [0.004],
                                   ("torch", "graph"): [0.001]})  # triton's capture fails: no replay to time

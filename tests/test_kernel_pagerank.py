@@ -1,4 +1,4 @@
-"""The fused weighted-PageRank kernel (Zero-TPrune, METHODS.md section 3).
+"""The fused weighted-PageRank kernel (Zero-TPrune, docs/methods.md).
 
 Runs on CPU through the Triton interpreter (conftest sets TRITON_INTERPRET=1 before tome_plus is
 imported). The interpreter is slow per tile of A and per iteration, so big-N cases use few
@@ -164,7 +164,7 @@ def test_dispatcher_uses_kernel_when_forced(monkeypatch):
 # (b) against loops over tokens ----------------------------------------------------------------
 
 def naive_pagerank(attn, iters, alive, init, n_cls=1):
-    """One head, float64, written from METHODS.md with loops: returns (scores list, variance)."""
+    """One head, float64, written from docs/methods.md (Zero-TPrune) with loops: returns (scores list, variance)."""
     n = len(alive)
     live = [i for i in range(n) if alive[i]]
     a = [[0.0] * n for _ in range(n)]

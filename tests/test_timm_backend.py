@@ -54,7 +54,7 @@ def test_invariants_of_reduced_tokens(name, images):
     assert torch.isfinite(out).all()
     info = tome_plus.inspect(model)
 
-    # tokens per layer follow the schedule, computed here from METHODS.md step 1
+    # tokens per layer follow the schedule, computed here from docs/methods.md (ToMe, step 1)
     expected, n = [], n0
     for _ in model.blocks:
         n -= min(r, (n - p) // 2)

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .backends import find_backend
+from .backends import backend_of, find_backend
 from . import heads
 from .backends.base import ATTR, attach, drop_scratch, get_info, restore_classes
 from .methods import get_method, method_names
@@ -41,16 +41,17 @@ def patch(model: nn.Module, method: str, head: Optional[str] = None,
     if unknown:
         raise TypeError(f"unknown option(s) {unknown} for method {method!r}; valid options: {valid}")
     backend = find_backend(model)
-    if head is not None and not getattr(backend, "HEADS", False):
+    if head is not None and not backend.HEADS:
         raise TypeError(f"head={head!r} replaces a classifier's head; the {backend.KIND} backend "
                         f"({type(model).__name__}) has none to replace")
-    if getattr(reducer_cls, "target", None) == "llm" and not getattr(backend, "LLM_METHODS", False):
+    if reducer_cls.target == "llm" and not backend.LLM_METHODS:
         raise TypeError(f"method {method!r} prunes inside the language model of a LLaVA-style model; "
                         f"{type(model).__name__} has none")
     config = config_cls(**options)
     reducer = reducer_cls(config)
     reducer.for_family(backend.KIND)
     info = backend.prepare(model, reducer, config, method)
+    info.backend = backend.__name__
     n_default = backend.default_tokens(model)
     cost = info.cost(n_default)
     gflops_of = (lambda removals: cost.total(n_default, removals or [0] * info.depth) / 1e9) if cost else None
@@ -141,13 +142,12 @@ def inspect(model: nn.Module) -> Inspection:
     info = get_info(model)
     if info is None:
         raise ValueError("model is not patched; call tome_plus.patch(model, method, ...) first")
-    state = info.last_state if info.tower is None else info.tower.last_state
+    state, extra = backend_of(info).last_forward(info)
     config = asdict(info.config)
-    llm = (info.image_tokens, info.llm_kept, info.llm_positions)
     if state is None:
-        return Inspection(info.method, config, None, None, None, None, None, *llm, head=info.head_name)
+        return Inspection(info.method, config, None, None, None, None, None, head=info.head_name, **extra)
     n_out = state.counts[-1] if state.counts else state.n_input
     size = state.size if state.size is not None else torch.ones(state.batch, n_out, 1, device=state.device)
     source = binary_source(state.source, n_out) if state.source is not None else None
-    return Inspection(info.method, config, state.removals, state.counts, state.n_input, size, source, *llm,
-                      head=info.head_name)
+    return Inspection(info.method, config, state.removals, state.counts, state.n_input, size, source,
+                      head=info.head_name, **extra)

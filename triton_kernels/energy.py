@@ -1,4 +1,4 @@
-"""PiToMe's energy score (METHODS.md section 2), row sums over cosine similarities computed on the fly.
+"""PiToMe's energy score (docs/methods.md, PiToMe), row sums over cosine similarities computed on the fly.
 
 paper (Eq. 4): E_i = (1/T) sum_{j != i} f_m(W_ij),  f_m(x) = x if x >= m else alpha (exp(x - m) - 1)
 code ("elu"):  E_i = (1/T) sum_j ELU(W_ij - m, alpha)   (every j, the diagonal included)

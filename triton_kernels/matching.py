@@ -1,4 +1,4 @@
-"""Bipartite matching and the size-weighted merge (ToMe, METHODS.md section 1), fused.
+"""Bipartite matching and the size-weighted merge (ToMe, docs/methods.md), fused.
 
 - `bipartite_match(metric, a_idx, b_idx)`: for each token of side A its best cosine score against
   side B and the index of that B token. The Triton kernel normalises rows on the fly and keeps a

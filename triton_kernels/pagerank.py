@@ -1,4 +1,4 @@
-"""Weighted PageRank over attention graphs (Zero-TPrune, METHODS.md section 3).
+"""Weighted PageRank over attention graphs (Zero-TPrune, docs/methods.md).
 
 `weighted_pagerank(attn, iters, alive=None, init="cls", n_cls=1)` runs, for every (batch, head),
 `s_t = A'^T s_{t-1}` where A' is the attention restricted to surviving tokens (rows renormalised

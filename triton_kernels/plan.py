@@ -1,4 +1,4 @@
-"""Bipartite soft matching from keys to a finished plan, in one launch (METHODS.md section 1).
+"""Bipartite soft matching from keys to a finished plan, in one launch (docs/methods.md, ToMe).
 
 `bipartite_plan(metric, r, n_prefix, a_idx=None, b_idx=None, protected=None)` returns the plan of
 ToMe's step: which tokens stay (`keep`, output order), which merge away (`src`, best-matched first)

@@ -1,27 +1,46 @@
 """Model families tome_plus can patch; each module is a `contract.Backend`.
 
-The HF backends import transformers, so they are loaded only for models whose classes come from
-it: patching a timm model never imports transformers.
+`REGISTRY` is the list of them, one line each: the module (in this package) and the package its
+models' classes come from. A module is imported only for a model with a class from that package
+in its MRO (None: every model), so patching a timm model never imports transformers. They are
+tried in order; the first that `matches` patches the model.
 """
-from . import timm_vit
+import importlib
+
+REGISTRY = (
+    ("timm_vit", None),
+    ("hf_llava", "transformers"),
+    ("hf_clip", "transformers"),
+)
 
 HF_HINT = 'pip install "tome_plus[hf]"'
+# what a package's backends patch and how to install it, for the error naming what is supported
+# while those backends are not loaded (the model's classes do not come from the package)
+UNLOADED = {"transformers": (f"HF CLIP/SigLIP towers and LLaVA (with transformers: {HF_HINT})", HF_HINT)}
 
 
-def _from_transformers(model) -> bool:
-    return any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
+def _from_package(model, package: str) -> bool:
+    return any(c.__module__.startswith(package + ".") for c in type(model).__mro__)
+
+
+def _load(name: str, package: str, model):
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ImportError as e:  # e.g. an older transformers without the classes we reimplement
+        hint = UNLOADED[package][1] if package in UNLOADED else f"pip install {package}"
+        raise TypeError(f"tome_plus needs a newer {package} for {type(model).__name__} ({e}); "
+                        f"{hint} installs a tested version") from e
 
 
 def backends_for(model) -> list:
-    found = [timm_vit]
-    if _from_transformers(model):
-        try:
-            from . import hf_clip, hf_llava
-        except ImportError as e:  # an older transformers without the classes we reimplement
-            raise TypeError(f"tome_plus needs a newer transformers for {type(model).__name__} ({e}); "
-                            f"{HF_HINT} installs a tested version") from e
-        found += [hf_llava, hf_clip]
-    return found
+    """The registered backends that may patch `model` (imported now), in order."""
+    return [_load(name, package, model) for name, package in REGISTRY
+            if package is None or _from_package(model, package)]
+
+
+def backend_of(info):
+    """The backend that made the patch record `info` (`PatchInfo.backend`)."""
+    return importlib.import_module(info.backend)
 
 
 def find_backend(model):
@@ -29,7 +48,8 @@ def find_backend(model):
     for backend in found:
         if backend.matches(model):
             return backend
-    families = "; ".join(b.FAMILY for b in found)
-    if len(found) == 1:
-        families += f"; HF CLIP/SigLIP towers and LLaVA (with transformers: {HF_HINT})"
-    raise TypeError(f"tome_plus cannot patch {type(model).__name__}; supported model families: {families}")
+    families = [b.FAMILY for b in found]
+    for package in dict.fromkeys(p for _, p in REGISTRY if p is not None and not _from_package(model, p)):
+        families.append(UNLOADED[package][0] if package in UNLOADED else f"the {package} backends")
+    raise TypeError(f"tome_plus cannot patch {type(model).__name__}; supported model families: "
+                    f"{'; '.join(families)}")

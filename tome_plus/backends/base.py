@@ -20,12 +20,11 @@ classes sharing the very parameters and buffers. Otherwise both refuse with one 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx
 import torch.nn as nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..methods.base import ReductionConfig, Reducer
 from ..schedule import Cost, keep_schedule, r_schedule, solve
@@ -45,7 +44,9 @@ SCRIPT_REFUSAL = ("tome_plus: torch.jit.script cannot compile a token reduction 
 
 @dataclass(eq=False)
 class PatchInfo:
-    """Lives on a patched model as `model._tome_plus` (a plain attribute: not in `state_dict`)."""
+    """The patch record every backend keeps: on a patched model as `model._tome_plus` (a plain
+    attribute: not in `state_dict`). What one backend or method needs beyond it lives in `parts`,
+    a record of that backend's own (`timm_vit.ViTParts`, `hf_llava.LlavaParts`)."""
 
     method: str
     config: ReductionConfig
@@ -59,26 +60,23 @@ class PatchInfo:
     # only the first `reduce_depth` layers may reduce (LLaVA: those feeding the image features)
     reduce_depth: Optional[int] = None
     swapped: List[Tuple[nn.Module, type]] = field(default_factory=list)
-    # inner modules that carry this record too (an HF encoder inside a tower); untagged at unpatch
+    # inner modules that carry this record (or an inner one: LLaVA's tower); untagged at unpatch
     tagged: List[nn.Module] = field(default_factory=list)
     # trainable parts registered on the model (ATP's modules), as (owner, attribute); removed at unpatch
     attached: List[Tuple[nn.Module, str]] = field(default_factory=list)
     modules: Optional[nn.Module] = None  # the method's trainable part, if any
-    tower: Optional["PatchInfo"] = None  # LLaVA with an LLM method: the vision tower's own record
-    llm_kept: Optional[torch.Tensor] = None  # ATP: [modules, B] visual tokens each module kept, last forward
-    llm_positions: Optional[List[torch.Tensor]] = None  # ATP: per module [B, K] position ids kept (-1: pad)
     schedules: Dict[int, Tuple[int, ...]] = field(default_factory=dict)
-    # a head that replaces the model's own (`heads/`): its module (also registered on the model) and name
+    # a head that replaces the model's own (`patch(head=...)`, `heads/`): its module (also
+    # registered on the model) and name; set by `api.patch` for a backend that answers HEADS
     head: Optional[nn.Module] = None
     head_name: Optional[str] = None
     # What `inspect` reports: written once a forward has finished, never read by a forward.
     last_state: Optional[TokenState] = None
-    image_tokens: Optional[torch.Tensor] = None  # LLaVA: image tokens per sample the LLM last received
-    # forward_features' outputs (by identity, weakly held) -> their sizes. Keyed by the tensor
-    # itself, so nested or concurrent forwards never see each other's entries.
-    feature_sizes: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
-    # the same for a head's per-forward state (CLCA's collected class tokens)
-    feature_heads: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
+    # the backend's (or its method's) own record; it pickles itself, dropping per-process state
+    parts: Optional[Any] = None
+    # the backend module that patched the model (its `__name__`; set by `patch`), for what only the
+    # family can answer later (`Backend.last_forward`) wherever the record is found
+    backend: Optional[str] = None
 
     def removals(self, n_tokens: int, strict: bool = False) -> Tuple[int, ...]:
         """Per-layer removal counts for `n_tokens` input tokens (solved once per size).
@@ -106,7 +104,7 @@ class PatchInfo:
         trainable part replaces or joins the model's own, or some layer removes tokens, for
         `n_tokens` input tokens (a model whose input size is fixed), or at some input size (None).
         Host-side only: read while tracing or scripting, never by a forward."""
-        if self.head is not None or self.attached or self.tower is not None:
+        if self.head is not None or self.attached or self.modules is not None:
             return True
         if n_tokens is not None:
             return any(self.removals(n_tokens))
@@ -128,32 +126,8 @@ class PatchInfo:
                           device=x.device, log_size_scale=self.log_size_scale, source=source)
 
     def __getstate__(self) -> dict:
-        # the last forward's tensors and the weak features map belong to this process only
-        state = dict(self.__dict__)
-        state["last_state"] = None
-        state["image_tokens"] = None
-        state["llm_kept"] = None
-        state["llm_positions"] = None
-        state["feature_sizes"] = None
-        state["feature_heads"] = None
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.feature_sizes = WeakIdKeyDictionary()
-        self.feature_heads = WeakIdKeyDictionary()
-
-    def remember_features(self, x: torch.Tensor, size: Optional[torch.Tensor], head=None) -> None:
-        """Keep the sizes (and the head's state) of a tensor `forward_features` returned, for a
-        later `forward_head(x)`; the entries go when the tensor does."""
-        if size is not None:
-            self.feature_sizes[x] = size
-        if head is not None:
-            self.feature_heads[x] = head
-
-    def features_size(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """Sizes of `x` if it is the very tensor a `forward_features` call returned, else None."""
-        return self.feature_sizes.get(x)
+        # the last forward's tensors belong to this process only
+        return dict(self.__dict__, last_state=None)
 
 
 def patched_class(mixin: type, cls: type) -> type:
@@ -213,6 +187,18 @@ def tag(module: nn.Module, info: PatchInfo) -> None:
     info.tagged.append(module)
 
 
+def adopt(info: PatchInfo, inner: PatchInfo) -> None:
+    """Let `info` undo what installing `inner` did (a part patched with a record of its own, e.g.
+    LLaVA's tower under ATP): `unpatch` and `refresh` of `info` then cover it. Its modules stay
+    tagged with `inner`, so they keep reducing by their own record."""
+    info.swapped.extend(inner.swapped)
+    info.tagged.extend(inner.tagged)
+    info.attached.extend(inner.attached)
+    inner.swapped.clear()
+    inner.tagged.clear()
+    inner.attached.clear()
+
+
 def restore_classes(info: PatchInfo) -> None:
     drop_scratch(info)
     for module, cls in info.swapped:
@@ -221,8 +207,6 @@ def restore_classes(info: PatchInfo) -> None:
         module.__dict__.pop(ATTR, None)
     for owner, name in info.attached:
         delattr(owner, name)
-    if info.tower is not None:
-        restore_classes(info.tower)
     info.swapped.clear()
     info.tagged.clear()
     info.attached.clear()
@@ -230,6 +214,21 @@ def restore_classes(info: PatchInfo) -> None:
 
 def get_info(model: nn.Module) -> Optional[PatchInfo]:
     return getattr(model, ATTR, None)
+
+
+def model_name(model: nn.Module) -> Optional[str]:
+    """The model's name where known, for methods with per-model presets: timm's with its tag
+    (`vit_base_patch16_224.mae`, or the architecture alone), else HF's `config._name_or_path`."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch, tag = cfg.get("architecture"), cfg.get("tag")
+    if arch:
+        return f"{arch}.{tag}" if tag else arch
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
+def last_forward(info: PatchInfo) -> Tuple[Optional[TokenState], Dict[str, Any]]:
+    """`Backend.last_forward` of a family whose record's own state is what `inspect` reports."""
+    return info.last_state, {}
 
 
 def is_fx_proxy(x: object) -> bool:

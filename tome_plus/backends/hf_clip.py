@@ -35,18 +35,28 @@ from ..reduce import QKV, attention_with_signals, prenorm_layer
 from ..schedule import VitCostModel
 from ..state import TokenState
 from ..warn import warn_caller
+from . import base
 from .base import (EXPORT_HINT, FX_REFUSAL, PatchInfo, fx_original, get_info, is_fx_proxy, original_class,
                    prepare_scriptable, swap_class, tag)
 
 SIZE_CHANNEL = True  # as in timm_vit: False runs proportional attention as an additive mask
 
 KIND = "hf"
+HEADS = False  # a vision tower: no classifier head to replace
+LLM_METHODS = False
 FAMILY = "HF transformers CLIPVisionModel / SiglipVisionModel"
 TOWERS = (CLIPVisionModel, SiglipVisionModel)
 LAYERS = (CLIPEncoderLayer, SiglipEncoderLayer)
+model_name = base.model_name  # HF's `config._name_or_path`
+last_forward = base.last_forward
 
-# The final state of the encoder run inside the current tower forward, for the pooling head.
-# A context variable: nested and concurrent forwards each see their own.
+# The final state of the encoder run inside the current tower forward, for SigLIP's pooling head.
+# A context variable because HF's own code is the only path between the two: the vision model's
+# forward (`SiglipVisionModel.forward`) calls the encoder, then `post_layernorm`, then
+# `head(hidden_state)` with that new tensor alone, so no argument or tensor the head receives can
+# carry the state. `ReducingTower` opens it around HF's forward,
+# `ReducingEncoder` fills it, `SizedAttentionPool` reads it; nested and concurrent forwards each
+# see their own.
 _SCOPE: contextvars.ContextVar[Optional[Dict[str, TokenState]]] = contextvars.ContextVar("tome_plus_hf_scope",
                                                                                           default=None)
 
@@ -237,10 +247,6 @@ def prepare(model: nn.Module, reducer: Reducer, config: ReductionConfig, method:
                      n_prefix=int(has_cls(model)), has_cls=has_cls(model),
                      cost=cost_model(model, channel, reducer.site),
                      log_size_scale=1.0 / float(attn.scale) if channel else None, reduce_depth=reduce_depth)
-
-
-def model_name(model: nn.Module) -> Optional[str]:
-    return getattr(model.config, "_name_or_path", None) or None
 
 
 def check_budget(model: nn.Module, info: PatchInfo) -> None:

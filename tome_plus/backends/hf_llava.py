@@ -20,7 +20,8 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -28,23 +29,49 @@ from transformers import DynamicCache, LlavaForConditionalGeneration, VipLlavaFo
 
 from ..methods.base import ReductionConfig, Reducer
 from ..warn import warn_caller
-from . import hf_clip, hf_llm
-from .base import PatchInfo, attach, get_info, original_class, swap_class, tag
+from . import base, hf_clip, hf_llm
+from .base import PatchInfo, adopt, attach, get_info, original_class, swap_class, tag
 
 KIND = "hf"
+HEADS = False  # a generative model: no classifier head to replace
 LLM_METHODS = True  # methods that prune inside the language model (ATP) run here
 FAMILY = ("HF transformers LlavaForConditionalGeneration, VipLlavaForConditionalGeneration (the vision tower "
           "reduces, the LLM gets fewer image tokens)")
 MODELS = (LlavaForConditionalGeneration, VipLlavaForConditionalGeneration)
+model_name = base.model_name  # HF's `config._name_or_path`
+
+
+@dataclass(eq=False)
+class LlavaParts:
+    """What a LLaVA patch keeps beyond the shared record (`PatchInfo.parts`). With a tower method
+    the shared record is the tower's (`hf_clip.prepare`); with ATP it is ATP's, and the tower's
+    own record, if the tower reduces too, is `tower`."""
+
+    tower: Optional[PatchInfo] = None
+    # the last forward, for `inspect` (never read by a forward; not pickled)
+    image_tokens: Optional[torch.Tensor] = None  # [B] image tokens per sample the LLM last received
+    llm_kept: Optional[torch.Tensor] = None  # ATP: [modules, B] visual tokens each module kept
+    llm_positions: Optional[List[torch.Tensor]] = None  # ATP: per module [B, K] position ids kept (-1: pad)
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, image_tokens=None, llm_kept=None, llm_positions=None)
+
+
+def last_forward(info: PatchInfo) -> Tuple[Optional[Any], Dict[str, Any]]:
+    """The tower's last state (the layers that reduced) and LLaVA's own `Inspection` fields."""
+    parts = info.parts
+    state = info.last_state if parts.tower is None else parts.tower.last_state
+    return state, dict(image_tokens=parts.image_tokens, llm_kept=parts.llm_kept, llm_positions=parts.llm_positions)
 
 
 def matches(model: nn.Module) -> bool:
     return isinstance(model, MODELS)
 
 
-def select_strategy(model: nn.Module, strategy: Optional[str] = None) -> str:
-    """"default" drops the class token from the features, "full" keeps it (VipLlava always drops it)."""
-    return strategy or getattr(model.config, "vision_feature_select_strategy", None) or "default"
+def select_strategy(config, strategy: Optional[str] = None) -> str:
+    """"default" drops the class token from the features, "full" keeps it (VipLlava always drops
+    it); `config`: the LLaVA model's."""
+    return strategy or getattr(config, "vision_feature_select_strategy", None) or "default"
 
 
 def tower(model: nn.Module) -> nn.Module:
@@ -78,8 +105,10 @@ def prepare(model: nn.Module, reducer: Reducer, config: ReductionConfig, method:
     vision = tower(model)
     if model.config.image_token_id is None:
         raise ValueError("the config has no image_token_id: the image placeholders cannot be found")
-    if getattr(reducer, "target", None) != "llm":
-        return hf_clip.prepare(vision, reducer, config, method, reduce_depth=feature_depth(model))
+    if reducer.target != "llm":
+        info = hf_clip.prepare(vision, reducer, config, method, reduce_depth=feature_depth(model))
+        info.parts = LlavaParts()
+        return info
     return prepare_llm(model, reducer, config, method)
 
 
@@ -100,14 +129,15 @@ def prepare_llm(model: nn.Module, reducer: Reducer, config: ReductionConfig, met
     if config.tower is not None:
         options = dict(config.tower)
         tower_cls = get_method(options.pop("method"))
-        if getattr(tower_cls, "target", None) == "llm":
+        if tower_cls.target == "llm":
             raise ValueError(f"tower method {tower_cls.name!r} does not run in a vision tower")
         tower_reducer = tower_cls(tower_cls.config_class(**options))
         tower_reducer.for_family(KIND)
         tower_info = hf_clip.prepare(tower(model), tower_reducer, tower_reducer.config, tower_cls.name,
                                      reduce_depth=feature_depth(model))
+        tower_info.backend = hf_clip.__name__  # found on the tower's encoder: a tower record
     info = PatchInfo(method=method, config=config, reducer=reducer, depth=n_layers, n_prefix=0, has_cls=False,
-                     cost=no_cost, tower=tower_info)
+                     cost=no_cost, parts=LlavaParts(tower=tower_info))
     fraction = module_fraction(config.keep, layers, n_layers)
     if fraction == 0.0:
         warn_caller(f"keep={config.keep} is at or below what ATP reaches with modules after layers {layers} of "
@@ -139,12 +169,8 @@ def load_modules(modules: nn.Module, path: str) -> None:
     modules.trained.fill_(True)
 
 
-def model_name(model: nn.Module) -> Optional[str]:
-    return getattr(model.config, "_name_or_path", None) or None
-
-
 def check_budget(model: nn.Module, info: PatchInfo) -> None:
-    record = info.tower if info.modules is not None else info
+    record = tower_of(info)
     if record is not None:
         record.removals(default_tokens(model), strict=True)
 
@@ -153,8 +179,9 @@ def install(model: nn.Module, info: PatchInfo) -> None:
     if info.modules is None:
         hf_clip.install(tower(model), info)
     else:
-        if info.tower is not None:
-            hf_clip.install(tower(model), info.tower)
+        if info.parts.tower is not None:
+            hf_clip.install(tower(model), info.parts.tower)
+            adopt(info, info.parts.tower)  # unpatch and refresh of the model cover the tower
         llm = model.model.language_model
         swap_class(llm, hf_llm.AtpDecoder, info)
         tag(llm, info)
@@ -169,8 +196,13 @@ MODULES_ATTR = "tome_plus_atp"  # where a patched model holds its ATP modules (t
 
 def tower_record(model: nn.Module) -> Optional[PatchInfo]:
     """The vision tower's patch record (None where the tower is not patched)."""
-    info = get_info(model)
-    return info.tower if info.modules is not None else info
+    return tower_of(get_info(model))
+
+
+def tower_of(info: PatchInfo) -> Optional[PatchInfo]:
+    """The tower's record within a LLaVA patch record: the record itself (a tower method), or
+    ATP's `parts.tower` (None where the tower is not patched)."""
+    return info.parts.tower if info.modules is not None else info
 
 
 def image_counts(model: nn.Module, n_pixels: Optional[Tuple[int, int]] = None, feature_layer=None,
@@ -178,17 +210,37 @@ def image_counts(model: nn.Module, n_pixels: Optional[Tuple[int, int]] = None, f
     """(unpatched, reduced) image tokens one image of `n_pixels` (H, W; default: the tower's
     configured size) puts into the LLM."""
     vision, info = tower(model), tower_record(model)
-    patch = vision.config.patch_size
-    height, width = n_pixels if n_pixels is not None else (vision.config.image_size,) * 2
-    n_input = (height // patch) * (width // patch) + int(hf_clip.has_cls(vision))
+    n_input = tower_tokens(vision.config, n_pixels, hf_clip.has_cls(vision))
     depth = feature_depth(model, feature_layer)
     if (info is not None and feature_layer is not None and not isinstance(feature_layer, int)
             and depth < (info.reduce_depth or 0)):
         raise ValueError(f"vision_feature_layer {feature_layer!r} reads layers the tower reduces in (it was patched "
                          f"for {model.config.vision_feature_layer!r}); set it in the config and patch again")
     removed = sum(info.removals(n_input)[:depth]) if info is not None else 0
-    drop = 1 if select_strategy(model, strategy) == "default" else 0
+    drop = dropped(model.config, strategy)
     return n_input - drop, n_input - removed - drop
+
+
+def tower_tokens(vision_config, n_pixels: Optional[Tuple[int, int]], has_cls: bool) -> int:
+    """Tokens entering the tower's first layer for an image of `n_pixels` (H, W; None: the
+    configured size)."""
+    patch = vision_config.patch_size
+    height, width = n_pixels if n_pixels is not None else (vision_config.image_size,) * 2
+    return (height // patch) * (width // patch) + int(has_cls)
+
+
+def dropped(config, strategy: Optional[str] = None) -> int:
+    """Tower tokens the feature selection leaves out: the first under "default"."""
+    return 1 if select_strategy(config, strategy) == "default" else 0
+
+
+def image_placeholders(config, n_pixels: Optional[Tuple[int, int]] = None, strategy: Optional[str] = None) -> int:
+    """Image tokens one image puts into the unpatched model's LLM: as many placeholders as the
+    processor inserts per image, for a LLaVA `config` (CLIP's tower has a class token, SigLIP's
+    none)."""
+    vision = config.vision_config
+    has_cls = vision.model_type == "clip_vision_model"
+    return tower_tokens(vision, n_pixels, has_cls) - dropped(config, strategy)
 
 
 def image_mask(model: nn.Module, input_ids=None, inputs_embeds=None) -> torch.Tensor:
@@ -266,16 +318,26 @@ def fit_prompt(is_image: torch.Tensor, n_full: int, n_reduced: int, n_images: Op
 FITTED = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "labels")
 
 
+def argument_getter(args: Dict[str, Any], extra: Dict[str, Any]) -> Callable[[str], Any]:
+    """`get(name)`: a call's argument by name (`args`), else from its **kwargs (`extra`), else None."""
+    return lambda name: args.get(name, extra.get(name))
+
+
+def cache_argument(get: Callable[[str], Any]):
+    """The cache a call was given (`cache`, or `past_key_values` as older callers name it)."""
+    return get("cache") if get("cache") is not None else get("past_key_values")
+
+
 def fit_call(model: nn.Module, args: Dict[str, Any], extra: Dict[str, Any], left: Optional[bool] = None
              ) -> Optional[Dict[str, Any]]:
     """Fit the prompt of one forward/generate call (its arguments by name, `extra` its **kwargs)
     in place; returns `fit_prompt`'s result, or None where there was nothing to fit."""
-    get = lambda name: args.get(name, extra.get(name))
+    get = argument_getter(args, extra)
     ids, embeds = get("input_ids"), get("inputs_embeds")
     if ids is None and embeds is None:
         return None
     pixels, encoded = get("pixel_values"), (get("mm_encoder_outputs") or {}).get("image")
-    cache = get("cache") if get("cache") is not None else get("past_key_values")
+    cache = cache_argument(get)
     fitted = _fit(model, ids, embeds, pixels, encoded, cache, get, left)
     if fitted is not None:
         for name in FITTED:
@@ -287,8 +349,8 @@ def fit_call(model: nn.Module, args: Dict[str, Any], extra: Dict[str, Any], left
 def check_cache(args: Dict[str, Any], extra: Dict[str, Any]) -> None:
     """A forward's attention mask must cover the cache and the new tokens: a mask grown from the
     processor's (uncut) one would silently shift every position."""
-    get = lambda name: args.get(name, extra.get(name))
-    cache = get("cache") if get("cache") is not None else get("past_key_values")
+    get = argument_getter(args, extra)
+    cache = cache_argument(get)
     mask, tokens = get("attention_mask"), get("input_ids") if get("input_ids") is not None else get("inputs_embeds")
     if not isinstance(cache, DynamicCache) or mask is None or tokens is None or cache.get_seq_length() == 0:
         return
@@ -362,7 +424,7 @@ def fitted_call(model: nn.Module, args, kwargs) -> inspect.BoundArguments:
     bound = bind(original_class(model).forward, model, args, kwargs)
     fitted = fit_call(model, bound.arguments, var_kwargs(bound))
     if fitted is not None and fitted["has_images"]:
-        get_info(model).image_tokens = fitted["image_tokens"]
+        get_info(model).parts.image_tokens = fitted["image_tokens"]
     check_cache(bound.arguments, var_kwargs(bound))
     return bound
 
@@ -375,24 +437,26 @@ class FittingInner(_SignatureOfOriginal):
         info = get_info(self)
         if info.modules is None:
             return super().forward(*bound.args[1:], **bound.kwargs)
-        scope = llm_scope(self, bound.arguments, var_kwargs(bound))
+        call = hf_llm.CALL.get()
+        scope = llm_scope(self, bound.arguments, var_kwargs(bound), call)
         token = hf_llm.SCOPE.set(scope)
         try:
             out = super().forward(*bound.args[1:], **bound.kwargs)
         finally:
             hf_llm.SCOPE.reset(token)
         if scope.kept:
-            info.llm_kept, info.llm_positions = torch.stack(scope.kept), scope.positions
-        collector = hf_llm.COLLECT.get()
-        if collector is not None:
-            collector.append(scope)
+            info.parts.llm_kept, info.parts.llm_positions = torch.stack(scope.kept), scope.positions
+        if call.collect is not None:
+            call.collect.append(scope)
         return out
 
 
-def llm_scope(model: nn.Module, args: Dict[str, Any], extra: Dict[str, Any]) -> "hf_llm.LlmInputs":
+def llm_scope(model: nn.Module, args: Dict[str, Any], extra: Dict[str, Any],
+              call: "hf_llm.LlmCall") -> "hf_llm.LlmInputs":
     """What ATP needs to know of this forward's tokens: which are visual, and each visual token's
-    SAP grid score (its place in its image's grid; along the run where the tower merged tokens)."""
-    get = lambda name: args.get(name, extra.get(name))
+    SAP grid score (its place in its image's grid; along the run where the tower merged tokens);
+    with what the caller said (`call`: the prompt's length, the answer, soft masks)."""
+    get = argument_getter(args, extra)
     visual = image_mask(model, get("input_ids"), get("inputs_embeds"))
     pixels = get("pixel_values")
     per_row = visual.sum(dim=1).tolist()
@@ -409,12 +473,11 @@ def llm_scope(model: nn.Module, args: Dict[str, Any], extra: Dict[str, Any]) -> 
             table = hf_llm_spatial((1, n_run), 0, visual.device)
         rank = (visual.long().cumsum(dim=1) - 1).clamp(min=0) % n_run
         spatial = torch.where(visual, table[rank], spatial)
-    collecting = hf_llm.COLLECT.get() is not None
-    answer = hf_llm.ANSWER.get()
+    answer = call.answer
     if answer is not None and answer.shape != visual.shape:
         answer = None
-    return hf_llm.LlmInputs(visual=visual, spatial=spatial, has_visual=sum(per_row) > 0, soft=collecting,
-                            prompt_length=hf_llm.PROMPT_LENGTH.get(), answer=answer)
+    return hf_llm.LlmInputs(visual=visual, spatial=spatial, has_visual=sum(per_row) > 0,
+                            soft=call.collect is not None, prompt_length=call.prompt_length, answer=answer)
 
 
 def hf_llm_spatial(grid: Tuple[int, int], first: int, device: torch.device) -> torch.Tensor:
@@ -430,11 +493,8 @@ class FittingLlava(_SignatureOfOriginal):
     def forward(self, *args, **kwargs):
         bound = fitted_call(self, args, kwargs)
         labels = bound.arguments.get("labels", var_kwargs(bound).get("labels"))
-        token = hf_llm.ANSWER.set(labels != -100 if labels is not None else None)
-        try:
+        with hf_llm.calling(answer=labels != -100 if labels is not None else None):
             return super().forward(*bound.args[1:], **bound.kwargs)
-        finally:
-            hf_llm.ANSWER.reset(token)
 
     def generate(self, *args, **kwargs):
         bound = bind(original_class(self).generate, self, args, kwargs)
@@ -451,11 +511,8 @@ class FittingLlava(_SignatureOfOriginal):
             extra["input_ids"] = bound.arguments.pop("inputs")
         fitted = fit_call(self, bound.arguments, extra, left=True)
         prompt = (fitted["input_ids"] if fitted is not None and fitted["input_ids"] is not None else ids)
-        token = hf_llm.PROMPT_LENGTH.set(prompt.shape[1] if prompt is not None else None)
-        try:
+        with hf_llm.calling(prompt_length=prompt.shape[1] if prompt is not None else None):
             return self._generate(bound, extra, ids, fitted)
-        finally:
-            hf_llm.PROMPT_LENGTH.reset(token)
 
     def _generate(self, bound, extra, ids, fitted):
         if fitted is None or fitted["removed"] == 0 and fitted["input_ids"] is ids:

@@ -22,10 +22,11 @@ budget loss.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import sys
 from dataclasses import dataclass, field, replace
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import torch
 import torch.nn as nn
@@ -60,14 +61,49 @@ class LlmInputs:
     kept_fraction: Optional[torch.Tensor] = None  # [B] visual fraction averaged over layers (soft)
 
 
+@dataclass(frozen=True, eq=False)
+class LlmCall:
+    """What the caller of a patched LLaVA model tells the forward that builds `LlmInputs` (the
+    inner `LlavaModel`'s), several HF calls deeper: each field is set by one entry point."""
+
+    prompt_length: Optional[int] = None  # `generate`: the prompt's length (the fitted one)
+    answer: Optional[torch.Tensor] = None  # the LLaVA forward, from its labels: `[B, L]` the answer's tokens
+    # `collecting`: forwards run with soft masks and leave their LlmInputs here (for the budget loss)
+    collect: Optional[List[LlmInputs]] = None
+
+
+# The two context variables below carry per-call data across HF's own code, where no argument
+# can: transformers' `**kwargs` reach the vision tower and the loss as well, and `generate` refuses
+# arguments its model does not name. Nested and concurrent calls each see their own.
+#
+# CALL: from our outer entry points (`FittingLlava.generate`, `FittingLlava.forward`,
+# `collecting`) to `FittingInner.forward`, across `GenerationMixin.generate` and
+# `LlavaForConditionalGeneration.forward` (which calls `self.model(...)` without the labels).
+CALL: contextvars.ContextVar[LlmCall] = contextvars.ContextVar("tome_plus_llm_call", default=LlmCall())
+# SCOPE: the `LlmInputs` `FittingInner.forward` built, to the decoder (`AtpDecoder.forward`),
+# across `LlavaModel.forward` (which calls `self.language_model(...)` with its own arguments).
+# From the decoder on, the inputs travel as an argument.
 SCOPE: contextvars.ContextVar[Optional[LlmInputs]] = contextvars.ContextVar("tome_plus_llm", default=None)
-# set by `generate`: the prompt's length (the fitted one)
-PROMPT_LENGTH: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("tome_plus_prompt", default=None)
-# set by the LLaVA forward from its labels: `[B, L]` the answer's tokens
-ANSWER: contextvars.ContextVar[Optional[torch.Tensor]] = contextvars.ContextVar("tome_plus_answer", default=None)
-# set by ATP training: forwards run with soft masks and leave their LlmInputs here (for the budget loss)
-COLLECT: contextvars.ContextVar[Optional[List[LlmInputs]]] = contextvars.ContextVar("tome_plus_llm_collect",
-                                                                                     default=None)
+
+
+@contextlib.contextmanager
+def calling(**fields) -> Iterator[LlmCall]:
+    """Within the block, `CALL` is the enclosing call's with `fields` replaced."""
+    call = replace(CALL.get(), **fields)
+    token = CALL.set(call)
+    try:
+        yield call
+    finally:
+        CALL.reset(token)
+
+
+@contextlib.contextmanager
+def collecting() -> Iterator[List[LlmInputs]]:
+    """ATP training: LLaVA forwards within the block run the modules' soft masks (nothing removed)
+    and append their `LlmInputs` to the list yielded (`kept_fraction` is the budget loss's input)."""
+    collected: List[LlmInputs] = []
+    with calling(collect=collected):
+        yield collected
 
 
 @dataclass

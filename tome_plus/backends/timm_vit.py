@@ -13,6 +13,7 @@ from typing import Dict, FrozenSet, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
+from torch.utils.weak import WeakIdKeyDictionary
 
 from timm.layers import Attention
 from timm.models._features import feature_take_indices
@@ -23,6 +24,7 @@ from ..prop_attn import SCRATCH, cached_padded_qkv, padded_head_dim
 from ..reduce import QKV, attention_with_signals as shared_attention, prenorm_layer
 from ..schedule import VitCostModel
 from ..state import TokenState
+from . import base
 from .base import PatchInfo, fx_original, get_info, is_fx_proxy, original_class, prepare_scriptable, swap_class
 
 # Proportional attention through the extra q/k channel (fast SDPA); False falls back to the additive
@@ -31,7 +33,33 @@ SIZE_CHANNEL = True
 
 KIND = "timm"  # the family name methods see (`Reducer.for_family`)
 HEADS = True  # classifiers: a tome_plus head (CLCA) may replace the model's own
+LLM_METHODS = False  # no language model inside
 FAMILY = "timm VisionTransformer (ViT, DeiT, distilled DeiT, DeiT-3, DINOv2 incl. registers, timm CLIP/SigLIP ViTs)"
+model_name = base.model_name  # timm's name with its tag (`vit_base_patch16_224.mae`), or the architecture alone
+last_forward = base.last_forward
+
+
+class ViTParts:
+    """What the timm backend keeps beyond the shared record (`PatchInfo.parts`): `forward_features`'
+    outputs (by identity, weakly held) -> their sizes and the head's per-forward state (CLCA's
+    collected class tokens), for a later `forward_head(x)` / `pool(x)`. Keyed by the tensor itself,
+    so nested or concurrent forwards never see each other's entries; they belong to this process
+    (not pickled)."""
+
+    def __init__(self) -> None:
+        self.sizes = WeakIdKeyDictionary()
+        self.heads = WeakIdKeyDictionary()
+
+    def __reduce__(self):  # pickled or copied: empty again
+        return type(self), ()
+
+    def remember(self, x: torch.Tensor, size: Optional[torch.Tensor], head=None) -> None:
+        """Keep the sizes (and the head's state) of a tensor `forward_features` returned; the
+        entries go when the tensor does."""
+        if size is not None:
+            self.sizes[x] = size
+        if head is not None:
+            self.heads[x] = head
 
 
 def matches(model: nn.Module) -> bool:
@@ -45,7 +73,7 @@ def attention_with_signals(attn: Attention, x: torch.Tensor, state: TokenState, 
     The size channel's padded qkv weight is cached on the patched block `owner`."""
     batch, n_tokens, _ = x.shape
     heads, head_dim = attn.num_heads, attn.head_dim
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    gate = _gate(attn, x)
 
     def project(h: torch.Tensor):
         q, k, v = attn.qkv(h).reshape(batch, n_tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -56,10 +84,21 @@ def attention_with_signals(attn: Attention, x: torch.Tensor, state: TokenState, 
     # a log-size channel exists only where `prepare` chose the channel (`uses_size_channel`: no
     # qk-norm, a merging method); SIZE_CHANNEL is read again so it can be switched after `patch`
     out, signals = shared_attention(x, state, needs, qkv, size_channel=SIZE_CHANNEL)
+    return _output(attn, out, gate), signals
+
+
+def _gate(attn: Attention, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The output gate of a gated timm `Attention` for input `x` (None where it has none)."""
+    return attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+
+
+def _output(attn: Attention, out: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
+    """timm `Attention`'s tail on the merged heads `[B, N, C]`: output norm (`scale_attn_norm`),
+    gate, projection, dropout."""
     out = attn.norm(out) if hasattr(attn, "norm") else out
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out)), signals
+    return attn.proj_drop(attn.proj(out))
 
 
 class ReducingBlock:
@@ -142,7 +181,7 @@ class ReducingViT:
             x = self.fc_norm(self._pool_sized(x, state.size))
             x = self.head(self.head_drop(x))
         else:  # e.g. distilled DeiT, or a head of the user's: it may pool through `self.pool`
-            info.remember_features(x, state.size)
+            info.parts.remember(x, state.size)
             x = self.forward_head(x)
         info.last_state = _for_inspect(state)
         return x
@@ -156,7 +195,7 @@ class ReducingViT:
         x, state, _ = self._run_blocks(self._embed(x))
         x = self.norm(x)
         info = get_info(self)
-        info.remember_features(x, state.size, state.head)
+        info.parts.remember(x, state.size, state.head)
         info.last_state = _for_inspect(state)
         return x
 
@@ -166,7 +205,7 @@ class ReducingViT:
         info = get_info(self)
         if info.head is None:
             return super().forward_head(x, pre_logits=pre_logits)
-        run = info.feature_heads.get(x)
+        run = info.parts.heads.get(x)
         if run is None:
             raise ValueError("the CLCA head aggregates the class token of several blocks: call model(x), or "
                              "forward_head on the very tensor forward_features returned")
@@ -179,7 +218,7 @@ class ReducingViT:
         `forward_head(forward_features(x))` pools like `forward(x)`); any other input pools as
         timm does.
         """
-        return self._pool_sized(x, get_info(self).features_size(x), pool_type)
+        return self._pool_sized(x, get_info(self).parts.sizes.get(x), pool_type)
 
     def _pool_sized(self, x: torch.Tensor, size: Optional[torch.Tensor],
                     pool_type: Optional[str] = None) -> torch.Tensor:
@@ -251,13 +290,10 @@ def attention_branch(blk: Block, x: torch.Tensor, attend) -> torch.Tensor:
     attn = blk.attn
     h = blk.norm1(x)
     batch, n_tokens, _ = h.shape
-    gate = attn.gate(h).sigmoid() if getattr(attn, "gate", None) is not None else None
+    gate = _gate(attn, h)
     q, k, v = attn.qkv(h).reshape(batch, n_tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     out = attend(attn.q_norm(q), attn.k_norm(k), v).transpose(1, 2).reshape(batch, n_tokens, -1)
-    out = attn.norm(out) if hasattr(attn, "norm") else out
-    if gate is not None:
-        out = out * gate
-    return blk.drop_path1(blk.ls1(attn.proj_drop(attn.proj(out))))
+    return blk.drop_path1(blk.ls1(_output(attn, out, gate)))
 
 
 def mlp_branch(blk: Block, x: torch.Tensor) -> torch.Tensor:
@@ -324,14 +360,8 @@ def prepare(model: nn.Module, reducer: Reducer, config: ReductionConfig, method:
     return PatchInfo(method=method, config=config, reducer=reducer, depth=len(model.blocks),
                      n_prefix=model.num_prefix_tokens, has_cls=getattr(model, "cls_token", None) is not None,
                      cost=cost_model(model, channel, reducer.site),
-                     log_size_scale=1.0 / float(model.blocks[0].attn.scale) if channel else None)
-
-
-def model_name(model: nn.Module) -> Optional[str]:
-    """timm's name with its tag (`vit_base_patch16_224.mae`), or the architecture alone."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    arch, tag = cfg.get("architecture"), cfg.get("tag")
-    return f"{arch}.{tag}" if arch and tag else arch
+                     log_size_scale=1.0 / float(model.blocks[0].attn.scale) if channel else None,
+                     parts=ViTParts())
 
 
 def check_budget(model: nn.Module, info: PatchInfo) -> None:

@@ -55,14 +55,14 @@ def module(model: nn.Module) -> ClcaHead:
 
 
 def save(model: nn.Module, path: str, **extra: Any) -> None:
-    """Write the head's weights and its shape (and `extra` entries) to `path`, atomically."""
+    """Write the head's weights and its shape (and `extra` entries) to `path`, atomically (the
+    save/load convention of every trainable part: `tome_plus.training.checkpoint`)."""
+    from ..training import checkpoint  # the training side's writer, loaded only when a head is saved
+
     head = module(model)
-    payload = {"head": get_info(model).head_name, "state_dict": head.state_dict(),
-               "append_at": list(head.append_at), "collect_at": list(head.collect_at),
-               "options": behaviour(head), **extra}
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    checkpoint.write({"head": get_info(model).head_name, "state_dict": head.state_dict(),
+                      "append_at": list(head.append_at), "collect_at": list(head.collect_at),
+                      "options": behaviour(head), **extra}, path)
 
 
 def load(model: nn.Module, path: str) -> None:

@@ -1,7 +1,7 @@
 """CLCA: cross-layer cache (CLC) and cross-layer aggregation head (CLA).
 
 Rios et al., "Cross-Layer Cache Aggregation for Token Reduction in Ultra-Fine-Grained Image
-Recognition", ICASSP 2025 (arXiv:2501.00243); METHODS.md section 6. Implements:
+Recognition", ICASSP 2025 (arXiv:2501.00243); docs/methods.md, CLCA head. Implements:
 - CLC: a learnable carrier token, initialised from the class token, rides with the tokens. After
   every block before the last append the cache takes the mean of the reducible tokens (the GAP
   token) and the carrier's state; after each reduction block, and after block depth - 2, the

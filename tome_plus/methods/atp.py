@@ -1,7 +1,7 @@
 """ATP: adaptive, instance-wise pruning of visual tokens inside the LLM of a LLaVA-style model.
 
 Ye et al., "ATP-LLaVA: Adaptive Token Pruning for Large Vision Language Models", CVPR 2025
-(arXiv:2412.00447); METHODS.md section 5. The authors published no code, and the parts of the
+(arXiv:2412.00447); docs/methods.md, ATP. The authors published no code, and the parts of the
 paper we could read give the design, not its constants; where a detail below is our choice it
 says so.
 

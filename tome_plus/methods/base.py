@@ -149,6 +149,9 @@ class Reducer:
     needs: ClassVar[FrozenSet[str]] = frozenset({"keys"})
     budget_unit: ClassVar[str] = "r"
     merges: ClassVar[bool] = True  # sizes grow (False for pure pruning: sizes stay one)
+    # which tokens it reduces: "vision" (a ViT's or vision tower's layers) or "llm" (visual tokens
+    # inside a LLaVA language model: a backend answering `LLM_METHODS`)
+    target: ClassVar[str] = "vision"
 
     def __init__(self, config: ReductionConfig) -> None:
         self.config = config

@@ -1,7 +1,7 @@
 """DiffRate: differentiable compression rates, applied with a searched per-layer schedule.
 
 Chen et al., "DiffRate: Differentiable Compression Rate for Efficient Vision Transformers",
-ICCV 2023 (arXiv:2305.17997); METHODS.md section 4. This file is the inference side: per block,
+ICCV 2023 (arXiv:2305.17997); docs/methods.md, DiffRate. This file is the inference side: per block,
 between attention and MLP,
 - importance = the class token's attention row averaged over heads (the `cls_attn` signal: the
   rest of the attention stays fused); tokens sorted by it, prefix tokens first;
@@ -11,7 +11,7 @@ between attention and MLP,
 As the authors' inference code does (`merge="mean"`, the default), a destination becomes the
 plain mean of itself and its sources, and its size grows by each source's size times its
 similarity to the destination (their proportional-attention tweak for off-the-shelf models);
-`merge="size_weighted"` is the variant with METHODS.md's size-weighted average and plain sizes.
+`merge="size_weighted"` is the variant with docs/methods.md's size-weighted merge and plain sizes.
 
 Schedules: the published searched counts ship with the package (`diffrate_schedules.json`, keyed
 by timm model name and GFLOPs); `schedule=` takes a searched one (a path or a dict with the same
@@ -54,7 +54,7 @@ class DiffRateConfig(ReductionConfig):
         gflops: the GFLOPs key of a published schedule (e.g. 2.9 for DeiT-S; the authors' "GFLOPs"
             count multiply-accumulates, i.e. GMACs).
         schedule: per-layer kept counts (class token included).
-        merge: "mean" (the authors' code) or "size_weighted" (METHODS.md's merge).
+        merge: "mean" (the authors' code) or "size_weighted" (the size-weighted merge, docs/methods.md).
         kept: set at `patch`, not an option: the tokens after each block (class token included)
             of the schedule in use, so `tome_plus.inspect(model).config` shows it (`r` is None:
             DiffRate has no per-layer budget of its own).

@@ -1,7 +1,7 @@
 """PiToMe: spectrum-preserving token merging.
 
 Tran et al., "Accelerating Transformers with Spectrum-Preserving Token Merging", NeurIPS 2024
-(arXiv:2405.16148). Implements, per layer and on the non-protected tokens (METHODS.md section 2):
+(arXiv:2405.16148). Implements, per layer and on the non-protected tokens (docs/methods.md, PiToMe):
 - the energy score, Eq. 4: E_i = (1/T) sum_{j != i} f_m(cos(k_i, k_j)),
   f_m(x) = x if x >= m else alpha (exp(x - m) - 1), with alpha = 1 and m_l = 0.9 - 0.9 l / L;
 - Algorithm 1: the 2k highest-energy tokens are merge candidates, split alternately in energy

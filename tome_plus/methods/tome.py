@@ -3,7 +3,7 @@
 Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023 (arXiv:2210.09461).
 Implements the paper's Sec. 3 (bipartite soft matching on head-averaged keys, size-weighted
 merge, proportional attention `softmax(QK^T / sqrt(d) + log s)`) and the constant / decreasing
-schedules of its Appendix; METHODS.md section 1 gives the exact steps.
+schedules of its Appendix; docs/methods.md (ToMe) gives the exact steps.
 
 `bipartite_plan` is the matching other methods reuse: give it the two sides explicitly (PiToMe's
 energy-ordered candidates, Zero-TPrune's importance partition) or let it split alternately.

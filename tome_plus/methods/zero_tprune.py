@@ -1,7 +1,7 @@
 """Zero-TPrune: zero-shot token pruning with the attention graph.
 
 Wang, Dedhia, Jha, "Zero-TPrune: Zero-Shot Token Pruning through Leveraging of the Attention Graph
-in Pre-Trained Transformers", CVPR 2024 (arXiv:2305.17328). Implements (METHODS.md section 3):
+in Pre-Trained Transformers", CVPR 2024 (arXiv:2305.17328). Implements (docs/methods.md, Zero-TPrune):
 - Weighted PageRank (WPR) per head, s_t = A^T s_{t-1}, class-token start sqrt(N) (or uniform),
   30 / 5 / 1 iterations in the first three / middle / last three layers (the paper gives the
   ranges 30-50, 5-10, 1; we take the cheap end);
@@ -14,7 +14,7 @@ in Pre-Trained Transformers", CVPR 2024 (arXiv:2305.17328). Implements (METHODS.
   0.7 a head that favours a few tokens. When fewer than `min_heads` of the heads pass, the heads
   nearest the range (in log variance) fill up to that share, so the importance does not jump
   between "every head" and "one head" from image to image; `min_heads=0` is the rule as
-  METHODS.md states it (the passing heads; every head when none passes);
+  the paper states it (the passing heads; every head when none passes);
 - the order I' -> S -> I: one WPR step ranks the tokens; the S-stage partitions them by that
   importance (less important half as sources), matches each source to its most similar token of
   the other half by cosine on the keys and drops the sources of the best-matched pairs; the

@@ -18,55 +18,20 @@ refused without `--resume` or `--overwrite`). Ctrl-C prints where the run stoppe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
+from ..training.checkpoint import file_stamp as _stamp, saved_step as _saved_step, shape_mismatches
+from ..training.distributed import setup_distributed, teardown_distributed
 from .common import (Parser, UsageError, check_checkpoint_out, check_device, check_options, cli_errors, int_at_least,
-                     is_rank0, prepare_output, setup_distributed, teardown_distributed)
-from .hf_shapes import SHAPES, check_shape, require_transformers
+                     is_rank0, prepare_output)
+from .data import jsonl_batches, synthetic_batches
+from .hf_shapes import SHAPES, build_llava, check_shape, require_transformers
 
 PROG = "tome-plus atp-train"
-
-
-def synthetic_batches(config, batch_size: int, seed: int, device: str) -> Iterator[Dict[str, torch.Tensor]]:
-    """Random images and prompts with the processor's placeholder count; the loss on the text."""
-    from .hf_shapes import make_inputs
-    step = 0
-    while True:
-        ids, mask, pixels = make_inputs(config, batch_size, text_tokens=16, device=device, seed=seed + step)
-        labels = torch.where(ids == config.image_token_id, -100, ids)
-        yield dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels)
-        step += 1
-
-
-def jsonl_batches(path: str, processor, batch_size: int, rank: int, world: int, device: str
-                  ) -> Iterator[Dict[str, torch.Tensor]]:
-    """Batches of this rank's lines of a JSON-lines file; labels cover the answer's tokens only."""
-    from PIL import Image
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()][rank::world]
-    if not rows:
-        raise ValueError(f"{path} has no samples for rank {rank} of {world}")
-    while True:
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            images = [Image.open(r["image"]).convert("RGB") for r in chunk]
-            prompts = [r["prompt"] for r in chunk]
-            full = [p + " " + r["answer"] for p, r in zip(prompts, chunk)]
-            inputs = processor(images=images, text=full, return_tensors="pt", padding=True)
-            prompt_lens = [len(processor(images=im, text=p, return_tensors="pt")["input_ids"][0])
-                           for im, p in zip(images, prompts)]
-            labels = inputs["input_ids"].clone()
-            for i, n in enumerate(prompt_lens):
-                pad = int((inputs["attention_mask"][i] == 0).sum()) if processor.tokenizer.padding_side == "left" else 0
-                labels[i, :pad + n] = -100
-            labels[inputs["attention_mask"] == 0] = -100
-            inputs["labels"] = labels
-            yield {k: v.to(device) for k, v in inputs.items()}
 
 
 class Progress:
@@ -101,30 +66,10 @@ class Progress:
                 "from there")
 
 
-def _stamp(path: str) -> Optional[tuple]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
-
-
-def _saved_step(path: str) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False).get("step", "?")
-    except Exception:  # any reader's error: the line still goes out
-        return "?"
-
-
 def read_checkpoint(path: str) -> Dict[str, Any]:
     """A checkpoint `tome_plus.atp.train` wrote (the modules, their layers, optimizer and step)."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # pickle and zip readers share no base error class
-        raise ValueError(f"{path} could not be read ({type(e).__name__}: {e})") from None
-    if not isinstance(payload, dict) or not {"modules", "layers", "optimizer", "step"} <= set(payload):
-        raise ValueError(f"{path} is not a checkpoint of `tome-plus atp-train` (modules, layers, optimizer, step)")
-    return payload
+    from ..training.atp import read_checkpoint as read  # transformers: imported when it is needed
+    return read(path)
 
 
 def check_resume(payload: Dict[str, Any], args: argparse.Namespace) -> None:
@@ -145,8 +90,7 @@ def check_fits(payload: Dict[str, Any], mods: torch.nn.Module, args: argparse.Na
                          f"puts them after {list(mods.layers)}; resume with the model it was trained on, or "
                          "start a new --out")
     own, saved = mods.state_dict(), payload["modules"]
-    shapes = [f"{k} is {tuple(v.shape)} there, {tuple(own[k].shape)} here" for k, v in saved.items()
-              if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    shapes = shape_mismatches(saved, own)
     missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
     if shapes or missing or unexpected:
         detail = (f"{len(shapes)} tensor shape(s) differ, e.g. {shapes[0]}" if shapes
@@ -178,7 +122,6 @@ def run(args: argparse.Namespace, progress: Optional[Progress] = None) -> List[D
             if args.data != "synthetic":
                 processor = AutoProcessor.from_pretrained(args.model)
         else:
-            from .hf_shapes import build_llava
             model = build_llava(args.hf_shape, device=device, seed=args.seed)
         options: Dict[str, Any] = {"keep": args.keep}
         if args.layers:

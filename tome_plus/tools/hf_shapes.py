@@ -126,10 +126,8 @@ def build_llava(name: str, device: str = "cpu", dtype: torch.dtype = torch.float
 
 def image_placeholders(config) -> int:
     """Image tokens per image of the unpatched model, as the processor inserts them."""
-    vision = config.vision_config
-    n = (vision.image_size // vision.patch_size) ** 2
-    # "full" keeps CLIP's class token; SigLIP has none to drop or keep
-    return n + int(config.vision_feature_select_strategy == "full" and vision.model_type == "clip_vision_model")
+    from ..backends.hf_llava import image_placeholders as count  # the backend's count (imports transformers)
+    return count(config)
 
 
 def make_inputs(config, batch: int, text_tokens: int, device: str = "cpu", dtype: torch.dtype = torch.float32,

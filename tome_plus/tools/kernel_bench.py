@@ -17,15 +17,16 @@ from __future__ import annotations
 import copy
 import os
 import statistics
-import time
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .bench import Forward, Precision, input_size, resolve_graphs, resolve_precision, time_forwards
 from .common import UsageError
+from .models import input_size
+from .report import kernels_table as format_report  # noqa: F401  (the report's table, by its old name)
+from .timing import Forward, Precision, resolve_graphs, resolve_precision, time_forwards, time_ms
 
 SHAPES = {  # name: (batch, tokens, width, heads)
     "vit_b16": (256, 197, 768, 12),
@@ -61,28 +62,6 @@ def in_mode(mode: str, forward: Forward) -> Forward:
         with kernels(mode):
             return forward(x)
     return run
-
-
-def time_ms(fn: Callable[[], Any], warmup: int = 10, runs: int = 50) -> float:
-    """Median milliseconds of `fn` (CUDA events on a GPU, wall clock otherwise)."""
-    cuda = torch.cuda.is_available()
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        if cuda:
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _label(name: str, shape: tuple) -> str:
@@ -233,43 +212,3 @@ def run(dtype: str = "float16", runs: int = 30, shapes: Optional[Dict[str, tuple
             "kernels": kernel_rows(prec.dtype, device, shapes, runs),
             "attention": attention_rows(prec.dtype, device, shapes, runs),
             "end_to_end": end_to_end_rows(prec, device, models or END_TO_END, runs, bool(use_graphs))}
-
-
-def _ms(value: Optional[float], width: int) -> str:
-    return f"{value:>{width}.2f}" if value is not None else f"{'-':>{width}}"
-
-
-def _ratio(value: Optional[float], width: int) -> str:
-    return f"{value:>{width - 1}.2f}x" if value is not None else f"{'-':>{width}}"
-
-
-def format_report(report: Dict[str, Any]) -> str:
-    graphs = {None: "n/a (CPU)", False: "off"}.get(report["graphs"], "on")
-    lines = [f"{report['device']} | torch {report['torch']} | kernels {report['dtype']} | "
-             f"end to end {report['precision']}, graphs {graphs}", "",
-             f"{'shape':<34}{'op':<22}{'torch ms':>10}{'triton ms':>11}{'speed-up':>10}"]
-    for r in report["kernels"]:
-        lines.append(f"{r['shape']:<34}{r['op']:<22}{r['torch_ms']:>10.3f}{r['triton_ms']:>11.3f}"
-                     f"{r['speedup']:>9.1f}x")
-    lines += ["", f"{'shape':<34}{'attention':<16}{'SDPA ms':>9}{'x no mask':>11}{'qkv+SDPA ms':>13}"
-                  f"{'x no mask':>11}"]
-    for r in report["attention"]:
-        diff = r["max_abs_diff_vs_mask"]
-        lines.append(f"{r['shape']:<34}{r['layout']:<16}{r['sdpa_ms']:>9.3f}{r['sdpa_vs_no_mask']:>10.2f}x"
-                     f"{r['qkv_sdpa_ms']:>13.3f}{r['qkv_sdpa_vs_no_mask']:>10.2f}x"
-                     + (f"  (max abs diff to the mask: {diff:.2g})" if diff is not None else ""))
-    lines += ["", f"{'model':<30}{'budget':<10}{'batch':>6}  {'run':<6}{'base ms':>10}{'torch ms':>10}"
-                  f"{'triton ms':>11}{'x torch':>9}{'x triton':>10}"]
-    notes = []
-    for r in report["end_to_end"]:
-        budget = ",".join(f"{k}={v}" for k, v in r["budget"].items())
-        for run_kind, key, speed in (("eager", "ms", "speedup"), ("graph", "graph_ms", "graph_speedup")):
-            head = f"{r['model']:<30}{budget:<10}{r['batch']:>6}" if run_kind == "eager" else " " * 46
-            lines.append(f"{head}  {run_kind:<6}{_ms(r['baseline_' + key], 10)}{_ms(r['torch_' + key], 10)}"
-                         f"{_ms(r['triton_' + key], 11)}{_ratio(r[speed + '_torch'], 9)}"
-                         f"{_ratio(r[speed + '_triton'], 10)}")
-        notes += [f"{r['model']} batch {r['batch']} {v}: graph capture failed: {e}"
-                  for v, e in r["graph_errors"].items()]
-        notes += [f"{r['model']} batch {r['batch']} {v}: graphed output differs from eager by up to {d:.3g}"
-                  for v, d in r["graph_max_abs_diff"].items() if d]
-    return "\n".join(lines + notes)

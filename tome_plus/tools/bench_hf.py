@@ -1,0 +1,238 @@
+"""`tome-plus bench --hf SHAPE`: a random-weight HF LLaVA of a known shape, unpatched vs. patched.
+
+The vision side in images/s, the prefill forward of a prompt with one image and the language
+model alone on the prompt it gets, all interleaved; FLOPs of the tower, projector and LLM; the
+image tokens that reach the LLM. The patched model shares the unpatched one's weights, so the GPU
+holds them once. transformers is imported only when the run starts. Part of `tome-plus bench`
+(its parser and `main` are in `bench`).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+import tome_plus
+
+from . import hf_shapes
+from .common import UsageError, check_method, method_options
+from .flops import flop_counter
+from .models import shared_copy
+from .report import device_name, hf_csv, hf_table, save_json
+from .timing import Precision, interleave, peak_memory_mib, resolve_hf_precision
+
+
+HF_PARTS = ("vision", "prefill", "llm")
+
+
+def image_features(model: torch.nn.Module, pixel_values: torch.Tensor) -> Any:
+    """The vision side as LLaVA's forward runs it: the tower with the hidden states of the feature
+    layer recorded, the selection, the projector."""
+    config = model.config
+    return model.get_image_features(pixel_values=pixel_values, vision_feature_layer=config.vision_feature_layer,
+                                    vision_feature_select_strategy=config.vision_feature_select_strategy)
+
+
+def llava_prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  pixel_values: torch.Tensor) -> Any:
+    """The whole prefill forward; logits of the last position only, as `generate` asks for them."""
+    return model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, logits_to_keep=1)
+
+
+def llm_inputs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               pixel_values: torch.Tensor) -> Dict[str, Any]:
+    """The keyword arguments the language model gets inside one `llava_prefill` (the embedded
+    prompt, cut by a patched model to its image-token count, image features in place), recorded
+    from the call itself so the LLM alone runs on exactly that, whatever the patch does to get it."""
+    seen: Dict[str, Any] = {}
+
+    def record(module: torch.nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        seen.update({k: kwargs.get(k) for k in ("inputs_embeds", "attention_mask", "position_ids")})
+        if "tome_plus.backends.hf_llm" in sys.modules:  # ATP: which tokens are visual, for its modules
+            seen["_atp_scope"] = sys.modules["tome_plus.backends.hf_llm"].SCOPE.get()
+    handle = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        llava_prefill(model, input_ids, attention_mask, pixel_values)
+    finally:
+        handle.remove()
+    if seen.get("inputs_embeds") is None:
+        raise RuntimeError(f"{type(model).__name__} did not pass inputs_embeds to its language model by keyword")
+    return {k: v for k, v in seen.items() if v is not None}
+
+
+def llm_prefill(model: torch.nn.Module, llm_kwargs: Dict[str, Any]) -> torch.Tensor:
+    """The language model alone on a ready prompt, and the head on its last position (with ATP,
+    under the scope the real call gave it, so its modules prune as there)."""
+    kwargs = dict(llm_kwargs)
+    scope = kwargs.pop("_atp_scope", None)
+    if scope is None:
+        return model.lm_head(model.model.language_model(**kwargs)[0][:, -1:])
+    from ..backends import hf_llm
+    token = hf_llm.SCOPE.set(replace(scope, kept=[], positions=[]))
+    try:
+        return model.lm_head(model.model.language_model(**kwargs)[0][:, -1:])
+    finally:
+        hf_llm.SCOPE.reset(token)
+
+
+def llava_flops(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                pixel_values: torch.Tensor) -> Dict[str, int]:
+    """FLOPs of one `llava_prefill`, by part: tower, projector, llm (decoder and head), total."""
+    with torch.no_grad(), flop_counter() as counter:
+        llava_prefill(model, input_ids, attention_mask, pixel_values)
+    # the counter names modules by path from the root, whose name is its class's (patched or not)
+    root = type(model).__name__
+    per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    part = lambda path: per_module.get(f"{root}.{path}", 0)  # noqa: E731
+    return {"tower": part("model.vision_tower"), "projector": part("model.multi_modal_projector"),
+            "llm": part("model.language_model") + part("lm_head"), "total": counter.get_total_flops()}
+
+
+@dataclass
+class HFMeasurement:
+    """One LLaVA model: times of the vision side, of the whole prefill and of the language model
+    alone (per batch), FLOPs per image or prompt, and the image tokens that reached the LLM."""
+
+    name: str
+    image_tokens: int  # per prompt (one image each), as the language model received them
+    prompt_tokens: int  # per prompt, after the cut
+    vision_images_per_s: float
+    vision_ms_per_batch: float
+    vision_ms_per_batch_min: float
+    prefill_prompts_per_s: float
+    prefill_ms_per_batch: float
+    prefill_ms_per_batch_min: float
+    llm_ms_per_batch: float
+    llm_ms_per_batch_min: float
+    tower_gflops_per_image: float
+    projector_gflops_per_image: float
+    llm_gflops_per_prompt: float
+    prefill_gflops_per_prompt: float  # all parts together
+    peak_mem_mib: float  # of the prefill forward
+    tokens: List[int] = field(default_factory=list)  # the tower's, after each layer
+    llm_kept: List[float] = field(default_factory=list)  # ATP: visual tokens each module kept (batch mean)
+
+
+def _hf_calls(models: Dict[str, torch.nn.Module], prec: Precision, ids: torch.Tensor, mask: torch.Tensor,
+              pixels: torch.Tensor, llm_in: Dict[str, Dict[str, Any]]) -> Dict[Tuple[str, str], Callable[[], Any]]:
+    """The timed calls, keyed (model, part), part by part so a round alternates the models."""
+    def inference(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+        def call() -> Any:
+            with torch.no_grad(), prec.context():
+                return fn(*args)
+        return call
+    calls: Dict[Tuple[str, str], Callable[[], Any]] = {}
+    for part in HF_PARTS:
+        for name, model in models.items():
+            fn, args = {"vision": (image_features, (model, pixels)),
+                        "prefill": (llava_prefill, (model, ids, mask, pixels)),
+                        "llm": (llm_prefill, (model, llm_in[name]))}[part]
+            calls[(name, part)] = inference(fn, *args)
+    return calls
+
+
+def run_hf_bench(shape: str, method: str, options: Dict[str, Any], device: str = "cpu", dtype: str = "float32",
+                 batch_size: int = 1, text_tokens: int = 32, warmup: int = 1, runs: int = 3, progress: bool = True,
+                 precision: Optional[str] = None) -> Dict[str, Any]:
+    """Benchmark a random-weight LLaVA of `shape` (see `hf_shapes.SHAPES`) unpatched vs. patched.
+
+    Times, interleaved in one loop: the vision side (`get_image_features`: tower and projector),
+    the whole prefill forward on a prompt of `text_tokens` text tokens around one image's
+    placeholders, and the language model alone on the prompt it actually gets. FLOPs of the tower,
+    projector and LLM come from one counted prefill of one prompt.
+    """
+    hf_shapes.require_transformers()
+    import transformers
+
+    prec = resolve_hf_precision(device, dtype, precision)
+    dev = torch.device(device)
+    baseline = hf_shapes.build_llava(shape, device, prec.tensor_dtype)
+    patched = tome_plus.patch(shared_copy(baseline), method, **options)
+    models = {"baseline": baseline, method: patched}
+    ids, mask, pixels = hf_shapes.make_inputs(baseline.config, batch_size, text_tokens, device, prec.tensor_dtype)
+    with torch.no_grad(), prec.context():
+        llm_in = {name: llm_inputs(model, ids, mask, pixels) for name, model in models.items()}
+    calls = _hf_calls(models, prec, ids, mask, pixels, llm_in)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    with tqdm(desc=f"bench {shape}", total=(warmup + runs) * len(calls), disable=not progress, file=sys.stderr) as bar:
+        times = interleave(calls, warmup, runs, sync=sync, step=bar.update)
+
+    results = []
+    for name, model in models.items():
+        with prec.context():
+            flops = llava_flops(model, ids[:1], mask[:1], pixels[:1])
+        # last, so `inspect` below describes this full-batch prefill
+        peak = peak_memory_mib(calls[(name, "prefill")], dev)
+        if name == "baseline":
+            image_tokens, tokens = (ids == baseline.config.image_token_id).sum(dim=1), []
+        else:
+            info = tome_plus.inspect(model)
+            image_tokens, tokens = info.image_tokens, list(info.tokens or [])
+            llm_kept = info.llm_kept.float().mean(dim=1).tolist() if info.llm_kept is not None else []
+        med = {part: statistics.median(times[(name, part)]) for part in HF_PARTS}
+        best = {part: min(times[(name, part)]) for part in HF_PARTS}
+        results.append(HFMeasurement(
+            name=name, image_tokens=int(image_tokens.max()), prompt_tokens=llm_in[name]["inputs_embeds"].shape[1],
+            vision_images_per_s=batch_size / med["vision"], vision_ms_per_batch=med["vision"] * 1e3,
+            vision_ms_per_batch_min=best["vision"] * 1e3,
+            prefill_prompts_per_s=batch_size / med["prefill"], prefill_ms_per_batch=med["prefill"] * 1e3,
+            prefill_ms_per_batch_min=best["prefill"] * 1e3,
+            llm_ms_per_batch=med["llm"] * 1e3, llm_ms_per_batch_min=best["llm"] * 1e3,
+            tower_gflops_per_image=flops["tower"] / 1e9, projector_gflops_per_image=flops["projector"] / 1e9,
+            llm_gflops_per_prompt=flops["llm"] / 1e9, prefill_gflops_per_prompt=flops["total"] / 1e9,
+            peak_mem_mib=peak, tokens=tokens, llm_kept=llm_kept if name != "baseline" else []))
+    base, red = results
+    ratio = lambda key: getattr(red, key) / getattr(base, key) if getattr(base, key) else None  # noqa: E731
+    return {
+        "hf": shape, "model": shape, "description": hf_shapes.SHAPES[shape].description,
+        "method": method, "options": options, "device": str(dev),
+        "device_name": device_name(dev),
+        "dtype": dtype, "precision": prec.label, "graphs": None, "batch_size": batch_size,
+        "text_tokens": text_tokens, "image_placeholders": hf_shapes.image_placeholders(baseline.config),
+        "image_size": baseline.config.vision_config.image_size, "warmup": warmup, "runs": runs,
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "results": [asdict(r) for r in results],
+        "vision_speedup": ratio("vision_images_per_s"),
+        "prefill_speedup": base.prefill_ms_per_batch / red.prefill_ms_per_batch,
+        "llm_speedup": base.llm_ms_per_batch / red.llm_ms_per_batch,
+        "image_token_ratio": ratio("image_tokens"), "prompt_token_ratio": ratio("prompt_tokens"),
+        "tower_flops_ratio": ratio("tower_gflops_per_image"), "llm_flops_ratio": ratio("llm_gflops_per_prompt"),
+        "prefill_flops_ratio": ratio("prefill_gflops_per_prompt"), "memory_ratio": ratio("peak_mem_mib"),
+    }
+
+
+def check_hf_args(args: argparse.Namespace) -> None:
+    """Options of the timm bench that an --hf run cannot take (usage errors)."""
+    if args.model is not None:
+        raise UsageError("--hf builds its own model; give --hf or --model, not both")
+    for given, option, why in ((args.img_size, "--img-size", "the shape fixes the image size"),
+                               (args.graphs, "--graphs", "--hf times eager forwards"),
+                               (args.kernels, "--kernels", "the kernel bench takes no model")):
+        if given:
+            raise UsageError(f"{option} does not go with --hf: {why}")
+
+
+def main_hf(args: argparse.Namespace) -> Dict[str, Any]:
+    """`tome-plus bench --hf SHAPE`: checks, run, table and outputs."""
+    check_hf_args(args)
+    check_method(args.method)
+    options = method_options(args)
+    resolve_hf_precision(args.device, args.dtype, args.precision)  # refused here, before any model is built
+    cuda = args.device.startswith("cuda")
+    report = run_hf_bench(
+        args.hf, args.method, options, device=args.device, dtype=args.dtype,
+        batch_size=args.batch_size if args.batch_size is not None else (8 if cuda else 1),
+        text_tokens=args.text_tokens,
+        warmup=args.warmup if args.warmup is not None else (5 if cuda else 1),
+        runs=args.runs if args.runs is not None else (20 if cuda else 3),
+        progress=not args.no_progress, precision=args.precision)
+    print(hf_table(report))
+    save_json(report, args.json)
+    if args.csv:
+        hf_csv(report, args.csv)
+    return report
