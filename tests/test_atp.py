@@ -123,6 +123,25 @@ def test_zero_shot_keeps_the_fraction_and_generates_consistently(pixels):
     assert torch.equal(cached, greedy(model, ids, mask, pixels, use_cache=False))
 
 
+def test_forward_and_generate_keep_the_same_tokens(pixels):
+    """generate encodes the images before it calls forward without pixel_values: the SAP grid must
+    come from what both paths have, so both keep the same tokens of the same prompt."""
+    model = llava()
+    tome_plus.patch(model, "atp", keep=0.5, layers=[0, 2])
+    # rows of one length: a padded row's position ids differ between HF's forward (arange) and
+    # generate (from the mask) before any pruning
+    ids, mask = prompts((3, 5), (3, 5))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    forward = tome_plus.inspect(model)
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=1, do_sample=False)
+    generated = tome_plus.inspect(model)
+    assert torch.equal(forward.llm_kept, generated.llm_kept)
+    for a, b in zip(forward.llm_positions, generated.llm_positions):
+        assert torch.equal(a, b)
+
+
 def test_keeping_everything_gives_the_unpatched_tokens(pixels):
     model = llava()
     ids, mask = prompts((3, 5), (1, 2))

@@ -521,6 +521,22 @@ def test_llava_max_length_counts_the_callers_prompt(pixels):
     assert out.shape[1] == ids.shape[1] + 4
 
 
+def test_llava_max_length_of_any_generation_config_counts_the_callers_prompt(pixels):
+    """The model's own generation_config and one passed to generate count the caller's prompt too."""
+    import copy
+    model = patched_llava()
+    ids, mask = prompts((3, 5), (3, 5))
+    model.generation_config.max_length, model.generation_config.max_new_tokens = ids.shape[1] + 4, None
+    config = copy.deepcopy(model.generation_config)
+    config.max_length = ids.shape[1] + 3
+    with torch.no_grad():
+        own = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, do_sample=False)
+        passed = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, do_sample=False,
+                                generation_config=config)
+    assert own.shape[1] == ids.shape[1] + 4 and passed.shape[1] == ids.shape[1] + 3
+    assert model.generation_config.max_length == ids.shape[1] + 4 and config.max_length == ids.shape[1] + 3
+
+
 def test_llava_inner_model_and_precomputed_features(pixels):
     model = patched_llava()
     ids, mask = prompts((3, 5), (1, 2))

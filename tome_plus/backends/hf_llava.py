@@ -17,7 +17,6 @@ of `model.model(...)` or one with precomputed `mm_encoder_outputs` fits too.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 from dataclasses import dataclass
@@ -461,11 +460,15 @@ def llm_scope(model: nn.Module, args: Dict[str, Any], extra: Dict[str, Any],
     pixels = get("pixel_values")
     per_row = visual.sum(dim=1).tolist()
     spatial = torch.zeros(visual.shape, device=visual.device)
-    if sum(per_row) and pixels is not None:
-        n_full, n_run = image_counts(model, tuple(pixels.shape[-2:]), get("vision_feature_layer"),
+    if sum(per_row):
+        # the grid from what every call path has: this call's pixels where it has them, else the
+        # tower's configured size (generate encodes the images first and calls forward without
+        # them); where the placeholder runs do not fit that grid, tokens are graded along the run
+        vision = tower(model).config
+        n_pixels = tuple(pixels.shape[-2:]) if pixels is not None else (vision.image_size,) * 2
+        n_full, n_run = image_counts(model, n_pixels, get("vision_feature_layer"),
                                      get("vision_feature_select_strategy"))
-        patch = tower(model).config.patch_size
-        grid = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)
+        grid = (n_pixels[0] // vision.patch_size, n_pixels[1] // vision.patch_size)
         first = n_run - grid[0] * grid[1]  # a class token kept by the "full" strategy comes first
         if n_full == n_run and first in (0, 1):
             table = hf_llm_spatial(grid, first, visual.device)
@@ -517,19 +520,18 @@ class FittingLlava(_SignatureOfOriginal):
     def _generate(self, bound, extra, ids, fitted):
         if fitted is None or fitted["removed"] == 0 and fitted["input_ids"] is ids:
             return super().generate(*bound.args[1:], **bound.kwargs)
+        # max_length / min_length count the caller's prompt, wherever they are set (an argument,
+        # the generation_config passed, the model's own): the cut prompt is `removed` shorter.
+        # Given as arguments, they override the config's, as HF's generate merges them
         removed = fitted["removed"]
-        # max_length / min_length count the caller's prompt: the cut one is `removed` shorter
-        config = bound.arguments.get("generation_config")
-        for name in ("max_length", "min_length"):
-            if extra.get(name) is not None:
-                extra[name] -= removed
-        if config is not None and (config.max_length is not None or config.min_length):
-            config = copy.deepcopy(config)
-            if config.max_length is not None and config.max_new_tokens is None:
-                config.max_length -= removed
-            if config.min_length:
-                config.min_length = max(config.min_length - removed, 0)
-            bound.arguments["generation_config"] = config
+        config = bound.arguments.get("generation_config") or self.generation_config
+        if extra.get("max_new_tokens") is None and config.max_new_tokens is None:
+            length = extra.get("max_length", config.max_length)
+            if length is not None:
+                extra["max_length"] = length - removed
+        min_length = extra.get("min_length", config.min_length)
+        if min_length:
+            extra["min_length"] = max(min_length - removed, 0)
         out = super().generate(*bound.args[1:], **bound.kwargs)
         if ids is None:  # from embeddings: generate returns only the new tokens
             return out
