@@ -407,3 +407,68 @@ def test_atp_train_ctrl_c_says_where_it_stopped_and_resumes(tmp_path, capsys, mo
     monkeypatch.undo()
     assert cli.main(args + ["--resume"]) == 0
     assert torch.load(out, weights_only=False)["step"] == 6
+
+
+def _with_attention(impl):
+    model = llava()
+    model.set_attn_implementation(impl)
+    return model
+
+
+@pytest.fixture(scope="module")
+def fa2_standin():
+    """flash_attention_2's mask form (a 2-D padding mask) over SDPA: the stand-in a CPU can run."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    AttentionInterface.register("fa2_standin", AttentionInterface._global_mapping["sdpa"])
+    AttentionMaskInterface.register("fa2_standin", AttentionMaskInterface._global_mapping["flash_attention_2"])
+    return "fa2_standin"
+
+
+@pytest.mark.parametrize("impl", ["eager", "flex_attention", "fa2"])
+def test_every_attention_backend_prunes_alike(impl, fa2_standin, pixels):
+    """ATP's layers run SDPA with masks of their own; HF's mask is used only in its 4-D form, so a
+    padded batch gives the sdpa model's tokens under eager, flex (BlockMask) and flash attention's
+    2-D mask alike, with and without the cache."""
+    ids, mask = prompts((3, 5), (1, 2))
+    ref_model = llava()
+    tome_plus.patch(ref_model, "atp", keep=0.5, layers=[0, 2])
+    ref = greedy(ref_model, ids, mask, pixels)
+    model = _with_attention(fa2_standin if impl == "fa2" else impl)
+    tome_plus.patch(model, "atp", keep=0.5, layers=[0, 2])
+    assert torch.equal(greedy(model, ids, mask, pixels), ref)
+    assert torch.equal(greedy(model, ids, mask, pixels, use_cache=False), ref)
+    assert torch.equal(tome_plus.inspect(model).llm_kept, tome_plus.inspect(ref_model).llm_kept)
+
+
+def test_static_cache_is_refused_by_name(pixels):
+    from transformers import StaticCache
+    model = llava()
+    model.generation_config.cache_implementation = "static"
+    with pytest.raises(ValueError, match="cache_implementation='static'"):
+        tome_plus.patch(model, "atp", keep=0.5, layers=[0, 2])
+    model.generation_config.cache_implementation = None
+    tome_plus.patch(model, "atp", keep=0.5, layers=[0, 2])
+    ids, mask = prompts((3, 5), (3, 5))
+    with pytest.raises(ValueError, match="StaticCache cannot hold"):
+        greedy(model, ids, mask, pixels, cache_implementation="static")
+    cache = StaticCache(config=model.config.text_config, max_cache_len=256)
+    with pytest.raises(ValueError, match="StaticCache cannot hold"), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels, cache=cache, use_cache=True)
+
+
+def test_llm_outputs_and_checkpointing_refused_clearly(pixels):
+    """The LLM's attentions and hidden states are not recorded while ATP is patched into it, and
+    HF's gradient checkpointing does not reach its layers: each is refused by name, never None."""
+    model = llava()
+    tome_plus.patch(model, "atp", keep=0.5, layers=[0, 2])
+    ids, mask = prompts((3, 5), (3, 5))
+    for name in ("output_hidden_states", "output_attentions"):
+        with pytest.raises(ValueError, match=name), torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, pixel_values=pixels, **{name: True})
+        with pytest.raises(ValueError, match=name), torch.no_grad():  # a text-only call too
+            model(input_ids=torch.tensor([[1, 20, 21, 22]]), **{name: True})
+    model.train()
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels)

@@ -119,6 +119,11 @@ def prepare_llm(model: nn.Module, reducer: Reducer, config: ReductionConfig, met
     if not hf_llm.matches_decoder(llm):
         raise TypeError(f"the language model is {type(llm).__name__}; ATP supports {', '.join(hf_llm.DECODERS)} "
                         f"(without qk-norm or a sliding window in use)")
+    cache_kind = getattr(getattr(model, "generation_config", None), "cache_implementation", None)
+    if cache_kind not in (None, "dynamic"):
+        raise ValueError(f"the model's generation_config asks for cache_implementation={cache_kind!r}; ATP keeps a "
+                         f"different number of tokens per instance in each layer's cache, which only the dynamic "
+                         f"cache can hold: set it to None (or 'dynamic') first")
     n_layers = len(llm.layers)
     layers = config.layers if config.layers is not None else default_layers(n_layers)
     if layers[-1] >= n_layers - 1:

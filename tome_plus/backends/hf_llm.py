@@ -222,18 +222,29 @@ class AtpDecoder:
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, **kwargs):
+        asked = [name for name in ("output_attentions", "output_hidden_states") if kwargs.get(name)]
+        if asked:  # HF's output recorders do not reach a patched decoder: refused rather than returned as None
+            raise ValueError(f"{' and '.join(asked)} of the language model are not recorded while ATP is patched "
+                             f"into it; call tome_plus.unpatch(model) to get them")
         scope = SCOPE.get()
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         stored = getattr(cache, CACHE_ATTR, None) if cache is not None else None
         if (scope is None or not scope.has_visual) and stored is None:
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        if self.gradient_checkpointing and self.training:
+            raise ValueError("gradient checkpointing of the language model does not reach the layers ATP runs; "
+                             "train without it (model.gradient_checkpointing_disable()) or unpatch")
         return self._atp_forward(scope, stored, input_ids, attention_mask, position_ids, cache, inputs_embeds,
                                  use_cache)
 
     def _atp_forward(self, scope, stored, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache):
         info = get_info(self)
         atp, reducer = info.modules, info.reducer
+        if cache is not None and not isinstance(cache, DynamicCache):
+            raise ValueError(f"ATP keeps a different number of tokens per instance in each layer's cache, which a "
+                             f"{type(cache).__name__} cannot hold; use the default dynamic cache (no "
+                             f"cache_implementation=..., no pre-built static cache)")
         h = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
         batch, n, _ = h.shape
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -243,8 +254,12 @@ class AtpDecoder:
         if position_ids is None:
             position_ids = (torch.arange(n, device=h.device) + past).unsqueeze(0)
         position_ids = position_ids.expand(batch, n)
+        # the layers run SDPA here whatever the model's attention backend: HF's mask is taken only
+        # where it is the 4-D form SDPA reads (eager, sdpa); flash attention's 2-D padding mask and
+        # flex attention's BlockMask give way to the mask built here (`segment_mask`), as after a module
+        hf_masks = self.config._attn_implementation in ("eager", "sdpa")
         hf_mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask, cache=cache,
-                                     position_ids=position_ids)
+                                     position_ids=position_ids) if hf_masks else None
         cos, sin = self.rotary_emb(h, position_ids=position_ids)
         full = attention_mask.bool() if attention_mask is not None else torch.ones(batch, past + n, dtype=torch.bool,
                                                                                   device=h.device)
@@ -269,7 +284,7 @@ class AtpDecoder:
         for i, layer in enumerate(self.layers):
             module = atp.at(i)
             explicit = module is not None and scope is not None and scope.has_visual
-            if not segments_valid and seg.key_bias is None and not explicit:
+            if hf_masks and not segments_valid and seg.key_bias is None and not explicit:
                 mask = hf_mask
             else:
                 mask = segment_mask(past_valid, seg, h.dtype)
