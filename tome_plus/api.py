@@ -120,8 +120,10 @@ class Inspection:
         image_tokens: LLaVA only: `[B]` image tokens each sample of the last forward passed to the
             language model (what reached the projector, per image, is `tokens` at the feature
             layer less the class token under the "default" strategy).
-        llm_kept: ATP only: `[modules, B]` visual tokens each module kept, per instance.
-        llm_positions: ATP only: per module, `[B, K]` position ids of the tokens kept (-1: padding).
+        llm_kept: LLM-side methods (ATP, FastV) only: `[sites, B]` visual tokens each pruning site
+            (an ATP module, FastV's layer K) kept, per instance.
+        llm_positions: LLM-side methods only: per site, `[B, K]` position ids of the tokens kept
+            (-1: padding).
     """
 
     method: str

@@ -49,8 +49,8 @@ class LlavaParts:
     tower: Optional[PatchInfo] = None
     # the last forward, for `inspect` (never read by a forward; not pickled)
     image_tokens: Optional[torch.Tensor] = None  # [B] image tokens per sample the LLM last received
-    llm_kept: Optional[torch.Tensor] = None  # ATP: [modules, B] visual tokens each module kept
-    llm_positions: Optional[List[torch.Tensor]] = None  # ATP: per module [B, K] position ids kept (-1: pad)
+    llm_kept: Optional[torch.Tensor] = None  # ATP, FastV: [sites, B] visual tokens each pruning site kept
+    llm_positions: Optional[List[torch.Tensor]] = None  # ATP, FastV: per site [B, K] position ids kept (-1: pad)
 
     def __getstate__(self) -> dict:
         return dict(self.__dict__, image_tokens=None, llm_kept=None, llm_positions=None)
@@ -112,19 +112,25 @@ def prepare(model: nn.Module, reducer: Reducer, config: ReductionConfig, method:
 
 
 def prepare_llm(model: nn.Module, reducer: Reducer, config: ReductionConfig, method: str) -> PatchInfo:
-    """A method that prunes inside the language model (ATP), with the tower's own method if asked."""
+    """A method that prunes inside the language model (ATP, FastV), with the tower's own method if
+    asked (ATP)."""
     from ..methods import get_method
-    from ..methods.atp import AtpModules, default_layers, module_fraction
+    from ..methods.atp import Atp, AtpModules, default_layers, module_fraction
     llm = model.model.language_model
+    label = "ATP" if method == "atp" else method
     if not hf_llm.matches_decoder(llm):
-        raise TypeError(f"the language model is {type(llm).__name__}; ATP supports {', '.join(hf_llm.DECODERS)} "
-                        f"(without qk-norm or a sliding window in use)")
+        raise TypeError(f"the language model is {type(llm).__name__}; {label} supports "
+                        f"{', '.join(hf_llm.DECODERS)} (without qk-norm or a sliding window in use)")
     cache_kind = getattr(getattr(model, "generation_config", None), "cache_implementation", None)
     if cache_kind not in (None, "dynamic"):
-        raise ValueError(f"the model's generation_config asks for cache_implementation={cache_kind!r}; ATP keeps a "
-                         f"different number of tokens per instance in each layer's cache, which only the dynamic "
+        raise ValueError(f"the model's generation_config asks for cache_implementation={cache_kind!r}; {label} keeps "
+                         f"a different number of tokens per instance in each layer's cache, which only the dynamic "
                          f"cache can hold: set it to None (or 'dynamic') first")
     n_layers = len(llm.layers)
+    if not isinstance(reducer, Atp):  # no trainable modules (FastV): the reducer names its layers
+        reducer.layers(n_layers)  # validates them against the depth
+        return PatchInfo(method=method, config=config, reducer=reducer, depth=n_layers, n_prefix=0, has_cls=False,
+                         cost=no_cost, parts=LlavaParts())
     layers = config.layers if config.layers is not None else default_layers(n_layers)
     if layers[-1] >= n_layers - 1:
         raise ValueError(f"ATP modules go after decoder layers 0..{n_layers - 2} (a module after the last layer "
@@ -179,8 +185,13 @@ def check_budget(model: nn.Module, info: PatchInfo) -> None:
         record.removals(default_tokens(model), strict=True)
 
 
+def in_llm(info: PatchInfo) -> bool:
+    """Whether the patched method prunes inside the language model (ATP, FastV), not in the tower."""
+    return info.reducer.target == "llm"
+
+
 def install(model: nn.Module, info: PatchInfo) -> None:
-    if info.modules is None:
+    if not in_llm(info):
         hf_clip.install(tower(model), info)
     else:
         if info.parts.tower is not None:
@@ -189,7 +200,8 @@ def install(model: nn.Module, info: PatchInfo) -> None:
         llm = model.model.language_model
         swap_class(llm, hf_llm.AtpDecoder, info)
         tag(llm, info)
-        attach(model, MODULES_ATTR, info.modules, info)
+        if info.modules is not None:
+            attach(model, MODULES_ATTR, info.modules, info)
     swap_class(model.model, FittingInner, info)
     tag(model.model, info)
     swap_class(model, FittingLlava, info)
@@ -206,7 +218,7 @@ def tower_record(model: nn.Module) -> Optional[PatchInfo]:
 def tower_of(info: PatchInfo) -> Optional[PatchInfo]:
     """The tower's record within a LLaVA patch record: the record itself (a tower method), or
     ATP's `parts.tower` (None where the tower is not patched)."""
-    return info.parts.tower if info.modules is not None else info
+    return info.parts.tower if in_llm(info) else info
 
 
 def image_counts(model: nn.Module, n_pixels: Optional[Tuple[int, int]] = None, feature_layer=None,
@@ -439,7 +451,7 @@ class FittingInner(_SignatureOfOriginal):
     def forward(self, *args, **kwargs):
         bound = fitted_call(self, args, kwargs)
         info = get_info(self)
-        if info.modules is None:
+        if not in_llm(info):
             return super().forward(*bound.args[1:], **bound.kwargs)
         call = hf_llm.CALL.get()
         scope = llm_scope(self, bound.arguments, var_kwargs(bound), call)
@@ -509,9 +521,11 @@ class FittingLlava(_SignatureOfOriginal):
         extra = var_kwargs(bound)
         config = bound.arguments.get("generation_config")
         beams = extra.get("num_beams", getattr(config, "num_beams", None) or self.generation_config.num_beams)
-        if get_info(self).modules is not None and (beams or 1) > 1:
-            raise ValueError("ATP keeps a different set of tokens per instance in the cache, which beam search would "
-                             "reorder; generate with num_beams=1 (greedy or sampling)")
+        info = get_info(self)
+        if in_llm(info) and (beams or 1) > 1:
+            label = "ATP" if info.method == "atp" else info.method
+            raise ValueError(f"{label} keeps a different set of tokens per instance in the cache, which beam search "
+                             f"would reorder; generate with num_beams=1 (greedy or sampling)")
         ids = bound.arguments.get("inputs")
         if ids is None:
             ids = extra.get("input_ids")

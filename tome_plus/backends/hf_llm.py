@@ -1,5 +1,10 @@
 """HF transformers backend: the language model of a LLaVA-style model (Llama-family decoders:
-`LlamaModel` and the models built like it), where ATP prunes visual tokens between layers.
+`LlamaModel` and the models built like it), where ATP and FastV prune visual tokens between layers.
+
+Both run through the same loop: the reducer scores the visual tokens from one layer's attention
+(`reducer.score`) and decides which stay (`reducer.decide`); ATP with its trainable modules after
+the layers they name (`info.modules`), FastV after the one layer it names (`reducer.layers`).
+Below, "a module" stands for either's pruning site.
 
 A patched decoder runs its layers itself. Before the first ATP module the layers see what HF
 gives them (its causal mask, its rotary embeddings). An ATP module after layer l reads that
@@ -35,7 +40,6 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from ..methods.atp import scores
 from ..precision import HALF, fp32_logits
 from .base import get_info
 
@@ -118,6 +122,7 @@ class Segment:
     visual: torch.Tensor  # [B, K] bool
     spatial: torch.Tensor  # [B, K] float
     instruction: torch.Tensor  # [B, K] bool: text after the image
+    prompt: torch.Tensor  # [B, K] bool: the prompt's real tokens (FastV's queries)
     key_bias: Optional[torch.Tensor] = None  # [B, K] log soft mask (training)
 
 
@@ -204,6 +209,7 @@ def compact(h: torch.Tensor, seg: Segment, keep: torch.Tensor):
     seg = Segment(index=take(seg.index), valid=take(seg.valid) & occupied, positions=take(seg.positions),
                   cos=take(seg.cos), sin=take(seg.sin), visual=take(seg.visual) & occupied,
                   spatial=take(seg.spatial), instruction=take(seg.instruction) & occupied,
+                  prompt=take(seg.prompt) & occupied,
                   key_bias=None if seg.key_bias is None else take(seg.key_bias))
     return take(h), seg
 
@@ -240,7 +246,9 @@ class AtpDecoder:
 
     def _atp_forward(self, scope, stored, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache):
         info = get_info(self)
+        # ATP: trainable modules after its layers; a method without them (FastV) names its layers
         atp, reducer = info.modules, info.reducer
+        sites = atp.layers if atp is not None else reducer.layers(len(self.layers))
         if cache is not None and not isinstance(cache, DynamicCache):
             raise ValueError(f"ATP keeps a different number of tokens per instance in each layer's cache, which a "
                              f"{type(cache).__name__} cannot hold; use the default dynamic cache (no "
@@ -268,12 +276,15 @@ class AtpDecoder:
         spatial = scope.spatial if scope is not None and scope.has_visual else torch.zeros(batch, n, device=h.device)
         seg = Segment(index=torch.arange(n, device=h.device).expand(batch, n), valid=valid, positions=position_ids,
                       cos=cos.expand(batch, -1, -1), sin=sin.expand(batch, -1, -1), visual=visual & valid,
-                      spatial=spatial, instruction=instruction_after_image(visual, valid))
+                      spatial=spatial, instruction=instruction_after_image(visual, valid), prompt=valid)
         if scope is not None and scope.prompt_length is not None and past == 0:
             seg.instruction &= seg.index < scope.prompt_length
+            seg.prompt = seg.prompt & (seg.index < scope.prompt_length)
         if scope is not None and scope.answer is not None and past == 0:
             seg.instruction &= ~scope.answer
         soft = scope is not None and scope.soft
+        if soft and atp is None:
+            raise ValueError(f"{info.method} has nothing to train: soft masks are ATP's (tome_plus.atp)")
         n_visual = seg.visual.sum(dim=1).float()
         kept_sum = torch.zeros(batch, device=h.device)  # soft: sum over layers of the visual fraction
         fraction_now = torch.ones(batch, device=h.device)
@@ -282,23 +293,28 @@ class AtpDecoder:
         segments_valid: List[torch.Tensor] = []  # this forward's slots, per segment after a module
         past_valid = full[:, :past]  # segment 0's cache: what HF's mask covers
         for i, layer in enumerate(self.layers):
-            module = atp.at(i)
-            explicit = module is not None and scope is not None and scope.has_visual
+            site = i in sites
+            module = atp.at(i) if atp is not None else None
+            explicit = site and scope is not None and scope.has_visual
             if hf_masks and not segments_valid and seg.key_bias is None and not explicit:
                 mask = hf_mask
             else:
                 mask = segment_mask(past_valid, seg, h.dtype)
             h, probs = run_layer(layer, h, mask, seg.cos, seg.sin, cache, explicit)
             kept_sum = kept_sum + fraction_now
-            if module is None:
+            if not site:
                 continue
             if explicit:
-                score = scores(probs, seg.visual, seg.instruction, seg.valid)
+                score = reducer.score(probs, seg.visual, seg.instruction, seg.valid, seg.prompt)
                 pooled = lambda m: (h * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
                 # in training, tokens the hard rule pruned earlier leave the percentiles, as at inference
                 ranked = alive if soft else seg.visual
-                keep = reducer.decide(module, bool(atp.trained), atp.fraction, score, seg.spatial, ranked,
-                                      pooled(ranked.to(h.dtype)), pooled(seg.instruction.to(h.dtype)), soft=soft)
+                if atp is None:
+                    keep = reducer.decide(score, ranked)
+                else:
+                    keep = reducer.decide(module, bool(atp.trained), atp.fraction, score, seg.spatial, ranked,
+                                          pooled(ranked.to(h.dtype)), pooled(seg.instruction.to(h.dtype)),
+                                          soft=soft)
                 if soft:
                     m = torch.where(ranked, keep, torch.ones_like(keep))
                     base = seg.key_bias if seg.key_bias is not None else torch.zeros_like(m)

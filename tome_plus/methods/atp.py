@@ -203,6 +203,16 @@ def percentile(score: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
     return torch.where(visual, pct, torch.full_like(pct, math.nan))
 
 
+def top_fraction(score: torch.Tensor, visual: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Keep mask `[B, N]` (bool): per instance the top ceil(fraction * n_visual) visual tokens by
+    `score` (ties by position, the earlier first), every other token kept. Shared by ATP's
+    zero-shot modules and FastV (`methods/fastv.py`)."""
+    masked = torch.where(visual, score, torch.full_like(score, -math.inf))
+    n_keep = (visual.sum(dim=1) * fraction).ceil().long()
+    rank = masked.argsort(dim=1, descending=True, stable=True).argsort(dim=1, stable=True)
+    return ~visual | (rank < n_keep.unsqueeze(1))
+
+
 @register
 class Atp(Reducer):
     """Registered so `tome_plus.patch(llava, "atp", ...)` finds it; the LLaVA backend runs it in
@@ -218,17 +228,19 @@ class Atp(Reducer):
     def max_remove(self, layer: int, n_tokens: int, n_prefix: int) -> int:
         return 0
 
+    def score(self, probs: torch.Tensor, visual: torch.Tensor, instruction: torch.Tensor, valid: torch.Tensor,
+              prompt: torch.Tensor) -> torch.Tensor:
+        """The score a module ranks by (the LLM backend's call): S_r, `scores` above."""
+        return scores(probs, visual, instruction, valid)
+
     def decide(self, module: AtpModule, trained: bool, fraction: float, score: torch.Tensor, spatial: torch.Tensor,
                visual: torch.Tensor, visual_state: torch.Tensor, text_state: torch.Tensor,
                soft: bool = False) -> torch.Tensor:
         """Keep mask `[B, N]` (bool; float in (0, 1] with `soft`) over the current tokens:
         text tokens always 1."""
         pct = percentile(score, visual)
-        if not trained and not soft:  # zero-shot: the top f by the combined score
-            combined = torch.where(visual, pct + spatial, torch.full_like(pct, -math.inf))
-            n_keep = (visual.sum(dim=1) * fraction).ceil().long()
-            rank = combined.argsort(dim=1, descending=True, stable=True).argsort(dim=1, stable=True)
-            return ~visual | (rank < n_keep.unsqueeze(1))
+        if not trained and not soft:  # zero-shot: the top f by the combined score (as FastV ranks)
+            return top_fraction(pct + spatial, visual, fraction)
         theta = module(visual_state, text_state, pct)
         pct = pct.nan_to_num(0.0)
         if soft:

@@ -145,7 +145,7 @@ def hf_table(report: Dict[str, Any]) -> str:
     if red["tokens"]:
         lines.append("tower tokens after each layer: " + " ".join(str(t) for t in red["tokens"]))
     if red.get("llm_kept"):
-        lines.append("visual tokens after each ATP module: " + " ".join(f"{t:.1f}" for t in red["llm_kept"]))
+        lines.append("visual tokens after each pruning layer of the LLM: " + " ".join(f"{t:.1f}" for t in red["llm_kept"]))
     return "\n".join(lines)
 
 

@@ -1,0 +1,162 @@
+"""FastV inside the LLM of a tiny random LLaVA (Llama text model, 4 layers)."""
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason='FastV tests need transformers: pip install -e ".[hf]"')
+
+import tome_plus  # noqa: E402
+from tome_plus.methods.atp import top_fraction  # noqa: E402
+
+from test_hf import IMAGE_ID, N_IMAGE, greedy, llava, prompts  # noqa: E402
+
+
+@pytest.fixture
+def pixels():
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def fa2_standin():
+    """flash_attention_2's mask form (a 2-D padding mask) over SDPA: the stand-in a CPU can run."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    AttentionInterface.register("fa2_standin", AttentionInterface._global_mapping["sdpa"])
+    AttentionMaskInterface.register("fa2_standin", AttentionMaskInterface._global_mapping["flash_attention_2"])
+    return "fa2_standin"
+
+
+def test_top_fraction_keeps_the_top_visual_tokens_ties_by_position():
+    score = torch.tensor([[9.0, 1.0, 3.0, 3.0, 2.0, 0.0]])
+    visual = torch.tensor([[False, True, True, True, True, False]])
+    keep = top_fraction(score, visual, 0.5)  # 2 of 4: the 3.0 pair, the earlier first on a tie
+    assert keep.tolist() == [[True, False, True, True, False, True]]
+    assert top_fraction(score, visual, 0.25).tolist() == [[True, False, True, False, False, True]]
+
+
+def test_keeping_everything_gives_the_unpatched_tokens_and_logits(pixels):
+    model = llava()
+    ids, mask = prompts((3, 5), (1, 2))
+    ref = greedy(model, ids, mask, pixels)
+    with torch.no_grad():
+        ref_logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    tome_plus.patch(model, "fastv", keep=1.0)
+    assert torch.equal(greedy(model, ids, mask, pixels), ref)
+    assert torch.equal(tome_plus.inspect(model).llm_kept, torch.full((1, 2), N_IMAGE))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    tome_plus.unpatch(model)
+    assert torch.equal(greedy(model, ids, mask, pixels), ref)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits, ref_logits)
+
+
+@pytest.mark.parametrize("rank", ["mean", "last"])
+@pytest.mark.parametrize("keep", [0.5, 0.3])
+def test_cache_padding_and_counts(rank, keep, pixels):
+    model = llava()
+    tome_plus.patch(model, "fastv", k=2, keep=keep, rank=rank)
+    ids, mask = prompts((3, 5), (1, 2))
+    cached = greedy(model, ids, mask, pixels)
+    assert torch.equal(tome_plus.inspect(model).llm_kept, torch.full((1, 2), math.ceil(keep * N_IMAGE)))
+    assert torch.equal(greedy(model, ids, mask, pixels, use_cache=False), cached)
+    for row in range(2):  # each row of the left-padded batch generates what it does alone
+        alone_ids, alone_mask = prompts([(3, 5), (1, 2)][row])
+        alone = greedy(model, alone_ids, alone_mask, pixels[row:row + 1])
+        assert torch.equal(alone[0, -5:], cached[row, -5:])
+
+
+def reference_positions(ids, attentions, keep, rank):
+    """Per row, the image positions FastV keeps, from an unpatched model's eager attention."""
+    out = []
+    for row in range(ids.shape[0]):
+        attn = attentions[row].mean(dim=0)  # [L, L] over heads
+        image = (ids[row] == IMAGE_ID).nonzero().flatten().tolist()
+        if rank == "mean":  # received, averaged over all queries
+            score = {j: float(attn[:, j].mean()) for j in image}
+        else:  # the last token's row
+            score = {j: float(attn[-1, j]) for j in image}
+        top = sorted(image, key=lambda j: (-score[j], j))[:math.ceil(keep * len(image))]
+        out.append(sorted(top))
+    return out
+
+
+@pytest.mark.parametrize("rank", ["mean", "last"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_kept_positions_equal_a_naive_reference(rank, k, pixels):
+    ids, mask = prompts((3, 5), (3, 5))  # no padding: position ids are the token indices
+    eager = llava()
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = eager(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                           output_attentions=True).attentions[k - 1]  # the K-th layer's (index k - 1)
+    expected = reference_positions(ids, attentions, 0.5, rank)
+    model = llava()
+    tome_plus.patch(model, "fastv", k=k, keep=0.5, rank=rank)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    positions = tome_plus.inspect(model).llm_positions
+    assert len(positions) == 1
+    for row in range(2):
+        kept = positions[0][row][positions[0][row] >= 0].tolist()
+        assert [p for p in kept if ids[row, p] == IMAGE_ID] == expected[row]
+        assert [p for p in kept if ids[row, p] != IMAGE_ID] == (ids[row] != IMAGE_ID).nonzero().flatten().tolist()
+
+
+def test_the_two_rank_rules_differ(pixels):
+    ids, mask = prompts((3, 5), (3, 5))
+    kept = {}
+    for rank in ("mean", "last"):
+        model = llava()
+        tome_plus.patch(model, "fastv", keep=0.5, rank=rank)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        kept[rank] = tome_plus.inspect(model).llm_positions[0]
+    assert not torch.equal(kept["mean"], kept["last"])
+
+
+@pytest.mark.parametrize("impl", ["eager", "flex_attention", "fa2"])
+def test_every_attention_backend_prunes_alike(impl, fa2_standin, pixels):
+    ids, mask = prompts((3, 5), (1, 2))
+    ref_model = llava()
+    tome_plus.patch(ref_model, "fastv", keep=0.5)
+    ref = greedy(ref_model, ids, mask, pixels)
+    model = llava()
+    model.set_attn_implementation(fa2_standin if impl == "fa2" else impl)
+    tome_plus.patch(model, "fastv", keep=0.5)
+    assert torch.equal(greedy(model, ids, mask, pixels), ref)
+    assert torch.equal(tome_plus.inspect(model).llm_positions[0], tome_plus.inspect(ref_model).llm_positions[0])
+    assert torch.equal(greedy(model, ids, mask, pixels, use_cache=False), ref)
+
+
+def test_unpatch_restores_and_errors(pixels):
+    model = llava()
+    keys = set(model.state_dict())
+    ids, mask = prompts((3, 5), (1, 2))
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    tome_plus.patch(model, "fastv", k=2, keep=0.25)
+    assert set(model.state_dict()) == keys  # nothing trainable
+    with pytest.raises(ValueError, match="num_beams=1"):
+        greedy(model, ids, mask, pixels, num_beams=2)
+    tome_plus.unpatch(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits, ref)
+    with pytest.raises(ValueError, match="k=4"):
+        tome_plus.patch(llava(), "fastv", k=4)
+    with pytest.raises(ValueError, match="rank"):
+        tome_plus.patch(llava(), "fastv", rank="first")
+    with pytest.raises(ValueError, match="one keep fraction"):
+        tome_plus.patch(llava(), "fastv", r=4)
+
+
+def test_nothing_to_train(pixels):
+    from tome_plus.backends import hf_llm
+    model = llava()
+    tome_plus.patch(model, "fastv")
+    ids, mask = prompts((3, 5), (3, 5))
+    with pytest.raises(ValueError, match="nothing to train"), hf_llm.collecting():
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels)

@@ -1,0 +1,109 @@
+"""FastV: training-free pruning of visual tokens inside the LLM of a LLaVA-style model.
+
+Chen et al., "An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play Inference Acceleration
+for Large Vision-Language Models", ECCV 2024 (arXiv:2403.06764); docs/methods.md, FastV.
+
+The paper's filtering layer K and ratio R: after the K-th decoder layer (counted from 1) the
+visual tokens are ranked by the attention they received in that layer and the lowest R% are
+dropped; the later layers (and their KV cache) never see them. K = 2, R = 50% is the paper's
+headline setting. Here `k` is K: the attention of decoder layer index k - 1 (0-based) scores, and
+the tokens leave before layer index k, so the first k layers see every token. `keep` is 1 - R.
+
+Two ranking rules (`rank`):
+- "mean" (the paper): the attention a visual token receives, averaged over heads and over all
+  the prompt's query tokens (causal: the queries before it give it 0);
+- "last" (the authors' released code): the last prompt token's attention row, averaged over heads.
+
+Per instance the top ceil(keep * n_visual) visual tokens survive (ties by position); text tokens
+always stay and survivors keep their position ids. The selection is ATP's zero-shot one
+(`atp.top_fraction`); the LLaVA backend runs both (`backends/hf_llm.py`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Dict, List
+
+import torch
+
+from .atp import top_fraction
+from .base import ReductionConfig, Reducer, is_int, register
+
+RANKS = ("mean", "last")
+
+
+@dataclass
+class FastvConfig(ReductionConfig):
+    """FastV (LLaVA models only).
+
+    Attributes:
+        keep: fraction of the visual tokens kept after layer K (1 - the paper's R).
+        k: the paper's K: prune after the K-th decoder layer (scored with that layer's attention).
+        rank: "mean" (attention received, averaged over heads and queries: the paper) or "last"
+            (the last token's attention row: the authors' code).
+    """
+
+    k: int = 2
+    rank: str = "mean"
+
+    default_budget: ClassVar[Dict[str, object]] = {"keep": 0.5}
+    default_prop_attn: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.budget[0] != "keep" or isinstance(self.keep, list):
+            raise ValueError("FastV takes its budget as one keep fraction (of the visual tokens, after layer k)")
+        if not is_int(self.k) or self.k < 1:
+            raise ValueError(f"k must be an int >= 1 (prune after the k-th decoder layer), got {self.k!r}")
+        self.k = int(self.k)
+        if self.rank not in RANKS:
+            raise ValueError(f"rank must be one of {RANKS}, got {self.rank!r}")
+
+
+def fastv_score(probs: torch.Tensor, visual: torch.Tensor, queries: torch.Tensor, rank: str) -> torch.Tensor:
+    """Attention each token receives `[B, N]` (0 off the visual tokens).
+
+    probs: `[B, H, N, P + N]` attention probabilities of the N current tokens over the keys, P of
+    them cached (only the current tokens' keys are scored); queries: `[B, N]` the query tokens
+    that count (the prompt's real tokens). "mean": averaged over heads and those queries;
+    "last": the last of them, averaged over heads.
+    """
+    n = visual.shape[1]
+    attn = probs[..., -n:].float().mean(dim=1)  # [B, N queries, N keys]
+    if rank == "last":
+        last = queries.long().cumsum(dim=1).argmax(dim=1)  # the first slot of the largest count: the last query
+        score = attn[torch.arange(attn.shape[0], device=attn.device), last]
+    else:
+        q = queries.float()
+        score = (q.unsqueeze(-1) * attn).sum(dim=1) / q.sum(dim=1, keepdim=True).clamp(min=1)
+    return torch.where(visual, score, torch.zeros_like(score))
+
+
+@register
+class Fastv(Reducer):
+    """Registered so `tome_plus.patch(llava, "fastv", k=2, keep=0.5)` finds it; the LLaVA backend
+    runs it in the language model (`target = "llm"`)."""
+
+    name = "fastv"
+    config_class = FastvConfig
+    needs = frozenset({"attn"})
+    budget_unit = "keep"
+    merges = False
+    target = "llm"
+
+    def max_remove(self, layer: int, n_tokens: int, n_prefix: int) -> int:
+        return 0
+
+    def layers(self, depth: int) -> List[int]:
+        """Decoder layers (0-based) after which tokens are pruned: the K-th, index k - 1."""
+        if self.config.k > depth - 1:
+            raise ValueError(f"k={self.config.k}: FastV prunes after one of the first {depth - 1} decoder layers of "
+                             f"{depth} (after the last, nothing pruned would be used)")
+        return [self.config.k - 1]
+
+    def score(self, probs: torch.Tensor, visual: torch.Tensor, instruction: torch.Tensor, valid: torch.Tensor,
+              prompt: torch.Tensor) -> torch.Tensor:
+        return fastv_score(probs, visual, prompt & valid, self.config.rank)
+
+    def decide(self, score: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """Keep mask `[B, N]` (bool): the top `keep` of each instance's visual tokens, text always."""
+        return top_fraction(score, visual, self.config.keep)
