@@ -24,7 +24,7 @@ def patch(model: nn.Module, method: str, head: Optional[str] = None,
     """Make `model` reduce tokens with `method`, in place; returns the model.
 
     Options are the method's config fields (see `tome_plus.methods.get_method(name).config_class`):
-    one budget of `r`, `keep` or `flops`, plus `prop_attn`, `trace_source`, `weighted_pool` and
+    one budget of `r`, `keep`, `flops` or `tokens`, plus `prop_attn`, `trace_source`, `weighted_pool` and
     the method's own. Patching a patched model replaces its method (and its head).
 
     `head="clca"` (timm classifiers) replaces the model's final norm and head by the cross-layer
@@ -124,6 +124,9 @@ class Inspection:
             (an ATP module, FastV's layer K) kept, per instance.
         llm_positions: LLM-side methods only: per site, `[B, K]` position ids of the tokens kept
             (-1: padding).
+
+    The visual tokens each sample kept at each stage (what a `tokens=N` budget is about):
+    `image_tokens` after the tower, then `llm_kept` at each pruning site in the LLM.
     """
 
     method: str

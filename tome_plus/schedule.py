@@ -1,6 +1,6 @@
 """Budgets -> per-layer token removal counts.
 
-Every budget (`r`, `keep`, `flops`) becomes a list with the number of tokens each block removes,
+Every budget (`r`, `keep`, `flops`, `tokens`) becomes a list with the number of tokens each block removes,
 fixed for a given input token count, so shapes are static per batch. Counts larger than a layer
 can take are clamped with one warning.
 """
@@ -141,7 +141,8 @@ def solve(budget: Tuple[str, object], unit: str, depth: int, n_tokens: int, n_pr
     """Per-layer removal counts for one budget.
 
     Args:
-        budget: ("r", value), ("keep", value) or ("flops", fraction).
+        budget: ("r", value), ("keep", value), ("flops", fraction) or ("tokens", reducible tokens
+            left after the last layer: `_solve_tokens`).
         unit: the method's schedule family for `flops` targets: "r" or "keep".
         depth: number of blocks.
         n_tokens: tokens entering the first block (prefix included).
@@ -150,10 +151,12 @@ def solve(budget: Tuple[str, object], unit: str, depth: int, n_tokens: int, n_pr
         cost: the backend's FLOPs model.
         active: which layers the method reduces in at all (e.g. Zero-TPrune's `layers`).
         keep_removal: how a `keep` fraction of T reducible tokens becomes a count.
-        strict: an unreachable `flops` target raises ValueError; otherwise it warns and returns
-            the schedule that comes closest (the most the method can remove).
+        strict: an unreachable `flops` or `tokens` target raises ValueError; otherwise it warns
+            and returns the schedule that comes closest.
     """
     kind, value = budget
+    if kind == "tokens":
+        return _solve_tokens(int(value), depth, n_tokens, n_prefix, max_remove, active, strict)
     if kind == "flops":
         return _solve_flops(float(value), unit, depth, n_tokens, n_prefix, max_remove, cost, active,
                             keep_removal, strict)
@@ -231,3 +234,36 @@ def _solve_flops(target: float, unit: str, depth: int, n_tokens: int, n_prefix: 
         best = min((counts_for_keep(lo), counts_for_keep(hi)), key=lambda c: abs(ratio(c) - target))
         return best
     raise ValueError(f"unknown budget unit {unit!r}")
+
+
+def _solve_tokens(target: int, depth: int, n_tokens: int, n_prefix: int, max_remove: MaxRemove,
+                  active: Callable[[int], bool], strict: bool) -> List[int]:
+    """Counts that leave exactly `target` reducible tokens after the last layer.
+
+    The `T - target` removals are spread evenly over the active layers (the earlier ones take the
+    remainder, one each); a layer that cannot take its share (`max_remove`) passes the excess on to
+    the next active layer. What is left over at the end, or a target above T, is unreachable.
+    """
+    reducible = n_tokens - n_prefix
+    layers = [layer for layer in range(depth) if active(layer)]
+    total = max(reducible - target, 0)
+    wanted = [0] * depth
+    if layers:
+        q, m = divmod(total, len(layers))
+        for i, layer in enumerate(layers):
+            wanted[layer] = q + (1 if i < m else 0)
+    counts, n, carry = [], n_tokens, 0
+    for layer in range(depth):
+        asked = wanted[layer] + carry if active(layer) else 0
+        given = max(0, min(asked, max_remove(layer, n, n_prefix))) if asked else 0
+        carry = asked - given if active(layer) else carry
+        counts.append(given)
+        n -= given
+    left = n - n_prefix
+    if left != target:
+        message = (f"tokens={target} is not reachable with {n_tokens} input tokens ({reducible} reducible): "
+                   f"this method's layers leave {left} at the closest")
+        if strict:
+            raise ValueError(message)
+        warn_caller(message + "; using that schedule")
+    return counts

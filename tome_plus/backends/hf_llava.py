@@ -148,6 +148,8 @@ def prepare_llm(model: nn.Module, reducer: Reducer, config: ReductionConfig, met
         tower_info.backend = hf_clip.__name__  # found on the tower's encoder: a tower record
     info = PatchInfo(method=method, config=config, reducer=reducer, depth=n_layers, n_prefix=0, has_cls=False,
                      cost=no_cost, parts=LlavaParts(tower=tower_info))
+    if config.tokens is not None:
+        config.keep = atp_keep(model, config.tokens, tower_info)
     fraction = module_fraction(config.keep, layers, n_layers)
     if fraction == 0.0:
         warn_caller(f"keep={config.keep} is at or below what ATP reaches with modules after layers {layers} of "
@@ -158,6 +160,19 @@ def prepare_llm(model: nn.Module, reducer: Reducer, config: ReductionConfig, met
     if config.weights is not None:
         load_modules(info.modules, config.weights)
     return info
+
+
+def atp_keep(model: nn.Module, tokens: int, tower_info: Optional[PatchInfo]) -> float:
+    """ATP's `tokens` (visual tokens per image, averaged over the LLM's layers) as its `keep`
+    fraction of the image tokens one image of the tower's configured size puts into the LLM (after
+    the tower's own reduction, `tower_info`, if any)."""
+    vision = tower(model)
+    n_input = tower_tokens(vision.config, None, hf_clip.has_cls(vision))
+    removed = sum(tower_info.removals(n_input, strict=True)) if tower_info is not None else 0
+    per_image = n_input - removed - dropped(model.config)
+    if tokens > per_image:
+        raise ValueError(f"tokens={tokens} is more than the {per_image} image tokens one image puts into the LLM")
+    return tokens / per_image
 
 
 def no_cost(n_tokens: int) -> None:
@@ -477,6 +492,7 @@ def llm_scope(model: nn.Module, args: Dict[str, Any], extra: Dict[str, Any],
     pixels = get("pixel_values")
     per_row = visual.sum(dim=1).tolist()
     spatial = torch.zeros(visual.shape, device=visual.device)
+    n_run = None
     if sum(per_row):
         # the grid from what every call path has: this call's pixels where it has them, else the
         # tower's configured size (generate encodes the images first and calls forward without
@@ -496,7 +512,7 @@ def llm_scope(model: nn.Module, args: Dict[str, Any], extra: Dict[str, Any],
     answer = call.answer
     if answer is not None and answer.shape != visual.shape:
         answer = None
-    return hf_llm.LlmInputs(visual=visual, spatial=spatial, has_visual=sum(per_row) > 0,
+    return hf_llm.LlmInputs(visual=visual, spatial=spatial, has_visual=sum(per_row) > 0, per_image=n_run,
                             soft=call.collect is not None, prompt_length=call.prompt_length, answer=answer)
 
 

@@ -53,6 +53,9 @@ class AtpConfig(ReductionConfig):
     Attributes:
         keep: target fraction of visual tokens, averaged over the LLM's layers (the training
             budget; zero-shot, what the modules keep).
+        tokens: instead of keep, visual tokens per image averaged over the LLM's layers; `patch`
+            turns it into keep = tokens / (image tokens per image at the tower's configured size,
+            after the tower's own reduction if any) and fills in `keep`.
         weights: path of trained ATP weights (`tome_plus.atp.save`); None: zero-shot.
         layers: decoder layers after which a module prunes; None: 4, 14, 24 of 32, scaled.
         tau: temperature of the soft masks in training.
@@ -74,8 +77,9 @@ class AtpConfig(ReductionConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.budget[0] != "keep" or isinstance(self.keep, list):
-            raise ValueError("ATP takes its budget as one keep fraction (of visual tokens, averaged over layers)")
+        if self.budget[0] not in ("keep", "tokens") or isinstance(self.keep, list):
+            raise ValueError("ATP takes its budget as one keep fraction (of visual tokens, averaged over layers) "
+                             "or tokens (visual tokens per image, averaged over layers)")
         if self.layers is not None:
             if not self.layers or not all(is_int(v) and v >= 0 for v in self.layers):
                 raise ValueError(f"layers must be a non-empty list of decoder layer indices, got {self.layers!r}")
@@ -207,8 +211,17 @@ def top_fraction(score: torch.Tensor, visual: torch.Tensor, fraction: float) -> 
     """Keep mask `[B, N]` (bool): per instance the top ceil(fraction * n_visual) visual tokens by
     `score` (ties by position, the earlier first), every other token kept. Shared by ATP's
     zero-shot modules and FastV (`methods/fastv.py`)."""
+    n_visual = visual.sum(dim=1)
+    # float64 and a tiny epsilon: 576 * (64 / 576) is 64, not 64.00001 ceiled to 65
+    exact = torch.float32 if n_visual.device.type == "mps" else torch.float64
+    n_keep = (n_visual.to(exact) * fraction - 1e-6).ceil().clamp(min=0).long()
+    return top_count(score, visual, n_keep)
+
+
+def top_count(score: torch.Tensor, visual: torch.Tensor, n_keep: torch.Tensor) -> torch.Tensor:
+    """Keep mask `[B, N]` (bool): per instance the top `n_keep[b]` visual tokens by `score` (ties
+    by position, the earlier first), every other token kept."""
     masked = torch.where(visual, score, torch.full_like(score, -math.inf))
-    n_keep = (visual.sum(dim=1) * fraction).ceil().long()
     rank = masked.argsort(dim=1, descending=True, stable=True).argsort(dim=1, stable=True)
     return ~visual | (rank < n_keep.unsqueeze(1))
 

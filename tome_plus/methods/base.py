@@ -20,6 +20,8 @@ from ..state import TokenState
 RBudget = Union[int, Sequence[int], Tuple[int, float]]
 KeepBudget = Union[float, Sequence[float]]
 
+BUDGETS = ("r", "keep", "flops", "tokens")  # give exactly one
+
 SIGNALS = frozenset({"k", "keys", "cls_attn", "attn", "x"})
 
 
@@ -33,6 +35,13 @@ class ReductionConfig:
         keep: fraction of the reducible tokens kept by each layer (a float or a per-layer list).
         flops: target fraction of the unpatched model's FLOPs, solved into per-layer counts for
             the model and input size.
+        tokens: reducible (non-prefix) tokens left after the last reducing layer, an int >= 1;
+            `T - tokens` of the T reducible input tokens are removed, spread evenly over the layers
+            that reduce (`schedule.solve`). In a LLaVA vision tower that is the image tokens per
+            image the LLM receives under the "default" feature selection (which drops the class
+            token); under "full" the LLM gets the class token too, `tokens + 1`. In-LLM methods
+            read it per image: FastV keeps exactly `tokens` visual tokens per image, ATP averages
+            `tokens` per image over the LLM's layers.
         prop_attn: proportional attention (add `log(size)` to every key's logit); None takes the
             method's default (its paper's).
         trace_source: record which input patches each token stands for (`tome_plus.inspect`).
@@ -44,6 +53,7 @@ class ReductionConfig:
     r: Optional[RBudget] = None
     keep: Optional[KeepBudget] = None
     flops: Optional[float] = None
+    tokens: Optional[int] = None
     prop_attn: Optional[bool] = None
     trace_source: bool = False
     weighted_pool: bool = True
@@ -55,7 +65,7 @@ class ReductionConfig:
     def __post_init__(self) -> None:
         if self.prop_attn is None:
             self.prop_attn = self.default_prop_attn
-        given = [name for name in ("r", "keep", "flops") if getattr(self, name) is not None]
+        given = [name for name in BUDGETS if getattr(self, name) is not None]
         if len(given) > 1:
             raise ValueError(f"give one budget, not {' and '.join(given)}")
         if not given:
@@ -107,10 +117,14 @@ class ReductionConfig:
             if not 0.0 < flops <= 1.0:
                 raise ValueError(f"flops must lie in (0, 1], got {float(flops)}")
             self.flops = float(flops)
+        if self.tokens is not None:
+            if not is_int(self.tokens) or self.tokens < 1:
+                raise ValueError(f"tokens must be an int >= 1 (reducible tokens left), got {self.tokens!r}")
+            self.tokens = int(self.tokens)
 
     @property
     def budget(self) -> Tuple[str, object]:
-        for name in ("r", "keep", "flops"):
+        for name in BUDGETS:
             if getattr(self, name) is not None:
                 return name, getattr(self, name)
         raise AssertionError("unreachable: __post_init__ sets a budget")

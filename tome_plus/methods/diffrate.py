@@ -80,8 +80,9 @@ class DiffRateConfig(ReductionConfig):
         raise AssertionError("unreachable: __post_init__ checks that one is given")
 
     def __post_init__(self) -> None:
-        if self.r is not None or self.keep is not None:
-            raise ValueError("DiffRate takes gflops=, schedule= or flops=, not r or keep")
+        if self.r is not None or self.keep is not None or self.tokens is not None:
+            raise ValueError("DiffRate takes gflops=, schedule= or flops=, not r or keep (nor tokens: its "
+                             "schedule is its own)")
         given = [n for n in ("gflops", "schedule", "flops") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError(f"DiffRate needs exactly one of gflops=, schedule= or flops= (got {given or 'none'})")

@@ -14,18 +14,20 @@ Two ranking rules (`rank`):
   the prompt's query tokens (causal: the queries before it give it 0);
 - "last" (the authors' released code): the last prompt token's attention row, averaged over heads.
 
-Per instance the top ceil(keep * n_visual) visual tokens survive (ties by position); text tokens
+Per instance the top ceil(keep * n_visual) visual tokens survive (with `tokens=N`: the top
+N x the instance's images, the images counted from its visual tokens and the per-image count the
+LLaVA backend knows) (ties by position); text tokens
 always stay and survivors keep their position ids. The selection is ATP's zero-shot one
 (`atp.top_fraction`); the LLaVA backend runs both (`backends/hf_llm.py`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Dict, List
+from typing import ClassVar, Dict, List, Optional
 
 import torch
 
-from .atp import top_fraction
+from .atp import top_count, top_fraction
 from .base import ReductionConfig, Reducer, is_int, register
 
 RANKS = ("mean", "last")
@@ -37,6 +39,8 @@ class FastvConfig(ReductionConfig):
 
     Attributes:
         keep: fraction of the visual tokens kept after layer K (1 - the paper's R).
+        tokens: instead of keep, exactly this many visual tokens kept per image after layer K (per
+            instance: tokens x its images, at most the visual tokens it has).
         k: the paper's K: prune after the K-th decoder layer (scored with that layer's attention).
         rank: "mean" (attention received, averaged over heads and queries: the paper) or "last"
             (the last token's attention row: the authors' code).
@@ -50,8 +54,9 @@ class FastvConfig(ReductionConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.budget[0] != "keep" or isinstance(self.keep, list):
-            raise ValueError("FastV takes its budget as one keep fraction (of the visual tokens, after layer k)")
+        if self.budget[0] not in ("keep", "tokens") or isinstance(self.keep, list):
+            raise ValueError("FastV takes its budget as one keep fraction (of the visual tokens, after layer k) "
+                             "or tokens (visual tokens kept per image)")
         if not is_int(self.k) or self.k < 1:
             raise ValueError(f"k must be an int >= 1 (prune after the k-th decoder layer), got {self.k!r}")
         self.k = int(self.k)
@@ -104,6 +109,11 @@ class Fastv(Reducer):
               prompt: torch.Tensor) -> torch.Tensor:
         return fastv_score(probs, visual, prompt & valid, self.config.rank)
 
-    def decide(self, score: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-        """Keep mask `[B, N]` (bool): the top `keep` of each instance's visual tokens, text always."""
-        return top_fraction(score, visual, self.config.keep)
+    def decide(self, score: torch.Tensor, visual: torch.Tensor, per_image: Optional[int] = None) -> torch.Tensor:
+        """Keep mask `[B, N]` (bool): the top `keep` of each instance's visual tokens, or `tokens`
+        per image (`per_image`: visual tokens one image puts into the LLM), text always."""
+        if self.config.tokens is None:
+            return top_fraction(score, visual, self.config.keep)
+        n_visual = visual.sum(dim=1)
+        images = (n_visual + per_image - 1) // per_image  # a whole number of runs per row
+        return top_count(score, visual, torch.minimum(images * self.config.tokens, n_visual))

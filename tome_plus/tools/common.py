@@ -248,8 +248,10 @@ def add_method_args(parser: argparse.ArgumentParser, default_method: Optional[st
                    help="tokens removed per layer: 16, a list [16,8,...] or ToMe's (r, inflect) e.g. '(16,-1)'")
     g.add_argument("--keep", type=_literal, default=None, help="fraction of tokens kept per layer, e.g. 0.9")
     g.add_argument("--flops", type=float, default=None, help="target fraction of the unpatched FLOPs, e.g. 0.5")
+    g.add_argument("--tokens", type=int, default=None,
+                   help="reducible tokens left after the last reducing layer (LLaVA: image tokens per image), e.g. 64")
     g.add_argument("--budget", default=None, metavar="KIND=VALUE",
-                   help="the budget as one argument, e.g. r=16, keep=0.9, flops=0.5, 'r=(16,-1)'. "
+                   help="the budget as one argument, e.g. r=16, keep=0.9, flops=0.5, tokens=64, 'r=(16,-1)'. "
                         "Use this form under torchrun, whose own --rdzv-*/--role options make --r ambiguous")
     g.add_argument("--prop-attn", dest="prop_attn", action=argparse.BooleanOptionalAction, default=None,
                    help="proportional attention (default: the method's)")
@@ -261,15 +263,15 @@ def method_options(args: argparse.Namespace) -> Dict[str, Any]:
     """The `tome_plus.patch` keyword options given on the command line, checked against
     `args.method`'s config when there is one (see `check_options`)."""
     options: Dict[str, Any] = {}
-    for name in ("r", "keep", "flops", "prop_attn"):
-        if getattr(args, name) is not None:
+    for name in ("r", "keep", "flops", "tokens", "prop_attn"):
+        if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     if args.budget:
         if "=" not in args.budget:
             raise UsageError(f"--budget takes KIND=VALUE, got {args.budget!r}")
         kind, value = next(iter(parse_options([args.budget]).items()))
-        if kind not in ("r", "keep", "flops"):
-            raise UsageError(f"--budget kind must be r, keep or flops, got {kind!r}")
+        if kind not in ("r", "keep", "flops", "tokens"):
+            raise UsageError(f"--budget kind must be r, keep, flops or tokens, got {kind!r}")
         if kind in options:
             raise UsageError(f"--budget {kind}=... and --{kind}: give the budget once")
         options[kind] = value
