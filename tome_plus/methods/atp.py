@@ -77,9 +77,8 @@ class AtpConfig(ReductionConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.budget[0] not in ("keep", "tokens") or isinstance(self.keep, list):
-            raise ValueError("ATP takes its budget as one keep fraction (of visual tokens, averaged over layers) "
-                             "or tokens (visual tokens per image, averaged over layers)")
+        check_llm_budget(self, "ATP", "of visual tokens, averaged over layers",
+                         "visual tokens per image, averaged over layers")
         if self.layers is not None:
             if not self.layers or not all(is_int(v) and v >= 0 for v in self.layers):
                 raise ValueError(f"layers must be a non-empty list of decoder layer indices, got {self.layers!r}")
@@ -205,6 +204,12 @@ def percentile(score: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
     n_visual = visual.sum(dim=1, keepdim=True)
     pct = (ranks - (order.shape[1] - n_visual) + 1).float() / n_visual.clamp(min=1).float()
     return torch.where(visual, pct, torch.full_like(pct, math.nan))
+
+
+def check_llm_budget(config: ReductionConfig, method: str, keep_means: str, tokens_mean: str) -> None:
+    """An LLM-side method's budget is one keep fraction or a token count (no r, flops, lists)."""
+    if config.budget[0] not in ("keep", "tokens") or isinstance(config.keep, list):
+        raise ValueError(f"{method} takes its budget as one keep fraction ({keep_means}) or tokens ({tokens_mean})")
 
 
 def top_fraction(score: torch.Tensor, visual: torch.Tensor, fraction: float) -> torch.Tensor:

@@ -27,7 +27,7 @@ from typing import ClassVar, Dict, List, Optional
 
 import torch
 
-from .atp import top_count, top_fraction
+from .atp import check_llm_budget, top_count, top_fraction
 from .base import ReductionConfig, Reducer, is_int, register
 
 RANKS = ("mean", "last")
@@ -54,9 +54,7 @@ class FastvConfig(ReductionConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.budget[0] not in ("keep", "tokens") or isinstance(self.keep, list):
-            raise ValueError("FastV takes its budget as one keep fraction (of the visual tokens, after layer k) "
-                             "or tokens (visual tokens kept per image)")
+        check_llm_budget(self, "FastV", "of the visual tokens, after layer k", "visual tokens kept per image")
         if not is_int(self.k) or self.k < 1:
             raise ValueError(f"k must be an int >= 1 (prune after the k-th decoder layer), got {self.k!r}")
         self.k = int(self.k)
