@@ -9,6 +9,7 @@ pytest.importorskip("transformers", reason='FastV tests need transformers: pip i
 import tome_plus  # noqa: E402
 from tome_plus.methods.atp import top_fraction  # noqa: E402
 
+from test_atp import fa2_standin  # noqa: E402,F401 (the fixture: flash attention's mask form over SDPA)
 from test_hf import IMAGE_ID, N_IMAGE, greedy, llava, prompts  # noqa: E402
 
 
@@ -16,16 +17,6 @@ from test_hf import IMAGE_ID, N_IMAGE, greedy, llava, prompts  # noqa: E402
 def pixels():
     torch.manual_seed(1)
     return torch.randn(2, 3, 64, 64)
-
-
-@pytest.fixture(scope="module")
-def fa2_standin():
-    """flash_attention_2's mask form (a 2-D padding mask) over SDPA: the stand-in a CPU can run."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-    AttentionInterface.register("fa2_standin", AttentionInterface._global_mapping["sdpa"])
-    AttentionMaskInterface.register("fa2_standin", AttentionMaskInterface._global_mapping["flash_attention_2"])
-    return "fa2_standin"
 
 
 def test_top_fraction_keeps_the_top_visual_tokens_ties_by_position():
