@@ -184,11 +184,8 @@ def _solve_flops(target: float, unit: str, depth: int, n_tokens: int, n_prefix: 
         return cost.total(n_tokens, counts) / base
 
     def unreachable(most: List[int]) -> List[int]:
-        message = (f"flops={target} is below what this method reaches on this model and input "
-                   f"({n_tokens} tokens: {ratio(most):.3f} of the unpatched FLOPs)")
-        if strict:
-            raise ValueError(message)
-        warn_caller(message + "; using that schedule")
+        _unreachable(f"flops={target} is below what this method reaches on this model and input "
+                     f"({n_tokens} tokens: {ratio(most):.3f} of the unpatched FLOPs)", strict)
         return most
 
     if unit == "r":
@@ -198,10 +195,7 @@ def _solve_flops(target: float, unit: str, depth: int, n_tokens: int, n_prefix: 
         layers = [layer for layer in range(depth) if active(layer)] or list(range(depth))
 
         def counts_for(t: int) -> List[int]:
-            q, m = divmod(t, len(layers))
-            wanted = [0] * depth
-            for i, layer in enumerate(layers):
-                wanted[layer] = q + (1 if i < m else 0)
+            wanted = _even_split(t, depth, layers)
             return _run(lambda layer, n: wanted[layer], depth, n_tokens, n_prefix, max_remove, active)[0]
 
         hi = len(layers) * max(max(max_remove(layer, n_tokens, n_prefix) for layer in layers), 0)
@@ -247,11 +241,7 @@ def _solve_tokens(target: int, depth: int, n_tokens: int, n_prefix: int, max_rem
     reducible = n_tokens - n_prefix
     layers = [layer for layer in range(depth) if active(layer)]
     total = max(reducible - target, 0)
-    wanted = [0] * depth
-    if layers:
-        q, m = divmod(total, len(layers))
-        for i, layer in enumerate(layers):
-            wanted[layer] = q + (1 if i < m else 0)
+    wanted = _even_split(total, depth, layers)
     counts, n, carry = [], n_tokens, 0
     for layer in range(depth):
         asked = wanted[layer] + carry if active(layer) else 0
@@ -261,9 +251,25 @@ def _solve_tokens(target: int, depth: int, n_tokens: int, n_prefix: int, max_rem
         n -= given
     left = n - n_prefix
     if left != target:
-        message = (f"tokens={target} is not reachable with {n_tokens} input tokens ({reducible} reducible): "
-                   f"this method's layers leave {left} at the closest")
-        if strict:
-            raise ValueError(message)
-        warn_caller(message + "; using that schedule")
+        _unreachable(f"tokens={target} is not reachable with {n_tokens} input tokens ({reducible} reducible): "
+                     f"this method's layers leave {left} at the closest", strict)
     return counts
+
+
+def _even_split(total: int, depth: int, layers: Sequence[int]) -> List[int]:
+    """`total` removals over `layers` (of `depth`): floor(total / n) each, one more in the first
+    total % n; 0 in every other layer."""
+    wanted = [0] * depth
+    if layers:
+        q, m = divmod(total, len(layers))
+        for i, layer in enumerate(layers):
+            wanted[layer] = q + (1 if i < m else 0)
+    return wanted
+
+
+def _unreachable(message: str, strict: bool) -> None:
+    """An unreachable target: an error at `patch` (strict), one warning inside a forward (the
+    caller then uses the closest schedule)."""
+    if strict:
+        raise ValueError(message)
+    warn_caller(message + "; using that schedule")

@@ -39,7 +39,7 @@ from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .base import ReductionConfig, Reducer, is_int, is_real, register
+from .base import LlmReducer, ReductionConfig, is_int, is_real, register
 
 PAPER_DEPTH, DEFAULT_LAYERS = 32, (4, 14, 24)
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -232,20 +232,12 @@ def top_count(score: torch.Tensor, visual: torch.Tensor, n_keep: torch.Tensor) -
 
 
 @register
-class Atp(Reducer):
+class Atp(LlmReducer):
     """Registered so `tome_plus.patch(llava, "atp", ...)` finds it; the LLaVA backend runs it in
     the language model (`target = "llm"`), not through the per-layer `plan` of the ViT methods."""
 
     name = "atp"
     config_class = AtpConfig
-    needs = frozenset({"attn"})
-    budget_unit = "keep"
-    merges = False
-    target = "llm"
-
-    def max_remove(self, layer: int, n_tokens: int, n_prefix: int) -> int:
-        return 0
-
     def score(self, probs: torch.Tensor, visual: torch.Tensor, instruction: torch.Tensor, valid: torch.Tensor,
               prompt: torch.Tensor) -> torch.Tensor:
         """The score a module ranks by (the LLM backend's call): S_r, `scores` above."""

@@ -213,6 +213,20 @@ class Reducer:
         raise NotImplementedError
 
 
+class LlmReducer(Reducer):
+    """A method that prunes visual tokens inside the language model of a LLaVA-style model (ATP,
+    FastV): the LLaVA backend's decoder runs it between decoder layers, from one layer's attention
+    probabilities, not through the per-layer `plan` of the ViT methods."""
+
+    needs: ClassVar[FrozenSet[str]] = frozenset({"attn"})
+    budget_unit: ClassVar[str] = "keep"
+    merges: ClassVar[bool] = False
+    target: ClassVar[str] = "llm"
+
+    def max_remove(self, layer: int, n_tokens: int, n_prefix: int) -> int:
+        return 0  # counts are decided per instance at run time: no schedule to solve
+
+
 _REGISTRY: Dict[str, Type[Reducer]] = {}
 
 

@@ -28,7 +28,7 @@ from typing import ClassVar, Dict, List, Optional
 import torch
 
 from .atp import check_llm_budget, top_count, top_fraction
-from .base import ReductionConfig, Reducer, is_int, register
+from .base import LlmReducer, ReductionConfig, is_int, register
 
 RANKS = ("mean", "last")
 
@@ -82,20 +82,12 @@ def fastv_score(probs: torch.Tensor, visual: torch.Tensor, queries: torch.Tensor
 
 
 @register
-class Fastv(Reducer):
+class Fastv(LlmReducer):
     """Registered so `tome_plus.patch(llava, "fastv", k=2, keep=0.5)` finds it; the LLaVA backend
     runs it in the language model (`target = "llm"`)."""
 
     name = "fastv"
     config_class = FastvConfig
-    needs = frozenset({"attn"})
-    budget_unit = "keep"
-    merges = False
-    target = "llm"
-
-    def max_remove(self, layer: int, n_tokens: int, n_prefix: int) -> int:
-        return 0
-
     def layers(self, depth: int) -> List[int]:
         """Decoder layers (0-based) after which tokens are pruned: the K-th, index k - 1."""
         if self.config.k > depth - 1:
