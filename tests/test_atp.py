@@ -415,14 +415,50 @@ def _with_attention(impl):
     return model
 
 
+def flash_standin(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """flash attention's semantics, written out: a 2-D padding mask (or None) unpads each row's
+    keys and its last queries, and in a causal module a query attends from the right over the
+    real ones (the vision tower attends over all)."""
+    batch, _, n, _ = query.shape
+    keys = key.shape[2]
+    valid = torch.ones(batch, keys, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    out = torch.zeros(batch, n, query.shape[1], query.shape[3], dtype=query.dtype)
+    groups = query.shape[1] // key.shape[1]
+    for b in range(batch):
+        k_rows = valid[b].nonzero().squeeze(1)
+        q_rows = valid[b, keys - n:].nonzero().squeeze(1)
+        q, k = query[b][:, q_rows], key[b][:, k_rows].repeat_interleave(groups, 0)
+        v = value[b][:, k_rows].repeat_interleave(groups, 0)
+        causal = torch.ones(len(q_rows), len(k_rows), dtype=torch.bool)
+        if getattr(module, "is_causal", True):
+            causal = causal.tril(len(k_rows) - len(q_rows))
+        probs = ((q @ k.transpose(-2, -1)) * scaling).masked_fill(~causal, float("-inf")).softmax(-1)
+        out[b, q_rows] = (probs @ v).transpose(0, 1)
+    return out, None
+
+
 @pytest.fixture(scope="module")
 def fa2_standin():
-    """flash_attention_2's mask form (a 2-D padding mask) over SDPA: the stand-in a CPU can run."""
+    """flash_attention_2 as a CPU can run it: its mask form (a 2-D padding mask) and its
+    attention's semantics (`flash_standin`)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
-    AttentionInterface.register("fa2_standin", AttentionInterface._global_mapping["sdpa"])
+    AttentionInterface.register("fa2_standin", flash_standin)
     AttentionMaskInterface.register("fa2_standin", AttentionMaskInterface._global_mapping["flash_attention_2"])
     return "fa2_standin"
+
+
+def test_flash_standin_is_flash_attention(fa2_standin):
+    """The stand-in gives the unpatched sdpa model's logits and tokens on a left-padded batch."""
+    ids, mask = prompts((3, 5), (1, 2))
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 64, 64)
+    model, ref = _with_attention(fa2_standin), llava()
+    with torch.no_grad():
+        logits, ref_logits = (m(input_ids=ids, attention_mask=mask, pixel_values=images).logits for m in (model, ref))
+    real = mask.bool()  # flash attention leaves padding rows zero
+    torch.testing.assert_close(logits[real], ref_logits[real], rtol=1e-4, atol=1e-4)
+    assert torch.equal(greedy(model, ids, mask, images), greedy(ref, ids, mask, images))
 
 
 @pytest.mark.parametrize("impl", ["eager", "flex_attention", "fa2"])
@@ -457,18 +493,69 @@ def test_static_cache_is_refused_by_name(pixels):
         model(input_ids=ids, attention_mask=mask, pixel_values=pixels, cache=cache, use_cache=True)
 
 
-def test_llm_outputs_and_checkpointing_refused_clearly(pixels):
-    """The LLM's attentions and hidden states are not recorded while ATP is patched into it, and
-    HF's gradient checkpointing does not reach its layers: each is refused by name, never None."""
+def test_llm_hidden_states_as_unpatched_and_attentions_refused(pixels):
+    """HF's decoder layers run as they are: keeping everything, the LLM's hidden states equal the
+    unpatched ones; pruning, each is [B, L, D] at the input's positions, equal to the unpatched up
+    to the first module's layer, zeros at pruned tokens after it. The attentions are refused."""
+    ids, mask = prompts((3, 5), (1, 2))
     model = llava()
+    args = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, output_hidden_states=True)
+    with torch.no_grad():
+        ref = model(**args).hidden_states
+    tome_plus.patch(model, "atp", keep=0.25, layers=[0, 2])
+    thresholds(model, bias_r=-20.0, bias_s=-20.0)  # keeps every token
+    with torch.no_grad():
+        states = model(**args).hidden_states
+    assert len(states) == len(ref) == 5
+    for got, want in zip(states, ref):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    tome_plus.unpatch(model)
     tome_plus.patch(model, "atp", keep=0.5, layers=[0, 2])
-    ids, mask = prompts((3, 5), (3, 5))
-    for name in ("output_hidden_states", "output_attentions"):
-        with pytest.raises(ValueError, match=name), torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, pixel_values=pixels, **{name: True})
-        with pytest.raises(ValueError, match=name), torch.no_grad():  # a text-only call too
-            model(input_ids=torch.tensor([[1, 20, 21, 22]]), **{name: True})
-    model.train()
-    model.gradient_checkpointing_enable()
-    with pytest.raises(ValueError, match="gradient checkpointing"):
-        model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    with torch.no_grad():
+        out = model(**args)
+    states, kept = out.hidden_states, tome_plus.inspect(model).llm_kept
+    assert [tuple(t.shape) for t in states] == [tuple(t.shape) for t in ref]
+    torch.testing.assert_close(states[1], ref[1], rtol=1e-5, atol=1e-5)  # layer 0's output: nothing pruned yet
+    pruned = (states[2] == 0).all(-1) & (ids == IMAGE_ID)  # zeros from the layer after module 0 on
+    assert torch.equal(pruned.sum(1), (ids == IMAGE_ID).sum(1) - kept[0])
+    assert bool((states[4] == 0).all(-1)[pruned].all())
+    with pytest.raises(ValueError, match="output_attentions"), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels, output_attentions=True)
+
+
+def test_gradient_checkpointing_reaches_every_layer_and_changes_no_gradient():
+    """ATP training (soft masks) with HF's gradient checkpointing: every decoder layer is
+    checkpointed, the loss and the gradients of the modules and the LLM equal those without it."""
+    data = batches(1)[0]
+    results = []
+    for checkpointing in (False, True):
+        model = llava()
+        tome_plus.patch(model, "atp", keep=0.3, layers=[0, 2])
+        thresholds(model, bias_r=0.0, spread=0.5)
+        model.train()
+        calls = []
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            for layer in model.model.language_model.layers:
+                inner = layer._gradient_checkpointing_func
+                layer._gradient_checkpointing_func = lambda *a, _inner=inner, **k: calls.append(1) or _inner(*a, **k)
+        with hf_llm.collecting() as collected:
+            loss = model(**data).loss + collected[0].kept_fraction.nanmean()
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()
+                 if p.grad is not None and ("tome_plus_atp" in name or "language_model" in name)}
+        results.append((loss.detach(), grads, len(calls)))
+    (loss0, grads0, _), (loss1, grads1, n_calls) = results
+    assert n_calls == 4  # the 4 decoder layers
+    torch.testing.assert_close(loss1, loss0)
+    assert grads0.keys() == grads1.keys() and any("tome_plus_atp" in name for name in grads0)
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-5, atol=1e-6)
+
+
+def test_soft_masks_refused_under_flash_attention(fa2_standin):
+    """Training's soft masks are a float bias on the keys: a backend with a 2-D mask is refused by name."""
+    model = _with_attention(fa2_standin)
+    tome_plus.patch(model, "atp", keep=0.3, layers=[0, 2])
+    with pytest.raises(ValueError, match="soft masks.*sdpa"), hf_llm.collecting():
+        model(**batches(1)[0])

@@ -120,12 +120,13 @@ def prepare_llm(model: nn.Module, reducer: Reducer, config: ReductionConfig, met
     label = "ATP" if method == "atp" else method
     if not hf_llm.matches_decoder(llm):
         raise TypeError(f"the language model is {type(llm).__name__}; {label} supports "
-                        f"{', '.join(hf_llm.DECODERS)} (without qk-norm or a sliding window in use)")
+                        f"{', '.join(hf_llm.DECODERS)} (without a sliding window in use)")
     cache_kind = getattr(getattr(model, "generation_config", None), "cache_implementation", None)
     if cache_kind not in (None, "dynamic"):
         raise ValueError(f"the model's generation_config asks for cache_implementation={cache_kind!r}; {label} keeps "
                          f"a different number of tokens per instance in each layer's cache, which only the dynamic "
                          f"cache can hold: set it to None (or 'dynamic') first")
+    hf_llm.mask_builder(llm.config._attn_implementation)  # a backend whose masks cannot be built: refused now
     n_layers = len(llm.layers)
     if not isinstance(reducer, Atp):  # no trainable modules (FastV): the reducer names its layers
         reducer.layers(n_layers)  # validates them against the depth
@@ -215,6 +216,8 @@ def install(model: nn.Module, info: PatchInfo) -> None:
         llm = model.model.language_model
         swap_class(llm, hf_llm.AtpDecoder, info)
         tag(llm, info)
+        for layer in llm.layers:  # the decoder routes their attention (`hf_llm.routed_attention`)
+            swap_class(layer.self_attn, hf_llm.RoutedAttention, info)
         if info.modules is not None:
             attach(model, MODULES_ATTR, info.modules, info)
     swap_class(model.model, FittingInner, info)

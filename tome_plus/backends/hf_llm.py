@@ -6,14 +6,19 @@ Both run through the same loop: the reducer scores the visual tokens from one la
 the layers they name (`info.modules`), FastV after the one layer it names (`reducer.layers`).
 Below, "a module" stands for either's pruning site.
 
-A patched decoder runs its layers itself. Before the first ATP module the layers see what HF
-gives them (its causal mask, its rotary embeddings). An ATP module after layer l reads that
-layer's attention probabilities (explicit attention there only; SDPA everywhere else), keeps
-per instance the tokens it decides on and drops the others physically: the survivors are
-gathered to the right (left padding, so every row's last token stays last) with their hidden
-states, position ids and rotary angles, and every later layer attends with a mask of its own
-(padding slots as keys never, causal by slot order, which is position order). Counts differ per
-instance; rows are padded to the batch's largest count.
+A patched decoder runs HF's own decoder layers and prunes between them. Before the first module
+the layers see what HF gives them (its causal mask, its rotary embeddings). An ATP module after
+layer l reads that layer's attention probabilities: layer l's attention alone runs explicitly
+(`routed_attention`, an HF attention function), every other layer runs the model's own backend.
+The module keeps per instance the tokens it decides on and drops the others physically: the
+survivors are gathered to the right (left padding, so every row's last token stays last) with
+their hidden states, position ids and rotary angles, and every later layer attends with a mask
+of its own (padding slots as keys never, causal by slot order, which is position order), built in
+the form the backend takes (`layer_mask`). Counts differ per instance; rows are padded to the
+batch's largest count. HF's gradient checkpointing and `output_hidden_states` work as unpatched
+(a pruned token's hidden states are zeros from the layer after its site on; the
+last is the normed output, as HF ties it); `output_attentions`
+is refused.
 
 The KV cache of a layer after a module holds that segment's tokens only. Which of its slots are
 real is stored on the cache object itself (it travels with `generate`), so decoding steps and
@@ -29,15 +34,17 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import sys
 from dataclasses import dataclass, field, replace
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function,
+                                        create_causal_mask, eager_mask, flash_attention_mask,
+                                        flex_attention_mask, sdpa_mask)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..precision import HALF, fp32_logits
@@ -127,56 +134,126 @@ class Segment:
     key_bias: Optional[torch.Tensor] = None  # [B, K] log soft mask (training)
 
 
-DECODERS = ("LlamaModel", "MistralModel", "Qwen2Model")  # whose layers `run_layer` computes exactly
+DECODERS = ("LlamaModel", "MistralModel", "Qwen2Model")  # whose decoder layers the loop below has been checked on
 
 
 def matches_decoder(model: nn.Module) -> bool:
-    """A decoder whose layers `run_layer` reimplements: Llama, Mistral and Qwen2 (pre-norm, q/k/v/o
-    projections, rotary embeddings; no qk-norm, no sliding window in use, no embedding scaling)."""
+    """A Llama-family decoder (Llama, Mistral, Qwen2) without a sliding window in use: the masks
+    built here after a pruning site know no window."""
     config = getattr(model, "config", None)
     window = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
     layers = getattr(model, "layers", None)
     return (any(c.__name__ in DECODERS for c in type(model).__mro__) and not window and layers is not None
-            and len(layers) > 0 and not hasattr(layers[0].self_attn, "q_norm"))
+            and len(layers) > 0)
 
 
-def _family(layer: nn.Module):
-    """The layer's own modeling module (for its `apply_rotary_pos_emb` and `repeat_kv`)."""
-    return sys.modules[type(layer.self_attn).__module__]
+# The decoder layers are HF's own. Their attention modules read the backend named ROUTED while
+# patched (`RoutedAttention`), and the decoder tells it per call, through keywords HF's layers
+# hand through to the attention function (and which gradient checkpointing replays): PROBS, a
+# list, asks a layer a reducer scores after for its probabilities, which SDPA and flash attention
+# never form; BACKEND names the backend to run instead of the model's own. Without either (HF's
+# own forward, where nothing is pruned) the model's own backend runs.
+ROUTED = "tome_plus"
+PROBS = "tome_plus_probs"
+BACKEND = "tome_plus_backend"
 
 
-def run_layer(layer: nn.Module, h: torch.Tensor, mask: Optional[torch.Tensor], cos: torch.Tensor,
-              sin: torch.Tensor, cache, want_probs: bool):
-    """One decoder layer: SDPA, or explicit attention that also returns the probabilities."""
-    attn, family = layer.self_attn, _family(layer)
-    batch, n, _ = h.shape
-    x = layer.input_layernorm(h)
-    shape = (batch, n, -1, attn.head_dim)
-    q, k, v = (p(x).view(shape).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-    q, k = family.apply_rotary_pos_emb(q, k, cos, sin)
-    if cache is not None:
-        k, v = cache.update(k, v, attn.layer_idx)
-    k, v = family.repeat_kv(k, attn.num_key_value_groups), family.repeat_kv(v, attn.num_key_value_groups)
-    dropout = attn.attention_dropout if attn.training else 0.0
-    probs = None
-    if want_probs:
-        # the probabilities are ATP's signal: float32 for a half model too (`precision.py`); fp32
-        # models keep HF's eager formula bit for bit
-        logits = (q @ k.transpose(-2, -1)) * attn.scaling if q.dtype not in HALF else fp32_logits(q, k, attn.scaling)
-        if mask is not None:
-            logits = logits + (mask.float() if mask.dtype != torch.bool else _additive(mask, logits.dtype))
-        probs = logits.softmax(dim=-1, dtype=torch.float32)
-        out = F.dropout(probs.to(v.dtype), dropout, attn.training) @ v
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=attn.scaling,
-                                             is_causal=mask is None and n > 1)
-    h = h + attn.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
-    h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return h, probs
+def explicit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
+                       scaling: float, dropout: float, training: bool, fp32: bool):
+    """Attention with its probabilities (`[B, H, Q, K]`): HF's eager formula; `fp32`: logits and
+    probabilities in float32 (`precision.py`) and returned so."""
+    groups = query.shape[1] // key.shape[1]  # grouped-query attention: kv head h // groups serves head h
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    logits = fp32_logits(query, key, scaling) if fp32 else (query @ key.transpose(-2, -1)) * scaling
+    if mask is None and query.shape[2] > 1:  # SDPA's is_causal: the queries are the last keys
+        n, m = query.shape[2], key.shape[2]
+        mask = torch.ones(n, m, dtype=torch.bool, device=query.device).tril(m - n)
+    if mask is not None:
+        mask = mask[..., :key.shape[2]]
+        logits = logits + (mask.to(logits.dtype) if mask.dtype != torch.bool else _additive(mask, logits.dtype))
+    probs = logits.softmax(dim=-1, dtype=torch.float32)
+    weights = probs if fp32 else probs.to(query.dtype)
+    out = F.dropout(weights.to(value.dtype), dropout, training) @ value
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def routed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask, dropout: float = 0.0, scaling: Optional[float] = None, **kwargs):
+    """The attention function of a patched language model (an HF attention interface). Asked for
+    the probabilities (PROBS, a list), appends them, float32 (a half model's too); otherwise runs
+    BACKEND if given, else the model's own backend."""
+    probs, backend = kwargs.pop(PROBS, None), kwargs.pop(BACKEND, None)
+    scaling = module.scaling if scaling is None else scaling
+    if probs is not None:  # fp32 models keep HF's eager formula bit for bit
+        out, weights = explicit_attention(query, key, value, attention_mask, scaling, dropout, module.training,
+                                          query.dtype in HALF)
+        probs.append(weights.float())
+        return out, weights
+    backend = backend or module.__dict__["config"]._attn_implementation
+    if backend == "eager":  # HF's default, which its modules pass in and which no registry holds
+        return explicit_attention(query, key, value, attention_mask, scaling, dropout, module.training, False)
+    function = ALL_ATTENTION_FUNCTIONS.get_interface(backend, None)
+    return function(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+AttentionInterface.register(ROUTED, routed_attention)
+
+
+class _RoutedView:
+    """The config a patched attention module sees: the model's, but for its backend."""
+
+    _attn_implementation = ROUTED
+
+    def __init__(self, config) -> None:
+        self.__dict__["_config"] = config
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["_config"], name)
+
+
+class RoutedAttention:
+    """Mixin for the attention modules of a patched language model: their backend is ROUTED."""
+
+    @property
+    def config(self):
+        return _RoutedView(self.__dict__["config"])
+
+    @config.setter
+    def config(self, value) -> None:
+        self.__dict__["config"] = value
+
+
+def mask_builder(backend: str) -> Callable:
+    """HF's mask function for `backend`, one of the four forms the masks built here after a pruning
+    site take: eager's additive 4-D, SDPA's bool 4-D, flex attention's BlockMask, flash
+    attention's 2-D padding mask."""
+    builder = eager_mask if backend == "eager" else ALL_MASK_ATTENTION_FUNCTIONS.get(backend)
+    if builder not in (eager_mask, sdpa_mask, flex_attention_mask, flash_attention_mask):
+        raise ValueError(f"attention backend {backend!r} takes a mask tome_plus does not know how to build after a "
+                         f"pruning site; use eager, sdpa, flex_attention or a flash_attention_* backend")
+    return builder
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def layer_mask(past_valid: torch.Tensor, seg: "Segment", dtype: torch.dtype, backend: str):
+    """A segment's mask in the form `backend`'s layers take. Flash and flex attention get HF's own
+    (a padding mask over the real slots, causal from the right: the same attention, since slot
+    order is position order); eager and SDPA `segment_mask`, whose padding rows see themselves
+    (an SDPA row with no key gives NaN, which would reach real rows through the values)."""
+    builder = mask_builder(backend)
+    keys = torch.cat([past_valid, seg.valid], dim=1)
+    if seg.key_bias is not None and builder not in (eager_mask, sdpa_mask):
+        raise ValueError(f"ATP's soft masks (training) need a 4-D float attention mask, which {backend} does not "
+                         f"take: train with attn_implementation='sdpa' or 'eager'")
+    if builder in (flex_attention_mask, flash_attention_mask):
+        batch, k = seg.valid.shape
+        return builder(batch_size=batch, q_length=k, kv_length=keys.shape[1], q_offset=past_valid.shape[1],
+                       mask_function=causal_mask_function, attention_mask=keys, device=keys.device)
+    mask = segment_mask(past_valid, seg, dtype)
+    return _additive(mask, dtype) if builder is eager_mask and mask.dtype == torch.bool else mask
 
 
 def segment_mask(past_valid: torch.Tensor, seg: Segment, dtype: torch.dtype) -> torch.Tensor:
@@ -229,23 +306,25 @@ class AtpDecoder:
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, **kwargs):
-        asked = [name for name in ("output_attentions", "output_hidden_states") if kwargs.get(name)]
-        if asked:  # HF's output recorders do not reach a patched decoder: refused rather than returned as None
-            raise ValueError(f"{' and '.join(asked)} of the language model are not recorded while ATP is patched "
-                             f"into it; call tome_plus.unpatch(model) to get them")
         scope = SCOPE.get()
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         stored = getattr(cache, CACHE_ATTR, None) if cache is not None else None
         if (scope is None or not scope.has_visual) and stored is None:
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
-        if self.gradient_checkpointing and self.training:
-            raise ValueError("gradient checkpointing of the language model does not reach the layers ATP runs; "
-                             "train without it (model.gradient_checkpointing_disable()) or unpatch")
+        if kwargs.get("output_attentions", self.config.output_attentions):
+            # after a pruning site each row attends over its own kept tokens: no [L, L] map to return
+            raise ValueError("output_attentions of the language model is not recorded while tokens are pruned inside "
+                             "it; call tome_plus.unpatch(model) to get them")
+        hidden = kwargs.get("output_hidden_states", self.config.output_hidden_states)
+        if not isinstance(hidden, bool):
+            raise ValueError(f"output_hidden_states={hidden!r}: while tokens are pruned inside the language model, "
+                             f"its hidden states are returned all (True) or none")
         return self._atp_forward(scope, stored, input_ids, attention_mask, position_ids, cache, inputs_embeds,
-                                 use_cache)
+                                 use_cache, hidden)
 
-    def _atp_forward(self, scope, stored, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache):
+    def _atp_forward(self, scope, stored, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache,
+                     output_hidden_states):
         info = get_info(self)
         # ATP: trainable modules after its layers; a method without them (FastV) names its layers
         atp, reducer = info.modules, info.reducer
@@ -257,18 +336,26 @@ class AtpDecoder:
         h = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
         batch, n, _ = h.shape
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache, cache = False, None  # as HF's checkpointed layers do (a cache would not be replayed)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = (torch.arange(n, device=h.device) + past).unsqueeze(0)
         position_ids = position_ids.expand(batch, n)
-        # the layers run SDPA here whatever the model's attention backend: HF's mask is taken only
-        # where it is the 4-D form SDPA reads (eager, sdpa); flash attention's 2-D padding mask and
-        # flex attention's BlockMask give way to the mask built here (`segment_mask`), as after a module
-        hf_masks = self.config._attn_implementation in ("eager", "sdpa")
-        hf_mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask, cache=cache,
-                                     position_ids=position_ids) if hf_masks else None
+        # before the first pruning site the layers take HF's mask; after it, one built here in the
+        # form their backend takes (`layer_mask`)
+        backend = self.config._attn_implementation
+        if mask_builder(backend) is flex_attention_mask and h.device.type == "cpu":
+            # torch's CPU flex kernel fails to compile for a mask that reads a tensor (a padded batch,
+            # unpatched too): on a CPU these layers run SDPA over the same mask
+            backend = "sdpa"
+        hf_masks = backend == self.config._attn_implementation  # else every layer takes a mask built here
+        hf_mask = None
+        if hf_masks:
+            hf_mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask,
+                                         cache=cache, position_ids=position_ids)
         cos, sin = self.rotary_emb(h, position_ids=position_ids)
         full = attention_mask.bool() if attention_mask is not None else torch.ones(batch, past + n, dtype=torch.bool,
                                                                                   device=h.device)
@@ -293,15 +380,26 @@ class AtpDecoder:
         kept_st = torch.ones(batch, n, device=h.device)  # soft: hard keep forward, soft mask backward
         segments_valid: List[torch.Tensor] = []  # this forward's slots, per segment after a module
         past_valid = full[:, :past]  # segment 0's cache: what HF's mask covers
+        # output_hidden_states: the embeddings and each layer's output, at the input's positions
+        states = [scatter_back(h, seg, n)] if output_hidden_states else []
         for i, layer in enumerate(self.layers):
             site = i in sites
             module = atp.at(i) if atp is not None else None
             explicit = site and scope is not None and scope.has_visual
-            if hf_masks and not segments_valid and seg.key_bias is None and not explicit:
+            if explicit:  # the explicit attention (`routed_attention`) reads the 4-D form
+                mask = segment_mask(past_valid, seg, h.dtype)
+            elif hf_masks and not segments_valid and seg.key_bias is None:
                 mask = hf_mask
             else:
-                mask = segment_mask(past_valid, seg, h.dtype)
-            h, probs = run_layer(layer, h, mask, seg.cos, seg.sin, cache, explicit)
+                mask = layer_mask(past_valid, seg, h.dtype, backend)
+            captured: List[torch.Tensor] = []
+            extra = {PROBS: captured} if explicit else {BACKEND: backend}
+            h = layer(h, attention_mask=mask, position_ids=seg.positions, cache=cache, use_cache=use_cache,
+                      position_embeddings=(seg.cos, seg.sin), **extra)
+            h = h[0] if isinstance(h, tuple) else h
+            probs = captured[0] if explicit else None
+            if output_hidden_states:
+                states.append(scatter_back(h, seg, n))
             kept_sum = kept_sum + fraction_now
             if not site:
                 continue
@@ -338,6 +436,13 @@ class AtpDecoder:
         if cache is not None:
             prior = stored if stored is not None else [full[:, :past]] * len(segments_valid)
             setattr(cache, CACHE_ATTR, [torch.cat([p, v], dim=1) for p, v in zip(prior, segments_valid)])
-        out = h.new_zeros(batch, n, h.shape[-1])
-        out.scatter_(1, seg.index.unsqueeze(-1).expand_as(h), h)  # back to the input's positions
+        out = scatter_back(h, seg, n)
+        if output_hidden_states:
+            return BaseModelOutputWithPast(last_hidden_state=out, cache=cache, hidden_states=(*states[:-1], out))
         return BaseModelOutputWithPast(last_hidden_state=out, cache=cache)
+
+
+def scatter_back(h: torch.Tensor, seg: Segment, n: int) -> torch.Tensor:
+    """`[B, n, D]` hidden states at the input's positions (zeros where a token was pruned)."""
+    out = h.new_zeros(h.shape[0], n, h.shape[-1])
+    return out.scatter(1, seg.index.unsqueeze(-1).expand_as(h), h)
