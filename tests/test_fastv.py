@@ -151,3 +151,56 @@ def test_nothing_to_train(pixels):
     ids, mask = prompts((3, 5), (3, 5))
     with pytest.raises(ValueError, match="nothing to train"), hf_llm.collecting():
         model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_received_attention_in_blocks_equals_the_whole_attention(dtype, monkeypatch):
+    """The scores' input formed a block of queries at a time (grouped-query keys, cached keys,
+    a padded row, several blocks) equals the full attention's, computed in float64 from the same
+    (half) values, summed with the weights."""
+    from tome_plus.backends import hf_llm
+    torch.manual_seed(0)
+    batch, heads, kv, n, past, dim = 2, 4, 2, 9, 3, 8
+    query = torch.randn(batch, heads, n, dim).to(dtype)
+    key = torch.randn(batch, kv, past + n, dim).to(dtype)
+    valid = torch.ones(batch, past + n, dtype=torch.bool)
+    valid[1, :5] = False  # a left-padded row
+    causal = torch.ones(n, past + n, dtype=torch.bool).tril(past)
+    mask = (valid[:, None, :] & causal)[:, None]
+    mask[1, 0, torch.arange(2), past + torch.arange(2)] = True  # padding rows see themselves (as segment_mask)
+    weights = torch.rand(batch, 2, n)
+    monkeypatch.setattr(hf_llm, "BLOCK", batch * heads * (past + n) * 2)  # blocks of 2 queries
+    got = hf_llm.received_attention(query, key, mask, dim ** -0.5, weights)
+    # the reference: the whole attention, float64, each query head with its own copy of its kv head
+    q, k = query.double(), key.double()[:, torch.arange(heads) // (heads // kv)]
+    logits = (q @ k.transpose(-2, -1)) * dim ** -0.5
+    probs = logits.masked_fill(~mask, -math.inf).softmax(-1).mean(1)[..., -n:]  # [B, N queries, N keys]
+    want = torch.stack([torch.stack([(weights[b, r, :, None].double() * probs[b]).sum(0) for r in range(2)])
+                        for b in range(batch)])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_scoring_layer_keeps_the_fused_attention(pixels, monkeypatch):
+    """Every decoder layer's output comes from the model's backend (SDPA here), the scoring layer's
+    too; the scores' logits are formed in blocks no larger than BLOCK."""
+    from transformers import AttentionInterface
+    from tome_plus.backends import hf_llm
+    calls, blocks = [], []
+    sdpa = AttentionInterface._global_mapping["sdpa"]
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa",
+                        lambda module, *a, **k: calls.append(type(module).__name__) or sdpa(module, *a, **k))
+    logits = hf_llm.fp32_logits
+    monkeypatch.setattr(hf_llm, "BLOCK", 800)
+    monkeypatch.setattr(hf_llm, "HALF", (torch.float32,))  # route fp32 through fp32_logits to watch the blocks
+    monkeypatch.setattr(hf_llm, "fp32_logits", lambda q, k, s: blocks.append(q.shape) or logits(q, k, s))
+    model = llava()
+    tome_plus.patch(model, "fastv", keep=0.5)
+    ids, mask = prompts((3, 5), (1, 2))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    # the 4 decoder layers, the scoring layer (k=2: index 1) among them
+    assert sum("Llama" in name for name in calls) == 4
+    n = ids.shape[1]  # the tower reduces nothing: the prompt as given
+    assert len(blocks) > 1 and sum(shape[2] for shape in blocks) == n  # every query once, in blocks
+    assert all(shape[0] * shape[1] * shape[2] * n <= 800 for shape in blocks)

@@ -7,18 +7,19 @@ the layers they name (`info.modules`), FastV after the one layer it names (`redu
 Below, "a module" stands for either's pruning site.
 
 A patched decoder runs HF's own decoder layers and prunes between them. Before the first module
-the layers see what HF gives them (its causal mask, its rotary embeddings). An ATP module after
-layer l reads that layer's attention probabilities: layer l's attention alone runs explicitly
-(`routed_attention`, an HF attention function), every other layer runs the model's own backend.
-The module keeps per instance the tokens it decides on and drops the others physically: the
-survivors are gathered to the right (left padding, so every row's last token stays last) with
-their hidden states, position ids and rotary angles, and every later layer attends with a mask
-of its own (padding slots as keys never, causal by slot order, which is position order), built in
-the form the backend takes (`layer_mask`). Counts differ per instance; rows are padded to the
-batch's largest count. HF's gradient checkpointing and `output_hidden_states` work as unpatched
-(a pruned token's hidden states are zeros from the layer after its site on; the
-last is the normed output, as HF ties it); `output_attentions`
-is refused.
+the layers see what HF gives them (its causal mask, its rotary embeddings). Every layer attends
+with the model's own backend (`routed_attention`, registered as an HF attention function); a
+layer a module scores after also forms, a block of queries at a time, the attention each token
+receives (`received_attention`, float32), so no `[N, N]` attention map is held and the fused
+kernels stay. The module keeps per instance the tokens it decides on and drops the others
+physically: the survivors are gathered to the right (left padding, so every row's last token
+stays last) with their hidden states, position ids and rotary angles, and every later layer
+attends with a mask of its own (padding slots as keys never, causal by slot order, which is
+position order), built in the form the backend takes (`layer_mask`). Counts differ per
+instance; rows are padded to the batch's largest count. HF's gradient checkpointing and
+`output_hidden_states` work as unpatched (a pruned token's hidden states are zeros from the
+layer after its site on; the last is the normed output, as HF ties it); `output_attentions` is
+refused.
 
 The KV cache of a layer after a module holds that segment's tokens only. Which of its slots are
 real is stored on the cache object itself (it travels with `generate`), so decoding steps and
@@ -149,51 +150,72 @@ def matches_decoder(model: nn.Module) -> bool:
 
 # The decoder layers are HF's own. Their attention modules read the backend named ROUTED while
 # patched (`RoutedAttention`), and the decoder tells it per call, through keywords HF's layers
-# hand through to the attention function (and which gradient checkpointing replays): PROBS, a
-# list, asks a layer a reducer scores after for its probabilities, which SDPA and flash attention
-# never form; BACKEND names the backend to run instead of the model's own. Without either (HF's
-# own forward, where nothing is pruned) the model's own backend runs.
+# hand through to the attention function (and which gradient checkpointing replays): BACKEND
+# names the backend to run instead of the model's own; SCORE, in a layer a reducer scores after,
+# asks for the attention the tokens receive (`ScoreRequest`). Without either (HF's own forward,
+# where nothing is pruned) the model's own backend runs.
 ROUTED = "tome_plus"
-PROBS = "tome_plus_probs"
+SCORE = "tome_plus_score"
 BACKEND = "tome_plus_backend"
+BLOCK = 1 << 24  # logits per block of queries in `received_attention` (64 MiB in float32)
 
 
-def explicit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
-                       scaling: float, dropout: float, training: bool, fp32: bool):
-    """Attention with its probabilities (`[B, H, Q, K]`): HF's eager formula; `fp32`: logits and
-    probabilities in float32 (`precision.py`) and returned so."""
-    groups = query.shape[1] // key.shape[1]  # grouped-query attention: kv head h // groups serves head h
-    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    logits = fp32_logits(query, key, scaling) if fp32 else (query @ key.transpose(-2, -1)) * scaling
-    if mask is None and query.shape[2] > 1:  # SDPA's is_causal: the queries are the last keys
-        n, m = query.shape[2], key.shape[2]
-        mask = torch.ones(n, m, dtype=torch.bool, device=query.device).tril(m - n)
-    if mask is not None:
-        mask = mask[..., :key.shape[2]]
-        logits = logits + (mask.to(logits.dtype) if mask.dtype != torch.bool else _additive(mask, logits.dtype))
-    probs = logits.softmax(dim=-1, dtype=torch.float32)
-    weights = probs if fp32 else probs.to(query.dtype)
-    out = F.dropout(weights.to(value.dtype), dropout, training) @ value
-    return out.transpose(1, 2).contiguous(), weights
+@dataclass(eq=False)
+class ScoreRequest:
+    """What a scoring layer's attention computes beside its output."""
+
+    weights: torch.Tensor  # [B, R, N] per-query weights (`LlmReducer.query_weights`)
+    mask: torch.Tensor  # [B, 1, N, P + N] bool or additive: the layer's attention mask (`segment_mask`)
+    received: Optional[torch.Tensor] = None  # [B, R, N], filled in: `methods.base.received`
+
+
+def received_attention(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, scaling: float,
+                       weights: torch.Tensor) -> torch.Tensor:
+    """`methods.base.received` from q and k (`[B, H, N, D]`, `[B, KV, P + N, D]` after rotary):
+    float32 probabilities (a half model's too, `precision.py`), formed a block of queries at a
+    time, so the memory is one block's logits however long the prompt."""
+    batch, heads, n, _ = query.shape
+    key = key.repeat_interleave(heads // key.shape[1], dim=1)  # grouped-query attention: kv head h // groups
+    keys = key.shape[2]
+    step = max(1, BLOCK // (batch * heads * keys))
+    total = weights.new_zeros(batch, weights.shape[1], n, dtype=torch.float32)
+    for start in range(0, n, step):
+        q = query[:, :, start:start + step]
+        logits = fp32_logits(q, key, scaling) if q.dtype in HALF else (q @ key.transpose(-2, -1)).float() * scaling
+        block = mask[:, :, start:start + step, :keys]
+        logits = logits + (_additive(block, logits.dtype) if block.dtype == torch.bool else block.float())
+        probs = logits.softmax(dim=-1).mean(dim=1)[..., -n:]  # [B, block, N]: over heads, the current keys
+        total = total + torch.einsum("brq,bqk->brk", weights[:, :, start:start + step].float(), probs)
+    return total
 
 
 def routed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask, dropout: float = 0.0, scaling: Optional[float] = None, **kwargs):
-    """The attention function of a patched language model (an HF attention interface). Asked for
-    the probabilities (PROBS, a list), appends them, float32 (a half model's too); otherwise runs
-    BACKEND if given, else the model's own backend."""
-    probs, backend = kwargs.pop(PROBS, None), kwargs.pop(BACKEND, None)
+    """The attention function of a patched language model (an HF attention interface): BACKEND if
+    given, else the model's own backend; asked to (SCORE), it also fills in the request."""
+    request, backend = kwargs.pop(SCORE, None), kwargs.pop(BACKEND, None)
     scaling = module.scaling if scaling is None else scaling
-    if probs is not None:  # fp32 models keep HF's eager formula bit for bit
-        out, weights = explicit_attention(query, key, value, attention_mask, scaling, dropout, module.training,
-                                          query.dtype in HALF)
-        probs.append(weights.float())
-        return out, weights
+    if request is not None:
+        request.received = received_attention(query, key, request.mask, scaling, request.weights)
     backend = backend or module.__dict__["config"]._attn_implementation
     if backend == "eager":  # HF's default, which its modules pass in and which no registry holds
-        return explicit_attention(query, key, value, attention_mask, scaling, dropout, module.training, False)
+        return eager_attention(query, key, value, attention_mask, scaling, dropout, module.training)
     function = ALL_ATTENTION_FUNCTIONS.get_interface(backend, None)
     return function(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def eager_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
+                    scaling: float, dropout: float, training: bool):
+    """HF's eager attention (its families' `eager_attention_forward`, which the modules pass in as
+    the default and no registry holds): output `[B, N, H, D]` and probabilities."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    logits = (query @ key.transpose(-2, -1)) * scaling
+    if mask is not None:
+        logits = logits + mask[..., :key.shape[2]]
+    weights = logits.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    out = F.dropout(weights, dropout, training) @ value
+    return out.transpose(1, 2).contiguous(), weights
 
 
 AttentionInterface.register(ROUTED, routed_attention)
@@ -386,25 +408,25 @@ class AtpDecoder:
             site = i in sites
             module = atp.at(i) if atp is not None else None
             explicit = site and scope is not None and scope.has_visual
-            if explicit:  # the explicit attention (`routed_attention`) reads the 4-D form
-                mask = segment_mask(past_valid, seg, h.dtype)
-            elif hf_masks and not segments_valid and seg.key_bias is None:
+            if hf_masks and not segments_valid and seg.key_bias is None:
                 mask = hf_mask
             else:
                 mask = layer_mask(past_valid, seg, h.dtype, backend)
-            captured: List[torch.Tensor] = []
-            extra = {PROBS: captured} if explicit else {BACKEND: backend}
+            extra = {BACKEND: backend}
+            if explicit:
+                request = ScoreRequest(reducer.query_weights(seg.visual, seg.instruction, seg.valid, seg.prompt),
+                                       segment_mask(past_valid, seg, h.dtype))
+                extra[SCORE] = request
             h = layer(h, attention_mask=mask, position_ids=seg.positions, cache=cache, use_cache=use_cache,
                       position_embeddings=(seg.cos, seg.sin), **extra)
             h = h[0] if isinstance(h, tuple) else h
-            probs = captured[0] if explicit else None
             if output_hidden_states:
                 states.append(scatter_back(h, seg, n))
             kept_sum = kept_sum + fraction_now
             if not site:
                 continue
             if explicit:
-                score = reducer.score(probs, seg.visual, seg.instruction, seg.valid, seg.prompt)
+                score = reducer.score(request.received, seg.visual, seg.instruction, seg.valid, seg.prompt)
                 pooled = lambda m: (h * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
                 # in training, tokens the hard rule pruned earlier leave the percentiles, as at inference
                 ranked = alive if soft else seg.visual

@@ -6,7 +6,7 @@ paper we could read give the design, not its constants; where a detail below is 
 says so.
 
 An ATP module sits after a decoder layer and prunes visual tokens only (text tokens never):
-- scores from that layer's attention probabilities (explicit attention in that one layer):
+- scores from that layer's attention probabilities (formed blockwise in that one layer):
   self-modal S_self(j), the attention visual token j receives from the visual queries that can
   see it, and cross-modal S_cross(j), from the text queries after the image (the instruction),
   each averaged over heads and queries, every weight scaled by the size of its query's causal
@@ -39,7 +39,7 @@ from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .base import LlmReducer, ReductionConfig, is_int, is_real, register
+from .base import LlmReducer, ReductionConfig, is_int, is_real, received, register
 
 PAPER_DEPTH, DEFAULT_LAYERS = 32, (4, 14, 24)
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -180,16 +180,25 @@ def scores(probs: torch.Tensor, visual: torch.Tensor, instruction: torch.Tensor,
     Each weight a_ij is scaled by the number of keys query i sees (its causal window), so uniform
     attention scores 1 wherever the query sits: causal masking favours no image position.
     """
-    n = visual.shape[1]
+    weights = score_weights(visual, instruction, valid)
+    return combine(received(probs, weights), visual, instruction, valid)
+
+
+def score_weights(visual: torch.Tensor, instruction: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`[B, 2, N]`: the visual queries and the instruction's, each scaled by its causal window."""
     window = valid.float().cumsum(dim=1).clamp(min=1)  # keys each query sees
-    attn = probs[..., -n:].float().mean(dim=1) * window.unsqueeze(-1)  # over heads, window-scaled
+    return torch.stack([(visual & valid).float() * window, (instruction & valid).float() * window], dim=1)
+
+
+def combine(received_: torch.Tensor, visual: torch.Tensor, instruction: torch.Tensor, valid: torch.Tensor
+            ) -> torch.Tensor:
+    """S_r from the attention received from the two weightings of `score_weights`."""
     q_visual = (visual & valid).float()
     # self-modal: mean over the visual queries that can see key j (causal: those at or after j)
     seen_by = torch.flip(torch.cumsum(torch.flip(q_visual, [1]), 1), [1]).clamp(min=1)
-    s_self = (q_visual.unsqueeze(-1) * attn).sum(dim=1) / seen_by
-    q_text = (instruction & valid).float()
-    n_text = q_text.sum(dim=1, keepdim=True)
-    s_cross = (q_text.unsqueeze(-1) * attn).sum(dim=1) / n_text.clamp(min=1)
+    s_self = received_[:, 0] / seen_by
+    n_text = (instruction & valid).float().sum(dim=1, keepdim=True)
+    s_cross = received_[:, 1] / n_text.clamp(min=1)
     combined = torch.where(n_text > 0, (s_self + s_cross) / 2, s_self)
     return torch.where(visual, combined, torch.zeros_like(combined))
 
@@ -238,10 +247,14 @@ class Atp(LlmReducer):
 
     name = "atp"
     config_class = AtpConfig
-    def score(self, probs: torch.Tensor, visual: torch.Tensor, instruction: torch.Tensor, valid: torch.Tensor,
+    def query_weights(self, visual: torch.Tensor, instruction: torch.Tensor, valid: torch.Tensor,
+                      prompt: torch.Tensor) -> torch.Tensor:
+        return score_weights(visual, instruction, valid)
+
+    def score(self, received_: torch.Tensor, visual: torch.Tensor, instruction: torch.Tensor, valid: torch.Tensor,
               prompt: torch.Tensor) -> torch.Tensor:
         """The score a module ranks by (the LLM backend's call): S_r, `scores` above."""
-        return scores(probs, visual, instruction, valid)
+        return combine(received_, visual, instruction, valid)
 
     def decide(self, module: AtpModule, trained: bool, fraction: float, score: torch.Tensor, spatial: torch.Tensor,
                visual: torch.Tensor, visual_state: torch.Tensor, text_state: torch.Tensor,

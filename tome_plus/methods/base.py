@@ -226,6 +226,29 @@ class LlmReducer(Reducer):
     def max_remove(self, layer: int, n_tokens: int, n_prefix: int) -> int:
         return 0  # counts are decided per instance at run time: no schedule to solve
 
+    # A score is read from the attention the current tokens receive, summed over queries with
+    # per-query weights: the decoder computes those sums (`received`) from q and k in blocks of
+    # queries, so no `[B, H, N, N]` attention is ever held, while the layer's output comes from
+    # the model's own (fused) attention.
+    def query_weights(self, visual: torch.Tensor, instruction: torch.Tensor, valid: torch.Tensor,
+                      prompt: torch.Tensor) -> torch.Tensor:
+        """`[B, R, N]`: R weightings of the N current tokens as queries."""
+        raise NotImplementedError
+
+    def score(self, received: torch.Tensor, visual: torch.Tensor, instruction: torch.Tensor, valid: torch.Tensor,
+              prompt: torch.Tensor) -> torch.Tensor:
+        """`[B, N]` score of each current token (0 off the visual tokens) from `received`
+        (`[B, R, N]`: per weighting, the head-averaged attention each token received)."""
+        raise NotImplementedError
+
+
+def received(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`[B, R, N]`: the attention each of the N current tokens receives, averaged over heads and
+    summed over the queries with `weights` (`[B, R, N]`), from the probabilities `[B, H, N, P + N]`
+    (P cached keys, not scored). The decoder's blockwise computation equals this."""
+    n = weights.shape[-1]
+    return torch.einsum("brq,bqk->brk", weights.float(), probs[..., -n:].float().mean(dim=1))
+
 
 _REGISTRY: Dict[str, Type[Reducer]] = {}
 

@@ -28,7 +28,7 @@ from typing import ClassVar, Dict, List, Optional
 import torch
 
 from .atp import check_llm_budget, top_count, top_fraction
-from .base import LlmReducer, ReductionConfig, is_int, register
+from .base import LlmReducer, ReductionConfig, is_int, received, register
 
 RANKS = ("mean", "last")
 
@@ -70,15 +70,19 @@ def fastv_score(probs: torch.Tensor, visual: torch.Tensor, queries: torch.Tensor
     that count (the prompt's real tokens). "mean": averaged over heads and those queries;
     "last": the last of them, averaged over heads.
     """
-    n = visual.shape[1]
-    attn = probs[..., -n:].float().mean(dim=1)  # [B, N queries, N keys]
+    got = received(probs, query_weights(queries, rank))[:, 0]
+    return torch.where(visual, got, torch.zeros_like(got))
+
+
+def query_weights(queries: torch.Tensor, rank: str) -> torch.Tensor:
+    """`[B, 1, N]`: "mean": the counted queries, each 1 / their number; "last": the last of them."""
+    q = queries.float()
     if rank == "last":
         last = queries.long().cumsum(dim=1).argmax(dim=1)  # the first slot of the largest count: the last query
-        score = attn[torch.arange(attn.shape[0], device=attn.device), last]
+        q = torch.zeros_like(q).scatter_(1, last.unsqueeze(1), (q.sum(dim=1, keepdim=True) > 0).float())
     else:
-        q = queries.float()
-        score = (q.unsqueeze(-1) * attn).sum(dim=1) / q.sum(dim=1, keepdim=True).clamp(min=1)
-    return torch.where(visual, score, torch.zeros_like(score))
+        q = q / q.sum(dim=1, keepdim=True).clamp(min=1)
+    return q.unsqueeze(1)
 
 
 @register
@@ -95,9 +99,13 @@ class Fastv(LlmReducer):
                              f"{depth} (after the last, nothing pruned would be used)")
         return [self.config.k - 1]
 
-    def score(self, probs: torch.Tensor, visual: torch.Tensor, instruction: torch.Tensor, valid: torch.Tensor,
+    def query_weights(self, visual: torch.Tensor, instruction: torch.Tensor, valid: torch.Tensor,
+                      prompt: torch.Tensor) -> torch.Tensor:
+        return query_weights(prompt & valid, self.config.rank)
+
+    def score(self, received_: torch.Tensor, visual: torch.Tensor, instruction: torch.Tensor, valid: torch.Tensor,
               prompt: torch.Tensor) -> torch.Tensor:
-        return fastv_score(probs, visual, prompt & valid, self.config.rank)
+        return torch.where(visual, received_[:, 0], torch.zeros_like(received_[:, 0]))
 
     def decide(self, score: torch.Tensor, visual: torch.Tensor, per_image: Optional[int] = None) -> torch.Tensor:
         """Keep mask `[B, N]` (bool): the top `keep` of each instance's visual tokens, or `tokens`
