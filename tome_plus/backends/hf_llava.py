@@ -24,7 +24,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from transformers import DynamicCache, LlavaForConditionalGeneration, VipLlavaForConditionalGeneration
+from transformers import (DynamicCache, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+                          LlavaOnevisionForConditionalGeneration, VipLlavaForConditionalGeneration)
 
 from ..methods.base import ReductionConfig, Reducer
 from ..warn import warn_caller
@@ -35,8 +36,13 @@ KIND = "hf"
 HEADS = False  # a generative model: no classifier head to replace
 LLM_METHODS = True  # methods that prune inside the language model (ATP) run here
 FAMILY = ("HF transformers LlavaForConditionalGeneration, VipLlavaForConditionalGeneration (the vision tower "
-          "reduces, the LLM gets fewer image tokens)")
-MODELS = (LlavaForConditionalGeneration, VipLlavaForConditionalGeneration)
+          "reduces, the LLM gets fewer image tokens, or the LLM prunes: atp, fastv); "
+          "LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration (the LLM prunes: atp, fastv)")
+MODELS = (LlavaForConditionalGeneration, VipLlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+          LlavaOnevisionForConditionalGeneration)
+# anyres models: each image's placeholder run has a length of its own (its crops' grids packed,
+# unpadded, with newline tokens; OneVision's videos pooled per frame), so only the LLM prunes
+PACKED = ("llava_next", "llava_onevision")
 model_name = base.model_name  # HF's `config._name_or_path`
 
 
@@ -65,6 +71,12 @@ def last_forward(info: PatchInfo) -> Tuple[Optional[Any], Dict[str, Any]]:
 
 def matches(model: nn.Module) -> bool:
     return isinstance(model, MODELS)
+
+
+def packed(model: nn.Module) -> bool:
+    """An anyres model (LLaVA-NeXT, OneVision; `model` or its inner model): image runs of their
+    own lengths."""
+    return model.config.model_type in PACKED
 
 
 def select_strategy(config, strategy: Optional[str] = None) -> str:
@@ -104,6 +116,11 @@ def prepare(model: nn.Module, reducer: Reducer, config: ReductionConfig, method:
     vision = tower(model)
     if model.config.image_token_id is None:
         raise ValueError("the config has no image_token_id: the image placeholders cannot be found")
+    if reducer.target != "llm" and packed(model):
+        raise ValueError(f"{type(model).__name__} packs each image's tower grids (anyres crops, unpadded, with "
+                         f"newline tokens{', videos pooled per frame' if model.config.model_type == 'llava_onevision' else ''}): "
+                         f"a method in the vision tower would break that packing. On this model tome_plus prunes "
+                         f"inside the language model: method 'atp' or 'fastv'")
     if reducer.target != "llm":
         info = hf_clip.prepare(vision, reducer, config, method, reduce_depth=feature_depth(model))
         info.parts = LlavaParts()
@@ -150,6 +167,9 @@ def prepare_llm(model: nn.Module, reducer: Reducer, config: ReductionConfig, met
     info = PatchInfo(method=method, config=config, reducer=reducer, depth=n_layers, n_prefix=0, has_cls=False,
                      cost=no_cost, parts=LlavaParts(tower=tower_info))
     if config.tokens is not None:
+        if packed(model):
+            raise ValueError(f"ATP's tokens= is a fraction of a fixed image-token count per image, which "
+                             f"{type(model).__name__}'s images (anyres: each its own count) do not have; use keep=")
         config.keep = atp_keep(model, config.tokens, tower_info)
     fraction = module_fraction(config.keep, layers, n_layers)
     if fraction == 0.0:
@@ -397,6 +417,9 @@ def check_cache(args: Dict[str, Any], extra: Dict[str, Any]) -> None:
 
 def _fit(model, ids, embeds, pixels, encoded, cache, get, left) -> Optional[Dict[str, Any]]:
     layer, strategy = get("vision_feature_layer"), get("vision_feature_select_strategy")
+    if packed(model):  # only the LLM prunes: the prompt stays as it is
+        tensors = {name: get(name) for name in FITTED}
+        return fit_prompt(image_mask(model, ids, embeds), 0, 0, None, tensors, left)
     if pixels is not None:
         n_full, n_reduced = image_counts(model, tuple(pixels.shape[-2:]), layer, strategy)
         n_images = pixels.shape[0]
@@ -430,6 +453,22 @@ _signature = functools.lru_cache(maxsize=None)(inspect.signature)
 def bind(method, self: nn.Module, args, kwargs) -> inspect.BoundArguments:
     """`args`/`kwargs` of a call bound to the original `method`'s parameters (by name from here on)."""
     return _signature(method).bind(self, *args, **kwargs)
+
+
+def keywords(bound: inspect.BoundArguments) -> Dict[str, Any]:
+    """A bound call's arguments, every one by name (HF's decorators add config defaults by name,
+    which a positional replay would collide with)."""
+    out: Dict[str, Any] = {}
+    for name, value in list(bound.arguments.items())[1:]:  # without self
+        kind = bound.signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise TypeError(f"unexpected positional arguments {value!r}")
+        else:
+            out[name] = value
+    return out
 
 
 def var_kwargs(bound: inspect.BoundArguments) -> Dict[str, Any]:
@@ -470,12 +509,12 @@ class FittingInner(_SignatureOfOriginal):
         bound = fitted_call(self, args, kwargs)
         info = get_info(self)
         if not in_llm(info):
-            return super().forward(*bound.args[1:], **bound.kwargs)
+            return super().forward(**keywords(bound))
         call = hf_llm.CALL.get()
         scope = llm_scope(self, bound.arguments, var_kwargs(bound), call)
         token = hf_llm.SCOPE.set(scope)
         try:
-            out = super().forward(*bound.args[1:], **bound.kwargs)
+            out = super().forward(**keywords(bound))
         finally:
             hf_llm.SCOPE.reset(token)
         if scope.kept:
@@ -487,19 +526,24 @@ class FittingInner(_SignatureOfOriginal):
 
 def llm_scope(model: nn.Module, args: Dict[str, Any], extra: Dict[str, Any],
               call: "hf_llm.LlmCall") -> "hf_llm.LlmInputs":
-    """What ATP needs to know of this forward's tokens: which are visual, and each visual token's
-    SAP grid score (its place in its image's grid; along the run where the tower merged tokens);
-    with what the caller said (`call`: the prompt's length, the answer, soft masks)."""
+    """What ATP and FastV need to know of this forward's tokens: which are visual (image and video
+    placeholders), each visual token's SAP grid score (its place in its image's grid; along the
+    run where the run is not one grid), and how many images each row holds; with what the caller
+    said (`call`: the prompt's length, the answer, soft masks)."""
     get = argument_getter(args, extra)
-    visual = image_mask(model, get("input_ids"), get("inputs_embeds"))
-    pixels = get("pixel_values")
-    per_row = visual.sum(dim=1).tolist()
+    ids, embeds = get("input_ids"), get("inputs_embeds")
+    visual = image_mask(model, ids, embeds)
+    video_id = getattr(model.config, "video_token_id", None)
+    if video_id is not None and ids is not None:
+        visual = visual | (ids == video_id)
     spatial = torch.zeros(visual.shape, device=visual.device)
-    n_run = None
-    if sum(per_row):
+    starts = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]  # the first token of each run
+    images = starts.sum(dim=1)
+    if bool(visual.any()) and not packed(model):
         # the grid from what every call path has: this call's pixels where it has them, else the
         # tower's configured size (generate encodes the images first and calls forward without
         # them); where the placeholder runs do not fit that grid, tokens are graded along the run
+        pixels = get("pixel_values")
         vision = tower(model).config
         n_pixels = tuple(pixels.shape[-2:]) if pixels is not None else (vision.image_size,) * 2
         n_full, n_run = image_counts(model, n_pixels, get("vision_feature_layer"),
@@ -512,11 +556,26 @@ def llm_scope(model: nn.Module, args: Dict[str, Any], extra: Dict[str, Any],
             table = hf_llm_spatial((1, n_run), 0, visual.device)
         rank = (visual.long().cumsum(dim=1) - 1).clamp(min=0) % n_run
         spatial = torch.where(visual, table[rank], spatial)
+        images = (visual.sum(dim=1) + n_run - 1) // n_run  # runs of whole images, adjacent ones too
+    elif bool(visual.any()):
+        spatial = along_runs(visual, starts)
     answer = call.answer
     if answer is not None and answer.shape != visual.shape:
         answer = None
-    return hf_llm.LlmInputs(visual=visual, spatial=spatial, has_visual=sum(per_row) > 0, per_image=n_run,
+    return hf_llm.LlmInputs(visual=visual, spatial=spatial, has_visual=bool(visual.any()), images=images,
                             soft=call.collect is not None, prompt_length=call.prompt_length, answer=answer)
+
+
+def along_runs(visual: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """`[B, L]` SAP scores of the visual tokens graded along each placeholder run (a 1 x n grid
+    per run of n tokens); 0 elsewhere."""
+    run = starts.long().cumsum(dim=1) * visual  # run number (from 1) of each visual token
+    spatial = torch.zeros(visual.shape, device=visual.device)
+    for b in range(visual.shape[0]):
+        for r in range(1, int(run[b].max()) + 1):
+            at = (run[b] == r).nonzero().squeeze(1)
+            spatial[b, at] = hf_llm_spatial((1, len(at)), 0, visual.device)
+    return spatial
 
 
 def hf_llm_spatial(grid: Tuple[int, int], first: int, device: torch.device) -> torch.Tensor:
@@ -533,7 +592,7 @@ class FittingLlava(_SignatureOfOriginal):
         bound = fitted_call(self, args, kwargs)
         labels = bound.arguments.get("labels", var_kwargs(bound).get("labels"))
         with hf_llm.calling(answer=labels != -100 if labels is not None else None):
-            return super().forward(*bound.args[1:], **bound.kwargs)
+            return super().forward(**keywords(bound))
 
     def generate(self, *args, **kwargs):
         bound = bind(original_class(self).generate, self, args, kwargs)
@@ -557,7 +616,7 @@ class FittingLlava(_SignatureOfOriginal):
 
     def _generate(self, bound, extra, ids, fitted):
         if fitted is None or fitted["removed"] == 0 and fitted["input_ids"] is ids:
-            return super().generate(*bound.args[1:], **bound.kwargs)
+            return super().generate(**keywords(bound))
         # max_length / min_length count the caller's prompt, wherever they are set (an argument,
         # the generation_config passed, the model's own): the cut prompt is `removed` shorter.
         # Given as arguments, they override the config's, as HF's generate merges them
@@ -570,7 +629,7 @@ class FittingLlava(_SignatureOfOriginal):
         min_length = extra.get("min_length", config.min_length)
         if min_length:
             extra["min_length"] = max(min_length - removed, 0)
-        out = super().generate(*bound.args[1:], **bound.kwargs)
+        out = super().generate(**keywords(bound))
         if ids is None:  # from embeddings: generate returns only the new tokens
             return out
         sequences = out if isinstance(out, torch.Tensor) else out.sequences

@@ -61,8 +61,8 @@ class LlmInputs:
     visual: torch.Tensor  # [B, L] bool: image tokens
     spatial: torch.Tensor  # [B, L] float: SAP grid score of each image token (0 elsewhere)
     has_visual: bool
-    soft: bool = False
-    per_image: Optional[int] = None  # visual tokens one image puts here (FastV's `tokens` per image)  # training: soft masks, nothing removed
+    soft: bool = False  # training: soft masks, nothing removed
+    images: Optional[torch.Tensor] = None  # [B] images (and videos) whose tokens each row holds (FastV's `tokens`)
     # generate without a cache re-runs prompt + generated tokens: only the prompt's text counts
     # as the instruction, so each step decides as the cached prefill did
     prompt_length: Optional[int] = None
@@ -431,7 +431,7 @@ class AtpDecoder:
                 # in training, tokens the hard rule pruned earlier leave the percentiles, as at inference
                 ranked = alive if soft else seg.visual
                 if atp is None:
-                    keep = reducer.decide(score, ranked, scope.per_image)
+                    keep = reducer.decide(score, ranked, scope.images)
                 else:
                     keep = reducer.decide(module, bool(atp.trained), atp.fraction, score, seg.spatial, ranked,
                                           pooled(ranked.to(h.dtype)), pooled(seg.instruction.to(h.dtype)),

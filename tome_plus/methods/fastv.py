@@ -107,11 +107,11 @@ class Fastv(LlmReducer):
               prompt: torch.Tensor) -> torch.Tensor:
         return torch.where(visual, received_[:, 0], torch.zeros_like(received_[:, 0]))
 
-    def decide(self, score: torch.Tensor, visual: torch.Tensor, per_image: Optional[int] = None) -> torch.Tensor:
+    def decide(self, score: torch.Tensor, visual: torch.Tensor, images: Optional[torch.Tensor] = None
+               ) -> torch.Tensor:
         """Keep mask `[B, N]` (bool): the top `keep` of each instance's visual tokens, or `tokens`
-        per image (`per_image`: visual tokens one image puts into the LLM), text always."""
+        per image (`images`: `[B]` the images each instance holds), text always."""
         if self.config.tokens is None:
             return top_fraction(score, visual, self.config.keep)
         n_visual = visual.sum(dim=1)
-        images = (n_visual + per_image - 1) // per_image  # a whole number of runs per row
         return top_count(score, visual, torch.minimum(images * self.config.tokens, n_visual))

@@ -1,0 +1,150 @@
+"""LLM-side pruning (ATP, FastV) on anyres LLaVA models: LLaVA-NeXT and LLaVA-OneVision, tiny
+random weights. Their image runs each have a length of their own (crops packed with newline
+tokens), so only the language model prunes; the tower site is refused by name."""
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason='VLM tests need transformers: pip install -e ".[hf]"')
+
+import tome_plus  # noqa: E402
+from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,  # noqa: E402
+                          LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
+                          SiglipVisionConfig)
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches  # noqa: E402
+
+IMAGE_ID, VIDEO_ID = 199, 198
+TOWER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+             patch_size=8)
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=200, pad_token_id=0)
+PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
+SIZES = torch.tensor([[40, 70], [64, 30]])  # two images of different shapes: runs of different lengths
+
+
+def llava_next():
+    torch.manual_seed(0)
+    config = LlavaNextConfig(vision_config=CLIPVisionConfig(**TOWER), text_config=LlamaConfig(**TEXT),
+                             image_token_id=IMAGE_ID, image_grid_pinpoints=PINPOINTS)
+    return no_eos(LlavaNextForConditionalGeneration(config).eval())
+
+
+def onevision():
+    torch.manual_seed(0)
+    config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**TOWER), text_config=Qwen2Config(**TEXT),
+                                  image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, image_grid_pinpoints=PINPOINTS,
+                                  vision_feature_layer=-1)
+    return no_eos(LlavaOnevisionForConditionalGeneration(config).eval())
+
+
+def no_eos(model):
+    model.generation_config.eos_token_id = None  # every row generates all its tokens: rows compare whole
+    return model
+
+
+FAMILIES = {"llava_next": llava_next, "onevision": onevision}
+
+
+def images(model):
+    """Pixel values of the two images (crops padded to the larger count, as the processor does)
+    and each image's placeholder count, as the model itself makes them."""
+    torch.manual_seed(1)
+    n = max(image_size_to_num_patches(tuple(s.tolist()), PINPOINTS, 32) for s in SIZES)
+    pixels = torch.randn(len(SIZES), n, 3, 32, 32)
+    with torch.no_grad():
+        features = model.model.get_image_features(pixels, SIZES, return_dict=True).pooler_output
+    return pixels, [f.shape[0] for f in features]
+
+
+def batch(counts, shapes=((3, 5), (1, 2))):
+    """Row i: `[BOS, pre..., <image> x counts[i], post...]`, left-padded with 0."""
+    rows = [[1] + list(range(10, 10 + pre)) + [IMAGE_ID] * n + list(range(50, 50 + post))
+            for n, (pre, post) in zip(counts, shapes)]
+    length = max(map(len, rows))
+    ids = torch.tensor([[0] * (length - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def greedy(model, ids, mask, pixels, sizes, **kwargs):
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes,
+                              max_new_tokens=5, do_sample=False, **kwargs)
+
+
+METHODS = [("fastv", {"keep": 0.5}), ("fastv", {"tokens": 10}), ("atp", {"keep": 0.5, "layers": [0, 2]})]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["fastv", "atp"])
+def test_keeping_everything_gives_the_unpatched_tokens(family, method):
+    model = FAMILIES[family]()
+    pixels, counts = images(model)
+    ids, mask = batch(counts)
+    ref = greedy(model, ids, mask, pixels, SIZES)
+    tome_plus.patch(model, method, keep=1.0)
+    assert torch.equal(greedy(model, ids, mask, pixels, SIZES), ref)
+    assert torch.equal(tome_plus.inspect(model).llm_kept[0], torch.tensor(counts))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method,options", METHODS)
+def test_cache_batch_and_unpatch(family, method, options):
+    """Pruning: generate with the cache equals generation without it, a left-padded batch of
+    images of different sizes equals each row alone, FastV keeps its count of each row's visual
+    tokens, and unpatch restores the unpatched tokens."""
+    model = FAMILIES[family]()
+    pixels, counts = images(model)
+    ids, mask = batch(counts)
+    ref = greedy(model, ids, mask, pixels, SIZES)
+    tome_plus.patch(model, method, **options)
+    out = greedy(model, ids, mask, pixels, SIZES)
+    kept = tome_plus.inspect(model).llm_kept[0]
+    if method == "fastv":
+        want = [math.ceil(0.5 * n) if "keep" in options else min(options["tokens"], n) for n in counts]
+        assert kept.tolist() == want
+    assert bool((kept < torch.tensor(counts)).all())
+    assert torch.equal(greedy(model, ids, mask, pixels, SIZES, use_cache=False), out)
+    for row in range(2):
+        alone_ids, alone_mask = batch([counts[row]], [((3, 5), (1, 2))[row]])
+        alone = greedy(model, alone_ids, alone_mask, pixels[row:row + 1], SIZES[row:row + 1])
+        assert torch.equal(alone[0], out[row, -alone.shape[1]:])
+    tome_plus.unpatch(model)
+    assert torch.equal(greedy(model, ids, mask, pixels, SIZES), ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tower_methods_and_atp_tokens_are_refused_by_name(family):
+    model = FAMILIES[family]()
+    name = type(model).__name__
+    for method, options in (("tome", {"r": 2}), ("pitome", {"keep": 0.9}), ("zero_tprune", {"keep": 0.9})):
+        with pytest.raises(ValueError, match=f"{name} packs .*'atp' or 'fastv'"):
+            tome_plus.patch(model, method, **options)
+    with pytest.raises(ValueError, match="tokens=.*use keep="):
+        tome_plus.patch(model, "atp", tokens=10)
+
+
+@pytest.mark.parametrize("method,options", [("fastv", {"keep": 0.5}), ("atp", {"keep": 0.5, "layers": [0, 2]})])
+def test_onevision_video_tokens_are_visual(method, options):
+    """OneVision's video placeholders are pruned like image tokens: keeping everything gives the
+    unpatched tokens; pruning, the cache changes nothing."""
+    model = onevision()
+    torch.manual_seed(2)
+    video = torch.randn(1, 4, 3, 32, 32)  # 4 frames
+    with torch.no_grad():
+        n = model.model.get_video_features(video, return_dict=True).pooler_output.shape[1]
+    ids = torch.tensor([[1, 10, 11] + [VIDEO_ID] * n + [50, 51, 52]])
+    mask = torch.ones_like(ids)
+    run = lambda **k: model.generate(input_ids=ids, attention_mask=mask, pixel_values_videos=video, max_new_tokens=5,
+                                     do_sample=False, **k)
+    with torch.no_grad():
+        ref = run()
+        tome_plus.patch(model, method, keep=1.0)
+        assert torch.equal(run(), ref)
+        tome_plus.unpatch(model)
+        tome_plus.patch(model, method, **options)
+        out = run()
+        kept = int(tome_plus.inspect(model).llm_kept[0, 0])
+        assert kept < n and (method != "fastv" or kept == math.ceil(0.5 * n))
+        assert torch.equal(run(use_cache=False), out)
