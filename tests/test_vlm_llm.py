@@ -119,7 +119,7 @@ def test_tower_methods_and_atp_tokens_are_refused_by_name(family):
     model = FAMILIES[family]()
     name = type(model).__name__
     for method, options in (("tome", {"r": 2}), ("pitome", {"keep": 0.9}), ("zero_tprune", {"keep": 0.9})):
-        with pytest.raises(ValueError, match=f"{name} packs .*'atp' or 'fastv'"):
+        with pytest.raises(ValueError, match=f"{name} .*vision tower.*'atp' or 'fastv'"):
             tome_plus.patch(model, method, **options)
     with pytest.raises(ValueError, match="tokens=.*use keep="):
         tome_plus.patch(model, "atp", tokens=10)
@@ -148,3 +148,48 @@ def test_onevision_video_tokens_are_visual(method, options):
         kept = int(tome_plus.inspect(model).llm_kept[0, 0])
         assert kept < n and (method != "fastv" or kept == math.ceil(0.5 * n))
         assert torch.equal(run(use_cache=False), out)
+
+
+# ------------------------------------------------- every family, with processor-exact prompts (vlm_models)
+
+import vlm_models as V  # noqa: E402
+
+CASES = [(family, "image") for family in V.FACTORIES] + [("qwen2_vl", "video"), ("qwen2_5_vl", "video")]
+
+
+@pytest.mark.parametrize("family,kind", CASES)
+@pytest.mark.parametrize("method,options", [("fastv", {"keep": 0.5}), ("atp", {"keep": 0.5, "layers": [0, 2]})])
+def test_every_family_prunes_in_its_llm_as_unpatched_would_run(family, kind, method, options):
+    """LLaVA-NeXT, NeXT-Video, OneVision, Qwen2-VL, Qwen2.5-VL (M-RoPE positions), images of two
+    sizes or videos, a left-padded batch: keeping everything gives the unpatched greedy tokens;
+    pruning keeps fewer visual tokens per row, the cache changes nothing, each row equals itself
+    alone, and unpatch restores."""
+    model = V.FACTORIES[family](text_config={"num_hidden_layers": 4})
+    model.generation_config.eos_token_id = None
+    rows = ([3, kind, 5], [1, kind, 2])
+    inputs = (V.INPUTS[family](model, rows=rows) if kind == "image"
+              else V.INPUTS[family](model, rows=rows, image_sizes=(), videos=((4, 32, 32), (4, 32, 32))))
+    visual = ((inputs["input_ids"] == V.IMAGE_ID) | (inputs["input_ids"] == V.VIDEO_ID)).sum(1)
+    ref = V.greedy(model, inputs, 5)
+    tome_plus.patch(model, method, keep=1.0)
+    assert torch.equal(V.greedy(model, inputs, 5), ref)
+    assert torch.equal(tome_plus.inspect(model).llm_kept[0], visual)
+    tome_plus.unpatch(model)
+    tome_plus.patch(model, method, **options)
+    out = V.greedy(model, inputs, 5)
+    kept = tome_plus.inspect(model).llm_kept[0]
+    assert bool((kept < visual).all())
+    if method == "fastv":
+        assert kept.tolist() == [math.ceil(0.5 * int(n)) for n in visual]
+    assert torch.equal(V.greedy(model, inputs, 5, use_cache=False), out)
+    for row in range(2):
+        assert torch.equal(V.greedy(model, V.take_row(inputs, row), 5)[0], out[row])
+    tome_plus.unpatch(model)
+    assert torch.equal(V.greedy(model, inputs, 5), ref)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_next_video"])
+def test_tower_methods_refused_on_the_other_families(family):
+    model = V.FACTORIES[family]()
+    with pytest.raises(ValueError, match=f"{type(model).__name__} .*vision tower.*'atp' or 'fastv'"):
+        tome_plus.patch(model, "tome", r=2)

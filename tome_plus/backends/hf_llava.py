@@ -25,7 +25,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 from transformers import (DynamicCache, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
-                          LlavaOnevisionForConditionalGeneration, VipLlavaForConditionalGeneration)
+                          LlavaNextVideoForConditionalGeneration, LlavaOnevisionForConditionalGeneration,
+                          Qwen2_5_VLForConditionalGeneration,
+                          Qwen2VLForConditionalGeneration, VipLlavaForConditionalGeneration)
 
 from ..methods.base import ReductionConfig, Reducer
 from ..warn import warn_caller
@@ -37,12 +39,22 @@ HEADS = False  # a generative model: no classifier head to replace
 LLM_METHODS = True  # methods that prune inside the language model (ATP) run here
 FAMILY = ("HF transformers LlavaForConditionalGeneration, VipLlavaForConditionalGeneration (the vision tower "
           "reduces, the LLM gets fewer image tokens, or the LLM prunes: atp, fastv); "
-          "LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration (the LLM prunes: atp, fastv)")
+          "LlavaNextForConditionalGeneration, LlavaNextVideoForConditionalGeneration, "
+          "LlavaOnevisionForConditionalGeneration, Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration "
+          "(the LLM prunes: atp, fastv)")
 MODELS = (LlavaForConditionalGeneration, VipLlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
-          LlavaOnevisionForConditionalGeneration)
-# anyres models: each image's placeholder run has a length of its own (its crops' grids packed,
-# unpadded, with newline tokens; OneVision's videos pooled per frame), so only the LLM prunes
-PACKED = ("llava_next", "llava_onevision")
+          LlavaNextVideoForConditionalGeneration, LlavaOnevisionForConditionalGeneration, Qwen2VLForConditionalGeneration,
+          Qwen2_5_VLForConditionalGeneration)
+# models whose image placeholder runs each have a length of their own, so only the LLM prunes:
+# anyres (crops' grids packed, unpadded, with newline tokens; OneVision's videos pooled per
+# frame), Qwen2-VL and Qwen2.5-VL (native resolution, a 2 x 2 patch merger, M-RoPE positions)
+PACKED = {"llava_next": "packs each image's tower grids (anyres crops, unpadded, with newline tokens)",
+          "llava_next_video": "packs each image's tower grids (anyres crops, unpadded, with newline tokens) and pools "
+                              "each video frame",
+          "llava_onevision": "packs each image's tower grids (anyres crops, unpadded, with newline tokens; videos "
+                             "pooled per frame)",
+          "qwen2_vl": "merges 2 x 2 patches after its tower, whose windows and rotary positions need the full grid",
+          "qwen2_5_vl": "merges 2 x 2 patches after its tower, whose windows and rotary positions need the full grid"}
 model_name = base.model_name  # HF's `config._name_or_path`
 
 
@@ -105,23 +117,27 @@ def feature_depth(model: nn.Module, layer=None) -> int:
 
 
 def depth(model: nn.Module) -> int:
+    """The tower's depth; for a model only the LLM prunes in (`packed`), the LLM's."""
+    if packed(model):
+        return len(model.model.language_model.layers)
     return hf_clip.depth(tower(model))
 
 
 def default_tokens(model: nn.Module) -> int:
-    return hf_clip.default_tokens(tower(model))
+    """Tokens entering the tower for an image of its configured size (0 where images have no one
+    count: `packed`, where nothing is scheduled)."""
+    return 0 if packed(model) else hf_clip.default_tokens(tower(model))
 
 
 def prepare(model: nn.Module, reducer: Reducer, config: ReductionConfig, method: str) -> PatchInfo:
-    vision = tower(model)
     if model.config.image_token_id is None:
         raise ValueError("the config has no image_token_id: the image placeholders cannot be found")
     if reducer.target != "llm" and packed(model):
-        raise ValueError(f"{type(model).__name__} packs each image's tower grids (anyres crops, unpadded, with "
-                         f"newline tokens{', videos pooled per frame' if model.config.model_type == 'llava_onevision' else ''}): "
-                         f"a method in the vision tower would break that packing. On this model tome_plus prunes "
-                         f"inside the language model: method 'atp' or 'fastv'")
+        raise ValueError(f"{type(model).__name__} {PACKED[model.config.model_type]}: a method in the vision tower "
+                         f"would break that. On this model tome_plus prunes inside the language model: method 'atp' "
+                         f"or 'fastv'")
     if reducer.target != "llm":
+        vision = tower(model)
         info = hf_clip.prepare(vision, reducer, config, method, reduce_depth=feature_depth(model))
         info.parts = LlavaParts()
         return info

@@ -135,7 +135,7 @@ class Segment:
     key_bias: Optional[torch.Tensor] = None  # [B, K] log soft mask (training)
 
 
-DECODERS = ("LlamaModel", "MistralModel", "Qwen2Model")  # whose decoder layers the loop below has been checked on
+DECODERS = ("LlamaModel", "MistralModel", "Qwen2Model", "Qwen2VLTextModel", "Qwen2_5_VLTextModel")  # whose decoder layers the loop below has been checked on
 
 
 def matches_decoder(model: nn.Module) -> bool:
@@ -365,7 +365,14 @@ class AtpDecoder:
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = (torch.arange(n, device=h.device) + past).unsqueeze(0)
-        position_ids = position_ids.expand(batch, n)
+        # multimodal rotary positions (Qwen2-VL: [3, B, N] temporal/height/width rows, or [4, B, N]
+        # with the text positions first) reach the rotary embedding as given; the survivors keep
+        # their angles (`compact` takes cos and sin), and the text row stands for their positions
+        rope_ids = position_ids[1:] if position_ids.dim() == 3 and position_ids.shape[0] == 4 else position_ids
+        position_ids = (position_ids[0] if position_ids.dim() == 3 else position_ids).expand(batch, n)
+        if isinstance(attention_mask, dict):
+            raise ValueError("the language model got prepared attention masks (a dict); tome_plus prunes with the "
+                             "[batch, length] padding mask: pass that")
         # before the first pruning site the layers take HF's mask; after it, one built here in the
         # form their backend takes (`layer_mask`)
         backend = self.config._attn_implementation
@@ -377,8 +384,8 @@ class AtpDecoder:
         hf_mask = None
         if hf_masks:
             hf_mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask,
-                                         cache=cache, position_ids=position_ids)
-        cos, sin = self.rotary_emb(h, position_ids=position_ids)
+                                         cache=cache, position_ids=position_ids if rope_ids.dim() == 2 else None)
+        cos, sin = self.rotary_emb(h, position_ids=rope_ids)
         full = attention_mask.bool() if attention_mask is not None else torch.ones(batch, past + n, dtype=torch.bool,
                                                                                   device=h.device)
         valid = full[:, -n:]

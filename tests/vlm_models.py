@@ -1,0 +1,449 @@
+"""Tiny random-weight HF vision-language models and processor-free inputs for them (test helpers, no tests).
+
+Factories (seeded with ``torch.manual_seed(0)``: two calls give identical weights; eval mode; sdpa attention):
+
+    llava_next(**overrides)        LlavaNextForConditionalGeneration       CLIP tower + Llama
+    llava_onevision(**overrides)   LlavaOnevisionForConditionalGeneration  SigLIP tower + Qwen2
+    llava_next_video(**overrides)  LlavaNextVideoForConditionalGeneration  CLIP tower + Llama
+    qwen2_vl(**overrides)          Qwen2VLForConditionalGeneration
+    qwen2_5_vl(**overrides)        Qwen2_5_VLForConditionalGeneration
+
+``model.generation_config.suppress_tokens`` holds the image / video / vision-start / vision-end ids (see `_build`).
+``overrides`` are keyword arguments of the top-level config; ``vision_config`` / ``text_config`` given as dicts
+are merged into the tiny defaults (``llava_next(text_config={"num_hidden_layers": 4})``); ``attn_implementation``
+is passed to ``_from_config``.
+
+Input builders produce, without a processor (there are no tokenizer files), what the HF processor would produce
+for a batch of prompts: ``<family>_inputs(model, rows=..., image_sizes=..., videos=...)``. A prompt row is a list
+of items: an ``int`` n is n text tokens, ``"image"`` the placeholders of the next image of ``image_sizes``,
+``"video"`` those of the next video of ``videos``. Rows are left-padded with id 0 (attention_mask 0 there).
+The placeholder counts come from the HF processors' own code, run on a bare processor object that holds only the
+attributes that code reads (no tokenizer, no image processor):
+
+* LLaVA-NeXT: ``LlavaNextProcessor.replace_image_token`` -> ``_get_number_of_features`` ->
+  ``_get_unpadded_features`` (transformers/models/llava_next/processing_llava_next.py; anyres grid from
+  ``image_processing_utils.select_best_resolution``; includes the image_newline tokens and, for the ``default``
+  strategy, the CLS subtraction), tiles per image from ``modeling_llava_next.image_size_to_num_patches``.
+* LLaVA-OneVision: ``LlavaOnevisionProcessor.replace_image_token`` / ``replace_video_token``
+  (processing_llava_onevision.py; anyres_max_N down-scaling, multi-image rows = base tile + 1 newline, video =
+  frames * ceil(n/2)^2 + 1 newline), tiles from ``modeling_llava_onevision.image_size_to_num_patches``.
+* LLaVA-NeXT-Video: ``LlavaNextVideoProcessor.replace_image_token`` / ``replace_video_token``
+  (processing_llava_next_video.py; video = (S/p)^2 // 4 per frame).
+* Qwen2-VL / Qwen2.5-VL: ``image_processing_qwen2_vl.smart_resize`` / ``video_processing_qwen2_vl.smart_resize``
+  for the resized size, grid ``(ceil(frames / temporal_patch), H/patch, W/patch)`` as in ``patchify``, and
+  ``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor.replace_image_token`` / ``replace_video_token`` (grid.prod() //
+  merge^2). ``mm_token_type_ids`` (0 text, 1 image, 2 video) as ``ProcessorMixin.create_mm_token_type_ids``;
+  Qwen2.5 adds ``second_per_grid_ts = temporal_patch_size / fps`` per video.
+
+Pixel values are seeded noise in exactly the processor's shapes (LLaVA: ``[n_images, max_tiles, 3, S, S]``
+zero-padded on the tile axis as ``_pad_for_batching`` does, plus ``image_sizes`` (H, W); videos
+``[n_videos, frames, 3, S, S]``; Qwen: ``[sum(t*h*w), 3 * temporal_patch * patch * patch]`` plus ``*_grid_thw``).
+
+The returned ``VLMInputs`` is a plain dict of model kwargs (``model(**inputs)``, ``model.generate(**inputs)``)
+with a ``.meta`` attribute; ``take_row(inputs, i)`` returns row i alone, unpadded, with its own images and videos,
+exactly as the processor would build a batch of that one prompt.
+"""
+from itertools import accumulate
+from types import SimpleNamespace
+
+import torch
+from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextVideoConfig,
+                          LlavaNextVideoForConditionalGeneration, LlavaOnevisionConfig,
+                          LlavaOnevisionForConditionalGeneration, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                          Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches as next_num_tiles
+from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
+from transformers.models.llava_next_video.processing_llava_next_video import LlavaNextVideoProcessor
+from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches as ov_num_tiles
+from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as qwen_image_resize
+from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize as qwen_video_resize
+
+PAD, BOS, EOS = 0, 1, 2
+IMAGE_ID, VIDEO_ID = 199, 198
+VISION_START, VISION_END = 197, 196  # Qwen's <|vision_start|> / <|vision_end|> around every image / video
+TEXT_IDS = (10, 190)  # ordinary text tokens are drawn from this range
+VOCAB = 200
+
+ROWS = ([3, "image", 5], [1, "image", 2])  # two prompts of different lengths, one image each
+LLAVA_IMAGE_SIZES = ((40, 60), (64, 32))   # (H, W) of the raw images: different anyres grids
+QWEN_IMAGE_SIZES = ((48, 64), (64, 32))    # -> grids (1, 6, 8) and (1, 8, 4) with patch 8
+
+
+# ------------------------------------------------------------------------------------------------ factories
+
+def _llama(**extra):
+    return dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD, bos_token_id=BOS,
+                eos_token_id=EOS, **extra)
+
+
+def _clip(**extra):
+    return dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32, **extra)
+
+
+def _merge(defaults: dict, overrides: dict) -> dict:
+    out = dict(defaults)
+    for key, value in overrides.items():
+        if key in ("vision_config", "text_config") and isinstance(value, dict):
+            out[key] = {**defaults[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def _build(model_cls, config_cls, defaults: dict, overrides: dict):
+    overrides = dict(overrides)
+    attn = overrides.pop("attn_implementation", "sdpa")
+    config = config_cls(**_merge(defaults, overrides))
+    torch.manual_seed(0)
+    model = model_cls._from_config(config, attn_implementation=attn).eval()
+    # Random weights emit any id. A generated <image> / <video> id is a placeholder again: with use_cache=False
+    # generate re-runs the full sequence with the prompt's mm_encoder_outputs and the placeholder count check
+    # fails (`Image features and image tokens do not match`), so greedy decoding never picks these ids.
+    model.generation_config.suppress_tokens = [IMAGE_ID, VIDEO_ID, VISION_START, VISION_END]
+    return model
+
+
+def llava_next(**overrides) -> LlavaNextForConditionalGeneration:
+    """CLIP 32 px / patch 8 (4x4 = 16 patches + CLS per tile, 2 layers, hidden 32) + Llama (2 layers, hidden 64);
+    anyres pinpoints are the llava-v1.6 ones scaled 336 -> 32 px; `default` strategy, feature layer -2."""
+    defaults = dict(vision_config=_clip(), text_config=_llama(), image_token_id=IMAGE_ID,
+                    image_grid_pinpoints=[[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]],
+                    vision_feature_select_strategy="default", vision_feature_layer=-2, image_seq_length=16)
+    return _build(LlavaNextForConditionalGeneration, LlavaNextConfig, defaults, overrides)
+
+
+def llava_onevision(**overrides) -> LlavaOnevisionForConditionalGeneration:
+    """SigLIP 32 px / patch 8 (16 patches, no CLS, 2 layers, hidden 32) + Qwen2 (2 layers, hidden 64); pinpoints
+    32 * (1..4) x 32 * (1..4) (the 384 * (1..6) grid scaled), so big images hit the anyres_max_9 down-scaling."""
+    siglip = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=32, patch_size=8, vision_use_head=False)
+    qwen2 = dict(_llama(), model_type="qwen2")
+    defaults = dict(vision_config=siglip, text_config=qwen2, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
+                    image_grid_pinpoints=[[32 * i, 32 * j] for i in range(1, 5) for j in range(1, 5)],
+                    vision_feature_select_strategy="full", vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9")
+    return _build(LlavaOnevisionForConditionalGeneration, LlavaOnevisionConfig, defaults, overrides)
+
+
+def llava_next_video(**overrides) -> LlavaNextVideoForConditionalGeneration:
+    """As `llava_next` plus the video path: average pooling stride 2 (4x4 -> 2x2 tokens per frame)."""
+    defaults = dict(vision_config=_clip(), text_config=_llama(), image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
+                    image_grid_pinpoints=[[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]],
+                    vision_feature_select_strategy="default", vision_feature_layer=-2, spatial_pool_mode="average",
+                    spatial_pool_stride=2, image_seq_length=16, video_seq_length=4)
+    return _build(LlavaNextVideoForConditionalGeneration, LlavaNextVideoConfig, defaults, overrides)
+
+
+def _qwen_text():
+    # head_dim 16 -> 8 rotary frequencies, split [t, h, w] = [2, 3, 3] (the real [16, 24, 24] for head_dim 128)
+    return dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+
+
+def qwen2_vl(**overrides) -> Qwen2VLForConditionalGeneration:
+    """Vision: patch 8, temporal patch 2, merge 2 (one LLM token per 16x16 px), 2 blocks of width 32; text:
+    Qwen2-VL text model (2 layers, hidden 64, M-RoPE sections [2, 3, 3])."""
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=8,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    defaults = dict(vision_config=vision, text_config=_qwen_text(), image_token_id=IMAGE_ID,
+                    video_token_id=VIDEO_ID, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+    return _build(Qwen2VLForConditionalGeneration, Qwen2VLConfig, defaults, overrides)
+
+
+def qwen2_5_vl(**overrides) -> Qwen2_5_VLForConditionalGeneration:
+    """As `qwen2_vl`, with the 2.5 vision tower: window attention (window 32 px = 2x2 merged tokens) in block 0,
+    full attention in block 1, SwiGLU MLP, tokens_per_second 4."""
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=8,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=32, fullatt_block_indexes=[1],
+                  tokens_per_second=4)
+    defaults = dict(vision_config=vision, text_config=_qwen_text(), image_token_id=IMAGE_ID,
+                    video_token_id=VIDEO_ID, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+    return _build(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig, defaults, overrides)
+
+
+FACTORIES = {"llava_next": llava_next, "llava_onevision": llava_onevision, "llava_next_video": llava_next_video,
+             "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl}
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+class VLMInputs(dict):
+    """Model keyword arguments; `.meta` records which images / videos belong to which row (for `take_row`)."""
+
+    def __init__(self, data, meta):
+        super().__init__(data)
+        self.meta = meta
+
+
+def _bare(cls, **attrs):
+    """An instance of an HF processor class holding only `attrs`: its counting methods run unchanged."""
+    obj = cls.__new__(cls)
+    for key, value in attrs.items():
+        setattr(obj, key, value)
+    return obj
+
+
+def _check_rows(rows, n_images, n_videos):
+    images = sum(item == "image" for row in rows for item in row)
+    videos = sum(item == "video" for row in rows for item in row)
+    if images != n_images or videos != n_videos:
+        raise ValueError(f"rows hold {images} images and {videos} videos, but {n_images} image sizes and "
+                         f"{n_videos} videos were given")
+    for row in rows:
+        for item in row:
+            if not (isinstance(item, int) or item in ("image", "video")):
+                raise ValueError(f"row items are ints, 'image' or 'video'; got {item!r}")
+
+
+def _tokens(rows, image_counts, video_counts, seed, bos, wrap):
+    """Left-padded input_ids / attention_mask / mm_token_type_ids and the images and videos per row."""
+    g = torch.Generator().manual_seed(seed)
+    images, videos = iter(image_counts), iter(video_counts)
+    ids, types, per_row_images, per_row_videos = [], [], [], []
+    for row in rows:
+        r, t = ([bos], [0]) if bos is not None else ([], [])
+        n_img = n_vid = 0
+        for item in row:
+            if isinstance(item, int):
+                r += torch.randint(*TEXT_IDS, (item,), generator=g).tolist()
+                t += [0] * item
+                continue
+            count, token, kind = (next(images), IMAGE_ID, 1) if item == "image" else (next(videos), VIDEO_ID, 2)
+            n_img, n_vid = n_img + (item == "image"), n_vid + (item == "video")
+            pre, post = ([VISION_START], [VISION_END]) if wrap else ([], [])
+            r += pre + [token] * count + post
+            t += [0] * len(pre) + [kind] * count + [0] * len(post)
+        ids.append(r)
+        types.append(t)
+        per_row_images.append(n_img)
+        per_row_videos.append(n_vid)
+    length = max(map(len, ids))
+    pad = lambda r: [PAD] * (length - len(r)) + r  # noqa: E731
+    input_ids = torch.tensor([pad(r) for r in ids])
+    attention_mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in ids])
+    mm_token_type_ids = torch.tensor([[0] * (length - len(t)) + t for t in types])
+    return input_ids, attention_mask, mm_token_type_ids, per_row_images, per_row_videos
+
+
+def _noise(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _llava_family_inputs(model, family, counter, num_tiles, rows, image_sizes, videos, seed):
+    config = model.config
+    rows, image_sizes, videos = [list(r) for r in rows], [tuple(s) for s in image_sizes], list(videos)
+    _check_rows(rows, len(image_sizes), len(videos))
+    side = config.vision_config.image_size
+    per_row = [sum(item == "image" for item in row) for row in rows]
+    batch_num_images = per_row
+    # OneVision tiles only the images of single-image rows; a multi-image row gets the base tile only
+    multi = [n != 1 for n in per_row for _ in range(n)]
+    tiles = [1 if family == "llava_onevision" and m else num_tiles(list(s), config.image_grid_pinpoints, side)
+             for s, m in zip(image_sizes, multi)]
+    data, image_counts, video_counts = {}, [], []
+    if image_sizes:
+        pixel_values = torch.zeros(len(image_sizes), max(tiles), 3, side, side)
+        for k, n in enumerate(tiles):
+            pixel_values[k, :n] = _noise((n, 3, side, side), seed * 1000 + k)
+        image_inputs = {"image_sizes": [list(s) for s in image_sizes], "pixel_values": pixel_values,
+                        "batch_num_images": batch_num_images}
+        image_counts = [counter.replace_image_token(image_inputs, k).count(counter.image_token)
+                        for k in range(len(image_sizes))]
+        data.update(pixel_values=pixel_values, image_sizes=torch.tensor(image_sizes, dtype=torch.long))
+        if family == "llava_onevision":  # one entry per prompt that has images, as the processor nests them
+            data["batch_num_images"] = torch.tensor([n for n in batch_num_images if n], dtype=torch.long)
+    if videos:
+        if len(set(videos)) != 1:
+            raise ValueError("LLaVA video batches are one stacked tensor: all videos need the same frame count")
+        pixel_values_videos = torch.stack([_noise((f, 3, side, side), seed * 1000 + 500 + k)
+                                           for k, f in enumerate(videos)])
+        video_inputs = {"pixel_values_videos": pixel_values_videos}
+        video_counts = [counter.replace_video_token(video_inputs, k).count(counter.video_token)
+                        for k in range(len(videos))]
+        data["pixel_values_videos"] = pixel_values_videos
+    input_ids, attention_mask, _, images_per_row, videos_per_row = _tokens(
+        rows, image_counts, video_counts, seed, bos=BOS, wrap=False)
+    meta = dict(family=family, rows=rows, images_per_row=images_per_row, videos_per_row=videos_per_row,
+                tiles=tiles, image_tokens=image_counts, video_tokens=video_counts)
+    return VLMInputs(dict(input_ids=input_ids, attention_mask=attention_mask, **data), meta)
+
+
+def _next_counter(config, cls):
+    vision = config.vision_config
+    return _bare(cls, patch_size=vision.patch_size,
+                 vision_feature_select_strategy=config.vision_feature_select_strategy,
+                 # the llava-hf processor configs of CLIP towers set 1 (the CLS token), SigLIP towers 0
+                 num_additional_image_tokens=int(vision.model_type == "clip_vision_model"),
+                 image_token="<image>", video_token="<video>",
+                 image_processor=SimpleNamespace(image_grid_pinpoints=config.image_grid_pinpoints))
+
+
+def llava_next_inputs(model, rows=ROWS, image_sizes=LLAVA_IMAGE_SIZES, seed=1) -> VLMInputs:
+    """input_ids, attention_mask, pixel_values [n_images, max_tiles, 3, S, S], image_sizes [n_images, 2] (H, W).
+
+    The processor equivalent: LlavaNextProcessor(patch_size=p, vision_feature_select_strategy=config's,
+    num_additional_image_tokens=1 for CLIP) with LlavaNextImageProcessor(size={"shortest_edge": S},
+    crop_size={"height": S, "width": S}, image_grid_pinpoints=config's)."""
+    counter = _next_counter(model.config, LlavaNextProcessor)
+    return _llava_family_inputs(model, "llava_next", counter, next_num_tiles, rows, image_sizes, (), seed)
+
+
+def llava_next_video_inputs(model, rows=ROWS, image_sizes=LLAVA_IMAGE_SIZES, videos=(), seed=1) -> VLMInputs:
+    """As `llava_next_inputs`; `videos` are frame counts (frames already sampled and resized to S x S, as the
+    LlavaNextVideoVideoProcessor does), giving pixel_values_videos [n_videos, frames, 3, S, S]."""
+    counter = _next_counter(model.config, LlavaNextVideoProcessor)
+    return _llava_family_inputs(model, "llava_next_video", counter, next_num_tiles, rows, image_sizes, videos, seed)
+
+
+def llava_onevision_inputs(model, rows=ROWS, image_sizes=LLAVA_IMAGE_SIZES, videos=(), seed=1) -> VLMInputs:
+    """input_ids, attention_mask, pixel_values [n_images, max_tiles, 3, S, S], image_sizes, batch_num_images
+    (images per row: rows with several images get only the base tile and (S/p)^2 + 1 tokens per image),
+    pixel_values_videos [n_videos, frames, 3, S, S] for `videos` (frame counts).
+
+    The processor equivalent: LlavaOnevisionProcessor(num_image_tokens=(S/p)^2, vision_feature_select_strategy and
+    vision_aspect_ratio = config's) with LlavaOnevisionImageProcessor(size={"height": S, "width": S},
+    image_grid_pinpoints=config's) and LlavaOnevisionVideoProcessor(size={"height": S, "width": S})."""
+    config = model.config
+    vision = config.vision_config
+    counter = _bare(LlavaOnevisionProcessor, num_image_tokens=(vision.image_size // vision.patch_size) ** 2,
+                    vision_feature_select_strategy=config.vision_feature_select_strategy,
+                    vision_aspect_ratio=config.vision_aspect_ratio, image_token="<image>", video_token="<video>",
+                    image_processor=SimpleNamespace(image_grid_pinpoints=config.image_grid_pinpoints))
+    return _llava_family_inputs(model, "llava_onevision", counter, ov_num_tiles, rows, image_sizes, videos, seed)
+
+
+def _qwen_inputs(model, family, processor_cls, rows, image_sizes, videos, min_pixels, max_pixels, fps, seed):
+    vision = model.config.vision_config
+    rows, image_sizes = [list(r) for r in rows], [tuple(s) for s in image_sizes]
+    videos = [tuple(v) for v in videos]
+    _check_rows(rows, len(image_sizes), len(videos))
+    p, m, tp = vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
+    factor, dim = p * m, vision.in_channels * tp * p * p
+    image_grid = []
+    for h, w in image_sizes:
+        rh, rw = qwen_image_resize(h, w, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+        image_grid.append([1, rh // p, rw // p])
+    video_grid = []
+    for frames, h, w in videos:
+        rh, rw = qwen_video_resize(h, w, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+        video_grid.append([(frames + -frames % tp) // tp, rh // p, rw // p])  # last frame repeated to a multiple
+    counter = _bare(processor_cls, image_token="<|image_pad|>", video_token="<|video_pad|>",
+                    image_processor=SimpleNamespace(merge_size=m), video_processor=SimpleNamespace(merge_size=m))
+    data = {}
+    image_counts = video_counts = []
+    if image_grid:
+        grid = torch.tensor(image_grid, dtype=torch.long)
+        image_counts = [int(counter.replace_image_token({"image_grid_thw": grid}, k).count(counter.image_token))
+                        for k in range(len(grid))]
+        data["pixel_values"] = torch.cat([_noise((int(g.prod()), dim), seed * 1000 + k) for k, g in enumerate(grid)])
+        data["image_grid_thw"] = grid
+    if video_grid:
+        grid = torch.tensor(video_grid, dtype=torch.long)
+        video_counts = [int(counter.replace_video_token({"video_grid_thw": grid}, k).count(counter.video_token))
+                        for k in range(len(grid))]
+        data["pixel_values_videos"] = torch.cat([_noise((int(g.prod()), dim), seed * 1000 + 500 + k)
+                                                 for k, g in enumerate(grid)])
+        data["video_grid_thw"] = grid
+        if family == "qwen2_5_vl":
+            data["second_per_grid_ts"] = torch.tensor([tp / fps] * len(video_grid))
+    input_ids, attention_mask, mm_token_type_ids, images_per_row, videos_per_row = _tokens(
+        rows, image_counts, video_counts, seed, bos=None, wrap=True)
+    meta = dict(family=family, rows=rows, images_per_row=images_per_row, videos_per_row=videos_per_row,
+                image_tokens=image_counts, video_tokens=video_counts)
+    return VLMInputs(dict(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
+                          **data), meta)
+
+
+def qwen2_vl_inputs(model, rows=ROWS, image_sizes=QWEN_IMAGE_SIZES, videos=(), min_pixels=4 * 16 * 16,
+                    max_pixels=64 * 16 * 16, seed=1) -> VLMInputs:
+    """input_ids (each image / video wrapped in vision_start / vision_end), attention_mask, mm_token_type_ids,
+    pixel_values [sum t*h*w, 3*tp*p*p] + image_grid_thw, pixel_values_videos + video_grid_thw for `videos` given
+    as (frames, H, W).
+
+    The processor equivalent: Qwen2VLProcessor with Qwen2VLImageProcessor / Qwen2VLVideoProcessor(patch_size=p,
+    merge_size=m, temporal_patch_size=tp, size={"shortest_edge": min_pixels, "longest_edge": max_pixels}) and
+    already sampled frames; the defaults are the real 56*56 .. 28*28*1280 rescaled to the tiny 16 px factor."""
+    return _qwen_inputs(model, "qwen2_vl", Qwen2VLProcessor, rows, image_sizes, videos, min_pixels, max_pixels,
+                        2.0, seed)
+
+
+def qwen2_5_vl_inputs(model, rows=ROWS, image_sizes=QWEN_IMAGE_SIZES, videos=(), min_pixels=4 * 16 * 16,
+                      max_pixels=64 * 16 * 16, fps=2.0, seed=1) -> VLMInputs:
+    """As `qwen2_vl_inputs`, plus second_per_grid_ts = temporal_patch_size / fps per video (Qwen2_5_VLProcessor
+    ._process_videos uses the sampled fps of the video metadata: 2 when the video processor samples a file at its
+    default fps=2, 24 for a bare frame array without metadata)."""
+    return _qwen_inputs(model, "qwen2_5_vl", Qwen2_5_VLProcessor, rows, image_sizes, videos, min_pixels,
+                        max_pixels, fps, seed)
+
+
+INPUTS = {"llava_next": llava_next_inputs, "llava_onevision": llava_onevision_inputs,
+          "llava_next_video": llava_next_video_inputs, "qwen2_vl": qwen2_vl_inputs, "qwen2_5_vl": qwen2_5_vl_inputs}
+
+
+def take_row(inputs: VLMInputs, i: int) -> VLMInputs:
+    """Row i of a batch as a batch of one: no padding, only its own images and videos (tiles re-padded to its own
+    maximum as the image processor would), so `generate` on it can be compared with row i of the batch."""
+    meta = inputs.meta
+    keep = inputs["attention_mask"][i].bool()
+    out = {"input_ids": inputs["input_ids"][i][keep][None], "attention_mask": torch.ones(1, int(keep.sum()),
+                                                                                            dtype=torch.long)}
+    if "mm_token_type_ids" in inputs:
+        out["mm_token_type_ids"] = inputs["mm_token_type_ids"][i][keep][None]
+    a = sum(meta["images_per_row"][:i])
+    b = a + meta["images_per_row"][i]
+    c = sum(meta["videos_per_row"][:i])
+    d = c + meta["videos_per_row"][i]
+    qwen = meta["family"].startswith("qwen")
+    if b > a:
+        if qwen:
+            grid = inputs["image_grid_thw"]
+            starts = [0] + list(accumulate(grid.prod(-1).tolist()))
+            out["pixel_values"] = inputs["pixel_values"][starts[a]:starts[b]]
+            out["image_grid_thw"] = grid[a:b]
+        else:
+            out["pixel_values"] = inputs["pixel_values"][a:b, :max(meta["tiles"][a:b])]
+            out["image_sizes"] = inputs["image_sizes"][a:b]
+            if "batch_num_images" in inputs:
+                out["batch_num_images"] = torch.tensor([b - a], dtype=torch.long)
+    if d > c:
+        if qwen:
+            grid = inputs["video_grid_thw"]
+            starts = [0] + list(accumulate(grid.prod(-1).tolist()))
+            out["pixel_values_videos"] = inputs["pixel_values_videos"][starts[c]:starts[d]]
+            out["video_grid_thw"] = grid[c:d]
+            if "second_per_grid_ts" in inputs:
+                out["second_per_grid_ts"] = inputs["second_per_grid_ts"][c:d]
+        else:
+            out["pixel_values_videos"] = inputs["pixel_values_videos"][c:d]
+    row_meta = dict(meta, rows=[meta["rows"][i]], images_per_row=[b - a], videos_per_row=[d - c],
+                    image_tokens=meta["image_tokens"][a:b], video_tokens=meta["video_tokens"][c:d])
+    if "tiles" in meta:
+        row_meta["tiles"] = meta["tiles"][a:b]
+    return VLMInputs(out, row_meta)
+
+
+def greedy(model, inputs, max_new_tokens=4, **kwargs):
+    """The new tokens of greedy `generate` (prompt stripped), right-padded with PAD to `max_new_tokens`: a batch
+    pads a row that hit EOS with PAD while the others go on, a batch of one just stops, and this makes the two
+    comparable."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    return torch.nn.functional.pad(new, (0, max_new_tokens - new.shape[1]), value=PAD)
+
+
+def count_placeholders(inputs) -> tuple[int, int]:
+    """(image, video) placeholder tokens in the batch."""
+    ids = inputs["input_ids"]
+    return int((ids == IMAGE_ID).sum()), int((ids == VIDEO_ID).sum())
+
+
+__all__ = ["llava_next", "llava_onevision", "llava_next_video", "qwen2_vl", "qwen2_5_vl", "llava_next_inputs",
+           "llava_onevision_inputs", "llava_next_video_inputs", "qwen2_vl_inputs", "qwen2_5_vl_inputs",
+           "take_row", "greedy", "count_placeholders", "VLMInputs", "FACTORIES", "INPUTS", "ROWS",
+           "PAD", "BOS", "EOS", "IMAGE_ID", "VIDEO_ID", "VISION_START", "VISION_END"]
