@@ -48,13 +48,10 @@ MODELS = (LlavaForConditionalGeneration, VipLlavaForConditionalGeneration, Llava
 # models whose image placeholder runs each have a length of their own, so only the LLM prunes:
 # anyres (crops' grids packed, unpadded, with newline tokens; OneVision's videos pooled per
 # frame), Qwen2-VL and Qwen2.5-VL (native resolution, a 2 x 2 patch merger, M-RoPE positions)
-PACKED = {"llava_next": "packs each image's tower grids (anyres crops, unpadded, with newline tokens)",
-          "llava_next_video": "packs each image's tower grids (anyres crops, unpadded, with newline tokens) and pools "
-                              "each video frame",
-          "llava_onevision": "packs each image's tower grids (anyres crops, unpadded, with newline tokens; videos "
-                             "pooled per frame)",
-          "qwen2_vl": "merges 2 x 2 patches after its tower, whose windows and rotary positions need the full grid",
-          "qwen2_5_vl": "merges 2 x 2 patches after its tower, whose windows and rotary positions need the full grid"}
+_ANYRES = "packs each image's tower grids (anyres crops, unpadded, with newline tokens)"
+_QWEN = "merges 2 x 2 patches after its tower, whose windows and rotary positions need the full grid"
+PACKED = {"llava_next": _ANYRES, "llava_next_video": _ANYRES + " and pools each video frame",
+          "llava_onevision": _ANYRES + " and pools each video frame", "qwen2_vl": _QWEN, "qwen2_5_vl": _QWEN}
 model_name = base.model_name  # HF's `config._name_or_path`
 
 
@@ -86,8 +83,8 @@ def matches(model: nn.Module) -> bool:
 
 
 def packed(model: nn.Module) -> bool:
-    """An anyres model (LLaVA-NeXT, OneVision; `model` or its inner model): image runs of their
-    own lengths."""
+    """A model whose image runs each have a length of their own (`PACKED`; `model` or its inner
+    model): only the LLM prunes."""
     return model.config.model_type in PACKED
 
 
@@ -553,8 +550,7 @@ def llm_scope(model: nn.Module, args: Dict[str, Any], extra: Dict[str, Any],
     if video_id is not None and ids is not None:
         visual = visual | (ids == video_id)
     spatial = torch.zeros(visual.shape, device=visual.device)
-    starts = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]  # the first token of each run
-    images = starts.sum(dim=1)
+    images = torch.zeros(visual.shape[0], dtype=torch.long, device=visual.device)
     if bool(visual.any()) and not packed(model):
         # the grid from what every call path has: this call's pixels where it has them, else the
         # tower's configured size (generate encodes the images first and calls forward without
@@ -574,7 +570,8 @@ def llm_scope(model: nn.Module, args: Dict[str, Any], extra: Dict[str, Any],
         spatial = torch.where(visual, table[rank], spatial)
         images = (visual.sum(dim=1) + n_run - 1) // n_run  # runs of whole images, adjacent ones too
     elif bool(visual.any()):
-        spatial = along_runs(visual, starts)
+        starts = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]  # the first token of each run
+        images, spatial = starts.sum(dim=1), along_runs(visual, starts)
     answer = call.answer
     if answer is not None and answer.shape != visual.shape:
         answer = None

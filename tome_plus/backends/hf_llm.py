@@ -48,6 +48,7 @@ from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, causal_mas
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from ..methods.base import received
 from ..precision import HALF, fp32_logits
 from .base import get_info
 
@@ -184,8 +185,7 @@ def received_attention(query: torch.Tensor, key: torch.Tensor, mask: torch.Tenso
         logits = fp32_logits(q, key, scaling) if q.dtype in HALF else (q @ key.transpose(-2, -1)).float() * scaling
         block = mask[:, :, start:start + step, :keys]
         logits = logits + (_additive(block, logits.dtype) if block.dtype == torch.bool else block.float())
-        probs = logits.softmax(dim=-1).mean(dim=1)[..., -n:]  # [B, block, N]: over heads, the current keys
-        total = total + torch.einsum("brq,bqk->brk", weights[:, :, start:start + step].float(), probs)
+        total = total + received(logits.softmax(dim=-1), weights[:, :, start:start + step], current=n)
     return total
 
 
@@ -411,14 +411,12 @@ class AtpDecoder:
         past_valid = full[:, :past]  # segment 0's cache: what HF's mask covers
         # output_hidden_states: the embeddings and each layer's output, at the input's positions
         states = [scatter_back(h, seg, n)] if output_hidden_states else []
+        # a mask changes only at a pruning site: built once per segment (a flex BlockMask is costly)
+        mask = hf_mask if hf_masks else layer_mask(past_valid, seg, h.dtype, backend)
         for i, layer in enumerate(self.layers):
             site = i in sites
             module = atp.at(i) if atp is not None else None
             explicit = site and scope is not None and scope.has_visual
-            if hf_masks and not segments_valid and seg.key_bias is None:
-                mask = hf_mask
-            else:
-                mask = layer_mask(past_valid, seg, h.dtype, backend)
             extra = {BACKEND: backend}
             if explicit:
                 request = ScoreRequest(reducer.query_weights(seg.visual, seg.instruction, seg.valid, seg.prompt),
@@ -459,6 +457,7 @@ class AtpDecoder:
             # a cache filled by forwards that pruned nothing holds every earlier token in every layer
             past_valid = stored[len(segments_valid)] if stored is not None else full[:, :past]
             segments_valid.append(seg.valid)
+            mask = layer_mask(past_valid, seg, h.dtype, backend)
         h = self.norm(h)
         if scope is not None and soft:  # rows without image tokens have no fraction (nan)
             scope.kept_fraction = torch.where(n_visual > 0, kept_sum / len(self.layers), torch.nan)

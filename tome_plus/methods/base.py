@@ -242,11 +242,12 @@ class LlmReducer(Reducer):
         raise NotImplementedError
 
 
-def received(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def received(probs: torch.Tensor, weights: torch.Tensor, current: Optional[int] = None) -> torch.Tensor:
     """`[B, R, N]`: the attention each of the N current tokens receives, averaged over heads and
-    summed over the queries with `weights` (`[B, R, N]`), from the probabilities `[B, H, N, P + N]`
-    (P cached keys, not scored). The decoder's blockwise computation equals this."""
-    n = weights.shape[-1]
+    summed over the Q queries with `weights` (`[B, R, Q]`), from the probabilities `[B, H, Q, P + N]`
+    (P cached keys, not scored). `current`: N, where the queries are a block of the current tokens
+    (the decoder's blockwise sums); by default Q = N."""
+    n = weights.shape[-1] if current is None else current
     return torch.einsum("brq,bqk->brk", weights.float(), probs[..., -n:].float().mean(dim=1))
 
 
