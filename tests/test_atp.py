@@ -142,21 +142,32 @@ def test_forward_and_generate_keep_the_same_tokens(pixels):
         assert torch.equal(a, b)
 
 
-def test_keeping_everything_gives_the_unpatched_tokens(pixels):
+def check_keeping_everything(pixels, patch, sites):
+    """`patch(model)` makes an LLM-side method keep every token: the LLaVA then gives the unpatched
+    greedy tokens and (to float tolerance) logits, every image token is kept at each of its `sites`
+    pruning sites, and unpatch restores the tokens. Returns the unpatched model, its prompt and
+    its reference logits."""
     model = llava()
     ids, mask = prompts((3, 5), (1, 2))
     ref = greedy(model, ids, mask, pixels)
     with torch.no_grad():
         ref_logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-    tome_plus.patch(model, "atp", keep=0.25, layers=[0, 2])
-    thresholds(model, bias_r=-20.0, bias_s=-20.0)
+    patch(model)
     assert torch.equal(greedy(model, ids, mask, pixels), ref)
-    assert torch.equal(tome_plus.inspect(model).llm_kept, torch.full((2, 2), N_IMAGE))
+    assert torch.equal(tome_plus.inspect(model).llm_kept, torch.full((sites, 2), N_IMAGE))
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
     tome_plus.unpatch(model)
     assert torch.equal(greedy(model, ids, mask, pixels), ref)
+    return model, ids, mask, ref_logits
+
+
+def test_keeping_everything_gives_the_unpatched_tokens(pixels):
+    def patch(model):
+        tome_plus.patch(model, "atp", keep=0.25, layers=[0, 2])
+        thresholds(model, bias_r=-20.0, bias_s=-20.0)
+    check_keeping_everything(pixels, patch, sites=2)
 
 
 def test_image_in_a_later_forward_with_the_cache(pixels):

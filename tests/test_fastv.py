@@ -9,7 +9,8 @@ pytest.importorskip("transformers", reason='FastV tests need transformers: pip i
 import tome_plus  # noqa: E402
 from tome_plus.methods.atp import top_fraction  # noqa: E402
 
-from test_atp import fa2_standin  # noqa: E402,F401 (the fixture: flash attention's mask form over SDPA)
+from test_atp import check_keeping_everything  # noqa: E402
+from test_atp import fa2_standin  # noqa: E402,F401 (the fixture: flash attention as a CPU can run it)
 from test_hf import IMAGE_ID, N_IMAGE, greedy, llava, prompts  # noqa: E402
 
 
@@ -28,19 +29,8 @@ def test_top_fraction_keeps_the_top_visual_tokens_ties_by_position():
 
 
 def test_keeping_everything_gives_the_unpatched_tokens_and_logits(pixels):
-    model = llava()
-    ids, mask = prompts((3, 5), (1, 2))
-    ref = greedy(model, ids, mask, pixels)
-    with torch.no_grad():
-        ref_logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-    tome_plus.patch(model, "fastv", keep=1.0)
-    assert torch.equal(greedy(model, ids, mask, pixels), ref)
-    assert torch.equal(tome_plus.inspect(model).llm_kept, torch.full((1, 2), N_IMAGE))
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
-    tome_plus.unpatch(model)
-    assert torch.equal(greedy(model, ids, mask, pixels), ref)
+    model, ids, mask, ref_logits = check_keeping_everything(pixels, lambda m: tome_plus.patch(m, "fastv", keep=1.0),
+                                                            sites=1)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits, ref_logits)
 

@@ -401,10 +401,7 @@ def take_row(inputs: VLMInputs, i: int) -> VLMInputs:
     qwen = meta["family"].startswith("qwen")
     if b > a:
         if qwen:
-            grid = inputs["image_grid_thw"]
-            starts = [0] + list(accumulate(grid.prod(-1).tolist()))
-            out["pixel_values"] = inputs["pixel_values"][starts[a]:starts[b]]
-            out["image_grid_thw"] = grid[a:b]
+            _take_patches(inputs, out, "pixel_values", "image_grid_thw", a, b)
         else:
             out["pixel_values"] = inputs["pixel_values"][a:b, :max(meta["tiles"][a:b])]
             out["image_sizes"] = inputs["image_sizes"][a:b]
@@ -412,10 +409,7 @@ def take_row(inputs: VLMInputs, i: int) -> VLMInputs:
                 out["batch_num_images"] = torch.tensor([b - a], dtype=torch.long)
     if d > c:
         if qwen:
-            grid = inputs["video_grid_thw"]
-            starts = [0] + list(accumulate(grid.prod(-1).tolist()))
-            out["pixel_values_videos"] = inputs["pixel_values_videos"][starts[c]:starts[d]]
-            out["video_grid_thw"] = grid[c:d]
+            _take_patches(inputs, out, "pixel_values_videos", "video_grid_thw", c, d)
             if "second_per_grid_ts" in inputs:
                 out["second_per_grid_ts"] = inputs["second_per_grid_ts"][c:d]
         else:
@@ -425,6 +419,15 @@ def take_row(inputs: VLMInputs, i: int) -> VLMInputs:
     if "tiles" in meta:
         row_meta["tiles"] = meta["tiles"][a:b]
     return VLMInputs(out, row_meta)
+
+
+def _take_patches(inputs, out, pixels: str, grids: str, a: int, b: int) -> None:
+    """Qwen: images (or videos) a..b-1 of the batch into `out`: their rows of the flattened patches
+    (t*h*w each, in order) and their grids."""
+    grid = inputs[grids]
+    starts = [0] + list(accumulate(grid.prod(-1).tolist()))
+    out[pixels] = inputs[pixels][starts[a]:starts[b]]
+    out[grids] = grid[a:b]
 
 
 def greedy(model, inputs, max_new_tokens=4, **kwargs):
