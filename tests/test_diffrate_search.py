@@ -496,3 +496,22 @@ def test_search_command_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 130 and len(err) == 1 and err[0].startswith("tome-plus diffrate-search: interrupted:")
     assert "step 3 of 10" in err[0] and "--resume" in err[0]
+
+
+def test_training_transform_posterizes_to_zero_bits_as_old_pillow_did():
+    """The authors' RandAugment (`inc1`) posterizes to 0 bits at magnitude 10, which its magnitude
+    noise reaches now and then and which Pillow 10+ refuses: our transform gives the black image
+    older Pillow gave, and keeps posterizing as before at other magnitudes."""
+    from PIL import Image, ImageOps
+    from tome_plus.tools.data import train_transform
+    config = dict(input_size=(3, 32, 32), interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0)
+    transform = train_transform(config, {"auto_augment": "rand-m10-mstd0-inc1"})
+    ops = [op for step in transform.transforms for op in getattr(step, "ops", []) if op.name.startswith("Posterize")]
+    assert ops
+    torch.manual_seed(0)
+    image = Image.fromarray((torch.rand(32, 32, 3) * 255).to(torch.uint8).numpy())
+    for op in ops:
+        op.prob = 1.0
+        assert op(image).getextrema() == ((0, 0),) * 3  # 0 bits: black
+        op.magnitude = 5.0  # 2 bits kept
+        assert list(op(image).getdata()) == list(ImageOps.posterize(image, 2).getdata())

@@ -145,7 +145,20 @@ def train_transform(config: Dict[str, Any], augment: Dict[str, Any]):
     """timm's training transform for a data config, with the authors' augmentation (`augment`:
     `auto_augment`, `re_prob`, ...: `timm.data.create_transform` arguments)."""
     import timm.data
-    return timm.data.create_transform(**dict(config, **augment), is_training=True)
+    transform = timm.data.create_transform(**dict(config, **augment), is_training=True)
+    for step in getattr(transform, "transforms", []):
+        for op in getattr(step, "ops", []):  # RandAugment's / AutoAugment's operations
+            if op.name.startswith("Posterize"):
+                op.aug_fn = posterize_any_bits
+    return transform
+
+
+def posterize_any_bits(img, bits: int, **_):
+    """timm's posterize, with 0 bits kept as Pillow kept them before it refused them (a black
+    image): timm's increasing posterize reaches 0 bits at magnitude 10, which RandAugment's
+    magnitude noise (`mstd`) samples now and then, and Pillow 10+ raises there."""
+    from PIL import Image, ImageOps
+    return ImageOps.posterize(img, bits) if bits >= 1 else Image.new(img.mode, img.size)
 
 
 def folder_dataset(model, root: str, training: bool = False, augment: Optional[Dict[str, Any]] = None
