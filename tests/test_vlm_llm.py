@@ -119,8 +119,8 @@ def test_tower_methods_and_atp_tokens_are_refused_by_name(family):
     model = FAMILIES[family]()
     name = type(model).__name__
     for method, options in (("tome", {"r": 2}), ("pitome", {"keep": 0.9}), ("zero_tprune", {"keep": 0.9})):
-        with pytest.raises(ValueError, match=f"{name} .*vision tower.*'atp' or 'fastv'"):
-            tome_plus.patch(model, method, **options)
+        with pytest.raises(ValueError, match=f"{name} .*vision tower.*site='features'.*'atp', 'fastv'"):
+            tome_plus.patch(model, method, site="tower", **options)
     with pytest.raises(ValueError, match="tokens=.*use keep="):
         tome_plus.patch(model, "atp", tokens=10)
 
@@ -191,5 +191,5 @@ def test_every_family_prunes_in_its_llm_as_unpatched_would_run(family, kind, met
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_next_video"])
 def test_tower_methods_refused_on_the_other_families(family):
     model = V.FACTORIES[family]()
-    with pytest.raises(ValueError, match=f"{type(model).__name__} .*vision tower.*'atp' or 'fastv'"):
-        tome_plus.patch(model, "tome", r=2)
+    with pytest.raises(ValueError, match=f"{type(model).__name__} .*vision tower.*site='features'"):
+        tome_plus.patch(model, "tome", r=2, site="tower")

@@ -229,18 +229,18 @@ def test_site_block_same_answer_paper_cost(images):
     """Pruning commutes with the row-wise MLP: "block" (the paper's place) returns what "attn"
     returns for the same counts, and counts the pruning block's MLP at full length, so the same
     FLOPs target removes more tokens there."""
-    assert ZeroTPruneConfig().site == "attn"
+    assert ZeroTPruneConfig().prune_at == "attn"
     outs, counts = {}, {}
     for site in ("block", "attn"):
         model = make("vit_tiny_patch16_224", depth=4)
-        tome_plus.patch(model, "zero_tprune", r=20, layers=[1, 2], site=site)
+        tome_plus.patch(model, "zero_tprune", r=20, layers=[1, 2], prune_at=site)
         with torch.no_grad():
             outs[site] = model(images)
-        tome_plus.patch(model, "zero_tprune", flops=0.6, layers=[1, 2], site=site)
+        tome_plus.patch(model, "zero_tprune", flops=0.6, layers=[1, 2], prune_at=site)
         counts[site] = tome_plus.backends.base.get_info(model).removals(197)
     torch.testing.assert_close(outs["block"], outs["attn"], rtol=1e-5, atol=1e-6)
     assert sum(counts["block"]) > sum(counts["attn"])
-    with pytest.raises(ValueError, match="site"):
-        tome_plus.patch(make("vit_tiny_patch16_224"), "zero_tprune", r=4, site="mlp")
+    with pytest.raises(ValueError, match="prune_at"):
+        tome_plus.patch(make("vit_tiny_patch16_224"), "zero_tprune", r=4, prune_at="mlp")
     with pytest.raises(ValueError, match="min_heads"):
         tome_plus.patch(make("vit_tiny_patch16_224"), "zero_tprune", r=4, min_heads=2)

@@ -20,7 +20,7 @@ def methods() -> List[str]:
 
 
 def patch(model: nn.Module, method: str, head: Optional[str] = None,
-          head_options: Optional[Dict[str, Any]] = None, **options: Any) -> nn.Module:
+          head_options: Optional[Dict[str, Any]] = None, site: Optional[str] = None, **options: Any) -> nn.Module:
     """Make `model` reduce tokens with `method`, in place; returns the model.
 
     Options are the method's config fields (see `tome_plus.methods.get_method(name).config_class`):
@@ -30,6 +30,10 @@ def patch(model: nn.Module, method: str, head: Optional[str] = None,
     `head="clca"` (timm classifiers) replaces the model's final norm and head by the cross-layer
     cache and aggregation head (`tome_plus.heads`, options `head_options`, see `ClcaConfig`); it
     is trained by fine-tuning (`tome-plus finetune`) and saved alone with `tome_plus.heads.save`.
+
+    `site` (vision-language models) says where the tokens go: "tower" (inside the vision
+    encoder's layers), "features" (the image features, before the language model) or "llm"
+    (between the language model's layers: atp, fastv); None takes the best the model allows.
     """
     if head is None and head_options:
         raise TypeError("head_options need a head, e.g. head='clca'")
@@ -41,6 +45,9 @@ def patch(model: nn.Module, method: str, head: Optional[str] = None,
     if unknown:
         raise TypeError(f"unknown option(s) {unknown} for method {method!r}; valid options: {valid}")
     backend = find_backend(model)
+    if site is not None and not backend.SITES:
+        raise TypeError(f"site={site!r} places a method in a vision-language model; {type(model).__name__} "
+                        f"({backend.KIND}) reduces in its own layers only")
     if head is not None and not backend.HEADS:
         raise TypeError(f"head={head!r} replaces a classifier's head; the {backend.KIND} backend "
                         f"({type(model).__name__}) has none to replace")
@@ -50,7 +57,7 @@ def patch(model: nn.Module, method: str, head: Optional[str] = None,
     config = config_cls(**options)
     reducer = reducer_cls(config)
     reducer.for_family(backend.KIND)
-    info = backend.prepare(model, reducer, config, method)
+    info = backend.prepare(model, reducer, config, method, **({"site": site} if site is not None else {}))
     info.backend = backend.__name__
     n_default = backend.default_tokens(model)
     cost = info.cost(n_default)

@@ -9,7 +9,7 @@ HF encoder layer and, later, an LLM decoder layer reduce in exactly the same way
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, FrozenSet, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -142,3 +142,36 @@ def prenorm_layer(x: torch.Tensor, state: TokenState,
     if state.head is not None:  # e.g. CLCA: cache, append and collect after the layer
         x, state = state.head.after_layer(x, state)
     return x, state.replace(layer=layer + 1, counts=state.counts + (x.shape[1],))
+
+
+def reduce_to(x: torch.Tensor, reducer, n_keep: int,
+              signals_of: Callable[[torch.Tensor, torch.Tensor], Signals]
+              ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Reduce each of G token sets (`x`: `[G, N, C]`, no protected tokens) to `n_keep` tokens in
+    one place (a VLM's image features), as many steps as the method needs: a step removes at most
+    what `reducer.max_remove` allows (a bipartite merge: half), so a larger cut repeats the step
+    on its output, sizes accumulating, as ToMe's layers do.
+
+    `signals_of(x, index)` gives a step's signals for the current tokens, `index` (`[G, N']`)
+    naming the input token each stands at. Returns the reduced `[G, n_keep, C]`, that `index`
+    (a merged token stands at its destination's place) and the sizes (`[G, n_keep, 1]`, None
+    when pruning only); output order is the method's, not the input's.
+    """
+    sets, n, _ = x.shape
+    steps: List[int] = []
+    while n - sum(steps) > n_keep:
+        step = min(n - sum(steps) - n_keep, reducer.max_remove(len(steps), n - sum(steps), 0))
+        if step <= 0:
+            raise ValueError(f"{reducer.name} cannot reduce {n} tokens to {n_keep}")
+        steps.append(step)
+    state = TokenState(reducer=reducer, removals=tuple(steps), n_prefix=0, has_cls=False, prop_attn=False,
+                       batch=sets, n_input=n, device=x.device)
+    index = torch.arange(n, device=x.device).expand(sets, n)
+    for layer, n_remove in enumerate(steps):
+        signals = signals_of(x, index)
+        state = state.replace(layer=layer)
+        with selection_precision(x.device):
+            plan = reducer.plan(signals, state, n_remove)
+        x, state = apply_plan(plan, x, state)
+        index = index.gather(1, plan.keep)
+    return x, index, state.size

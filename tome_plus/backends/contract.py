@@ -34,6 +34,7 @@ class Backend(Protocol):
     # Capabilities, checked by `patch` before anything changes:
     HEADS: bool  # a classifier whose head `patch(head=...)` may replace (`heads/`, e.g. CLCA)
     LLM_METHODS: bool  # methods with `Reducer.target == "llm"` (ATP: inside a language model) run here
+    SITES: Tuple[str, ...]  # where `patch(site=...)` may place a method (a VLM's); () where there is one place
 
     def matches(self, model: nn.Module) -> bool:
         """Whether this backend patches `model`."""
@@ -45,7 +46,8 @@ class Backend(Protocol):
         """Tokens entering the first layer at the model's default input size."""
 
     def prepare(self, model: nn.Module, reducer: Reducer, config: ReductionConfig, method: str) -> PatchInfo:
-        """Check the model and describe it (prefix, cost model, `parts`); changes nothing."""
+        """Check the model and describe it (prefix, cost model, `parts`); changes nothing. A
+        backend with `SITES` also takes `site=` (None: its best)."""
 
     def model_name(self, model: nn.Module) -> Optional[str]:
         """The model's name where known (timm's with its tag), for methods with per-model presets

@@ -44,6 +44,7 @@ SIZE_CHANNEL = True  # as in timm_vit: False runs proportional attention as an a
 KIND = "hf"
 HEADS = False  # a vision tower: no classifier head to replace
 LLM_METHODS = False
+SITES: tuple = ()  # one place: the encoder's own layers
 FAMILY = "HF transformers CLIPVisionModel / SiglipVisionModel"
 TOWERS = (CLIPVisionModel, SiglipVisionModel)
 LAYERS = (CLIPEncoderLayer, SiglipEncoderLayer)

@@ -53,6 +53,9 @@ _QWEN = "merges 2 x 2 patches after its tower, whose windows and rotary position
 PACKED = {"llava_next": _ANYRES, "llava_next_video": _ANYRES + " and pools each video frame",
           "llava_onevision": _ANYRES + " and pools each video frame", "qwen2_vl": _QWEN, "qwen2_5_vl": _QWEN}
 model_name = base.model_name  # HF's `config._name_or_path`
+# where a vision-language model reduces: the tower's layers, the image features before the LLM,
+# or between the LLM's layers
+SITES = ("tower", "features", "llm")
 
 
 @dataclass(eq=False)
@@ -62,6 +65,7 @@ class LlavaParts:
     own record, if the tower reduces too, is `tower`."""
 
     tower: Optional[PatchInfo] = None
+    site: str = "tower"  # where the method reduces: "tower", "features" or "llm" (`SITES`)
     # the last forward, for `inspect` (never read by a forward; not pickled)
     image_tokens: Optional[torch.Tensor] = None  # [B] image tokens per sample the LLM last received
     llm_kept: Optional[torch.Tensor] = None  # ATP, FastV: [sites, B] visual tokens each pruning site kept
@@ -126,28 +130,52 @@ def default_tokens(model: nn.Module) -> int:
     return 0 if packed(model) else hf_clip.default_tokens(tower(model))
 
 
-def prepare(model: nn.Module, reducer: Reducer, config: ReductionConfig, method: str) -> PatchInfo:
+def default_site(model: nn.Module, reducer: Reducer) -> str:
+    """The best site the model allows the method: in the LLM for an LLM method; for a vision
+    method the tower where the projector takes any count (the tower's layers get cheaper too),
+    else the image features."""
+    if reducer.target == "llm":
+        return "llm"
+    return "features" if packed(model) else "tower"
+
+
+def check_site(model: nn.Module, reducer: Reducer, site: str) -> None:
+    name = type(model).__name__
+    if site not in SITES:
+        raise ValueError(f"site must be one of {', '.join(map(repr, SITES))}, got {site!r}")
+    if reducer.target == "llm" and site != "llm":
+        raise ValueError(f"method {reducer.name!r} prunes inside the language model: site='llm'")
+    if reducer.target != "llm" and site == "llm":
+        raise ValueError(f"method {reducer.name!r} reduces vision tokens: site='tower' or 'features'; inside the "
+                         f"language model prune with 'atp' or 'fastv'")
+    if site == "tower" and packed(model):
+        raise ValueError(f"{name} {PACKED[model.config.model_type]}: a method in the vision tower would break that. "
+                         f"On this model reduce the image features (site='features': "
+                         f"{', '.join(hf_llm.FEATURE_METHODS)}) or prune inside the language model ('atp', 'fastv')")
+    if site == "features" and reducer.name not in hf_llm.FEATURE_METHODS:
+        raise ValueError(f"site='features' runs {', '.join(hf_llm.FEATURE_METHODS)}, not {reducer.name!r}")
+
+
+def prepare(model: nn.Module, reducer: Reducer, config: ReductionConfig, method: str,
+            site: Optional[str] = None) -> PatchInfo:
     if model.config.image_token_id is None:
         raise ValueError("the config has no image_token_id: the image placeholders cannot be found")
-    if reducer.target != "llm" and packed(model):
-        raise ValueError(f"{type(model).__name__} {PACKED[model.config.model_type]}: a method in the vision tower "
-                         f"would break that. On this model tome_plus prunes inside the language model: method 'atp' "
-                         f"or 'fastv'")
-    if reducer.target != "llm":
+    site = default_site(model, reducer) if site is None else site
+    check_site(model, reducer, site)
+    if site == "tower":
         vision = tower(model)
         info = hf_clip.prepare(vision, reducer, config, method, reduce_depth=feature_depth(model))
         info.parts = LlavaParts()
         return info
+    if site == "features":
+        return prepare_features(model, reducer, config, method)
     return prepare_llm(model, reducer, config, method)
 
 
-def prepare_llm(model: nn.Module, reducer: Reducer, config: ReductionConfig, method: str) -> PatchInfo:
-    """A method that prunes inside the language model (ATP, FastV), with the tower's own method if
-    asked (ATP)."""
-    from ..methods import get_method
-    from ..methods.atp import Atp, AtpModules, default_layers, module_fraction
+def check_decoder(model: nn.Module, label: str) -> nn.Module:
+    """The language model, if its layers can run with tokens pruned between them (refused by name
+    otherwise); the model's generation config must keep the dynamic cache."""
     llm = model.model.language_model
-    label = "ATP" if method == "atp" else method
     if not hf_llm.matches_decoder(llm):
         raise TypeError(f"the language model is {type(llm).__name__}; {label} supports "
                         f"{', '.join(hf_llm.DECODERS)} (without a sliding window in use)")
@@ -157,11 +185,38 @@ def prepare_llm(model: nn.Module, reducer: Reducer, config: ReductionConfig, met
                          f"a different number of tokens per instance in each layer's cache, which only the dynamic "
                          f"cache can hold: set it to None (or 'dynamic') first")
     hf_llm.mask_builder(llm.config._attn_implementation)  # a backend whose masks cannot be built: refused now
+    return llm
+
+
+def prepare_features(model: nn.Module, reducer: Reducer, config: ReductionConfig, method: str) -> PatchInfo:
+    """A vision method on the image features, before the language model's first layer."""
+    llm = check_decoder(model, f"site='features'")
+    kind, value = config.budget
+    if kind not in ("tokens", "keep", "r") or isinstance(value, (list, tuple)):
+        raise ValueError(f"site='features' reduces once per image (or video): give tokens= (kept per image), keep= "
+                         f"(a fraction) or r= (removed per image) as one number, not {kind}={value!r}")
+    if config.trace_source:
+        raise ValueError("trace_source is not recorded at site='features'; inspect(model).llm_positions names the "
+                         "position of every token kept")
+    if getattr(config, "layers", None) is not None:
+        raise ValueError("layers= names blocks of a vision encoder; site='features' reduces once, before the "
+                         "language model")
+    return PatchInfo(method=method, config=config, reducer=reducer, depth=len(llm.layers), n_prefix=0,
+                     has_cls=False, cost=no_cost, parts=LlavaParts(site="features"))
+
+
+def prepare_llm(model: nn.Module, reducer: Reducer, config: ReductionConfig, method: str) -> PatchInfo:
+    """A method that prunes inside the language model (ATP, FastV), with the tower's own method if
+    asked (ATP)."""
+    from ..methods import get_method
+    from ..methods.atp import Atp, AtpModules, default_layers, module_fraction
+    label = "ATP" if method == "atp" else method
+    llm = check_decoder(model, label)
     n_layers = len(llm.layers)
     if not isinstance(reducer, Atp):  # no trainable modules (FastV): the reducer names its layers
         reducer.layers(n_layers)  # validates them against the depth
         return PatchInfo(method=method, config=config, reducer=reducer, depth=n_layers, n_prefix=0, has_cls=False,
-                         cost=no_cost, parts=LlavaParts())
+                         cost=no_cost, parts=LlavaParts(site="llm"))
     layers = config.layers if config.layers is not None else default_layers(n_layers)
     if layers[-1] >= n_layers - 1:
         raise ValueError(f"ATP modules go after decoder layers 0..{n_layers - 2} (a module after the last layer "
@@ -178,7 +233,7 @@ def prepare_llm(model: nn.Module, reducer: Reducer, config: ReductionConfig, met
                                      reduce_depth=feature_depth(model))
         tower_info.backend = hf_clip.__name__  # found on the tower's encoder: a tower record
     info = PatchInfo(method=method, config=config, reducer=reducer, depth=n_layers, n_prefix=0, has_cls=False,
-                     cost=no_cost, parts=LlavaParts(tower=tower_info))
+                     cost=no_cost, parts=LlavaParts(site="llm", tower=tower_info))
     if config.tokens is not None:
         if packed(model):
             raise ValueError(f"ATP's tokens= is a fraction of a fixed image-token count per image, which "
@@ -235,8 +290,9 @@ def check_budget(model: nn.Module, info: PatchInfo) -> None:
 
 
 def in_llm(info: PatchInfo) -> bool:
-    """Whether the patched method prunes inside the language model (ATP, FastV), not in the tower."""
-    return info.reducer.target == "llm"
+    """Whether the patched language model reduces (ATP and FastV between its layers, a vision
+    method on the features before its first), not the tower."""
+    return info.parts.site != "tower"
 
 
 def install(model: nn.Module, info: PatchInfo) -> None:
@@ -269,7 +325,7 @@ def tower_record(model: nn.Module) -> Optional[PatchInfo]:
 def tower_of(info: PatchInfo) -> Optional[PatchInfo]:
     """The tower's record within a LLaVA patch record: the record itself (a tower method), or
     ATP's `parts.tower` (None where the tower is not patched)."""
-    return info.parts.tower if in_llm(info) else info
+    return info if info.parts.site == "tower" else info.parts.tower
 
 
 def image_counts(model: nn.Module, n_pixels: Optional[Tuple[int, int]] = None, feature_layer=None,
@@ -511,7 +567,8 @@ def fitted_call(model: nn.Module, args, kwargs) -> inspect.BoundArguments:
     fitted = fit_call(model, bound.arguments, var_kwargs(bound))
     if fitted is not None and fitted["has_images"]:
         get_info(model).parts.image_tokens = fitted["image_tokens"]
-    check_cache(bound.arguments, var_kwargs(bound))
+    if get_info(model).parts.site != "features":  # there the prompt stays whole: its mask covers the conversation
+        check_cache(bound.arguments, var_kwargs(bound))
     return bound
 
 
@@ -525,6 +582,8 @@ class FittingInner(_SignatureOfOriginal):
             return super().forward(**keywords(bound))
         call = hf_llm.CALL.get()
         scope = llm_scope(self, bound.arguments, var_kwargs(bound), call)
+        if scope.has_visual:  # videos' tokens too
+            info.parts.image_tokens = scope.visual.sum(dim=1)
         token = hf_llm.SCOPE.set(scope)
         try:
             out = super().forward(**keywords(bound))
@@ -566,16 +625,22 @@ def llm_scope(model: nn.Module, args: Dict[str, Any], extra: Dict[str, Any],
             table = hf_llm_spatial(grid, first, visual.device)
         else:
             table = hf_llm_spatial((1, n_run), 0, visual.device)
-        rank = (visual.long().cumsum(dim=1) - 1).clamp(min=0) % n_run
+        count = (visual.long().cumsum(dim=1) - 1).clamp(min=0)
+        rank = count % n_run
         spatial = torch.where(visual, table[rank], spatial)
         images = (visual.sum(dim=1) + n_run - 1) // n_run  # runs of whole images, adjacent ones too
+        runs = torch.where(visual, count // n_run, -1)
     elif bool(visual.any()):
         starts = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]  # the first token of each run
         images, spatial = starts.sum(dim=1), along_runs(visual, starts)
+        runs = torch.where(visual, starts.long().cumsum(dim=1) - 1, -1)
+    else:
+        runs = None
     answer = call.answer
     if answer is not None and answer.shape != visual.shape:
         answer = None
     return hf_llm.LlmInputs(visual=visual, spatial=spatial, has_visual=bool(visual.any()), images=images,
+                            runs=runs, newline=getattr(model, "image_newline", None),
                             soft=call.collect is not None, prompt_length=call.prompt_length, answer=answer)
 
 

@@ -50,6 +50,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..methods.base import received
 from ..precision import HALF, fp32_logits
+from ..reduce import reduce_to
 from .base import get_info
 
 CACHE_ATTR = "_tome_plus_atp_valid"  # per segment after a module: [B, P] which cached slots are real
@@ -64,6 +65,10 @@ class LlmInputs:
     has_visual: bool
     soft: bool = False  # training: soft masks, nothing removed
     images: Optional[torch.Tensor] = None  # [B] images (and videos) whose tokens each row holds (FastV's `tokens`)
+    # the features site: [B, L] each visual token's image (or video) within its row, -1 elsewhere
+    runs: Optional[torch.Tensor] = None
+    # the features site: [D] the embedding of tokens that are never reduced (LLaVA-NeXT's newline), or None
+    newline: Optional[torch.Tensor] = None
     # generate without a cache re-runs prompt + generated tokens: only the prompt's text counts
     # as the instruction, so each step decides as the cached prefill did
     prompt_length: Optional[int] = None
@@ -320,6 +325,87 @@ def instruction_after_image(visual: torch.Tensor, valid: torch.Tensor) -> torch.
     return seen & ~visual & valid
 
 
+FEATURE_METHODS = ("tome", "pitome", "zero_tprune")  # what the features site runs
+
+
+def feature_count(config, reducer, n: int) -> int:
+    """Tokens an image's (or a clip's) `n` reducible features keep under the features site's budget:
+    `tokens` (at most n), `keep` (the method's rounding) or `r` (removed; at least one stays)."""
+    kind, value = config.budget
+    if kind == "tokens":
+        return min(value, n)
+    if kind == "keep":
+        return n - reducer.keep_removal(n, value)
+    return max(n - value, 1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as the Llama family applies it (`[G, H, N, D]`, angles `[G, N, D]`)."""
+    half = x.shape[-1] // 2
+    turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.unsqueeze(1) + turned * sin.unsqueeze(1)
+
+
+def image_attention(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`[G, H, N, N]` float32 attention among each set's tokens (`x`: `[G, N, D]` embeddings) in
+    the decoder's first layer, every token seeing every other (no causal order): Zero-TPrune's
+    attention graph at the features site."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(x)
+    sets, n, _ = x.shape
+    q = attn.q_proj(x).view(sets, n, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(sets, n, -1, attn.head_dim).transpose(1, 2)
+    q, k = rotate(q, cos.to(q.dtype), sin.to(q.dtype)), rotate(k, cos.to(k.dtype), sin.to(k.dtype))
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return fp32_logits(q, k, attn.scaling).softmax(dim=-1)
+
+
+def reduce_features(model: nn.Module, h: torch.Tensor, seg: "Segment", scope: LlmInputs, info
+                    ) -> "tuple[torch.Tensor, torch.Tensor]":
+    """The features site: each image's (or video's) visual tokens, newlines aside, reduced by a
+    vision method (`reduce.reduce_to`) before the first decoder layer. Returns the hidden states
+    (a merged token written at its destination's place) and `[B, L]` which slots stay; a kept
+    token keeps its position (and M-RoPE angles), a merged one its destination's."""
+    reducer, config = info.reducer, info.config
+    reducible = seg.visual & (scope.runs >= 0)
+    if scope.newline is not None:
+        reducible &= ~(h == scope.newline.to(h.dtype)).all(dim=-1)
+    keep = ~reducible
+    rows, cols = reducible.nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return h, keep
+    # one run per image: runs of a row are in column order, so equal keys are consecutive
+    key = rows * (h.shape[1] + 1) + scope.runs[rows, cols]
+    counts = torch.unique_consecutive(key, return_counts=True)[1].tolist()
+    starts = [0]
+    for c in counts[:-1]:
+        starts.append(starts[-1] + c)
+    by_length: dict = {}
+    for start, n in zip(starts, counts):
+        by_length.setdefault(n, []).append(start)
+    h = h.clone()
+    for n, group in by_length.items():
+        at = torch.tensor(group, device=h.device).unsqueeze(1) + torch.arange(n, device=h.device)
+        r, c = rows[at], cols[at]  # [G, n] each set's tokens
+        n_keep = feature_count(config, reducer, n)
+        if n_keep >= n:
+            keep[r, c] = True
+            continue
+
+        def signals(x: torch.Tensor, index: torch.Tensor) -> dict:
+            out = {"k": x.unsqueeze(1), "keys": x.float(), "x": x}
+            if "attn" in reducer.needs:
+                rr, cc = r.gather(1, index), c.gather(1, index)
+                out["attn"] = image_attention(model.layers[0], x, seg.cos[rr, cc], seg.sin[rr, cc])
+            return out
+
+        x, index, _ = reduce_to(h[r, c], reducer, n_keep, signals)
+        rr, cc = r.gather(1, index), c.gather(1, index)
+        h[rr, cc] = x.to(h.dtype)
+        keep[rr, cc] = True
+    return h, keep
+
+
 class AtpDecoder:
     """Mixin for a Llama-family decoder model (`LlamaModel`, ...): runs ATP between its layers.
 
@@ -348,9 +434,11 @@ class AtpDecoder:
     def _atp_forward(self, scope, stored, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache,
                      output_hidden_states):
         info = get_info(self)
-        # ATP: trainable modules after its layers; a method without them (FastV) names its layers
+        # ATP: trainable modules after its layers; a method without them (FastV) names its layers;
+        # a vision method reduces the image features once, before the first layer
         atp, reducer = info.modules, info.reducer
-        sites = atp.layers if atp is not None else reducer.layers(len(self.layers))
+        features = info.parts.site == "features"
+        sites = () if features else atp.layers if atp is not None else reducer.layers(len(self.layers))
         if cache is not None and not isinstance(cache, DynamicCache):
             raise ValueError(f"ATP keeps a different number of tokens per instance in each layer's cache, which a "
                              f"{type(cache).__name__} cannot hold; use the default dynamic cache (no "
@@ -364,7 +452,15 @@ class AtpDecoder:
             cache = DynamicCache(config=self.config)
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
-            position_ids = (torch.arange(n, device=h.device) + past).unsqueeze(0)
+            # after the features site every layer's cache holds the reduced prompt: the mask
+            # counts the conversation
+            offset = past
+            if features and stored is not None:
+                if attention_mask is None:
+                    raise ValueError("with image features reduced in the cache, a forward needs the attention_mask "
+                                     "of the whole conversation (or position_ids) to place its tokens")
+                offset = attention_mask.shape[1] - n
+            position_ids = (torch.arange(n, device=h.device) + offset).unsqueeze(0)
         # multimodal rotary positions (Qwen2-VL: [3, B, N] temporal/height/width rows, or [4, B, N]
         # with the text positions first) reach the rotary embedding as given; the survivors keep
         # their angles (`compact` takes cos and sin), and the text row stands for their positions
@@ -380,7 +476,8 @@ class AtpDecoder:
             # torch's CPU flex kernel fails to compile for a mask that reads a tensor (a padded batch,
             # unpatched too): on a CPU these layers run SDPA over the same mask
             backend = "sdpa"
-        hf_masks = backend == self.config._attn_implementation  # else every layer takes a mask built here
+        # else every layer takes a mask built here
+        hf_masks = backend == self.config._attn_implementation and not features
         hf_mask = None
         if hf_masks:
             hf_mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask,
@@ -413,6 +510,15 @@ class AtpDecoder:
         states = [scatter_back(h, seg, n)] if output_hidden_states else []
         # a mask changes only at a pruning site: built once per segment (a flex BlockMask is costly)
         mask = hf_mask if hf_masks else layer_mask(past_valid, seg, h.dtype, backend)
+        if features:  # a site before the first layer: every layer takes a mask built here
+            if scope is not None and scope.has_visual:
+                h, keep = reduce_features(self, h, seg, scope, info)
+                h, seg = compact(h, seg, keep)
+                scope.kept.append(seg.visual.sum(dim=1))
+                scope.positions.append(torch.where(seg.valid, seg.positions, torch.full_like(seg.positions, -1)))
+            past_valid = stored[0] if stored is not None else full[:, :past]
+            segments_valid.append(seg.valid)
+            mask = layer_mask(past_valid, seg, h.dtype, backend)
         for i, layer in enumerate(self.layers):
             site = i in sites
             module = atp.at(i) if atp is not None else None

@@ -53,7 +53,7 @@ class ZeroTPruneConfig(ReductionConfig):
             reducible tokens, scaled to mean 1 (see the module docstring).
         min_heads: share of the heads that VHF keeps at least: the passing heads, then the
             ones nearest the range; 0: the passing heads, or every head when none passes.
-        site: "attn" (prune between the block's attention and MLP) or "block" (after the whole
+        prune_at: "attn" (prune between the block's attention and MLP) or "block" (after the whole
             block: the paper's pruning layer between blocks, fed by the block's attention).
             Pruning picks rows and the MLP works row by row, so both give the same output; "block"
             pays for the pruned tokens' MLP, as the paper's FLOPs count does, so a `flops` target
@@ -67,7 +67,7 @@ class ZeroTPruneConfig(ReductionConfig):
     init: str = "cls"
     var_range: Tuple[float, float] = (0.01, 0.7)
     min_heads: float = 0.5
-    site: str = "attn"
+    prune_at: str = "attn"
 
     default_budget: ClassVar[Dict[str, object]] = {"flops": 0.65}  # the paper's DeiT-S setting: -34.7% FLOPs
     default_prop_attn: ClassVar[bool] = False  # pruning never merges: every size stays 1
@@ -86,9 +86,9 @@ class ZeroTPruneConfig(ReductionConfig):
             raise ValueError(f"var_range must be (v_min, v_max) with 0 <= v_min <= v_max, got {self.var_range}")
         if not is_real(self.min_heads) or not 0.0 <= self.min_heads <= 1.0:
             raise ValueError(f"min_heads is a share of the heads in [0, 1], got {self.min_heads!r}")
-        if self.site not in ("block", "attn"):
-            raise ValueError(f"site must be 'block' (between blocks, the paper) or 'attn' (between attention "
-                             f"and MLP), got {self.site!r}")
+        if self.prune_at not in ("block", "attn"):
+            raise ValueError(f"prune_at must be 'block' (between blocks, the paper) or 'attn' (between attention "
+                             f"and MLP), got {self.prune_at!r}")
         if self.iters is not None:
             if not isinstance(self.iters, (list, tuple, range)):
                 raise ValueError(f"iters must be a list with one iteration count per block, got {self.iters!r}")
@@ -168,7 +168,7 @@ class ZeroTPrune(Reducer):
 
     @property
     def site(self) -> str:
-        return self.config.site
+        return self.config.prune_at
 
     def active(self, layer: int) -> bool:
         return self.layer_set is None or layer in self.layer_set
