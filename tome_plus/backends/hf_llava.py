@@ -14,6 +14,10 @@ prompt in front of the new tokens, so slicing the output at the prompt length wo
 later turn that passes the cache back with the whole conversation is cut the same way. Prompts
 already cut to the reduced count pass unchanged. The inner `LlavaModel` is patched alike, so a call
 of `model.model(...)` or one with precomputed `mm_encoder_outputs` fits too.
+
+That is the `tower` site. At the `features` and `llm` sites (every family here, `SITES`) the
+prompt stays whole and the language model reduces inside (`hf_llm`); this module tells it which
+tokens are visual and where each image's run is (`llm_scope`).
 """
 from __future__ import annotations
 
@@ -41,11 +45,12 @@ FAMILY = ("HF transformers LlavaForConditionalGeneration, VipLlavaForConditional
           "reduces, the LLM gets fewer image tokens, or the LLM prunes: atp, fastv); "
           "LlavaNextForConditionalGeneration, LlavaNextVideoForConditionalGeneration, "
           "LlavaOnevisionForConditionalGeneration, Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration "
-          "(the LLM prunes: atp, fastv)")
+          "(the image features reduce: tome, pitome, zero_tprune; or the LLM prunes: atp, fastv)")
 MODELS = (LlavaForConditionalGeneration, VipLlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
           LlavaNextVideoForConditionalGeneration, LlavaOnevisionForConditionalGeneration, Qwen2VLForConditionalGeneration,
           Qwen2_5_VLForConditionalGeneration)
-# models whose image placeholder runs each have a length of their own, so only the LLM prunes:
+# models whose image placeholder runs each have a length of their own, so nothing reduces in the
+# tower (site="features" or "llm" instead):
 # anyres (crops' grids packed, unpadded, with newline tokens; OneVision's videos pooled per
 # frame), Qwen2-VL and Qwen2.5-VL (native resolution, a 2 x 2 patch merger, M-RoPE positions)
 _ANYRES = "packs each image's tower grids (anyres crops, unpadded, with newline tokens)"
@@ -88,7 +93,7 @@ def matches(model: nn.Module) -> bool:
 
 def packed(model: nn.Module) -> bool:
     """A model whose image runs each have a length of their own (`PACKED`; `model` or its inner
-    model): only the LLM prunes."""
+    model): nothing reduces in its tower."""
     return model.config.model_type in PACKED
 
 
