@@ -291,7 +291,7 @@ def tick_per_token(monkeypatch, tick: float = 1e-4):
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     clock = SimpleNamespace(now=0.0)
-    real_build = hf_shapes.build_llava
+    real_build = hf_shapes.build_model
 
     def advance(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -303,7 +303,7 @@ def tick_per_token(monkeypatch, tick: float = 1e-4):
             if isinstance(module, (CLIPEncoderLayer, LlamaDecoderLayer)):
                 module.register_forward_pre_hook(advance, with_kwargs=True)
         return model
-    monkeypatch.setattr(hf_shapes, "build_llava", build)
+    monkeypatch.setattr(hf_shapes, "build_model", build)
     monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock.now))
     return clock
 
@@ -367,13 +367,41 @@ def test_hf_patched_twin_shares_weights_and_llm_alone_sees_what_the_forward_give
     twin = tome_plus.patch(bench.shared_copy(base), "tome", r=4)
     assert all(a is b for a, b in zip(base.parameters(), twin.parameters()))
     assert not hasattr(base, "_tome_plus") and type(base).__name__ == "LlavaForConditionalGeneration"
-    ids, mask, pixels = hf_shapes.make_inputs(base.config, 2, 8)
+    inputs = hf_shapes.make_batch(base, "llava-tiny", 2, 8)
     with torch.no_grad():
         for model, n_image in ((base, 64), (twin, 52)):
-            llm_kwargs = bench.llm_inputs(model, ids, mask, pixels)
+            llm_kwargs = bench.llm_inputs(model, inputs)
             assert llm_kwargs["inputs_embeds"].shape[:2] == llm_kwargs["attention_mask"].shape == (2, 8 + n_image)
             alone = bench.llm_prefill(model, llm_kwargs)
-            torch.testing.assert_close(alone, bench.llava_prefill(model, ids, mask, pixels).logits)
+            torch.testing.assert_close(alone, bench.llava_prefill(model, inputs).logits)
+
+
+@pytest.mark.parametrize("shape,newlines,placeholders", [("llava-next-tiny", 8, 88), ("qwen2.5-vl-tiny", 0, 64)])
+def test_hf_bench_features_site_on_next_and_qwen(shape, newlines, placeholders, capsys):
+    """LLaVA-NeXT (a 64x64 image: the base tile's 16 tokens, 2 x 2 crops unpadded to 8 x 8 with a
+    newline per row) and Qwen2.5-VL (8 frames of 64 x 64: 4 x 8 x 8 patches, 2 x 2 merged): the
+    prompt carries the model's own feature count, the features site keeps `tokens` per image
+    (newlines aside) inside the LLM, the tower's FLOPs stay and the LLM's fall."""
+    pytest.importorskip("transformers")
+    report = bench.main(["--hf", shape, "--device", "cpu", "--warmup", "0", "--runs", "1", "--batch-size", "2",
+                         "--tokens", "5", "--no-progress"])
+    assert report["site"] == "features" and report["image_placeholders"] == placeholders
+    base, patched = report["results"]
+    assert base["image_tokens"] == patched["image_tokens"] == placeholders
+    assert patched["llm_kept"] == [5 + newlines]
+    assert report["prompt_token_ratio"] == 1 and report["tower_flops_ratio"] == 1
+    assert report["llm_flops_ratio"] < 1 and report["prefill_flops_ratio"] < 1
+    printed = capsys.readouterr().out
+    assert "at site features" in printed and f"visual tokens after the features site: {5 + newlines}.0" in printed
+    fastv = bench.main(["--hf", shape, "--device", "cpu", "--warmup", "0", "--runs", "1", "--method", "fastv",
+                        "--keep", "0.5", "--option", "k=1", "--no-progress"])
+    assert fastv["site"] == "llm" and fastv["llm_flops_ratio"] < 1
+
+
+def test_hf_bench_site_refused_where_it_cannot_run(capsys):
+    status, err = run_cli(["bench", "--hf", "llava-next-tiny", "--device", "cpu", "--no-progress", "--tokens", "5",
+                           "--site", "tower", "--runs", "1", "--warmup", "0"], capsys)
+    assert status == 1 and "a method in the vision tower would break that" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("argv,message", [

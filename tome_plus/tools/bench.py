@@ -132,11 +132,15 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser = parser or Parser(prog=PROG, description=__doc__)
     parser.add_argument("--model", default=None, help=f"timm model name (default {DEFAULT_MODEL})")
     parser.add_argument("--hf", type=check_shape, default=None, metavar="SHAPE",
-                        help="instead of --model: a random-weight HF LLaVA of a known shape, built here "
+                        help="instead of --model: a random-weight HF VLM of a known shape, built here "
                              "(needs transformers); reports vision images/s, prefill and LLM latency, FLOPs "
                              "per part and image tokens. The 7B/13B shapes need a GPU with ~15/~28 GB in "
                              "fp16 at batch 1 (weights held once; more with larger batches). Shapes: "
                              + shapes_help().replace("%", "%%"))
+    parser.add_argument("--site", choices=("tower", "features", "llm"), default=None,
+                        help="--hf: where the method reduces (tome_plus.patch's site; default: the best the "
+                             "model allows: tower for vision methods on LLaVA-1.5, features on LLaVA-NeXT "
+                             "and Qwen, llm for atp and fastv)")
     parser.add_argument("--text-tokens", type=int_at_least(1), default=32,
                         help="--hf: text tokens per prompt (BOS included) around the image placeholders "
                              "(default 32)")

@@ -9,6 +9,7 @@ holds them once. transformers is imported only when the run starts. Part of `tom
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import sys
 from dataclasses import asdict, dataclass, field, replace
@@ -25,27 +26,33 @@ from .flops import flop_counter
 from .models import shared_copy
 from .report import device_name, hf_csv, hf_table, save_json
 from .timing import Precision, interleave, peak_memory_mib, resolve_hf_precision
+from ..backends.base import get_info
 
 
 HF_PARTS = ("vision", "prefill", "llm")
 
 
-def image_features(model: torch.nn.Module, pixel_values: torch.Tensor) -> Any:
-    """The vision side as LLaVA's forward runs it: the tower with the hidden states of the feature
-    layer recorded, the selection, the projector."""
+def image_features(model: torch.nn.Module, inputs: Dict[str, Any]) -> Any:
+    """The vision side as the model's forward runs it: the tower (LLaVA: with the hidden states of
+    the feature layer recorded, the selection), the projector or merger; videos through
+    `get_video_features`."""
     config = model.config
-    return model.get_image_features(pixel_values=pixel_values, vision_feature_layer=config.vision_feature_layer,
-                                    vision_feature_select_strategy=config.vision_feature_select_strategy)
+    video = "pixel_values_videos" in inputs
+    fn = model.get_video_features if video else model.get_image_features
+    names = inspect.signature(fn).parameters
+    kwargs = {k: v for k, v in inputs.items() if k in names}
+    for name in ("vision_feature_layer", "vision_feature_select_strategy"):
+        if name in names and hasattr(config, name):
+            kwargs[name] = getattr(config, name)
+    return fn(**kwargs)
 
 
-def llava_prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  pixel_values: torch.Tensor) -> Any:
+def llava_prefill(model: torch.nn.Module, inputs: Dict[str, Any]) -> Any:
     """The whole prefill forward; logits of the last position only, as `generate` asks for them."""
-    return model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, logits_to_keep=1)
+    return model(**inputs, logits_to_keep=1)
 
 
-def llm_inputs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               pixel_values: torch.Tensor) -> Dict[str, Any]:
+def llm_inputs(model: torch.nn.Module, inputs: Dict[str, Any]) -> Dict[str, Any]:
     """The keyword arguments the language model gets inside one `llava_prefill` (the embedded
     prompt, cut by a patched model to its image-token count, image features in place), recorded
     from the call itself so the LLM alone runs on exactly that, whatever the patch does to get it."""
@@ -57,7 +64,7 @@ def llm_inputs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: 
             seen["_atp_scope"] = sys.modules["tome_plus.backends.hf_llm"].SCOPE.get()
     handle = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        llava_prefill(model, input_ids, attention_mask, pixel_values)
+        llava_prefill(model, inputs)
     finally:
         handle.remove()
     if seen.get("inputs_embeds") is None:
@@ -80,16 +87,16 @@ def llm_prefill(model: torch.nn.Module, llm_kwargs: Dict[str, Any]) -> torch.Ten
         hf_llm.SCOPE.reset(token)
 
 
-def llava_flops(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                pixel_values: torch.Tensor) -> Dict[str, int]:
-    """FLOPs of one `llava_prefill`, by part: tower, projector, llm (decoder and head), total."""
+def llava_flops(model: torch.nn.Module, inputs: Dict[str, Any]) -> Dict[str, int]:
+    """FLOPs of one `llava_prefill`, by part: tower (Qwen: with its merger), projector, llm
+    (decoder and head), total."""
     with torch.no_grad(), flop_counter() as counter:
-        llava_prefill(model, input_ids, attention_mask, pixel_values)
+        llava_prefill(model, inputs)
     # the counter names modules by path from the root, whose name is its class's (patched or not)
     root = type(model).__name__
     per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     part = lambda path: per_module.get(f"{root}.{path}", 0)  # noqa: E731
-    return {"tower": part("model.vision_tower"), "projector": part("model.multi_modal_projector"),
+    return {"tower": part("model.vision_tower") + part("model.visual"), "projector": part("model.multi_modal_projector"),
             "llm": part("model.language_model") + part("lm_head"), "total": counter.get_total_flops()}
 
 
@@ -118,8 +125,8 @@ class HFMeasurement:
     llm_kept: List[float] = field(default_factory=list)  # ATP: visual tokens each module kept (batch mean)
 
 
-def _hf_calls(models: Dict[str, torch.nn.Module], prec: Precision, ids: torch.Tensor, mask: torch.Tensor,
-              pixels: torch.Tensor, llm_in: Dict[str, Dict[str, Any]]) -> Dict[Tuple[str, str], Callable[[], Any]]:
+def _hf_calls(models: Dict[str, torch.nn.Module], prec: Precision, inputs: Dict[str, Any],
+              llm_in: Dict[str, Dict[str, Any]]) -> Dict[Tuple[str, str], Callable[[], Any]]:
     """The timed calls, keyed (model, part), part by part so a round alternates the models."""
     def inference(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
         def call() -> Any:
@@ -129,8 +136,8 @@ def _hf_calls(models: Dict[str, torch.nn.Module], prec: Precision, ids: torch.Te
     calls: Dict[Tuple[str, str], Callable[[], Any]] = {}
     for part in HF_PARTS:
         for name, model in models.items():
-            fn, args = {"vision": (image_features, (model, pixels)),
-                        "prefill": (llava_prefill, (model, ids, mask, pixels)),
+            fn, args = {"vision": (image_features, (model, inputs)),
+                        "prefill": (llava_prefill, (model, inputs)),
                         "llm": (llm_prefill, (model, llm_in[name]))}[part]
             calls[(name, part)] = inference(fn, *args)
     return calls
@@ -138,12 +145,14 @@ def _hf_calls(models: Dict[str, torch.nn.Module], prec: Precision, ids: torch.Te
 
 def run_hf_bench(shape: str, method: str, options: Dict[str, Any], device: str = "cpu", dtype: str = "float32",
                  batch_size: int = 1, text_tokens: int = 32, warmup: int = 1, runs: int = 3, progress: bool = True,
-                 precision: Optional[str] = None) -> Dict[str, Any]:
-    """Benchmark a random-weight LLaVA of `shape` (see `hf_shapes.SHAPES`) unpatched vs. patched.
+                 precision: Optional[str] = None, site: Optional[str] = None) -> Dict[str, Any]:
+    """Benchmark a random-weight VLM of `shape` (see `hf_shapes.SHAPES`) unpatched vs. patched (at
+    `site`, None: the model's default for the method).
 
-    Times, interleaved in one loop: the vision side (`get_image_features`: tower and projector),
-    the whole prefill forward on a prompt of `text_tokens` text tokens around one image's
-    placeholders, and the language model alone on the prompt it actually gets. FLOPs of the tower,
+    Times, interleaved in one loop: the vision side (`get_image_features` / `get_video_features`:
+    tower and projector), the whole prefill forward on a prompt of `text_tokens` text tokens around
+    one image's (or video's) placeholders, and the language model alone on the prompt it actually
+    gets (at the features and llm sites, the reduction runs inside it). FLOPs of the tower,
     projector and LLM come from one counted prefill of one prompt.
     """
     hf_shapes.require_transformers()
@@ -151,13 +160,18 @@ def run_hf_bench(shape: str, method: str, options: Dict[str, Any], device: str =
 
     prec = resolve_hf_precision(device, dtype, precision)
     dev = torch.device(device)
-    baseline = hf_shapes.build_llava(shape, device, prec.tensor_dtype)
-    patched = tome_plus.patch(shared_copy(baseline), method, **options)
+    baseline = hf_shapes.build_model(shape, device, prec.tensor_dtype)
+    patched = tome_plus.patch(shared_copy(baseline), method, site=site, **options)
     models = {"baseline": baseline, method: patched}
-    ids, mask, pixels = hf_shapes.make_inputs(baseline.config, batch_size, text_tokens, device, prec.tensor_dtype)
+    inputs = hf_shapes.make_batch(baseline, shape, batch_size, text_tokens, device, prec.tensor_dtype)
+    one = hf_shapes.make_batch(baseline, shape, 1, text_tokens, device, prec.tensor_dtype)  # FLOPs per prompt
+    ids = inputs["input_ids"]
+    visual_ids = [i for i in (baseline.config.image_token_id, getattr(baseline.config, "video_token_id", None))
+                  if i is not None]
+    placeholders = int(torch.isin(ids[0], torch.tensor(visual_ids, device=ids.device)).sum())
     with torch.no_grad(), prec.context():
-        llm_in = {name: llm_inputs(model, ids, mask, pixels) for name, model in models.items()}
-    calls = _hf_calls(models, prec, ids, mask, pixels, llm_in)
+        llm_in = {name: llm_inputs(model, inputs) for name, model in models.items()}
+    calls = _hf_calls(models, prec, inputs, llm_in)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     with tqdm(desc=f"bench {shape}", total=(warmup + runs) * len(calls), disable=not progress, file=sys.stderr) as bar:
         times = interleave(calls, warmup, runs, sync=sync, step=bar.update)
@@ -165,11 +179,12 @@ def run_hf_bench(shape: str, method: str, options: Dict[str, Any], device: str =
     results = []
     for name, model in models.items():
         with prec.context():
-            flops = llava_flops(model, ids[:1], mask[:1], pixels[:1])
+            flops = llava_flops(model, one)
         # last, so `inspect` below describes this full-batch prefill
         peak = peak_memory_mib(calls[(name, "prefill")], dev)
+        llm_kept: List[float] = []
         if name == "baseline":
-            image_tokens, tokens = (ids == baseline.config.image_token_id).sum(dim=1), []
+            image_tokens, tokens = torch.tensor([placeholders]), []
         else:
             info = tome_plus.inspect(model)
             image_tokens, tokens = info.image_tokens, list(info.tokens or [])
@@ -185,16 +200,16 @@ def run_hf_bench(shape: str, method: str, options: Dict[str, Any], device: str =
             llm_ms_per_batch=med["llm"] * 1e3, llm_ms_per_batch_min=best["llm"] * 1e3,
             tower_gflops_per_image=flops["tower"] / 1e9, projector_gflops_per_image=flops["projector"] / 1e9,
             llm_gflops_per_prompt=flops["llm"] / 1e9, prefill_gflops_per_prompt=flops["total"] / 1e9,
-            peak_mem_mib=peak, tokens=tokens, llm_kept=llm_kept if name != "baseline" else []))
+            peak_mem_mib=peak, tokens=tokens, llm_kept=llm_kept))
     base, red = results
     ratio = lambda key: getattr(red, key) / getattr(base, key) if getattr(base, key) else None  # noqa: E731
     return {
         "hf": shape, "model": shape, "description": hf_shapes.SHAPES[shape].description,
-        "method": method, "options": options, "device": str(dev),
+        "method": method, "options": options, "site": get_info(patched).parts.site, "device": str(dev),
         "device_name": device_name(dev),
         "dtype": dtype, "precision": prec.label, "graphs": None, "batch_size": batch_size,
-        "text_tokens": text_tokens, "image_placeholders": hf_shapes.image_placeholders(baseline.config),
-        "image_size": baseline.config.vision_config.image_size, "warmup": warmup, "runs": runs,
+        "text_tokens": text_tokens, "image_placeholders": placeholders,
+        "image_size": hf_shapes.media_size(shape, baseline.config), "warmup": warmup, "runs": runs,
         "torch": torch.__version__, "transformers": transformers.__version__,
         "results": [asdict(r) for r in results],
         "vision_speedup": ratio("vision_images_per_s"),
@@ -230,7 +245,7 @@ def main_hf(args: argparse.Namespace) -> Dict[str, Any]:
         text_tokens=args.text_tokens,
         warmup=args.warmup if args.warmup is not None else (5 if cuda else 1),
         runs=args.runs if args.runs is not None else (20 if cuda else 3),
-        progress=not args.no_progress, precision=args.precision)
+        progress=not args.no_progress, precision=args.precision, site=args.site)
     print(hf_table(report))
     save_json(report, args.json)
     if args.csv:

@@ -1,4 +1,5 @@
-"""Random-weight HF LLaVA models of known shapes, and prompts for them, for `tome-plus bench --hf`.
+"""Random-weight HF vision-language models of known shapes (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL), and
+prompts for them, for `tome-plus bench --hf`.
 
 No weights are downloaded: each shape is a config written out here, built with random init in the
 dtype and on the device asked for. Importing this module does not import transformers (the timm
@@ -32,8 +33,10 @@ _SMALL_LLAMA = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=
 
 @dataclass(frozen=True)
 class Shape:
-    """A LLaVA config: `tower` "clip" or "siglip", the keyword arguments of its vision config, of
-    the Llama text config and of `LlavaConfig` itself."""
+    """A VLM config: `tower` "clip" or "siglip" (Qwen: "qwen"), the keyword arguments of its vision
+    config, of the text config and of the model's config itself; `family` the HF class family
+    ("llava", "llava_next", "qwen2_5_vl"), `media` what each prompt carries: an image `(H, W)` or
+    a video `(frames, H, W)`."""
 
     description: str
     tower: str
@@ -41,7 +44,28 @@ class Shape:
     text: Dict[str, Any]
     llava: Dict[str, Any] = field(default_factory=lambda: dict(_LLAVA15))
     gpu: bool = False  # too large to build on a CPU in reasonable time and memory
+    family: str = "llava"
+    media: Tuple[int, ...] = ()  # () for LLaVA-1.5: one image of the tower's size
 
+
+# LLaVA-NeXT (llava-v1.6-vicuna-7b-hf): the LLaVA-1.5 tower and LLM, anyres over five grids
+_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+_LLAVA_NEXT = dict(_LLAVA15, image_grid_pinpoints=_NEXT_PINPOINTS)
+_SMALL_NEXT = dict(_LLAVA15, image_grid_pinpoints=[[224, 448], [448, 224], [448, 448], [672, 224], [224, 672]])
+# Qwen2.5-VL-7B-Instruct: a 32-block window-attention tower (patch 14, 2 x 2 merger) + Qwen2-7B
+_QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+_QWEN25_TOWER = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                     patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                     fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu")
+_QWEN2_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                 num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6, max_position_embeddings=128000,
+                 tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645,
+                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+# CPU-sized: 4 tower blocks of 640, a 4-layer text model of 1024 (head dim 128 as in the 7B)
+_SMALL_QWEN_TOWER = dict(_QWEN25_TOWER, depth=4, hidden_size=640, intermediate_size=1712, num_heads=8,
+                         out_hidden_size=1024, fullatt_block_indexes=[1, 3])
+_SMALL_QWEN2 = dict(_QWEN2_7B, vocab_size=152064, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                    num_attention_heads=8, num_key_value_heads=2)
 
 SHAPES: Dict[str, Shape] = {
     "llava-1.5-7b-shape": Shape(
@@ -60,6 +84,29 @@ SHAPES: Dict[str, Shape] = {
         "every image token kept ('full'), last layer", "siglip",
         dict(_CLIP_B16_224, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=False),
         _SMALL_LLAMA, dict(_LLAVA15, vision_feature_layer=-1, vision_feature_select_strategy="full")),
+    "llava-next-7b-shape": Shape(
+        "LLaVA-NeXT-7B (v1.6 Vicuna): CLIP ViT-L/14-336 + Llama-2-7B, anyres; one 1344x1344 image (2 x 2 crops "
+        "and the base: 2928 image tokens)", "clip", _CLIP_L14_336,
+        dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+             num_key_value_heads=32, **_LLAMA2), _LLAVA_NEXT, gpu=True, family="llava_next", media=(1344, 1344)),
+    "qwen2.5-vl-7b-shape": Shape(
+        "Qwen2.5-VL-7B: 32-block window-attention tower (1280, patch 14, 2 x 2 merger) + Qwen2-7B (28 layers, 3584); "
+        "one 1344x1344 image (2304 image tokens)", "qwen", _QWEN25_TOWER, _QWEN2_7B, dict(_QWEN_IDS), gpu=True,
+        family="qwen2_5_vl", media=(1344, 1344)),
+    "qwen2.5-vl-7b-video-shape": Shape(
+        "Qwen2.5-VL-7B as above; one 16-frame 448x448 video (8 x 16 x 16 = 2048 video tokens)", "qwen",
+        _QWEN25_TOWER, _QWEN2_7B, dict(_QWEN_IDS), gpu=True, family="qwen2_5_vl", media=(16, 448, 448)),
+    "llava-next-small-shape": Shape(
+        "CPU-sized LLaVA-NeXT: CLIP ViT-B/16-224 (12 layers) + Llama (4 layers, 1024), anyres; one 448x448 image "
+        "(2 x 2 crops and the base: 1008 image tokens)", "clip", _CLIP_B16_224, _SMALL_LLAMA, _SMALL_NEXT,
+        family="llava_next", media=(448, 448)),
+    "qwen2.5-vl-small-shape": Shape(
+        "CPU-sized Qwen2.5-VL: 4 tower blocks (640) + a Qwen2 text model (4 layers, 1024); one 448x448 image "
+        "(256 image tokens)", "qwen", _SMALL_QWEN_TOWER, _SMALL_QWEN2, dict(_QWEN_IDS), family="qwen2_5_vl",
+        media=(448, 448)),
+    "qwen2.5-vl-small-video-shape": Shape(
+        "CPU-sized Qwen2.5-VL as above; one 8-frame 224x224 video (4 x 8 x 8 = 256 video tokens)", "qwen",
+        _SMALL_QWEN_TOWER, _SMALL_QWEN2, dict(_QWEN_IDS), family="qwen2_5_vl", media=(8, 224, 224)),
     "llava-tiny": Shape(
         "for tests: CLIP 64 px / 8 (4 layers, 64) + Llama (2 layers, 64)", "clip",
         dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, image_size=64,
@@ -67,6 +114,23 @@ SHAPES: Dict[str, Shape] = {
         dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=200, pad_token_id=0),
         dict(_LLAVA15, image_token_id=199)),
+    "llava-next-tiny": Shape(
+        "for tests: LLaVA-NeXT, CLIP 32 px / 8 (2 layers, 32) + Llama (2 layers, 64); one 64x64 image (2 x 2 crops "
+        "and the base)", "clip",
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+             patch_size=8),
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=200, pad_token_id=0),
+        dict(_LLAVA15, image_token_id=199, image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]]),
+        family="llava_next", media=(64, 64)),
+    "qwen2.5-vl-tiny": Shape(
+        "for tests: Qwen2.5-VL, 2 tower blocks (32, patch 8) + a Qwen2 text model (2 layers, 64); one 8-frame 64x64 "
+        "video", "qwen",
+        dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=8,
+             spatial_merge_size=2, temporal_patch_size=2, window_size=32, fullatt_block_indexes=[1]),
+        dict(vocab_size=151700, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}),
+        dict(_QWEN_IDS), family="qwen2_5_vl", media=(8, 64, 64)),
 }
 
 
@@ -91,12 +155,24 @@ def require_transformers() -> None:
 
 
 def llava_config(name: str):
-    """The `LlavaConfig` of shape `name`."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, SiglipVisionConfig
+    """The model config of shape `name` (`LlavaConfig`, `LlavaNextConfig` or `Qwen2_5_VLConfig`)."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig, Qwen2_5_VLConfig,
+                              SiglipVisionConfig)
 
     shape = SHAPES[name]
+    if shape.family == "qwen2_5_vl":
+        return Qwen2_5_VLConfig(vision_config=shape.vision, text_config=shape.text, **shape.llava)
     vision = (CLIPVisionConfig if shape.tower == "clip" else SiglipVisionConfig)(**shape.vision)
-    return LlavaConfig(vision_config=vision, text_config=LlamaConfig(**shape.text), **shape.llava)
+    config_cls = LlavaNextConfig if shape.family == "llava_next" else LlavaConfig
+    return config_cls(vision_config=vision, text_config=LlamaConfig(**shape.text), **shape.llava)
+
+
+def model_class(name: str):
+    """The HF class a shape builds."""
+    import transformers
+    return getattr(transformers, {"llava": "LlavaForConditionalGeneration",
+                                  "llava_next": "LlavaNextForConditionalGeneration",
+                                  "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}[SHAPES[name].family])
 
 
 @contextmanager
@@ -109,19 +185,25 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def build_llava(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
-    """A random-init `LlavaForConditionalGeneration` of shape `name`, in eval mode.
+def build_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A random-init model of shape `name` (`model_class`), in eval mode.
 
     Built directly on `device` in `dtype`: a 7B model never passes through fp32 or the CPU, where
     its init alone would take minutes and 28 GB.
     """
-    from transformers import LlavaForConditionalGeneration
-
     config = llava_config(name)
     torch.manual_seed(seed)
     with torch.device(device), _default_dtype(dtype):
-        model = LlavaForConditionalGeneration(config)
+        model = model_class(name)(config)
     return model.eval()
+
+
+def build_llava(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """`build_model` for a LLaVA-1.5 shape (what ATP training's data, `make_inputs`, feeds)."""
+    if SHAPES[name].family != "llava":
+        raise ValueError(f"{name} is a {SHAPES[name].family} shape; this needs a LLaVA-1.5 one "
+                         f"({', '.join(n for n, s in SHAPES.items() if s.family == 'llava')})")
+    return build_model(name, device, dtype, seed)
 
 
 def image_placeholders(config) -> int:
@@ -145,3 +227,69 @@ def make_inputs(config, batch: int, text_tokens: int, device: str = "cpu", dtype
     size = config.vision_config.image_size
     pixels = torch.randn(batch, 3, size, size, generator=generator).to(device, dtype)
     return ids, torch.ones_like(ids), pixels
+
+
+def make_batch(model, shape: str, batch: int, text_tokens: int, device: str = "cpu",
+               dtype: torch.dtype = torch.float32, seed: int = 1) -> Dict[str, torch.Tensor]:
+    """The forward keyword arguments for `batch` prompts of shape `shape`'s family, each with
+    `text_tokens` text tokens around one image or video (`Shape.media`) as its processor lays them
+    out: LLaVA-1.5 `make_inputs`; LLaVA-NeXT its crops (`pixel_values [B, tiles, 3, S, S]`,
+    `image_sizes`) and as many placeholders as the unpatched model makes features; Qwen2.5-VL the
+    flattened patches with their `image_grid_thw` (or `video_grid_thw`), vision start/end tokens
+    and `mm_token_type_ids`."""
+    spec = SHAPES[shape]
+    config = model.config
+    if spec.family == "llava":
+        ids, mask, pixels = make_inputs(config, batch, text_tokens, device, dtype, seed)
+        return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    generator = torch.Generator().manual_seed(seed)
+    vocab = config.text_config.vocab_size
+    low = 3 if spec.family != "qwen2_5_vl" else 0
+    high = min(vocab, config.image_token_id) if spec.family != "qwen2_5_vl" else 151643  # below the special ids
+    text = torch.randint(low, high, (batch, text_tokens), generator=generator)
+    before = min(4, text_tokens)
+    if spec.family == "llava_next":
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+        side = config.vision_config.image_size
+        tiles = image_size_to_num_patches(spec.media, config.image_grid_pinpoints, side)
+        data = dict(pixel_values=torch.randn(batch, tiles, 3, side, side, generator=generator).to(device, dtype),
+                    image_sizes=torch.tensor([list(spec.media)] * batch, device=device))
+        with torch.no_grad():  # the model's own count, which the processor's matches
+            features = model.model.get_image_features(pixel_values=data["pixel_values"][:1],
+                                                      image_sizes=data["image_sizes"][:1], return_dict=True)
+        run = torch.full((batch, features.pooler_output[0].shape[0]), config.image_token_id)
+        ids = torch.cat([text[:, :before], run, text[:, before:]], dim=1)
+        ids[:, 0] = 1  # BOS
+        data.update(input_ids=ids.to(device), attention_mask=torch.ones_like(ids, device=device))
+        return data
+    vision = config.vision_config
+    p, m, tp = vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
+    video = len(spec.media) == 3
+    frames, height, width = spec.media if video else (tp,) + tuple(spec.media)
+    if height % (p * m) or width % (p * m):
+        raise ValueError(f"{shape}: the media size must be a multiple of {p * m} (Qwen's processor resizes to it)")
+    grid = [frames // tp if video else 1, height // p, width // p]
+    n_patches = grid[0] * grid[1] * grid[2]
+    patches = torch.randn(batch * n_patches, 3 * tp * p * p, generator=generator).to(device, dtype)
+    token = config.video_token_id if video else config.image_token_id
+    run = torch.cat([torch.full((batch, 1), config.vision_start_token_id),
+                     torch.full((batch, n_patches // (m * m)), token), torch.full((batch, 1), config.vision_end_token_id)],
+                    dim=1)
+    ids = torch.cat([text[:, :before], run, text[:, before:]], dim=1)
+    kind = torch.zeros_like(ids)
+    kind[ids == token] = 2 if video else 1
+    grids = torch.tensor([grid] * batch, device=device)
+    data = dict(input_ids=ids.to(device), attention_mask=torch.ones_like(ids, device=device),
+                mm_token_type_ids=kind.to(device))
+    if video:
+        data.update(pixel_values_videos=patches, video_grid_thw=grids,
+                    second_per_grid_ts=torch.full((batch,), tp / 2.0, device=device))  # sampled at 2 fps
+    else:
+        data.update(pixel_values=patches, image_grid_thw=grids)
+    return data
+
+
+def media_size(shape: str, config) -> Tuple[int, ...]:
+    """What each prompt of the shape carries, for the report: (H, W) of its image, or (frames, H, W)."""
+    media = SHAPES[shape].media
+    return tuple(media) if media else (config.vision_config.image_size,) * 2

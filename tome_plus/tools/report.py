@@ -130,14 +130,15 @@ def hf_table(report: Dict[str, Any]) -> str:
     """The --hf report: one row per quantity, the two models and their ratio as columns."""
     base, red = report["results"]
     lines = [f"{report['hf']}: {report['description']}",
-             f"{describe(report['method'], report['options'])} | {report['device_name']} ({report['device']}) "
+             f"{describe(report['method'], report['options'])} at site {report.get('site', 'tower')} | "
+             f"{report['device_name']} ({report['device']}) "
              f"{report['precision']} | batch {report['batch_size']}: {report['text_tokens']} text tokens + "
              f"{report['image_placeholders']} image placeholders per prompt | {report['runs']} runs after "
              f"{report['warmup']} warm-up",
              f"{'':<34}{'baseline':>12}{red['name']:>12}{'ratio':>9}"]
     for label, key, fmt in HF_ROWS:
-        ratio = red[key] / base[key] if base[key] else float("nan")
-        lines.append(f"{label:<34}{_cell(base[key], fmt):>12}{_cell(red[key], fmt):>12}{ratio:>8.2f}x")
+        ratio = f"{red[key] / base[key]:>8.2f}x" if base[key] else f"{'n/a':>9}"  # e.g. Qwen: no projector
+        lines.append(f"{label:<34}{_cell(base[key], fmt):>12}{_cell(red[key], fmt):>12}{ratio}")
     lines.append(f"speed-up: vision {report['vision_speedup']:.2f}x, prefill {report['prefill_speedup']:.2f}x, "
                  f"LLM alone {report['llm_speedup']:.2f}x | FLOPs: tower {report['tower_flops_ratio']:.2f}x, "
                  f"LLM {report['llm_flops_ratio']:.2f}x, prefill {report['prefill_flops_ratio']:.2f}x")
@@ -145,19 +146,20 @@ def hf_table(report: Dict[str, Any]) -> str:
     if red["tokens"]:
         lines.append("tower tokens after each layer: " + " ".join(str(t) for t in red["tokens"]))
     if red.get("llm_kept"):
-        lines.append("visual tokens after each pruning layer of the LLM: " + " ".join(f"{t:.1f}" for t in red["llm_kept"]))
+        where = "the features site" if report.get("site") == "features" else "each pruning layer of the LLM"
+        lines.append(f"visual tokens after {where}: " + " ".join(f"{t:.1f}" for t in red["llm_kept"]))
     return "\n".join(lines)
 
 
 def hf_csv(report: Dict[str, Any], path: str) -> None:
-    keys = ["hf", "method", "device_name", "dtype", "precision", "batch_size", "text_tokens"]
+    keys = ["hf", "method", "site", "device_name", "dtype", "precision", "batch_size", "text_tokens"]
     columns = list(report["results"][0])  # the fields of bench_hf.HFMeasurement, in order
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(keys + columns)
         for r in report["results"]:
             writer.writerow([report[k] for k in keys]
-                            + [" ".join(map(str, r[c])) if c == "tokens" else r[c] for c in columns])
+                            + [" ".join(map(str, r[c])) if c in ("tokens", "llm_kept") else r[c] for c in columns])
 
 
 # --------------------------------------------------------------------- tome-plus bench --kernels
