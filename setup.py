@@ -25,7 +25,12 @@ setup(
         "tools": ["onnx", "onnxruntime", "matplotlib", "safetensors", "pillow"],
         # HF CLIP/SigLIP towers and LLaVA (tome_plus.backends.hf_*): the version the tests run against
         "hf": ["transformers>=5.24.0"],
+        # lmms-eval's harness with the `tome_plus` model (and what its llava_hf model imports)
+        # (filelock<4: lmms-eval 0.7.3 imports filelock._api, which filelock 4 removed)
+        "eval": ["transformers>=5.24.0", "lmms-eval>=0.7.3", "decord", "matplotlib", "filelock<4"],
         "dev": ["pytest", "pytest-xdist", "onnx", "onnxruntime", "matplotlib", "safetensors", "pillow", "scikit-image"],
     },
-    entry_points={"console_scripts": ["tome-plus=tome_plus.tools.cli:main"]},
+    entry_points={"console_scripts": ["tome-plus=tome_plus.tools.cli:main"],
+                  # lmms-eval finds the `tome_plus` model here (tome_plus.integrations.lmms_eval)
+                  "lmms_eval.models": ["tome_plus=tome_plus.integrations.lmms_eval:manifest"]},
 )

@@ -386,8 +386,9 @@ def fit_prompt(is_image: torch.Tensor, n_full: int, n_reduced: int, n_images: Op
 
     `tensors` maps "input_ids", "inputs_embeds", "attention_mask", "position_ids", "labels" to
     `[B, L, ...]` tensors or None; returns them cut alike (rows re-padded: on the left when `left`,
-    else on the side the batch was padded on), with "image_tokens" (`[B]`, what each row keeps) and
-    "removed" (how much shorter the batch became). A prompt already at `n_reduced` per image passes
+    else on the side the batch was padded on), with "image_tokens" (`[B]`, what each row keeps),
+    "removed" (how much shorter the batch became) and, where something was cut, "moved": `(rows,
+    columns, new columns)` of every token kept (`cut[rows, new] = full[rows, columns]`). A prompt already at `n_reduced` per image passes
     unchanged; any other count raises. `n_images`: images given with the prompt (None: not known,
     e.g. a later turn with the cache; then every row must hold whole runs).
     """
@@ -439,7 +440,8 @@ def fit_prompt(is_image: torch.Tensor, n_full: int, n_reduced: int, n_images: Op
     out.update(input_ids=cut_tensor(tensors.get("input_ids"), tensors.get("pad_id", 0)),
                inputs_embeds=cut_tensor(tensors.get("inputs_embeds"), 0.0), attention_mask=cut_tensor(mask, 0),
                position_ids=cut_tensor(positions, 0), labels=cut_tensor(tensors.get("labels"), -100),
-               image_tokens=(is_image & keep).sum(dim=1), removed=is_image.shape[1] - length)
+               image_tokens=(is_image & keep).sum(dim=1), removed=is_image.shape[1] - length,
+               moved=(rows, cols, new_cols))
     return out
 
 

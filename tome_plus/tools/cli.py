@@ -11,13 +11,14 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import atp_train, bench, diffrate_search, eval as evaluate, fidelity, finetune, vis
+from . import atp_train, bench, diffrate_search, eval as evaluate, fidelity, finetune, sweep, vis
 from .common import EXIT_USAGE, Parser, interrupted
 
 COMMANDS = {
     "bench": (bench, "throughput: unpatched vs. patched in one run"),
     "eval": (evaluate, "top-1/top-5 on an ImageFolder split (torchrun for several processes)"),
     "fidelity": (fidelity, "offline quality: real DINOv2 weights, Fashion-MNIST k-NN, every method"),
+    "sweep": (sweep, "methods x budgets: accuracy against measured speed-up and FLOPs (CSV, JSON, PNG)"),
     "vis": (vis, "draw which patches each token stands for"),
     "diffrate-search": (diffrate_search, "search DiffRate's per-block kept counts for a FLOPs target"),
     "finetune": (finetune, "fine-tune a patched classifier with the CLCA head or its own (torchrun capable)"),

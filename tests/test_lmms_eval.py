@@ -1,0 +1,186 @@
+"""lmms-eval runs a patched model through tome_plus's registered `tome_plus` model: a tiny random
+LLaVA saved with its processor, and a tiny local generation task made here.
+
+(lmms-eval 0.7.3's llava_hf cannot run multiple-choice tasks on transformers 5, unpatched too: its
+log-likelihood encodes the context's `<image>` without the image, which the processor refuses.
+The log-likelihood path of a patched model is checked directly below.)"""
+import json
+import os
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("lmms_eval")
+pytest.importorskip("decord")  # lmms-eval's llava_hf model imports it
+
+import tome_plus  # noqa: E402
+from test_hf import IMAGE_ID, llava  # noqa: E402
+
+WORDS = ["USER:", "ASSISTANT:", "what", "is", "this", "a", "cat", "dog", "red", "blue", "yes", "no", "?"]
+# content as a string (lmms-eval's simple models) or as items (its chat models)
+TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+            "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+            "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+            "{% endfor %}{% endif %} {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def save_tiny_llava(path):
+    """The tiny random LLaVA of test_hf (CLIP 64 px / 8, 64 image tokens) with a word-level
+    tokenizer and CLIP image processor, as `from_pretrained` reads them."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": IMAGE_ID}
+    vocab.update({w: 4 + i for i, w in enumerate(WORDS)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken("<image>", special=True)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>")
+    images = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=TEMPLATE, image_token="<image>")
+    model = llava()
+    model.generation_config.suppress_tokens = [IMAGE_ID]
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+
+
+def save_tasks(folder):
+    """`tiny_vqa` on four images: generate, scored by exact match and answer length."""
+    from datasets import Dataset, DatasetDict
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    pictures = [Image.fromarray((torch.rand(48, 40, 3, generator=rng) * 255).byte().numpy()) for _ in range(4)]
+    data = Dataset.from_dict({"image": pictures, "question": ["what is this ?"] * 4,
+                              "answer": ["cat", "dog", "red", "blue"]})
+    DatasetDict({"test": data}).save_to_disk(os.path.join(folder, "data"))
+    common = f"""
+        dataset_path: {os.path.join(folder, "data")}
+        dataset_kwargs:
+          load_from_disk: true
+        test_split: test
+        doc_to_visual: !function utils.doc_to_visual
+        doc_to_text: !function utils.doc_to_text
+        doc_to_target: answer
+        metadata:
+          - version: 0.0
+    """
+    with open(os.path.join(folder, "tiny_vqa.yaml"), "w") as f:
+        f.write(textwrap.dedent(common) + textwrap.dedent("""
+            task: tiny_vqa
+            output_type: generate_until
+            generation_kwargs:
+              max_new_tokens: 4
+              temperature: 0
+              do_sample: false
+            process_results: !function utils.process_results
+            metric_list:
+              - metric: match
+                aggregation: mean
+                higher_is_better: true
+              - metric: words
+                aggregation: mean
+                higher_is_better: true
+        """))
+    with open(os.path.join(folder, "utils.py"), "w") as f:
+        f.write(textwrap.dedent("""
+            def doc_to_visual(doc):
+                return [doc["image"].convert("RGB")]
+
+            def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+                return doc["question"]
+
+            def process_results(doc, results):
+                answer = results[0].strip()
+                return {"match": float(answer == doc["answer"]), "words": float(len(answer.split()))}
+        """))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lmms")
+    save_tiny_llava(str(root / "model"))
+    save_tasks(str(root / "tasks"))
+    return root
+
+
+def run(tiny, model, model_args, tasks=("tiny_vqa",), force_simple=True):
+    """lmms-eval's own entry point; the simple kind by default (the chat kind generates only)."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    results = simple_evaluate(model=model, force_simple=force_simple, # device_map: llava_hf's default "" is refused by transformers 5
+                              model_args=f"pretrained={tiny / 'model'},device_map=cpu,{model_args}".rstrip(","),
+                              tasks=list(tasks), device="cpu", batch_size=1, log_samples=True,
+                              task_manager=TaskManager(include_path=str(tiny / "tasks")))
+    samples = {task: [(s["doc_id"], s["resps"]) for s in results["samples"][task]] for task in tasks}
+    return results["results"], samples
+
+
+def test_lmms_eval_finds_the_model_by_its_entry_point():
+    from lmms_eval.models import get_model
+    assert get_model("tome_plus").__name__ == "TomePlusChat"  # lmms-eval prefers the chat kind
+    assert get_model("tome_plus", force_simple=True).__name__ == "TomePlus"
+
+
+@pytest.mark.parametrize("model_args", ["method=tome,r=0", "method=fastv,keep=1.0,k=1",
+                                        "method=tome,site=features,keep=1.0"])
+def test_zero_budget_gives_the_harness_numbers_of_the_unpatched_model(tiny, model_args):
+    """Every sample's generated text and every metric equal lmms-eval's own llava_hf model's, for
+    the tower, llm and features sites, as the simple and as the chat kind."""
+    ref_scores, ref_samples = run(tiny, "llava_hf", "")
+    scores, samples = run(tiny, "tome_plus", model_args)
+    assert samples == ref_samples
+    for task in ("tiny_vqa",):
+        numbers = {k: v for k, v in scores[task].items() if isinstance(v, float)}
+        assert numbers and numbers == {k: v for k, v in ref_scores[task].items() if isinstance(v, float)}
+    # lmms-eval's default, the chat kind, on the generation task
+    ref_scores, ref_samples = run(tiny, "llava_hf", "", tasks=("tiny_vqa",), force_simple=False)
+    scores, samples = run(tiny, "tome_plus", model_args, tasks=("tiny_vqa",), force_simple=False)
+    assert samples == ref_samples and scores["tiny_vqa"]["words,none"] == ref_scores["tiny_vqa"]["words,none"]
+
+
+def test_a_reducing_patch_runs_and_logs_what_each_prompt_kept(tiny, tmp_path):
+    """tokens=16 in the tower: 16 of the 64 image tokens reach the LLM in every prompt (logged per
+    prompt after the patch record); a log-likelihood's logits are put back
+    at the prompt's positions (as a harness slices them), so they agree with the model's loss."""
+    log = tmp_path / "kept.jsonl"
+    scores, samples = run(tiny, "tome_plus", f"method=tome,tokens=16,log={log}")
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert lines[0]["method"] == "tome" and lines[0]["site"] == "tower" and lines[0]["options"] == {"tokens": 16}
+    assert len(lines) > 1 and all(entry["image_tokens"] == [16] for entry in lines[1:])
+    assert "tiny_vqa" in scores
+    # a continuation's log-likelihood as llava_hf computes it: the loss, and logits sliced by the prompt
+    from lmms_eval.models import get_model
+    wrapped = get_model("tome_plus")(pretrained=str(tiny / "model"), device="cpu", device_map="cpu", method="tome",
+                                     tokens=16)
+    model = wrapped.inner.model
+    processor = wrapped.inner._image_processor
+    from PIL import Image
+    image = Image.new("RGB", (40, 48), (120, 30, 200))
+    full = processor(text="USER: <image>\nwhat is this ? ASSISTANT: cat", images=[image], return_tensors="pt")
+    n_context = full["input_ids"].shape[1] - 1  # the continuation is one word
+    labels = full["input_ids"].clone()
+    labels[:, :n_context] = -100
+    with torch.no_grad():
+        out = model(**full, labels=labels)
+    assert out.logits.shape[1] == full["input_ids"].shape[1]  # at the caller's positions
+    logits = out.logits[0, n_context - 1:-1]
+    target = full["input_ids"][0, n_context:]
+    torch.testing.assert_close(torch.nn.functional.cross_entropy(logits, target), out.loss, rtol=1e-5, atol=1e-5)
+
+
+def test_options_reach_the_method_and_unknown_ones_the_base(tiny):
+    from lmms_eval.models import get_model
+    cls = get_model("tome_plus")
+    wrapped = cls(pretrained=str(tiny / "model"), device="cpu", device_map="cpu", method="atp", keep=0.5,
+                  layers="[0, 2]")
+    info = tome_plus.backends.base.get_info(wrapped.inner.model)
+    assert info.method == "atp" and list(info.config.layers) == [0, 2] and info.parts.site == "llm"
+    with pytest.raises(AssertionError, match="Unexpected kwargs"):  # llava_hf refuses what nobody takes
+        cls(pretrained=str(tiny / "model"), device="cpu", device_map="cpu", method="tome", nonsense=1)
