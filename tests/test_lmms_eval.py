@@ -184,3 +184,18 @@ def test_options_reach_the_method_and_unknown_ones_the_base(tiny):
     assert info.method == "atp" and list(info.config.layers) == [0, 2] and info.parts.site == "llm"
     with pytest.raises(AssertionError, match="Unexpected kwargs"):  # llava_hf refuses what nobody takes
         cls(pretrained=str(tiny / "model"), device="cpu", device_map="cpu", method="tome", nonsense=1)
+
+
+def test_sweep_with_lmms_eval_scores_and_bench_hf_timing(tiny, tmp_path):
+    """`tome-plus sweep --source lmms-eval`: each point's score is the harness's, its speed
+    `bench --hf`'s; keeping everything scores as the unpatched model and costs the same FLOPs."""
+    from tome_plus.tools import sweep
+    report = sweep.main(["--source", "lmms-eval", "--vlm", str(tiny / "model"), "--tasks", "tiny_vqa",
+                         "--include-path", str(tiny / "tasks"), "--metric", "words", "--hf-shape", "llava-tiny",
+                         "--methods", "tome", "--keep", "1.0,0.5", "--out", str(tmp_path), "--bench-batch", "1",
+                         "--warmup", "0", "--runs", "1", "--no-progress", "--device", "cpu", "--batch-size", "1"])
+    base, everything, half = report["points"]
+    ref, _ = run(tiny, "llava_hf", "", force_simple=False)  # lmms-eval's default kind, as the sweep runs it
+    assert base["accuracy"] == everything["accuracy"] == ref["tiny_vqa"]["words,none"]
+    assert everything["flops_ratio"] == 1.0 and half["flops_ratio"] < 1.0
+    assert (tmp_path / "sweep.png").exists()

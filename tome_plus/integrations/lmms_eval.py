@@ -197,7 +197,8 @@ def evaluate(pretrained: str, tasks: List[str], method: Optional[str], options: 
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
-    args = dict(pretrained=pretrained, base=base, device=device)
+    # device_map: llava_hf's default "" is refused by transformers 5 (the device goes to lmms-eval)
+    args = dict(pretrained=pretrained, base=base, device_map=device)
     if method is not None:
         args.update(method=method, **options)
     model_args = ",".join(f"{k}={_arg(v)}" for k, v in args.items())

