@@ -248,3 +248,22 @@ def test_ctrl_c_says_how_far_it_got(folder, checkpoint, tmp_path, capsys, monkey
     assert status == 130 and not out.exists()
     assert err == ("tome-plus eval: interrupted: stopped after 4 of 23 images; nothing was written (--json is "
                    "written at the end)\n")
+
+
+def test_sweep_over_eval_under_torchrun_matches_one_process(folder, checkpoint, tmp_path):
+    """`tome-plus sweep --source eval` in two processes: each point's top-1 is what one process
+    gets (every process evaluates its share, rank 0 times and writes). (--keep: torchrun reads a
+    bare --r as an abbreviation of its own options.)"""
+    args = ["--source", "eval", "--model", "vit_tiny_patch16_224", "--checkpoint", str(checkpoint), "--data",
+            str(folder), "--methods", "tome", "--keep", "0.9", "--batch-size", "4", "--workers", "0", "--device", "cpu",
+            "--bench-batch", "2", "--warmup", "0", "--runs", "1", "--no-progress"]
+    main(["sweep", *args, "--out", str(tmp_path / "one")])
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "tome_plus.tools.sweep", *args, "--out", str(tmp_path / "two")],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "sweep.json").read_text())["points"] for d in ("one", "two"))
+    assert [(p["method"], p["accuracy"], p["flops_ratio"]) for p in one] == \
+           [(p["method"], p["accuracy"], p["flops_ratio"]) for p in two]
+    assert one[1]["flops_ratio"] < 1.0
+    assert len((tmp_path / "two" / "points.jsonl").read_text().splitlines()) == 3  # settings + 2 points, once
