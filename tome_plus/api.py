@@ -19,8 +19,9 @@ def methods() -> List[str]:
     return method_names()
 
 
-def patch(model: nn.Module, method: str, head: Optional[str] = None,
-          head_options: Optional[Dict[str, Any]] = None, site: Optional[str] = None, **options: Any) -> nn.Module:
+def patch(model: nn.Module, method: Optional[str] = None, head: Optional[str] = None,
+          head_options: Optional[Dict[str, Any]] = None, site: Optional[str] = None, kv: Optional[str] = None,
+          kv_options: Optional[Dict[str, Any]] = None, **options: Any) -> nn.Module:
     """Make `model` reduce tokens with `method`, in place; returns the model.
 
     Options are the method's config fields (see `tome_plus.methods.get_method(name).config_class`):
@@ -34,7 +35,33 @@ def patch(model: nn.Module, method: str, head: Optional[str] = None,
     `site` (vision-language models) says where the tokens go: "tower" (inside the vision
     encoder's layers), "features" (the image features, before the language model) or "llm"
     (between the language model's layers: atp, fastv); None takes the best the model allows.
+
+    `kv` (a language model's, a VLM's or a text-only Llama-family LM's) prunes its KV cache while it
+    decodes: `kv="a2sf"` with `kv_options` (`tome_plus.kv.a2sf.A2sfConfig`: budget, forget,
+    recent, scoring, every); alone (`method` None) or with a method.
     """
+    if method is None:
+        if kv is None:
+            raise TypeError("give a method (tome_plus.methods() lists them), or kv=... for a KV-cache policy alone")
+        if options or head or site:
+            raise TypeError(f"{sorted(options) + [n for n, v in (('head', head), ('site', site)) if v]} "
+                            f"belong to a method; give one, or kv=... alone")
+    elif kv is None and kv_options:
+        raise TypeError("kv_options need a KV policy, e.g. kv='a2sf'")
+    kv_config = None
+    if kv is not None:
+        from .kv import make_config
+        kv_config = make_config(kv, kv_options)
+        backend = find_backend(model)
+        if not getattr(backend, "KV", False):
+            raise TypeError(f"kv={kv!r} prunes a language model's KV cache; {type(model).__name__} has none")
+        if method is None:
+            info = backend.prepare_kv(model, kv_config)
+            info.backend = backend.__name__
+            unpatch(model)
+            backend.install(model, info)
+            setattr(model, ATTR, info)
+            return model
     if head is None and head_options:
         raise TypeError("head_options need a head, e.g. head='clca'")
     head_config = heads.make_config(head, head_options) if head is not None else None
@@ -59,6 +86,8 @@ def patch(model: nn.Module, method: str, head: Optional[str] = None,
     reducer.for_family(backend.KIND)
     info = backend.prepare(model, reducer, config, method, **({"site": site} if site is not None else {}))
     info.backend = backend.__name__
+    if kv_config is not None:
+        info = backend.prepare_kv(model, kv_config, info)
     n_default = backend.default_tokens(model)
     cost = info.cost(n_default)
     gflops_of = (lambda removals: cost.total(n_default, removals or [0] * info.depth) / 1e9) if cost else None
@@ -155,7 +184,7 @@ def inspect(model: nn.Module) -> Inspection:
     if info is None:
         raise ValueError("model is not patched; call tome_plus.patch(model, method, ...) first")
     state, extra = backend_of(info).last_forward(info)
-    config = asdict(info.config)
+    config = asdict(info.config) if info.config is not None else {}
     if state is None:
         return Inspection(info.method, config, None, None, None, None, None, head=info.head_name, **extra)
     n_out = state.counts[-1] if state.counts else state.n_input

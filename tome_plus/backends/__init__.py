@@ -11,6 +11,7 @@ REGISTRY = (
     ("timm_vit", None),
     ("hf_llava", "transformers"),
     ("hf_clip", "transformers"),
+    ("hf_causal_lm", "transformers"),
 )
 
 HF_HINT = 'pip install "tome_plus[hf]"'

@@ -35,6 +35,7 @@ class Backend(Protocol):
     HEADS: bool  # a classifier whose head `patch(head=...)` may replace (`heads/`, e.g. CLCA)
     LLM_METHODS: bool  # methods with `Reducer.target == "llm"` (ATP: inside a language model) run here
     SITES: Tuple[str, ...]  # where `patch(site=...)` may place a method (a VLM's); () where there is one place
+    KV: bool  # a KV-cache policy (`patch(kv=...)`, `tome_plus.kv`) runs here; such a backend has `prepare_kv`
 
     def matches(self, model: nn.Module) -> bool:
         """Whether this backend patches `model`."""

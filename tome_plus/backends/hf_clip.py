@@ -45,6 +45,7 @@ KIND = "hf"
 HEADS = False  # a vision tower: no classifier head to replace
 LLM_METHODS = False
 SITES: tuple = ()  # one place: the encoder's own layers
+KV = False  # no decoder, no KV cache
 FAMILY = "HF transformers CLIPVisionModel / SiglipVisionModel"
 TOWERS = (CLIPVisionModel, SiglipVisionModel)
 LAYERS = (CLIPEncoderLayer, SiglipEncoderLayer)

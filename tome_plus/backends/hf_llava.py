@@ -61,6 +61,7 @@ model_name = base.model_name  # HF's `config._name_or_path`
 # where a vision-language model reduces: the tower's layers, the image features before the LLM,
 # or between the LLM's layers
 SITES = ("tower", "features", "llm")
+KV = True  # the language model's cache can follow a KV policy (`tome_plus.kv`)
 
 
 @dataclass(eq=False)
@@ -70,7 +71,7 @@ class LlavaParts:
     own record, if the tower reduces too, is `tower`."""
 
     tower: Optional[PatchInfo] = None
-    site: str = "tower"  # where the method reduces: "tower", "features" or "llm" (`SITES`)
+    site: Optional[str] = "tower"  # where the method reduces: "tower", "features" or "llm" (`SITES`); None: no method
     # the last forward, for `inspect` (never read by a forward; not pickled)
     image_tokens: Optional[torch.Tensor] = None  # [B] image tokens per sample the LLM last received
     llm_kept: Optional[torch.Tensor] = None  # ATP, FastV: [sites, B] visual tokens each pruning site kept
@@ -289,6 +290,8 @@ def load_modules(modules: nn.Module, path: str) -> None:
 
 
 def check_budget(model: nn.Module, info: PatchInfo) -> None:
+    if info.reducer is None:  # a KV policy alone
+        return
     record = tower_of(info)
     if record is not None:
         record.removals(default_tokens(model), strict=True)
@@ -297,13 +300,28 @@ def check_budget(model: nn.Module, info: PatchInfo) -> None:
 def in_llm(info: PatchInfo) -> bool:
     """Whether the patched language model reduces (ATP and FastV between its layers, a vision
     method on the features before its first), not the tower."""
-    return info.parts.site != "tower"
+    return info.parts.site in ("features", "llm")
+
+
+def prepare_kv(model: nn.Module, kv, info: Optional[PatchInfo] = None) -> PatchInfo:
+    """The KV policy `kv` for the language model, alone (`info` None) or with the patch `info`."""
+    from ..kv import a2sf
+    if info is not None and in_llm(info):
+        raise ValueError(f"kv={kv.name!r} with site={info.parts.site!r} is not supported yet: the language model's "
+                         f"layers then keep a different set of tokens per instance, which the KV policy would "
+                         f"have to follow; use kv with a tower method (LLaVA-1.5) or alone")
+    a2sf.check_decoder(model.model.language_model, kv.name)
+    if info is None:
+        info = PatchInfo(method=None, config=None, reducer=None, depth=len(model.model.language_model.layers),
+                         n_prefix=0, has_cls=False, cost=no_cost, parts=LlavaParts(site=None))
+    info.kv = kv
+    return info
 
 
 def install(model: nn.Module, info: PatchInfo) -> None:
-    if not in_llm(info):
+    if info.parts.site == "tower":
         hf_clip.install(tower(model), info)
-    else:
+    elif in_llm(info):
         if info.parts.tower is not None:
             hf_clip.install(tower(model), info.parts.tower)
             adopt(info, info.parts.tower)  # unpatch and refresh of the model cover the tower
@@ -314,6 +332,9 @@ def install(model: nn.Module, info: PatchInfo) -> None:
             swap_class(layer.self_attn, hf_llm.RoutedAttention, info)
         if info.modules is not None:
             attach(model, MODULES_ATTR, info.modules, info)
+    if info.kv is not None:
+        from ..kv import a2sf
+        a2sf.install(model.model.language_model, info)
     swap_class(model.model, FittingInner, info)
     tag(model.model, info)
     swap_class(model, FittingLlava, info)
@@ -483,6 +504,8 @@ def check_cache(args: Dict[str, Any], extra: Dict[str, Any]) -> None:
     cache = cache_argument(get)
     mask, tokens = get("attention_mask"), get("input_ids") if get("input_ids") is not None else get("inputs_embeds")
     if not isinstance(cache, DynamicCache) or mask is None or tokens is None or cache.get_seq_length() == 0:
+        return
+    if getattr(cache, "_tome_plus_kv_prompt", None) is not None:  # a KV policy pruned it: its length says nothing
         return
     if mask.shape[1] != cache.get_seq_length() + tokens.shape[1]:
         raise ValueError(f"attention_mask covers {mask.shape[1]} tokens, but the cache holds {cache.get_seq_length()} "

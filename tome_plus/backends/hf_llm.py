@@ -99,6 +99,9 @@ class LlmCall:
 # `collecting`) to `FittingInner.forward`, across `GenerationMixin.generate` and
 # `LlavaForConditionalGeneration.forward` (which calls `self.model(...)` without the labels).
 CALL: contextvars.ContextVar[LlmCall] = contextvars.ContextVar("tome_plus_llm_call", default=LlmCall())
+# KV_STEP: a KV-cache policy's state for the current decoder forward (`tome_plus.kv`), to the
+# routed attention of every layer (which scores the new queries and masks pruned layers).
+KV_STEP: contextvars.ContextVar[Optional[object]] = contextvars.ContextVar("tome_plus_kv_step", default=None)
 # SCOPE: the `LlmInputs` `FittingInner.forward` built, to the decoder (`AtpDecoder.forward`),
 # across `LlavaModel.forward` (which calls `self.language_model(...)` with its own arguments).
 # From the decoder on, the inputs travel as an argument.
@@ -200,6 +203,9 @@ def routed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     given, else the model's own backend; asked to (SCORE), it also fills in the request."""
     request, backend = kwargs.pop(SCORE, None), kwargs.pop(BACKEND, None)
     scaling = module.scaling if scaling is None else scaling
+    kv = KV_STEP.get()
+    if kv is not None:  # a KV-cache policy scores the new queries; a pruned layer takes its own mask
+        attention_mask = kv.attention(module, query, key, attention_mask, scaling)
     if request is not None:
         request.received = received_attention(query, key, request.mask, scaling, request.weights)
     backend = backend or module.__dict__["config"]._attn_implementation

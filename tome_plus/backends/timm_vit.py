@@ -35,6 +35,7 @@ KIND = "timm"  # the family name methods see (`Reducer.for_family`)
 HEADS = True  # classifiers: a tome_plus head (CLCA) may replace the model's own
 LLM_METHODS = False  # no language model inside
 SITES: tuple = ()  # one place: the encoder's own layers
+KV = False  # no decoder, no KV cache
 FAMILY = "timm VisionTransformer (ViT, DeiT, distilled DeiT, DeiT-3, DINOv2 incl. registers, timm CLIP/SigLIP ViTs)"
 model_name = base.model_name  # timm's name with its tag (`vit_base_patch16_224.mae`), or the architecture alone
 last_forward = base.last_forward

@@ -1,0 +1,222 @@
+"""kv="a2sf": the KV cache pruned while the language model decodes (A2SF, H2O, a recent window)."""
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+import tome_plus  # noqa: E402
+from tome_plus.kv.a2sf import A2sfLayer, cache_lengths  # noqa: E402
+
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=200, pad_token_id=0)
+
+
+def llama(attn="sdpa", cls=LlamaForCausalLM, config=LlamaConfig):
+    torch.manual_seed(0)
+    return cls._from_config(config(**TEXT), attn_implementation=attn).eval()
+
+
+def prompts(lengths=(40, 33), seed=1):
+    """Left-padded rows of random text."""
+    g = torch.Generator().manual_seed(seed)
+    n = max(lengths)
+    ids = torch.zeros(len(lengths), n, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, length in enumerate(lengths):
+        ids[i, n - length:] = torch.randint(3, 200, (length,), generator=g)
+        mask[i, n - length:] = 1
+    return ids, mask
+
+
+def greedy(model, ids, mask, new=10, **kwargs):
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False, **kwargs)
+
+
+@pytest.mark.parametrize("cls,config", [(LlamaForCausalLM, LlamaConfig), (Qwen2ForCausalLM, Qwen2Config)])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_budget_of_the_whole_sequence_changes_nothing(cls, config, attn):
+    """Budget >= every sequence: greedy tokens, beam search and seeded sampling (several sequences
+    per prompt) equal the unpatched model's exactly; unpatch restores."""
+    model = llama(attn, cls, config)
+    ids, mask = prompts()
+    ref = greedy(model, ids, mask)
+    beams = greedy(model, ids, mask, new=6, num_beams=3)
+    torch.manual_seed(5)
+    sampled = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=True,
+                             num_return_sequences=2)
+    for options in ({"budget": 64}, {"budget": 64, "every": 1}, {"budget": 1.0}):
+        tome_plus.patch(model, kv="a2sf", kv_options=options)
+        assert torch.equal(greedy(model, ids, mask), ref), options
+    assert torch.equal(greedy(model, ids, mask, new=6, num_beams=3), beams)
+    torch.manual_seed(5)
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=True,
+                                      num_return_sequences=2), sampled)
+    tome_plus.unpatch(model)
+    assert type(model) is cls and torch.equal(greedy(model, ids, mask), ref)
+
+
+def naive_kept(model, ids, mask, budget, recent, alpha):
+    """Per layer, row and KV head: the slots A2SF keeps after the prefill, from the unpatched
+    model's own attention probabilities (eager, output_attentions) and the paper's sum, looped."""
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    kept = []
+    groups = TEXT["num_attention_heads"] // TEXT["num_key_value_heads"]
+    n = ids.shape[1]
+    for probs in out.attentions:  # [B, H, N, N]
+        layer = []
+        for b in range(ids.shape[0]):
+            row = []
+            for kv in range(TEXT["num_key_value_heads"]):
+                score = torch.zeros(n, dtype=torch.float64)
+                for q in range(n):
+                    if mask[b, q]:
+                        for h in range(kv * groups, (kv + 1) * groups):
+                            score += alpha ** (n - 1 - q) * probs[b, h, q].double()
+                real = [k for k in range(n) if mask[b, k]]
+                newest = list(range(n - recent, n))
+                others = sorted((k for k in real if k not in newest), key=lambda k: -score[k])
+                chosen = sorted(newest + others[:budget - recent])
+                row.append(chosen)
+            layer.append(row)
+        kept.append(layer)
+    return kept, out.past_key_values
+
+
+@pytest.mark.parametrize("alpha,scoring", [(0.9, "a2sf"), (1.0, "h2o")])
+def test_prefill_keeps_what_the_paper_keeps(alpha, scoring):
+    """After the prefill every layer keeps, per row and KV head, the `recent` newest slots and the
+    best `budget - recent` others by A = sum_q alpha^(N-1-q) S[q] (S summed over the head's query
+    group): the unpatched keys and values at exactly those slots."""
+    model = llama("eager")
+    ids, mask = prompts()
+    budget, recent = 12, 3
+    want, full = naive_kept(model, ids, mask, budget, recent, alpha)
+    tome_plus.patch(model, kv="a2sf", kv_options={"budget": budget, "recent": recent, "forget": alpha,
+                                                  "scoring": scoring})
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, cache=cache)
+    assert cache_lengths(cache) == [budget] * TEXT["num_hidden_layers"]
+    for i, layer in enumerate(cache.layers):
+        assert isinstance(layer, A2sfLayer)
+        for b in range(ids.shape[0]):
+            for kv in range(TEXT["num_key_value_heads"]):
+                slots = want[i][b][kv]
+                torch.testing.assert_close(layer.keys[b, kv], full.layers[i].keys[b, kv, slots])
+                torch.testing.assert_close(layer.values[b, kv], full.layers[i].values[b, kv, slots])
+                assert bool(layer.valid[b, kv].all())
+
+
+def test_a_pruned_cache_attends_to_exactly_what_it_keeps():
+    """The recent window keeps the newest `budget` slots in every head: a decode step then gives
+    the logits of the unpatched model whose cache holds just those slots (at their own positions)."""
+    model = llama()
+    ids, mask = prompts(lengths=(40, 40))
+    budget = 10
+    tome_plus.patch(model, kv="a2sf", kv_options={"budget": budget, "recent": 0, "scoring": "window"})
+    cache = DynamicCache(config=model.config)
+    step = torch.tensor([[7], [9]])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, cache=cache)
+        got = model(input_ids=step, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
+                    position_ids=torch.full((2, 1), 40), cache=cache).logits
+    tome_plus.unpatch(model)
+    full = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, cache=full)
+        for layer in full.layers:
+            layer.keys, layer.values = layer.keys[:, :, -budget:], layer.values[:, :, -budget:]
+        want = model(input_ids=step, attention_mask=torch.ones(2, budget + 1, dtype=torch.long),
+                     position_ids=torch.full((2, 1), 40), cache=full).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_cache_stays_within_the_budget_when_asked():
+    """every=1: after every forward no layer holds more than the budget; the authors' default
+    prunes the prompt once and appends what is decoded."""
+    model = llama()
+    ids, mask = prompts()
+    budget, new = 16, 12
+    tome_plus.patch(model, kv="a2sf", kv_options={"budget": budget, "recent": 4, "every": 1})
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, cache=cache)
+        for t in range(new):
+            assert max(cache_lengths(cache)) <= budget
+            token = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+            out = model(input_ids=token, attention_mask=mask, cache=cache)
+    assert max(cache_lengths(cache)) <= budget
+    tome_plus.patch(model, kv="a2sf", kv_options={"budget": budget, "recent": 4})
+    cache = DynamicCache(config=model.config)
+    greedy(model, *prompts(), new=new, cache=cache)
+    assert cache_lengths(cache) == [budget + new - 1] * TEXT["num_hidden_layers"]  # the last token is not cached
+    tome_plus.patch(model, kv="a2sf", kv_options={"budget": 0.25, "recent": 4})  # a quarter of the prompt
+    cache = DynamicCache(config=model.config)
+    greedy(model, *prompts(), new=1, cache=cache)
+    assert cache_lengths(cache) == [math.ceil(0.25 * 40)] * TEXT["num_hidden_layers"]
+
+
+@pytest.mark.parametrize("options", [{"budget": 12, "recent": 3}, {"budget": 12, "recent": 3, "every": 2}])
+def test_rows_of_a_left_padded_batch_equal_each_row_alone(options):
+    model = llama()
+    ids, mask = prompts(lengths=(40, 27))
+    tome_plus.patch(model, kv="a2sf", kv_options=options)
+    batch = greedy(model, ids, mask)
+    for row in range(2):
+        keep = mask[row].bool()
+        alone = greedy(model, ids[row:row + 1, keep], mask[row:row + 1, keep])
+        assert torch.equal(batch[row, -10:], alone[0, -10:])
+
+
+def test_a2sf_runs_with_a_vlm_tower_method():
+    """LLaVA-1.5 with tome in the tower and A2SF in its language model: a budget of the whole
+    sequence gives the tower-only tokens; a small one bounds every layer."""
+    from test_hf import llava, pixels as _pixels, prompts as llava_prompts  # noqa: F401
+    model = llava()
+    ids, mask = llava_prompts((3, 5), (1, 2))
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    tome_plus.patch(model, "tome", r=4)
+    ref = greedy(model, ids, mask, pixel_values=images)
+    tome_plus.patch(model, "tome", r=4, kv="a2sf", kv_options={"budget": 500})
+    assert torch.equal(greedy(model, ids, mask, pixel_values=images), ref)
+    tome_plus.patch(model, "tome", r=4, kv="a2sf", kv_options={"budget": 20, "every": 1})
+    cache = DynamicCache(config=model.config.text_config)
+    out = greedy(model, ids, mask, pixel_values=images, cache=cache)
+    assert out.shape == ref.shape and max(cache_lengths(cache)) <= 20
+    tome_plus.unpatch(model)
+    tome_plus.patch(model, kv="a2sf", kv_options={"budget": 20})  # the KV policy alone
+    assert greedy(model, ids, mask, pixel_values=images).shape == ref.shape
+
+
+def test_errors_name_the_fix():
+    model = llama()
+    with pytest.raises(ValueError, match="unknown KV policy 'h3o'"):
+        tome_plus.patch(model, kv="h3o")
+    with pytest.raises(TypeError, match="unknown kv_options \\['size'\\]"):
+        tome_plus.patch(model, kv="a2sf", kv_options={"size": 3})
+    with pytest.raises(ValueError, match="budget must be"):
+        tome_plus.patch(model, kv="a2sf", kv_options={"budget": 1.5})
+    with pytest.raises(ValueError, match="forget must lie in"):
+        tome_plus.patch(model, kv="a2sf", kv_options={"forget": 0.0})
+    with pytest.raises(ValueError, match="recent=20 is more than the budget 8"):
+        tome_plus.patch(model, kv="a2sf", kv_options={"budget": 8, "recent": 20})
+    with pytest.raises(TypeError, match="text-only language model"):
+        tome_plus.patch(model, "tome", r=2)
+    with pytest.raises(TypeError, match="give a method .* or kv="):
+        tome_plus.patch(model)
+    with pytest.raises(ValueError, match="sdpa' or 'eager'"):
+        tome_plus.patch(llama("flex_attention"), kv="a2sf")
+    import vlm_models as V
+    with pytest.raises(ValueError, match="site='features' is not supported yet"):
+        tome_plus.patch(V.llava_next(), "tome", site="features", keep=0.5, kv="a2sf")
+    import timm
+    with pytest.raises(TypeError, match="has none"):
+        tome_plus.patch(timm.create_model("vit_tiny_patch16_224", depth=1), kv="a2sf")

@@ -1,0 +1,320 @@
+"""A2SF: the KV cache pruned while the language model decodes.
+
+Jo and Shin, "A2SF: Accumulative Attention Scoring with Forgetting Factor for Token Pruning in
+Transformer Decoder", arXiv:2407.20485 (2024). Implements (docs/methods.md, A2SF):
+- the accumulative attention score with forgetting factor, per layer and KV head:
+  A[n, k] = sum over queries q <= n of alpha^(n - q) S[q, k], S the attention probabilities summed
+  over the query heads that share the KV head (eq. 3; alpha = 1 is H2O's plain accumulation);
+- the selection: each layer and KV head keeps the `recent` newest tokens and the top
+  `budget - recent` others by A; the rest leave K and V;
+- when: once, after the prefill (the authors' code: scores over the prompt's queries, weights
+  alpha^(N-1-q); decode tokens are then appended), or also every `every` decode steps, keeping
+  the cache within `budget` throughout (scores then follow every new query).
+
+The scores come from the attention the model already runs: its attention modules read tome_plus's
+routed backend (`backends.hf_llm.routed_attention`), which, while a cache policy is active
+(`hf_llm.KV_STEP`), forms the float32 probabilities of the new queries a block at a time beside the
+model's own (fused) attention: one q K^T row per decode step, O(N) memory per head in the prefill.
+A pruned layer keeps, per instance and KV head, which of its slots are real (`A2sfLayer.valid`);
+its layers then attend with masks built here from that, each head over its own tokens. The cache
+is HF's `DynamicCache` with these layers: `generate` with sampling, beam search (reordered with
+the cache), left-padded batches and `num_return_sequences` works as unpatched.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar, Dict, List, Optional, Union
+
+import torch
+import torch.nn as nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from ..backends import hf_llm
+from ..backends.base import PatchInfo, get_info, swap_class, tag
+from ..precision import HALF, fp32_logits
+
+SCORINGS = ("a2sf", "h2o", "window")
+
+
+@dataclass
+class A2sfConfig:
+    """A2SF's KV-cache policy (`patch(..., kv="a2sf", kv_options={...})`).
+
+    Attributes:
+        budget: tokens each layer keeps per KV head: an int, or a fraction (0, 1] of the prompt.
+        forget: the forgetting factor alpha in (0, 1] (1: H2O's plain accumulation).
+        recent: the newest tokens always kept (the authors' 16).
+        scoring: "a2sf" (default), "h2o" (alpha = 1) or "window" (the newest `budget` only).
+        every: None (the authors': prune once, after the prefill; decode tokens are appended), or N:
+            also prune every N decode steps, so that no layer holds more than `budget` tokens.
+    """
+
+    budget: Union[int, float] = 256
+    forget: float = 0.95
+    recent: int = 16
+    scoring: str = "a2sf"
+    every: Optional[int] = None
+
+    name: ClassVar[str] = "a2sf"
+
+    def __post_init__(self) -> None:
+        b = self.budget
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or b <= 0 or (isinstance(b, float) and b > 1):
+            raise ValueError(f"budget must be a token count >= 1 or a fraction of the prompt in (0, 1], got {b!r}")
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {self.scoring!r}")
+        if self.scoring == "h2o":
+            self.forget = 1.0
+        if not 0.0 < float(self.forget) <= 1.0:
+            raise ValueError(f"forget must lie in (0, 1], got {self.forget!r}")
+        if isinstance(self.recent, bool) or not isinstance(self.recent, int) or self.recent < 0:
+            raise ValueError(f"recent must be an int >= 0, got {self.recent!r}")
+        if isinstance(b, int) and self.recent > b:
+            raise ValueError(f"recent={self.recent} is more than the budget {b}")
+        if self.every is not None and (isinstance(self.every, bool) or not isinstance(self.every, int)
+                                       or self.every < 1):
+            raise ValueError(f"every must be None or an int >= 1, got {self.every!r}")
+
+    def tokens(self, prompt: int) -> int:
+        """The budget in tokens for a prompt of `prompt` slots."""
+        if isinstance(self.budget, float):
+            return max(math.ceil(self.budget * prompt), self.recent, 1)
+        return self.budget
+
+
+class A2sfLayer(DynamicLayer):
+    """A cache layer after pruning: per instance and KV head its own tokens (`keys`, `values`
+    `[B, KV, L, D]`), which of them are real (`valid`, `[B, KV, L]`: a short row keeps padding
+    slots) and their scores (`score`, float32)."""
+
+    valid: torch.Tensor
+    score: torch.Tensor
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
+        self.score = self.score.index_select(0, beam_idx.to(self.score.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.valid = self.valid.repeat_interleave(repeats, dim=0)
+        self.score = self.score.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.valid, self.score = self.valid[indices], self.score[indices]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        length = self.keys.shape[-2]
+        self.valid, self.score = self.valid[..., :length], self.score[..., :length]
+
+
+def prune_layer(layer: DynamicLayer, valid: torch.Tensor, score: torch.Tensor, keep: int, recent: int) -> None:
+    """Keep, per instance and KV head, the `recent` newest slots and the `keep - recent` best
+    scored others (real slots first), in slot order; the layer becomes an `A2sfLayer`."""
+    length = valid.shape[-1]
+    rank = score.masked_fill(~valid, float("-inf"))
+    if recent:
+        rank[..., max(length - recent, 0):] = float("inf")
+    index = rank.topk(min(keep, length), dim=-1).indices.sort(dim=-1).values  # [B, KV, keep]
+    rows = index.unsqueeze(-1).expand(-1, -1, -1, layer.keys.shape[-1])
+    layer.keys, layer.values = layer.keys.gather(2, rows), layer.values.gather(2, rows)
+    layer.__class__ = A2sfLayer
+    layer.valid, layer.score = valid.gather(2, index), score.gather(2, index)
+
+
+@dataclass(eq=False)
+class KvStep:
+    """One forward of a decoder under a cache policy (`hf_llm.KV_STEP`): what its attention needs
+    to score the new queries and to mask pruned layers, and the scores it leaves."""
+
+    config: A2sfConfig
+    cache: DynamicCache
+    past_valid: torch.Tensor  # [B, P] the real slots of layers not yet pruned (the caller's mask)
+    new_valid: torch.Tensor  # [B, N] the real new tokens
+    scoring: bool  # whether this forward's queries are scored
+    scores: Dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, KV, P + N] float32
+
+    def keys_valid(self, layer_idx: int, kv_heads: int) -> torch.Tensor:
+        """`[B, KV, P + N]` the real keys of layer `layer_idx` in this forward."""
+        layer = self.cache.layers[layer_idx]
+        batch, n = self.new_valid.shape
+        new = self.new_valid.unsqueeze(1).expand(batch, kv_heads, n)
+        if isinstance(layer, A2sfLayer):
+            return torch.cat([layer.valid, new], dim=-1)
+        return torch.cat([self.past_valid, self.new_valid], dim=-1).unsqueeze(1).expand(batch, kv_heads, -1)
+
+    def attention(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask, scaling: float):
+        """Score this forward's queries (when asked) and return the mask the layer attends with:
+        the model's own, or, for a pruned layer, one built from its slots (`[B, H, N, P + N]`)."""
+        layer_idx = module.layer_idx
+        layer = self.cache.layers[layer_idx]
+        heads, kv_heads, n = query.shape[1], key.shape[1], query.shape[2]
+        pruned = isinstance(layer, A2sfLayer)
+        if not (self.scoring or pruned):
+            return mask
+        keys = self.keys_valid(layer_idx, kv_heads)  # [B, KV, L]
+        length = keys.shape[-1]
+        causal = torch.arange(length, device=key.device) <= (length - n + torch.arange(n, device=key.device))[:, None]
+        own = keys.repeat_interleave(heads // kv_heads, dim=1).unsqueeze(2) & causal  # [B, H, N, L]
+        rows = torch.arange(n, device=key.device)
+        own[..., rows, length - n + rows] = True  # a padding row sees itself (an SDPA row with no key gives NaN)
+        if self.scoring:
+            self.scores[layer_idx] = self._accumulate(layer_idx, layer, query, key, own, scaling, kv_heads)
+        if not pruned:
+            return mask
+        if module.__dict__["config"]._attn_implementation == "eager":
+            return torch.zeros(own.shape, dtype=query.dtype, device=own.device).masked_fill(
+                ~own, torch.finfo(query.dtype).min)
+        return own
+
+    def _accumulate(self, layer_idx, layer, query, key, own, scaling, kv_heads) -> torch.Tensor:
+        """A after this forward's queries: the old A faded by alpha^N, plus sum_q alpha^(N-1-q) S[q]
+        (real queries only), per KV head."""
+        alpha = float(self.config.forget)
+        batch, heads, n, _ = query.shape
+        length = key.shape[2]
+        weights = alpha ** torch.arange(n - 1, -1, -1, device=query.device, dtype=torch.float32)
+        weights = weights * self.new_valid.float()  # [B, N]
+        total = query.new_zeros(batch, kv_heads, length, dtype=torch.float32)
+        groups = heads // kv_heads
+        full_key = key.repeat_interleave(groups, dim=1)
+        step = max(1, hf_llm.BLOCK // (batch * heads * length))
+        for start in range(0, n, step):
+            q = query[:, :, start:start + step]
+            logits = (fp32_logits(q, full_key, scaling) if q.dtype in HALF
+                      else (q @ full_key.transpose(-2, -1)).float() * scaling)
+            probs = logits.masked_fill(~own[:, :, start:start + step], float("-inf")).softmax(dim=-1)
+            summed = torch.einsum("bq,bhqk->bhk", weights[:, start:start + step], probs)  # [B, H, L]
+            total = total + summed.view(batch, kv_heads, groups, length).sum(dim=2)
+        old = layer.score if isinstance(layer, A2sfLayer) else getattr(self.cache, SCORES_ATTR, {}).get(layer_idx)
+        if old is not None:
+            total[..., :old.shape[-1]] += old * alpha ** n
+        return total
+
+    def finish(self, prefill: bool, forwards_since: int) -> bool:
+        """After the forward: extend pruned layers by the new tokens, and prune where due.
+        Returns whether it pruned."""
+        config = self.config
+        n = self.new_valid.shape[1]
+        due = False
+        length = self.cache.get_seq_length()
+        budget = config.tokens(length if prefill else (self._prompt_length() or length))
+        if config.every is None:
+            due = prefill and length > budget
+        else:
+            due = length > budget and (prefill or forwards_since + 1 >= config.every)
+        for i, layer in enumerate(self.cache.layers):
+            if not getattr(layer, "is_initialized", False) or layer.keys is None:
+                continue
+            kv_heads = layer.keys.shape[1]
+            if not isinstance(layer, A2sfLayer) and i in self.scores:  # kept for the next forward's fading
+                getattr(self.cache, SCORES_ATTR)[i] = self.scores[i]
+            if isinstance(layer, A2sfLayer):
+                layer.valid = torch.cat([layer.valid, self.new_valid.unsqueeze(1).expand(-1, kv_heads, n)], dim=-1)
+                score = self.scores.get(i)
+                layer.score = score if score is not None else torch.cat(
+                    [layer.score, layer.score.new_zeros(layer.score.shape[0], kv_heads, n)], dim=-1)
+            if not due:
+                continue
+            valid = self.keys_valid(i, kv_heads) if not isinstance(layer, A2sfLayer) else layer.valid
+            score = self._ranking(i, layer, valid)
+            prune_layer(layer, valid, score, budget, config.recent)
+        if due:
+            setattr(self.cache, PROMPT_ATTR, getattr(self.cache, PROMPT_ATTR, None) or length)
+        return due
+
+    def _prompt_length(self) -> Optional[int]:
+        return getattr(self.cache, PROMPT_ATTR, None)
+
+    def _ranking(self, i: int, layer, valid: torch.Tensor) -> torch.Tensor:
+        if self.config.scoring == "window":  # newest first: the slot index
+            return torch.arange(valid.shape[-1], device=valid.device, dtype=torch.float32).expand(valid.shape)
+        score = self.scores.get(i)
+        if score is None:
+            score = layer.score if isinstance(layer, A2sfLayer) else torch.zeros(valid.shape, device=valid.device)
+        return score
+
+
+SCORES_ATTR = "_tome_plus_kv_scores"  # on a cache: scores of its layers not pruned yet (by layer index)
+PROMPT_ATTR = "_tome_plus_kv_prompt"  # on a cache: the prompt length its fractional budget refers to
+STEPS_ATTR = "_tome_plus_kv_steps"  # on a cache: forwards since it was last pruned
+
+
+class KvDecoder:
+    """Mixin for a Llama-family decoder model: its cache follows the patch's KV policy."""
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, **kwargs):
+        config = get_info(self).kv
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if not use_cache or (cache is not None and not isinstance(cache, DynamicCache)):
+            if cache is not None and not isinstance(cache, DynamicCache):
+                raise ValueError(f"the {config.name} KV policy keeps a different set of tokens per head in each "
+                                 f"layer, which a {type(cache).__name__} cannot hold; use the default dynamic cache")
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        if cache is None:
+            cache = DynamicCache(config=self.config)
+        if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.dim() != 2):
+            raise ValueError("with a KV policy the language model takes the [batch, length] padding mask")
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        batch, n = tokens.shape[:2]
+        past = cache.get_seq_length()
+        pruned = any(isinstance(layer, A2sfLayer) for layer in cache.layers)
+        full = attention_mask.bool() if attention_mask is not None else None
+        if pruned:
+            if full is None and position_ids is None:
+                raise ValueError("after the KV cache was pruned, a forward needs the attention_mask of the whole "
+                                 "conversation (or position_ids) to place its tokens")
+            if position_ids is None:
+                position_ids = (full.long().cumsum(-1) - 1).clamp(min=0)[:, -n:]
+            # HF builds its masks for what the cache holds; the pruned layers take theirs from the step
+            attention_mask = torch.ones(batch, past + n, dtype=torch.long, device=tokens.device)
+        if full is None:
+            full = torch.ones(batch, past + n, dtype=torch.bool, device=tokens.device)
+        prefill = past == 0
+        if not hasattr(cache, SCORES_ATTR):
+            setattr(cache, SCORES_ATTR, {})
+        if not pruned and full.shape[1] != past + n:
+            raise ValueError(f"attention_mask covers {full.shape[1]} tokens, but the cache holds {past} and {n} are new")
+        step = KvStep(config, cache, past_valid=full[:, :past] if not pruned else full[:, :0],
+                      new_valid=full[:, -n:], scoring=config.scoring != "window" and (
+                          prefill or config.every is not None))
+        token = hf_llm.KV_STEP.set(step)
+        try:
+            out = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  cache=cache, inputs_embeds=inputs_embeds, use_cache=True, **kwargs)
+        finally:
+            hf_llm.KV_STEP.reset(token)
+        since = getattr(cache, STEPS_ATTR, 0)
+        setattr(cache, STEPS_ATTR, 0 if step.finish(prefill, since) else since + 1)
+        return out
+
+
+def cache_lengths(cache: DynamicCache) -> List[int]:
+    """Tokens each layer of `cache` holds per head."""
+    return [layer.keys.shape[-2] if getattr(layer, "keys", None) is not None else 0 for layer in cache.layers]
+
+
+def check_decoder(decoder: nn.Module, name: str = "a2sf") -> None:
+    """Refuse (by name) a language model whose cache this policy cannot prune."""
+    if not hf_llm.matches_decoder(decoder):
+        raise TypeError(f"the language model is {type(decoder).__name__}; kv={name!r} supports "
+                        f"{', '.join(hf_llm.DECODERS)} (without a sliding window in use)")
+    backend = decoder.config._attn_implementation
+    if backend not in ("eager", "sdpa"):
+        raise ValueError(f"kv={name!r} masks each KV head over its own tokens, which the {backend} backend does not "
+                         f"take; load the model with attn_implementation='sdpa' or 'eager'")
+
+
+def install(decoder: nn.Module, info: PatchInfo) -> None:
+    """The decoder keeps its cache by `info.kv`; its attention reads the routed backend."""
+    swap_class(decoder, KvDecoder, info)
+    tag(decoder, info)
+    for layer in decoder.layers:
+        swap_class(layer.self_attn, hf_llm.RoutedAttention, info)
