@@ -455,3 +455,28 @@ def test_hf_precision_defaults_to_half_weights(dtype, precision, label, weights)
     # BOS, 2 text tokens (the "USER:" in front of the image), then the 64 placeholders
     assert ids.shape == (1, 3 + 64) and ids[0, 0] == 1 and bool((ids[0, 3:] == 199).all())
     assert bool((ids[0, 1:3] > 2).all()) and pixels.dtype == weights
+
+
+def test_hf_bench_kv_compares_the_policy_with_the_full_cache(capsys):
+    """--kv: a budget of the whole sequence agrees with the full cache token for token and holds as
+    much; every=1 with a small budget holds that budget per layer, less memory."""
+    pytest.importorskip("transformers")
+    common = ["--hf", "llava-tiny", "--device", "cpu", "--kv", "a2sf", "--new-tokens", "12", "--no-progress"]
+    same = bench.main([*common, "--kv-option", "budget=1.0", "--kv-option", "recent=2"])
+    assert same["token_agreement"] == 1.0 and same["first_difference"] is None and same["kv_memory_ratio"] == 1.0
+    small = bench.main([*common, "--kv-option", "budget=24", "--kv-option", "recent=4", "--kv-option", "every=1"])
+    full, pruned = small["results"]
+    assert pruned["cache_lengths"] == [24, 24] and full["cache_lengths"] == [96 + 11] * 2
+    assert small["kv_memory_ratio"] == pytest.approx(24 / 107)
+    printed = capsys.readouterr().out
+    assert "decode tokens/s" in printed and "greedy tokens equal to the full cache's" in printed
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--kv", "a2sf"], "--kv measures a language model's decoding: give --hf SHAPE"),
+    (["--hf", "llava-tiny", "--kv", "a2sf", "--r", "4"], "give no method budget"),
+    (["--hf", "llava-tiny", "--kv", "a2sf", "--kv-option", "size=3"], "unknown kv_options ['size']"),
+])
+def test_hf_bench_kv_refuses_bad_values(argv, message, capsys):
+    status, err = run_cli(["bench", "--device", "cpu", "--no-progress", *argv], capsys)
+    assert status in (1, 2) and message in err and err.count("\n") == 1

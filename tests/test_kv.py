@@ -220,3 +220,24 @@ def test_errors_name_the_fix():
     import timm
     with pytest.raises(TypeError, match="has none"):
         tome_plus.patch(timm.create_model("vit_tiny_patch16_224", depth=1), kv="a2sf")
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "llava_next_video", "qwen2_vl", "qwen2_5_vl"])
+def test_every_vlm_family_takes_the_kv_policy_alone(family):
+    """The newer families' language models (Qwen's M-RoPE positions included): a budget of the
+    whole sequence gives the unpatched greedy tokens; `every=1` keeps every layer within the budget
+    and the cache changes nothing between cached and uncached generation of the first token."""
+    import vlm_models as V
+    model = V.FACTORIES[family](text_config={"num_hidden_layers": 2})
+    model.generation_config.eos_token_id = None
+    inputs = V.INPUTS[family](model)
+    ref = V.greedy(model, inputs, 6)
+    tome_plus.patch(model, kv="a2sf", kv_options={"budget": 1.0, "recent": 2})
+    assert torch.equal(V.greedy(model, inputs, 6), ref)
+    tome_plus.patch(model, kv="a2sf", kv_options={"budget": 8, "recent": 2, "every": 1})
+    cache = DynamicCache(config=model.config)
+    out = V.greedy(model, inputs, 6, cache=cache)
+    assert out.shape == ref.shape and max(cache_lengths(cache)) <= 8
+    assert torch.equal(out[:, :1], ref[:, :1])  # the first token comes from the whole prompt
+    tome_plus.unpatch(model)
+    assert torch.equal(V.greedy(model, inputs, 6), ref)

@@ -91,6 +91,7 @@ class A2sfLayer(DynamicLayer):
 
     valid: torch.Tensor
     score: torch.Tensor
+    all_valid: bool = False  # every slot real (host-side, so a decode step needs no mask)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -124,6 +125,7 @@ def prune_layer(layer: DynamicLayer, valid: torch.Tensor, score: torch.Tensor, k
     layer.keys, layer.values = layer.keys.gather(2, rows), layer.values.gather(2, rows)
     layer.__class__ = A2sfLayer
     layer.valid, layer.score = valid.gather(2, index), score.gather(2, index)
+    layer.all_valid = bool(layer.valid.all())
 
 
 @dataclass(eq=False)
@@ -137,6 +139,10 @@ class KvStep:
     new_valid: torch.Tensor  # [B, N] the real new tokens
     scoring: bool  # whether this forward's queries are scored
     scores: Dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, KV, P + N] float32
+    new_all: bool = False  # every new token real (host-side; set once per forward)
+
+    def __post_init__(self) -> None:
+        self.new_all = bool(self.new_valid.all())
 
     def keys_valid(self, layer_idx: int, kv_heads: int) -> torch.Tensor:
         """`[B, KV, P + N]` the real keys of layer `layer_idx` in this forward."""
@@ -156,6 +162,8 @@ class KvStep:
         pruned = isinstance(layer, A2sfLayer)
         if not (self.scoring or pruned):
             return mask
+        if not self.scoring and n == 1 and layer.all_valid and self.new_all:
+            return None  # one query over real keys only: no mask, the backend's fastest path
         keys = self.keys_valid(layer_idx, kv_heads)  # [B, KV, L]
         length = keys.shape[-1]
         causal = torch.arange(length, device=key.device) <= (length - n + torch.arange(n, device=key.device))[:, None]
@@ -215,6 +223,7 @@ class KvStep:
                 getattr(self.cache, SCORES_ATTR)[i] = self.scores[i]
             if isinstance(layer, A2sfLayer):
                 layer.valid = torch.cat([layer.valid, self.new_valid.unsqueeze(1).expand(-1, kv_heads, n)], dim=-1)
+                layer.all_valid = layer.all_valid and self.new_all
                 score = self.scores.get(i)
                 layer.score = score if score is not None else torch.cat(
                     [layer.score, layer.score.new_zeros(layer.score.shape[0], kv_heads, n)], dim=-1)

@@ -141,6 +141,14 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
                         help="--hf: where the method reduces (tome_plus.patch's site; default: the best the "
                              "model allows: tower for vision methods on LLaVA-1.5, features on LLaVA-NeXT "
                              "and Qwen, llm for atp and fastv)")
+    parser.add_argument("--kv", choices=("a2sf",), default=None,
+                        help="--hf: decode --new-tokens with the KV policy against the full cache (decode tokens/s, "
+                             "KV memory, greedy agreement); see --kv-option")
+    parser.add_argument("--kv-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="--kv: a policy option (budget=256, forget=0.95, recent=16, scoring=a2sf|h2o|window, "
+                             "every=N); repeatable")
+    parser.add_argument("--new-tokens", type=int_at_least(2), default=1024,
+                        help="--kv: tokens generated per prompt (default 1024)")
     parser.add_argument("--text-tokens", type=int_at_least(1), default=32,
                         help="--hf: text tokens per prompt (BOS included) around the image placeholders "
                              "(default 32)")
@@ -178,6 +186,9 @@ def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace
     with cli_errors(PROG, on_interrupt=lambda: f"stopped before the timings were complete; {written}"):
         prepare_output(args.json, "--json")
         prepare_output(args.csv, "--csv")
+        if args.kv is not None:
+            from . import bench_kv
+            return bench_kv.main_kv(args)
         if args.hf is not None:
             return bench_hf.main_hf(args)
         if args.kernels:
