@@ -214,9 +214,6 @@ def test_errors_name_the_fix():
         tome_plus.patch(model)
     with pytest.raises(ValueError, match="sdpa' or 'eager'"):
         tome_plus.patch(llama("flex_attention"), kv="a2sf")
-    import vlm_models as V
-    with pytest.raises(ValueError, match="site='features' is not supported yet"):
-        tome_plus.patch(V.llava_next(), "tome", site="features", keep=0.5, kv="a2sf")
     import timm
     with pytest.raises(TypeError, match="has none"):
         tome_plus.patch(timm.create_model("vit_tiny_patch16_224", depth=1), kv="a2sf")
@@ -241,3 +238,29 @@ def test_every_vlm_family_takes_the_kv_policy_alone(family):
     assert torch.equal(out[:, :1], ref[:, :1])  # the first token comes from the whole prompt
     tome_plus.unpatch(model)
     assert torch.equal(V.greedy(model, inputs, 6), ref)
+
+
+@pytest.mark.parametrize("family,method,options", [
+    ("llava_next", "tome", dict(site="features", keep=0.5)), ("qwen2_vl", "pitome", dict(site="features", keep=0.6)),
+    ("llava_next", "fastv", dict(keep=0.5, k=1)), ("qwen2_5_vl", "atp", dict(keep=0.5, layers=[0, 2]))])
+def test_kv_policy_with_the_features_and_llm_sites(family, method, options):
+    """A KV policy on a language model whose layers keep a different set of tokens per instance
+    (the features site, FastV, ATP): a budget of the whole sequence gives the method's own tokens;
+    a small one bounds every layer, and each row of the left-padded batch equals itself alone."""
+    import vlm_models as V
+    model = V.FACTORIES[family](text_config={"num_hidden_layers": 4})
+    model.generation_config.eos_token_id = None
+    inputs = V.INPUTS[family](model)
+    tome_plus.patch(model, method, **options)
+    ref = V.greedy(model, inputs, 6)
+    tome_plus.patch(model, method, **options, kv="a2sf", kv_options={"budget": 1.0, "recent": 2})
+    assert torch.equal(V.greedy(model, inputs, 6), ref)
+    tome_plus.patch(model, method, **options, kv="a2sf", kv_options={"budget": 10, "recent": 2, "every": 1})
+    cache = DynamicCache(config=model.config)
+    out = V.greedy(model, inputs, 6, cache=cache)
+    assert cache_lengths(cache) == [10] * 4 and torch.equal(out[:, :1], ref[:, :1])
+    for row in range(2):
+        assert torch.equal(V.greedy(model, V.take_row(inputs, row), 6)[0], out[row])
+    tome_plus.unpatch(model)
+    assert type(model.model.language_model).__name__ in ("LlamaModel", "Qwen2Model", "Qwen2VLTextModel",
+                                                          "Qwen2_5_VLTextModel")

@@ -203,7 +203,7 @@ def adopt(info: PatchInfo, inner: PatchInfo) -> None:
 
 def restore_classes(info: PatchInfo) -> None:
     drop_scratch(info)
-    for module, cls in info.swapped:
+    for module, cls in reversed(info.swapped):  # a module swapped twice (a method's, then a KV policy's) ends as it began
         module.__class__ = cls
     for module in info.tagged:
         module.__dict__.pop(ATTR, None)

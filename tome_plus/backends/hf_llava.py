@@ -306,10 +306,6 @@ def in_llm(info: PatchInfo) -> bool:
 def prepare_kv(model: nn.Module, kv, info: Optional[PatchInfo] = None) -> PatchInfo:
     """The KV policy `kv` for the language model, alone (`info` None) or with the patch `info`."""
     from ..kv import a2sf
-    if info is not None and in_llm(info):
-        raise ValueError(f"kv={kv.name!r} with site={info.parts.site!r} is not supported yet: the language model's "
-                         f"layers then keep a different set of tokens per instance, which the KV policy would "
-                         f"have to follow; use kv with a tower method (LLaVA-1.5) or alone")
     a2sf.check_decoder(model.model.language_model, kv.name)
     if info is None:
         info = PatchInfo(method=None, config=None, reducer=None, depth=len(model.model.language_model.layers),

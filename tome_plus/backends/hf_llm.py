@@ -534,6 +534,9 @@ class AtpDecoder:
                 request = ScoreRequest(reducer.query_weights(seg.visual, seg.instruction, seg.valid, seg.prompt),
                                        segment_mask(past_valid, seg, h.dtype))
                 extra[SCORE] = request
+            kv = KV_STEP.get()
+            if kv is not None:  # a KV policy reads this layer's own slots
+                kv.segments[i] = (past_valid, seg.valid)
             h = layer(h, attention_mask=mask, position_ids=seg.positions, cache=cache, use_cache=use_cache,
                       position_embeddings=(seg.cos, seg.sin), **extra)
             h = h[0] if isinstance(h, tuple) else h

@@ -140,18 +140,25 @@ class KvStep:
     scoring: bool  # whether this forward's queries are scored
     scores: Dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, KV, P + N] float32
     new_all: bool = False  # every new token real (host-side; set once per forward)
+    # a decoder that prunes between its layers (ATP, FastV, the features site) tells each layer's
+    # own slots: layer -> ([B, P] its cached slots' validity, [B, N'] its new slots')
+    segments: Dict[int, tuple] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.new_all = bool(self.new_valid.all())
 
+    def new_of(self, layer_idx: int) -> torch.Tensor:
+        """`[B, N]` the real new slots of layer `layer_idx`."""
+        return self.segments[layer_idx][1] if layer_idx in self.segments else self.new_valid
+
     def keys_valid(self, layer_idx: int, kv_heads: int) -> torch.Tensor:
         """`[B, KV, P + N]` the real keys of layer `layer_idx` in this forward."""
         layer = self.cache.layers[layer_idx]
-        batch, n = self.new_valid.shape
-        new = self.new_valid.unsqueeze(1).expand(batch, kv_heads, n)
+        past, fresh = self.segments.get(layer_idx, (self.past_valid, self.new_valid))
+        batch, n = fresh.shape
         if isinstance(layer, A2sfLayer):
-            return torch.cat([layer.valid, new], dim=-1)
-        return torch.cat([self.past_valid, self.new_valid], dim=-1).unsqueeze(1).expand(batch, kv_heads, -1)
+            return torch.cat([layer.valid, fresh.unsqueeze(1).expand(batch, kv_heads, n)], dim=-1)
+        return torch.cat([past, fresh], dim=-1).unsqueeze(1).expand(batch, kv_heads, -1)
 
     def attention(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask, scaling: float):
         """Score this forward's queries (when asked) and return the mask the layer attends with:
@@ -162,7 +169,7 @@ class KvStep:
         pruned = isinstance(layer, A2sfLayer)
         if not (self.scoring or pruned):
             return mask
-        if not self.scoring and n == 1 and layer.all_valid and self.new_all:
+        if not self.scoring and n == 1 and layer.all_valid and self.new_all and layer_idx not in self.segments:
             return None  # one query over real keys only: no mask, the backend's fastest path
         keys = self.keys_valid(layer_idx, kv_heads)  # [B, KV, L]
         length = keys.shape[-1]
@@ -186,7 +193,7 @@ class KvStep:
         batch, heads, n, _ = query.shape
         length = key.shape[2]
         weights = alpha ** torch.arange(n - 1, -1, -1, device=query.device, dtype=torch.float32)
-        weights = weights * self.new_valid.float()  # [B, N]
+        weights = weights * self.new_of(layer_idx).float()  # [B, N]
         total = query.new_zeros(batch, kv_heads, length, dtype=torch.float32)
         groups = heads // kv_heads
         full_key = key.repeat_interleave(groups, dim=1)
@@ -222,11 +229,12 @@ class KvStep:
             if not isinstance(layer, A2sfLayer) and i in self.scores:  # kept for the next forward's fading
                 getattr(self.cache, SCORES_ATTR)[i] = self.scores[i]
             if isinstance(layer, A2sfLayer):
-                layer.valid = torch.cat([layer.valid, self.new_valid.unsqueeze(1).expand(-1, kv_heads, n)], dim=-1)
-                layer.all_valid = layer.all_valid and self.new_all
+                fresh = self.new_of(i)
+                layer.valid = torch.cat([layer.valid, fresh.unsqueeze(1).expand(-1, kv_heads, fresh.shape[1])], dim=-1)
+                layer.all_valid = layer.all_valid and self.new_all and i not in self.segments
                 score = self.scores.get(i)
                 layer.score = score if score is not None else torch.cat(
-                    [layer.score, layer.score.new_zeros(layer.score.shape[0], kv_heads, n)], dim=-1)
+                    [layer.score, layer.score.new_zeros(layer.score.shape[0], kv_heads, fresh.shape[1])], dim=-1)
             if not due:
                 continue
             valid = self.keys_valid(i, kv_heads) if not isinstance(layer, A2sfLayer) else layer.valid
@@ -289,7 +297,8 @@ class KvDecoder:
         prefill = past == 0
         if not hasattr(cache, SCORES_ATTR):
             setattr(cache, SCORES_ATTR, {})
-        if not pruned and full.shape[1] != past + n:
+        # (a decoder that prunes between its layers holds fewer slots than the conversation: it says which)
+        if not pruned and full.shape[1] != past + n and not isinstance(self, hf_llm.AtpDecoder):
             raise ValueError(f"attention_mask covers {full.shape[1]} tokens, but the cache holds {past} and {n} are new")
         step = KvStep(config, cache, past_valid=full[:, :past] if not pruned else full[:, :0],
                       new_valid=full[:, -n:], scoring=config.scoring != "window" and (
@@ -326,4 +335,5 @@ def install(decoder: nn.Module, info: PatchInfo) -> None:
     swap_class(decoder, KvDecoder, info)
     tag(decoder, info)
     for layer in decoder.layers:
-        swap_class(layer.self_attn, hf_llm.RoutedAttention, info)
+        if not isinstance(layer.self_attn, hf_llm.RoutedAttention):  # ATP/FastV/features routed them already
+            swap_class(layer.self_attn, hf_llm.RoutedAttention, info)
