@@ -128,6 +128,19 @@ def prune_layer(layer: DynamicLayer, valid: torch.Tensor, score: torch.Tensor, k
     layer.all_valid = bool(layer.valid.all())
 
 
+def block_mask(keys: torch.Tensor, start: int, rows: int, n: Optional[int] = None) -> torch.Tensor:
+    """`[B, H, rows, L]` which keys the new queries `start .. start + rows` (of `n`, the last slots)
+    see: the real ones (`keys`, `[B, H, L]`), causal by slot; a query always sees itself (a
+    padding row with no key would give NaN in SDPA)."""
+    n = rows if n is None else n
+    length = keys.shape[-1]
+    slot = length - n + start + torch.arange(rows, device=keys.device)  # each query's own slot
+    causal = torch.arange(length, device=keys.device) <= slot[:, None]
+    own = keys.unsqueeze(2) & causal
+    own[..., torch.arange(rows, device=keys.device), slot] = True
+    return own
+
+
 @dataclass(eq=False)
 class KvStep:
     """One forward of a decoder under a cache policy (`hf_llm.KV_STEP`): what its attention needs
@@ -171,24 +184,21 @@ class KvStep:
             return mask
         if not self.scoring and n == 1 and layer.all_valid and self.new_all and layer_idx not in self.segments:
             return None  # one query over real keys only: no mask, the backend's fastest path
-        keys = self.keys_valid(layer_idx, kv_heads)  # [B, KV, L]
-        length = keys.shape[-1]
-        causal = torch.arange(length, device=key.device) <= (length - n + torch.arange(n, device=key.device))[:, None]
-        own = keys.repeat_interleave(heads // kv_heads, dim=1).unsqueeze(2) & causal  # [B, H, N, L]
-        rows = torch.arange(n, device=key.device)
-        own[..., rows, length - n + rows] = True  # a padding row sees itself (an SDPA row with no key gives NaN)
+        keys = self.keys_valid(layer_idx, kv_heads).repeat_interleave(heads // kv_heads, dim=1)  # [B, H, L]
         if self.scoring:
-            self.scores[layer_idx] = self._accumulate(layer_idx, layer, query, key, own, scaling, kv_heads)
+            self.scores[layer_idx] = self._accumulate(layer_idx, layer, query, key, keys, scaling, kv_heads)
         if not pruned:
             return mask
+        own = block_mask(keys, 0, n)
         if module.__dict__["config"]._attn_implementation == "eager":
             return torch.zeros(own.shape, dtype=query.dtype, device=own.device).masked_fill(
                 ~own, torch.finfo(query.dtype).min)
         return own
 
-    def _accumulate(self, layer_idx, layer, query, key, own, scaling, kv_heads) -> torch.Tensor:
+    def _accumulate(self, layer_idx, layer, query, key, keys, scaling, kv_heads) -> torch.Tensor:
         """A after this forward's queries: the old A faded by alpha^N, plus sum_q alpha^(N-1-q) S[q]
-        (real queries only), per KV head."""
+        (real queries only), per KV head; the probabilities and their mask a block of queries at a
+        time (`hf_llm.BLOCK` logits), so memory stays O(L) per head however long the prompt."""
         alpha = float(self.config.forget)
         batch, heads, n, _ = query.shape
         length = key.shape[2]
@@ -202,7 +212,8 @@ class KvStep:
             q = query[:, :, start:start + step]
             logits = (fp32_logits(q, full_key, scaling) if q.dtype in HALF
                       else (q @ full_key.transpose(-2, -1)).float() * scaling)
-            probs = logits.masked_fill(~own[:, :, start:start + step], float("-inf")).softmax(dim=-1)
+            own = block_mask(keys, start, q.shape[2], n)
+            probs = logits.masked_fill(~own, float("-inf")).softmax(dim=-1)
             summed = torch.einsum("bq,bhqk->bhk", weights[:, start:start + step], probs)  # [B, H, L]
             total = total + summed.view(batch, kv_heads, groups, length).sum(dim=2)
         old = layer.score if isinstance(layer, A2sfLayer) else getattr(self.cache, SCORES_ATTR, {}).get(layer_idx)
