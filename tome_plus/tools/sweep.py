@@ -166,6 +166,12 @@ def measure_speed(source, args: argparse.Namespace, method: str, options: Dict[s
 
 # ------------------------------------------------------------------------------- resume, run
 
+def barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def load_points(path: str, settings: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     """Points already measured with these `settings` (the first line of the file records them)."""
     if not os.path.exists(path):
@@ -179,6 +185,13 @@ def load_points(path: str, settings: Dict[str, Any]) -> Dict[str, Dict[str, Any]
 
 def run_sweep(args: argparse.Namespace, methods: Sequence[str], budgets: Tuple[str, List[Any]],
               options: Dict[str, Any]) -> Dict[str, Any]:
+    from ..training.distributed import held_process_group
+    with held_process_group(args.device):  # torchrun: one group for every point
+        return _run_sweep(args, methods, budgets, options)
+
+
+def _run_sweep(args: argparse.Namespace, methods: Sequence[str], budgets: Tuple[str, List[Any]],
+               options: Dict[str, Any]) -> Dict[str, Any]:
     os.makedirs(args.out, exist_ok=True)
     source = {"fidelity": FidelitySource, "eval": EvalSource, "lmms-eval": LmmsSource}[args.source](args)
     kind, values = budgets
@@ -205,6 +218,7 @@ def run_sweep(args: argparse.Namespace, methods: Sequence[str], budgets: Tuple[s
             with open(path, "a") as f:
                 f.write(json.dumps(point) + "\n")
         done[point["key"]] = point
+        barrier()  # the others wait here while rank 0 times the point
     points = [done[point_key(m or UNPATCHED, b)] for m, b in plan]
     report = {"settings": settings, "methods": list(methods), "budget": kind, "values": list(values),
               "device": args.device, "points": points}

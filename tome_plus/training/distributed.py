@@ -3,8 +3,9 @@ fine-tuned head or model): joining a `torchrun` job, rank 0's weights to every r
 gradients and buffers, one start step for all."""
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Iterable, Tuple
+from typing import Iterable, Iterator, Tuple
 
 import torch
 import torch.distributed as dist
@@ -59,15 +60,19 @@ def same_start(start: int, message: str, device=None) -> None:
             raise ValueError(message.format(low=int(-steps[1]), high=int(steps[0])))
 
 
+_HELD = False  # a caller holds the process group across several runs (`held_process_group`)
+
+
 def setup_distributed(device: str) -> Tuple[int, int, torch.device]:
     """(rank, world size, device) of this process; under `torchrun` joins the process group
-    (NCCL on CUDA, gloo on CPU) and takes the GPU of its local rank."""
+    (NCCL on CUDA, gloo on CPU; the one already held, if any) and takes the GPU of its local rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, torch.device(device)
     rank_, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device.startswith("cuda")
-    dist.init_process_group("nccl" if cuda else "gloo")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
     dev = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(dev)
@@ -75,5 +80,19 @@ def setup_distributed(device: str) -> Tuple[int, int, torch.device]:
 
 
 def teardown_distributed(world: int) -> None:
-    if world > 1 and dist.is_initialized():
+    if world > 1 and dist.is_initialized() and not _HELD:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def held_process_group(device: str) -> Iterator[Tuple[int, int, torch.device]]:
+    """Under `torchrun`, one process group for everything in the block (a sweep's runs: joining
+    and leaving for each would race the processes that run ahead); a no-op in one process."""
+    global _HELD
+    rank_, world, dev = setup_distributed(device)
+    _HELD = world > 1
+    try:
+        yield rank_, world, dev
+    finally:
+        _HELD = False
+        teardown_distributed(world)
