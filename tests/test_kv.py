@@ -264,3 +264,32 @@ def test_kv_policy_with_the_features_and_llm_sites(family, method, options):
     tome_plus.unpatch(model)
     assert type(model.model.language_model).__name__ in ("LlamaModel", "Qwen2Model", "Qwen2VLTextModel",
                                                           "Qwen2_5_VLTextModel")
+
+
+def test_a_fractional_budget_is_a_fraction_of_the_prompt_in_every_mode():
+    """every=1 with a fraction: the cache settles at that fraction of the prompt, whether or not
+    the prefill itself had anything to prune (a review found it grew with the conversation)."""
+    model = llama()
+    ids, mask = prompts(lengths=(40, 40))
+    for fraction, want in ((1.0, 40), (0.5, 20)):
+        tome_plus.patch(model, kv="a2sf", kv_options={"budget": fraction, "recent": 2, "every": 1})
+        cache = DynamicCache(config=model.config)
+        greedy(model, ids, mask, new=15, cache=cache)
+        assert cache_lengths(cache) == [want] * TEXT["num_hidden_layers"], fraction
+
+
+def test_beam_search_reorders_the_scores_with_the_cache():
+    """every=1 with a prompt under the budget: the layers keep their scores from the prefill on,
+    and a beam reorder moves them with the keys."""
+    model = llama()
+    ids, mask = prompts(lengths=(20, 20))
+    tome_plus.patch(model, kv="a2sf", kv_options={"budget": 64, "recent": 2, "every": 1})
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, cache=cache)
+    layer = cache.layers[0]
+    assert isinstance(layer, A2sfLayer)
+    keys, score = layer.keys.clone(), layer.score.clone()
+    assert not torch.equal(score[0], score[1])
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(layer.keys, keys.flip(0)) and torch.equal(layer.score, score.flip(0))

@@ -182,6 +182,13 @@ def test_options_reach_the_method_and_unknown_ones_the_base(tiny):
                   layers="[0, 2]")
     info = tome_plus.backends.base.get_info(wrapped.inner.model)
     assert info.method == "atp" and list(info.config.layers) == [0, 2] and info.parts.site == "llm"
+    # through lmms-eval's own `key=value,...` parser, a list arrives quoted
+    from lmms_eval.api.model import lmms
+    from lmms_eval.utils import simple_parse_args_string
+    parsed = simple_parse_args_string(f'pretrained={tiny / "model"},device_map=cpu,method=atp,keep=0.5,layers="[0, 2]"')
+    wrapped = cls(device="cpu", **parsed)
+    assert isinstance(wrapped, lmms)
+    assert list(tome_plus.backends.base.get_info(wrapped.inner.model).config.layers) == [0, 2]
     with pytest.raises(AssertionError, match="Unexpected kwargs"):  # llava_hf refuses what nobody takes
         cls(pretrained=str(tiny / "model"), device="cpu", device_map="cpu", method="tome", nonsense=1)
 

@@ -81,7 +81,7 @@ def test_eval_source_runs_tome_plus_eval_per_point(tmp_path, monkeypatch):
         return {"top1": 80.0 - 10 * (1 - options.get("keep", 1.0)), "top5": 99.0}
     monkeypatch.setattr("tome_plus.tools.eval.evaluate", fake_evaluate)
     report = sweep.main(["--source", "eval", "--model", "vit_tiny_patch16_224", "--data", "fashion-mnist",
-                         "--methods", "tome", "--keep", "0.9,0.7", "--out", str(tmp_path), "--img-size", "64",
+                         "--methods", "tome", "--keep", "0.9,0.7", "--out", str(tmp_path),
                          "--bench-batch", "2", "--warmup", "0", "--runs", "1", "--no-progress", "--device", "cpu"])
     assert calls == [("vit_tiny_patch16_224", "fashion-mnist", None, {}),
                      ("vit_tiny_patch16_224", "fashion-mnist", "tome", {"keep": 0.9}),
@@ -95,6 +95,8 @@ def test_eval_source_runs_tome_plus_eval_per_point(tmp_path, monkeypatch):
     (["--flops", "a,b"], "--flops takes numbers"),
     (["--methods", "nope"], "unknown method 'nope'"),
     (["--source", "eval"], "--source eval needs --model"),
+    (["--source", "eval", "--model", "vit_tiny_patch16_224", "--data", "fashion-mnist", "--img-size", "64"],
+     "--img-size is --source fidelity's"),
     (["--source", "lmms-eval"], "--source lmms-eval needs --vlm"),
 ])
 def test_bad_command_lines_are_refused(argv, message, tmp_path, capsys):

@@ -205,3 +205,20 @@ def test_site_errors_name_the_fix():
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2)
     with pytest.raises(TypeError, match="site='features' places a method in a vision-language model"):
         tome_plus.patch(vit, "tome", site="features", r=2)
+
+
+def test_small_images_keep_a_token_and_newlines_survive_autocast():
+    """keep=0.1 of an 8-token image keeps one token (not zero); under bf16 autocast LLaVA-NeXT's
+    newlines, rounded to bf16 by the projector's dtype, are still recognised and kept."""
+    model, inputs = model_and_inputs("qwen2_vl", "image")
+    tome_plus.patch(model, "tome", site="features", keep=0.1)
+    V.greedy(model, inputs, 2)
+    assert tome_plus.inspect(model).llm_kept[0].tolist() == [1, 1]
+    model, inputs = model_and_inputs("llava_next", "image", rows=([2, "image", 3, "image", 1],))
+    embeds, _ = llm_inputs(model, inputs)
+    n_newlines = int((embeds == model.model.image_newline).all(-1).sum())
+    assert n_newlines > 0
+    tome_plus.patch(model, "tome", site="features", tokens=1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**inputs)
+    assert tome_plus.inspect(model).llm_kept[0].tolist() == [2 + n_newlines]

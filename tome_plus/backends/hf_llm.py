@@ -336,12 +336,12 @@ FEATURE_METHODS = ("tome", "pitome", "zero_tprune")  # what the features site ru
 
 def feature_count(config, reducer, n: int) -> int:
     """Tokens an image's (or a clip's) `n` reducible features keep under the features site's budget:
-    `tokens` (at most n), `keep` (the method's rounding) or `r` (removed; at least one stays)."""
+    `tokens` (at most n), `keep` (the method's rounding) or `r` (removed); at least one stays."""
     kind, value = config.budget
     if kind == "tokens":
         return min(value, n)
-    if kind == "keep":
-        return n - reducer.keep_removal(n, value)
+    if kind == "keep":  # a small image or clip keeps one token at least
+        return max(n - reducer.keep_removal(n, value), 1)
     return max(n - value, 1)
 
 
@@ -375,7 +375,10 @@ def reduce_features(model: nn.Module, h: torch.Tensor, seg: "Segment", scope: Ll
     reducer, config = info.reducer, info.config
     reducible = seg.visual & (scope.runs >= 0)
     if scope.newline is not None:
-        reducible &= ~(h == scope.newline.to(h.dtype)).all(dim=-1)
+        # the newline as the features carry it: the parameter, rounded to the features' dtype where
+        # they came out in half precision (autocast) and were scattered into wider embeddings
+        for dtype in (h.dtype, torch.bfloat16, torch.float16):
+            reducible &= ~(h == scope.newline.to(dtype).to(h.dtype)).all(dim=-1)
     keep = ~reducible
     rows, cols = reducible.nonzero(as_tuple=True)
     if rows.numel() == 0:

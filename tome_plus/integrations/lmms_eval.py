@@ -45,7 +45,10 @@ def manifest():
 
 
 def _value(v: Any) -> Any:
-    """lmms-eval turns numbers and booleans into Python values; lists and dicts arrive as text."""
+    """lmms-eval turns numbers and booleans into Python values; lists and dicts arrive as text,
+    quoted where they hold commas (the quotes stay)."""
+    if isinstance(v, str) and len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
+        v = v[1:-1]
     if isinstance(v, str) and v[:1] in "[({":
         return ast.literal_eval(v)
     return v
@@ -92,7 +95,7 @@ class TomePlus(_Base):
             parts = tome_plus.backends.base.get_info(model).parts
             self.record["site"] = getattr(parts, "site", site)  # the default the model chose
             model.register_forward_hook(self._after_forward, with_kwargs=True)
-        if log is not None:
+        if log is not None and self.rank == 0:  # one writer: rank 0 (every process logs what it ran)
             with open(log, "w") as f:
                 f.write(json.dumps(self.record) + "\n")
         from loguru import logger

@@ -8,8 +8,9 @@ Transformer Decoder", arXiv:2407.20485 (2024). Implements (docs/methods.md, A2SF
 - the selection: each layer and KV head keeps the `recent` newest tokens and the top
   `budget - recent` others by A; the rest leave K and V;
 - when: once, after the prefill (the authors' code: scores over the prompt's queries, weights
-  alpha^(N-1-q); decode tokens are then appended), or also every `every` decode steps, keeping
-  the cache within `budget` throughout (scores then follow every new query).
+  alpha^(N-1-q); decode tokens are then appended), or also every `every` decode steps, down to
+  `budget` (scores then follow every new query; between prunes a layer holds at most
+  `budget + every - 1` tokens, so `every=1` keeps it within the budget throughout).
 
 The scores come from the attention the model already runs: its attention modules read tome_plus's
 routed backend (`backends.hf_llm.routed_attention`), which, while a cache policy is active
@@ -48,7 +49,8 @@ class A2sfConfig:
         recent: the newest tokens always kept (the authors' 16).
         scoring: "a2sf" (default), "h2o" (alpha = 1) or "window" (the newest `budget` only).
         every: None (the authors': prune once, after the prefill; decode tokens are appended), or N:
-            also prune every N decode steps, so that no layer holds more than `budget` tokens.
+            also prune every N decode steps down to `budget` (at most `budget + N - 1` tokens between
+            prunes; 1: never more than `budget`).
     """
 
     budget: Union[int, float] = 256
@@ -160,14 +162,16 @@ class KvStep:
     def __post_init__(self) -> None:
         self.new_all = bool(self.new_valid.all())
 
-    def new_of(self, layer_idx: int) -> torch.Tensor:
-        """`[B, N]` the real new slots of layer `layer_idx`."""
-        return self.segments[layer_idx][1] if layer_idx in self.segments else self.new_valid
+    def new_of(self, layer_idx: int, device: torch.device) -> torch.Tensor:
+        """`[B, N]` the real new slots of layer `layer_idx`, on `device` (a model split over devices
+        has its layers on several)."""
+        return (self.segments[layer_idx][1] if layer_idx in self.segments else self.new_valid).to(device)
 
-    def keys_valid(self, layer_idx: int, kv_heads: int) -> torch.Tensor:
-        """`[B, KV, P + N]` the real keys of layer `layer_idx` in this forward."""
+    def keys_valid(self, layer_idx: int, kv_heads: int, device: torch.device) -> torch.Tensor:
+        """`[B, KV, P + N]` the real keys of layer `layer_idx` in this forward, on `device`."""
         layer = self.cache.layers[layer_idx]
         past, fresh = self.segments.get(layer_idx, (self.past_valid, self.new_valid))
+        past, fresh = past.to(device), fresh.to(device)
         batch, n = fresh.shape
         if isinstance(layer, A2sfLayer):
             return torch.cat([layer.valid, fresh.unsqueeze(1).expand(batch, kv_heads, n)], dim=-1)
@@ -184,7 +188,7 @@ class KvStep:
             return mask
         if not self.scoring and n == 1 and layer.all_valid and self.new_all and layer_idx not in self.segments:
             return None  # one query over real keys only: no mask, the backend's fastest path
-        keys = self.keys_valid(layer_idx, kv_heads).repeat_interleave(heads // kv_heads, dim=1)  # [B, H, L]
+        keys = self.keys_valid(layer_idx, kv_heads, key.device).repeat_interleave(heads // kv_heads, dim=1)  # [B, H, L]
         if self.scoring:
             self.scores[layer_idx] = self._accumulate(layer_idx, layer, query, key, keys, scaling, kv_heads)
         if not pruned:
@@ -203,7 +207,7 @@ class KvStep:
         batch, heads, n, _ = query.shape
         length = key.shape[2]
         weights = alpha ** torch.arange(n - 1, -1, -1, device=query.device, dtype=torch.float32)
-        weights = weights * self.new_of(layer_idx).float()  # [B, N]
+        weights = weights * self.new_of(layer_idx, query.device).float()  # [B, N]
         total = query.new_zeros(batch, kv_heads, length, dtype=torch.float32)
         groups = heads // kv_heads
         full_key = key.repeat_interleave(groups, dim=1)
@@ -216,58 +220,54 @@ class KvStep:
             probs = logits.masked_fill(~own, float("-inf")).softmax(dim=-1)
             summed = torch.einsum("bq,bhqk->bhk", weights[:, start:start + step], probs)  # [B, H, L]
             total = total + summed.view(batch, kv_heads, groups, length).sum(dim=2)
-        old = layer.score if isinstance(layer, A2sfLayer) else getattr(self.cache, SCORES_ATTR, {}).get(layer_idx)
+        old = layer.score if isinstance(layer, A2sfLayer) else None
         if old is not None:
             total[..., :old.shape[-1]] += old * alpha ** n
         return total
 
     def finish(self, prefill: bool, forwards_since: int) -> bool:
-        """After the forward: extend pruned layers by the new tokens, and prune where due.
+        """After the forward: extend tracked layers by the new tokens, and prune where due.
         Returns whether it pruned."""
         config = self.config
-        n = self.new_valid.shape[1]
-        due = False
         length = self.cache.get_seq_length()
-        budget = config.tokens(length if prefill else (self._prompt_length() or length))
+        if prefill:  # what a fractional budget is a fraction of
+            setattr(self.cache, PROMPT_ATTR, length)
+        budget = config.tokens(getattr(self.cache, PROMPT_ATTR, None) or length)
         if config.every is None:
             due = prefill and length > budget
         else:
             due = length > budget and (prefill or forwards_since + 1 >= config.every)
+        # in `every` mode the scores follow every step: they live on the layers (reordered with beams)
+        track = config.every is not None and config.scoring != "window"
         for i, layer in enumerate(self.cache.layers):
             if not getattr(layer, "is_initialized", False) or layer.keys is None:
                 continue
             kv_heads = layer.keys.shape[1]
-            if not isinstance(layer, A2sfLayer) and i in self.scores:  # kept for the next forward's fading
-                getattr(self.cache, SCORES_ATTR)[i] = self.scores[i]
             if isinstance(layer, A2sfLayer):
-                fresh = self.new_of(i)
+                fresh = self.new_of(i, layer.keys.device)
                 layer.valid = torch.cat([layer.valid, fresh.unsqueeze(1).expand(-1, kv_heads, fresh.shape[1])], dim=-1)
                 layer.all_valid = layer.all_valid and self.new_all and i not in self.segments
                 score = self.scores.get(i)
                 layer.score = score if score is not None else torch.cat(
                     [layer.score, layer.score.new_zeros(layer.score.shape[0], kv_heads, fresh.shape[1])], dim=-1)
-            if not due:
-                continue
-            valid = self.keys_valid(i, kv_heads) if not isinstance(layer, A2sfLayer) else layer.valid
-            score = self._ranking(i, layer, valid)
-            prune_layer(layer, valid, score, budget, config.recent)
-        if due:
-            setattr(self.cache, PROMPT_ATTR, getattr(self.cache, PROMPT_ATTR, None) or length)
+            elif due or track:
+                valid = self.keys_valid(i, kv_heads, layer.keys.device)
+                score = self.scores.get(i)
+                layer.__class__ = A2sfLayer
+                layer.valid = valid.contiguous()
+                layer.score = score if score is not None else torch.zeros(valid.shape, device=valid.device)
+                layer.all_valid = bool(valid.all())
+            if due:
+                prune_layer(layer, layer.valid, self._ranking(layer), budget, config.recent)
         return due
 
-    def _prompt_length(self) -> Optional[int]:
-        return getattr(self.cache, PROMPT_ATTR, None)
-
-    def _ranking(self, i: int, layer, valid: torch.Tensor) -> torch.Tensor:
+    def _ranking(self, layer: A2sfLayer) -> torch.Tensor:
         if self.config.scoring == "window":  # newest first: the slot index
-            return torch.arange(valid.shape[-1], device=valid.device, dtype=torch.float32).expand(valid.shape)
-        score = self.scores.get(i)
-        if score is None:
-            score = layer.score if isinstance(layer, A2sfLayer) else torch.zeros(valid.shape, device=valid.device)
-        return score
+            return torch.arange(layer.valid.shape[-1], device=layer.valid.device,
+                                dtype=torch.float32).expand(layer.valid.shape)
+        return layer.score
 
 
-SCORES_ATTR = "_tome_plus_kv_scores"  # on a cache: scores of its layers not pruned yet (by layer index)
 PROMPT_ATTR = "_tome_plus_kv_prompt"  # on a cache: the prompt length its fractional budget refers to
 STEPS_ATTR = "_tome_plus_kv_steps"  # on a cache: forwards since it was last pruned
 
@@ -306,8 +306,6 @@ class KvDecoder:
         if full is None:
             full = torch.ones(batch, past + n, dtype=torch.bool, device=tokens.device)
         prefill = past == 0
-        if not hasattr(cache, SCORES_ATTR):
-            setattr(cache, SCORES_ATTR, {})
         # (a decoder that prunes between its layers holds fewer slots than the conversation: it says which)
         if not pruned and full.shape[1] != past + n and not isinstance(self, hf_llm.AtpDecoder):
             raise ValueError(f"attention_mask covers {full.shape[1]} tokens, but the cache holds {past} and {n} are new")

@@ -101,12 +101,14 @@ class EvalSource:
             raise UsageError("--source eval needs --model (a timm model name)")
         if not args.data:
             raise UsageError("--source eval needs --data (an ImageFolder split, or fashion-mnist)")
+        if args.img_size is not None:
+            raise UsageError("--img-size is --source fidelity's; eval measures at the model's own size")
         self.args = args
         self.arch = (args.model, {}, args.img_size)
 
     def describe(self) -> Dict[str, Any]:
         return {"model": self.args.model, "pretrained": self.args.pretrained, "checkpoint": self.args.checkpoint,
-                "data": self.args.data}
+                "data": self.args.data, "images": self.args.test if self.args.data == "fashion-mnist" else None}
 
     def accuracy(self, method: Optional[str], options: Dict[str, Any]) -> Dict[str, float]:
         from .eval import evaluate
