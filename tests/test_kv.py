@@ -293,3 +293,20 @@ def test_beam_search_reorders_the_scores_with_the_cache():
     assert not torch.equal(score[0], score[1])
     cache.reorder_cache(torch.tensor([1, 0]))
     assert torch.equal(layer.keys, keys.flip(0)) and torch.equal(layer.score, score.flip(0))
+
+
+def test_a_later_image_over_a_pruned_cache_is_refused_at_the_llm_site():
+    """FastV scores a later turn's image against the cache; once A2SF pruned that cache per head
+    the scoring mask no longer fits: refused by name, not computed wrong."""
+    import vlm_models as V
+    model = V.FACTORIES["llava_next"](text_config={"num_hidden_layers": 4})
+    first = V.take_row(V.INPUTS["llava_next"](model), 0)
+    second = V.take_row(V.INPUTS["llava_next"](model, seed=2), 1)
+    tome_plus.patch(model, "fastv", keep=0.5, k=1, kv="a2sf", kv_options={"budget": 10, "recent": 2})
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(**first, cache=cache)
+        mask = torch.cat([first["attention_mask"], second["attention_mask"]], dim=1)
+        with pytest.raises(ValueError, match="fastv scores new visual tokens against a KV cache that kv='a2sf' pruned"):
+            model(input_ids=second["input_ids"], pixel_values=second["pixel_values"],
+                  image_sizes=second["image_sizes"], attention_mask=mask, cache=cache)

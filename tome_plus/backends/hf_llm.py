@@ -532,6 +532,11 @@ class AtpDecoder:
             site = i in sites
             module = atp.at(i) if atp is not None else None
             explicit = site and scope is not None and scope.has_visual
+            if explicit and past and getattr(cache.layers[i], "valid", None) is not None:
+                # a KV policy pruned this layer's cache per head: the scoring mask, built per slot, no longer fits
+                raise ValueError(f"{info.method} scores new visual tokens against a KV cache that kv={info.kv.name!r} "
+                                 f"pruned; put each image in the prompt of its own generate call (a later turn's "
+                                 f"images are not supported with a KV policy at site='llm')")
             extra = {BACKEND: backend}
             if explicit:
                 request = ScoreRequest(reducer.query_weights(seg.visual, seg.instruction, seg.valid, seg.prompt),
