@@ -501,7 +501,8 @@ def check_cache(args: Dict[str, Any], extra: Dict[str, Any]) -> None:
     mask, tokens = get("attention_mask"), get("input_ids") if get("input_ids") is not None else get("inputs_embeds")
     if not isinstance(cache, DynamicCache) or mask is None or tokens is None or cache.get_seq_length() == 0:
         return
-    if any(type(layer).__name__ == "A2sfLayer" for layer in getattr(cache, "layers", ())):
+    from ..kv.a2sf import A2sfLayer
+    if any(isinstance(layer, A2sfLayer) for layer in cache.layers):
         return  # a KV policy keeps (or pruned) it: its length says nothing about the conversation
     if mask.shape[1] != cache.get_seq_length() + tokens.shape[1]:
         raise ValueError(f"attention_mask covers {mask.shape[1]} tokens, but the cache holds {cache.get_seq_length()} "

@@ -62,6 +62,14 @@ def split_arguments(kwargs: Dict[str, Any], method: Optional[str]) -> Dict[str, 
     return {k: _value(kwargs.pop(k)) for k in list(kwargs) if k in names}
 
 
+def _through(name: str) -> property:
+    """A property that reads and writes `name` on the wrapped model (`self.inner`)."""
+    def write(self, value) -> None:
+        if "inner" in self.__dict__:
+            setattr(self.inner, name, value)
+    return property(lambda self: getattr(self.inner, name), write)
+
+
 try:  # the class must be one of lmms-eval's models; without lmms-eval it is never instantiated
     from lmms_eval.api.model import lmms as _Base
 except ImportError:
@@ -107,31 +115,12 @@ class TomePlus(_Base):
             raise AttributeError(name)
         return getattr(self.inner, name)
 
-    @property
-    def rank(self) -> int:
-        return self.inner.rank
-
-    @property
-    def world_size(self) -> int:
-        return self.inner.world_size
-
-    @property
-    def task_dict(self):
-        return self.inner.task_dict
-
-    @task_dict.setter
-    def task_dict(self, value) -> None:
-        if "inner" in self.__dict__:
-            self.inner.task_dict = value
-
-    @property
-    def cache_hook(self):
-        return self.inner.cache_hook
-
-    @cache_hook.setter
-    def cache_hook(self, value) -> None:
-        if "inner" in self.__dict__:
-            self.inner.cache_hook = value
+    # lmms's own attributes, read and written on the base model (lmms.__init__ sets some before
+    # `inner` exists: those writes are dropped, the base model has its own)
+    rank = _through("rank")
+    world_size = _through("world_size")
+    task_dict = _through("task_dict")
+    cache_hook = _through("cache_hook")
 
     def _after_forward(self, module, args, kwargs, output):
         """After a forward that saw images (a prefill): record the visual tokens kept; where the
@@ -161,7 +150,8 @@ class TomePlus(_Base):
 
     def summary(self) -> Dict[str, Any]:
         """Mean visual tokens per prompt into the LLM and after each site, over the calls so far."""
-        rows = [(i, k) for e in self.kept for i, k in zip(e["image_tokens"] or [], e["kept"] or [[]] * 999)]
+        rows = [(i, k) for e in self.kept if e["image_tokens"]
+                for i, k in zip(e["image_tokens"], e["kept"] or [[]] * len(e["image_tokens"]))]
         if not rows:
             return {}
         into = sum(i for i, _ in rows) / len(rows)

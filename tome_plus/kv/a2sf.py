@@ -280,10 +280,10 @@ class KvDecoder:
         config = get_info(self).kv
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if not use_cache or (cache is not None and not isinstance(cache, DynamicCache)):
-            if cache is not None and not isinstance(cache, DynamicCache):
-                raise ValueError(f"the {config.name} KV policy keeps a different set of tokens per head in each "
-                                 f"layer, which a {type(cache).__name__} cannot hold; use the default dynamic cache")
+        if cache is not None and not isinstance(cache, DynamicCache):
+            raise ValueError(f"the {config.name} KV policy keeps a different set of tokens per head in each "
+                             f"layer, which a {type(cache).__name__} cannot hold; use the default dynamic cache")
+        if not use_cache:
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         if cache is None:

@@ -56,14 +56,10 @@ class FidelitySource:
     metric = "knn_top1"
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from .data import fashion_mnist
-        from .models import load_dinov2
         self.args, self.size = args, args.img_size or 112
         if self.size % 14:
             raise UsageError(f"--img-size must be a multiple of 14 for DINOv2, got {self.size}")
-        self.bank = fashion_mnist("train", args.bank)
-        self.test = fashion_mnist("test", args.test)
-        self.model = load_dinov2(self.size)
+        self.model = None  # loaded, with the data, at the first point measured (a finished sweep needs neither)
         self._base_test: Optional[torch.Tensor] = None
         self.arch = ("vit_small_patch14_dinov2", {"num_classes": 0}, self.size)
 
@@ -72,7 +68,12 @@ class FidelitySource:
                 "data": f"Fashion-MNIST: {self.args.bank} train (k-NN bank), {self.args.test} test, {self.size} px"}
 
     def _embed(self, label: str):
+        from .data import fashion_mnist
         from .fidelity import embed, knn_top1
+        from .models import load_dinov2
+        if self.model is None:
+            self.bank, self.test = fashion_mnist("train", self.args.bank), fashion_mnist("test", self.args.test)
+            self.model = load_dinov2(self.size)
         bank, _ = embed(self.model, self.bank[0], self.size, self.args.batch_size, f"{label} bank", False)
         test, _ = embed(self.model, self.test[0], self.size, self.args.batch_size, f"{label} test", False)
         top1 = knn_top1(bank, torch.from_numpy(self.bank[1]), test, torch.from_numpy(self.test[1]))
