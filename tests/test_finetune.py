@@ -1,7 +1,6 @@
 """`tome-plus finetune` with the CLCA head or the linear head, resume, torchrun, and `tome-plus eval --finetuned`."""
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -128,44 +127,6 @@ def test_clca_checkpoint_evaluates_like_a_direct_loop(folder, tmp_path):
     assert torch.equal(model.norm.weight, start.norm.weight) and torch.equal(model.head.weight, start.head.weight)
     assert not torch.equal(model.blocks[0].attn.qkv.weight, start.blocks[0].attn.qkv.weight)
     assert r["head"] == "clca" and r["top1"] == pytest.approx(direct_top1(model, folder))
-
-
-RANK_SCRIPT = """
-import hashlib, os, sys
-import torch
-from tome_plus.tools import finetune
-built = []
-real = finetune.build_model
-finetune.build_model = lambda *a, **k: built.append(real(*a, **k)) or built[-1]
-finetune.main(sys.argv[1:])
-head = finetune.trainable_module(built[0], "clca")
-torch.save(head.state_dict(), sys.argv[sys.argv.index("--out") + 1] + f".rank{os.environ['RANK']}")
-"""
-
-
-def test_torchrun_two_processes(folder, tmp_path):
-    out = tmp_path / "ddp.pt"
-    script = tmp_path / "ranks.py"
-    script.write_text(RANK_SCRIPT)  # finetune, then each rank writes the head it ended with
-    args = ["--model", "vit_tiny_patch16_224", "--data", str(folder), "--method", "tome", "--budget", "r=8",
-            "--head", "clca", "--freeze", "--steps", "2", "--batch-size", "2", "--workers", "0", "--out", str(out),
-            "--device", "cpu", "--no-progress"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), *args], env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    payload = read_checkpoint(str(out))
-    assert payload["step"] == 2
-    ranks = [torch.load(f"{out}.rank{r}") for r in range(2)]
-    # both ranks took the same steps (gradients averaged) and rank 0 wrote what both hold
-    for key, value in payload["weights"].items():
-        assert torch.equal(ranks[0][key], value) and torch.equal(ranks[1][key], value), key
-    # ... and they trained: the head is not the one a fresh patch starts from
-    torch.manual_seed(0)
-    import timm
-    fresh = timm.create_model("vit_tiny_patch16_224")
-    tome_plus.patch(fresh, "tome", r=8, head="clca", head_options={"num_classes": 3})
-    start = tome_plus.heads.module(fresh).state_dict()
-    assert not torch.equal(start["carrier"], payload["weights"]["carrier"])
 
 
 def test_usage_errors(folder, tmp_path, capsys):

