@@ -117,3 +117,13 @@ def test_old_module_paths_are_the_moved_modules():
                           (tome_plus.heads, ("save", "load", "module", "name_of"))):
         for name in names:
             assert hasattr(module, name), f"{module.__name__}.{name}"
+
+
+def test_ci_runs_the_readme_test_command():
+    """README, "Run the tests": CI (`.ci/run`) runs each command of that block as it stands."""
+    top = ROOT.parent
+    readme = (top / "README.md").read_text()
+    block = readme.split("## Run the tests", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
+    ci = [line.strip() for line in (top / ".ci" / "run").read_text().splitlines()]
+    assert commands and all(command in ci for command in commands), commands

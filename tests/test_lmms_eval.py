@@ -6,7 +6,7 @@ log-likelihood encodes the context's `<image>` without the image, which the proc
 The log-likelihood path of a patched model is checked directly below.)"""
 import json
 import os
-import textwrap
+import sys
 
 import pytest
 import torch
@@ -18,108 +18,41 @@ pytest.importorskip("decord")  # lmms-eval's llava_hf model imports it
 import tome_plus  # noqa: E402
 from test_hf import IMAGE_ID, llava  # noqa: E402
 
-WORDS = ["USER:", "ASSISTANT:", "what", "is", "this", "a", "cat", "dog", "red", "blue", "yes", "no", "?"]
-# content as a string (lmms-eval's simple models) or as items (its chat models)
-TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
-            "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-            "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
-            "{% endfor %}{% endif %} {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples")
+sys.path.insert(0, EXAMPLE)
+import lmms_eval_offline as example  # noqa: E402  (the offline example builds the model and task)
 
-
-def save_tiny_llava(path):
-    """The tiny random LLaVA of test_hf (CLIP 64 px / 8, 64 image tokens) with a word-level
-    tokenizer and CLIP image processor, as `from_pretrained` reads them."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": IMAGE_ID}
-    vocab.update({w: 4 + i for i, w in enumerate(WORDS)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens([AddedToken("<image>", special=True)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        unk_token="<unk>")
-    images = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
-    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=TEMPLATE, image_token="<image>")
-    model = llava()
-    model.generation_config.suppress_tokens = [IMAGE_ID]
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-
-
-def save_tasks(folder):
-    """`tiny_vqa` on four images: generate, scored by exact match and answer length."""
-    from datasets import Dataset, DatasetDict
-    from PIL import Image
-
-    rng = torch.Generator().manual_seed(0)
-    pictures = [Image.fromarray((torch.rand(48, 40, 3, generator=rng) * 255).byte().numpy()) for _ in range(4)]
-    data = Dataset.from_dict({"image": pictures, "question": ["what is this ?"] * 4,
-                              "answer": ["cat", "dog", "red", "blue"]})
-    DatasetDict({"test": data}).save_to_disk(os.path.join(folder, "data"))
-    common = f"""
-        dataset_path: {os.path.join(folder, "data")}
-        dataset_kwargs:
-          load_from_disk: true
-        test_split: test
-        doc_to_visual: !function utils.doc_to_visual
-        doc_to_text: !function utils.doc_to_text
-        doc_to_target: answer
-        metadata:
-          - version: 0.0
-    """
-    with open(os.path.join(folder, "tiny_vqa.yaml"), "w") as f:
-        f.write(textwrap.dedent(common) + textwrap.dedent("""
-            task: tiny_vqa
-            output_type: generate_until
-            generation_kwargs:
-              max_new_tokens: 4
-              temperature: 0
-              do_sample: false
-            process_results: !function utils.process_results
-            metric_list:
-              - metric: match
-                aggregation: mean
-                higher_is_better: true
-              - metric: words
-                aggregation: mean
-                higher_is_better: true
-        """))
-    with open(os.path.join(folder, "utils.py"), "w") as f:
-        f.write(textwrap.dedent("""
-            def doc_to_visual(doc):
-                return [doc["image"].convert("RGB")]
-
-            def doc_to_text(doc, lmms_eval_specific_kwargs=None):
-                return doc["question"]
-
-            def process_results(doc, results):
-                answer = results[0].strip()
-                return {"match": float(answer == doc["answer"]), "words": float(len(answer.split()))}
-        """))
+assert example.IMAGE_ID == IMAGE_ID  # the example's vocabulary and placeholder fit test_hf's model
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("lmms")
-    save_tiny_llava(str(root / "model"))
-    save_tasks(str(root / "tasks"))
+    example.save_model(str(root / "model"), llava())
+    (root / "tasks").mkdir()
+    example.save_task(str(root / "tasks"))
     return root
 
 
 def run(tiny, model, model_args, tasks=("tiny_vqa",), force_simple=True):
     """lmms-eval's own entry point; the simple kind by default (the chat kind generates only)."""
-    from lmms_eval.evaluator import simple_evaluate
-    from lmms_eval.tasks import TaskManager
-
-    results = simple_evaluate(model=model, force_simple=force_simple, # device_map: llava_hf's default "" is refused by transformers 5
-                              model_args=f"pretrained={tiny / 'model'},device_map=cpu,{model_args}".rstrip(","),
-                              tasks=list(tasks), device="cpu", batch_size=1, log_samples=True,
-                              task_manager=TaskManager(include_path=str(tiny / "tasks")))
+    results = example.evaluate(str(tiny), model, model_args, tasks, force_simple)
     samples = {task: [(s["doc_id"], s["resps"]) for s in results["samples"][task]] for task in tasks}
     return results["results"], samples
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """lmms-eval's own `llava_hf` on the tiny model: {force_simple: (scores, samples)}."""
+    return {simple: run(tiny, "llava_hf", "", force_simple=simple) for simple in (True, False)}
+
+
+def test_the_offline_example_runs_as_written(tmp_path, capsys):
+    """examples/lmms_eval_offline.py: its own tiny model and task, unpatched and patched."""
+    scores = example.main(["--out", str(tmp_path), "--model-args", "method=tome,tokens=16"])
+    unpatched, patched = scores.values()
+    assert set(unpatched) == set(patched) and "words,none" in patched
+    assert "lmms-eval --model tome_plus" in capsys.readouterr().out
 
 
 def test_lmms_eval_finds_the_model_by_its_entry_point():
@@ -130,17 +63,17 @@ def test_lmms_eval_finds_the_model_by_its_entry_point():
 
 @pytest.mark.parametrize("model_args", ["method=tome,r=0", "method=fastv,keep=1.0,k=1",
                                         "method=tome,site=features,keep=1.0"])
-def test_zero_budget_gives_the_harness_numbers_of_the_unpatched_model(tiny, model_args):
+def test_zero_budget_gives_the_harness_numbers_of_the_unpatched_model(tiny, reference, model_args):
     """Every sample's generated text and every metric equal lmms-eval's own llava_hf model's, for
     the tower, llm and features sites, as the simple and as the chat kind."""
-    ref_scores, ref_samples = run(tiny, "llava_hf", "")
+    ref_scores, ref_samples = reference[True]
     scores, samples = run(tiny, "tome_plus", model_args)
     assert samples == ref_samples
     for task in ("tiny_vqa",):
         numbers = {k: v for k, v in scores[task].items() if isinstance(v, float)}
         assert numbers and numbers == {k: v for k, v in ref_scores[task].items() if isinstance(v, float)}
     # lmms-eval's default, the chat kind, on the generation task
-    ref_scores, ref_samples = run(tiny, "llava_hf", "", tasks=("tiny_vqa",), force_simple=False)
+    ref_scores, ref_samples = reference[False]
     scores, samples = run(tiny, "tome_plus", model_args, tasks=("tiny_vqa",), force_simple=False)
     assert samples == ref_samples and scores["tiny_vqa"]["words,none"] == ref_scores["tiny_vqa"]["words,none"]
 
@@ -193,7 +126,7 @@ def test_options_reach_the_method_and_unknown_ones_the_base(tiny):
         cls(pretrained=str(tiny / "model"), device="cpu", device_map="cpu", method="tome", nonsense=1)
 
 
-def test_sweep_with_lmms_eval_scores_and_bench_hf_timing(tiny, tmp_path):
+def test_sweep_with_lmms_eval_scores_and_bench_hf_timing(tiny, reference, tmp_path):
     """`tome-plus sweep --source lmms-eval`: each point's score is the harness's, its speed
     `bench --hf`'s; keeping everything scores as the unpatched model and costs the same FLOPs."""
     from tome_plus.tools import sweep
@@ -202,7 +135,7 @@ def test_sweep_with_lmms_eval_scores_and_bench_hf_timing(tiny, tmp_path):
                          "--methods", "tome", "--keep", "1.0,0.5", "--out", str(tmp_path), "--bench-batch", "1",
                          "--warmup", "0", "--runs", "1", "--no-progress", "--device", "cpu", "--batch-size", "1"])
     base, everything, half = report["points"]
-    ref, _ = run(tiny, "llava_hf", "", force_simple=False)  # lmms-eval's default kind, as the sweep runs it
+    ref, _ = reference[False]  # lmms-eval's default kind, as the sweep runs it
     assert base["accuracy"] == everything["accuracy"] == ref["tiny_vqa"]["words,none"]
     assert everything["flops_ratio"] == 1.0 and half["flops_ratio"] < 1.0
     assert (tmp_path / "sweep.png").exists()
