@@ -2,6 +2,8 @@
 backends and api never import the training or tools layers; no tool imports another tool, so each
 command's file holds its command and draws on the tools' shared modules."""
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,12 @@ def test_ci_runs_the_readme_test_command():
     commands = [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
     ci = [line.strip() for line in (top / ".ci" / "run").read_text().splitlines()]
     assert commands and all(command in ci for command in commands), commands
+
+
+def test_import_loads_no_model_library():
+    """`import tome_plus` loads neither timm, transformers nor PIL: a user of one family pays for
+    no other (they load when a model of theirs is patched, or a tool that needs them runs)."""
+    code = ("import sys, tome_plus; tome_plus.methods(); "
+            "print(sorted(m for m in ('timm', 'transformers', 'PIL') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:] + out.stdout
