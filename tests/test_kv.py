@@ -100,6 +100,12 @@ def test_prefill_keeps_what_the_paper_keeps(alpha, scoring):
     want, full = naive_kept(model, ids, mask, budget, recent, alpha)
     tome_plus.patch(model, kv="a2sf", kv_options={"budget": budget, "recent": recent, "forget": alpha,
                                                   "scoring": scoring})
+    assert_prefill_keeps(model, ids, mask, budget, want, full)
+
+
+def assert_prefill_keeps(model, ids, mask, budget, want, full):
+    """After the patched model's prefill every layer holds, per row and KV head, the unpatched
+    keys and values (`full`) at exactly the slots `want` names."""
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, cache=cache)
@@ -112,6 +118,35 @@ def test_prefill_keeps_what_the_paper_keeps(alpha, scoring):
                 torch.testing.assert_close(layer.keys[b, kv], full.layers[i].keys[b, kv, slots])
                 torch.testing.assert_close(layer.values[b, kv], full.layers[i].values[b, kv, slots])
                 assert bool(layer.valid[b, kv].all())
+
+
+def test_the_default_recent_window_shrinks_to_fit_the_budget():
+    """`recent` left out is the authors' 16 where the budget holds it, else the whole budget (an
+    int budget's at patch, a fraction's for each prompt): the prefill keeps what the paper's rule
+    keeps with that window. A `recent` given above a fraction's tokens is refused at the prefill."""
+    model = llama("eager")
+    ids, mask = prompts()  # 40 slots
+    cases = (({"budget": 8}, 8, 8), ({"budget": 24}, 24, 16), ({"budget": 0.1}, 4, 4))
+    wants = [naive_kept(model, ids, mask, budget, recent, 0.95) for _, budget, recent in cases]
+    for (options, budget, _), (want, full) in zip(cases, wants):
+        tome_plus.patch(model, kv="a2sf", kv_options=options)
+        assert_prefill_keeps(model, ids, mask, budget, want, full)
+    tome_plus.patch(model, kv="a2sf", kv_options={"budget": 0.1, "recent": 16})
+    with pytest.raises(ValueError, match="recent=16 is more than budget=0.1 of this 40-token prompt \\(4 tokens\\)"):
+        greedy(model, ids, mask)
+
+
+def test_a_call_without_the_cache_is_refused():
+    """Without a cache there is nothing to prune: generate and forward with use_cache=False are
+    refused by name instead of quietly running the unpatched model."""
+    model = llama()
+    ids, mask = prompts()
+    tome_plus.patch(model, kv="a2sf", kv_options={"budget": 20, "recent": 4})
+    with pytest.raises(ValueError, match="kv='a2sf' prunes the KV cache, but this call has use_cache=False"):
+        greedy(model, ids, mask, use_cache=False)
+    with pytest.raises(ValueError, match="use_cache=False"), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    greedy(model, ids, mask)  # the cached call still runs
 
 
 def test_a_pruned_cache_attends_to_exactly_what_it_keeps():

@@ -74,6 +74,27 @@ def test_feature_extraction_at_zero_budget(x):
         assert list(got) == nodes and all(torch.equal(got[k], want[k]) for k in nodes)
 
 
+def test_timm_feature_extraction_with_dynamic_img_size_at_zero_budget():
+    """timm's FX feature extraction wraps its non-traceable helpers (`resample_abs_pos_embed`)
+    where the original forward finds them: the patched model traces to the same graph and gives
+    the unpatched features at sizes other than the default."""
+    from timm.models._features_fx import get_graph_node_names
+
+    base = tiny(dynamic_img_size=True)
+    model = tome_plus.patch(copy.deepcopy(base), "tome", r=0)
+    assert get_graph_node_names(model) == get_graph_node_names(base)
+    nodes = ["blocks.1", "norm", "head"]
+    ours = timm.models.create_feature_extractor(model, return_nodes=nodes)
+    theirs = timm.models.create_feature_extractor(base, return_nodes=nodes)
+    assert ours.code == theirs.code
+    torch.manual_seed(3)
+    for size in ((32, 32), (48, 64)):
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            got, want = ours(x), theirs(x)
+        assert all(torch.equal(got[k], want[k]) for k in nodes)
+
+
 def test_script_at_zero_budget_is_the_original_and_shares_its_weights(x):
     base = tiny()
     model = tome_plus.patch(copy.deepcopy(base), "tome", r=0, trace_source=True)

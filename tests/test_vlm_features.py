@@ -8,7 +8,7 @@ pytest.importorskip("transformers")
 import tome_plus  # noqa: E402
 import vlm_models as V  # noqa: E402
 from naive import naive_bipartite_merge  # noqa: E402
-from test_hf import IMAGE_ID, llava, prompts  # noqa: E402
+from test_hf import IMAGE_ID, N_IMAGE, llava, prompts  # noqa: E402
 
 VIDEO_FAMILIES = ("llava_onevision", "llava_next_video", "qwen2_vl", "qwen2_5_vl")
 CASES = ([(family, "image") for family in V.FACTORIES] + [(family, "video") for family in VIDEO_FAMILIES])
@@ -188,8 +188,9 @@ def test_site_errors_name_the_fix():
         tome_plus.patch(model, "fastv", site="features", keep=0.5)
     with pytest.raises(ValueError, match="site='tower' or 'features'"):
         tome_plus.patch(model, "tome", site="llm", r=2)
-    with pytest.raises(ValueError, match="site='features' runs tome, pitome, zero_tprune, not 'diffrate'"):
-        tome_plus.patch(model, "diffrate", site="features", flops=0.5)
+    for options in ({"flops": 0.5}, {}):  # the site is named before DiffRate asks for its budget
+        with pytest.raises(ValueError, match="site='features' runs tome, pitome, zero_tprune, not 'diffrate'"):
+            tome_plus.patch(model, "diffrate", site="features", **options)
     with pytest.raises(ValueError, match="give tokens= .*not flops=0.5"):
         tome_plus.patch(model, "tome", site="features", flops=0.5)
     with pytest.raises(ValueError, match="not r=\\[1, 2\\]"):
@@ -222,3 +223,42 @@ def test_small_images_keep_a_token_and_newlines_survive_autocast():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(**inputs)
     assert tome_plus.inspect(model).llm_kept[0].tolist() == [2 + n_newlines]
+
+
+def tokens_warnings(record):
+    return [w for w in record if "tokens=" in str(w.message)]
+
+
+def test_tokens_above_an_images_count_are_refused_or_warned_once():
+    """timm's rule: where one image's count is known (LLaVA-1.5) `tokens=N` above it is refused at
+    patch, naming the count; where it depends on the image (LLaVA-NeXT's tiles) the forward warns
+    once per patch and keeps every token, as the unpatched model does."""
+    with pytest.raises(ValueError, match=f"tokens={N_IMAGE + 1} is more than the {N_IMAGE} image tokens"):
+        tome_plus.patch(llava(), "tome", site="features", tokens=N_IMAGE + 1)
+    tome_plus.patch(llava(), "tome", site="features", tokens=N_IMAGE)  # every token: reachable
+    model, inputs = model_and_inputs("llava_next", "image")
+    ref = V.greedy(model, inputs, 3)
+    tome_plus.patch(model, "tome", site="features", tokens=10000)
+    with pytest.warns(UserWarning) as record:
+        out = V.greedy(model, inputs, 3)
+        V.greedy(model, inputs, 3)
+    [warning] = tokens_warnings(record)
+    assert "tokens=10000 is more than the" in str(warning.message) and "site='features'" in str(warning.message)
+    assert torch.equal(out, ref) and torch.equal(tome_plus.inspect(model).llm_kept[0], visual_counts(inputs))
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "qwen2_vl"])
+def test_inspect_reports_the_newlines_apart(family):
+    """`tokens=N` counts each image's reduced tokens; LLaVA-NeXT's and OneVision's newlines come on
+    top, never reduced, and inspect reports them apart: `llm_kept[0] - llm_newlines` is N per image."""
+    model, inputs = model_and_inputs(family, "image", rows=([2, "image", 3, "image", 1],))
+    embeds, _ = llm_inputs(model, inputs)
+    newline = getattr(model.model, "image_newline", None)
+    n_newlines = int((embeds == newline).all(-1).sum()) if newline is not None else 0
+    assert (n_newlines > 0) == (family != "qwen2_vl")
+    tome_plus.patch(model, "tome", site="features", tokens=4)
+    with torch.no_grad():
+        model(**inputs)
+    report = tome_plus.inspect(model)
+    assert report.llm_newlines.tolist() == [n_newlines]
+    assert report.llm_kept[0].tolist() == [2 * 4 + n_newlines]

@@ -193,3 +193,41 @@ def test_tower_methods_refused_on_the_other_families(family):
     model = V.FACTORIES[family]()
     with pytest.raises(ValueError, match=f"{type(model).__name__} .*vision tower.*site='features'"):
         tome_plus.patch(model, "tome", r=2, site="tower")
+
+
+def test_fastv_tokens_above_an_images_count_are_refused_or_warned_once():
+    """timm's rule for FastV's `tokens=N` per image: above LLaVA-1.5's known count it is refused at
+    patch; on LLaVA-NeXT, whose counts depend on the image, the forward warns once per patch and
+    keeps every visual token (the unpatched greedy tokens)."""
+    from test_hf import N_IMAGE, llava
+    with pytest.raises(ValueError, match=f"tokens={N_IMAGE + 1} is more than the {N_IMAGE} image tokens"):
+        tome_plus.patch(llava(), "fastv", k=1, tokens=N_IMAGE + 1)
+    model = V.FACTORIES["llava_next"](text_config={"num_hidden_layers": 4})
+    model.generation_config.eos_token_id = None
+    inputs = V.INPUTS["llava_next"](model)
+    visual = (inputs["input_ids"] == V.IMAGE_ID).sum(1)
+    ref = V.greedy(model, inputs, 3)
+    tome_plus.patch(model, "fastv", k=1, tokens=10000)
+    with pytest.warns(UserWarning) as record:
+        out = V.greedy(model, inputs, 3)
+        V.greedy(model, inputs, 3)
+    [warning] = [w for w in record if "tokens=" in str(w.message)]
+    assert "tokens=10000 per image is more than row" in str(warning.message)
+    assert torch.equal(out, ref) and torch.equal(tome_plus.inspect(model).llm_kept[0], visual)
+
+
+@pytest.mark.parametrize("method,options", [("fastv", {"keep": 0.5, "k": 1}), ("tome", {"site": "features", "r": 2}),
+                                            ("atp", {"keep": 0.5, "layers": [0, 2]})])
+def test_static_cache_refusal_names_the_method_and_site(method, options):
+    from transformers import StaticCache
+    model = V.FACTORIES["llava_next"](text_config={"num_hidden_layers": 4})
+    inputs = V.INPUTS["llava_next"](model)
+    tome_plus.patch(model, method, **options)
+    site = options.get("site", "llm")
+    cache = StaticCache(config=model.config.text_config, max_cache_len=256)
+    with pytest.raises(ValueError, match=f"'{method}' at site='{site}' keeps a different number of tokens.*"
+                                         f"StaticCache cannot hold"), torch.no_grad():
+        model(**inputs, cache=cache, use_cache=True)
+    model.generation_config.cache_implementation = "static"
+    with pytest.raises(ValueError, match=f"cache_implementation='static'; '{method}' at site='{site}' keeps"):
+        tome_plus.patch(model, method, **options)

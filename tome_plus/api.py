@@ -81,6 +81,8 @@ def patch(model: nn.Module, method: Optional[str] = None, head: Optional[str] = 
     if reducer_cls.target == "llm" and not backend.LLM_METHODS:
         raise TypeError(f"method {method!r} prunes inside the language model of a LLaVA-style model; "
                         f"{type(model).__name__} has none")
+    if backend.SITES:  # the site first: a wrong one is named before the method's options ask for a budget
+        site = backend.check_site(model, reducer_cls, site)
     config = config_cls(**options)
     reducer = reducer_cls(config)
     reducer.for_family(backend.KIND)
@@ -160,6 +162,9 @@ class Inspection:
             (an ATP module, FastV's layer K) kept, per instance.
         llm_positions: LLM-side methods only: per site, `[B, K]` position ids of the tokens kept
             (-1: padding).
+        llm_newlines: site="features" only: `[B]` newline tokens among `llm_kept[0]` (LLaVA-NeXT's
+            and OneVision's row markers, kept as they are; 0 in other families), so
+            `llm_kept[0] - llm_newlines` are the reduced tokens a `tokens=N` budget counts.
 
     The visual tokens each sample kept at each stage (what a `tokens=N` budget is about):
     `image_tokens` after the tower, then `llm_kept` at each pruning site in the LLM.
@@ -175,6 +180,7 @@ class Inspection:
     image_tokens: Optional[torch.Tensor] = None
     llm_kept: Optional[torch.Tensor] = None
     llm_positions: Optional[List[torch.Tensor]] = None
+    llm_newlines: Optional[torch.Tensor] = None
     head: Optional[str] = None
 
 

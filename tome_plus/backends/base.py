@@ -244,7 +244,24 @@ def fx_original(module: nn.Module, info: PatchInfo, n_tokens: Optional[int], nam
     `FX_REFUSAL`. `n_tokens`: the model's token count when its input size is fixed, else None."""
     if info.reduces(n_tokens):
         raise torch.fx.proxy.TraceError(FX_REFUSAL)
+    proxy = next((a for a in (*args, *kwargs.values()) if is_fx_proxy(a)), None)
+    if proxy is not None:
+        _autowrap_original(module, proxy.tracer)
     return getattr(original_class(module), name)(module, *args, **kwargs)
+
+
+def _autowrap_original(module: nn.Module, tracer: torch.fx.Tracer) -> None:
+    """Let the tracer wrap its `autowrap_functions` (timm's `register_notrace_function`s, e.g.
+    `resample_abs_pos_embed`) where the original forward finds them, as it does for an unpatched
+    module. It looks them up in the traced forward's globals only, which for a patched module are
+    tome_plus's, so shape-dependent helpers would otherwise be traced into. Private torch.fx API:
+    where it is missing, tracing goes on as before."""
+    from torch.fx import _symbolic_trace
+    patcher = getattr(_symbolic_trace, "CURRENT_PATCHER", None)
+    check = getattr(_symbolic_trace, "_autowrap_check", None)
+    ids = getattr(tracer, "_autowrap_function_ids", None)
+    if patcher is not None and check is not None and ids:
+        check(patcher, original_class(module).forward.__globals__, ids)
 
 
 def prepare_scriptable(module: nn.Module, info: Optional[PatchInfo], n_tokens: Optional[int]) -> nn.Module:

@@ -34,7 +34,10 @@ class Backend(Protocol):
     # Capabilities, checked by `patch` before anything changes:
     HEADS: bool  # a classifier whose head `patch(head=...)` may replace (`heads/`, e.g. CLCA)
     LLM_METHODS: bool  # methods with `Reducer.target == "llm"` (ATP: inside a language model) run here
-    SITES: Tuple[str, ...]  # where `patch(site=...)` may place a method (a VLM's); () where there is one place
+    # where `patch(site=...)` may place a method (a VLM's); () where there is one place. A backend
+    # with SITES also has `check_site(model, method_class, site) -> site` (None: its best), which
+    # `patch` asks before the method's options
+    SITES: Tuple[str, ...]
     KV: bool  # a KV-cache policy (`patch(kv=...)`, `tome_plus.kv`) runs here; such a backend has `prepare_kv`
 
     def matches(self, model: nn.Module) -> bool:
@@ -63,7 +66,8 @@ class Backend(Protocol):
     def last_forward(self, info: PatchInfo) -> Tuple[Optional[TokenState], Dict[str, Any]]:
         """What `inspect` reports of the last forward: the token state of the layers that reduced
         (None before any forward) and the family's own `Inspection` fields by name (LLaVA:
-        `image_tokens`, `llm_kept`, `llm_positions`); `base.last_forward` where there are none."""
+        `image_tokens`, `llm_kept`, `llm_positions`, `llm_newlines`); `base.last_forward` where
+        there are none."""
 
 
 def members() -> List[str]:

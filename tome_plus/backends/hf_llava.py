@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -76,16 +76,21 @@ class LlavaParts:
     image_tokens: Optional[torch.Tensor] = None  # [B] image tokens per sample the LLM last received
     llm_kept: Optional[torch.Tensor] = None  # ATP, FastV: [sites, B] visual tokens each pruning site kept
     llm_positions: Optional[List[torch.Tensor]] = None  # ATP, FastV: per site [B, K] position ids kept (-1: pad)
+    llm_newlines: Optional[torch.Tensor] = None  # the features site: [B] newline tokens kept, never reduced
+    # a `tokens=` budget needs no more checks: checked at `patch` where every image's count is known, or
+    # found above an image's count in a forward and warned of (`hf_llm.warn_tokens_once`)
+    tokens_checked: bool = False
 
     def __getstate__(self) -> dict:
-        return dict(self.__dict__, image_tokens=None, llm_kept=None, llm_positions=None)
+        return dict(self.__dict__, image_tokens=None, llm_kept=None, llm_positions=None, llm_newlines=None)
 
 
 def last_forward(info: PatchInfo) -> Tuple[Optional[Any], Dict[str, Any]]:
     """The tower's last state (the layers that reduced) and LLaVA's own `Inspection` fields."""
     parts = info.parts
     state = info.last_state if parts.tower is None else parts.tower.last_state
-    return state, dict(image_tokens=parts.image_tokens, llm_kept=parts.llm_kept, llm_positions=parts.llm_positions)
+    return state, dict(image_tokens=parts.image_tokens, llm_kept=parts.llm_kept, llm_positions=parts.llm_positions,
+                       llm_newlines=parts.llm_newlines)
 
 
 def matches(model: nn.Module) -> bool:
@@ -96,6 +101,14 @@ def packed(model: nn.Module) -> bool:
     """A model whose image runs each have a length of their own (`PACKED`; `model` or its inner
     model): nothing reduces in its tower."""
     return model.config.model_type in PACKED
+
+
+def count_known(model: nn.Module) -> bool:
+    """Whether every image puts a count into the LLM that is known before any forward: an unpacked
+    model with a tower tome_plus reads (CLIP, SigLIP); elsewhere `tokens=` is checked per image."""
+    if packed(model):
+        return False
+    return hf_clip.matches(model.model.vision_tower if hasattr(model, "model") else model.vision_tower)
 
 
 def select_strategy(config, strategy: Optional[str] = None) -> str:
@@ -136,7 +149,7 @@ def default_tokens(model: nn.Module) -> int:
     return 0 if packed(model) else hf_clip.default_tokens(tower(model))
 
 
-def default_site(model: nn.Module, reducer: Reducer) -> str:
+def default_site(model: nn.Module, reducer: Union[Reducer, Type[Reducer]]) -> str:
     """The best site the model allows the method: in the LLM for an LLM method; for a vision
     method the tower where the projector takes any count (the tower's layers get cheaper too),
     else the image features."""
@@ -145,8 +158,12 @@ def default_site(model: nn.Module, reducer: Reducer) -> str:
     return "features" if packed(model) else "tower"
 
 
-def check_site(model: nn.Module, reducer: Reducer, site: str) -> None:
+def check_site(model: nn.Module, reducer: Union[Reducer, Type[Reducer]], site: Optional[str]) -> str:
+    """The site `reducer` (a method's class or instance) runs at in `model`: `site`, or None for
+    `default_site`; a pairing that does not fit is refused by name. `patch` asks this before the
+    method's options, so a wrong site is named before anything asks for a budget."""
     name = type(model).__name__
+    site = default_site(model, reducer) if site is None else site
     if site not in SITES:
         raise ValueError(f"site must be one of {', '.join(map(repr, SITES))}, got {site!r}")
     if reducer.target == "llm" and site != "llm":
@@ -160,14 +177,14 @@ def check_site(model: nn.Module, reducer: Reducer, site: str) -> None:
                          f"{', '.join(hf_llm.FEATURE_METHODS)}) or prune inside the language model ('atp', 'fastv')")
     if site == "features" and reducer.name not in hf_llm.FEATURE_METHODS:
         raise ValueError(f"site='features' runs {', '.join(hf_llm.FEATURE_METHODS)}, not {reducer.name!r}")
+    return site
 
 
 def prepare(model: nn.Module, reducer: Reducer, config: ReductionConfig, method: str,
             site: Optional[str] = None) -> PatchInfo:
     if model.config.image_token_id is None:
         raise ValueError("the config has no image_token_id: the image placeholders cannot be found")
-    site = default_site(model, reducer) if site is None else site
-    check_site(model, reducer, site)
+    site = check_site(model, reducer, site)
     if site == "tower":
         vision = tower(model)
         info = hf_clip.prepare(vision, reducer, config, method, reduce_depth=feature_depth(model))
@@ -196,7 +213,7 @@ def check_decoder(model: nn.Module, label: str) -> nn.Module:
 
 def prepare_features(model: nn.Module, reducer: Reducer, config: ReductionConfig, method: str) -> PatchInfo:
     """A vision method on the image features, before the language model's first layer."""
-    llm = check_decoder(model, f"site='features'")
+    llm = check_decoder(model, hf_llm.method_at(method, "features"))
     kind, value = config.budget
     if kind not in ("tokens", "keep", "r") or isinstance(value, (list, tuple)):
         raise ValueError(f"site='features' reduces once per image (or video): give tokens= (kept per image), keep= "
@@ -207,6 +224,8 @@ def prepare_features(model: nn.Module, reducer: Reducer, config: ReductionConfig
     if getattr(config, "layers", None) is not None:
         raise ValueError("layers= names blocks of a vision encoder; site='features' reduces once, before the "
                          "language model")
+    if kind == "tokens" and count_known(model):  # refused here, as timm refuses; else warned at the forward
+        tokens_per_image(model, value)
     return PatchInfo(method=method, config=config, reducer=reducer, depth=len(llm.layers), n_prefix=0,
                      has_cls=False, cost=no_cost, parts=LlavaParts(site="features"))
 
@@ -216,13 +235,15 @@ def prepare_llm(model: nn.Module, reducer: Reducer, config: ReductionConfig, met
     asked (ATP)."""
     from ..methods import get_method
     from ..methods.atp import Atp, AtpModules, default_layers, module_fraction
-    label = "ATP" if method == "atp" else method
-    llm = check_decoder(model, label)
+    llm = check_decoder(model, hf_llm.method_at(method, "llm"))
     n_layers = len(llm.layers)
     if not isinstance(reducer, Atp):  # no trainable modules (FastV): the reducer names its layers
         reducer.layers(n_layers)  # validates them against the depth
+        checked = config.tokens is not None and count_known(model)
+        if checked:
+            tokens_per_image(model, config.tokens)
         return PatchInfo(method=method, config=config, reducer=reducer, depth=n_layers, n_prefix=0, has_cls=False,
-                         cost=no_cost, parts=LlavaParts(site="llm"))
+                         cost=no_cost, parts=LlavaParts(site="llm", tokens_checked=checked))
     layers = config.layers if config.layers is not None else default_layers(n_layers)
     if layers[-1] >= n_layers - 1:
         raise ValueError(f"ATP modules go after decoder layers 0..{n_layers - 2} (a module after the last layer "
@@ -259,15 +280,21 @@ def prepare_llm(model: nn.Module, reducer: Reducer, config: ReductionConfig, met
 
 def atp_keep(model: nn.Module, tokens: int, tower_info: Optional[PatchInfo]) -> float:
     """ATP's `tokens` (visual tokens per image, averaged over the LLM's layers) as its `keep`
-    fraction of the image tokens one image of the tower's configured size puts into the LLM (after
-    the tower's own reduction, `tower_info`, if any)."""
+    fraction of the image tokens one image puts into the LLM (`tokens_per_image`)."""
+    return tokens / tokens_per_image(model, tokens, tower_info)
+
+
+def tokens_per_image(model: nn.Module, tokens: int, tower_info: Optional[PatchInfo] = None) -> int:
+    """The image tokens one image of the tower's configured size puts into the LLM (after the
+    tower's own reduction, `tower_info`, if any), where a `tokens=N` budget per image is counted;
+    N above it is refused (LLaVA-1.5 style models, whose every image has that count)."""
     vision = tower(model)
     n_input = tower_tokens(vision.config, None, hf_clip.has_cls(vision))
     removed = sum(tower_info.removals(n_input, strict=True)) if tower_info is not None else 0
     per_image = n_input - removed - dropped(model.config)
     if tokens > per_image:
         raise ValueError(f"tokens={tokens} is more than the {per_image} image tokens one image puts into the LLM")
-    return tokens / per_image
+    return per_image
 
 
 def no_cost(n_tokens: int) -> None:
@@ -618,6 +645,7 @@ class FittingInner(_SignatureOfOriginal):
             hf_llm.SCOPE.reset(token)
         if scope.kept:
             info.parts.llm_kept, info.parts.llm_positions = torch.stack(scope.kept), scope.positions
+            info.parts.llm_newlines = scope.newlines
         if call.collect is not None:
             call.collect.append(scope)
         return out
@@ -706,9 +734,9 @@ class FittingLlava(_SignatureOfOriginal):
         beams = extra.get("num_beams", getattr(config, "num_beams", None) or self.generation_config.num_beams)
         info = get_info(self)
         if in_llm(info) and (beams or 1) > 1:
-            label = "ATP" if info.method == "atp" else info.method
-            raise ValueError(f"{label} keeps a different set of tokens per instance in the cache, which beam search "
-                             f"would reorder; generate with num_beams=1 (greedy or sampling)")
+            raise ValueError(f"{hf_llm.method_at(info.method, info.parts.site)} keeps a different set of tokens per "
+                             f"instance in the cache, which beam search would reorder; generate with num_beams=1 "
+                             f"(greedy or sampling)")
         ids = bound.arguments.get("inputs")
         if ids is None:
             ids = extra.get("input_ids")

@@ -51,7 +51,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from ..methods.base import received
 from ..precision import HALF, fp32_logits
 from ..reduce import reduce_to
-from .base import get_info
+from ..warn import warn_caller
+from .base import PatchInfo, get_info
 
 CACHE_ATTR = "_tome_plus_atp_valid"  # per segment after a module: [B, P] which cached slots are real
 
@@ -76,6 +77,7 @@ class LlmInputs:
     answer: Optional[torch.Tensor] = None
     # filled in by the decoder, for inspect and the training loss
     kept: List[torch.Tensor] = field(default_factory=list)  # per module: [B] visual tokens kept
+    newlines: Optional[torch.Tensor] = None  # the features site: [B] newline tokens among kept[0] (never reduced)
     positions: List[torch.Tensor] = field(default_factory=list)  # per module: [B, K] position ids (-1: pad)
     kept_fraction: Optional[torch.Tensor] = None  # [B] visual fraction averaged over layers (soft)
 
@@ -334,6 +336,31 @@ def instruction_after_image(visual: torch.Tensor, valid: torch.Tensor) -> torch.
 FEATURE_METHODS = ("tome", "pitome", "zero_tprune")  # what the features site runs
 
 
+def method_at(method: str, site: str) -> str:
+    """How a message names the method a language model runs, with its site: "'tome' at site='features'"."""
+    return f"{method!r} at site={site!r}"
+
+
+def warn_tokens_once(info: PatchInfo, detail: str) -> None:
+    """A `tokens=N` budget above what an image of this forward has: one warning per patched model.
+    Where the count depends on the image (anyres tiles, Qwen's native resolution) `patch` cannot
+    refuse N as it does a count it knows, so the forward warns, as timm's does at other input sizes."""
+    if not info.parts.tokens_checked:
+        info.parts.tokens_checked = True
+        warn_caller(f"tokens={info.config.tokens} {detail} (warned once per patch)")
+
+
+def check_tokens_per_row(info: PatchInfo, n_visual: torch.Tensor, images: torch.Tensor) -> None:
+    """FastV's `tokens=N` per image: warn (once) where a row has fewer than N per image to rank."""
+    if info.parts.tokens_checked:  # no host sync where checked at `patch` or warned already
+        return
+    short = (images * info.config.tokens > n_visual).nonzero()
+    if short.numel():
+        row = int(short[0, 0])
+        warn_tokens_once(info, f"per image is more than row {row} of this forward has ({int(n_visual[row])} visual "
+                               f"tokens for {int(images[row])} image(s)): {info.method!r} keeps all of them")
+
+
 def feature_count(config, reducer, n: int) -> int:
     """Tokens an image's (or a clip's) `n` reducible features keep under the features site's budget:
     `tokens` (at most n), `keep` (the method's rounding) or `r` (removed); at least one stays."""
@@ -379,6 +406,7 @@ def reduce_features(model: nn.Module, h: torch.Tensor, seg: "Segment", scope: Ll
         # they came out in half precision (autocast) and were scattered into wider embeddings
         for dtype in (h.dtype, torch.bfloat16, torch.float16):
             reducible &= ~(h == scope.newline.to(dtype).to(h.dtype)).all(dim=-1)
+    scope.newlines = (seg.visual & ~reducible).sum(dim=1)
     keep = ~reducible
     rows, cols = reducible.nonzero(as_tuple=True)
     if rows.numel() == 0:
@@ -386,6 +414,9 @@ def reduce_features(model: nn.Module, h: torch.Tensor, seg: "Segment", scope: Ll
     # one run per image: runs of a row are in column order, so equal keys are consecutive
     key = rows * (h.shape[1] + 1) + scope.runs[rows, cols]
     counts = torch.unique_consecutive(key, return_counts=True)[1].tolist()
+    if config.tokens is not None and config.tokens > min(counts):
+        warn_tokens_once(info, f"is more than the {min(counts)} tokens (newlines aside) an image or video of this "
+                               f"forward has at site='features': it keeps all of them")
     starts = [0]
     for c in counts[:-1]:
         starts.append(starts[-1] + c)
@@ -449,9 +480,9 @@ class AtpDecoder:
         features = info.parts.site == "features"
         sites = () if features else atp.layers if atp is not None else reducer.layers(len(self.layers))
         if cache is not None and not isinstance(cache, DynamicCache):
-            raise ValueError(f"ATP keeps a different number of tokens per instance in each layer's cache, which a "
-                             f"{type(cache).__name__} cannot hold; use the default dynamic cache (no "
-                             f"cache_implementation=..., no pre-built static cache)")
+            raise ValueError(f"{method_at(info.method, info.parts.site)} keeps a different number of tokens per "
+                             f"instance in each layer's cache, which a {type(cache).__name__} cannot hold; use the "
+                             f"default dynamic cache (no cache_implementation=..., no pre-built static cache)")
         h = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
         batch, n, _ = h.shape
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -559,6 +590,8 @@ class AtpDecoder:
                 # in training, tokens the hard rule pruned earlier leave the percentiles, as at inference
                 ranked = alive if soft else seg.visual
                 if atp is None:
+                    if reducer.config.tokens is not None:
+                        check_tokens_per_row(info, ranked.sum(dim=1), scope.images)
                     keep = reducer.decide(score, ranked, scope.images)
                 else:
                     keep = reducer.decide(module, bool(atp.trained), atp.fraction, score, seg.spatial, ranked,

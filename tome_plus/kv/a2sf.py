@@ -37,6 +37,7 @@ from ..backends.base import PatchInfo, get_info, swap_class, tag
 from ..precision import HALF, fp32_logits
 
 SCORINGS = ("a2sf", "h2o", "window")
+RECENT = 16  # the authors' recent window, the default where the budget holds it
 
 
 @dataclass
@@ -46,7 +47,10 @@ class A2sfConfig:
     Attributes:
         budget: tokens each layer keeps per KV head: an int, or a fraction (0, 1] of the prompt.
         forget: the forgetting factor alpha in (0, 1] (1: H2O's plain accumulation).
-        recent: the newest tokens always kept (the authors' 16).
+        recent: the newest tokens always kept. None: the authors' 16, or the whole budget where
+            that is smaller (an int budget's at `patch`, a fraction's at each prompt). One given is
+            kept as given: above an int budget it is refused at `patch`, above a fraction's tokens
+            at the prefill of that prompt.
         scoring: "a2sf" (default), "h2o" (alpha = 1) or "window" (the newest `budget` only).
         every: None (the authors': prune once, after the prefill; decode tokens are appended), or N:
             also prune every N decode steps down to `budget` (at most `budget + N - 1` tokens between
@@ -55,7 +59,7 @@ class A2sfConfig:
 
     budget: Union[int, float] = 256
     forget: float = 0.95
-    recent: int = 16
+    recent: Optional[int] = None
     scoring: str = "a2sf"
     every: Optional[int] = None
 
@@ -71,19 +75,31 @@ class A2sfConfig:
             self.forget = 1.0
         if not 0.0 < float(self.forget) <= 1.0:
             raise ValueError(f"forget must lie in (0, 1], got {self.forget!r}")
-        if isinstance(self.recent, bool) or not isinstance(self.recent, int) or self.recent < 0:
-            raise ValueError(f"recent must be an int >= 0, got {self.recent!r}")
-        if isinstance(b, int) and self.recent > b:
+        if self.recent is not None and (isinstance(self.recent, bool) or not isinstance(self.recent, int)
+                                        or self.recent < 0):
+            raise ValueError(f"recent must be None or an int >= 0, got {self.recent!r}")
+        if isinstance(b, int) and self.recent is not None and self.recent > b:
             raise ValueError(f"recent={self.recent} is more than the budget {b}")
         if self.every is not None and (isinstance(self.every, bool) or not isinstance(self.every, int)
                                        or self.every < 1):
             raise ValueError(f"every must be None or an int >= 1, got {self.every!r}")
 
     def tokens(self, prompt: int) -> int:
-        """The budget in tokens for a prompt of `prompt` slots."""
-        if isinstance(self.budget, float):
-            return max(math.ceil(self.budget * prompt), self.recent, 1)
-        return self.budget
+        """The budget in tokens for a prompt of `prompt` slots; a `recent` given above a fraction's
+        tokens is refused (growing the budget to it, or cutting it, would be a different policy)."""
+        if not isinstance(self.budget, float):
+            return self.budget
+        tokens = max(math.ceil(self.budget * prompt), 1)
+        if self.recent is not None and self.recent > tokens:
+            raise ValueError(f"kv_options recent={self.recent} is more than budget={self.budget} of this "
+                             f"{prompt}-token prompt ({tokens} tokens): lower recent (or leave it out: it then "
+                             f"shrinks to the budget) or raise the budget")
+        return tokens
+
+    def recent_for(self, budget: int) -> int:
+        """The newest tokens kept under a budget of `budget` tokens: `recent`, or by default the
+        authors' 16 where the budget holds them, else the whole budget."""
+        return min(RECENT, budget) if self.recent is None else self.recent
 
 
 class A2sfLayer(DynamicLayer):
@@ -258,7 +274,7 @@ class KvStep:
                 layer.score = score if score is not None else torch.zeros(valid.shape, device=valid.device)
                 layer.all_valid = bool(valid.all())
             if due:
-                prune_layer(layer, layer.valid, self._ranking(layer), budget, config.recent)
+                prune_layer(layer, layer.valid, self._ranking(layer), budget, config.recent_for(budget))
         return due
 
     def _ranking(self, layer: A2sfLayer) -> torch.Tensor:
@@ -283,9 +299,10 @@ class KvDecoder:
         if cache is not None and not isinstance(cache, DynamicCache):
             raise ValueError(f"the {config.name} KV policy keeps a different set of tokens per head in each "
                              f"layer, which a {type(cache).__name__} cannot hold; use the default dynamic cache")
-        if not use_cache:
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        if not use_cache:  # no cache to prune: running on would quietly be the unpatched model
+            raise ValueError(f"kv={config.name!r} prunes the KV cache, but this call has use_cache=False (or the "
+                             f"model's config says so): call with use_cache=True, or patch without kv= for "
+                             f"cacheless forwards")
         if cache is None:
             cache = DynamicCache(config=self.config)
         if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.dim() != 2):
