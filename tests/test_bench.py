@@ -94,6 +94,8 @@ def run_cli(argv, capsys):
     (["--graphs"], "--graphs needs a CUDA device (CUDA graphs); this run is on cpu"),
     (["--precision", "half"], "--precision half needs --dtype float16 or bfloat16"),
     (["--dtype", "float16", "--precision", "fast"], "argument --precision: invalid choice: 'fast'"),
+    (["--method", "fastv", "--keep", "0.5"], "method 'fastv' prunes visual tokens inside the language model of a "
+                                             "vision-language model; a timm model has none"),
 ])
 def test_bench_refuses_bad_values_in_one_line(argv, message, capsys, monkeypatch):
     monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("refused values must stop before the run"))
@@ -316,7 +318,7 @@ def test_hf_bench_llava_tiny_end_to_end(tmp_path, capsys, monkeypatch):
     main([*HF_TINY, "--batch-size", "2", "--runs", "2", "--r", "4", "--json", str(out_json), "--csv", str(out_csv)])
     printed = capsys.readouterr().out
     assert printed.startswith("llava-tiny: ") and "speed-up: vision" in printed
-    assert "image tokens to the LLM" in printed and "graphs: n/a" in printed
+    assert "image tokens into the LLM" in printed and "graphs: n/a" in printed
     report = json.loads(out_json.read_text())
     for key in ("hf", "method", "options", "device_name", "precision", "batch_size", "text_tokens",
                 "image_placeholders",
@@ -392,23 +394,40 @@ def test_hf_bench_features_site_on_next_and_qwen(shape, newlines, placeholders, 
     assert report["prompt_token_ratio"] == 1 and report["tower_flops_ratio"] == 1
     assert report["llm_flops_ratio"] < 1 and report["prefill_flops_ratio"] < 1
     printed = capsys.readouterr().out
-    assert "at site features" in printed and f"visual tokens after the features site: {5 + newlines}.0" in printed
+    assert "at site features" in printed
+    row = next(line.split() for line in printed.splitlines() if line.startswith("visual tokens after the features"))
+    assert row[-3:] == [str(placeholders), str(5 + newlines), f"{(5 + newlines) / placeholders:.2f}x"]
     fastv = bench.main(["--hf", shape, "--device", "cpu", "--warmup", "0", "--runs", "1", "--method", "fastv",
                         "--keep", "0.5", "--option", "k=1", "--no-progress"])
     assert fastv["site"] == "llm" and fastv["llm_flops_ratio"] < 1
 
 
-def test_hf_bench_site_refused_where_it_cannot_run(capsys):
-    status, err = run_cli(["bench", "--hf", "llava-next-tiny", "--device", "cpu", "--no-progress", "--tokens", "5",
-                           "--site", "tower", "--runs", "1", "--warmup", "0"], capsys)
-    assert status == 1 and "a method in the vision tower would break that" in err and err.count("\n") == 1
+@pytest.mark.parametrize("argv,message", [
+    (["--hf", "llava-next-tiny", "--tokens", "5", "--site", "tower"], "--site tower: LlavaNextForConditionalGeneration "
+     "packs each image's tower grids"),
+    (["--hf", "llava-small-shape", "--method", "atp", "--site", "features"],
+     "--site features: method 'atp' prunes inside the language model: site='llm'"),
+    (["--hf", "llava-tiny", "--method", "fastv", "--keep", "0.5", "--site", "tower"],
+     "--site tower: method 'fastv' prunes inside the language model"),
+    (["--hf", "llava-tiny", "--site", "llm"], "--site llm: method 'tome' reduces vision tokens"),
+    # no --site: the model's default for the method, which LLaVA-NeXT's features site does not run
+    (["--hf", "llava-next-tiny", "--method", "diffrate", "--option", "gflops=1"],
+     "--method diffrate at its default site, features: site='features' runs tome, pitome, zero_tprune"),
+])
+def test_hf_bench_site_refused_before_the_model_is_built(argv, message, capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    monkeypatch.setattr(bench_hf, "run_hf_bench", lambda *a, **k: pytest.fail("refused before the model is built"))
+    status, err = run_cli(["bench", "--device", "cpu", "--no-progress", *argv], capsys)
+    assert status == 2 and err.startswith(f"tome-plus bench: error: {message}") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--hf", "llava-huge"], "argument --hf: unknown shape 'llava-huge'; known shapes: llava-1.5-7b-shape, "),
-    (["--hf", "llava-tiny", "--model", "vit_tiny_patch16_224"], "give --hf or --model, not both"),
-    (["--hf", "llava-tiny", "--img-size", "64"], "--img-size does not go with --hf"),
-    (["--hf", "llava-tiny", "--graphs"], "--graphs does not go with --hf"),
+    (["--hf", "llava-tiny", "--model", "vit_tiny_patch16_224"],
+     "--model is read only with a timm model (--model), not with --hf SHAPE"),
+    (["--hf", "llava-tiny", "--img-size", "64"], "--img-size is read only with a timm model (--model), not with --hf"),
+    (["--hf", "llava-tiny", "--graphs"], "--graphs is read only with a timm model (--model) or --kernels, not with "
+                                         "--hf SHAPE"),
     (["--hf", "llava-tiny", "--kernels"], "--kernels does not go with --hf"),
     (["--hf", "llava-tiny", "--precision", "half"], "--precision half needs --dtype float16 or bfloat16"),
     (["--hf", "llava-tiny", "--text-tokens", "0"], "argument --text-tokens: must be >= 1, got 0"),
@@ -474,9 +493,82 @@ def test_hf_bench_kv_compares_the_policy_with_the_full_cache(capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--kv", "a2sf"], "--kv measures a language model's decoding: give --hf SHAPE"),
-    (["--hf", "llava-tiny", "--kv", "a2sf", "--r", "4"], "give no method budget"),
-    (["--hf", "llava-tiny", "--kv", "a2sf", "--kv-option", "size=3"], "unknown kv_options ['size']"),
+    (["--hf", "llava-tiny", "--kv", "a2sf", "--r", "4"],
+     "--r is read only with a timm model (--model) or --hf SHAPE, not with --hf SHAPE --kv"),
+    (["--hf", "llava-tiny", "--kv", "a2sf", "--kv-option", "size=3"], "--kv-option: unknown kv_options ['size']"),
+    (["--hf", "llava-tiny", "--kv", "a2sf", "--kv-option", "budgett=1"], "--kv-option: unknown kv_options ['budgett']"),
+    (["--hf", "llava-tiny", "--kv", "a2sf", "--kv-option", "forget=2"],
+     "--kv-option: forget must lie in (0, 1], got 2"),
+    (["--hf", "llava-tiny", "--kv", "a2sf", "--kv-option", "budget"], "--kv-option takes KEY=VALUE, got 'budget'"),
 ])
-def test_hf_bench_kv_refuses_bad_values(argv, message, capsys):
+def test_hf_bench_kv_refuses_bad_values(argv, message, capsys, monkeypatch):
+    from tome_plus.tools import bench_kv
+    monkeypatch.setattr(bench_kv, "run_kv_bench", lambda *a, **k: pytest.fail("refused before any model is built"))
     status, err = run_cli(["bench", "--device", "cpu", "--no-progress", *argv], capsys)
-    assert status in (1, 2) and message in err and err.count("\n") == 1
+    assert status == 2 and err.startswith(f"tome-plus bench: error: {message}") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv,message", [
+    # the timm bench
+    (["--kv-option", "budget=64"], "--kv-option is read only with --hf SHAPE --kv, not with a timm model (--model)"),
+    (["--new-tokens", "64"], "--new-tokens is read only with --hf SHAPE --kv, not with a timm model (--model)"),
+    (["--site", "features"], "--site is read only with --hf SHAPE, not with a timm model (--model)"),
+    (["--text-tokens", "8"], "--text-tokens is read only with --hf SHAPE or --hf SHAPE --kv, not with a timm model"),
+    # --hf
+    (["--hf", "llava-tiny", "--kv-option", "budget=64"], "--kv-option is read only with --hf SHAPE --kv, not with "
+                                                         "--hf SHAPE"),
+    (["--hf", "llava-tiny", "--new-tokens", "1024"], "--new-tokens is read only with --hf SHAPE --kv, not with "
+                                                     "--hf SHAPE"),
+    # --hf --kv: the policy alone, decoding without warm-up, JSON only
+    (["--hf", "llava-tiny", "--kv", "a2sf", "--method", "tome"], "--method is read only with a timm model (--model) "
+                                                                 "or --hf SHAPE, not with --hf SHAPE --kv"),
+    (["--hf", "llava-tiny", "--kv", "a2sf", "--site", "llm"], "--site is read only with --hf SHAPE, not with "
+                                                              "--hf SHAPE --kv"),
+    (["--hf", "llava-tiny", "--kv", "a2sf", "--warmup", "1"], "--warmup is read only with a timm model (--model) "
+                                                              "or --hf SHAPE, not with --hf SHAPE --kv"),
+    (["--hf", "llava-tiny", "--kv", "a2sf", "--csv", "r.csv"], "--csv is read only with a timm model (--model) or "
+                                                               "--hf SHAPE, not with --hf SHAPE --kv"),
+    # --kernels: its own shapes, on CUDA
+    (["--kernels", "--r", "16"], "--r is read only with a timm model (--model) or --hf SHAPE, not with --kernels"),
+    (["--kernels", "--model", "vit_tiny_patch16_224"], "--model is read only with a timm model (--model), not with "
+                                                       "--kernels"),
+    (["--kernels", "--batch-size", "8"], "--batch-size is read only with a timm model (--model), --hf SHAPE or "
+                                         "--hf SHAPE --kv, not with --kernels"),
+    (["--kernels", "--device", "cpu"], "--device is read only with a timm model (--model), --hf SHAPE or "
+                                       "--hf SHAPE --kv, not with --kernels"),
+])
+def test_bench_refuses_options_its_mode_does_not_read(argv, message, capsys, monkeypatch):
+    """An option the chosen bench would ignore is refused (exit status 2, one line naming it and
+    the mode that reads it), before any model is built: no other benchmark runs in its place."""
+    from tome_plus.tools import bench_kv, kernel_bench
+    for module, name in ((bench, "run_bench"), (bench_hf, "run_hf_bench"), (bench_kv, "run_kv_bench"),
+                         (kernel_bench, "run")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("refused before any run"))
+    status, err = run_cli(["bench", "--no-progress", *argv], capsys)
+    assert status == 2 and err.startswith(f"tome-plus bench: error: {message}") and err.count("\n") == 1
+
+
+def test_hf_table_shows_the_visual_tokens_after_each_site():
+    """At the features and llm sites every image token enters the LLM: the reduction is after the
+    site, a row of its own with the unpatched count, the kept count and their ratio."""
+    from tome_plus.tools.report import hf_table
+    row = dict(image_tokens=1008, prompt_tokens=1040, vision_images_per_s=10.0, vision_ms_per_batch=100.0,
+               prefill_ms_per_batch=200.0, llm_ms_per_batch=90.0, tower_gflops_per_image=1.0,
+               projector_gflops_per_image=0.5, llm_gflops_per_prompt=8.0, prefill_gflops_per_prompt=9.5,
+               peak_mem_mib=100.0, tokens=[], llm_kept=[])
+    report = dict(hf="llava-next-small-shape", description="d", method="tome", options={"keep": 0.25},
+                  site="features", pruned_after=["the features site"], device_name="cpu", device="cpu",
+                  precision="fp32", batch_size=1, text_tokens=32, image_placeholders=1008, runs=1, warmup=0,
+                  vision_speedup=1.0, prefill_speedup=1.5, llm_speedup=1.8, tower_flops_ratio=1.0,
+                  llm_flops_ratio=0.3, prefill_flops_ratio=0.4,
+                  results=[dict(row, name="baseline"), dict(row, name="tome", llm_kept=[252.0])])
+    lines = hf_table(report).splitlines()
+    assert lines[3].split()[-3:] == ["1008", "1008", "1.00x"] and lines[3].startswith("image tokens into the LLM")
+    assert lines[4].startswith("visual tokens after the features site") and lines[4].split()[-3:] == [
+        "1008", "252", "0.25x"]
+    fastv = dict(report, site="llm", pruned_after=["decoder layer 1", "decoder layer 7"],
+                 results=[dict(row, name="baseline"), dict(row, name="fastv", llm_kept=[504.0, 126.5])])
+    lines = hf_table(fastv).splitlines()
+    assert [line.split()[-3:] for line in lines[4:6]] == [["1008", "504", "0.50x"], ["1008", "126.5", "0.13x"]]
+    assert lines[4].startswith("visual tokens after decoder layer 1")
+    assert lines[5].startswith("visual tokens after decoder layer 7")

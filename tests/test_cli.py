@@ -74,3 +74,71 @@ def test_a_corrupt_schedule_option_fails_before_the_run_naming_the_file(tmp_path
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.count("\n") == 1
     assert err.startswith(f"tome-plus bench: error: schedule={str(bad)!r} could not be read as JSON")
+
+
+class FailingImport:
+    """A meta-path finder that raises `error` when `name` is imported (as a Ctrl-C or a broken
+    compiled extension would, in the middle of the import)."""
+
+    def __init__(self, name, error):
+        self.name, self.error = name, error
+
+    def find_spec(self, name, path=None, target=None):
+        if name == self.name:
+            raise self.error
+        return None
+
+
+def import_fails(monkeypatch, error, name="tome_plus.tools.bench"):
+    """The next import of `name` raises `error`."""
+    import tome_plus.tools
+    monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delattr(tome_plus.tools, name.rsplit(".", 1)[1])
+    monkeypatch.setattr(sys, "meta_path", [FailingImport(name, error), *sys.meta_path])
+
+
+def test_ctrl_c_while_the_tools_load_is_one_line_and_exit_130(capsys, monkeypatch):
+    import_fails(monkeypatch, KeyboardInterrupt())
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--runs", "0"])  # refused by the parser, if it were reached
+    assert e.value.code == 130
+    assert capsys.readouterr().err == "tome-plus bench: interrupted: stopped before it finished\n"
+
+
+def matching_pair():
+    from importlib.metadata import version
+    release = version("torch").split("+")[0]
+    minor, patch = release.split(".")[1:3]
+    return f"pip install torch=={release} torchvision==0.{int(minor) + 15}.{patch}"
+
+
+def test_a_torchvision_that_does_not_match_torch_is_one_line_with_the_fix(capsys, monkeypatch):
+    # importing torchvision built for another torch: RuntimeError: operator torchvision::nms does not exist
+    mismatch = RuntimeError("operator torchvision::nms does not exist")
+    import_fails(monkeypatch, mismatch)  # while the tools load
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--runs", "0"])  # refused by the parser, if it were reached
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1
+    assert err.startswith("tome-plus bench: error: torchvision ") and "does not match torch" in err
+    assert "(operator torchvision::nms does not exist)" in err and err.endswith(f"e.g. {matching_pair()}\n")
+    monkeypatch.undo()
+
+    def run_bench(*args, **kwargs):  # while a tool runs (timm imports torchvision where it needs it)
+        raise mismatch
+    monkeypatch.setattr(bench, "run_bench", run_bench)
+    with pytest.raises(SystemExit) as e:
+        main(["bench", *TINY])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and err.endswith(f"e.g. {matching_pair()}\n")
+
+
+def test_a_torchvision_that_does_not_match_torch_is_one_line_from_the_console_script(tmp_path):
+    """A fake torchvision that fails as a mismatched one does; `import tome_plus` does not import it."""
+    fake = tmp_path / "torchvision"
+    fake.mkdir()
+    (fake / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    env = dict(__import__("os").environ, PYTHONPATH=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", "import sys; from tome_plus.tools.cli import main; sys.exit(main())",
+                           "bench", "--r", "8"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and matching_pair() in proc.stderr

@@ -27,7 +27,7 @@ import torch
 from ..training.checkpoint import file_stamp as _stamp, saved_step as _saved_step, shape_mismatches
 from ..training.distributed import setup_distributed, teardown_distributed
 from .common import (Parser, UsageError, check_checkpoint_out, check_device, check_options, cli_errors, int_at_least,
-                     is_rank0, prepare_output)
+                     is_rank0, prepare_output, startup_errors)
 from .data import jsonl_batches, synthetic_batches
 from .hf_shapes import SHAPES, build_llava, check_shape, require_transformers
 
@@ -190,4 +190,5 @@ def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace
 
 
 if __name__ == "__main__":
-    main()
+    with startup_errors(PROG):  # `python -m`: Ctrl-C before the run is one line too
+        main()

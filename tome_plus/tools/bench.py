@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 import tome_plus
 
 from . import bench_hf
-from .common import (Parser, UsageError, add_method_args, check_device, check_method, cli_errors, int_at_least,
-                     method_options, prepare_output)
+from .common import (Parser, UsageError, add_method_args, check_device, check_method, cli_errors, fill_defaults,
+                     int_at_least, method_options, prepare_output, refuse_unread, startup_errors)
 from .flops import count_flops
 from .hf_shapes import check_shape, shapes_help
 from .models import input_size, shared_copy  # noqa: F401  (shared_copy: re-exported)
@@ -43,12 +43,23 @@ from .timing import (DTYPES, PRECISIONS, Precision, peak_memory_mib, resolve_gra
 # moved to `timing`, `bench_hf`, `report` and `models`: still importable from here
 from .timing import (SHORT, Forward, Timing, autocast_supported, capture_graph, interleave,  # noqa: F401
                      resolve_hf_precision)
-from .bench_hf import (HF_PARTS, HFMeasurement, check_hf_args, image_features, llava_flops,  # noqa: F401
+from .bench_hf import (HF_PARTS, HFMeasurement, image_features, llava_flops,  # noqa: F401
                        llava_prefill, llm_inputs, llm_prefill, main_hf, run_hf_bench)
 from .report import cpu_name as _cpu_name  # noqa: F401
 
 PROG = "tome-plus bench"
 DEFAULT_MODEL = "vit_base_patch16_224"
+DEFAULT_METHOD = "tome"
+
+# bench's modes, as its refusals name them
+TIMM, HF, KV, KERNELS = "a timm model (--model)", "--hf SHAPE", "--hf SHAPE --kv", "--kernels"
+METHOD_OPTIONS = ("--method", "--r", "--keep", "--flops", "--tokens", "--budget", "--prop-attn", "--option")
+# the options only some modes read, and which: another mode refuses them rather than ignore them
+# (every mode reads --dtype, --precision, --runs and --json; --no-progress asks for what --kernels does anyway)
+READ_BY = {"--model": (TIMM,), "--img-size": (TIMM,), "--graphs": (TIMM, KERNELS), "--warmup": (TIMM, HF),
+           "--csv": (TIMM, HF), "--device": (TIMM, HF, KV), "--batch-size": (TIMM, HF, KV), "--site": (HF,),
+           "--text-tokens": (HF, KV), "--kv-option": (KV,), "--new-tokens": (KV,),
+           **dict.fromkeys(METHOD_OPTIONS, (TIMM, HF))}
 
 
 @dataclass
@@ -147,12 +158,13 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--kv-option", action="append", default=[], metavar="KEY=VALUE",
                         help="--kv: a policy option (budget=256, forget=0.95, recent=16, scoring=a2sf|h2o|window, "
                              "every=N); repeatable")
-    parser.add_argument("--new-tokens", type=int_at_least(2), default=1024,
+    parser.add_argument("--new-tokens", type=int_at_least(2), default=None,
                         help="--kv: tokens generated per prompt (default 1024)")
-    parser.add_argument("--text-tokens", type=int_at_least(1), default=32,
+    parser.add_argument("--text-tokens", type=int_at_least(1), default=None,
                         help="--hf: text tokens per prompt (BOS included) around the image placeholders "
                              "(default 32)")
-    parser.add_argument("--device", type=check_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=check_device, default=None,
+                        help="default cuda when a GPU is present, else cpu (--kernels: CUDA always)")
     parser.add_argument("--dtype", default="float16" if torch.cuda.is_available() else "float32",
                         choices=sorted(DTYPES))
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
@@ -175,8 +187,19 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--kernels", action="store_true",
                         help="instead: Triton kernels vs. PyTorch twins per op and end to end (CUDA only)")
-    add_method_args(parser)
+    add_method_args(parser, DEFAULT_METHOD, unset=True)
     return parser
+
+
+def mode_of(args: argparse.Namespace) -> str:
+    """Which bench the command line asks for (`TIMM`, `HF`, `KV` or `KERNELS`); conflicting ones are refused."""
+    if args.kv is not None and args.hf is None:
+        raise UsageError("--kv measures a language model's decoding: give --hf SHAPE")
+    if args.hf is not None and args.kernels:
+        raise UsageError("--kernels does not go with --hf: the kernel bench takes no model")
+    if args.hf is not None:
+        return KV if args.kv is not None else HF
+    return KERNELS if args.kernels else TIMM
 
 
 def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace] = None) -> Dict[str, Any]:
@@ -184,21 +207,25 @@ def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace
     outputs = " or ".join(option for option, value in (("--json", args.json), ("--csv", args.csv)) if value)
     written = "nothing was written" + (f" ({outputs} at the end)" if outputs else "")
     with cli_errors(PROG, on_interrupt=lambda: f"stopped before the timings were complete; {written}"):
+        mode = mode_of(args)
+        refuse_unread(args, mode, READ_BY)
+        fill_defaults(args, {"method": DEFAULT_METHOD, "device": "cuda" if torch.cuda.is_available() else "cpu",
+                             "text_tokens": 32, "new_tokens": 1024})
         prepare_output(args.json, "--json")
         prepare_output(args.csv, "--csv")
-        if args.kv is not None:
+        if mode == KV:
             from . import bench_kv
             return bench_kv.main_kv(args)
-        if args.hf is not None:
+        if mode == HF:
             return bench_hf.main_hf(args)
-        if args.kernels:
+        if mode == KERNELS:
             from . import kernel_bench
             report = kernel_bench.run(dtype=args.dtype, runs=args.runs if args.runs is not None else 30,
                                       precision=args.precision, graphs=args.graphs)
             print(kernels_table(report))
             save_json(report, args.json)
             return report
-        check_method(args.method)
+        check_method(args.method, "a timm model")
         options = method_options(args)
         # refused here, before any model is built
         resolve_precision(args.device, args.dtype, args.precision)
@@ -219,4 +246,5 @@ def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace
 
 
 if __name__ == "__main__":
-    main()
+    with startup_errors(PROG):  # `python -m`: Ctrl-C before the run is one line too
+        main()

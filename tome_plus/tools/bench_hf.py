@@ -27,6 +27,7 @@ from .models import shared_copy
 from .report import device_name, hf_csv, hf_table, save_json
 from .timing import Precision, interleave, peak_memory_mib, resolve_hf_precision
 from ..backends.base import get_info
+from ..methods import get_method
 
 
 HF_PARTS = ("vision", "prefill", "llm")
@@ -205,7 +206,8 @@ def run_hf_bench(shape: str, method: str, options: Dict[str, Any], device: str =
     ratio = lambda key: getattr(red, key) / getattr(base, key) if getattr(base, key) else None  # noqa: E731
     return {
         "hf": shape, "model": shape, "description": hf_shapes.SHAPES[shape].description,
-        "method": method, "options": options, "site": get_info(patched).parts.site, "device": str(dev),
+        "method": method, "options": options, "site": get_info(patched).parts.site,
+        "pruned_after": pruned_after(patched), "device": str(dev),
         "device_name": device_name(dev),
         "dtype": dtype, "precision": prec.label, "graphs": None, "batch_size": batch_size,
         "text_tokens": text_tokens, "image_placeholders": placeholders,
@@ -221,22 +223,41 @@ def run_hf_bench(shape: str, method: str, options: Dict[str, Any], device: str =
     }
 
 
-def check_hf_args(args: argparse.Namespace) -> None:
-    """Options of the timm bench that an --hf run cannot take (usage errors)."""
-    if args.model is not None:
-        raise UsageError("--hf builds its own model; give --hf or --model, not both")
-    for given, option, why in ((args.img_size, "--img-size", "the shape fixes the image size"),
-                               (args.graphs, "--graphs", "--hf times eager forwards"),
-                               (args.kernels, "--kernels", "the kernel bench takes no model")):
-        if given:
-            raise UsageError(f"{option} does not go with --hf: {why}")
+def check_site(shape: str, method: str, site: Optional[str], option: str = "--site ") -> None:
+    """Where `method` goes on `shape` (`site`, given as `option`; None: the model's default for the
+    method), checked as `tome_plus.patch` will check it, but before the model is built: a site that
+    the method or the model cannot take is a usage error."""
+    hf_shapes.require_transformers()
+    from ..backends import hf_llava  # imports transformers
+
+    # what the check reads of a model, its class name and config, without building it
+    stand_in = type(hf_shapes.model_class(shape).__name__, (), {"config": hf_shapes.llava_config(shape)})()
+    reducer = get_method(method)  # the class: the check reads its name and target
+    chosen = site or hf_llava.default_site(stand_in, reducer)
+    try:
+        hf_llava.check_site(stand_in, reducer, chosen)
+    except ValueError as e:
+        where = f"{option}{site}" if site else f"--method {method} at its default site, {chosen}"
+        raise UsageError(f"{where}: {e}") from None
+
+
+def pruned_after(patched: torch.nn.Module) -> List[str]:
+    """Where the visual tokens of `inspect(patched).llm_kept` were counted: after the features site,
+    or after each decoder layer that prunes (ATP's modules, FastV's layer K)."""
+    info = get_info(patched)
+    if info.parts.site == "features":
+        return ["the features site"]
+    if info.parts.site != "llm":
+        return []
+    layers = info.modules.layers if info.modules is not None else info.reducer.layers(info.depth)
+    return [f"decoder layer {layer}" for layer in layers]
 
 
 def main_hf(args: argparse.Namespace) -> Dict[str, Any]:
     """`tome-plus bench --hf SHAPE`: checks, run, table and outputs."""
-    check_hf_args(args)
     check_method(args.method)
     options = method_options(args)
+    check_site(args.hf, args.method, args.site)
     resolve_hf_precision(args.device, args.dtype, args.precision)  # refused here, before any model is built
     cuda = args.device.startswith("cuda")
     report = run_hf_bench(

@@ -131,20 +131,22 @@ def kv_table(report: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def check_kv_args(args: argparse.Namespace) -> Dict[str, Any]:
-    if args.hf is None:
-        raise UsageError("--kv measures a language model's decoding: give --hf SHAPE")
-    given = [k for k in ("r", "keep", "flops", "tokens") if getattr(args, k, None) is not None]
-    if given or getattr(args, "budget", None) or getattr(args, "option", None) or getattr(args, "site", None):
-        raise UsageError("--kv compares the full cache with the KV policy alone; give no method budget, --option "
-                         "or --site (--kv-option sets the policy's)")
-    return parse_options(args.kv_option)
+def kv_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The policy's `--kv-option`s, checked as `tome_plus.patch` will check them, but before any model
+    is built (usage errors). The method options are refused by `bench` itself: --kv compares the full
+    cache with the policy alone."""
+    from ..kv import make_config
+
+    options = parse_options(args.kv_option, "--kv-option")
+    try:
+        make_config(args.kv, options)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--kv-option: {e}") from None
+    return options
 
 
 def main_kv(args: argparse.Namespace) -> Dict[str, Any]:
-    options = check_kv_args(args)
-    from ..kv import make_config
-    make_config(args.kv, options)  # bad options: refused before any model is built
+    options = kv_options(args)
     resolve_hf_precision(args.device, args.dtype, args.precision)
     report = run_kv_bench(args.hf, args.kv, options, device=args.device, dtype=args.dtype,
                           batch_size=args.batch_size or 1, text_tokens=args.text_tokens, new_tokens=args.new_tokens,

@@ -11,6 +11,10 @@ stderr: `tome-plus <cmd>: error: ...`, or `tome-plus <cmd>: interrupted: ...` (w
 what was written, how to go on); `TOME_PLUS_DEBUG=1` shows the traceback of a failure instead.
 Warnings during a tool's run are one line too, `tome-plus <cmd>: warning: ...` (the library's
 own warnings stay Python warnings for library users).
+
+An option that the chosen mode of a tool does not read (`bench --kv-option` without `--kv`) is
+refused, not ignored (`refuse_unread`): options that only some modes read default to None, and the
+tool fills in their documented defaults once it knows its mode (`fill_defaults`).
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, NoReturn, Optional
+from typing import Any, Callable, Dict, Iterator, NoReturn, Optional, Sequence
 
 import torch
 
@@ -67,6 +71,41 @@ def interrupted(prog: str, message: str) -> NoReturn:
     raise SystemExit(EXIT_INTERRUPTED)
 
 
+def torchvision_mismatch(error: BaseException) -> Optional[str]:
+    """The one line for a torchvision whose compiled operators do not load (built for another
+    torch: `operator torchvision::nms does not exist`), with the fix; None for any other error."""
+    if not isinstance(error, RuntimeError) or "torchvision::" not in str(error):
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        torch_version, vision_version = version("torch"), version("torchvision")
+    except PackageNotFoundError:
+        torch_version, vision_version = torch.__version__, "?"
+    release = torch_version.split("+")[0]
+    major, minor, *rest = release.split(".")
+    # torchvision 0.(M+15).P is the release built for torch 2.M.P
+    pair = (f"pip install torch=={release} torchvision==0.{int(minor) + 15}.{rest[0] if rest else 0}"
+            if major == "2" and minor.isdigit() else "pip install torch torchvision (the same release of both)")
+    return (f"torchvision {vision_version} does not match torch {torch_version}: its compiled operators do not load "
+            f"({one_line(error)}); install a matching pair, e.g. {pair}")
+
+
+@contextmanager
+def startup_errors(prog: str) -> Iterator[None]:
+    """What can go wrong around a tool's own `cli_errors` (importing it, reading its command line) as
+    one line: Ctrl-C (exit status 130) and a torchvision that does not match torch (1)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        interrupted(prog, "stopped before it finished")
+    except RuntimeError as e:
+        message = torchvision_mismatch(e)
+        if message is None:  # any other RuntimeError here is a bug: keep its traceback
+            raise
+        fail(prog, message, EXIT_FAILURE)
+
+
 @contextmanager
 def cli_warnings(prog: str) -> Iterator[None]:
     """Warnings raised while a tool runs print as one line `prog: warning: ...` (not Python's
@@ -104,7 +143,7 @@ def cli_errors(prog: str, on_interrupt: Optional[Callable[[], str]] = None) -> I
     except RUNTIME_ERRORS as e:
         if os.environ.get("TOME_PLUS_DEBUG") == "1":
             raise
-        fail(prog, e, EXIT_FAILURE)
+        fail(prog, torchvision_mismatch(e) or e, EXIT_FAILURE)
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
@@ -135,15 +174,55 @@ def check_device(text: str) -> str:
     return text
 
 
-def check_method(name: Optional[str]) -> None:
-    """An unknown method is a usage error, before any model is built."""
+def check_method(name: Optional[str], vision_model: Optional[str] = None) -> None:
+    """An unknown method is a usage error, before any model is built; so is a method that prunes
+    inside a language model (atp, fastv) where the tool patches `vision_model` (what it is, e.g.
+    "a timm model"), which has none."""
     from ..methods import get_method
 
-    if name is not None:
-        try:
-            get_method(name)
-        except ValueError as e:
-            raise UsageError(f"--method: {e}") from None
+    if name is None:
+        return
+    try:
+        method = get_method(name)
+    except ValueError as e:
+        raise UsageError(f"--method: {e}") from None
+    if vision_model is not None and method.target == "llm":
+        raise UsageError(f"method {name!r} prunes visual tokens inside the language model of a vision-language "
+                         f"model; {vision_model} has none")
+
+
+def given(value: Any) -> bool:
+    """Whether an option was on the command line, for the options some modes do not read: they
+    default to None (flags to False, repeatable options to []); `--no-X` of a `--X/--no-X` pair,
+    False, counts as not given (it asks for what those modes do anyway)."""
+    return value is not None and value is not False and value != []
+
+
+def refuse_unread(args: argparse.Namespace, mode: str, read_by: Dict[str, Sequence[str]],
+                  dests: Optional[Dict[str, str]] = None) -> None:
+    """Refuse (usage error) each option given that `mode` does not read, rather than ignore it:
+    `read_by` maps an option to the modes that read it (its argparse dest: the option without its
+    dashes, `-` as `_`, unless `dests` names another)."""
+    for option, modes in read_by.items():
+        dest = (dests or {}).get(option, option.lstrip("-").replace("-", "_"))
+        if mode not in modes and given(getattr(args, dest, None)):
+            readers = ", ".join(modes[:-1]) + " or " + modes[-1] if len(modes) > 1 else modes[0]
+            raise UsageError(f"{option} is read only with {readers}, not with {mode}")
+
+
+FASHION = "--data fashion-mnist"
+
+
+def data_mode(data: str) -> str:
+    """The mode a tool's `--data` picks, as `refuse_unread` names it."""
+    return FASHION if data == "fashion-mnist" else "an ImageFolder --data"
+
+
+def fill_defaults(args: argparse.Namespace, defaults: Dict[str, Any]) -> None:
+    """Give each option left None its documented default (once `refuse_unread` has seen what was given)."""
+    for dest, value in defaults.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
 
 
 def check_options(method: str, options: Dict[str, Any]) -> None:
@@ -234,6 +313,20 @@ def prepare_output(path: Optional[str], option: str) -> None:
         raise UsageError(f"{option} {path}: not writable")
 
 
+def prepare_folder(path: str, option: str) -> None:
+    """Create an output folder now; refuse (usage error) one that cannot be: a file in the way, no
+    permission."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"{option} {path}: is a file; give a folder")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot create the folder ({e.strerror})") from None
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: not writable")
+
+
 def _literal(text: str) -> Any:
     try:
         return ast.literal_eval(text)
@@ -241,9 +334,14 @@ def _literal(text: str) -> Any:
         return text
 
 
-def add_method_args(parser: argparse.ArgumentParser, default_method: Optional[str] = "tome") -> None:
+def add_method_args(parser: argparse.ArgumentParser, default_method: Optional[str] = "tome",
+                    unset: bool = False) -> None:
+    """The method and budget options. `unset`: `--method` stays None unless given (a tool with modes
+    that do not read it fills in `default_method` once it knows its mode)."""
     g = parser.add_argument_group("token reduction (as tome_plus.patch)")
-    g.add_argument("--method", default=default_method, help="registered method (see tome_plus.methods())")
+    g.add_argument("--method", default=None if unset else default_method,
+                   help="registered method (see tome_plus.methods())"
+                        + (f"; default {default_method}" if default_method else ""))
     g.add_argument("--r", type=_literal, default=None,
                    help="tokens removed per layer: 16, a list [16,8,...] or ToMe's (r, inflect) e.g. '(16,-1)'")
     g.add_argument("--keep", type=_literal, default=None, help="fraction of tokens kept per layer, e.g. 0.9")
@@ -281,12 +379,12 @@ def method_options(args: argparse.Namespace) -> Dict[str, Any]:
     return options
 
 
-def parse_options(items) -> Dict[str, Any]:
-    """`["KEY=VALUE", ...]` -> dict, each value a Python literal where it parses as one."""
+def parse_options(items, option: str = "--option") -> Dict[str, Any]:
+    """`["KEY=VALUE", ...]` (given as `option`) -> dict, each value a Python literal where it parses as one."""
     options: Dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise UsageError(f"--option takes KEY=VALUE, got {item!r}")
+            raise UsageError(f"{option} takes KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         options[key.strip()] = _literal(value.strip())
     return options

@@ -37,7 +37,8 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 from ..training.distributed import setup_distributed, teardown_distributed
-from .common import Parser, UsageError, check_device, cli_errors, int_at_least, prepare_output
+from .common import (FASHION, Parser, UsageError, check_device, cli_errors, data_mode, fill_defaults, int_at_least,
+                     prepare_output, refuse_unread, startup_errors)
 from .data import (IMAGENET_MEAN, IMAGENET_STD, FashionTrain, LoaderBatches, fashion_batches, fashion_epoch_steps,
                    folder_dataset, train_transform)
 from .models import load_backbone
@@ -45,6 +46,8 @@ from .models import load_backbone
 from .data import folder_batches  # noqa: F401
 
 PROG = "tome-plus diffrate-search"
+# the augmentation options' defaults (the authors'); --no-augment reads none of them
+AUGMENT = {"--aa": "rand-m9-mstd0.5-inc1", "--reprob": 0.25, "--mixup": 0.8, "--cutmix": 1.0}
 # the command-line values a checkpoint must share with the run that resumes it
 SETTINGS = ("model", "dinov2", "pretrained", "checkpoint", "img_size", "data", "count", "gmacs", "flops",
             "batch_size", "lr", "min_lr", "lr_schedule", "granularity", "flops_weight", "distill",
@@ -178,7 +181,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--checkpoint", help="local weights for --model")
     parser.add_argument("--img-size", type=int, default=None, help="--dinov2 input size (multiple of 14)")
     parser.add_argument("--data", required=True, help='ImageFolder train split, or "fashion-mnist"')
-    parser.add_argument("--count", type=int_at_least(1), default=2000, help="fashion-mnist: training images used")
+    parser.add_argument("--count", type=int_at_least(1), default=None,
+                        help="fashion-mnist: training images used (default 2000)")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--gmacs", "--gflops", dest="gmacs", type=float,
                         help="target GMACs per image (multiply-accumulates: what DiffRate's paper and presets call "
@@ -202,12 +206,14 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--size-clamp", choices=SIZE_CLAMPS, default="per_source",
                         help="merged sizes: each source's share clamped at 1 (theirs) or the total")
     aug = parser.add_argument_group("the authors' training recipe (timm)")
-    aug.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help='RandAugment policy ("none": off)')
-    aug.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
-    aug.add_argument("--mixup", type=float, default=0.8, help="Mixup alpha (0: off)")
-    aug.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0: off)")
+    aug.add_argument("--aa", default=None, help=f'RandAugment policy ("none": off; default {AUGMENT["--aa"]})')
+    aug.add_argument("--reprob", type=float, default=None,
+                     help=f"random erasing probability (default {AUGMENT['--reprob']})")
+    aug.add_argument("--mixup", type=float, default=None, help=f"Mixup alpha (0: off; default {AUGMENT['--mixup']})")
+    aug.add_argument("--cutmix", type=float, default=None, help=f"CutMix alpha (0: off; default {AUGMENT['--cutmix']})")
     aug.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    aug.add_argument("--drop-path", type=float, default=0.1, help="drop-path rate in the search (train mode)")
+    aug.add_argument("--drop-path", type=float, default=None,
+                     help="drop-path rate in the search (train mode; default 0.1)")
     aug.add_argument("--eval-mode", action="store_true", help="run the backbone in eval mode (no drop-path)")
     aug.add_argument("--no-augment", action="store_true",
                      help="the model's eval transforms and no mixup/cutmix (no RandAugment, erasing)")
@@ -225,6 +231,16 @@ def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace
     args = args or build_parser().parse_args(argv)
     progress = Progress(args)
     with cli_errors(PROG, on_interrupt=progress.interrupted):
+        # what the chosen backbone, data, augmentation or mode does not read is refused, not ignored
+        refuse_unread(args, "--dinov2" if args.dinov2 else "--model",
+                      {"--pretrained": ("--model",), "--checkpoint": ("--model",), "--img-size": ("--dinov2",)})
+        refuse_unread(args, data_mode(args.data), {"--count": (FASHION,)})
+        augmented = "the authors' augmentation (no --no-augment)"
+        refuse_unread(args, "--no-augment" if args.no_augment else augmented, dict.fromkeys(AUGMENT, (augmented,)))
+        train_mode = "the backbone in train mode (no --eval-mode)"
+        refuse_unread(args, "--eval-mode" if args.eval_mode else train_mode, {"--drop-path": (train_mode,)})
+        # the defaults, recorded in OUT.state's settings as before
+        fill_defaults(args, {"count": 2000, "drop_path": 0.1, **{k.lstrip("-"): v for k, v in AUGMENT.items()}})
         if args.flops is not None and not 0 < args.flops <= 1:
             raise UsageError(f"--flops must lie in (0, 1], got {args.flops}")
         if args.gmacs is not None and not args.gmacs > 0:
@@ -259,4 +275,5 @@ def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace
 
 
 if __name__ == "__main__":
-    main()
+    with startup_errors(PROG):  # `python -m`: Ctrl-C before the run is one line too
+        main()

@@ -33,8 +33,9 @@ import tome_plus
 
 from ..methods import get_method
 from ..training import setup_distributed, teardown_distributed
-from .common import (Parser, UsageError, add_method_args, check_device, check_input, check_method, cli_errors,
-                     int_at_least, is_rank0, method_options, prepare_output)
+from .common import (FASHION, Parser, UsageError, add_method_args, check_device, check_input, check_method,
+                     cli_errors, data_mode, fill_defaults, int_at_least, is_rank0, method_options, prepare_output,
+                     refuse_unread, startup_errors)
 from .data import FashionMnist, SafeImageFolder, ShardSampler, collate
 from .flops import count_flops
 from .models import check_patchable, load_finetuned, load_model, read_finetuned, unpatched_twin
@@ -154,7 +155,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
                      help="a checkpoint of `tome-plus finetune`: its model, method and head (no --model)")
     parser.add_argument("--data", required=True,
                         help='ImageFolder validation split (one folder per class), or "fashion-mnist" (test split)')
-    parser.add_argument("--count", type=int_at_least(1), default=10000, help="fashion-mnist: test images used")
+    parser.add_argument("--count", type=int_at_least(1), default=None,
+                        help="fashion-mnist: test images used (default 10000)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=64)
     parser.add_argument("--workers", type=int_at_least(0), default=min(8, os.cpu_count() or 1))
     parser.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
@@ -178,10 +180,12 @@ def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace
         return f"stopped after {status['images']} of {status['total']} images{share}; {written}"
 
     with cli_errors(PROG, on_interrupt=interrupted):
+        refuse_unread(args, data_mode(args.data), {"--count": (FASHION,)})
+        fill_defaults(args, {"count": 10000})
         options = method_options(args)
         if options and not args.method:
             raise UsageError("a budget or option needs --method")
-        check_method(args.method)
+        check_method(args.method, "a timm classifier")
         if args.finetuned and (args.model or args.method):
             raise UsageError("--finetuned brings its model and method: no --model, --method or budget")
         if not args.finetuned and not args.model:
@@ -204,4 +208,5 @@ def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace
 
 
 if __name__ == "__main__":
-    main()
+    with startup_errors(PROG):  # `python -m`: Ctrl-C before the run is one line too
+        main()

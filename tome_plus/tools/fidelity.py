@@ -29,7 +29,7 @@ import tome_plus
 
 from ..methods import get_method
 from .common import (Parser, UsageError, _literal, check_method, check_options, cli_errors, int_at_least,
-                     parse_options, prepare_output, read_schedule_file)
+                     parse_options, prepare_output, read_schedule_file, startup_errors)
 from .data import fashion_mnist, to_model_input
 from .flops import count_flops
 from .models import load_dinov2
@@ -204,7 +204,7 @@ def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace
     with cli_errors(PROG, on_interrupt=lambda: f"stopped before the table was complete; {written}"):
         methods = [m.strip() for m in args.methods.split(",")] if args.methods else sweepable_methods()
         for method in methods:
-            check_method(method)
+            check_method(method, "the DINOv2 backbone")
         budgets = parse_budgets(args.budget)
         defaults = QUICK if args.quick else FULL
         n_bank, n_test, img_size = (given if given is not None else default
@@ -235,4 +235,5 @@ def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace
 
 
 if __name__ == "__main__":
-    main()
+    with startup_errors(PROG):  # `python -m`: Ctrl-C before the run is one line too
+        main()

@@ -43,9 +43,9 @@ from ..training import checkpoint as ckpt
 from ..training.distributed import (average_buffers, broadcast_from_first, same_start, setup_distributed,
                                     teardown_distributed)
 from ..training.loop import backward, cycle, due, set_lr, step as optimizer_step, steps_bar
-from .common import (Parser, UsageError, add_method_args, check_checkpoint_out, check_device, check_input,
-                     check_method, cli_errors, int_at_least, is_rank0, method_options, parse_options,
-                     prepare_output)
+from .common import (FASHION, Parser, UsageError, add_method_args, check_checkpoint_out, check_device, check_input,
+                     check_method, cli_errors, data_mode, fill_defaults, int_at_least, is_rank0, method_options,
+                     parse_options, prepare_output, refuse_unread, startup_errors)
 from .data import LoaderBatches, SafeImageFolder, fashion_batches, folder_dataset
 from .models import (FINETUNE_FORMAT as FORMAT, FINETUNE_SETTINGS as SETTINGS, build_finetuned as build_model,
                      load_finetuned, read_finetuned as read_checkpoint, trainable_module, unpatched_twin)
@@ -225,7 +225,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     weights.add_argument("--checkpoint", help="local weights for --model")
     parser.add_argument("--img-size", type=int, default=None, help="--dinov2 input size (multiple of 14; 224)")
     parser.add_argument("--data", required=True, help='ImageFolder train split, or "fashion-mnist"')
-    parser.add_argument("--count", type=int_at_least(1), default=2000, help="fashion-mnist: training images used")
+    parser.add_argument("--count", type=int_at_least(1), default=None,
+                        help="fashion-mnist: training images used (default 2000)")
     parser.add_argument("--head", choices=("clca", "linear"), default="clca",
                         help="the CLCA head, or the model's own linear head (the baseline)")
     parser.add_argument("--head-option", action="append", default=[], metavar="KEY=VALUE",
@@ -257,7 +258,9 @@ def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace
     args = args or build_parser().parse_args(argv)
     progress = Progress(args)
     with cli_errors(PROG, on_interrupt=progress.interrupted):
-        check_method(args.method)
+        refuse_unread(args, data_mode(args.data), {"--count": (FASHION,)})
+        fill_defaults(args, {"count": 2000})
+        check_method(args.method, "the fine-tuned ViT")
         if method_options(args) and not args.method:
             raise UsageError("a budget or option needs --method")
         if args.head_option and args.head != "clca":
@@ -286,4 +289,5 @@ def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace
 
 
 if __name__ == "__main__":
-    main()
+    with startup_errors(PROG):  # `python -m`: Ctrl-C before the run is one line too
+        main()

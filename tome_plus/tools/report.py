@@ -104,9 +104,9 @@ def bench_csv(report: Dict[str, Any], path: str) -> None:
 
 # --------------------------------------------------------------------- tome-plus bench --hf
 
-# (label, result key, format) of the --hf table's rows
+# (label, result key, format) of the --hf table's rows (after the first, the visual tokens after each site)
 HF_ROWS = [
-    ("image tokens to the LLM / prompt", "image_tokens", "d"),
+    ("image tokens into the LLM / prompt", "image_tokens", "d"),
     ("prompt tokens", "prompt_tokens", "d"),
     ("vision images/s", "vision_images_per_s", ".1f"),
     ("vision ms/batch", "vision_ms_per_batch", ".2f"),
@@ -120,10 +120,18 @@ HF_ROWS = [
 ]
 
 
+HF_LABEL = 40  # width of the --hf table's labels
+
+
 def _cell(value: float, fmt: str) -> str:
     if fmt == "gflops":  # a 7B prefill is thousands, the test shape's tower hundredths
         fmt = ".2f" if abs(value) >= 1 else ".4f"
     return format(value, fmt)
+
+
+def _hf_row(label: str, base: float, red: float, fmt: str) -> str:
+    ratio = f"{red / base:>8.2f}x" if base else f"{'n/a':>9}"  # e.g. Qwen: no projector
+    return f"{label:<{HF_LABEL}}{_cell(base, fmt):>12}{_cell(red, fmt):>12}{ratio}"
 
 
 def hf_table(report: Dict[str, Any]) -> str:
@@ -135,19 +143,21 @@ def hf_table(report: Dict[str, Any]) -> str:
              f"{report['precision']} | batch {report['batch_size']}: {report['text_tokens']} text tokens + "
              f"{report['image_placeholders']} image placeholders per prompt | {report['runs']} runs after "
              f"{report['warmup']} warm-up",
-             f"{'':<34}{'baseline':>12}{red['name']:>12}{'ratio':>9}"]
-    for label, key, fmt in HF_ROWS:
-        ratio = f"{red[key] / base[key]:>8.2f}x" if base[key] else f"{'n/a':>9}"  # e.g. Qwen: no projector
-        lines.append(f"{label:<34}{_cell(base[key], fmt):>12}{_cell(red[key], fmt):>12}{ratio}")
+             f"{'':<{HF_LABEL}}{'baseline':>12}{red['name']:>12}{'ratio':>9}"]
+    first, *rest = HF_ROWS
+    lines.append(_hf_row(first[0], base["image_tokens"], red["image_tokens"], first[2]))
+    # at the features and llm sites the image tokens all enter the LLM: the reduction is after each site
+    # (a batch's mean; the unpatched model keeps every one)
+    for where, kept in zip(report.get("pruned_after", []), red.get("llm_kept") or []):
+        lines.append(_hf_row(f"visual tokens after {where}", base["image_tokens"], kept, "g"))
+    for label, key, fmt in rest:
+        lines.append(_hf_row(label, base[key], red[key], fmt))
     lines.append(f"speed-up: vision {report['vision_speedup']:.2f}x, prefill {report['prefill_speedup']:.2f}x, "
                  f"LLM alone {report['llm_speedup']:.2f}x | FLOPs: tower {report['tower_flops_ratio']:.2f}x, "
                  f"LLM {report['llm_flops_ratio']:.2f}x, prefill {report['prefill_flops_ratio']:.2f}x")
     lines.append("graphs: n/a (--hf times eager forwards)")
     if red["tokens"]:
         lines.append("tower tokens after each layer: " + " ".join(str(t) for t in red["tokens"]))
-    if red.get("llm_kept"):
-        where = "the features site" if report.get("site") == "features" else "each pruning layer of the LLM"
-        lines.append(f"visual tokens after {where}: " + " ".join(f"{t:.1f}" for t in red["llm_kept"]))
     return "\n".join(lines)
 
 

@@ -31,8 +31,11 @@ from tqdm.auto import tqdm
 
 import tome_plus
 
-from .common import (Parser, UsageError, _literal, check_method, check_options, cli_errors, int_at_least,
-                     is_rank0, parse_options)
+from .common import (FASHION, Parser, UsageError, _literal, check_device, check_method, check_options, cli_errors,
+                     data_mode, fill_defaults, int_at_least, is_rank0, parse_options, prepare_folder, refuse_unread,
+                     startup_errors)
+from .hf_shapes import check_shape
+from .timing import DTYPES
 
 PROG = "tome-plus sweep"
 SOURCES = ("fidelity", "eval", "lmms-eval")
@@ -42,6 +45,14 @@ DEFAULT_METHODS = {"fidelity": "tome,pitome,zero_tprune", "eval": "tome,pitome,z
 DEFAULT_BUDGETS = {"fidelity": ("flops", [0.9, 0.75, 0.6, 0.5]), "eval": ("flops", [0.9, 0.75, 0.6, 0.5]),
                    "lmms-eval": ("keep", [0.75, 0.5, 0.25])}
 UNPATCHED = "unpatched"
+# what each source patches, for the refusal of a method that prunes inside a language model
+VISION_MODELS = {"fidelity": "--source fidelity's DINOv2", "eval": "--source eval's timm model"}
+# the options only some sources read, and which; another source refuses them rather than ignore them
+READ_BY = {**dict.fromkeys(("--model", "--pretrained", "--checkpoint", "--data", "--workers"), ("--source eval",)),
+           "--bank": ("--source fidelity",), "--test": ("--source fidelity", "--source eval"),
+           "--img-size": ("--source fidelity",),
+           **dict.fromkeys(("--vlm", "--lmms-model", "--tasks", "--metric", "--limit", "--include-path", "--hf-shape"),
+                           ("--source lmms-eval",))}
 
 
 def point_key(method: str, budget: Optional[Tuple[str, Any]]) -> str:
@@ -102,8 +113,6 @@ class EvalSource:
             raise UsageError("--source eval needs --model (a timm model name)")
         if not args.data:
             raise UsageError("--source eval needs --data (an ImageFolder split, or fashion-mnist)")
-        if args.img_size is not None:
-            raise UsageError("--img-size is --source fidelity's; eval measures at the model's own size")
         self.args = args
         self.arch = (args.model, {}, args.img_size)
 
@@ -176,27 +185,56 @@ def barrier() -> None:
 
 
 def load_points(path: str, settings: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-    """Points already measured with these `settings` (the first line of the file records them)."""
+    """Points already measured with these `settings` (the first line of the file records them);
+    other settings are refused, naming each that differs."""
+    from ..training.checkpoint import settings_changed
+
     if not os.path.exists(path):
         return {}
     with open(path) as f:
         lines = [json.loads(line) for line in f if line.strip()]
-    if not lines or lines[0].get("settings") != settings:
-        raise UsageError(f"{path} holds a sweep with other settings; give another --out (or delete it) to start over")
+    if not lines or not isinstance(lines[0].get("settings"), dict):
+        raise UsageError(f"{path} does not start with a sweep's settings; give another --out (or delete it) "
+                         "to start over")
+    # as JSON keeps them (a tuple option comes back a list)
+    changed = settings_changed(lines[0]["settings"], json.loads(json.dumps(settings)))
+    if changed:
+        raise UsageError(f"{path} holds a sweep with other settings ({'; '.join(changed)}); give them again to "
+                         "resume it, or another --out (or delete it) to start over")
     return {p["key"]: p for p in lines[1:]}
 
 
+SOURCE_CLASSES = {"fidelity": FidelitySource, "eval": EvalSource, "lmms-eval": LmmsSource}
+
+
+def check_points(args: argparse.Namespace, methods: Sequence[str], budgets: Tuple[str, List[Any]],
+                 options: Dict[str, Any]) -> None:
+    """Every point (method x budget) as the source will patch it, before anything is loaded or
+    written (usage errors): the method, its options and budget, where it can go."""
+    if "site" in options and args.source != "lmms-eval":
+        raise UsageError("--option site=... places a method in a vision-language model: only --source lmms-eval "
+                         "reads it")
+    kind, values = budgets
+    for method in methods:
+        check_method(method, VISION_MODELS.get(args.source))
+        if args.source == "lmms-eval":  # where the timed shape takes the method
+            from .bench_hf import check_site
+            check_site(args.hf_shape, method, options.get("site"), option="--option site=")
+        for value in values:
+            check_options(method, {kind: value, **{k: v for k, v in options.items() if k != "site"}})
+
+
 def run_sweep(args: argparse.Namespace, methods: Sequence[str], budgets: Tuple[str, List[Any]],
-              options: Dict[str, Any]) -> Dict[str, Any]:
+              options: Dict[str, Any], source: Any = None) -> Dict[str, Any]:
+    """Measure every point not in `args.out` yet; `source`: the accuracy source (None: `args.source`'s)."""
     from ..training.distributed import held_process_group
     with held_process_group(args.device):  # torchrun: one group for every point
-        return _run_sweep(args, methods, budgets, options)
+        return _run_sweep(args, methods, budgets, options, source or SOURCE_CLASSES[args.source](args))
 
 
 def _run_sweep(args: argparse.Namespace, methods: Sequence[str], budgets: Tuple[str, List[Any]],
-               options: Dict[str, Any]) -> Dict[str, Any]:
+               options: Dict[str, Any], source: Any) -> Dict[str, Any]:
     os.makedirs(args.out, exist_ok=True)
-    source = {"fidelity": FidelitySource, "eval": EvalSource, "lmms-eval": LmmsSource}[args.source](args)
     kind, values = budgets
     settings = {"source": args.source, **source.describe(), "options": options, "device": args.device,
                 "dtype": args.dtype, "bench_batch": args.bench_batch, "runs": args.runs}
@@ -247,39 +285,53 @@ def write_outputs(report: Dict[str, Any], out: str) -> None:
     plot(report, os.path.join(out, "sweep.png"))
 
 
-def plot(report: Dict[str, Any], path: str) -> None:
+MARKERS = "osD^vPX*"  # one shape per method, so methods whose points coincide stay apart
+
+
+def figure(report: Dict[str, Any]):
     """Left: accuracy against measured speed-up (solid; graphed: dotted) with the FLOPs bound
     1 / (FLOPs ratio) each point could reach if time followed FLOPs (hollow, dashed). Right:
-    accuracy against FLOPs relative to the unpatched model."""
+    accuracy against FLOPs relative to the unpatched model. Each method has its colour and marker
+    shape; hollow markers shrink from method to method, so equal bounds of two methods nest
+    instead of hiding one another."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     points = report["points"]
     base = points[0]
+    methods = list(dict.fromkeys(p["method"] for p in points[1:]))
     fig, (speed, flops) = plt.subplots(1, 2, figsize=(10, 4), dpi=120, sharey=True)
-    for i, method in enumerate(dict.fromkeys(p["method"] for p in points[1:])):
-        color = f"C{i}"
+    for i, method in enumerate(methods):
+        style = dict(color=f"C{i}", marker=MARKERS[i % len(MARKERS)])
         own = sorted((p for p in points[1:] if p["method"] == method), key=lambda p: p["flops_ratio"])
         acc = [p["accuracy"] for p in own] + [base["accuracy"]]
-        speed.plot([p["speedup"] for p in own] + [1.0], acc, marker="o", color=color, label=method)
+        speed.plot([p["speedup"] for p in own] + [1.0], acc, label=method, **style)
         if all(p.get("graph_speedup") for p in own):
-            speed.plot([p["graph_speedup"] for p in own] + [1.0], acc, marker="^", linestyle=":", color=color,
-                       label=f"{method} (CUDA graphs)")
-        speed.plot([1 / p["flops_ratio"] for p in own] + [1.0], acc, marker="o", fillstyle="none",
-                   linestyle="--", color=color, alpha=0.5, label=f"{method}: FLOPs bound")
-        flops.plot([p["flops_ratio"] for p in own] + [1.0], acc, marker="o", color=color, label=method)
+            speed.plot([p["graph_speedup"] for p in own] + [1.0], acc, linestyle=":", label=f"{method} (CUDA graphs)",
+                       **style)
+        speed.plot([1 / p["flops_ratio"] for p in own] + [1.0], acc, fillstyle="none", linestyle="--", alpha=0.6,
+                   markersize=6 + 3 * (len(methods) - 1 - i), label=f"{method}: FLOPs bound", **style)
+        flops.plot([p["flops_ratio"] for p in own] + [1.0], acc, label=method, **style)
     for ax in (speed, flops):
         ax.scatter([1.0], [base["accuracy"]], color="black", zorder=5, label=UNPATCHED)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     speed.set_xlabel("speed-up over the unpatched model (measured; dashed: 1 / FLOPs ratio)")
     flops.set_xlabel("FLOPs relative to the unpatched model")
     speed.set_ylabel(base.get("metric", "accuracy"))
-    speed.legend(fontsize=7)
     settings = report["settings"]
     fig.suptitle(f"{settings.get('model')} | {settings.get('data', settings.get('tasks', ''))} | "
                  f"{report['device']}", fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot(report: Dict[str, Any], path: str) -> None:
+    """`figure(report)` as a PNG at `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(report)
     fig.savefig(path)
     plt.close(fig)
 
@@ -315,24 +367,28 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--pretrained", action="store_true", help="--source eval: timm's pretrained weights")
     parser.add_argument("--checkpoint", default=None, help="--source eval: weights to load")
     parser.add_argument("--data", default=None, help="--source eval: an ImageFolder split or fashion-mnist")
-    parser.add_argument("--workers", type=int_at_least(0), default=4, help="--source eval: data loader workers")
-    parser.add_argument("--bank", type=int_at_least(1), default=500, help="--source fidelity: k-NN bank images")
-    parser.add_argument("--test", type=int_at_least(1), default=500,
-                        help="--source fidelity: test images; --source eval with fashion-mnist: images")
+    parser.add_argument("--workers", type=int_at_least(0), default=None,
+                        help="--source eval: data loader workers (default 4)")
+    parser.add_argument("--bank", type=int_at_least(1), default=None,
+                        help="--source fidelity: k-NN bank images (default 500)")
+    parser.add_argument("--test", type=int_at_least(1), default=None,
+                        help="--source fidelity: test images; --source eval with fashion-mnist: images (default 500)")
     parser.add_argument("--img-size", type=int_at_least(14), default=None,
                         help="input size (fidelity: a multiple of 14, default 112; eval: the model's)")
     parser.add_argument("--vlm", dest="pretrained_vlm", default=None,
                         help="--source lmms-eval: the HF model (hub id or local folder)")
-    parser.add_argument("--lmms-model", default="llava_hf",
+    parser.add_argument("--lmms-model", default=None,
                         help="--source lmms-eval: the lmms-eval model tome_plus wraps (default llava_hf)")
     parser.add_argument("--tasks", default=None, help="--source lmms-eval: comma-separated lmms-eval tasks")
     parser.add_argument("--metric", default=None, help="--source lmms-eval: the metric to plot (default: the "
                                                          "task's first)")
     parser.add_argument("--limit", type=int_at_least(1), default=None, help="--source lmms-eval: samples per task")
     parser.add_argument("--include-path", default=None, help="--source lmms-eval: a folder of task YAMLs")
-    parser.add_argument("--hf-shape", default=None, help="--source lmms-eval: the bench --hf shape to time")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", help="bench dtype (float16/bfloat16 on a GPU)")
+    parser.add_argument("--hf-shape", type=check_shape, default=None,
+                        help="--source lmms-eval: the bench --hf shape to time")
+    parser.add_argument("--device", type=check_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                        help="bench dtype (float16/bfloat16 on a GPU)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=32, help="evaluation batch size")
     parser.add_argument("--bench-batch", type=int_at_least(1), default=8, help="bench batch size")
     parser.add_argument("--warmup", type=int_at_least(0), default=1, help="bench warm-up runs")
@@ -351,23 +407,26 @@ def parse_values(text: str, kind: str) -> List[Any]:
 def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace] = None) -> Dict[str, Any]:
     args = args or build_parser().parse_args(argv)
     with cli_errors(PROG, on_interrupt=lambda: f"stopped; the finished points are in {args.out}/points.jsonl"):
+        refuse_unread(args, f"--source {args.source}", READ_BY, dests={"--vlm": "pretrained_vlm"})
+        if args.source == "eval" and args.data:  # --test counts Fashion-MNIST's images; an ImageFolder is read whole
+            refuse_unread(args, data_mode(args.data), {"--test": (FASHION,)})
+        fill_defaults(args, {"bank": 500, "test": 500, "workers": 4, "lmms_model": "llava_hf"})
         methods = [m.strip() for m in (args.methods or DEFAULT_METHODS[args.source]).split(",") if m.strip()]
-        for method in methods:
-            check_method(method)
         given = [kind for kind in BUDGET_KINDS if getattr(args, kind) is not None]
         if len(given) > 1:
             raise UsageError(f"give one budget kind, not {' and '.join('--' + k for k in given)}")
         budgets = ((given[0], parse_values(getattr(args, given[0]), given[0])) if given
                    else DEFAULT_BUDGETS[args.source])
         options = parse_options(args.option)
-        for method in methods:
-            for value in budgets[1]:
-                check_options(method, {budgets[0]: value, **{k: v for k, v in options.items() if k != "site"}})
-        report = run_sweep(args, methods, budgets, options)
+        source = SOURCE_CLASSES[args.source](args)  # checks its own options; loads nothing yet
+        check_points(args, methods, budgets, options)
+        prepare_folder(args.out, "--out")
+        report = run_sweep(args, methods, budgets, options, source)
         if is_rank0():
             print(table(report))
         return report
 
 
 if __name__ == "__main__":
-    main()
+    with startup_errors(PROG):  # `python -m`: Ctrl-C before the run is one line too
+        main()

@@ -20,7 +20,7 @@ import tome_plus
 
 from ..vis import make_visualization
 from .common import (Parser, UsageError, add_method_args, check_input, check_method, cli_errors, int_at_least,
-                     method_options, prepare_output)
+                     method_options, prepare_output, refuse_unread, startup_errors)
 from .models import FOCUS, load_named as build_model
 PROG = "tome-plus vis"
 
@@ -90,7 +90,10 @@ def check_image_out(path: str) -> None:
 def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace] = None):
     args = args or build_parser().parse_args(argv)
     with cli_errors(PROG, on_interrupt=lambda: f"stopped before {args.out} was written; nothing was written"):
-        check_method(args.method)
+        timm_model = "a timm --model"
+        refuse_unread(args, f"--model {FOCUS}" if args.model == FOCUS else timm_model,
+                      {"--pretrained": (timm_model,), "--checkpoint": (timm_model,)})  # the backbone has its weights
+        check_method(args.method, "a ViT")
         options = method_options(args)
         check_input(args.image, "--image")
         check_input(args.checkpoint, "--checkpoint")
@@ -101,4 +104,5 @@ def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace
 
 
 if __name__ == "__main__":
-    main()
+    with startup_errors(PROG):  # `python -m`: Ctrl-C before the run is one line too
+        main()
