@@ -11,7 +11,7 @@ import torch
 from timm.models.vision_transformer import Block
 
 import tome_plus
-from tome_plus.tools import bench, bench_hf, timing
+from tome_plus.tools import bench, bench_hf, models, timing
 from tome_plus.tools.cli import main
 from tome_plus.tools.timing import PeakMemory
 
@@ -153,8 +153,8 @@ def test_interleave_runs_every_fn_once_per_round_and_drops_warmup(monkeypatch):
         return call
     monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock.now))
     step = lambda: setattr(clock, "round", len(calls) // 2)  # noqa: E731
-    times = bench.interleave({"a": fn("a", 1.0), "b": fn("b", 3.0)}, warmup=1, runs=2,
-                             sync=lambda: syncs.append(1), step=step)
+    times = timing.interleave({"a": fn("a", 1.0), "b": fn("b", 3.0)}, warmup=1, runs=2,
+                              sync=lambda: syncs.append(1), step=step)
     assert calls == ["a", "b"] * 3  # round robin: a drift over time hits a and b alike
     assert times == {"a": [1.0, 1.0], "b": [3.0, 3.0]}  # warm-up round not kept
     assert len(syncs) == 2 * len(calls)  # before and after every call: queued GPU work is timed
@@ -171,8 +171,8 @@ def test_real_capture_failing_on_cpu_is_reported_and_eager_still_timed():
 
 
 def test_autocast_probe():
-    assert bench.autocast_supported("cpu", torch.bfloat16)
-    assert not bench.autocast_supported("cpu", torch.float32)  # torch disables it: refused, not run as fp32
+    assert timing.autocast_supported("cpu", torch.bfloat16)
+    assert not timing.autocast_supported("cpu", torch.float32)  # torch disables it: refused, not run as fp32
 
 
 @pytest.mark.parametrize("dtype,precision,label,weights", [
@@ -226,7 +226,7 @@ def test_bench_bf16_on_cpu_reports_and_runs_its_precision(precision, label, weig
 
 
 def fake_capture(failing: int = -1, off_by: float = 0.0):
-    """A stand-in for `bench.capture_graph` on CPU: replay reruns the forward on the captured
+    """A stand-in for `timing.capture_graph` on CPU: replay reruns the forward on the captured
     input; capture number `failing` raises, and the second model's replays are off by `off_by`."""
     captured = []
 
@@ -246,7 +246,7 @@ def test_graph_timings_share_the_interleaved_loop_and_are_checked_against_eager(
     monkeypatch.setattr(bench, "resolve_graphs", lambda device, graphs=None: True)
     monkeypatch.setattr(timing, "capture_graph", fake_capture(off_by=1.0))
     loops = []
-    real = bench.interleave
+    real = timing.interleave
     monkeypatch.setattr(timing, "interleave", lambda fns, *a, **k: loops.append(list(fns)) or real(fns, *a, **k))
     report = bench.run_bench("vit_tiny_patch16_224", "tome", {"r": 1}, img_size=64, batch_size=1, warmup=0,
                              runs=2, progress=False, graphs=True)
@@ -366,16 +366,16 @@ def test_hf_patched_twin_shares_weights_and_llm_alone_sees_what_the_forward_give
     pytest.importorskip("transformers")
     from tome_plus.tools import hf_shapes
     base = hf_shapes.build_llava("llava-tiny")
-    twin = tome_plus.patch(bench.shared_copy(base), "tome", r=4)
+    twin = tome_plus.patch(models.shared_copy(base), "tome", r=4)
     assert all(a is b for a, b in zip(base.parameters(), twin.parameters()))
     assert not hasattr(base, "_tome_plus") and type(base).__name__ == "LlavaForConditionalGeneration"
     inputs = hf_shapes.make_batch(base, "llava-tiny", 2, 8)
     with torch.no_grad():
         for model, n_image in ((base, 64), (twin, 52)):
-            llm_kwargs = bench.llm_inputs(model, inputs)
+            llm_kwargs = bench_hf.llm_inputs(model, inputs)
             assert llm_kwargs["inputs_embeds"].shape[:2] == llm_kwargs["attention_mask"].shape == (2, 8 + n_image)
-            alone = bench.llm_prefill(model, llm_kwargs)
-            torch.testing.assert_close(alone, bench.llava_prefill(model, inputs).logits)
+            alone = bench_hf.llm_prefill(model, llm_kwargs)
+            torch.testing.assert_close(alone, bench_hf.llava_prefill(model, inputs).logits)
 
 
 @pytest.mark.parametrize("shape,newlines,placeholders", [("llava-next-tiny", 8, 88), ("qwen2.5-vl-tiny", 0, 64)])
@@ -466,7 +466,7 @@ def test_timm_bench_never_imports_transformers():
 def test_hf_precision_defaults_to_half_weights(dtype, precision, label, weights):
     pytest.importorskip("transformers")
     from tome_plus.tools import hf_shapes
-    prec = bench.resolve_hf_precision("cpu", dtype, precision)
+    prec = timing.resolve_hf_precision("cpu", dtype, precision)
     assert prec.label == label and prec.tensor_dtype == weights
     model = hf_shapes.build_llava("llava-tiny", dtype=prec.tensor_dtype)
     assert {p.dtype for p in model.parameters()} == {weights} and torch.get_default_dtype() == torch.float32

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import tome_plus
-from tome_plus import diffrate_search as ds
+from tome_plus.training import diffrate as ds  # the search and its helpers (public: tome_plus.diffrate_search)
 
 from conftest import make
 

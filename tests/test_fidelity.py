@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("onnx", reason="pip install onnx onnxruntime")
 pytest.importorskip("onnxruntime", reason="pip install onnx onnxruntime")
 
-from tome_plus.tools import fidelity, focus_dinov2  # noqa: E402
+from tome_plus.tools import data, fidelity, focus_dinov2  # noqa: E402
 
 try:
     focus_dinov2.onnx_path()
@@ -16,7 +16,7 @@ try:
 except FileNotFoundError:
     HAVE_FOCUS = False
 needs_focus = pytest.mark.skipif(not HAVE_FOCUS, reason=focus_dinov2.INSTALL_HINT)
-needs_fmnist = pytest.mark.skipif(not (fidelity.FASHION_DIR / "t10k-labels-idx1-ubyte.gz").exists(),
+needs_fmnist = pytest.mark.skipif(not (data.FASHION_DIR / "t10k-labels-idx1-ubyte.gz").exists(),
                                   reason="apt-get install dataset-fashion-mnist")
 
 
@@ -43,10 +43,10 @@ def test_read_idx_roundtrip(tmp_path):
     arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     header = b"\x00\x00\x08\x03" + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
     (tmp_path / "a.idx").write_bytes(header + arr.tobytes())
-    np.testing.assert_array_equal(fidelity.read_idx(tmp_path / "a.idx"), arr)
+    np.testing.assert_array_equal(data.read_idx(tmp_path / "a.idx"), arr)
     (tmp_path / "b.idx").write_bytes(b"\x00\x00\x0d\x01" + (1).to_bytes(4, "big") + b"\x00" * 4)
     with pytest.raises(ValueError, match="IDX"):
-        fidelity.read_idx(tmp_path / "b.idx")
+        data.read_idx(tmp_path / "b.idx")
 
 
 @needs_fmnist
@@ -56,7 +56,7 @@ def test_fashion_mnist_subset():
     assert set(labels.tolist()) == set(range(10))
     x = fidelity.to_model_input(images[:2], 224)
     assert x.shape == (2, 3, 224, 224)
-    mean, std = torch.tensor(fidelity.IMAGENET_MEAN), torch.tensor(fidelity.IMAGENET_STD)
+    mean, std = torch.tensor(data.IMAGENET_MEAN), torch.tensor(data.IMAGENET_STD)
     raw = x * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)
     torch.testing.assert_close(raw[:, 0], raw[:, 2])  # grey replicated to RGB
     assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5

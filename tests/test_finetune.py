@@ -10,7 +10,8 @@ from PIL import Image
 
 import tome_plus
 from tome_plus.tools.cli import main
-from tome_plus.tools.finetune import load_finetuned, main as finetune_main, read_checkpoint
+from tome_plus.tools.finetune import main as finetune_main, read_checkpoint
+from tome_plus.tools.models import load_finetuned
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 CLASSES = ["a_class", "b_class", "c_class"]

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from tome_plus.tools import bench, kernel_bench, timing
+from tome_plus.tools import kernel_bench, timing
+from tome_plus.tools.report import kernels_table
 
 from test_bench import fake_capture
 
@@ -13,9 +14,9 @@ TINY_MODEL = ("vit_tiny_patch16_224", {"r": 1}, 1, {"img_size": 64})
 
 
 def feed_interleave(monkeypatch, seconds):
-    """`bench.interleave` (the end-to-end timer) runs each forward once and reports `seconds`,
+    """`timing.interleave` (the end-to-end timer) runs each forward once and reports `seconds`,
     keyed by (variant, "eager" or "graph"), as the times of its calls."""
-    real = bench.interleave
+    real = timing.interleave
 
     def fed(fns, warmup, runs, *args, **kwargs):
         return {key: list(seconds[key]) for key in real(fns, 0, 1, *args, **kwargs)}
@@ -61,7 +62,7 @@ def test_kernel_bench_runs_and_reports_every_row(monkeypatch):
     assert (row["baseline_ms"], row["torch_ms"], row["triton_ms"]) == pytest.approx((12.0, 8.0, 5.0))
     assert (row["speedup_torch"], row["speedup_triton"]) == pytest.approx((1.5, 2.4))  # baseline / patched
     assert row["triton_graph_ms"] is None and row["graph_speedup_triton"] is None and row["graph_errors"] == {}
-    text = kernel_bench.format_report(report)
+    text = kernels_table(report)
     assert "wpr 30 iters" in text and "extra channel" in text and "graphs n/a (CPU)" in text
     lines = text.splitlines()
     line = lambda *words: next(l for l in lines if all(w in l for w in words)).split("  (")[0].split()
@@ -80,7 +81,7 @@ def test_kernel_bench_end_to_end_graphs_share_the_bench_helper(monkeypatch):
     feed_interleave(monkeypatch, {("baseline", "eager"): [0.010], ("torch", "eager"): [0.008],
                                   ("triton", "eager"): [0.005], ("baseline", "graph"): [0.004],
                                   ("torch", "graph"): [0.001]})  # triton's capture fails: no replay to time
-    prec = bench.resolve_precision("cpu", "bfloat16")
+    prec = timing.resolve_precision("cpu", "bfloat16")
     (row,) = kernel_bench.end_to_end_rows(prec, "cpu", [TINY_MODEL], runs=1, graphs=True)
     assert (row["baseline_graph_ms"], row["torch_graph_ms"]) == pytest.approx((4.0, 1.0))
     assert row["triton_graph_ms"] is None
@@ -90,7 +91,7 @@ def test_kernel_bench_end_to_end_graphs_share_the_bench_helper(monkeypatch):
     assert diff["baseline"] == 0.0 and diff["torch"] == pytest.approx(0.5, abs=0.02)  # bf16 rounding
     assert row["graph_errors"]["triton"].startswith("RuntimeError: capture invalidated (after RuntimeError: CUDA")
     assert list(row["graph_errors"]) == ["triton"]
-    text = kernel_bench.format_report({"device": "cpu", "torch": torch.__version__, "dtype": "bfloat16",
+    text = kernels_table({"device": "cpu", "torch": torch.__version__, "dtype": "bfloat16",
                                        "precision": prec.label, "graphs": True, "kernels": [], "attention": [],
                                        "end_to_end": [row]})
     assert "end to end autocast bf16, graphs on" in text

@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 import tome_plus  # noqa: E402
-from tome_plus.kv.a2sf import A2sfLayer, cache_lengths  # noqa: E402
+from tome_plus.kv.engine import PrunedLayer, cache_lengths  # noqa: E402
 
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=200, pad_token_id=0)
@@ -111,7 +111,7 @@ def assert_prefill_keeps(model, ids, mask, budget, want, full):
         model(input_ids=ids, attention_mask=mask, cache=cache)
     assert cache_lengths(cache) == [budget] * TEXT["num_hidden_layers"]
     for i, layer in enumerate(cache.layers):
-        assert isinstance(layer, A2sfLayer)
+        assert isinstance(layer, PrunedLayer)
         for b in range(ids.shape[0]):
             for kv in range(TEXT["num_key_value_heads"]):
                 slots = want[i][b][kv]
@@ -323,7 +323,7 @@ def test_beam_search_reorders_the_scores_with_the_cache():
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, cache=cache)
     layer = cache.layers[0]
-    assert isinstance(layer, A2sfLayer)
+    assert isinstance(layer, PrunedLayer)
     keys, score = layer.keys.clone(), layer.score.clone()
     assert not torch.equal(score[0], score[1])
     cache.reorder_cache(torch.tensor([1, 0]))
@@ -345,3 +345,38 @@ def test_a_later_image_over_a_pruned_cache_is_refused_at_the_llm_site():
         with pytest.raises(ValueError, match="fastv scores new visual tokens against a KV cache that kv='a2sf' pruned"):
             model(input_ids=second["input_ids"], pixel_values=second["pixel_values"],
                   image_sizes=second["image_sizes"], attention_mask=mask, cache=cache)
+
+
+def test_a_policy_is_a_subclass_and_a_registry_line(monkeypatch):
+    """A policy that only names itself scores with the engine's default hooks, H2O's plain
+    accumulation: registered by one line, it keeps what a2sf's `scoring="h2o"` keeps, token for
+    token and slot for slot, and `kv_options` are checked against its own fields."""
+    import dataclasses
+    import sys
+    import types
+
+    from tome_plus import kv
+    from tome_plus.kv.engine import KvPolicy
+
+    @dataclasses.dataclass
+    class Plain(KvPolicy):
+        name = "plain"
+
+    module = types.ModuleType("tome_plus.kv.plain")
+    module.POLICY = Plain
+    monkeypatch.setitem(sys.modules, "tome_plus.kv.plain", module)
+    monkeypatch.setitem(kv.REGISTRY, "plain", "plain")
+    assert "plain" in kv.policy_names()
+    with pytest.raises(TypeError, match="valid options"):
+        kv.make_config("plain", {"forget": 0.5})
+    ids, mask = prompts()
+    caches = {}
+    for name, options in (("plain", {"budget": 20, "every": 3}), ("a2sf", {"budget": 20, "every": 3, "scoring": "h2o"})):
+        model = llama()
+        tome_plus.patch(model, kv=name, kv_options=options)
+        caches[name] = DynamicCache(config=model.config)
+        caches[name + " tokens"] = greedy(model, ids, mask, new=8, cache=caches[name])
+    assert torch.equal(caches["plain tokens"], caches["a2sf tokens"])
+    for mine, theirs in zip(caches["plain"].layers, caches["a2sf"].layers):
+        assert isinstance(mine, PrunedLayer) and torch.equal(mine.keys, theirs.keys)
+        assert torch.equal(mine.valid, theirs.valid) and torch.equal(mine.score, theirs.score)

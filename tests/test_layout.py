@@ -105,20 +105,60 @@ def test_every_command_keeps_its_module_path(tool):
     assert callable(module.main) and callable(module.build_parser)
 
 
-def test_old_module_paths_are_the_moved_modules():
+def test_short_paths_name_the_training_modules_public_functions():
+    """`tome_plus.atp` and `tome_plus.diffrate_search` are modules of their own that import the
+    public names of `training.atp` / `training.diffrate`: the same objects, under the short path."""
     import tome_plus
     from tome_plus import atp, diffrate_search, training
 
-    assert atp is training.atp and tome_plus.atp is atp
-    assert diffrate_search is training.diffrate and tome_plus.diffrate_search is diffrate_search
-    for name in ("cycle", "distributed_world", "broadcast_from_first", "average_gradients"):
-        assert callable(getattr(training, name))
+    assert tome_plus.atp is atp and atp is not training.atp
+    assert tome_plus.diffrate_search is diffrate_search and diffrate_search is not training.diffrate
+    for short, home in ((atp, training.atp), (diffrate_search, training.diffrate)):
+        for name in short.__all__:
+            assert getattr(short, name) is getattr(home, name), f"{short.__name__}.{name}"
     for module, names in ((atp, ("train", "save", "load", "modules")),
-                          (diffrate_search, ("search", "save_schedule", "read_checkpoint", "settings_changed",
-                                             "DiffRateRates", "SearchInterrupted", "full_gmacs", "save", "load")),
+                          (diffrate_search, ("search", "save_schedule", "read_checkpoint", "DiffRateRates",
+                                             "SearchInterrupted", "full_gmacs", "save", "load")),
+                          (training, ("cycle", "distributed_world", "broadcast_from_first", "average_gradients")),
                           (tome_plus.heads, ("save", "load", "module", "name_of"))):
         for name in names:
-            assert hasattr(module, name), f"{module.__name__}.{name}"
+            assert callable(getattr(module, name)), f"{module.__name__}.{name}"
+
+
+def assigns_sys_modules(tree: ast.AST) -> bool:
+    """Whether `tree` writes into `sys.modules`: `sys.modules[...] = ...` (or `del`, `+=`), or a
+    call of its `update`, `setdefault`, `__setitem__` or `pop`."""
+    def is_sys_modules(node: ast.AST) -> bool:
+        return (isinstance(node, ast.Attribute) and node.attr == "modules"
+                and isinstance(node.value, ast.Name) and node.value.id == "sys")
+
+    for node in ast.walk(tree):
+        targets = (node.targets if isinstance(node, (ast.Assign, ast.Delete))
+                   else [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
+        if any(isinstance(t, ast.Subscript) and is_sys_modules(t.value) for t in targets):
+            return True
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and is_sys_modules(node.func.value)
+                and node.func.attr in ("update", "setdefault", "__setitem__", "pop")):
+            return True
+    return False
+
+
+def test_assigns_sys_modules_finds_each_form():
+    for code in ("sys.modules[__name__] = m", "sys.modules['a'] += m", "del sys.modules['a']",
+                 "sys.modules.update(a=m)", "sys.modules.setdefault('a', m)"):
+        assert assigns_sys_modules(ast.parse(code)), code
+    assert not assigns_sys_modules(ast.parse("x = sys.modules['a']; ok = 'a' in sys.modules"))
+
+
+# every file the distribution installs: the package and its kernels (installed as tome_plus.triton_kernels)
+INSTALLED = sorted(ROOT.rglob("*.py")) + sorted((ROOT.parent / "triton_kernels").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", INSTALLED, ids=lambda p: str(p.relative_to(ROOT.parent)))
+def test_no_module_replaces_itself_in_sys_modules(path):
+    """Every module is what its file says: none puts another object in `sys.modules` (a short
+    path is a plain module that imports its home's public names)."""
+    assert not assigns_sys_modules(ast.parse(path.read_text())), f"{path.relative_to(ROOT.parent)} writes sys.modules"
 
 
 def test_ci_runs_the_readme_test_command():

@@ -11,8 +11,8 @@ __all__ = ["patch", "unpatch", "refresh", "methods", "inspect", "Inspection", "v
 
 def __getattr__(name: str):
     # `tome_plus.atp` (ATP training, save/load) needs transformers, `tome_plus.diffrate_search`
-    # timm's training data tools and `tome_plus.vis` PIL: loaded on first use only, so `import
-    # tome_plus` loads neither timm, transformers nor PIL
+    # the training loop (timm when it runs) and `tome_plus.vis` PIL: loaded on first use only, so
+    # `import tome_plus` loads neither timm, transformers nor PIL
     if name in ("atp", "diffrate_search", "vis"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'tome_plus' has no attribute {name!r}")

@@ -37,7 +37,7 @@ def patch(model: nn.Module, method: Optional[str] = None, head: Optional[str] = 
     (between the language model's layers: atp, fastv); None takes the best the model allows.
 
     `kv` (a language model's, a VLM's or a text-only Llama-family LM's) prunes its KV cache while it
-    decodes: `kv="a2sf"` with `kv_options` (`tome_plus.kv.a2sf.A2sfConfig`: budget, forget,
+    decodes: `kv="a2sf"` with `kv_options` (`tome_plus.kv.a2sf.A2sf`: budget, forget,
     recent, scoring, every); alone (`method` None) or with a method.
     """
     if method is None:

@@ -1,8 +1,11 @@
 """`tome_plus.diffrate_search`: DiffRate's rate search (`search`, `save_schedule`, ...).
 
-The code lives in `tome_plus.training.diffrate`; this name is the same module (see its doc)."""
-import sys
+The code lives in `tome_plus.training.diffrate` (see its doc); this module names its public
+functions under the short path. `import tome_plus` loads it on first use only.
+"""
+from .training.diffrate import (LR_SCHEDULES, SIZE_CLAMPS, STRAIGHT_THROUGH, DiffRateRates, SearchInterrupted,
+                                full_gmacs, learning_rate, load, read_checkpoint, save, save_schedule, search,
+                                search_forward)
 
-from .training import diffrate as _diffrate
-
-sys.modules[__name__] = _diffrate
+__all__ = ["search", "save_schedule", "save", "load", "read_checkpoint", "SearchInterrupted", "DiffRateRates",
+           "search_forward", "full_gmacs", "learning_rate", "STRAIGHT_THROUGH", "SIZE_CLAMPS", "LR_SCHEDULES"]

@@ -74,7 +74,7 @@ class PatchInfo:
     last_state: Optional[TokenState] = None
     # the backend's (or its method's) own record; it pickles itself, dropping per-process state
     parts: Optional[Any] = None
-    # a KV-cache policy's config (`tome_plus.kv`, e.g. `A2sfConfig`), or None
+    # a KV-cache policy's config (`tome_plus.kv`: a `KvPolicy`, e.g. `A2sf`), or None
     kv: Optional[Any] = None
     # the backend module that patched the model (its `__name__`; set by `patch`), for what only the
     # family can answer later (`Backend.last_forward`) wherever the record is found

@@ -39,8 +39,8 @@ def prepare(model: nn.Module, reducer, config, method: str, **_) -> PatchInfo:
 
 
 def prepare_kv(model: nn.Module, kv) -> PatchInfo:
-    from ..kv import a2sf
-    a2sf.check_decoder(model.model)
+    from ..kv import engine
+    engine.check_decoder(model.model, kv.name)
     return PatchInfo(method=None, config=None, reducer=None, depth=depth(model), n_prefix=0, has_cls=False,
                      cost=no_cost, kv=kv)
 
@@ -54,8 +54,8 @@ def check_budget(model: nn.Module, info: PatchInfo) -> None:
 
 
 def install(model: nn.Module, info: PatchInfo) -> None:
-    from ..kv import a2sf
-    a2sf.install(model.model, info)
+    from ..kv import engine
+    engine.install(model.model, info)
 
 
 def last_forward(info: PatchInfo) -> Tuple[Optional[Any], Dict[str, Any]]:

@@ -303,7 +303,9 @@ def no_cost(n_tokens: int) -> None:
 
 
 def load_modules(modules: nn.Module, path: str) -> None:
-    """Trained ATP weights (as `tome_plus.atp.save` writes them) into `modules`; marks them trained."""
+    """Trained ATP weights (as `tome_plus.atp.save` writes them) into `modules`; marks them trained.
+    Public: `patch(llava, "atp", weights=path)` (`prepare`) and `tome_plus.atp.load` (the training
+    layer, `training.atp`) both load through it, so the file is checked one way."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     state = saved.get("modules", saved)
     if "layers" in saved and list(saved["layers"]) != list(modules.layers):
@@ -332,8 +334,8 @@ def in_llm(info: PatchInfo) -> bool:
 
 def prepare_kv(model: nn.Module, kv, info: Optional[PatchInfo] = None) -> PatchInfo:
     """The KV policy `kv` for the language model, alone (`info` None) or with the patch `info`."""
-    from ..kv import a2sf
-    a2sf.check_decoder(model.model.language_model, kv.name)
+    from ..kv import engine
+    engine.check_decoder(model.model.language_model, kv.name)
     if info is None:
         info = PatchInfo(method=None, config=None, reducer=None, depth=len(model.model.language_model.layers),
                          n_prefix=0, has_cls=False, cost=no_cost, parts=LlavaParts(site=None))
@@ -356,8 +358,8 @@ def install(model: nn.Module, info: PatchInfo) -> None:
         if info.modules is not None:
             attach(model, MODULES_ATTR, info.modules, info)
     if info.kv is not None:
-        from ..kv import a2sf
-        a2sf.install(model.model.language_model, info)
+        from ..kv import engine
+        engine.install(model.model.language_model, info)
     swap_class(model.model, FittingInner, info)
     tag(model.model, info)
     swap_class(model, FittingLlava, info)
@@ -505,7 +507,12 @@ def cache_argument(get: Callable[[str], Any]):
 def fit_call(model: nn.Module, args: Dict[str, Any], extra: Dict[str, Any], left: Optional[bool] = None
              ) -> Optional[Dict[str, Any]]:
     """Fit the prompt of one forward/generate call (its arguments by name, `extra` its **kwargs)
-    in place; returns `fit_prompt`'s result, or None where there was nothing to fit."""
+    in place; returns `fit_prompt`'s result, or None where there was nothing to fit.
+
+    Public: besides the patched forward and generate, the lmms-eval model
+    (`tome_plus.integrations.lmms_eval`) calls it after a forward, on a copy of that call's
+    arguments, for `"moved"` (where each kept token went), to give the logits back at the caller's
+    positions."""
     get = argument_getter(args, extra)
     ids, embeds = get("input_ids"), get("inputs_embeds")
     if ids is None and embeds is None:
@@ -528,8 +535,8 @@ def check_cache(args: Dict[str, Any], extra: Dict[str, Any]) -> None:
     mask, tokens = get("attention_mask"), get("input_ids") if get("input_ids") is not None else get("inputs_embeds")
     if not isinstance(cache, DynamicCache) or mask is None or tokens is None or cache.get_seq_length() == 0:
         return
-    from ..kv.a2sf import A2sfLayer
-    if any(isinstance(layer, A2sfLayer) for layer in cache.layers):
+    from ..kv.engine import PrunedLayer
+    if any(isinstance(layer, PrunedLayer) for layer in cache.layers):
         return  # a KV policy keeps (or pruned) it: its length says nothing about the conversation
     if mask.shape[1] != cache.get_seq_length() + tokens.shape[1]:
         raise ValueError(f"attention_mask covers {mask.shape[1]} tokens, but the cache holds {cache.get_seq_length()} "

@@ -121,6 +121,24 @@ def calling(**fields) -> Iterator[LlmCall]:
         CALL.reset(token)
 
 
+def current_inputs() -> Optional[LlmInputs]:
+    """The `LlmInputs` of the VLM forward running now (None outside one): what a hook on the
+    language model reads to run it alone later as inside that forward (`running_with`)."""
+    return SCOPE.get()
+
+
+@contextlib.contextmanager
+def running_with(inputs: LlmInputs) -> Iterator[LlmInputs]:
+    """Within the block the language model, called alone, runs as inside the VLM forward that
+    built `inputs` (a copy with fresh records of what each site kept): `tome-plus bench --hf`
+    times the LLM alone this way."""
+    token = SCOPE.set(replace(inputs, kept=[], positions=[]))
+    try:
+        yield SCOPE.get()
+    finally:
+        SCOPE.reset(token)
+
+
 @contextlib.contextmanager
 def collecting() -> Iterator[List[LlmInputs]]:
     """ATP training: LLaVA forwards within the block run the modules' soft masks (nothing removed)

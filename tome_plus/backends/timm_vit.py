@@ -160,18 +160,12 @@ class ReducingViT:
                 taken.append((x, state))
         return x, state, taken
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
-        x = self._pos_embed(x)
-        x = self.patch_drop(x)
-        return self.norm_pre(x)
-
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
         if is_fx_proxy(x):
             return fx_original(self, get_info(self), static_tokens(self), "forward", x, attn_mask, is_causal)
         _no_masks(attn_mask, is_causal)
-        x, state, _ = self._run_blocks(self._embed(x))
+        x, state, _ = self._run_blocks(embed(self, x))
         info = get_info(self)
         if info.head is not None:  # it replaces the final norm and the model's head
             info.last_state = _for_inspect(state)
@@ -194,7 +188,7 @@ class ReducingViT:
             return fx_original(self, get_info(self), static_tokens(self), "forward_features", x, attn_mask,
                                is_causal)
         _no_masks(attn_mask, is_causal)
-        x, state, _ = self._run_blocks(self._embed(x))
+        x, state, _ = self._run_blocks(embed(self, x))
         x = self.norm(x)
         info = get_info(self)
         info.parts.remember(x, state.size, state.head)
@@ -250,7 +244,7 @@ class ReducingViT:
         assert output_fmt in ("NCHW", "NLC"), "Output format must be one of NCHW or NLC."
         take, max_index = feature_take_indices(len(self.blocks), indices)
         batch, _, height, width = x.shape
-        x, state, taken = self._run_blocks(self._embed(x), trace=True, take=list(take),
+        x, state, taken = self._run_blocks(embed(self, x), trace=True, take=list(take),
                                            stop=max_index if stop_early else None)
         get_info(self).last_state = _for_inspect(state)
         p = self.num_prefix_tokens
@@ -281,6 +275,17 @@ def _no_masks(attn_mask, is_causal) -> None:
     if attn_mask is not None or is_causal:
         raise ValueError("attn_mask/is_causal cannot follow tokens through a reduction; "
                          "call tome_plus.unpatch(model) for masked attention")
+
+
+def embed(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """The tokens a timm ViT's first block gets from images `x`: patch embedding, position (and
+    prefix tokens), patch dropout, `norm_pre`, as timm's `forward_features` has them. Runs on a
+    patched or unpatched model; the patched forwards start from it, and so does code that runs
+    timm's blocks itself (DiffRate's search, `tome_plus.diffrate_search.search_forward`)."""
+    x = model.patch_embed(x)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    return model.norm_pre(x)
 
 
 def attention_branch(blk: Block, x: torch.Tensor, attend) -> torch.Tensor:

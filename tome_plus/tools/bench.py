@@ -29,23 +29,16 @@ import torch
 from tqdm.auto import tqdm
 
 import tome_plus
+from tome_plus.kv import policy_names
 
 from . import bench_hf
 from .common import (Parser, UsageError, add_method_args, check_device, check_method, cli_errors, fill_defaults,
                      int_at_least, method_options, prepare_output, refuse_unread, startup_errors)
 from .flops import count_flops
 from .hf_shapes import check_shape, shapes_help
-from .models import input_size, shared_copy  # noqa: F401  (shared_copy: re-exported)
+from .models import input_size
 from .report import bench_csv as write_csv, bench_table as format_table, device_name, kernels_table, save_json
-from .report import graph_summary, hf_csv as write_hf_csv, hf_table as format_hf_table  # noqa: F401
-from .timing import (DTYPES, PRECISIONS, Precision, peak_memory_mib, resolve_graphs, resolve_precision,
-                     time_forwards)
-# moved to `timing`, `bench_hf`, `report` and `models`: still importable from here
-from .timing import (SHORT, Forward, Timing, autocast_supported, capture_graph, interleave,  # noqa: F401
-                     resolve_hf_precision)
-from .bench_hf import (HF_PARTS, HFMeasurement, image_features, llava_flops,  # noqa: F401
-                       llava_prefill, llm_inputs, llm_prefill, main_hf, run_hf_bench)
-from .report import cpu_name as _cpu_name  # noqa: F401
+from .timing import DTYPES, PRECISIONS, peak_memory_mib, resolve_graphs, resolve_precision, time_forwards
 
 PROG = "tome-plus bench"
 DEFAULT_MODEL = "vit_base_patch16_224"
@@ -152,7 +145,7 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
                         help="--hf: where the method reduces (tome_plus.patch's site; default: the best the "
                              "model allows: tower for vision methods on LLaVA-1.5, features on LLaVA-NeXT "
                              "and Qwen, llm for atp and fastv)")
-    parser.add_argument("--kv", choices=("a2sf",), default=None,
+    parser.add_argument("--kv", choices=policy_names(), default=None,
                         help="--hf: decode --new-tokens with the KV policy against the full cache (decode tokens/s, "
                              "KV memory, greedy agreement); see --kv-option")
     parser.add_argument("--kv-option", action="append", default=[], metavar="KEY=VALUE",

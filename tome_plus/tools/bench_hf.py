@@ -12,7 +12,7 @@ import argparse
 import inspect
 import statistics
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -62,7 +62,7 @@ def llm_inputs(model: torch.nn.Module, inputs: Dict[str, Any]) -> Dict[str, Any]
     def record(module: torch.nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
         seen.update({k: kwargs.get(k) for k in ("inputs_embeds", "attention_mask", "position_ids")})
         if "tome_plus.backends.hf_llm" in sys.modules:  # ATP: which tokens are visual, for its modules
-            seen["_atp_scope"] = sys.modules["tome_plus.backends.hf_llm"].SCOPE.get()
+            seen["_atp_scope"] = sys.modules["tome_plus.backends.hf_llm"].current_inputs()
     handle = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         llava_prefill(model, inputs)
@@ -81,11 +81,8 @@ def llm_prefill(model: torch.nn.Module, llm_kwargs: Dict[str, Any]) -> torch.Ten
     if scope is None:
         return model.lm_head(model.model.language_model(**kwargs)[0][:, -1:])
     from ..backends import hf_llm
-    token = hf_llm.SCOPE.set(replace(scope, kept=[], positions=[]))
-    try:
+    with hf_llm.running_with(scope):
         return model.lm_head(model.model.language_model(**kwargs)[0][:, -1:])
-    finally:
-        hf_llm.SCOPE.reset(token)
 
 
 def llava_flops(model: torch.nn.Module, inputs: Dict[str, Any]) -> Dict[str, int]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib
 import json
 import os
 import sys
@@ -389,15 +388,3 @@ def parse_options(items, option: str = "--option") -> Dict[str, Any]:
         options[key.strip()] = _literal(value.strip())
     return options
 
-
-# names that lived here before the tools' shared modules took them: still importable from here
-_MOVED = {"DTYPES": "timing", "PeakMemory": "timing", "save_json": "report", "describe": "report",
-          "load_backbone": "models", "setup_distributed": "..training.distributed",
-          "teardown_distributed": "..training.distributed"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        where = _MOVED[name]
-        return getattr(importlib.import_module(where if where.startswith("..") else "." + where, __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

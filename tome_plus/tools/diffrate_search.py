@@ -36,14 +36,13 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
+from ..training.checkpoint import settings_changed
 from ..training.distributed import setup_distributed, teardown_distributed
 from .common import (FASHION, Parser, UsageError, check_device, cli_errors, data_mode, fill_defaults, int_at_least,
                      prepare_output, refuse_unread, startup_errors)
 from .data import (IMAGENET_MEAN, IMAGENET_STD, FashionTrain, LoaderBatches, fashion_batches, fashion_epoch_steps,
                    folder_dataset, train_transform)
 from .models import load_backbone
-# moved to `data`: still importable from here
-from .data import folder_batches  # noqa: F401
 
 PROG = "tome-plus diffrate-search"
 # the augmentation options' defaults (the authors'); --no-augment reads none of them
@@ -85,7 +84,7 @@ def check_resume(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     path = args.out + ".state"
     state = searcher.read_checkpoint(path)  # unreadable: a failure (exit status 1)
     saved = state["settings"].get("about", {})
-    changed = searcher.settings_changed(saved, settings_of(args))
+    changed = settings_changed(saved, settings_of(args))
     if changed:
         raise UsageError(f"--resume: {path} was searched with other settings ({'; '.join(changed)}); resume with "
                          "its settings, or pass --overwrite to start afresh")

@@ -14,7 +14,7 @@ transforms for the model. Under `torchrun` each process evaluates its own shard 
 padded or duplicated), the counts are all-reduced and rank 0 prints and writes the result; on CPU
 the processes talk through gloo. Unreadable or truncated images are skipped and counted. Links are
 followed, and each image file counts once, under the class folder it really lies in (see
-`scan_image_folder`).
+`tome_plus.tools.data.scan_image_folder`).
 """
 from __future__ import annotations
 
@@ -40,9 +40,6 @@ from .data import FashionMnist, SafeImageFolder, ShardSampler, collate
 from .flops import count_flops
 from .models import check_patchable, load_finetuned, load_model, read_finetuned, unpatched_twin
 from .report import eval_line as format_result, save_json
-# moved to `data` and `models`: still importable from here
-from .data import scan_image_folder  # noqa: F401
-from .models import classifier_key  # noqa: F401
 
 PROG = "tome-plus eval"
 

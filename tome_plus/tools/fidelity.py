@@ -34,8 +34,6 @@ from .data import fashion_mnist, to_model_input
 from .flops import count_flops
 from .models import load_dinov2
 from .report import cpu_name, fidelity_plot as plot, fidelity_table as format_table, save_json
-# moved to `data`: still importable from here
-from .data import FASHION_CLASSES, FASHION_DIR, IMAGENET_MEAN, IMAGENET_STD, read_idx  # noqa: F401
 
 PROG = "tome-plus fidelity"
 

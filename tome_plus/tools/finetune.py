@@ -48,11 +48,9 @@ from .common import (FASHION, Parser, UsageError, add_method_args, check_checkpo
                      parse_options, prepare_output, refuse_unread, startup_errors)
 from .data import LoaderBatches, SafeImageFolder, fashion_batches, folder_dataset
 from .models import (FINETUNE_FORMAT as FORMAT, FINETUNE_SETTINGS as SETTINGS, build_finetuned as build_model,
-                     load_finetuned, read_finetuned as read_checkpoint, trainable_module, unpatched_twin)
+                     read_finetuned as read_checkpoint, trainable_module)
 
 PROG = "tome-plus finetune"
-__all__ = ["main", "run", "build_parser", "build_model", "load_finetuned", "read_checkpoint", "trainable_module",
-           "unpatched_twin", "FORMAT"]
 
 
 def replaced_by_head(model: nn.Module) -> List[nn.Parameter]:

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from .common import UsageError
 from .models import input_size
-from .report import kernels_table as format_report  # noqa: F401  (the report's table, by its old name)
 from .timing import Forward, Precision, resolve_graphs, resolve_precision, time_forwards, time_ms
 
 SHAPES = {  # name: (batch, tokens, width, heads)

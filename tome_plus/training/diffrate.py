@@ -211,11 +211,11 @@ def search_forward(model: nn.Module, images: torch.Tensor, rates: DiffRateRates,
     says. With rates that keep every token it is the unpatched model; with rates on one schedule
     and `size_clamp="total"` it computes what `tome_plus.patch(model, "diffrate", ...)` runs.
     """
-    from ..backends.timm_vit import ReducingViT, attention_branch, mlp_branch
+    from ..backends.timm_vit import attention_branch, embed, mlp_branch
 
     check_modes(straight_through, size_clamp)
     authors = straight_through == "authors"
-    x = ReducingViT._embed(model, images)  # patch embedding, position, patch dropout, norm_pre
+    x = embed(model, images)  # patch embedding, position, patch dropout, norm_pre
     batch, n, dim = x.shape
     p = rates.n_prefix
     alive = x.new_ones(batch, n)  # product of the masks so far (hard forward, soft backward)
@@ -334,9 +334,6 @@ class SearchInterrupted(KeyboardInterrupt):
         self.done, self.steps, self.saved, self.checkpoint = done, steps, saved, checkpoint
 
 
-settings_changed = ckpt.settings_changed  # `key: saved there, current here` for each setting that differs
-
-
 def read_checkpoint(path: str, device: Any = "cpu") -> Dict[str, Any]:
     """A search checkpoint; ValueError for a file that is not one of this version's."""
     return ckpt.read(path, device=device, format=FORMAT, errors=(EOFError, RuntimeError, pickle.UnpicklingError),
@@ -439,7 +436,7 @@ def _search(model, batches, gflops, steps, config, checkpoint, resume, progress,
         if not checkpoint or not os.path.exists(checkpoint):
             raise FileNotFoundError(f"resume: there is no checkpoint {checkpoint!r} to continue")
         state = read_checkpoint(checkpoint, device)
-        changed = settings_changed(state["settings"], settings)
+        changed = ckpt.settings_changed(state["settings"], settings)
         if changed:
             raise ValueError(f"resume: {checkpoint} was searched with other settings ({'; '.join(changed)})")
         if state["step"] > steps:
