@@ -142,3 +142,24 @@ def test_a_torchvision_that_does_not_match_torch_is_one_line_from_the_console_sc
     proc = subprocess.run([sys.executable, "-c", "import sys; from tome_plus.tools.cli import main; sys.exit(main())",
                            "bench", "--r", "8"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and matching_pair() in proc.stderr
+
+
+def test_ctrl_c_while_torch_loads_under_the_command_is_one_line(tmp_path):
+    """The console script imports `tome_plus` (and so torch) before any tool code runs: a Ctrl-C
+    then is one line and 130 too; under any other program it stays a KeyboardInterrupt."""
+    hook = ("import sys\n"
+            "class Stop:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'tome_plus.api':\n"
+            "            raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, Stop())\n"
+            "from tome_plus.tools.cli import main\n"
+            "sys.exit(main())\n")
+    for name in ("tome-plus", "other"):
+        script = tmp_path / name
+        script.write_text(hook)
+        out = subprocess.run([sys.executable, str(script), "bench"], capture_output=True, text=True, timeout=120)
+        if name == "tome-plus":
+            assert out.returncode == 130 and out.stderr == "tome-plus: interrupted: stopped before it started\n"
+        else:  # Python's own: the traceback, and death by SIGINT
+            assert out.returncode != 0 and out.stderr.rstrip().endswith("KeyboardInterrupt")
