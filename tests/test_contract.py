@@ -1,5 +1,4 @@
 """The backend contract: every registered backend answers every member of `contract.Backend`."""
-import importlib
 import types
 
 import pytest
@@ -13,10 +12,10 @@ from tome_plus.methods import get_method, method_names
 def registered():
     """The registered backend modules whose package is installed."""
     modules = []
-    for name, package in REGISTRY:
-        if package is not None:
-            pytest.importorskip(package)
-        modules.append(importlib.import_module(f"tome_plus.backends.{name}"))
+    for entry in REGISTRY:
+        if entry.package is not None:
+            pytest.importorskip(entry.package)
+        modules.append(REGISTRY.get(entry.name))
     return modules
 
 
@@ -25,12 +24,12 @@ def test_contract_names_capabilities_and_functions():
             "model_name", "check_budget", "install", "last_forward"} <= set(contract.members())
 
 
-@pytest.mark.parametrize("entry", REGISTRY, ids=[name for name, _ in REGISTRY])
+@pytest.mark.parametrize("entry", list(REGISTRY), ids=[entry.name for entry in REGISTRY])
 def test_every_registered_backend_satisfies_the_contract(entry):
-    name, package = entry
-    if package is not None:
-        pytest.importorskip(package)
-    backend = importlib.import_module(f"tome_plus.backends.{name}")
+    name = entry.name
+    if entry.package is not None:
+        pytest.importorskip(entry.package)
+    backend = REGISTRY.get(name)
     assert contract.missing(backend) == [], f"{name} lacks {contract.missing(backend)}"
     assert isinstance(backend.KIND, str) and isinstance(backend.FAMILY, str)
     assert isinstance(backend.HEADS, bool) and isinstance(backend.LLM_METHODS, bool)

@@ -347,7 +347,7 @@ def test_a_later_image_over_a_pruned_cache_is_refused_at_the_llm_site():
                   image_sizes=second["image_sizes"], attention_mask=mask, cache=cache)
 
 
-def test_a_policy_is_a_subclass_and_a_registry_line(monkeypatch):
+def test_a_policy_is_a_subclass_and_a_registry_line(monkeypatch, request):
     """A policy that only names itself scores with the engine's default hooks, H2O's plain
     accumulation: registered by one line, it keeps what a2sf's `scoring="h2o"` keeps, token for
     token and slot for slot, and `kv_options` are checked against its own fields."""
@@ -365,7 +365,8 @@ def test_a_policy_is_a_subclass_and_a_registry_line(monkeypatch):
     module = types.ModuleType("tome_plus.kv.plain")
     module.POLICY = Plain
     monkeypatch.setitem(sys.modules, "tome_plus.kv.plain", module)
-    monkeypatch.setitem(kv.REGISTRY, "plain", "plain")
+    kv.REGISTRY.register("plain", "tome_plus.kv.plain:POLICY", package="transformers")
+    request.addfinalizer(lambda: kv.REGISTRY.unregister("plain"))
     assert "plain" in kv.policy_names()
     with pytest.raises(TypeError, match="valid options"):
         kv.make_config("plain", {"forget": 0.5})

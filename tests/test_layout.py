@@ -61,7 +61,7 @@ def test_no_tool_imports_another_tool(path):
 
 
 LOWER = ["api.py", "state.py", "schedule.py", "merging.py", "reduce.py", "prop_attn.py", "precision.py",
-         "warn.py", "vis.py", "methods", "backends", "heads"]
+         "warn.py", "vis.py", "registry.py", "methods", "backends", "heads"]
 
 
 def top_level(path: Path):

@@ -248,7 +248,7 @@ def test_class_attention_signal(images):
     """A method asking for `cls_attn` gets the class token's softmax row; no class token is an
     error at `patch` (not in the middle of inference), and leaves the model unpatched."""
     from tome_plus.merging import Plan
-    from tome_plus.methods.base import Reducer, _REGISTRY, register
+    from tome_plus.methods.base import REGISTRY, Reducer, register
 
     seen = []
 
@@ -284,4 +284,4 @@ def test_class_attention_signal(images):
             tome_plus.patch(no_cls, "_test_cls_probe", r=[4])
         assert get_info(no_cls) is None
     finally:
-        _REGISTRY.pop("_test_cls_probe")
+        REGISTRY.unregister("_test_cls_probe")

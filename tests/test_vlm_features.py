@@ -189,7 +189,7 @@ def test_site_errors_name_the_fix():
     with pytest.raises(ValueError, match="site='tower' or 'features'"):
         tome_plus.patch(model, "tome", site="llm", r=2)
     for options in ({"flops": 0.5}, {}):  # the site is named before DiffRate asks for its budget
-        with pytest.raises(ValueError, match="site='features' runs tome, pitome, zero_tprune, not 'diffrate'"):
+        with pytest.raises(ValueError, match="site='features' runs pitome, tome, zero_tprune, not 'diffrate'"):
             tome_plus.patch(model, "diffrate", site="features", **options)
     with pytest.raises(ValueError, match="give tokens= .*not flops=0.5"):
         tome_plus.patch(model, "tome", site="features", flops=0.5)

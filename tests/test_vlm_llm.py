@@ -231,3 +231,49 @@ def test_static_cache_refusal_names_the_method_and_site(method, options):
     model.generation_config.cache_implementation = "static"
     with pytest.raises(ValueError, match=f"cache_implementation='static'; '{method}' at site='{site}' keeps"):
         tome_plus.patch(model, method, **options)
+
+
+def test_an_llm_method_is_one_class_and_a_registry_line():
+    """A method written against `LlmReducer` alone (FastV's paper rule re-expressed: the prompt's
+    mean attention after the first layer, the top half of the visual tokens kept) runs through the
+    one decoder loop and equals `fastv` token for token, with no other file touched."""
+    from dataclasses import dataclass
+    from typing import ClassVar, Dict
+
+    from tome_plus.methods import base
+    from tome_plus.methods.atp import top_fraction
+
+    @dataclass
+    class HalfConfig(base.ReductionConfig):
+        default_budget: ClassVar[Dict[str, object]] = {"keep": 0.5}
+        default_prop_attn: ClassVar[bool] = False
+
+    class MeanHalf(base.LlmReducer):
+        name = "test_mean_half"
+        config_class = HalfConfig
+
+        def sites(self, depth):
+            return [0]
+
+        def query_weights(self, visual, instruction, valid, prompt):
+            q = (prompt & valid).float()
+            return (q / q.sum(dim=1, keepdim=True)).unsqueeze(1)
+
+        def select(self, site):
+            score = torch.where(site.visual, site.received[:, 0], torch.zeros_like(site.received[:, 0]))
+            return top_fraction(score, site.candidates, self.config.keep)
+
+    base.register(MeanHalf)
+    try:
+        outs = {}
+        for method, options in (("test_mean_half", {}), ("fastv", {"k": 1, "keep": 0.5})):
+            model = llava_next()
+            pixels, counts = images(model)
+            ids, mask = batch(counts)
+            tome_plus.patch(model, method, **options)
+            outs[method] = (greedy(model, ids, mask, pixels, SIZES), tome_plus.inspect(model).llm_kept)
+    finally:
+        base.REGISTRY.unregister("test_mean_half")
+    (mine, my_kept), (theirs, their_kept) = outs.values()
+    assert torch.equal(mine, theirs) and torch.equal(my_kept[0], their_kept[0])
+    assert my_kept[0].tolist() == [math.ceil(0.5 * n) for n in counts]

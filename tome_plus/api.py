@@ -10,7 +10,7 @@ import torch.nn as nn
 from .backends import backend_of, find_backend
 from . import heads
 from .backends.base import ATTR, attach, drop_scratch, get_info, restore_classes
-from .methods import get_method, method_names
+from .methods import REGISTRY as METHODS, get_method, method_names
 from .state import binary_source
 
 
@@ -66,11 +66,7 @@ def patch(model: nn.Module, method: Optional[str] = None, head: Optional[str] = 
         raise TypeError("head_options need a head, e.g. head='clca'")
     head_config = heads.make_config(head, head_options) if head is not None else None
     reducer_cls = get_method(method)
-    config_cls = reducer_cls.config_class
-    valid = config_cls.option_names()
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise TypeError(f"unknown option(s) {unknown} for method {method!r}; valid options: {valid}")
+    config_cls = METHODS.check_options(method, options)  # built once the site is known (below)
     backend = find_backend(model)
     if site is not None and not backend.SITES:
         raise TypeError(f"site={site!r} places a method in a vision-language model; {type(model).__name__} "
@@ -115,7 +111,7 @@ def _build_head(model: nn.Module, backend, info, name: str, config) -> nn.Module
     """The head for the blocks that reduce at the model's default input (weights loaded if given)."""
     removals = info.removals(backend.default_tokens(model))
     reducing = [layer for layer, r in enumerate(removals) if r > 0]
-    module = heads.HEADS[name][1](model, config, reducing, info.depth)
+    module = heads.REGISTRY.get(name).build(model, config, reducing, info.depth)
     if config.weights is not None:
         heads.load_into(module, name, config.weights)
     return module.train(model.training)

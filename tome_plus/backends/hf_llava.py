@@ -34,7 +34,6 @@ from transformers import (DynamicCache, LlavaForConditionalGeneration, LlavaNext
                           Qwen2VLForConditionalGeneration, VipLlavaForConditionalGeneration)
 
 from ..methods.base import ReductionConfig, Reducer
-from ..warn import warn_caller
 from . import base, hf_clip, hf_llm
 from .base import PatchInfo, adopt, attach, get_info, original_class, swap_class, tag
 
@@ -170,14 +169,22 @@ def check_site(model: nn.Module, reducer: Union[Reducer, Type[Reducer]], site: O
         raise ValueError(f"method {reducer.name!r} prunes inside the language model: site='llm'")
     if reducer.target != "llm" and site == "llm":
         raise ValueError(f"method {reducer.name!r} reduces vision tokens: site='tower' or 'features'; inside the "
-                         f"language model prune with 'atp' or 'fastv'")
+                         f"language model prune with {', '.join(map(repr, methods_at('llm')))}")
     if site == "tower" and packed(model):
         raise ValueError(f"{name} {PACKED[model.config.model_type]}: a method in the vision tower would break that. "
                          f"On this model reduce the image features (site='features': "
-                         f"{', '.join(hf_llm.FEATURE_METHODS)}) or prune inside the language model ('atp', 'fastv')")
-    if site == "features" and reducer.name not in hf_llm.FEATURE_METHODS:
-        raise ValueError(f"site='features' runs {', '.join(hf_llm.FEATURE_METHODS)}, not {reducer.name!r}")
+                         f"{', '.join(methods_at('features'))}) or prune inside the language model "
+                         f"({', '.join(map(repr, methods_at('llm')))})")
+    if site not in reducer.vlm_sites:
+        raise ValueError(f"site={site!r} runs {', '.join(methods_at(site))}, not {reducer.name!r}")
     return site
+
+
+def methods_at(site: str) -> List[str]:
+    """The registered methods that declare `site` among their `vlm_sites`."""
+    from ..methods import get_method, method_names
+
+    return [name for name in method_names() if site in get_method(name).vlm_sites]
 
 
 def prepare(model: nn.Module, reducer: Reducer, config: ReductionConfig, method: str,
@@ -233,55 +240,33 @@ def prepare_features(model: nn.Module, reducer: Reducer, config: ReductionConfig
 def prepare_llm(model: nn.Module, reducer: Reducer, config: ReductionConfig, method: str) -> PatchInfo:
     """A method that prunes inside the language model (ATP, FastV), with the tower's own method if
     asked (ATP)."""
-    from ..methods import get_method
-    from ..methods.atp import Atp, AtpModules, default_layers, module_fraction
     llm = check_decoder(model, hf_llm.method_at(method, "llm"))
-    n_layers = len(llm.layers)
-    if not isinstance(reducer, Atp):  # no trainable modules (FastV): the reducer names its layers
-        reducer.layers(n_layers)  # validates them against the depth
-        checked = config.tokens is not None and count_known(model)
-        if checked:
-            tokens_per_image(model, config.tokens)
-        return PatchInfo(method=method, config=config, reducer=reducer, depth=n_layers, n_prefix=0, has_cls=False,
-                         cost=no_cost, parts=LlavaParts(site="llm", tokens_checked=checked))
-    layers = config.layers if config.layers is not None else default_layers(n_layers)
-    if layers[-1] >= n_layers - 1:
-        raise ValueError(f"ATP modules go after decoder layers 0..{n_layers - 2} (a module after the last layer "
-                         f"would prune nothing that is used), got {config.layers}")
-    tower_info = None
-    if config.tower is not None:
-        options = dict(config.tower)
-        tower_cls = get_method(options.pop("method"))
-        if tower_cls.target == "llm":
-            raise ValueError(f"tower method {tower_cls.name!r} does not run in a vision tower")
-        tower_reducer = tower_cls(tower_cls.config_class(**options))
-        tower_reducer.for_family(KIND)
-        tower_info = hf_clip.prepare(tower(model), tower_reducer, tower_reducer.config, tower_cls.name,
-                                     reduce_depth=feature_depth(model))
-        tower_info.backend = hf_clip.__name__  # found on the tower's encoder: a tower record
-    info = PatchInfo(method=method, config=config, reducer=reducer, depth=n_layers, n_prefix=0, has_cls=False,
-                     cost=no_cost, parts=LlavaParts(site="llm", tower=tower_info))
-    if config.tokens is not None:
-        if packed(model):
-            raise ValueError(f"ATP's tokens= is a fraction of a fixed image-token count per image, which "
-                             f"{type(model).__name__}'s images (anyres: each its own count) do not have; use keep=")
-        config.keep = atp_keep(model, config.tokens, tower_info)
-    fraction = module_fraction(config.keep, layers, n_layers)
-    if fraction == 0.0:
-        warn_caller(f"keep={config.keep} is at or below what ATP reaches with modules after layers {layers} of "
-                    f"{n_layers} (the layers up to the first module see every visual token): the modules prune "
-                    f"every visual token; move the first module earlier (layers=...) or raise keep")
-    info.modules = AtpModules(layers, llm.config.hidden_size, config.hidden, fraction).to(
-        device=llm.norm.weight.device)
-    if config.weights is not None:
-        load_modules(info.modules, config.weights)
+    reducer.sites(len(llm.layers))  # the layers its options name, against the depth
+    tower_info = prepare_llm_tower(model, config.tower) if getattr(config, "tower", None) is not None else None
+    # where every image puts the same count into the LLM, a `tokens=` budget is checked against it now
+    per_image = tokens_per_image(model, config.tokens or 0, tower_info) if count_known(model) else None
+    info = PatchInfo(method=method, config=config, reducer=reducer, depth=len(llm.layers), n_prefix=0,
+                     has_cls=False, cost=no_cost,
+                     parts=LlavaParts(site="llm", tower=tower_info, tokens_checked=per_image is not None))
+    info.modules = reducer.prepare(llm, info, per_image)
     return info
 
 
-def atp_keep(model: nn.Module, tokens: int, tower_info: Optional[PatchInfo]) -> float:
-    """ATP's `tokens` (visual tokens per image, averaged over the LLM's layers) as its `keep`
-    fraction of the image tokens one image puts into the LLM (`tokens_per_image`)."""
-    return tokens / tokens_per_image(model, tokens, tower_info)
+def prepare_llm_tower(model: nn.Module, options: dict) -> PatchInfo:
+    """The tower's own record where an LLM method asks for a vision method in the tower too
+    (ATP's `tower={"method": "tome", "r": 8}`)."""
+    from ..methods import get_method
+
+    options = dict(options)
+    tower_cls = get_method(options.pop("method"))
+    if tower_cls.target == "llm":
+        raise ValueError(f"tower method {tower_cls.name!r} does not run in a vision tower")
+    tower_reducer = tower_cls(tower_cls.config_class(**options))
+    tower_reducer.for_family(KIND)
+    tower_info = hf_clip.prepare(tower(model), tower_reducer, tower_reducer.config, tower_cls.name,
+                                 reduce_depth=feature_depth(model))
+    tower_info.backend = hf_clip.__name__  # found on the tower's encoder: a tower record
+    return tower_info
 
 
 def tokens_per_image(model: nn.Module, tokens: int, tower_info: Optional[PatchInfo] = None) -> int:
@@ -300,22 +285,6 @@ def tokens_per_image(model: nn.Module, tokens: int, tower_info: Optional[PatchIn
 def no_cost(n_tokens: int) -> None:
     """ATP's counts are decided per instance at run time: there is no schedule to solve."""
     return None
-
-
-def load_modules(modules: nn.Module, path: str) -> None:
-    """Trained ATP weights (as `tome_plus.atp.save` writes them) into `modules`; marks them trained.
-    Public: `patch(llava, "atp", weights=path)` (`prepare`) and `tome_plus.atp.load` (the training
-    layer, `training.atp`) both load through it, so the file is checked one way."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    state = saved.get("modules", saved)
-    if "layers" in saved and list(saved["layers"]) != list(modules.layers):
-        raise ValueError(f"{path} holds ATP modules for decoder layers {list(saved['layers'])}, not "
-                         f"{list(modules.layers)}: patch with layers={list(saved['layers'])}")
-    missing, unexpected = modules.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit these ATP modules (layers, widths): missing {missing}, "
-                         f"unexpected {unexpected}")
-    modules.trained.fill_(True)
 
 
 def check_budget(model: nn.Module, info: PatchInfo) -> None:
@@ -351,7 +320,7 @@ def install(model: nn.Module, info: PatchInfo) -> None:
             hf_clip.install(tower(model), info.parts.tower)
             adopt(info, info.parts.tower)  # unpatch and refresh of the model cover the tower
         llm = model.model.language_model
-        swap_class(llm, hf_llm.AtpDecoder, info)
+        swap_class(llm, hf_llm.PruningDecoder, info)
         tag(llm, info)
         for layer in llm.layers:  # the decoder routes their attention (`hf_llm.routed_attention`)
             swap_class(layer.self_attn, hf_llm.RoutedAttention, info)

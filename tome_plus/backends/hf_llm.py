@@ -1,10 +1,11 @@
 """HF transformers backend: the language model of a LLaVA-style model (Llama-family decoders:
-`LlamaModel` and the models built like it), where ATP and FastV prune visual tokens between layers.
+`LlamaModel` and the models built like it), where methods prune visual tokens between layers.
 
-Both run through the same loop: the reducer scores the visual tokens from one layer's attention
-(`reducer.score`) and decides which stay (`reducer.decide`); ATP with its trainable modules after
-the layers they name (`info.modules`), FastV after the one layer it names (`reducer.layers`).
-Below, "a module" stands for either's pruning site.
+Every method that prunes inside the language model (ATP, FastV) runs through one loop
+(`PruningDecoder`) and one contract (`methods.base.LlmReducer`): after each of its `sites` the
+attention the tokens received, summed with the method's `query_weights`, and the hidden states go
+to its `select` (an `LlmSite`), which says which tokens stay. Below, "a module" stands for a
+pruning site.
 
 A patched decoder runs HF's own decoder layers and prunes between them. Before the first module
 the layers see what HF gives them (its causal mask, its rotary embeddings). Every layer attends
@@ -48,13 +49,13 @@ from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, causal_mas
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from ..methods.base import received
+from ..methods.base import LlmSite, received
 from ..precision import HALF, fp32_logits
 from ..reduce import reduce_to
 from ..warn import warn_caller
 from .base import PatchInfo, get_info
 
-CACHE_ATTR = "_tome_plus_atp_valid"  # per segment after a module: [B, P] which cached slots are real
+CACHE_ATTR = "_tome_plus_segments_valid"  # per segment after a pruning site: [B, P] which cached slots are real
 
 
 @dataclass
@@ -104,7 +105,7 @@ CALL: contextvars.ContextVar[LlmCall] = contextvars.ContextVar("tome_plus_llm_ca
 # KV_STEP: a KV-cache policy's state for the current decoder forward (`tome_plus.kv`), to the
 # routed attention of every layer (which scores the new queries and masks pruned layers).
 KV_STEP: contextvars.ContextVar[Optional[object]] = contextvars.ContextVar("tome_plus_kv_step", default=None)
-# SCOPE: the `LlmInputs` `FittingInner.forward` built, to the decoder (`AtpDecoder.forward`),
+# SCOPE: the `LlmInputs` `FittingInner.forward` built, to the decoder (`PruningDecoder.forward`),
 # across `LlavaModel.forward` (which calls `self.language_model(...)` with its own arguments).
 # From the decoder on, the inputs travel as an argument.
 SCOPE: contextvars.ContextVar[Optional[LlmInputs]] = contextvars.ContextVar("tome_plus_llm", default=None)
@@ -351,7 +352,6 @@ def instruction_after_image(visual: torch.Tensor, valid: torch.Tensor) -> torch.
     return seen & ~visual & valid
 
 
-FEATURE_METHODS = ("tome", "pitome", "zero_tprune")  # what the features site runs
 
 
 def method_at(method: str, site: str) -> str:
@@ -464,8 +464,10 @@ def reduce_features(model: nn.Module, h: torch.Tensor, seg: "Segment", scope: Ll
     return h, keep
 
 
-class AtpDecoder:
-    """Mixin for a Llama-family decoder model (`LlamaModel`, ...): runs ATP between its layers.
+class PruningDecoder:
+    """Mixin for a Llama-family decoder model (`LlamaModel`, ...): the one decoder loop of the
+    features and llm sites, running any `LlmReducer` between its layers (`select` after each of
+    its `sites`) or a vision method on the image features before the first.
 
     Falls back to the original forward where nothing is pruned: no image tokens in this forward
     and none pruned earlier in its cache."""
@@ -486,17 +488,17 @@ class AtpDecoder:
         if not isinstance(hidden, bool):
             raise ValueError(f"output_hidden_states={hidden!r}: while tokens are pruned inside the language model, "
                              f"its hidden states are returned all (True) or none")
-        return self._atp_forward(scope, stored, input_ids, attention_mask, position_ids, cache, inputs_embeds,
+        return self._pruning_forward(scope, stored, input_ids, attention_mask, position_ids, cache, inputs_embeds,
                                  use_cache, hidden)
 
-    def _atp_forward(self, scope, stored, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache,
+    def _pruning_forward(self, scope, stored, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache,
                      output_hidden_states):
         info = get_info(self)
-        # ATP: trainable modules after its layers; a method without them (FastV) names its layers;
-        # a vision method reduces the image features once, before the first layer
-        atp, reducer = info.modules, info.reducer
+        # an LLM method prunes after the layers it names (`LlmReducer.sites`); a vision method
+        # reduces the image features once, before the first layer
+        reducer = info.reducer
         features = info.parts.site == "features"
-        sites = () if features else atp.layers if atp is not None else reducer.layers(len(self.layers))
+        sites = () if features else reducer.sites(len(self.layers))
         if cache is not None and not isinstance(cache, DynamicCache):
             raise ValueError(f"{method_at(info.method, info.parts.site)} keeps a different number of tokens per "
                              f"instance in each layer's cache, which a {type(cache).__name__} cannot hold; use the "
@@ -555,7 +557,7 @@ class AtpDecoder:
         if scope is not None and scope.answer is not None and past == 0:
             seg.instruction &= ~scope.answer
         soft = scope is not None and scope.soft
-        if soft and atp is None:
+        if soft and info.modules is None:
             raise ValueError(f"{info.method} has nothing to train: soft masks are ATP's (tome_plus.atp)")
         n_visual = seg.visual.sum(dim=1).float()
         kept_sum = torch.zeros(batch, device=h.device)  # soft: sum over layers of the visual fraction
@@ -579,7 +581,6 @@ class AtpDecoder:
             mask = layer_mask(past_valid, seg, h.dtype, backend)
         for i, layer in enumerate(self.layers):
             site = i in sites
-            module = atp.at(i) if atp is not None else None
             explicit = site and scope is not None and scope.has_visual
             if explicit and past and getattr(cache.layers[i], "valid", None) is not None:
                 # a KV policy pruned this layer's cache per head: the scoring mask, built per slot, no longer fits
@@ -603,20 +604,16 @@ class AtpDecoder:
             if not site:
                 continue
             if explicit:
-                score = reducer.score(request.received, seg.visual, seg.instruction, seg.valid, seg.prompt)
-                pooled = lambda m: (h * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
-                # in training, tokens the hard rule pruned earlier leave the percentiles, as at inference
-                ranked = alive if soft else seg.visual
-                if atp is None:
-                    if reducer.config.tokens is not None:
-                        check_tokens_per_row(info, ranked.sum(dim=1), scope.images)
-                    keep = reducer.decide(score, ranked, scope.images)
-                else:
-                    keep = reducer.decide(module, bool(atp.trained), atp.fraction, score, seg.spatial, ranked,
-                                          pooled(ranked.to(h.dtype)), pooled(seg.instruction.to(h.dtype)),
-                                          soft=soft)
+                # in training, tokens the hard rule pruned earlier are no longer ranked, as at inference
+                candidates = alive if soft else seg.visual
+                if reducer.config.tokens is not None:
+                    check_tokens_per_row(info, candidates.sum(dim=1), scope.images)
+                keep = reducer.select(LlmSite(
+                    layer=i, hidden=h, received=request.received, visual=seg.visual, candidates=candidates,
+                    instruction=seg.instruction, valid=seg.valid, prompt=seg.prompt, spatial=seg.spatial,
+                    images=scope.images, trainable=info.modules, soft=soft))
                 if soft:
-                    m = torch.where(ranked, keep, torch.ones_like(keep))
+                    m = torch.where(candidates, keep, torch.ones_like(keep))
                     base = seg.key_bias if seg.key_bias is not None else torch.zeros_like(m)
                     seg = replace(seg, key_bias=base + m.clamp(min=1e-6).log())
                     hard = m > 0.5  # the inference rule: passes a threshold

@@ -9,35 +9,25 @@ A head is an `nn.Module` registered on the patched model as `model.tome_plus_hea
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
 
+from .. import registry
 from ..backends.base import get_info
-from .clca import ClcaConfig, ClcaHead, build as build_clca
+from .clca import ClcaConfig, ClcaHead  # noqa: F401  (ClcaConfig: the options `head_options` takes)
 
 ATTR = "tome_plus_head"
-HEADS = {"clca": (ClcaConfig, build_clca)}
+# every head, one line each: a class with `config_class` (its options) and `build(model, config,
+# reducing, depth)`
+REGISTRY: registry.Registry[type] = registry.Registry("head", options="head_options",
+                                                       config=lambda head: head.config_class)
+REGISTRY.register("clca", ClcaHead)
 
-
-def head_names():
-    return sorted(HEADS)
-
-
-def make_config(name: str, options: Optional[Dict[str, Any]]):
-    """Validate a head's name and options (`TypeError` naming the valid ones, as `patch` does)."""
-    if name not in HEADS:
-        raise ValueError(f"unknown head {name!r}; heads: {head_names()}")
-    config_cls = HEADS[name][0]
-    options = dict(options or {})
-    valid = [f.name for f in dataclasses.fields(config_cls)]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise TypeError(f"unknown head option(s) {unknown} for head {name!r}; valid options: {valid}")
-    return config_cls(**options)
+head_names = REGISTRY.names
+make_config = REGISTRY.config  # a head's options as `patch(head_options=...)` checks them
 
 
 def name_of(model: nn.Module) -> Optional[str]:

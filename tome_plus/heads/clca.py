@@ -25,7 +25,7 @@ reorder the tokens the two cannot be told apart). `cache=False` leaves the aggre
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import ClassVar, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -104,6 +104,8 @@ class ClcaHead(nn.Module):
         cache_gap, protect_cached, expansion: as `ClcaConfig`.
     """
 
+    config_class: ClassVar[Type[ClcaConfig]] = ClcaConfig  # its options, checked by `heads.REGISTRY`
+
     def __init__(self, dim: int, num_classes: int, append_at: Sequence[int], collect_at: Sequence[int],
                  carrier: Optional[torch.Tensor], cache_gap: bool = True, protect_cached: bool = False,
                  expansion: int = 2) -> None:
@@ -119,6 +121,25 @@ class ClcaHead(nn.Module):
             nn.GELU(),
         )
         self.classifier = nn.Conv1d(wide, num_classes, kernel_size=1)
+
+    @classmethod
+    def build(cls, model: nn.Module, config: ClcaConfig, reducing: Sequence[int], depth: int) -> ClcaHead:
+        """A fresh CLCA head for a timm VisionTransformer `model`."""
+        if getattr(model, "cls_token", None) is None:
+            raise ValueError(f"the CLCA head aggregates the class token; {type(model).__name__} has none")
+        num_classes = config.num_classes if config.num_classes is not None else model.num_classes
+        if not num_classes:
+            raise ValueError("the model has no classifier (num_classes=0): give head_options={'num_classes': N}")
+        append_at, collect_at = schedule(config, reducing, depth)
+        carrier = model.cls_token.detach().reshape(-1)
+        pos = getattr(model, "pos_embed", None)
+        if pos is not None and not getattr(model, "no_embed_class", False):
+            carrier = carrier + pos.detach()[0, 0]
+        with torch.no_grad():  # the class token as it enters the blocks (after a CLIP-style pre-norm)
+            carrier = model.norm_pre(carrier)
+        head = cls(model.embed_dim, num_classes, append_at, collect_at, carrier if config.cache else None,
+                   config.cache_gap, config.protect_cached, config.expansion)
+        return head.to(device=model.cls_token.device, dtype=model.cls_token.dtype)
 
     @property
     def num_classes(self) -> int:
@@ -171,22 +192,3 @@ class ClcaRun:
         if layer in head.collect_at:
             collected = collected + (x[:, 0],)
         return x, state.replace(head=ClcaRun(head, self.carrier_at, cache, collected))
-
-
-def build(model: nn.Module, config: ClcaConfig, reducing: Sequence[int], depth: int) -> ClcaHead:
-    """A fresh CLCA head for a timm VisionTransformer `model`."""
-    if getattr(model, "cls_token", None) is None:
-        raise ValueError(f"the CLCA head aggregates the class token; {type(model).__name__} has none")
-    num_classes = config.num_classes if config.num_classes is not None else model.num_classes
-    if not num_classes:
-        raise ValueError("the model has no classifier (num_classes=0): give head_options={'num_classes': N}")
-    append_at, collect_at = schedule(config, reducing, depth)
-    carrier = model.cls_token.detach().reshape(-1)
-    pos = getattr(model, "pos_embed", None)
-    if pos is not None and not getattr(model, "no_embed_class", False):
-        carrier = carrier + pos.detach()[0, 0]
-    with torch.no_grad():  # the class token as it enters the blocks (after a CLIP-style pre-norm)
-        carrier = model.norm_pre(carrier)
-    head = ClcaHead(model.embed_dim, num_classes, append_at, collect_at, carrier if config.cache else None,
-                    config.cache_gap, config.protect_cached, config.expansion)
-    return head.to(device=model.cls_token.device, dtype=model.cls_token.dtype)

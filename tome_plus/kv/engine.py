@@ -326,7 +326,7 @@ class KvDecoder:
             full = torch.ones(batch, past + n, dtype=torch.bool, device=tokens.device)
         prefill = past == 0
         # (a decoder that prunes between its layers holds fewer slots than the conversation: it says which)
-        if not pruned and full.shape[1] != past + n and not isinstance(self, hf_llm.AtpDecoder):
+        if not pruned and full.shape[1] != past + n and not isinstance(self, hf_llm.PruningDecoder):
             raise ValueError(f"attention_mask covers {full.shape[1]} tokens, but the cache holds {past} and {n} are new")
         step = KvStep(config, cache, past_valid=full[:, :past] if not pruned else full[:, :0],
                       new_valid=full[:, -n:], scoring=config.reads_attention and (prefill or config.every is not None))

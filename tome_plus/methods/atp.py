@@ -39,7 +39,8 @@ from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .base import LlmReducer, ReductionConfig, is_int, is_real, received, register
+from ..warn import warn_caller
+from .base import LlmReducer, LlmSite, ReductionConfig, is_int, is_real, received, register
 
 PAPER_DEPTH, DEFAULT_LAYERS = 32, (4, 14, 24)
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -240,27 +241,77 @@ def top_count(score: torch.Tensor, visual: torch.Tensor, n_keep: torch.Tensor) -
     return ~visual | (rank < n_keep.unsqueeze(1))
 
 
+def load_modules(modules: AtpModules, path: str) -> None:
+    """Trained ATP weights (as `tome_plus.atp.save` writes them) into `modules`; marks them trained.
+    `patch(llava, "atp", weights=path)` (`Atp.prepare`) and `tome_plus.atp.load` both load through
+    it, so the file is checked one way."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    state = saved.get("modules", saved)
+    if "layers" in saved and list(saved["layers"]) != list(modules.layers):
+        raise ValueError(f"{path} holds ATP modules for decoder layers {list(saved['layers'])}, not "
+                         f"{list(modules.layers)}: patch with layers={list(saved['layers'])}")
+    missing, unexpected = modules.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit these ATP modules (layers, widths): missing {missing}, "
+                         f"unexpected {unexpected}")
+    modules.trained.fill_(True)
+
+
 @register
 class Atp(LlmReducer):
-    """Registered so `tome_plus.patch(llava, "atp", ...)` finds it; the LLaVA backend runs it in
-    the language model (`target = "llm"`), not through the per-layer `plan` of the ViT methods."""
+    """Registered so `tome_plus.patch(llava, "atp", ...)` finds it; the decoder loop runs it in the
+    language model (`target = "llm"`): its modules after `sites`, each deciding from one layer's
+    attention and hidden states."""
 
     name = "atp"
     config_class = AtpConfig
+
+    def sites(self, depth: int) -> List[int]:
+        layers = self.config.layers if self.config.layers is not None else default_layers(depth)
+        if layers[-1] >= depth - 1:
+            raise ValueError(f"ATP modules go after decoder layers 0..{depth - 2} (a module after the last layer "
+                             f"would prune nothing that is used), got {self.config.layers}")
+        return list(layers)
+
+    def prepare(self, llm: nn.Module, info, per_image: Optional[int]) -> AtpModules:
+        """The modules, zero-shot (each keeps the fraction that makes the layer average `keep`) or
+        with the trained `weights`; `tokens=` becomes `keep`, a fraction of `per_image`."""
+        if self.config.tokens is not None:
+            if per_image is None:
+                raise ValueError("ATP's tokens= is a fraction of a fixed image-token count per image, which this "
+                                 "model's images (anyres, native resolution: each its own count) do not have; use keep=")
+            self.config.keep = self.config.tokens / per_image
+        layers, depth = self.sites(len(llm.layers)), len(llm.layers)
+        fraction = module_fraction(self.config.keep, layers, depth)
+        if fraction == 0.0:
+            warn_caller(f"keep={self.config.keep} is at or below what ATP reaches with modules after layers {layers} "
+                        f"of {depth} (the layers up to the first module see every visual token): the modules prune "
+                        f"every visual token; move the first module earlier (layers=...) or raise keep")
+        modules = AtpModules(layers, llm.config.hidden_size, self.config.hidden, fraction).to(
+            device=llm.norm.weight.device)
+        if self.config.weights is not None:
+            load_modules(modules, self.config.weights)
+        return modules
+
     def query_weights(self, visual: torch.Tensor, instruction: torch.Tensor, valid: torch.Tensor,
                       prompt: torch.Tensor) -> torch.Tensor:
         return score_weights(visual, instruction, valid)
 
-    def score(self, received_: torch.Tensor, visual: torch.Tensor, instruction: torch.Tensor, valid: torch.Tensor,
-              prompt: torch.Tensor) -> torch.Tensor:
-        """The score a module ranks by (the LLM backend's call): S_r, `scores` above."""
-        return combine(received_, visual, instruction, valid)
+    def select(self, site: LlmSite) -> torch.Tensor:
+        """Keep mask over the current tokens (text always 1): zero-shot, the top fraction by S_r
+        and the grid score; trained, the thresholds the site's module predicts (soft in training)."""
+        score = combine(site.received, site.visual, site.instruction, site.valid)
+        pooled = lambda m: (site.hidden * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
+        modules = site.trainable
+        return self.decide(modules.at(site.layer), bool(modules.trained), modules.fraction, score, site.spatial,
+                           site.candidates, pooled(site.candidates.to(site.hidden.dtype)),
+                           pooled(site.instruction.to(site.hidden.dtype)), soft=site.soft)
 
     def decide(self, module: AtpModule, trained: bool, fraction: float, score: torch.Tensor, spatial: torch.Tensor,
                visual: torch.Tensor, visual_state: torch.Tensor, text_state: torch.Tensor,
                soft: bool = False) -> torch.Tensor:
-        """Keep mask `[B, N]` (bool; float in (0, 1] with `soft`) over the current tokens:
-        text tokens always 1."""
+        """Keep mask `[B, N]` (bool; float in (0, 1] with `soft`) from a module's inputs: text
+        tokens always 1."""
         pct = percentile(score, visual)
         if not trained and not soft:  # zero-shot: the top f by the combined score (as FastV ranks)
             return top_fraction(pct + spatial, visual, fraction)

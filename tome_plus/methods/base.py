@@ -6,14 +6,15 @@ know nothing of any one method.
 """
 from __future__ import annotations
 
-import dataclasses
 import numbers
 from dataclasses import dataclass
 from typing import ClassVar, Dict, FrozenSet, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
+import torch.nn as nn
 
 from ..merging import Plan
+from .. import registry
 from ..schedule import paper_keep_removal
 from ..state import TokenState
 
@@ -131,7 +132,7 @@ class ReductionConfig:
 
     @classmethod
     def option_names(cls) -> List[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+        return registry.option_names(cls)
 
 
 def is_int(v: object) -> bool:
@@ -166,6 +167,9 @@ class Reducer:
     # which tokens it reduces: "vision" (a ViT's or vision tower's layers) or "llm" (visual tokens
     # inside a LLaVA language model: a backend answering `LLM_METHODS`)
     target: ClassVar[str] = "vision"
+    # where in a vision-language model it may run (`patch(..., site=...)`): "tower" (the vision
+    # tower's layers), "features" (each image's features, once, before the language model), "llm"
+    vlm_sites: ClassVar[Tuple[str, ...]] = ("tower", "features")
 
     def __init__(self, config: ReductionConfig) -> None:
         self.config = config
@@ -213,32 +217,67 @@ class Reducer:
         raise NotImplementedError
 
 
+@dataclass(eq=False)
+class LlmSite:
+    """What a pruning site inside the language model hands its method (`LlmReducer.select`): the
+    current tokens of every row after decoder layer `layer`, padded to one count N."""
+
+    layer: int  # the decoder layer just run (0-based)
+    hidden: torch.Tensor  # [B, N, D] its output
+    received: torch.Tensor  # [B, R, N] the attention each token received, per weighting of `query_weights`
+    visual: torch.Tensor  # [B, N] bool: the visual tokens
+    candidates: torch.Tensor  # [B, N] bool: the visual tokens the method ranks (training: those still kept)
+    instruction: torch.Tensor  # [B, N] bool: the text after the image
+    valid: torch.Tensor  # [B, N] bool: real tokens (not padding)
+    prompt: torch.Tensor  # [B, N] bool: the prompt's real tokens
+    spatial: torch.Tensor  # [B, N] float: each visual token's place on its image's grid (ATP's SAP), 0 elsewhere
+    images: Optional[torch.Tensor] = None  # [B] images (and videos) each row holds
+    trainable: Optional[nn.Module] = None  # what `prepare` built (ATP's modules)
+    soft: bool = False  # training: a soft mask in (0, 1], nothing removed
+
+
 class LlmReducer(Reducer):
-    """A method that prunes visual tokens inside the language model of a LLaVA-style model (ATP,
-    FastV): the LLaVA backend's decoder runs it between decoder layers, from one layer's attention
-    probabilities, not through the per-layer `plan` of the ViT methods."""
+    """A method that prunes visual tokens inside the language model of a vision-language model
+    (ATP, FastV). One decoder loop (`backends.hf_llm.PruningDecoder`) runs every such method
+    through this contract, with no branch for any one of them:
+
+    - `sites(depth)`: the decoder layers after which it prunes;
+    - `prepare(llm, info, per_image)`: at `patch`, what it needs of the language model (trainable
+      modules);
+    - `query_weights(...)`: in a site's layer the attention each current token receives is summed
+      over the queries with these weights (blockwise, beside the model's fused attention: no
+      `[B, H, N, N]` map is held);
+    - `select(site)`: from that and the hidden states (`LlmSite`), which tokens stay.
+    """
 
     needs: ClassVar[FrozenSet[str]] = frozenset({"attn"})
     budget_unit: ClassVar[str] = "keep"
     merges: ClassVar[bool] = False
     target: ClassVar[str] = "llm"
+    vlm_sites: ClassVar[Tuple[str, ...]] = ("llm",)
 
     def max_remove(self, layer: int, n_tokens: int, n_prefix: int) -> int:
         return 0  # counts are decided per instance at run time: no schedule to solve
 
-    # A score is read from the attention the current tokens receive, summed over queries with
-    # per-query weights: the decoder computes those sums (`received`) from q and k in blocks of
-    # queries, so no `[B, H, N, N]` attention is ever held, while the layer's output comes from
-    # the model's own (fused) attention.
-    def query_weights(self, visual: torch.Tensor, instruction: torch.Tensor, valid: torch.Tensor,
-                      prompt: torch.Tensor) -> torch.Tensor:
-        """`[B, R, N]`: R weightings of the N current tokens as queries."""
+    def sites(self, depth: int) -> List[int]:
+        """The decoder layers (0-based) after which tokens are pruned, in a model of `depth` layers
+        (ValueError where the options name layers it does not have)."""
         raise NotImplementedError
 
-    def score(self, received: torch.Tensor, visual: torch.Tensor, instruction: torch.Tensor, valid: torch.Tensor,
-              prompt: torch.Tensor) -> torch.Tensor:
-        """`[B, N]` score of each current token (0 off the visual tokens) from `received`
-        (`[B, R, N]`: per weighting, the head-averaged attention each token received)."""
+    def prepare(self, llm: nn.Module, info, per_image: Optional[int]) -> Optional[nn.Module]:
+        """Called once at `patch` with the language model, the patch record and the image tokens
+        one image puts into it (None where images differ: anyres tiles, native resolution): the
+        method's trainable part (an `nn.Module` the model carries and `unpatch` removes), or None."""
+        return None
+
+    def query_weights(self, visual: torch.Tensor, instruction: torch.Tensor, valid: torch.Tensor,
+                      prompt: torch.Tensor) -> torch.Tensor:
+        """`[B, R, N]`: R weightings of the N current tokens as queries (`LlmSite` names the masks)."""
+        raise NotImplementedError
+
+    def select(self, site: LlmSite) -> torch.Tensor:
+        """Keep mask `[B, N]` over the site's tokens: bool, or with `site.soft` a float in (0, 1];
+        tokens outside `site.candidates` must be kept (1)."""
         raise NotImplementedError
 
 
@@ -251,22 +290,14 @@ def received(probs: torch.Tensor, weights: torch.Tensor, current: Optional[int] 
     return torch.einsum("brq,bqk->brk", weights.float(), probs[..., -n:].float().mean(dim=1))
 
 
-_REGISTRY: Dict[str, Type[Reducer]] = {}
+# every method, registered by `@register` on its Reducer (one line next to the class)
+REGISTRY: registry.Registry[Type[Reducer]] = registry.Registry("method", config=lambda reducer: reducer.config_class)
 
 
 def register(cls: Type[Reducer]) -> Type[Reducer]:
     """Class decorator: make a reducer available to `tome_plus.patch` under `cls.name`."""
-    if cls.name in _REGISTRY:
-        raise ValueError(f"method {cls.name!r} is registered already")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return REGISTRY.register(cls.name, cls)
 
 
-def get_method(name: str) -> Type[Reducer]:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; registered methods: {method_names()}")
-    return _REGISTRY[name]
-
-
-def method_names() -> List[str]:
-    return sorted(_REGISTRY)
+get_method = REGISTRY.get
+method_names = REGISTRY.names

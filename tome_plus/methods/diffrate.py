@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar, Dict, List, Optional, Tuple, Union
 
@@ -66,10 +65,6 @@ class DiffRateConfig(ReductionConfig):
     kept: Optional[List[int]] = field(default=None, init=False)
 
     default_budget: ClassVar[Dict[str, object]] = {}
-
-    @classmethod
-    def option_names(cls) -> List[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.init]
 
     @property
     def budget(self) -> Tuple[str, object]:
@@ -142,6 +137,7 @@ class DiffRate(Reducer):
     name = "diffrate"
     config_class = DiffRateConfig
     needs = frozenset({"cls_attn", "x"})
+    vlm_sites = ("tower",)  # its schedules are per tower block: nothing to run once on the features
 
     def __init__(self, config: DiffRateConfig) -> None:
         super().__init__(config)

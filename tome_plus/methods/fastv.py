@@ -18,17 +18,17 @@ Per instance the top ceil(keep * n_visual) visual tokens survive (with `tokens=N
 N x the instance's images, the images counted from its visual tokens and the per-image count the
 LLaVA backend knows) (ties by position); text tokens
 always stay and survivors keep their position ids. The selection is ATP's zero-shot one
-(`atp.top_fraction`); the LLaVA backend runs both (`backends/hf_llm.py`).
+(`atp.top_fraction`); the decoder loop runs both (`backends/hf_llm.py`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Dict, List, Optional
+from typing import ClassVar, Dict, List
 
 import torch
 
 from .atp import check_llm_budget, top_count, top_fraction
-from .base import LlmReducer, ReductionConfig, is_int, received, register
+from .base import LlmReducer, LlmSite, ReductionConfig, is_int, received, register
 
 RANKS = ("mean", "last")
 
@@ -92,7 +92,8 @@ class Fastv(LlmReducer):
 
     name = "fastv"
     config_class = FastvConfig
-    def layers(self, depth: int) -> List[int]:
+
+    def sites(self, depth: int) -> List[int]:
         """Decoder layers (0-based) after which tokens are pruned: the K-th, index k - 1."""
         if self.config.k > depth - 1:
             raise ValueError(f"k={self.config.k}: FastV prunes after one of the first {depth - 1} decoder layers of "
@@ -103,15 +104,11 @@ class Fastv(LlmReducer):
                       prompt: torch.Tensor) -> torch.Tensor:
         return query_weights(prompt & valid, self.config.rank)
 
-    def score(self, received_: torch.Tensor, visual: torch.Tensor, instruction: torch.Tensor, valid: torch.Tensor,
-              prompt: torch.Tensor) -> torch.Tensor:
-        return torch.where(visual, received_[:, 0], torch.zeros_like(received_[:, 0]))
-
-    def decide(self, score: torch.Tensor, visual: torch.Tensor, images: Optional[torch.Tensor] = None
-               ) -> torch.Tensor:
-        """Keep mask `[B, N]` (bool): the top `keep` of each instance's visual tokens, or `tokens`
-        per image (`images`: `[B]` the images each instance holds), text always."""
+    def select(self, site: LlmSite) -> torch.Tensor:
+        """The top `keep` of each instance's visual tokens by the attention they received, or
+        `tokens` per image (`site.images`: the images each instance holds); text always."""
+        score = torch.where(site.visual, site.received[:, 0], torch.zeros_like(site.received[:, 0]))
         if self.config.tokens is None:
-            return top_fraction(score, visual, self.config.keep)
-        n_visual = visual.sum(dim=1)
-        return top_count(score, visual, torch.minimum(images * self.config.tokens, n_visual))
+            return top_fraction(score, site.candidates, self.config.keep)
+        n_visual = site.candidates.sum(dim=1)
+        return top_count(score, site.candidates, torch.minimum(site.images * self.config.tokens, n_visual))

@@ -246,7 +246,7 @@ def pruned_after(patched: torch.nn.Module) -> List[str]:
         return ["the features site"]
     if info.parts.site != "llm":
         return []
-    layers = info.modules.layers if info.modules is not None else info.reducer.layers(info.depth)
+    layers = info.reducer.sites(info.depth)
     return [f"decoder layer {layer}" for layer in layers]
 
 

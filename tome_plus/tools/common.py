@@ -229,14 +229,13 @@ def check_options(method: str, options: Dict[str, Any]) -> None:
     model is built: a bad value (`--r -1`, `--keep 2`, `--budget r=abc`) or an unknown option is a
     usage error. A `schedule` file that is missing is a usage error too; one that cannot be read
     as a schedule is a failure naming the file."""
-    from ..methods import get_method
+    from ..methods import REGISTRY
 
     check_method(method)
-    config_cls = get_method(method).config_class
-    valid = config_cls.option_names()
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise UsageError(f"unknown option(s) {unknown} for method {method!r}; valid options: {valid}")
+    try:
+        config_cls = REGISTRY.check_options(method, options)
+    except TypeError as e:
+        raise UsageError(str(e)) from None
     schedule = options.get("schedule")
     if isinstance(schedule, str):  # DiffRate's searched schedule: a file that must be there and hold one
         loaded = read_schedule_file(schedule, f"schedule={schedule!r}",

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from ..backends import hf_llm
 from ..backends.base import get_info
-from ..backends.hf_llava import load_modules
+from ..methods.atp import load_modules
 from . import checkpoint as ckpt
 from .distributed import broadcast_from_first, rank as process_rank
 from .loop import backward, cycle, due, step as optimizer_step, steps_bar
