@@ -9,7 +9,8 @@ import torch.multiprocessing as mp
 pytest.importorskip("transformers", reason='ATP tests need transformers: pip install -e ".[hf]"')
 
 import tome_plus  # noqa: E402
-from tome_plus.backends import hf_llm  # noqa: E402
+from tome_plus.llm.context import collecting  # noqa: E402
+from tome_plus.llm.segments import instruction_after_image  # noqa: E402
 from tome_plus.methods.atp import module_fraction, percentile, scores, spatial_score  # noqa: E402
 
 from test_hf import IMAGE_ID, N_IMAGE, greedy, llava, prompts  # noqa: E402
@@ -54,7 +55,7 @@ def test_scores_equal_a_loop_reference():
     visual[:, 2:6] = True
     valid = torch.ones(b, n, dtype=torch.bool)
     valid[1, 0] = False
-    instruction = hf_llm.instruction_after_image(visual, valid)
+    instruction = instruction_after_image(visual, valid)
     got = scores(probs, visual, instruction, valid)
     for r in range(b):
         for j in range(n):
@@ -77,7 +78,7 @@ def test_uniform_causal_attention_scores_every_position_alike():
     visual = torch.zeros(1, n, dtype=torch.bool)
     visual[:, 2:9] = True
     valid = torch.ones(1, n, dtype=torch.bool)
-    got = scores(probs, visual, hf_llm.instruction_after_image(visual, valid), valid)
+    got = scores(probs, visual, instruction_after_image(visual, valid), valid)
     torch.testing.assert_close(got[visual], torch.ones(7))
 
 
@@ -550,7 +551,7 @@ def test_gradient_checkpointing_reaches_every_layer_and_changes_no_gradient():
             for layer in model.model.language_model.layers:
                 inner = layer._gradient_checkpointing_func
                 layer._gradient_checkpointing_func = lambda *a, _inner=inner, **k: calls.append(1) or _inner(*a, **k)
-        with hf_llm.collecting() as collected:
+        with collecting() as collected:
             loss = model(**data).loss + collected[0].kept_fraction.nanmean()
         loss.backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters()
@@ -568,5 +569,5 @@ def test_soft_masks_refused_under_flash_attention(fa2_standin):
     """Training's soft masks are a float bias on the keys: a backend with a 2-D mask is refused by name."""
     model = _with_attention(fa2_standin)
     tome_plus.patch(model, "atp", keep=0.3, layers=[0, 2])
-    with pytest.raises(ValueError, match="soft masks.*sdpa"), hf_llm.collecting():
+    with pytest.raises(ValueError, match="soft masks.*sdpa"), collecting():
         model(**batches(1)[0])

@@ -11,7 +11,7 @@ import torch
 from timm.models.vision_transformer import Block
 
 import tome_plus
-from tome_plus.tools import bench, bench_hf, models, timing
+from tome_plus.tools import bench, bench_hf, measure, models, timing
 from tome_plus.tools.cli import main
 from tome_plus.tools.timing import PeakMemory
 
@@ -163,7 +163,7 @@ def test_interleave_runs_every_fn_once_per_round_and_drops_warmup(monkeypatch):
 def test_real_capture_failing_on_cpu_is_reported_and_eager_still_timed():
     # the real `capture_graph` (CPU tensors cannot be captured): the error is a result, not a crash
     calls = []
-    timing = bench.time_forwards({"double": lambda x: calls.append(1) or x * 2}, torch.ones(3), warmup=1, runs=2,
+    timing = measure.time_forwards({"double": lambda x: calls.append(1) or x * 2}, torch.ones(3), warmup=1, runs=2,
                                  graphs=True)["double"]
     assert timing.graph is None and timing.graph_equal is None
     assert timing.graph_error.startswith("ValueError: ") and "cuda" in timing.graph_error
@@ -243,12 +243,12 @@ def fake_capture(failing: int = -1, off_by: float = 0.0):
 
 
 def test_graph_timings_share_the_interleaved_loop_and_are_checked_against_eager(monkeypatch):
-    monkeypatch.setattr(bench, "resolve_graphs", lambda device, graphs=None: True)
+    monkeypatch.setattr(measure, "resolve_graphs", lambda device, graphs=None: True)
     monkeypatch.setattr(timing, "capture_graph", fake_capture(off_by=1.0))
     loops = []
     real = timing.interleave
     monkeypatch.setattr(timing, "interleave", lambda fns, *a, **k: loops.append(list(fns)) or real(fns, *a, **k))
-    report = bench.run_bench("vit_tiny_patch16_224", "tome", {"r": 1}, img_size=64, batch_size=1, warmup=0,
+    report = measure.run_bench("vit_tiny_patch16_224", "tome", {"r": 1}, img_size=64, batch_size=1, warmup=0,
                              runs=2, progress=False, graphs=True)
     # one loop: eager and graphed calls of both models interleaved
     assert loops == [[("baseline", "eager"), ("tome", "eager"), ("baseline", "graph"), ("tome", "graph")]]
@@ -264,9 +264,9 @@ def test_graph_timings_share_the_interleaved_loop_and_are_checked_against_eager(
 
 
 def test_failed_capture_is_reported_and_the_run_goes_on(monkeypatch, tmp_path):
-    monkeypatch.setattr(bench, "resolve_graphs", lambda device, graphs=None: True)
+    monkeypatch.setattr(measure, "resolve_graphs", lambda device, graphs=None: True)
     monkeypatch.setattr(timing, "capture_graph", fake_capture(failing=1))
-    report = bench.run_bench("vit_tiny_patch16_224", "tome", {"r": 1}, img_size=64, batch_size=1, warmup=0,
+    report = measure.run_bench("vit_tiny_patch16_224", "tome", {"r": 1}, img_size=64, batch_size=1, warmup=0,
                              runs=1, progress=False, graphs=True)
     base, patched = report["results"]
     error = "RuntimeError: capture invalidated (after RuntimeError: CUDA error: operation not permitted when " \
@@ -416,7 +416,7 @@ def test_hf_bench_features_site_on_next_and_qwen(shape, newlines, placeholders, 
 ])
 def test_hf_bench_site_refused_before_the_model_is_built(argv, message, capsys, monkeypatch):
     pytest.importorskip("transformers")
-    monkeypatch.setattr(bench_hf, "run_hf_bench", lambda *a, **k: pytest.fail("refused before the model is built"))
+    monkeypatch.setattr(bench, "run_hf_bench", lambda *a, **k: pytest.fail("refused before the model is built"))
     status, err = run_cli(["bench", "--device", "cpu", "--no-progress", *argv], capsys)
     assert status == 2 and err.startswith(f"tome-plus bench: error: {message}") and err.count("\n") == 1
 
@@ -434,7 +434,7 @@ def test_hf_bench_site_refused_before_the_model_is_built(argv, message, capsys, 
     (["--hf", "llava-tiny", "--method", "nope"], "--method: unknown method 'nope'"),
 ])
 def test_hf_bench_refuses_bad_values_in_one_line(argv, message, capsys, monkeypatch):
-    monkeypatch.setattr(bench_hf, "run_hf_bench", lambda *a, **k: pytest.fail("refused values must stop before the run"))
+    monkeypatch.setattr(bench, "run_hf_bench", lambda *a, **k: pytest.fail("refused values must stop before the run"))
     status, err = run_cli(["bench", "--device", "cpu", "--no-progress", *argv], capsys)
     assert status == 2
     assert err.startswith("tome-plus") and message in err and err.count("\n") == 1

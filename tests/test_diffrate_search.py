@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import tome_plus
-from tome_plus.training import diffrate as ds  # the search and its helpers (public: tome_plus.diffrate_search)
+from tome_plus.training import diffrate as ds  # the search (public: tome_plus.diffrate_search)
+from tome_plus.training import diffrate_forward as dsf  # the forward it trains the rates on, and its helpers
 
 from conftest import make
 
@@ -132,7 +133,7 @@ def authors_search_forward(model, images, prune, merge, granularity=4):
 
 
 def random_rates(model, seed=0):
-    rates = ds.DiffRateRates.for_model(model)
+    rates = dsf.DiffRateRates.for_model(model)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         rates.prune.copy_(torch.randn(rates.prune.shape, generator=g) * 2)
@@ -154,7 +155,7 @@ def test_default_search_is_the_authors(pool):
     checked = 0
     for seed in range(4):
         rates = random_rates(model, seed)
-        logits, _, macs = ds.search_forward(model, images, rates)
+        logits, _, macs = dsf.search_forward(model, images, rates)
         prune, merge = rates.prune.detach().clone().requires_grad_(), rates.merge.detach().clone().requires_grad_()
         ref_logits, ref_macs = authors_search_forward(model, images, prune, merge)
         torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
@@ -172,8 +173,8 @@ def test_the_all_ranks_option_has_other_gradients_but_the_same_forward():
     images, labels = toy_batches(1)[0]
     rates = random_rates(model, 1)
     out = {}
-    for mode in ds.STRAIGHT_THROUGH:
-        logits, _, macs = ds.search_forward(model, images, rates, straight_through=mode)
+    for mode in dsf.STRAIGHT_THROUGH:
+        logits, _, macs = dsf.search_forward(model, images, rates, straight_through=mode)
         out[mode] = logits, torch.cat([g.flatten() for g in grads(F.cross_entropy(logits, labels),
                                                                    [rates.prune, rates.merge])])
     torch.testing.assert_close(out["authors"][0], out["all_ranks"][0])
@@ -184,7 +185,7 @@ def test_which_ranks_pass_gradient():
     """A block sees 6 sorted tokens, 4 alive (an earlier straight-through mask killed ranks 4, 5),
     and prunes to 3. The authors' mask is hard 0 on rank 3 only, so the earlier mask keeps its
     gradient at ranks 4, 5; the all-ranks mask is 0 there too and cuts it."""
-    rates = ds.DiffRateRates(depth=2, n_tokens=6, n_prefix=1, granularity=1)
+    rates = dsf.DiffRateRates(depth=2, n_tokens=6, n_prefix=1, granularity=1)
     with torch.no_grad():
         rates.prune[0] = torch.tensor([0.0, 0.0, 0.0, 10.0, 0.0])  # 3 patches + the class token kept
         rates.prune[1] = torch.tensor([0.0, 0.0, 0.0, 0.0, 10.0])  # 2.0x -> 3 kept
@@ -210,18 +211,18 @@ def test_size_clamp_per_source_and_total():
     size = torch.tensor([[1.0, 1.0, 3.0, 2.0]])
     moving = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
     dest = torch.tensor([[False, True, False, False]])
-    _, per_source = ds.merge_masked(x, size, moving, dest, "per_source")
-    _, total = ds.merge_masked(x, size, moving, dest, "total")
+    _, per_source = dsf.merge_masked(x, size, moving, dest, "per_source")
+    _, total = dsf.merge_masked(x, size, moving, dest, "total")
     # similarities to token 1: 0.8 and -0.8; shares max(3 * 0.8, 1) = 2.4 and max(2 * -0.8, 1) = 1
     torch.testing.assert_close(per_source, torch.tensor([[1.0, 1 + 2.4 + 1.0, 2.4, 1.0]]))
     torch.testing.assert_close(total, torch.tensor([[1.0, 1 + 2.4 + 0.0, 3.0, 2.0]]))
-    merged, _ = ds.merge_masked(x, size, moving, dest, "per_source")
+    merged, _ = dsf.merge_masked(x, size, moving, dest, "per_source")
     torch.testing.assert_close(merged[0, 1], (x[0, 1] + x[0, 2] + x[0, 3]) / 3)  # the plain mean
     torch.testing.assert_close(merged[0, 2:], x[0, 2:])  # sources stay (masked) in the tensor
 
 
 def test_masks_are_hard_forward_and_soft_backward():
-    rates = ds.DiffRateRates(depth=1, n_tokens=17, n_prefix=1, granularity=4)
+    rates = dsf.DiffRateRates(depth=1, n_tokens=17, n_prefix=1, granularity=4)
     with torch.no_grad():
         rates.prune[0] = torch.tensor([0.5, -0.2, 0.1, 0.3])
     mask, count = rates.mask(rates.prune[0], 17)
@@ -241,9 +242,9 @@ def test_task_gradients_reach_both_rate_logits():
     """With the all-ranks masks every searched block's prune and merge logits get the task's
     gradient (block 0 keeps every token; with class-token pooling nothing after the last block's
     attention reads the other tokens, so its counts are free: no gradient)."""
-    model, rates = toy().requires_grad_(False), ds.DiffRateRates(4, 17, 1)
+    model, rates = toy().requires_grad_(False), dsf.DiffRateRates(4, 17, 1)
     images, labels = toy_batches(1)[0]
-    logits, _, _ = ds.search_forward(model, images, rates, straight_through="all_ranks")
+    logits, _, _ = dsf.search_forward(model, images, rates, straight_through="all_ranks")
     F.cross_entropy(logits, labels).backward()
     for grad in (rates.prune.grad, rates.merge.grad):
         assert bool((grad[1:-1].abs().sum(-1) > 0).all()) and grad[0].abs().sum() == 0 and grad[-1].abs().sum() == 0
@@ -266,9 +267,9 @@ def test_search_forward_is_the_patched_model(pool):
     logits and pre-logits (the distillation target)."""
     model = toy(pool=pool).requires_grad_(False)
     images = toy_batches(1)[0][0]
-    rates = ds.DiffRateRates.for_model(model)
+    rates = dsf.DiffRateRates.for_model(model)
     set_rates(rates, [17] * 4, [17] * 4)
-    logits, pooled, _ = ds.search_forward(model, images, rates)
+    logits, pooled, _ = dsf.search_forward(model, images, rates)
     with torch.no_grad():
         torch.testing.assert_close(logits, model(images), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(pooled, model.forward_head(model.forward_features(images), pre_logits=True),
@@ -276,8 +277,8 @@ def test_search_forward_is_the_patched_model(pool):
     set_rates(rates, [17, 13, 13, 9], [17, 13, 9, 5])
     schedule = rates.schedule()
     assert schedule["merge_kept_num"] == ([17, 13, 9, 5] if pool == "token" else [17, 13, 9, 9])  # avg: last fixed
-    for mode in ds.STRAIGHT_THROUGH:
-        logits, _, _ = ds.search_forward(model, images, rates, straight_through=mode, size_clamp="total")
+    for mode in dsf.STRAIGHT_THROUGH:
+        logits, _, _ = dsf.search_forward(model, images, rates, straight_through=mode, size_clamp="total")
         tome_plus.patch(model, "diffrate", schedule=schedule)
         with torch.no_grad():
             torch.testing.assert_close(logits, model(images), rtol=1e-4, atol=1e-4)
@@ -291,11 +292,11 @@ def test_search_forward_runs_the_models_own_block():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=3, img_size=64, num_classes=5,
                               scale_attn_norm=True, qk_norm=True, init_values=0.5).eval().requires_grad_(False)
     assert not isinstance(model.blocks[0].attn.norm, torch.nn.Identity)
-    rates = ds.DiffRateRates.for_model(model)
+    rates = dsf.DiffRateRates.for_model(model)
     set_rates(rates, [17] * 3, [17] * 3)
     images = toy_batches(1)[0][0]
-    for mode in ds.STRAIGHT_THROUGH:
-        logits, _, _ = ds.search_forward(model, images, rates, straight_through=mode)
+    for mode in dsf.STRAIGHT_THROUGH:
+        logits, _, _ = dsf.search_forward(model, images, rates, straight_through=mode)
         with torch.no_grad():
             torch.testing.assert_close(logits, model(images), rtol=1e-4, atol=1e-5)
 
@@ -319,17 +320,17 @@ def test_search_restores_mode_and_drop_path_and_trains_with_drop_path():
     model.blocks[1].eval()
     original = [(b.drop_path1, b.drop_path2) for b in model.blocks]
     seen = []
-    orig_forward = ds.search_forward
+    orig_forward = dsf.search_forward
 
     def spy(m, *args, **kwargs):
         seen.append((m.training, type(m.blocks[-1].drop_path1).__name__, m.blocks[-1].drop_path1.drop_prob))
         return orig_forward(m, *args, **kwargs)
 
-    ds.search_forward = spy
+    dsf.search_forward = spy
     try:
         ds.search(model, toy_batches(), 0.02, steps=2, progress=False)
     finally:
-        ds.search_forward = orig_forward
+        dsf.search_forward = orig_forward
     assert seen[0] == (True, "DropPath", pytest.approx(0.1))
     assert model.training and not model.blocks[1].training and model.blocks[0].training
     assert [(b.drop_path1, b.drop_path2) for b in model.blocks] == original
@@ -339,7 +340,7 @@ def test_search_restores_mode_and_drop_path_and_trains_with_drop_path():
 @pytest.mark.parametrize("distill", [False, True])
 def test_short_search_moves_flops_toward_the_target(distill):
     model = toy()
-    start = ds.search_forward(model.requires_grad_(False), toy_batches(1)[0][0], ds.DiffRateRates(4, 17, 1))[2].item()
+    start = dsf.search_forward(model.requires_grad_(False), toy_batches(1)[0][0], dsf.DiffRateRates(4, 17, 1))[2].item()
     target = 0.6 * ds.full_gmacs(model)
     batches = [(x, None if distill else y) for x, y in toy_batches()]
     rates, history = ds.search(model, batches, target, steps=40, lr=0.2, flops_weight=1e5, distill=distill,

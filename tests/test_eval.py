@@ -14,7 +14,8 @@ from timm.data import create_transform, resolve_data_config
 
 import tome_plus
 from tome_plus.tools.cli import main
-from tome_plus.tools.eval import SafeImageFolder, evaluate
+from tome_plus.tools.data import SafeImageFolder
+from tome_plus.tools.measure import evaluate
 
 CLASSES = [f"n0{i}_class" for i in range(7)]  # 7 classes: top-5 is not trivially 100%
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -211,7 +212,7 @@ def test_a_resnet_checkpoint_evaluates_unpatched_and_is_refused_for_a_method(fol
 
 
 def test_ctrl_c_says_how_far_it_got(folder, checkpoint, tmp_path, capsys, monkeypatch):
-    from tome_plus.tools import eval as module
+    from tome_plus.tools import measure as module  # where the evaluation loop runs
 
     def stop_after_one(iterable, **kwargs):
         for i, item in enumerate(iterable):

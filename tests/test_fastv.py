@@ -135,11 +135,11 @@ def test_unpatch_restores_and_errors(pixels):
 
 
 def test_nothing_to_train(pixels):
-    from tome_plus.backends import hf_llm
+    from tome_plus.llm.context import collecting
     model = llava()
     tome_plus.patch(model, "fastv")
     ids, mask = prompts((3, 5), (3, 5))
-    with pytest.raises(ValueError, match="nothing to train"), hf_llm.collecting():
+    with pytest.raises(ValueError, match="nothing to train"), collecting():
         model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
 
 
@@ -148,7 +148,7 @@ def test_received_attention_in_blocks_equals_the_whole_attention(dtype, monkeypa
     """The scores' input formed a block of queries at a time (grouped-query keys, cached keys,
     a padded row, several blocks) equals the full attention's, computed in float64 from the same
     (half) values, summed with the weights."""
-    from tome_plus.backends import hf_llm
+    from tome_plus.llm import attention
     torch.manual_seed(0)
     batch, heads, kv, n, past, dim = 2, 4, 2, 9, 3, 8
     query = torch.randn(batch, heads, n, dim).to(dtype)
@@ -159,8 +159,8 @@ def test_received_attention_in_blocks_equals_the_whole_attention(dtype, monkeypa
     mask = (valid[:, None, :] & causal)[:, None]
     mask[1, 0, torch.arange(2), past + torch.arange(2)] = True  # padding rows see themselves (as segment_mask)
     weights = torch.rand(batch, 2, n)
-    monkeypatch.setattr(hf_llm, "BLOCK", batch * heads * (past + n) * 2)  # blocks of 2 queries
-    got = hf_llm.received_attention(query, key, mask, dim ** -0.5, weights)
+    monkeypatch.setattr(attention, "BLOCK", batch * heads * (past + n) * 2)  # blocks of 2 queries
+    got = attention.received_attention(query, key, mask, dim ** -0.5, weights)
     # the reference: the whole attention, float64, each query head with its own copy of its kv head
     q, k = query.double(), key.double()[:, torch.arange(heads) // (heads // kv)]
     logits = (q @ k.transpose(-2, -1)) * dim ** -0.5
@@ -175,15 +175,15 @@ def test_the_scoring_layer_keeps_the_fused_attention(pixels, monkeypatch):
     """Every decoder layer's output comes from the model's backend (SDPA here), the scoring layer's
     too; the scores' logits are formed in blocks no larger than BLOCK."""
     from transformers import AttentionInterface
-    from tome_plus.backends import hf_llm
+    from tome_plus.llm import attention
     calls, blocks = [], []
     sdpa = AttentionInterface._global_mapping["sdpa"]
     monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa",
                         lambda module, *a, **k: calls.append(type(module).__name__) or sdpa(module, *a, **k))
-    logits = hf_llm.fp32_logits
-    monkeypatch.setattr(hf_llm, "BLOCK", 800)
-    monkeypatch.setattr(hf_llm, "HALF", (torch.float32,))  # route fp32 through fp32_logits to watch the blocks
-    monkeypatch.setattr(hf_llm, "fp32_logits", lambda q, k, s: blocks.append(q.shape) or logits(q, k, s))
+    logits = attention.fp32_logits
+    monkeypatch.setattr(attention, "BLOCK", 800)
+    monkeypatch.setattr(attention, "HALF", (torch.float32,))  # route fp32 through fp32_logits to watch the blocks
+    monkeypatch.setattr(attention, "fp32_logits", lambda q, k, s: blocks.append(q.shape) or logits(q, k, s))
     model = llava()
     tome_plus.patch(model, "fastv", keep=0.5)
     ids, mask = prompts((3, 5), (1, 2))

@@ -583,16 +583,16 @@ def test_llava_atp_with_tower_pickles_and_unpatches_whole(pixels):
 
 
 def test_llava_collecting_runs_soft_masks(pixels):
-    from tome_plus.backends import hf_llm
+    from tome_plus.llm import context
     model = llava()
     tome_plus.patch(model, "atp", keep=0.5, layers=[0, 2])
     ids, mask = prompts((3, 5), (1, 2))
     labels = torch.where((ids == IMAGE_ID) | (mask == 0), -100, ids)
-    with hf_llm.collecting() as collected:
+    with context.collecting() as collected:
         model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels)
     assert len(collected) == 1 and collected[0].soft and collected[0].kept_fraction.shape == (2,)
     assert torch.equal(collected[0].answer, labels != -100)  # the forward's labels reached the LLM side
-    assert hf_llm.CALL.get().collect is None  # nothing collected outside the block
+    assert context.CALL.get().collect is None  # nothing collected outside the block
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
     assert len(collected) == 1

@@ -1,6 +1,7 @@
-"""The package's layers import downwards only (README, "Layout"): the model-agnostic core, methods,
-backends and api never import the training or tools layers; no tool imports another tool, so each
-command's file holds its command and draws on the tools' shared modules."""
+"""The package's layers import downwards only (docs/design.md, "Layers, and what may import what"):
+every module imports only the layers its row names (`LAYERS`, a DAG); no tool imports another tool,
+so each command's file holds its command and draws on the tools' shared modules; every module says
+what it serves in fewer than 500 lines."""
 import ast
 import subprocess
 import sys
@@ -13,12 +14,10 @@ TOOLS = ROOT / "tools"
 # the tools' commands (`tome-plus <command>`, `python -m tome_plus.tools.<tool>`) and the parts of
 # one command (`bench --hf`, `bench --kernels`), which only that command imports
 COMMANDS = {"bench", "eval", "fidelity", "vis", "finetune", "atp_train", "diffrate_search", "sweep"}
-PARTS = {"bench_hf": "bench", "kernel_bench": "bench", "bench_kv": "bench"}
-# a command made of other commands' measurements (sweep: eval's or fidelity's accuracy, bench's
-# speed at every point) may call theirs; no other command imports a command
-COMPOSES = {"sweep": {"bench", "bench_hf", "eval", "fidelity"}}
-# what the tools share: CLI plumbing, data, models, timing, reports, FLOPs, model sources
-SHARED = {"common", "data", "models", "timing", "report", "flops", "hf_shapes", "focus_dinov2"}
+PARTS = {"kernel_bench": "bench", "bench_kv": "bench"}
+# what the tools share: CLI plumbing, data, models, timing, reports, FLOPs, model sources, and the
+# measurements (`measure`, `bench_hf`) that the commands report and the sweep makes at every point
+SHARED = {"common", "data", "models", "timing", "report", "flops", "hf_shapes", "focus_dinov2", "measure", "bench_hf"}
 ENTRY = {"cli", "__init__"}  # the dispatcher imports every command
 
 
@@ -54,47 +53,128 @@ def test_no_tool_imports_another_tool(path):
         return
     names = imported(path)
     tools = {n.split(".")[2] for n in names if n.startswith("tome_plus.tools.") and n.count(".") >= 2}
-    allowed = set(SHARED) | {p for p, owner in PARTS.items() if owner == path.stem} | COMPOSES.get(path.stem, set())
+    allowed = set(SHARED) | {p for p, owner in PARTS.items() if owner == path.stem}
     if path.stem in SHARED:
         allowed = set(SHARED)  # a shared module draws on the others only
     assert tools <= allowed | {path.stem}, f"{path.name} imports {sorted(tools - allowed - {path.stem})}"
 
 
-LOWER = ["api.py", "state.py", "schedule.py", "merging.py", "reduce.py", "prop_attn.py", "precision.py",
-         "warn.py", "vis.py", "registry.py", "methods", "backends", "heads"]
+# The layers of docs/design.md ("Layers, and what may import what"), top to bottom: each names its
+# modules (paths under tome_plus/: a file, or a folder and all in it; the longest path that holds a
+# module places it) and the layers it may import. Imports point down: the table is a DAG (checked
+# below), and every module's tome_plus imports, at the top or inside a function (not those under
+# `if TYPE_CHECKING:`), stay in its own layer or a layer its row names.
+CORE = ["state.py", "schedule.py", "merging.py", "reduce.py", "prop_attn.py", "precision.py", "warn.py", "registry.py"]
+LAYERS = {
+    "tools": (["tools"], {"integrations", "package", "training", "api", "heads", "backends", "vlm", "kv", "llm",
+                          "encoders", "record", "methods", "core", "triton_kernels"}),
+    "integrations": (["integrations"], {"package", "vlm", "methods"}),
+    "package": (["__init__.py", "atp.py", "diffrate_search.py", "vis.py"], {"training", "api", "heads"}),
+    "training": (["training"], {"api", "encoders", "llm", "record", "methods", "core"}),
+    "api": (["api.py"], {"backends", "heads", "kv", "record", "methods", "core"}),
+    "heads": (["heads"], {"record", "methods", "core"}),
+    "backends": (["backends"], {"vlm", "encoders", "kv", "llm", "record", "methods", "core"}),
+    "vlm": (["vlm"], {"encoders", "kv", "llm", "record", "methods", "core"}),
+    "kv": (["kv"], {"llm", "record", "core"}),
+    "llm": (["llm"], {"record", "methods", "core"}),
+    "encoders": (["backends/timm_vit.py", "backends/hf_clip.py"], {"record", "methods", "core"}),
+    "record": (["backends/base.py", "backends/contract.py"], {"methods", "core"}),
+    "methods": (["methods"], {"core", "triton_kernels"}),
+    "core": (CORE, {"triton_kernels"}),
+    "triton_kernels": ([], set()),  # tome_plus.triton_kernels (the repository's triton_kernels/)
+}
+# what a layer imports from above it, inside one function only (`heads.save` writes through the
+# training layer's atomic writer)
+INSIDE_A_FUNCTION = {("heads/__init__.py", "training")}
 
 
-def top_level(path: Path):
-    """Dotted names of the tome_plus modules imported at the top of `path` (not inside a function)."""
-    package = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts[:-1])
-    out = set()
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.ImportFrom):
-            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
-            out.add(".".join(base + ([node.module] if node.module else [])))
-        elif isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
-    return out
+def layer_of(path: Path) -> str:
+    """The layer of an installed module (its file)."""
+    if ROOT not in path.parents:
+        return "triton_kernels"
+    rel = path.relative_to(ROOT).as_posix()
+    found = [(len(m), layer) for layer, (members, _) in LAYERS.items() for m in members
+             if rel == m or rel.startswith(m + "/")]
+    assert found, f"{rel} is in no layer of LAYERS"
+    return max(found)[1]
 
 
-@pytest.mark.parametrize("where", LOWER)
-def test_core_methods_and_backends_import_no_tools_or_training(where):
-    upper = ("tome_plus.tools", "tome_plus.training")
-    paths = [ROOT / where] if where.endswith(".py") else sorted((ROOT / where).rglob("*.py"))
-    for path in [p for p in paths if p.exists()]:
-        names = imported(path)
-        if path == ROOT / "heads" / "__init__.py":
-            # `heads.save` writes through the training layer's atomic writer, imported inside it only
-            assert not any(n.startswith(upper) for n in top_level(path)), path
-            names = {n for n in names if not n.startswith("tome_plus.training")}
-        bad = sorted(n for n in names if n.startswith(upper))
-        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+def module_file(name: str):
+    """The file of the tome_plus module `name` (None: not a module, e.g. a function's name)."""
+    parts = name.split(".")[1:]
+    if parts[:1] == ["triton_kernels"]:
+        base = (ROOT.parent / "triton_kernels").joinpath(*parts[1:])
+    else:
+        base = ROOT.joinpath(*parts)
+    if not parts:
+        return ROOT / "__init__.py"
+    return next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.exists()), None)
 
 
-def test_training_imports_no_tools():
-    for path in sorted((ROOT / "training").rglob("*.py")):
-        bad = sorted(n for n in imported(path) if n.startswith("tome_plus.tools"))
-        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+def layered_imports(path: Path):
+    """(module file, inside a function) of every tome_plus module `path` imports, but those under
+    `if TYPE_CHECKING:`; `from package import name` counts as the module `package.name` where that is one."""
+    package = ".".join(path.relative_to(ROOT.parent).parts[:-1])  # what `from . import` names
+    if ROOT not in path.parents:  # a kernel file, installed as tome_plus.triton_kernels
+        package = "tome_plus." + package
+    found = []
+
+    def visit(node: ast.AST, inside: bool) -> None:
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            return
+        inside = inside or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        if isinstance(node, ast.Import):
+            found.extend((a.name, inside) for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            for a in node.names:
+                found.append((f"{module}.{a.name}" if module_file(f"{module}.{a.name}") else module, inside))
+        for child in ast.iter_child_nodes(node):
+            visit(child, inside)
+
+    visit(ast.parse(path.read_text()), False)
+    return [(module_file(n), inside) for n, inside in found if n == "tome_plus" or n.startswith("tome_plus.")]
+
+
+def test_the_layers_form_a_dag():
+    """Every layer a row names is a layer, and following the rows never comes back (imports point down)."""
+    for layer in LAYERS:
+        seen, todo = {layer}, list(LAYERS[layer][1])
+        while todo:
+            below = todo.pop()
+            assert below in LAYERS, f"{layer} names {below!r}, which is no layer"
+            assert below != layer, f"a cycle: {layer} comes back to itself through {sorted(seen - {layer})}"
+            if below not in seen:
+                seen.add(below)
+                todo.extend(LAYERS[below][1])
+
+
+# every file the distribution installs: the package and its kernels (installed as tome_plus.triton_kernels)
+INSTALLED = sorted(ROOT.rglob("*.py")) + sorted((ROOT.parent / "triton_kernels").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", INSTALLED, ids=lambda p: str(p.relative_to(ROOT.parent)))
+def test_every_module_imports_only_the_layers_its_row_names(path):
+    layer = layer_of(path)
+    rel = path.relative_to(ROOT).as_posix() if ROOT in path.parents else path.name
+    for target, inside in layered_imports(path):
+        assert target is not None
+        other = layer_of(target)
+        if other == layer or other in LAYERS[layer][1]:
+            continue
+        assert inside and (rel, other) in INSIDE_A_FUNCTION, \
+            f"{rel} ({layer}) imports {target.relative_to(ROOT.parent)} ({other}); {layer} may import " \
+            f"{sorted(LAYERS[layer][1])}"
+
+
+@pytest.mark.parametrize("path", INSTALLED, ids=lambda p: str(p.relative_to(ROOT.parent)))
+def test_every_module_says_what_it_serves_in_under_500_lines(path):
+    text = path.read_text()
+    assert ast.get_docstring(ast.parse(text)), f"{path.relative_to(ROOT.parent)} has no module docstring"
+    assert text.count("\n") < 500, f"{path.relative_to(ROOT.parent)} has {text.count(chr(10))} lines"
 
 
 @pytest.mark.parametrize("tool", sorted(COMMANDS))
@@ -113,9 +193,11 @@ def test_short_paths_name_the_training_modules_public_functions():
 
     assert tome_plus.atp is atp and atp is not training.atp
     assert tome_plus.diffrate_search is diffrate_search and diffrate_search is not training.diffrate
-    for short, home in ((atp, training.atp), (diffrate_search, training.diffrate)):
+    from tome_plus.training import diffrate_forward
+    for short, homes in ((atp, [training.atp]), (diffrate_search, [training.diffrate, diffrate_forward])):
         for name in short.__all__:
-            assert getattr(short, name) is getattr(home, name), f"{short.__name__}.{name}"
+            home = next((m for m in homes if name in vars(m)), None)
+            assert home is not None and getattr(short, name) is getattr(home, name), f"{short.__name__}.{name}"
     for module, names in ((atp, ("train", "save", "load", "modules")),
                           (diffrate_search, ("search", "save_schedule", "read_checkpoint", "DiffRateRates",
                                              "SearchInterrupted", "full_gmacs", "save", "load")),
@@ -148,10 +230,6 @@ def test_assigns_sys_modules_finds_each_form():
                  "sys.modules.update(a=m)", "sys.modules.setdefault('a', m)"):
         assert assigns_sys_modules(ast.parse(code)), code
     assert not assigns_sys_modules(ast.parse("x = sys.modules['a']; ok = 'a' in sys.modules"))
-
-
-# every file the distribution installs: the package and its kernels (installed as tome_plus.triton_kernels)
-INSTALLED = sorted(ROOT.rglob("*.py")) + sorted((ROOT.parent / "triton_kernels").rglob("*.py"))
 
 
 @pytest.mark.parametrize("path", INSTALLED, ids=lambda p: str(p.relative_to(ROOT.parent)))

@@ -79,7 +79,7 @@ def test_eval_source_runs_tome_plus_eval_per_point(tmp_path, monkeypatch):
     def fake_evaluate(model, data, method, options, **kwargs):
         calls.append((model, data, method, dict(options)))
         return {"top1": 80.0 - 10 * (1 - options.get("keep", 1.0)), "top5": 99.0}
-    monkeypatch.setattr("tome_plus.tools.eval.evaluate", fake_evaluate)
+    monkeypatch.setattr("tome_plus.tools.measure.evaluate", fake_evaluate)
     report = sweep.main(["--source", "eval", "--model", "vit_tiny_patch16_224", "--data", "fashion-mnist",
                          "--methods", "tome", "--keep", "0.9,0.7", "--out", str(tmp_path),
                          "--bench-batch", "2", "--warmup", "0", "--runs", "1", "--no-progress", "--device", "cpu"])
@@ -117,7 +117,7 @@ def test_eval_source_runs_tome_plus_eval_per_point(tmp_path, monkeypatch):
 def test_bad_command_lines_are_refused(argv, message, tmp_path, capsys, monkeypatch):
     """Refused before anything is loaded or written."""
     monkeypatch.setattr("tome_plus.tools.models.load_dinov2", lambda *a: pytest.fail("refused before any loading"))
-    monkeypatch.setattr("tome_plus.tools.eval.evaluate", lambda *a, **k: pytest.fail("refused before any loading"))
+    monkeypatch.setattr("tome_plus.tools.measure.evaluate", lambda *a, **k: pytest.fail("refused before any loading"))
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as stop:
         cli_main(["sweep", "--out", str(out), "--no-progress", *argv])

@@ -46,7 +46,7 @@ SCRIPT_REFUSAL = ("tome_plus: torch.jit.script cannot compile a token reduction 
 class PatchInfo:
     """The patch record every backend keeps: on a patched model as `model._tome_plus` (a plain
     attribute: not in `state_dict`). What one backend or method needs beyond it lives in `parts`,
-    a record of that backend's own (`timm_vit.ViTParts`, `hf_llava.LlavaParts`)."""
+    a record of that backend's own (`timm_vit.ViTParts`, `vlm.sites.VlmParts`)."""
 
     method: str
     config: ReductionConfig

@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch.nn as nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
+from ..kv import engine
 from . import base
 from .base import PatchInfo
 
@@ -39,7 +40,6 @@ def prepare(model: nn.Module, reducer, config, method: str, **_) -> PatchInfo:
 
 
 def prepare_kv(model: nn.Module, kv) -> PatchInfo:
-    from ..kv import engine
     engine.check_decoder(model.model, kv.name)
     return PatchInfo(method=None, config=None, reducer=None, depth=depth(model), n_prefix=0, has_cls=False,
                      cost=no_cost, kv=kv)
@@ -54,7 +54,6 @@ def check_budget(model: nn.Module, info: PatchInfo) -> None:
 
 
 def install(model: nn.Module, info: PatchInfo) -> None:
-    from ..kv import engine
     engine.install(model.model, info)
 
 

@@ -140,8 +140,8 @@ class TomePlus(_Base):
         logits = getattr(output, "logits", None)
         if ids is None or logits is None or logits.shape[1] in (ids.shape[1], 1):
             return None
-        from ..backends import hf_llava
-        fitted = hf_llava.fit_call(module, dict(kwargs), {})
+        from ..vlm.calls import cut_call
+        fitted = cut_call(module, dict(kwargs), {})
         rows, columns, new = fitted["moved"]
         full = logits.new_zeros(ids.shape[0], ids.shape[1], logits.shape[-1])
         full[rows, columns] = logits[rows, new]

@@ -2,8 +2,8 @@
 
 What every policy shares lives here; a policy (`KvPolicy`, one file each: `a2sf.py`) says only
 how it scores and ranks the cached tokens. The scores come from the attention the model already
-runs: its attention modules read tome_plus's routed backend (`backends.hf_llm.routed_attention`),
-which, while a policy is active (`hf_llm.KV_STEP`), forms the float32 probabilities of the new
+runs: its attention modules read tome_plus's routed backend (`llm.attention.routed_attention`),
+which, while a policy is active (`llm.context.KV_STEP`), forms the float32 probabilities of the new
 queries a block at a time beside the model's own (fused) attention: one q K^T row per decode step,
 O(N) memory per head in the prefill. A policy's score of a cached token is the sum over the scored
 queries of its weight (`query_weights`) times the probability the query gives the token, summed
@@ -27,8 +27,10 @@ import torch.nn as nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from ..backends import hf_llm
 from ..backends.base import PatchInfo, get_info, swap_class, tag
+from ..llm import attention, context
+from ..llm.attention import RoutedAttention
+from ..llm.decoder import DECODERS, PruningDecoder, matches_decoder
 from ..precision import HALF, fp32_logits
 
 RECENT = 16  # the newest tokens kept by default (A2SF's authors' window), where the budget holds them
@@ -169,7 +171,7 @@ def block_mask(keys: torch.Tensor, start: int, rows: int, n: Optional[int] = Non
 
 @dataclass(eq=False)
 class KvStep:
-    """One forward of a decoder under a cache policy (`hf_llm.KV_STEP`): what its attention needs
+    """One forward of a decoder under a cache policy (`llm.context.KV_STEP`): what its attention needs
     to score the new queries and to mask pruned layers, and the scores it leaves."""
 
     config: "KvPolicy"
@@ -227,14 +229,14 @@ class KvStep:
         """The scores after this forward's queries: the old ones times the policy's `fade(N)`, plus
         sum_q w_q S[q] over the real queries (`query_weights`), S the probabilities summed over the
         query heads of each KV head; the probabilities and their mask a block of queries at a time
-        (`hf_llm.BLOCK` logits), so memory stays O(L) per head however long the prompt."""
+        (`llm.attention.BLOCK` logits), so memory stays O(L) per head however long the prompt."""
         batch, heads, n, _ = query.shape
         length = key.shape[2]
         weights = self.config.query_weights(n, query.device) * self.new_of(layer_idx, query.device).float()  # [B, N]
         total = query.new_zeros(batch, kv_heads, length, dtype=torch.float32)
         groups = heads // kv_heads
         full_key = key.repeat_interleave(groups, dim=1)
-        step = max(1, hf_llm.BLOCK // (batch * heads * length))
+        step = max(1, attention.BLOCK // (batch * heads * length))
         for start in range(0, n, step):
             q = query[:, :, start:start + step]
             logits = (fp32_logits(q, full_key, scaling) if q.dtype in HALF
@@ -326,16 +328,16 @@ class KvDecoder:
             full = torch.ones(batch, past + n, dtype=torch.bool, device=tokens.device)
         prefill = past == 0
         # (a decoder that prunes between its layers holds fewer slots than the conversation: it says which)
-        if not pruned and full.shape[1] != past + n and not isinstance(self, hf_llm.PruningDecoder):
+        if not pruned and full.shape[1] != past + n and not isinstance(self, PruningDecoder):
             raise ValueError(f"attention_mask covers {full.shape[1]} tokens, but the cache holds {past} and {n} are new")
         step = KvStep(config, cache, past_valid=full[:, :past] if not pruned else full[:, :0],
                       new_valid=full[:, -n:], scoring=config.reads_attention and (prefill or config.every is not None))
-        token = hf_llm.KV_STEP.set(step)
+        token = context.KV_STEP.set(step)
         try:
             out = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   cache=cache, inputs_embeds=inputs_embeds, use_cache=True, **kwargs)
         finally:
-            hf_llm.KV_STEP.reset(token)
+            context.KV_STEP.reset(token)
         since = getattr(cache, STEPS_ATTR, 0)
         setattr(cache, STEPS_ATTR, 0 if step.finish(prefill, since) else since + 1)
         return out
@@ -348,9 +350,9 @@ def cache_lengths(cache: DynamicCache) -> List[int]:
 
 def check_decoder(decoder: nn.Module, name: str) -> None:
     """Refuse (by name) a language model whose cache this policy cannot prune."""
-    if not hf_llm.matches_decoder(decoder):
+    if not matches_decoder(decoder):
         raise TypeError(f"the language model is {type(decoder).__name__}; kv={name!r} supports "
-                        f"{', '.join(hf_llm.DECODERS)} (without a sliding window in use)")
+                        f"{', '.join(DECODERS)} (without a sliding window in use)")
     backend = decoder.config._attn_implementation
     if backend not in ("eager", "sdpa"):
         raise ValueError(f"kv={name!r} masks each KV head over its own tokens, which the {backend} backend does not "
@@ -362,5 +364,5 @@ def install(decoder: nn.Module, info: PatchInfo) -> None:
     swap_class(decoder, KvDecoder, info)
     tag(decoder, info)
     for layer in decoder.layers:
-        if not isinstance(layer.self_attn, hf_llm.RoutedAttention):  # ATP/FastV/features routed them already
-            swap_class(layer.self_attn, hf_llm.RoutedAttention, info)
+        if not isinstance(layer.self_attn, RoutedAttention):  # ATP/FastV/features routed them already
+            swap_class(layer.self_attn, RoutedAttention, info)

@@ -238,7 +238,7 @@ class LlmSite:
 
 class LlmReducer(Reducer):
     """A method that prunes visual tokens inside the language model of a vision-language model
-    (ATP, FastV). One decoder loop (`backends.hf_llm.PruningDecoder`) runs every such method
+    (ATP, FastV). One decoder loop (`llm.decoder.PruningDecoder`) runs every such method
     through this contract, with no branch for any one of them:
 
     - `sites(depth)`: the decoder layers after which it prunes;

@@ -18,7 +18,7 @@ Per instance the top ceil(keep * n_visual) visual tokens survive (with `tokens=N
 N x the instance's images, the images counted from its visual tokens and the per-image count the
 LLaVA backend knows) (ties by position); text tokens
 always stay and survivors keep their position ids. The selection is ATP's zero-shot one
-(`atp.top_fraction`); the decoder loop runs both (`backends/hf_llm.py`).
+(`atp.top_fraction`); the decoder loop runs both (`llm/decoder.py`).
 """
 from __future__ import annotations
 

@@ -19,26 +19,19 @@ unpatched one's weights, so the GPU holds them once. transformers is imported on
 from __future__ import annotations
 
 import argparse
-import copy
-import statistics
-import sys
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-import tome_plus
 from tome_plus.kv import policy_names
 
-from . import bench_hf
 from .common import (Parser, UsageError, add_method_args, check_device, check_method, cli_errors, fill_defaults,
                      int_at_least, method_options, prepare_output, refuse_unread, startup_errors)
-from .flops import count_flops
 from .hf_shapes import check_shape, shapes_help
-from .models import input_size
-from .report import bench_csv as write_csv, bench_table as format_table, device_name, kernels_table, save_json
-from .timing import DTYPES, PRECISIONS, peak_memory_mib, resolve_graphs, resolve_precision, time_forwards
+from .bench_hf import check_site, run_hf_bench
+from .measure import run_bench
+from .report import bench_csv as write_csv, bench_table as format_table, hf_csv, hf_table, kernels_table, save_json
+from .timing import DTYPES, PRECISIONS, resolve_graphs, resolve_hf_precision, resolve_precision
 
 PROG = "tome-plus bench"
 DEFAULT_MODEL = "vit_base_patch16_224"
@@ -53,83 +46,6 @@ READ_BY = {"--model": (TIMM,), "--img-size": (TIMM,), "--graphs": (TIMM, KERNELS
            "--csv": (TIMM, HF), "--device": (TIMM, HF, KV), "--batch-size": (TIMM, HF, KV), "--site": (HF,),
            "--text-tokens": (HF, KV), "--kv-option": (KV,), "--new-tokens": (KV,),
            **dict.fromkeys(METHOD_OPTIONS, (TIMM, HF))}
-
-
-@dataclass
-class Measurement:
-    name: str
-    images_per_s: float
-    ms_per_batch: float
-    ms_per_batch_min: float
-    gflops_per_image: float
-    peak_mem_mib: float
-    tokens: List[int] = field(default_factory=list)
-    graph_images_per_s: Optional[float] = None
-    graph_ms_per_batch: Optional[float] = None
-    graph_ms_per_batch_min: Optional[float] = None
-    graph_max_abs_diff: Optional[float] = None
-    graph_equal: Optional[bool] = None
-    graph_error: Optional[str] = None
-
-
-def run_bench(model_name: str, method: str, options: Dict[str, Any], device: str = "cpu",
-              dtype: str = "float32", batch_size: int = 8, warmup: int = 2, runs: int = 10,
-              img_size: Optional[int] = None, model_kwargs: Optional[Dict[str, Any]] = None,
-              progress: bool = True, precision: Optional[str] = None,
-              graphs: Optional[bool] = None) -> Dict[str, Any]:
-    """Benchmark `model_name` unpatched vs. patched with `method` and `options`; returns a dict.
-
-    `precision`: "autocast" (default for float16/bfloat16) or "half"; `graphs`: CUDA-graph timings
-    too (default on CUDA; refused elsewhere).
-    """
-    import timm
-
-    prec = resolve_precision(device, dtype, precision)
-    use_graphs = resolve_graphs(device, graphs)
-    dev = torch.device(device)
-    kwargs = dict(model_kwargs or {})
-    if img_size:
-        kwargs["img_size"] = img_size
-    baseline = timm.create_model(model_name, pretrained=False, **kwargs).eval()
-    baseline = baseline.to(dev, prec.tensor_dtype)
-    patched = tome_plus.patch(copy.deepcopy(baseline), method, **options)
-
-    x = torch.randn(batch_size, *input_size(baseline, img_size), device=dev, dtype=prec.tensor_dtype)
-    models = {"baseline": baseline, method: patched}
-    forwards = {name: prec.forward(model) for name, model in models.items()}
-    with tqdm(desc=f"bench {model_name}", disable=not progress, file=sys.stderr) as bar:
-        timings = time_forwards(forwards, x, warmup, runs, bool(use_graphs), progress=bar)
-
-    results = []
-    for name, model in models.items():
-        t = timings[name]
-        med = statistics.median(t.eager)
-        gmed = statistics.median(t.graph) if t.graph else None
-        with prec.context():  # every forward in the chosen precision, the counted one too
-            flops = count_flops(model, x[:1])
-        results.append(Measurement(
-            name=name, images_per_s=batch_size / med, ms_per_batch=med * 1e3,
-            ms_per_batch_min=min(t.eager) * 1e3, gflops_per_image=flops / 1e9,
-            peak_mem_mib=peak_memory_mib(lambda: forwards[name](x), x.device),
-            tokens=list(tome_plus.inspect(model).tokens) if name != "baseline" else [],
-            graph_images_per_s=batch_size / gmed if gmed is not None else None,
-            graph_ms_per_batch=gmed * 1e3 if gmed is not None else None,
-            graph_ms_per_batch_min=min(t.graph) * 1e3 if t.graph else None,
-            graph_max_abs_diff=t.graph_max_abs_diff, graph_equal=t.graph_equal, graph_error=t.graph_error))
-    base, red = results
-    return {
-        "model": model_name, "method": method, "options": options, "device": str(dev),
-        "device_name": device_name(dev),
-        "dtype": dtype, "precision": prec.label, "graphs": use_graphs,
-        "batch_size": batch_size, "warmup": warmup, "runs": runs,
-        "input_size": list(x.shape[1:]), "torch": torch.__version__,
-        "results": [asdict(r) for r in results],
-        "speedup": red.images_per_s / base.images_per_s,
-        "graph_speedup": (red.graph_images_per_s / base.graph_images_per_s
-                          if red.graph_images_per_s and base.graph_images_per_s else None),
-        "flops_ratio": red.gflops_per_image / base.gflops_per_image,
-        "memory_ratio": red.peak_mem_mib / base.peak_mem_mib if base.peak_mem_mib else None,
-    }
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
@@ -195,6 +111,27 @@ def mode_of(args: argparse.Namespace) -> str:
     return KERNELS if args.kernels else TIMM
 
 
+def main_hf(args: argparse.Namespace) -> Dict[str, Any]:
+    """`tome-plus bench --hf SHAPE`: checks, run, table and outputs."""
+    check_method(args.method)
+    options = method_options(args)
+    check_site(args.hf, args.method, args.site)
+    resolve_hf_precision(args.device, args.dtype, args.precision)  # refused here, before any model is built
+    cuda = args.device.startswith("cuda")
+    report = run_hf_bench(
+        args.hf, args.method, options, device=args.device, dtype=args.dtype,
+        batch_size=args.batch_size if args.batch_size is not None else (8 if cuda else 1),
+        text_tokens=args.text_tokens,
+        warmup=args.warmup if args.warmup is not None else (5 if cuda else 1),
+        runs=args.runs if args.runs is not None else (20 if cuda else 3),
+        progress=not args.no_progress, precision=args.precision, site=args.site)
+    print(hf_table(report))
+    save_json(report, args.json)
+    if args.csv:
+        hf_csv(report, args.csv)
+    return report
+
+
 def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace] = None) -> Dict[str, Any]:
     args = args or build_parser().parse_args(argv)
     outputs = " or ".join(option for option, value in (("--json", args.json), ("--csv", args.csv)) if value)
@@ -210,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace
             from . import bench_kv
             return bench_kv.main_kv(args)
         if mode == HF:
-            return bench_hf.main_hf(args)
+            return main_hf(args)
         if mode == KERNELS:
             from . import kernel_bench
             report = kernel_bench.run(dtype=args.dtype, runs=args.runs if args.runs is not None else 30,

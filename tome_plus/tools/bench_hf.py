@@ -1,14 +1,13 @@
-"""`tome-plus bench --hf SHAPE`: a random-weight HF LLaVA of a known shape, unpatched vs. patched.
+"""What `tome-plus bench --hf SHAPE` measures: a random-weight HF LLaVA of a known shape, unpatched
+vs. patched. Shared: `bench` reports it, `sweep` measures each point's speed with it.
 
 The vision side in images/s, the prefill forward of a prompt with one image and the language
 model alone on the prompt it gets, all interleaved; FLOPs of the tower, projector and LLM; the
 image tokens that reach the LLM. The patched model shares the unpatched one's weights, so the GPU
-holds them once. transformers is imported only when the run starts. Part of `tome-plus bench`
-(its parser and `main` are in `bench`).
+holds them once. transformers is imported only when the run starts.
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 import statistics
 import sys
@@ -21,10 +20,10 @@ from tqdm.auto import tqdm
 import tome_plus
 
 from . import hf_shapes
-from .common import UsageError, check_method, method_options
+from .common import UsageError
 from .flops import flop_counter
 from .models import shared_copy
-from .report import device_name, hf_csv, hf_table, save_json
+from .report import device_name
 from .timing import Precision, interleave, peak_memory_mib, resolve_hf_precision
 from ..backends.base import get_info
 from ..methods import get_method
@@ -61,8 +60,8 @@ def llm_inputs(model: torch.nn.Module, inputs: Dict[str, Any]) -> Dict[str, Any]
 
     def record(module: torch.nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
         seen.update({k: kwargs.get(k) for k in ("inputs_embeds", "attention_mask", "position_ids")})
-        if "tome_plus.backends.hf_llm" in sys.modules:  # ATP: which tokens are visual, for its modules
-            seen["_atp_scope"] = sys.modules["tome_plus.backends.hf_llm"].current_inputs()
+        if "tome_plus.llm.context" in sys.modules:  # ATP: which tokens are visual, for its modules
+            seen["_atp_scope"] = sys.modules["tome_plus.llm.context"].current_inputs()
     handle = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         llava_prefill(model, inputs)
@@ -80,8 +79,8 @@ def llm_prefill(model: torch.nn.Module, llm_kwargs: Dict[str, Any]) -> torch.Ten
     scope = kwargs.pop("_atp_scope", None)
     if scope is None:
         return model.lm_head(model.model.language_model(**kwargs)[0][:, -1:])
-    from ..backends import hf_llm
-    with hf_llm.running_with(scope):
+    from ..llm.context import running_with
+    with running_with(scope):
         return model.lm_head(model.model.language_model(**kwargs)[0][:, -1:])
 
 
@@ -248,24 +247,3 @@ def pruned_after(patched: torch.nn.Module) -> List[str]:
         return []
     layers = info.reducer.sites(info.depth)
     return [f"decoder layer {layer}" for layer in layers]
-
-
-def main_hf(args: argparse.Namespace) -> Dict[str, Any]:
-    """`tome-plus bench --hf SHAPE`: checks, run, table and outputs."""
-    check_method(args.method)
-    options = method_options(args)
-    check_site(args.hf, args.method, args.site)
-    resolve_hf_precision(args.device, args.dtype, args.precision)  # refused here, before any model is built
-    cuda = args.device.startswith("cuda")
-    report = run_hf_bench(
-        args.hf, args.method, options, device=args.device, dtype=args.dtype,
-        batch_size=args.batch_size if args.batch_size is not None else (8 if cuda else 1),
-        text_tokens=args.text_tokens,
-        warmup=args.warmup if args.warmup is not None else (5 if cuda else 1),
-        runs=args.runs if args.runs is not None else (20 if cuda else 3),
-        progress=not args.no_progress, precision=args.precision, site=args.site)
-    print(hf_table(report))
-    save_json(report, args.json)
-    if args.csv:
-        hf_csv(report, args.csv)
-    return report

@@ -171,7 +171,8 @@ def run(args: argparse.Namespace, progress: Optional[Progress] = None,
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    from ..training.diffrate import LR_SCHEDULES, SIZE_CLAMPS, STRAIGHT_THROUGH
+    from ..training.diffrate import LR_SCHEDULES
+    from ..training.diffrate_forward import SIZE_CLAMPS, STRAIGHT_THROUGH
     parser = parser or Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="timm model name")

@@ -15,15 +15,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 import tome_plus
 
@@ -32,6 +27,7 @@ from .common import (Parser, UsageError, _literal, check_method, check_options, 
                      parse_options, prepare_output, read_schedule_file, startup_errors)
 from .data import fashion_mnist, to_model_input
 from .flops import count_flops
+from .measure import embed, knn_top1
 from .models import load_dinov2
 from .report import cpu_name, fidelity_plot as plot, fidelity_table as format_table, save_json
 
@@ -39,29 +35,6 @@ PROG = "tome-plus fidelity"
 
 DEFAULT_BUDGETS = ("flops", (0.5, 0.65, 0.8))
 FULL, QUICK = (1000, 1000, 224), (64, 64, 112)  # (--bank, --test, --img-size) by default and with --quick
-
-
-@torch.no_grad()
-def embed(model, images: np.ndarray, size: int, batch_size: int, desc: str, progress: bool):
-    """L2-normalised pooled features and the seconds spent in the model."""
-    feats, seconds = [], 0.0
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, file=sys.stderr,
-                      leave=False):
-        x = to_model_input(images[start:start + batch_size], size)
-        t0 = time.perf_counter()
-        feats.append(model(x))
-        seconds += time.perf_counter() - t0
-    return F.normalize(torch.cat(feats).float(), dim=-1), seconds
-
-
-def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor,
-             labels: torch.Tensor, k: int = 20, temperature: float = 0.07, n_classes: int = 10) -> float:
-    """DINO's weighted k-NN: each of the k most similar bank entries votes exp(sim / T)."""
-    sims = queries @ bank.T
-    top, idx = sims.topk(min(k, bank.shape[0]), dim=-1)
-    votes = torch.zeros(queries.shape[0], n_classes)
-    votes.scatter_add_(1, bank_labels[idx], (top / temperature).exp())
-    return float((votes.argmax(-1) == labels).float().mean() * 100)
 
 
 @dataclass

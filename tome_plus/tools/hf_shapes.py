@@ -208,7 +208,7 @@ def build_llava(name: str, device: str = "cpu", dtype: torch.dtype = torch.float
 
 def image_placeholders(config) -> int:
     """Image tokens per image of the unpatched model, as the processor inserts them."""
-    from ..backends.hf_llava import image_placeholders as count  # the backend's count (imports transformers)
+    from ..vlm.images import image_placeholders as count  # the backend's count (imports transformers)
     return count(config)
 
 

@@ -80,7 +80,7 @@ class FidelitySource:
 
     def _embed(self, label: str):
         from .data import fashion_mnist
-        from .fidelity import embed, knn_top1
+        from .measure import embed, knn_top1
         from .models import load_dinov2
         if self.model is None:
             self.bank, self.test = fashion_mnist("train", self.args.bank), fashion_mnist("test", self.args.test)
@@ -121,7 +121,7 @@ class EvalSource:
                 "data": self.args.data, "images": self.args.test if self.args.data == "fashion-mnist" else None}
 
     def accuracy(self, method: Optional[str], options: Dict[str, Any]) -> Dict[str, float]:
-        from .eval import evaluate
+        from .measure import evaluate
         a = self.args
         result = evaluate(a.model, a.data, method, options, pretrained=a.pretrained, checkpoint=a.checkpoint,
                           batch_size=a.batch_size, workers=a.workers, device=a.device, progress=False,
@@ -168,7 +168,7 @@ def measure_speed(source, args: argparse.Namespace, method: str, options: Dict[s
                               site=site)
         return {"speedup": report["prefill_speedup"], "graph_speedup": None,
                 "flops_ratio": report["prefill_flops_ratio"], "llm_speedup": report["llm_speedup"]}
-    from .bench import run_bench
+    from .measure import run_bench
     name, kwargs, size = source.arch
     report = run_bench(name, method, options, device=args.device, dtype=args.dtype, batch_size=args.bench_batch,
                        warmup=args.warmup, runs=args.runs, img_size=size, model_kwargs=kwargs, progress=False)

@@ -19,8 +19,8 @@ from typing import Any, Dict, Iterable, List, Optional
 import torch
 import torch.nn as nn
 
-from ..backends import hf_llm
 from ..backends.base import get_info
+from ..llm.context import collecting
 from ..methods.atp import load_modules
 from . import checkpoint as ckpt
 from .distributed import broadcast_from_first, rank as process_rank
@@ -55,7 +55,7 @@ def load(model: nn.Module, path: str) -> None:
 def forward_kept(model: nn.Module, batch: Dict[str, torch.Tensor]):
     """`model(**batch)` and the visual fraction its ATP modules kept (soft masks; the batch mean
     over the rows with an image). The one place training reads what the LLM backend collects."""
-    with hf_llm.collecting() as collected:
+    with collecting() as collected:
         out = model(**batch)
     fractions = [s.kept_fraction for s in collected if s.kept_fraction is not None]
     if not fractions:

@@ -1,0 +1,119 @@
+"""How the attention of a patched language model runs: its attention modules read one registered
+HF attention function (`routed_attention`) that runs the model's own backend (fused kernels
+stay) and, where asked, also forms the attention each token receives (`received_attention`:
+float32, a block of queries at a time, so no `[N, N]` map is held) for an LLM method's site, and
+lets a KV-cache policy score the new queries and mask the layers it pruned (`context.KV_STEP`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ..methods.base import received
+from ..precision import HALF, fp32_logits
+from .context import KV_STEP
+from .segments import additive
+
+# The decoder layers are HF's own. Their attention modules read the backend named ROUTED while
+# patched (`RoutedAttention`), and the decoder tells it per call, through keywords HF's layers
+# hand through to the attention function (and which gradient checkpointing replays): BACKEND
+# names the backend to run instead of the model's own; SCORE, in a layer a reducer scores after,
+# asks for the attention the tokens receive (`ScoreRequest`). Without either (HF's own forward,
+# where nothing is pruned) the model's own backend runs.
+ROUTED = "tome_plus"
+SCORE = "tome_plus_score"
+BACKEND = "tome_plus_backend"
+BLOCK = 1 << 24  # logits per block of queries in `received_attention` (64 MiB in float32)
+
+
+@dataclass(eq=False)
+class ScoreRequest:
+    """What a scoring layer's attention computes beside its output."""
+
+    weights: torch.Tensor  # [B, R, N] per-query weights (`LlmReducer.query_weights`)
+    mask: torch.Tensor  # [B, 1, N, P + N] bool or additive: the layer's attention mask (`segment_mask`)
+    received: Optional[torch.Tensor] = None  # [B, R, N], filled in: `methods.base.received`
+
+
+def received_attention(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, scaling: float,
+                       weights: torch.Tensor) -> torch.Tensor:
+    """`methods.base.received` from q and k (`[B, H, N, D]`, `[B, KV, P + N, D]` after rotary):
+    float32 probabilities (a half model's too, `precision.py`), formed a block of queries at a
+    time, so the memory is one block's logits however long the prompt."""
+    batch, heads, n, _ = query.shape
+    key = key.repeat_interleave(heads // key.shape[1], dim=1)  # grouped-query attention: kv head h // groups
+    keys = key.shape[2]
+    step = max(1, BLOCK // (batch * heads * keys))
+    total = weights.new_zeros(batch, weights.shape[1], n, dtype=torch.float32)
+    for start in range(0, n, step):
+        q = query[:, :, start:start + step]
+        logits = fp32_logits(q, key, scaling) if q.dtype in HALF else (q @ key.transpose(-2, -1)).float() * scaling
+        block = mask[:, :, start:start + step, :keys]
+        logits = logits + (additive(block, logits.dtype) if block.dtype == torch.bool else block.float())
+        total = total + received(logits.softmax(dim=-1), weights[:, :, start:start + step], current=n)
+    return total
+
+
+def routed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask, dropout: float = 0.0, scaling: Optional[float] = None, **kwargs):
+    """The attention function of a patched language model (an HF attention interface): BACKEND if
+    given, else the model's own backend; asked to (SCORE), it also fills in the request."""
+    request, backend = kwargs.pop(SCORE, None), kwargs.pop(BACKEND, None)
+    scaling = module.scaling if scaling is None else scaling
+    kv = KV_STEP.get()
+    if kv is not None:  # a KV-cache policy scores the new queries; a pruned layer takes its own mask
+        attention_mask = kv.attention(module, query, key, attention_mask, scaling)
+    if request is not None:
+        request.received = received_attention(query, key, request.mask, scaling, request.weights)
+    backend = backend or module.__dict__["config"]._attn_implementation
+    if backend == "eager":  # HF's default, which its modules pass in and which no registry holds
+        return eager_attention(query, key, value, attention_mask, scaling, dropout, module.training)
+    function = ALL_ATTENTION_FUNCTIONS.get_interface(backend, None)
+    return function(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def eager_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
+                    scaling: float, dropout: float, training: bool):
+    """HF's eager attention (its families' `eager_attention_forward`, which the modules pass in as
+    the default and no registry holds): output `[B, N, H, D]` and probabilities."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    logits = (query @ key.transpose(-2, -1)) * scaling
+    if mask is not None:
+        logits = logits + mask[..., :key.shape[2]]
+    weights = logits.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    out = F.dropout(weights, dropout, training) @ value
+    return out.transpose(1, 2).contiguous(), weights
+
+
+AttentionInterface.register(ROUTED, routed_attention)
+
+
+class _RoutedView:
+    """The config a patched attention module sees: the model's, but for its backend."""
+
+    _attn_implementation = ROUTED
+
+    def __init__(self, config) -> None:
+        self.__dict__["_config"] = config
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["_config"], name)
+
+
+class RoutedAttention:
+    """Mixin for the attention modules of a patched language model: their backend is ROUTED."""
+
+    @property
+    def config(self):
+        return _RoutedView(self.__dict__["config"])
+
+    @config.setter
+    def config(self, value) -> None:
+        self.__dict__["config"] = value

@@ -1,0 +1,117 @@
+"""The features site: a vision method (ToMe, PiToMe, Zero-TPrune) on the image features, once,
+before the language model's first layer.
+
+`reduce_features` finds each image's (or video's) run of placeholders in the embeddings HF built
+(its features already scattered in, its positions, M-RoPE rows included, already computed) and
+reduces it with `reduce.reduce_to` (the method's own `plan` and `merging.apply_plan`, repeated
+until the budget is met); the decoder loop then drops the reduced slots as after an LLM method's
+site. Zero-TPrune's attention graph there is the first decoder layer's attention among each
+image's tokens (`image_attention`).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+
+from ..backends.base import PatchInfo
+from ..precision import fp32_logits
+from ..reduce import reduce_to
+from ..warn import warn_caller
+from .context import LlmInputs
+from .segments import Segment
+
+
+def feature_count(config, reducer, n: int) -> int:
+    """Tokens an image's (or a clip's) `n` reducible features keep under the features site's budget:
+    `tokens` (at most n), `keep` (the method's rounding) or `r` (removed); at least one stays."""
+    kind, value = config.budget
+    if kind == "tokens":
+        return min(value, n)
+    if kind == "keep":  # a small image or clip keeps one token at least
+        return max(n - reducer.keep_removal(n, value), 1)
+    return max(n - value, 1)
+
+
+def warn_tokens_once(info: PatchInfo, detail: str) -> None:
+    """A `tokens=N` budget above what an image of this forward has: one warning per patched model.
+    Where the count depends on the image (anyres tiles, Qwen's native resolution) `patch` cannot
+    refuse N as it does a count it knows, so the forward warns, as timm's does at other input sizes."""
+    if not info.parts.tokens_checked:
+        info.parts.tokens_checked = True
+        warn_caller(f"tokens={info.config.tokens} {detail} (warned once per patch)")
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as the Llama family applies it (`[G, H, N, D]`, angles `[G, N, D]`)."""
+    half = x.shape[-1] // 2
+    turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.unsqueeze(1) + turned * sin.unsqueeze(1)
+
+
+def image_attention(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`[G, H, N, N]` float32 attention among each set's tokens (`x`: `[G, N, D]` embeddings) in
+    the decoder's first layer, every token seeing every other (no causal order): Zero-TPrune's
+    attention graph at the features site."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(x)
+    sets, n, _ = x.shape
+    q = attn.q_proj(x).view(sets, n, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(sets, n, -1, attn.head_dim).transpose(1, 2)
+    q, k = rotate(q, cos.to(q.dtype), sin.to(q.dtype)), rotate(k, cos.to(k.dtype), sin.to(k.dtype))
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return fp32_logits(q, k, attn.scaling).softmax(dim=-1)
+
+
+def reduce_features(model: nn.Module, h: torch.Tensor, seg: Segment, scope: LlmInputs, info: PatchInfo
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The features site: each image's (or video's) visual tokens, newlines aside, reduced by a
+    vision method (`reduce.reduce_to`) before the first decoder layer. Returns the hidden states
+    (a merged token written at its destination's place) and `[B, L]` which slots stay; a kept
+    token keeps its position (and M-RoPE angles), a merged one its destination's."""
+    reducer, config = info.reducer, info.config
+    reducible = seg.visual & (scope.runs >= 0)
+    if scope.newline is not None:
+        # the newline as the features carry it: the parameter, rounded to the features' dtype where
+        # they came out in half precision (autocast) and were scattered into wider embeddings
+        for dtype in (h.dtype, torch.bfloat16, torch.float16):
+            reducible &= ~(h == scope.newline.to(dtype).to(h.dtype)).all(dim=-1)
+    scope.newlines = (seg.visual & ~reducible).sum(dim=1)
+    keep = ~reducible
+    rows, cols = reducible.nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return h, keep
+    # one run per image: runs of a row are in column order, so equal keys are consecutive
+    key = rows * (h.shape[1] + 1) + scope.runs[rows, cols]
+    counts = torch.unique_consecutive(key, return_counts=True)[1].tolist()
+    if config.tokens is not None and config.tokens > min(counts):
+        warn_tokens_once(info, f"is more than the {min(counts)} tokens (newlines aside) an image or video of this "
+                               f"forward has at site='features': it keeps all of them")
+    starts = [0]
+    for c in counts[:-1]:
+        starts.append(starts[-1] + c)
+    by_length: dict = {}
+    for start, n in zip(starts, counts):
+        by_length.setdefault(n, []).append(start)
+    h = h.clone()
+    for n, group in by_length.items():
+        at = torch.tensor(group, device=h.device).unsqueeze(1) + torch.arange(n, device=h.device)
+        r, c = rows[at], cols[at]  # [G, n] each set's tokens
+        n_keep = feature_count(config, reducer, n)
+        if n_keep >= n:
+            keep[r, c] = True
+            continue
+
+        def signals(x: torch.Tensor, index: torch.Tensor) -> dict:
+            out = {"k": x.unsqueeze(1), "keys": x.float(), "x": x}
+            if "attn" in reducer.needs:
+                rr, cc = r.gather(1, index), c.gather(1, index)
+                out["attn"] = image_attention(model.layers[0], x, seg.cos[rr, cc], seg.sin[rr, cc])
+            return out
+
+        x, index, _ = reduce_to(h[r, c], reducer, n_keep, signals)
+        rr, cc = r.gather(1, index), c.gather(1, index)
+        h[rr, cc] = x.to(h.dtype)
+        keep[rr, cc] = True
+    return h, keep

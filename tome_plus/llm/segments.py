@@ -1,0 +1,117 @@
+"""The tokens of a patched language model between two pruning sites, and the masks its layers
+attend with there.
+
+A `Segment` is the current tokens of one stretch of layers: every row padded on the left to the
+batch's largest count, each slot with its input position, position id and rotary angles (M-RoPE
+rows included), and the masks of visual / instruction / prompt tokens. `compact` drops the slots a
+site rejects (the survivors gathered to the right, so every row's last token stays last);
+`scatter_back` puts hidden states back at the input's positions. After a site every later layer
+attends with a mask of its own (padding slots as keys never, causal by slot order, which is
+position order), built in the form the attention backend takes (`layer_mask`, `segment_mask`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, eager_mask,
+                                        flash_attention_mask, flex_attention_mask, sdpa_mask)
+
+
+@dataclass
+class Segment:
+    """The current tokens of one stretch of layers (all rows padded to the same count K)."""
+
+    index: torch.Tensor  # [B, K] input position of each slot
+    valid: torch.Tensor  # [B, K] bool: a real token (not padding)
+    positions: torch.Tensor  # [B, K] position ids
+    cos: torch.Tensor  # [B, K, D] rotary angles
+    sin: torch.Tensor
+    visual: torch.Tensor  # [B, K] bool
+    spatial: torch.Tensor  # [B, K] float
+    instruction: torch.Tensor  # [B, K] bool: text after the image
+    prompt: torch.Tensor  # [B, K] bool: the prompt's real tokens (FastV's queries)
+    key_bias: Optional[torch.Tensor] = None  # [B, K] log soft mask (training)
+
+
+def mask_builder(backend: str) -> Callable:
+    """HF's mask function for `backend`, one of the four forms the masks built here after a pruning
+    site take: eager's additive 4-D, SDPA's bool 4-D, flex attention's BlockMask, flash
+    attention's 2-D padding mask."""
+    builder = eager_mask if backend == "eager" else ALL_MASK_ATTENTION_FUNCTIONS.get(backend)
+    if builder not in (eager_mask, sdpa_mask, flex_attention_mask, flash_attention_mask):
+        raise ValueError(f"attention backend {backend!r} takes a mask tome_plus does not know how to build after a "
+                         f"pruning site; use eager, sdpa, flex_attention or a flash_attention_* backend")
+    return builder
+
+
+def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as an additive one: 0 where it is True, the dtype's minimum where False."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def layer_mask(past_valid: torch.Tensor, seg: Segment, dtype: torch.dtype, backend: str):
+    """A segment's mask in the form `backend`'s layers take. Flash and flex attention get HF's own
+    (a padding mask over the real slots, causal from the right: the same attention, since slot
+    order is position order); eager and SDPA `segment_mask`, whose padding rows see themselves
+    (an SDPA row with no key gives NaN, which would reach real rows through the values)."""
+    builder = mask_builder(backend)
+    keys = torch.cat([past_valid, seg.valid], dim=1)
+    if seg.key_bias is not None and builder not in (eager_mask, sdpa_mask):
+        raise ValueError(f"ATP's soft masks (training) need a 4-D float attention mask, which {backend} does not "
+                         f"take: train with attn_implementation='sdpa' or 'eager'")
+    if builder in (flex_attention_mask, flash_attention_mask):
+        batch, k = seg.valid.shape
+        return builder(batch_size=batch, q_length=k, kv_length=keys.shape[1], q_offset=past_valid.shape[1],
+                       mask_function=causal_mask_function, attention_mask=keys, device=keys.device)
+    mask = segment_mask(past_valid, seg, dtype)
+    return additive(mask, dtype) if builder is eager_mask and mask.dtype == torch.bool else mask
+
+
+def segment_mask(past_valid: torch.Tensor, seg: Segment, dtype: torch.dtype) -> torch.Tensor:
+    """`[B, 1, K, P + K]` mask of a segment: cached slots and earlier slots that are real, causal
+    by slot order, each slot always seeing itself (padding rows stay finite); float with the
+    soft masks' log on the keys."""
+    batch, k = seg.valid.shape
+    p = past_valid.shape[1]
+    keys = torch.cat([past_valid, seg.valid], dim=1)
+    slot = torch.arange(k, device=keys.device)
+    causal = torch.arange(p + k, device=keys.device).unsqueeze(0) <= (p + slot).unsqueeze(1)
+    mask = (keys.unsqueeze(1) & causal.unsqueeze(0))
+    mask[:, slot, p + slot] = True
+    mask = mask.unsqueeze(1)
+    if seg.key_bias is None:
+        return mask
+    bias = torch.cat([seg.key_bias.new_zeros(batch, p), seg.key_bias], dim=1)
+    return additive(mask, dtype) + bias.to(dtype)[:, None, None, :]
+
+
+def compact(h: torch.Tensor, seg: Segment, keep: torch.Tensor):
+    """Drop the slots `keep` ([B, K] bool) rejects; survivors move right in order, rows padded
+    on the left to the largest count."""
+    counts = keep.sum(dim=1)
+    n = int(counts.max())
+    # stable sort by keep: dropped slots first, kept last, each in order; the last n are the
+    # row's kept slots behind (n - count) dropped ones, which become padding
+    order = keep.long().argsort(dim=1, stable=True)[:, -n:]
+    occupied = torch.arange(n, device=h.device).unsqueeze(0) >= (n - counts).unsqueeze(1)
+    take = lambda t: t.gather(1, order if t.dim() == 2 else order.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+    seg = Segment(index=take(seg.index), valid=take(seg.valid) & occupied, positions=take(seg.positions),
+                  cos=take(seg.cos), sin=take(seg.sin), visual=take(seg.visual) & occupied,
+                  spatial=take(seg.spatial), instruction=take(seg.instruction) & occupied,
+                  prompt=take(seg.prompt) & occupied,
+                  key_bias=None if seg.key_bias is None else take(seg.key_bias))
+    return take(h), seg
+
+
+def scatter_back(h: torch.Tensor, seg: Segment, n: int) -> torch.Tensor:
+    """`[B, n, D]` hidden states at the input's positions (zeros where a token was pruned)."""
+    out = h.new_zeros(h.shape[0], n, h.shape[-1])
+    return out.scatter(1, seg.index.unsqueeze(-1).expand_as(h), h)
+
+
+def instruction_after_image(visual: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Text tokens after the first image token of their row (the instruction)."""
+    seen = visual.long().cumsum(dim=1) > 0
+    return seen & ~visual & valid
