@@ -1,6 +1,4 @@
 """Bipartite matching and fused merge: Triton (interpreter on CPU) vs. the PyTorch twin vs. loops."""
-import os
-
 import pytest
 import torch
 
@@ -10,8 +8,7 @@ from tome_plus.triton_kernels.matching import (bipartite_match_torch, bipartite_
                                                merge_wavg_triton)
 
 from conftest import make
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from naive import assert_best_matches, assert_same_matches, loop_cosines
 
 SHAPES = [(1, 1), (1, 2), (7, 3), (7, 61), (1, 197), (2, 257), (1, 577)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -66,37 +63,6 @@ def test_match_triton_equals_torch(batch, n, dtype, n_prefix, shuffled):
     assert_same_matches(i_tri, i_ref, s_tri, cosines)
     # and both are right: each A token's best cosine over the B side, from a loop written here
     assert_best_matches(s_ref, i_ref, cosines)
-
-
-def loop_cosines(metric, a_idx, b_idx):
-    """`[B, Na, Nb]` cosine of every A token to every B token of the split, one A token at a time,
-    in float64."""
-    feats = metric.double()
-    out = torch.empty(a_idx.shape[0], a_idx.shape[1], b_idx.shape[1], dtype=torch.float64)
-    for n in range(a_idx.shape[0]):
-        others = feats[n, b_idx[n]]
-        others = others / others.norm(dim=-1, keepdim=True)
-        for i, token in enumerate(a_idx[n].tolist()):
-            out[n, i] = others @ (feats[n, token] / feats[n, token].norm())
-    return out
-
-
-def assert_same_matches(i_tri, i_ref, s_tri, cosines):
-    """The kernel picks the twin's B tokens. Under the interpreter `tl.dot` is numpy's matmul, whose
-    rounding depends on the machine's BLAS: there the kernel's picks need only reach the best."""
-    if INTERPRETED:
-        assert_best_matches(s_tri, i_tri, cosines)
-    else:
-        assert torch.equal(i_tri, i_ref)
-
-
-def assert_best_matches(scores, index, cosines, tol=1e-5):
-    """`scores` are the best cosines and `index` points at a B token that reaches it (a near-tie
-    within float32 rounding may go either way)."""
-    best = cosines.max(dim=-1).values
-    torch.testing.assert_close(scores.double(), best, rtol=tol, atol=tol)
-    assert index.min() >= 0 and index.max() < cosines.shape[-1]
-    assert (cosines.gather(-1, index.unsqueeze(-1)).squeeze(-1) >= best - tol).all()
 
 
 @pytest.mark.parametrize("dim", [7, 64, 200, 1024])
