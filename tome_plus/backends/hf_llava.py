@@ -21,29 +21,24 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import torch.nn as nn
-from transformers import (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
-                          LlavaNextVideoForConditionalGeneration, LlavaOnevisionForConditionalGeneration,
-                          Qwen2_5_VLForConditionalGeneration,
-                          Qwen2VLForConditionalGeneration, VipLlavaForConditionalGeneration)
 
 from ..kv import engine
 from ..methods import get_method, method_names
 from ..methods.base import ReductionConfig, Reducer
 from ..vlm import calls, images, sites
+from ..vlm.families import FAMILIES, family
 from . import base, hf_clip
 from .base import PatchInfo, swap_class, tag
 
 KIND = "hf"
 HEADS = False  # a generative model: no classifier head to replace
 LLM_METHODS = True  # methods that prune inside the language model (ATP) run here
-FAMILY = ("HF transformers LlavaForConditionalGeneration, VipLlavaForConditionalGeneration (the vision tower "
-          "reduces, the LLM gets fewer image tokens, or the LLM prunes: atp, fastv); "
-          "LlavaNextForConditionalGeneration, LlavaNextVideoForConditionalGeneration, "
-          "LlavaOnevisionForConditionalGeneration, Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration "
-          "(the image features reduce: tome, pitome, zero_tprune; or the LLM prunes: atp, fastv)")
-MODELS = (LlavaForConditionalGeneration, VipLlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
-          LlavaNextVideoForConditionalGeneration, LlavaOnevisionForConditionalGeneration, Qwen2VLForConditionalGeneration,
-          Qwen2_5_VLForConditionalGeneration)
+# the families' rows (`vlm.families.FAMILIES`): those whose tower reduces, and the packed ones
+FAMILY = ("HF transformers " + ", ".join(row.model for row in FAMILIES.values() if row.tower is not None)
+          + " (the vision tower reduces, the LLM gets fewer image tokens, or the LLM prunes: atp, fastv); "
+          + ", ".join(row.model for row in FAMILIES.values() if row.tower is None)
+          + " (the image features reduce: tome, pitome, zero_tprune; or the LLM prunes: atp, fastv)")
+MODELS = tuple(row.classes()[0] for row in FAMILIES.values())
 model_name = base.model_name  # HF's `config._name_or_path`
 # where a vision-language model reduces: the tower's layers, the image features before the LLM,
 # or between the LLM's layers
@@ -64,16 +59,16 @@ def matches(model: nn.Module) -> bool:
 
 
 def depth(model: nn.Module) -> int:
-    """The tower's depth; for a model only the LLM prunes in (`packed`), the LLM's."""
-    if images.packed(model):
+    """The tower's depth; for a model whose tower does not reduce (its row's `tower` None), the LLM's."""
+    if family(model).tower is None:
         return len(model.model.language_model.layers)
     return hf_clip.depth(images.tower(model))
 
 
 def default_tokens(model: nn.Module) -> int:
     """Tokens entering the tower for an image of its configured size (0 where images have no one
-    count: `packed`, where nothing is scheduled)."""
-    return 0 if images.packed(model) else hf_clip.default_tokens(images.tower(model))
+    count: no tower adapter, where nothing is scheduled)."""
+    return 0 if family(model).tower is None else hf_clip.default_tokens(images.tower(model))
 
 
 def default_site(model: nn.Module, reducer: Union[Reducer, Type[Reducer]]) -> str:
@@ -82,7 +77,7 @@ def default_site(model: nn.Module, reducer: Union[Reducer, Type[Reducer]]) -> st
     else the image features."""
     if reducer.target == "llm":
         return "llm"
-    return "features" if images.packed(model) else "tower"
+    return "features" if family(model).tower is None else "tower"
 
 
 def check_site(model: nn.Module, reducer: Union[Reducer, Type[Reducer]], site: Optional[str]) -> str:
@@ -98,8 +93,10 @@ def check_site(model: nn.Module, reducer: Union[Reducer, Type[Reducer]], site: O
     if reducer.target != "llm" and site == "llm":
         raise ValueError(f"method {reducer.name!r} reduces vision tokens: site='tower' or 'features'; inside the "
                          f"language model prune with {', '.join(map(repr, methods_at('llm')))}")
-    if site == "tower" and images.packed(model):
-        raise ValueError(f"{name} {images.PACKED[model.config.model_type]}: a method in the vision tower would break "
+    row = family(model)
+    if site == "tower" and row.tower is None:
+        reason = row.packed or "has a vision tower tome_plus does not reduce in"
+        raise ValueError(f"{name} {reason}: a method in the vision tower would break "
                          f"that. On this model reduce the image features (site='features': "
                          f"{', '.join(methods_at('features'))}) or prune inside the language model "
                          f"({', '.join(map(repr, methods_at('llm')))})")

@@ -30,7 +30,8 @@ from transformers.cache_utils import DynamicLayer
 from ..backends.base import PatchInfo, get_info, swap_class, tag
 from ..llm import attention, context
 from ..llm.attention import RoutedAttention
-from ..llm.decoder import DECODERS, PruningDecoder, matches_decoder
+from ..llm import decoders
+from ..llm.decoder import PruningDecoder
 from ..precision import HALF, fp32_logits
 
 RECENT = 16  # the newest tokens kept by default (A2SF's authors' window), where the budget holds them
@@ -350,9 +351,7 @@ def cache_lengths(cache: DynamicCache) -> List[int]:
 
 def check_decoder(decoder: nn.Module, name: str) -> None:
     """Refuse (by name) a language model whose cache this policy cannot prune."""
-    if not matches_decoder(decoder):
-        raise TypeError(f"the language model is {type(decoder).__name__}; kv={name!r} supports "
-                        f"{', '.join(DECODERS)} (without a sliding window in use)")
+    decoders.check_decoder(decoder, f"kv={name!r}")
     backend = decoder.config._attn_implementation
     if backend not in ("eager", "sdpa"):
         raise ValueError(f"kv={name!r} masks each KV head over its own tokens, which the {backend} backend does not "

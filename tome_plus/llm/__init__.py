@@ -7,7 +7,8 @@ KV-cache policy reads there.
 - `attention.py`: the routed attention every patched layer runs, and the attention tokens receive;
 - `segments.py`: the tokens between two sites (`Segment`), dropping slots, and the masks;
 - `features.py`: the features site (a vision method on the image features before layer 0);
-- `decoder.py`: the decoder loop (`PruningDecoder`) that runs every site.
+- `decoder.py`: the decoder loop (`PruningDecoder`) that runs every site;
+- `decoders.py`: the decoders it runs, one row each (`DECODERS`, keyed by `config.model_type`).
 
 Nothing here knows a model family's prompt or tower (`tome_plus.vlm`) or a method by name.
 """

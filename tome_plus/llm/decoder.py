@@ -38,7 +38,6 @@ from dataclasses import replace
 from typing import List
 
 import torch
-import torch.nn as nn
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, flex_attention_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -47,25 +46,12 @@ from ..backends.base import PatchInfo, get_info
 from ..methods.base import LlmSite
 from .attention import BACKEND, SCORE, ScoreRequest
 from .context import INPUTS, KV_STEP
+from .decoders import decoder_adapter, rope_positions
 from .features import reduce_features, warn_tokens_once
 from .segments import Segment, compact, instruction_after_image, layer_mask, mask_builder, scatter_back, segment_mask
 
 # on the cache object, per segment after a pruning site: `[B, P]` which of that segment's cached slots are real
 CACHED_SLOTS_ATTR = "_tome_plus_segments_valid"
-# the decoders whose layers the loop below has been checked on
-DECODERS = ("LlamaModel", "MistralModel", "Qwen2Model", "Qwen2VLTextModel", "Qwen2_5_VLTextModel")
-
-
-def matches_decoder(model: nn.Module) -> bool:
-    """A Llama-family decoder (Llama, Mistral, Qwen2) without a sliding window in use: the masks
-    built here after a pruning site know no window."""
-    config = getattr(model, "config", None)
-    window = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
-    layers = getattr(model, "layers", None)
-    return (any(c.__name__ in DECODERS for c in type(model).__mro__) and not window and layers is not None
-            and len(layers) > 0)
-
-
 def method_at(method: str, site: str) -> str:
     """How a message names the method a language model runs, with its site: "'tome' at site='features'"."""
     return f"{method!r} at site={site!r}"
@@ -139,11 +125,8 @@ class PruningDecoder:
                                      "of the whole conversation (or position_ids) to place its tokens")
                 offset = attention_mask.shape[1] - n
             position_ids = (torch.arange(n, device=h.device) + offset).unsqueeze(0)
-        # multimodal rotary positions (Qwen2-VL: [3, B, N] temporal/height/width rows, or [4, B, N]
-        # with the text positions first) reach the rotary embedding as given; the survivors keep
-        # their angles (`compact` takes cos and sin), and the text row stands for their positions
-        rope_ids = position_ids[1:] if position_ids.dim() == 3 and position_ids.shape[0] == 4 else position_ids
-        position_ids = (position_ids[0] if position_ids.dim() == 3 else position_ids).expand(batch, n)
+        rope_ids, position_ids = rope_positions(decoder_adapter(self), position_ids)
+        position_ids = position_ids.expand(batch, n)
         if isinstance(attention_mask, dict):
             raise ValueError("the language model got prepared attention masks (a dict); tome_plus prunes with the "
                              "[batch, length] padding mask: pass that")

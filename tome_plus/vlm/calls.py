@@ -33,7 +33,8 @@ from ..backends.base import get_info, original_class
 from ..kv.engine import PrunedLayer
 from ..llm import context
 from ..llm.decoder import method_at
-from .images import image_counts, packed
+from .families import packed
+from .images import image_counts
 from .prompt import cut_placeholders, image_mask, llm_inputs, pad_token_id
 from .sites import in_llm
 

@@ -4,8 +4,9 @@ comes from.
 LLaVA-1.5 and VipLLaVA put one fixed-size run of placeholders per image into the prompt: the
 tower's tokens for an image of a given size less the class token the feature selection drops
 (`image_placeholders`), and after a tower method fewer (`image_counts`: unpatched and reduced).
-The packed families (`PACKED`: LLaVA-NeXT, LLaVA-NeXT-Video, LLaVA-OneVision, Qwen2-VL,
-Qwen2.5-VL) give each image a run of its own length, so nothing reduces in their towers.
+The packed families (`families.FAMILIES` rows with `packed`: LLaVA-NeXT, LLaVA-NeXT-Video,
+LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL) give each image a run of its own length, so nothing reduces
+in their towers.
 """
 from __future__ import annotations
 
@@ -15,21 +16,7 @@ import torch.nn as nn
 
 from ..backends import hf_clip
 from ..backends.base import PatchInfo, get_info
-
-# models whose image placeholder runs each have a length of their own, so nothing reduces in the
-# tower (site="features" or "llm" instead):
-# anyres (crops' grids packed, unpadded, with newline tokens; OneVision's videos pooled per
-# frame), Qwen2-VL and Qwen2.5-VL (native resolution, a 2 x 2 patch merger, M-RoPE positions)
-_ANYRES = "packs each image's tower grids (anyres crops, unpadded, with newline tokens)"
-_QWEN = "merges 2 x 2 patches after its tower, whose windows and rotary positions need the full grid"
-PACKED = {"llava_next": _ANYRES, "llava_next_video": _ANYRES + " and pools each video frame",
-          "llava_onevision": _ANYRES + " and pools each video frame", "qwen2_vl": _QWEN, "qwen2_5_vl": _QWEN}
-
-
-def packed(model: nn.Module) -> bool:
-    """A model whose image runs each have a length of their own (`PACKED`; `model` or its inner
-    model): nothing reduces in its tower."""
-    return model.config.model_type in PACKED
+from .families import packed, tower_module
 
 
 def count_known(model: nn.Module) -> bool:
@@ -37,7 +24,7 @@ def count_known(model: nn.Module) -> bool:
     model with a tower tome_plus reads (CLIP, SigLIP); elsewhere `tokens=` is checked per image."""
     if packed(model):
         return False
-    return hf_clip.matches(model.model.vision_tower if hasattr(model, "model") else model.vision_tower)
+    return hf_clip.matches(tower_module(model))
 
 
 def select_strategy(config, strategy: Optional[str] = None) -> str:
@@ -48,7 +35,7 @@ def select_strategy(config, strategy: Optional[str] = None) -> str:
 
 def tower(model: nn.Module) -> nn.Module:
     """The vision tower of the LLaVA model (or of its inner `LlavaModel`)."""
-    vision = model.model.vision_tower if hasattr(model, "model") else model.vision_tower
+    vision = tower_module(model)
     if not hf_clip.matches(vision):
         raise TypeError(f"the vision tower is {type(vision).__name__}; tome_plus supports CLIP and SigLIP towers")
     return vision

@@ -12,7 +12,8 @@ import torch.nn as nn
 
 from ..llm.context import LlmCall, LlmInputs
 from ..methods.atp import spatial_score
-from .images import image_counts, packed, tower
+from .families import family, packed
+from .images import image_counts, tower
 
 
 def image_mask(model: nn.Module, input_ids=None, inputs_embeds=None) -> torch.Tensor:
@@ -141,8 +142,14 @@ def llm_inputs(model: nn.Module, get: Callable[[str], Any], call: LlmCall) -> Ll
     if answer is not None and answer.shape != visual.shape:
         answer = None
     return LlmInputs(visual=visual, spatial=spatial, has_visual=bool(visual.any()), images=images, runs=runs,
-                     newline=getattr(model, "image_newline", None), soft=call.collect is not None,
+                     newline=newline_of(model), soft=call.collect is not None,
                      prompt_length=call.prompt_length, answer=answer)
+
+
+def newline_of(model: nn.Module) -> Optional[torch.Tensor]:
+    """The embedding of the family's newline token (its row's `newline` parameter), or None."""
+    name = family(model).newline
+    return getattr(model, name, None) if name is not None else None
 
 
 def scores_along_runs(visual: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:

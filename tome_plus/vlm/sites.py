@@ -15,7 +15,8 @@ import torch.nn as nn
 from ..backends import hf_clip
 from ..backends.base import PatchInfo, adopt, attach, swap_class, tag
 from ..llm.attention import RoutedAttention
-from ..llm.decoder import DECODERS, PruningDecoder, matches_decoder, method_at
+from ..llm import decoders
+from ..llm.decoder import PruningDecoder, method_at
 from ..llm.segments import mask_builder
 from ..methods import get_method
 from ..methods.base import ReductionConfig, Reducer
@@ -70,9 +71,7 @@ def check_decoder(model: nn.Module, label: str) -> nn.Module:
     """The language model, if its layers can run with tokens pruned between them (refused by name
     otherwise); the model's generation config must keep the dynamic cache."""
     llm = model.model.language_model
-    if not matches_decoder(llm):
-        raise TypeError(f"the language model is {type(llm).__name__}; {label} supports "
-                        f"{', '.join(DECODERS)} (without a sliding window in use)")
+    decoders.check_decoder(llm, label)
     cache_kind = getattr(getattr(model, "generation_config", None), "cache_implementation", None)
     if cache_kind not in (None, "dynamic"):
         raise ValueError(f"the model's generation_config asks for cache_implementation={cache_kind!r}; {label} keeps "

@@ -1,0 +1,104 @@
+"""The decoders a patched language model runs (`llm.decoder.PruningDecoder`, the KV-cache engine),
+one row each (`DecoderAdapter`), keyed by the text model's `config.model_type`.
+
+A row says what the loop must know of a decoder's layers: its rotary positions ("1d", or "mrope":
+Qwen2-VL's temporal/height/width rows, which reach the rotary embedding as given), whether its
+attention normalizes q and k, what a sliding window gets, and whether an image's tokens attend to
+each other both ways. The loop runs what every current row says; a row that asks for what it does
+not implement yet (q/k-norm, a window, attention both ways within an image: a future Gemma-3 row)
+is refused at `patch` by name (`check_decoder`), never run half-right. `vlm.families` names the
+decoder row of each vision-language family; the class names are checked against the installed
+transformers by `tests/test_families.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class DecoderAdapter:
+    """One decoder the loop has been checked on."""
+
+    model_type: str  # the text model's `config.model_type`
+    model: str  # its decoder class in transformers (`LlamaModel`); a subclass matches too
+    rotary: str = "1d"  # "1d" (position ids [B, N]) or "mrope" ([3, B, N] or [4, B, N], as given)
+    qk_norm: bool = False  # RMS-norm on q and k per head (not supported yet)
+    # a sliding window in use: "refused" (the masks built after a pruning site know no window)
+    sliding_window: str = "refused"
+    bidirectional_image: bool = False  # an image's tokens attend both ways (not supported yet)
+
+
+DECODERS: Dict[str, DecoderAdapter] = {row.model_type: row for row in (
+    DecoderAdapter("llama", "LlamaModel"),
+    DecoderAdapter("mistral", "MistralModel"),
+    DecoderAdapter("qwen2", "Qwen2Model"),
+    DecoderAdapter("qwen2_vl_text", "Qwen2VLTextModel", rotary="mrope"),
+    DecoderAdapter("qwen2_5_vl_text", "Qwen2_5_VLTextModel", rotary="mrope"),
+)}
+# what the loop implements of each field; a row asking for anything else is refused at `patch`
+SUPPORTED = {"rotary": ("1d", "mrope"), "qk_norm": (False,), "sliding_window": ("refused",),
+             "bidirectional_image": (False,)}
+NOT_YET = {"rotary": "rotary positions {value!r}", "qk_norm": "q/k-norm in the attention",
+           "sliding_window": "sliding window {value!r}", "bidirectional_image": "attention both ways within an image"}
+
+
+def decoder_adapter(model: nn.Module) -> Optional[DecoderAdapter]:
+    """The row of a decoder module (`config.model_type`'s, where the module is of its class; else
+    the row of a class in its MRO, as for a subclass with a config of its own), or None."""
+    names = {c.__name__ for c in type(model).__mro__}
+    row = DECODERS.get(getattr(getattr(model, "config", None), "model_type", None))
+    if row is not None and row.model in names:
+        return row
+    return next((row for row in DECODERS.values() if row.model in names), None)
+
+
+def decoder_names() -> str:
+    """The decoders' class names, for messages: "LlamaModel, MistralModel, ..."."""
+    return ", ".join(row.model for row in DECODERS.values())
+
+
+def unsupported(row: DecoderAdapter) -> List[str]:
+    """What `row` asks for that the loop does not implement yet (empty for every current row)."""
+    return [NOT_YET[name].format(value=getattr(row, name)) for name, allowed in SUPPORTED.items()
+            if getattr(row, name) not in allowed]
+
+
+def rope_positions(row: DecoderAdapter, position_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(what the rotary embedding takes, the text positions `[B or 1, N]`) from a forward's
+    position ids. An "mrope" row's `[3, B, N]` temporal/height/width rows (or `[4, B, N]` with the
+    text positions first) reach the rotary embedding as given, and the text row stands for the
+    tokens' positions (the survivors of a site keep their angles: `segments.compact` takes cos and
+    sin); a "1d" row's ids are both. Used by `decoder.PruningDecoder`."""
+    if row.rotary == "mrope" and position_ids.dim() == 3:
+        return (position_ids[1:] if position_ids.shape[0] == 4 else position_ids), position_ids[0]
+    return position_ids, position_ids
+
+
+def matches_decoder(model: nn.Module) -> bool:
+    """A decoder with a row in `DECODERS` without a sliding window in use (the row's
+    `sliding_window="refused"`): the masks built after a pruning site know no window."""
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    layers = getattr(model, "layers", None)
+    row = decoder_adapter(model)
+    refused = row is not None and row.sliding_window == "refused"
+    return row is not None and not (window and refused) and layers is not None and len(layers) > 0
+
+
+def check_decoder(model: nn.Module, label: str) -> DecoderAdapter:
+    """The row of a language model whose layers `label` (a method at its site, a KV policy) can run
+    with tokens pruned between them; refused by name otherwise. Used by `vlm.sites.check_decoder`
+    and `kv.engine.check_decoder`."""
+    if not matches_decoder(model):
+        raise TypeError(f"the language model is {type(model).__name__}; {label} supports "
+                        f"{decoder_names()} (without a sliding window in use)")
+    row = decoder_adapter(model)
+    missing = unsupported(row)
+    if missing:
+        raise TypeError(f"the language model is {type(model).__name__} ({row.model_type!r}); {label} does not "
+                        f"support {', '.join(missing)} yet")
+    return row
