@@ -298,26 +298,18 @@ class Atp(LlmReducer):
         return score_weights(visual, instruction, valid)
 
     def select(self, site: LlmSite) -> torch.Tensor:
-        """Keep mask over the current tokens (text always 1): zero-shot, the top fraction by S_r
-        and the grid score; trained, the thresholds the site's module predicts (soft in training)."""
-        score = combine(site.received, site.visual, site.instruction, site.valid)
+        """Keep mask `[B, N]` over the current tokens (text always 1; float in (0, 1] with
+        `site.soft`): zero-shot, the top fraction by S_r's percentile plus the grid score; trained,
+        the thresholds the site's module predicts from the pooled visual and instruction states."""
+        modules, visual, spatial = site.trainable, site.candidates, site.spatial
+        pct = percentile(combine(site.received, site.visual, site.instruction, site.valid), visual)
+        if not bool(modules.trained) and not site.soft:  # zero-shot: the top f (as FastV ranks)
+            return top_fraction(pct + spatial, visual, modules.fraction)
         pooled = lambda m: (site.hidden * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
-        modules = site.trainable
-        return self.decide(modules.at(site.layer), bool(modules.trained), modules.fraction, score, site.spatial,
-                           site.candidates, pooled(site.candidates.to(site.hidden.dtype)),
-                           pooled(site.instruction.to(site.hidden.dtype)), soft=site.soft)
-
-    def decide(self, module: AtpModule, trained: bool, fraction: float, score: torch.Tensor, spatial: torch.Tensor,
-               visual: torch.Tensor, visual_state: torch.Tensor, text_state: torch.Tensor,
-               soft: bool = False) -> torch.Tensor:
-        """Keep mask `[B, N]` (bool; float in (0, 1] with `soft`) from a module's inputs: text
-        tokens always 1."""
-        pct = percentile(score, visual)
-        if not trained and not soft:  # zero-shot: the top f by the combined score (as FastV ranks)
-            return top_fraction(pct + spatial, visual, fraction)
-        theta = module(visual_state, text_state, pct)
+        theta = modules.at(site.layer)(pooled(visual.to(site.hidden.dtype)),
+                                       pooled(site.instruction.to(site.hidden.dtype)), pct)
         pct = pct.nan_to_num(0.0)
-        if soft:
+        if site.soft:
             tau = self.config.tau
             m = torch.maximum(torch.sigmoid(tau * (pct - theta[:, :1])), torch.sigmoid(tau * (spatial - theta[:, 1:])))
             return torch.where(visual, m, torch.ones_like(m))
