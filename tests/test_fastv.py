@@ -121,8 +121,6 @@ def test_unpatch_restores_and_errors(pixels):
         ref = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
     tome_plus.patch(model, "fastv", k=2, keep=0.25)
     assert set(model.state_dict()) == keys  # nothing trainable
-    with pytest.raises(ValueError, match="num_beams=1"):
-        greedy(model, ids, mask, pixels, num_beams=2)
     tome_plus.unpatch(model)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits, ref)
@@ -160,7 +158,7 @@ def test_received_attention_in_blocks_equals_the_whole_attention(dtype, monkeypa
     mask[1, 0, torch.arange(2), past + torch.arange(2)] = True  # padding rows see themselves (as segment_mask)
     weights = torch.rand(batch, 2, n)
     monkeypatch.setattr(attention, "BLOCK", batch * heads * (past + n) * 2)  # blocks of 2 queries
-    got = attention.received_attention(query, key, mask, dim ** -0.5, weights)
+    got = attention.received_attention(query, key, mask, dim ** -0.5, weights, past)
     # the reference: the whole attention, float64, each query head with its own copy of its kv head
     q, k = query.double(), key.double()[:, torch.arange(heads) // (heads // kv)]
     logits = (q @ k.transpose(-2, -1)) * dim ** -0.5

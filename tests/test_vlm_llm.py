@@ -216,23 +216,6 @@ def test_fastv_tokens_above_an_images_count_are_refused_or_warned_once():
     assert torch.equal(out, ref) and torch.equal(tome_plus.inspect(model).llm_kept[0], visual)
 
 
-@pytest.mark.parametrize("method,options", [("fastv", {"keep": 0.5, "k": 1}), ("tome", {"site": "features", "r": 2}),
-                                            ("atp", {"keep": 0.5, "layers": [0, 2]})])
-def test_static_cache_refusal_names_the_method_and_site(method, options):
-    from transformers import StaticCache
-    model = V.FACTORIES["llava_next"](text_config={"num_hidden_layers": 4})
-    inputs = V.INPUTS["llava_next"](model)
-    tome_plus.patch(model, method, **options)
-    site = options.get("site", "llm")
-    cache = StaticCache(config=model.config.text_config, max_cache_len=256)
-    with pytest.raises(ValueError, match=f"'{method}' at site='{site}' keeps a different number of tokens.*"
-                                         f"StaticCache cannot hold"), torch.no_grad():
-        model(**inputs, cache=cache, use_cache=True)
-    model.generation_config.cache_implementation = "static"
-    with pytest.raises(ValueError, match=f"cache_implementation='static'; '{method}' at site='{site}' keeps"):
-        tome_plus.patch(model, method, **options)
-
-
 def test_an_llm_method_is_one_class_and_a_registry_line():
     """A method written against `LlmReducer` alone (FastV's paper rule re-expressed: the prompt's
     mean attention after the first layer, the top half of the visual tokens kept) runs through the

@@ -102,7 +102,7 @@ def patch(model: nn.Module, method: Optional[str] = None, head: Optional[str] = 
     backend.install(model, info)
     setattr(model, ATTR, info)
     if head_module is not None:
-        attach(model, heads.ATTR, head_module, info, method_part=False)
+        attach(model, heads.ATTR, head_module, info)
         info.head, info.head_name = head_module, head
     return model
 

@@ -19,6 +19,7 @@ classes sharing the very parameters and buffers. Otherwise both refuse with one 
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -62,9 +63,11 @@ class PatchInfo:
     swapped: List[Tuple[nn.Module, type]] = field(default_factory=list)
     # inner modules that carry this record (or an inner one: LLaVA's tower); untagged at unpatch
     tagged: List[nn.Module] = field(default_factory=list)
-    # trainable parts registered on the model (ATP's modules), as (owner, attribute); removed at unpatch
+    # modules registered on the model (a head: `attach`), as (owner, attribute); removed at unpatch
     attached: List[Tuple[nn.Module, str]] = field(default_factory=list)
-    modules: Optional[nn.Module] = None  # the method's trainable part, if any
+    # the method's trainable part (ATP's modules), if any: kept here only, not in the model's module
+    # tree, so the model's `state_dict`, `parameters()` and `save_pretrained` are the unpatched ones
+    modules: Optional[nn.Module] = None
     schedules: Dict[int, Tuple[int, ...]] = field(default_factory=dict)
     # a head that replaces the model's own (`patch(head=...)`, `heads/`): its module (also
     # registered on the model) and name; set by `api.patch` for a backend that answers HEADS
@@ -136,10 +139,39 @@ def patched_class(mixin: type, cls: type) -> type:
     """The class `(mixin, cls)`, made once per pair."""
     key = (mixin, cls)
     if key not in _SUBCLASSES:
-        _SUBCLASSES[key] = type(f"TomePlus{cls.__name__}", (mixin, cls),
-                                {"__reduce_ex__": _reduce_patched, "_tome_plus_parents": key,
-                                 "__module__": mixin.__module__})
+        attrs = {"__reduce_ex__": _reduce_patched, "_tome_plus_parents": key, "__module__": mixin.__module__}
+        if _is_hf_model(cls):
+            attrs["is_custom_code"] = classmethod(_original_is_custom_code)
+        _SUBCLASSES[key] = type(f"TomePlus{cls.__name__}", (mixin, cls), attrs)
+        if _is_hf_model(cls):
+            _share_conversions(cls, _SUBCLASSES[key].__name__)
     return _SUBCLASSES[key]
+
+
+def _is_hf_model(cls: type) -> bool:
+    # a transformers model class: its module is loaded already (this never imports transformers)
+    utils = sys.modules.get("transformers.modeling_utils")
+    return utils is not None and issubclass(cls, utils.PreTrainedModel)
+
+
+def _original_is_custom_code(patched: type) -> bool:
+    """`PreTrainedModel.is_custom_code` of a patched class: its original's answer. Else our
+    `__module__` makes it custom code, whose checkpoint conversions HF skips
+    (`conversion_mapping.get_model_conversion_mapping`): `save_pretrained` would write other keys."""
+    return patched._tome_plus_parents[1].is_custom_code()
+
+
+def _share_conversions(cls: type, name: str) -> None:
+    """Give the patched class `name` the conversions HF keeps under `cls`'s name (e.g.
+    `Qwen2_5_VLModel`'s), which it looks up before the model type's: the unpatched lookup order."""
+    try:
+        from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
+                                                     register_checkpoint_conversion_mapping)
+    except ImportError:  # a transformers without checkpoint conversions
+        return
+    mapping = get_checkpoint_conversion_mapping(cls.__name__)
+    if mapping is not None:
+        register_checkpoint_conversion_mapping(name, mapping, overwrite=True)
 
 
 def _new_patched(mixin: type, cls: type) -> nn.Module:
@@ -174,13 +206,12 @@ def drop_scratch(info: PatchInfo) -> None:
         module.__dict__.pop(SCRATCH, None)
 
 
-def attach(owner: nn.Module, name: str, module: nn.Module, info: PatchInfo, method_part: bool = True) -> None:
-    """Register a trainable part under `owner.name` (in its `state_dict`, moved with `.to()`) until
-    unpatched; `method_part`: it is the method's own (`info.modules`), not a head's."""
+def attach(owner: nn.Module, name: str, module: nn.Module, info: PatchInfo) -> None:
+    """Register a head under `owner.name` (in its `state_dict`, moved with `.to()`) until unpatched:
+    it replaces the model's own head, so it belongs to the model's weights. A method's trainable
+    part (ATP's modules) stays off the module tree, on `info.modules`."""
     owner.add_module(name, module)
     info.attached.append((owner, name))
-    if method_part:
-        info.modules = module
 
 
 def tag(module: nn.Module, info: PatchInfo) -> None:

@@ -335,8 +335,9 @@ class KvDecoder:
                       new_valid=full[:, -n:], scoring=config.reads_attention and (prefill or config.every is not None))
         token = context.KV_STEP.set(step)
         try:
-            out = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  cache=cache, inputs_embeds=inputs_embeds, use_cache=True, **kwargs)
+            with context.ROUTING.on():
+                out = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                      cache=cache, inputs_embeds=inputs_embeds, use_cache=True, **kwargs)
         finally:
             context.KV_STEP.reset(token)
         since = getattr(cache, STEPS_ATTR, 0)

@@ -7,7 +7,7 @@ lets a KV-cache policy score the new queries and mask the layers it pruned (`con
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -17,7 +17,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..methods.base import received
 from ..precision import HALF, fp32_logits
-from .context import KV_STEP
+from .context import KV_STEP, ROUTING
 from .segments import additive
 
 # The decoder layers are HF's own. Their attention modules read the backend named ROUTED while
@@ -29,6 +29,7 @@ from .segments import additive
 ROUTED = "tome_plus"
 SCORE = "tome_plus_score"
 BACKEND = "tome_plus_backend"
+RECORD = "tome_plus_record"  # output_attentions: a dict the layer's probabilities go to (by layer index)
 BLOCK = 1 << 24  # logits per block of queries in `received_attention` (64 MiB in float32)
 
 
@@ -37,16 +38,19 @@ class ScoreRequest:
     """What a scoring layer's attention computes beside its output."""
 
     weights: torch.Tensor  # [B, R, N] per-query weights (`LlmReducer.query_weights`)
-    mask: torch.Tensor  # [B, 1, N, P + N] bool or additive: the layer's attention mask (`segment_mask`)
+    mask: torch.Tensor  # [B, 1, N, Lk] bool or additive: the layer's attention mask (`segment_mask`)
+    first: Union[int, torch.Tensor] = 0  # the key slot of the first of the N current tokens
     received: Optional[torch.Tensor] = None  # [B, R, N], filled in: `methods.base.received`
 
 
 def received_attention(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, scaling: float,
-                       weights: torch.Tensor) -> torch.Tensor:
-    """`methods.base.received` from q and k (`[B, H, N, D]`, `[B, KV, P + N, D]` after rotary):
-    float32 probabilities (a half model's too, `precision.py`), formed a block of queries at a
-    time, so the memory is one block's logits however long the prompt."""
+                       weights: torch.Tensor, first: Union[int, torch.Tensor] = 0) -> torch.Tensor:
+    """`methods.base.received` from q and k (`[B, H, N, D]`, `[B, KV, Lk, D]` after rotary, the
+    N current tokens' keys at slots `first ..`): float32 probabilities (a half model's too,
+    `precision.py`), formed a block of queries at a time, so the memory is one block's logits
+    however long the prompt."""
     batch, heads, n, _ = query.shape
+    current = first + torch.arange(n, device=query.device)  # a static cache's buffer has slots after them
     key = key.repeat_interleave(heads // key.shape[1], dim=1)  # grouped-query attention: kv head h // groups
     keys = key.shape[2]
     step = max(1, BLOCK // (batch * heads * keys))
@@ -56,7 +60,8 @@ def received_attention(query: torch.Tensor, key: torch.Tensor, mask: torch.Tenso
         logits = fp32_logits(q, key, scaling) if q.dtype in HALF else (q @ key.transpose(-2, -1)).float() * scaling
         block = mask[:, :, start:start + step, :keys]
         logits = logits + (additive(block, logits.dtype) if block.dtype == torch.bool else block.float())
-        total = total + received(logits.softmax(dim=-1), weights[:, :, start:start + step], current=n)
+        probs = logits.softmax(dim=-1).index_select(-1, current)
+        total = total + received(probs, weights[:, :, start:start + step], current=n)
     return total
 
 
@@ -64,18 +69,22 @@ def routed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
                      attention_mask, dropout: float = 0.0, scaling: Optional[float] = None, **kwargs):
     """The attention function of a patched language model (an HF attention interface): BACKEND if
     given, else the model's own backend; asked to (SCORE), it also fills in the request."""
-    request, backend = kwargs.pop(SCORE, None), kwargs.pop(BACKEND, None)
+    request, backend, record = kwargs.pop(SCORE, None), kwargs.pop(BACKEND, None), kwargs.pop(RECORD, None)
     scaling = module.scaling if scaling is None else scaling
     kv = KV_STEP.get()
     if kv is not None:  # a KV-cache policy scores the new queries; a pruned layer takes its own mask
         attention_mask = kv.attention(module, query, key, attention_mask, scaling)
     if request is not None:
-        request.received = received_attention(query, key, request.mask, scaling, request.weights)
+        request.received = received_attention(query, key, request.mask, scaling, request.weights, request.first)
     backend = backend or module.__dict__["config"]._attn_implementation
     if backend == "eager":  # HF's default, which its modules pass in and which no registry holds
-        return eager_attention(query, key, value, attention_mask, scaling, dropout, module.training)
-    function = ALL_ATTENTION_FUNCTIONS.get_interface(backend, None)
-    return function(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        out = eager_attention(query, key, value, attention_mask, scaling, dropout, module.training)
+    else:
+        function = ALL_ATTENTION_FUNCTIONS.get_interface(backend, None)
+        out = function(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if record is not None and out[1] is not None:  # (a fused backend returns no probabilities, as unpatched)
+        record[module.layer_idx] = out[1]
+    return out
 
 
 def eager_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
@@ -108,12 +117,23 @@ class _RoutedView:
 
 
 class RoutedAttention:
-    """Mixin for the attention modules of a patched language model: their backend is ROUTED."""
+    """Mixin for the attention modules of a patched language model: their backend is ROUTED while
+    a tome_plus decoder forward runs (`context.ROUTING`); elsewhere their config is the model's,
+    so what user code and HF read there is the backend the user chose."""
 
     @property
     def config(self):
-        return _RoutedView(self.__dict__["config"])
+        config = self.__dict__["config"]
+        return _RoutedView(config) if ROUTING.get() else config
 
     @config.setter
     def config(self, value) -> None:
         self.__dict__["config"] = value
+
+    def forward(self, *args, **kwargs):
+        if BACKEND not in kwargs or ROUTING.get():
+            return super().forward(*args, **kwargs)
+        # a layer the decoder called (it names the backend) whose forward runs again outside the
+        # decoder's: gradient checkpointing's recompute, in the backward pass
+        with ROUTING.on():
+            return super().forward(*args, **kwargs)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterator, List, Optional
 
 import torch
+from torch.compiler import is_compiling
 
 
 @dataclass
@@ -68,6 +69,40 @@ KV_STEP: contextvars.ContextVar[Optional[object]] = contextvars.ContextVar("tome
 # across `LlavaModel.forward` (which calls `self.language_model(...)` with its own arguments).
 # From the decoder on, the inputs travel as an argument.
 INPUTS: contextvars.ContextVar[Optional[LlmInputs]] = contextvars.ContextVar("tome_plus_llm", default=None)
+
+
+class CompiledFlag:
+    """A flag per context, as a `ContextVar`, but one `torch.compile` can follow: dynamo does not
+    trace `ContextVar.get`, so inside a compiled region the flag is a plain attribute (one
+    compiled generate at a time, as HF's own output capture does)."""
+
+    def __init__(self, name: str) -> None:
+        self._var: contextvars.ContextVar[bool] = contextvars.ContextVar(name, default=False)
+        self._compiled = False
+
+    def get(self) -> bool:
+        return self._compiled or (not is_compiling() and self._var.get())
+
+    @contextlib.contextmanager
+    def on(self) -> Iterator[None]:
+        if is_compiling():
+            before, self._compiled = self._compiled, True
+            try:
+                yield
+            finally:
+                self._compiled = before
+            return
+        token = self._var.set(True)
+        try:
+            yield
+        finally:
+            self._var.reset(token)
+
+
+# ROUTING: a tome_plus decoder forward is running, so its attention modules read the routed backend
+# (`attention.RoutedAttention`); outside one their config is the model's own, as user code and
+# HF's checks read it.
+ROUTING = CompiledFlag("tome_plus_routing")
 
 
 @contextlib.contextmanager

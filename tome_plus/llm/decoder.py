@@ -19,14 +19,18 @@ attends with a mask of its own (padding slots as keys never, causal by slot orde
 position order), built in the form the backend takes (`segments.layer_mask`). Counts differ per
 instance; rows are padded to the batch's largest count. HF's gradient checkpointing and
 `output_hidden_states` work as unpatched (a pruned token's hidden states are zeros from the
-layer after its site on; the last is the normed output, as HF ties it); `output_attentions` is
-refused.
+layer after its site on; the last is the normed output, as HF ties it; a list of layers selects
+them as HF does), and so does `output_attentions` with a backend that returns probabilities:
+each layer's map at the input's positions (`attention_at_inputs`; a pruned or padding token's
+row and column zeros).
 
 The KV cache of a layer after a module holds that segment's tokens only. Which of its slots are
-real is stored on the cache object itself (`CACHED_SLOTS_ATTR`; it travels with `generate`), so
-decoding steps and later turns attend to exactly what each layer kept. The output hidden states
-are scattered back to the input's positions (zeros where a token was pruned), so logits and labels
-line up as unpatched.
+real is kept in a book on the cache object itself (`slots.SlotBook`; it travels with `generate`
+and is reordered with beam search), so decoding steps and later turns attend to exactly what
+each layer kept. A static cache holds them in its fixed buffer, masked (`slots.segment_keys`).
+The output hidden states are scattered back to the input's positions (zeros where a token was
+pruned), so logits and labels line up as unpatched. Packed prompts (restarting position ids, no
+mask, no cache) are unpacked into a padded batch first (`packed`), so each is pruned alone.
 
 In training the modules' soft masks enter every later layer's attention as `log(m)` on the keys
 (the tokens stay; shapes are static), and the layer-averaged kept fraction is left for the
@@ -34,24 +38,24 @@ budget loss.
 """
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import List
+from dataclasses import dataclass, replace
+from typing import Dict, Optional, Set
 
 import torch
 from transformers import DynamicCache
-from transformers.masking_utils import create_causal_mask, flex_attention_mask
+from transformers.masking_utils import create_causal_mask, flash_attention_mask, flex_attention_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..backends.base import PatchInfo, get_info
 from ..methods.base import LlmSite
-from .attention import BACKEND, SCORE, ScoreRequest
-from .context import INPUTS, KV_STEP
+from .attention import BACKEND, RECORD, SCORE, ScoreRequest
+from .context import INPUTS, KV_STEP, ROUTING
 from .decoders import decoder_adapter, rope_positions
 from .features import reduce_features, warn_tokens_once
+from .packed import packing, repack, sequence_ids, unpack, unpack_inputs
 from .segments import Segment, compact, instruction_after_image, layer_mask, mask_builder, scatter_back, segment_mask
+from .slots import SegmentKeys, book_of, check_cache, conversation_keys, is_static, open_book, segment_keys
 
-# on the cache object, per segment after a pruning site: `[B, P]` which of that segment's cached slots are real
-CACHED_SLOTS_ATTR = "_tome_plus_segments_valid"
 def method_at(method: str, site: str) -> str:
     """How a message names the method a language model runs, with its site: "'tome' at site='features'"."""
     return f"{method!r} at site={site!r}"
@@ -68,6 +72,40 @@ def check_tokens_per_row(info: PatchInfo, n_visual: torch.Tensor, images: torch.
                                f"tokens for {int(images[row])} image(s)): {info.method!r} keeps all of them")
 
 
+def hidden_selection(selection, layers: int) -> Optional[Set[int]]:
+    """Which of the `layers + 1` hidden states `output_hidden_states` asks for (True, False/None, an
+    index or a list of them, negative ones counted from the end, as HF's `capture_outputs`)."""
+    if selection is None or selection is False:
+        return None
+    total = layers + 1
+    if selection is True:
+        return set(range(total))
+    chosen = [selection] if isinstance(selection, int) else list(selection)
+    return {i % total for i in chosen if -total <= i < total}
+
+
+def attention_at_inputs(probs: torch.Tensor, seg: Segment, keys: SegmentKeys, n: int, width: int) -> torch.Tensor:
+    """A layer's probabilities `[B, H, K, Lk]` at the input's positions `[B, H, n, width]`: rows at
+    the tokens' input positions, columns at their keys' conversation columns; a pruned or padding
+    token's row and column are zeros."""
+    batch, heads, k, length = probs.shape
+    probs = probs * seg.valid[:, None, :, None].to(probs.dtype)
+    column = torch.where(keys.column >= 0, keys.column, torch.full_like(keys.column, width))
+    by_column = probs.new_zeros(batch, heads, k, width + 1).scatter(
+        3, column[:, None, None, :].expand(batch, heads, k, length), probs)[..., :width]
+    return probs.new_zeros(batch, heads, n, width).scatter(
+        2, seg.index[:, None, :, None].expand(batch, heads, k, width), by_column)
+
+
+@dataclass
+class Outputs:
+    """What a forward returns besides the last hidden state: the hidden states asked for (by index,
+    None: none) and whether the attention probabilities are (`output_attentions`)."""
+
+    hidden: Optional[Set[int]]
+    attentions: bool
+
+
 class PruningDecoder:
     """Mixin for a Llama-family decoder model (`LlamaModel`, ...): the one decoder loop of the
     features and llm sites, running any `LlmReducer` between its layers (`select` after each of
@@ -80,46 +118,76 @@ class PruningDecoder:
                 use_cache=None, **kwargs):
         scope = INPUTS.get()
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
-        stored = getattr(cache, CACHED_SLOTS_ATTR, None) if cache is not None else None
-        if (scope is None or not scope.has_visual) and stored is None:
+        book = book_of(cache)
+        if (scope is None or not scope.has_visual) and book is None:
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
-        if kwargs.get("output_attentions", self.config.output_attentions):
-            # after a pruning site each row attends over its own kept tokens: no [L, L] map to return
-            raise ValueError("output_attentions of the language model is not recorded while tokens are pruned inside "
-                             "it; call tome_plus.unpatch(model) to get them")
-        hidden = kwargs.get("output_hidden_states", self.config.output_hidden_states)
-        if not isinstance(hidden, bool):
-            raise ValueError(f"output_hidden_states={hidden!r}: while tokens are pruned inside the language model, "
-                             f"its hidden states are returned all (True) or none")
-        return self._pruning_forward(scope, stored, input_ids, attention_mask, position_ids, cache, inputs_embeds,
-                                 use_cache, hidden)
+        if isinstance(attention_mask, dict):
+            raise ValueError("the language model got prepared attention masks (a dict); tome_plus prunes with the "
+                             "[batch, length] padding mask: pass that")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"the language model got a {attention_mask.dim()}-D attention mask; tome_plus prunes with "
+                             f"the [batch, length] padding mask (each row keeps its own tokens): pass that")
+        outputs = Outputs(hidden_selection(kwargs.get("output_hidden_states", self.config.output_hidden_states),
+                                           len(self.layers)),
+                          bool(kwargs.get("output_attentions", self.config.output_attentions)))
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache, cache = False, None  # as HF's checkpointed layers do (a cache would not be replayed)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        h = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
+        with ROUTING.on():
+            if cache is None and attention_mask is None and position_ids is not None:
+                # no mask and no cache: HF reads restarting position ids as packed prompts
+                text = rope_positions(decoder_adapter(self), position_ids)[1]
+                ids = sequence_ids(text.expand(h.shape[0], -1)) if text.dim() == 2 else None
+                if ids is not None:
+                    return self._packed_forward(scope, h, position_ids, ids, outputs)
+            return self._pruning_forward(scope, book, attention_mask, position_ids, cache, h, outputs)
 
-    def _pruning_forward(self, scope, stored, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache,
-                     output_hidden_states):
+    def _packed_forward(self, scope, h, position_ids, ids, outputs):
+        """Packed prompts run as a left-padded batch of one prompt per row (`llm.packed`), their
+        outputs put back at the packed positions."""
+        p = packing(ids)
+        batch = h.shape[0]
+        rows = (lambda t: unpack(t.expand(batch, -1), p)) if position_ids.dim() == 2 else (
+            lambda t: unpack(t.expand(-1, batch, -1), p, dim=1))
+        inner = unpack_inputs(scope, p)
+        out = self._pruning_forward(inner, None, p.real.long(), rows(position_ids), None, unpack(h, p), outputs)
+        if scope is not None and inner is not scope:
+            scope.kept, scope.positions, scope.kept_fraction = inner.kept, inner.positions, inner.kept_fraction
+        states = None
+        if out.hidden_states is not None:
+            states = tuple(s if s is None else repack(s, p) for s in out.hidden_states)
+        attentions = None
+        if out.attentions is not None:
+            attentions = tuple(repack_attention(a, p) for a in out.attentions)
+        return BaseModelOutputWithPast(last_hidden_state=repack(out.last_hidden_state, p), hidden_states=states,
+                                       attentions=attentions)
+
+    def _pruning_forward(self, scope, book, attention_mask, position_ids, cache, h, outputs: Outputs):
         info = get_info(self)
         # an LLM method prunes after the layers it names (`LlmReducer.sites`); a vision method
         # reduces the image features once, before the first layer
         reducer = info.reducer
         features = info.parts.site == "features"
         sites = () if features else reducer.sites(len(self.layers))
-        if cache is not None and not isinstance(cache, DynamicCache):
-            raise ValueError(f"{method_at(info.method, info.parts.site)} keeps a different number of tokens per "
-                             f"instance in each layer's cache, which a {type(cache).__name__} cannot hold; use the "
-                             f"default dynamic cache (no cache_implementation=..., no pre-built static cache)")
-        h = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
+        check_cache(cache, lambda what: ValueError(
+            f"{method_at(info.method, info.parts.site)} keeps a different number of tokens per instance in each "
+            f"layer's cache, which {what} cannot hold; use the default dynamic cache or cache_implementation='static'"))
+        static = is_static(cache)
+        book = open_book(cache) if cache is not None else None
         batch, n, _ = h.shape
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if self.gradient_checkpointing and self.training:
-            use_cache, cache = False, None  # as HF's checkpointed layers do (a cache would not be replayed)
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        past = cache.get_seq_length() if cache is not None else 0
+        if static:  # the conversation so far, without reading the buffer's fill level (no host sync)
+            past = attention_mask.shape[1] - n if attention_mask is not None else int(cache.get_seq_length())
+        else:
+            past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             # after the features site every layer's cache holds the reduced prompt: the mask
             # counts the conversation
             offset = past
-            if features and stored is not None:
+            if features and book is not None and book.valid:
                 if attention_mask is None:
                     raise ValueError("with image features reduced in the cache, a forward needs the attention_mask "
                                      "of the whole conversation (or position_ids) to place its tokens")
@@ -127,9 +195,6 @@ class PruningDecoder:
             position_ids = (torch.arange(n, device=h.device) + offset).unsqueeze(0)
         rope_ids, position_ids = rope_positions(decoder_adapter(self), position_ids)
         position_ids = position_ids.expand(batch, n)
-        if isinstance(attention_mask, dict):
-            raise ValueError("the language model got prepared attention masks (a dict); tome_plus prunes with the "
-                             "[batch, length] padding mask: pass that")
         # before the first pruning site the layers take HF's mask; after it, one built here in the
         # form their backend takes (`layer_mask`)
         backend = self.config._attn_implementation
@@ -137,6 +202,10 @@ class PruningDecoder:
             # torch's CPU flex kernel fails to compile for a mask that reads a tensor (a padded batch,
             # unpatched too): on a CPU these layers run SDPA over the same mask
             backend = "sdpa"
+        if static and mask_builder(backend) in (flex_attention_mask, flash_attention_mask):
+            raise ValueError(f"{method_at(info.method, info.parts.site)} with a static cache masks each row's slots "
+                             f"in the fixed buffer, which the {backend} backend's mask does not describe; load the "
+                             f"model with attn_implementation='sdpa' or 'eager', or use the default dynamic cache")
         # else every layer takes a mask built here
         hf_masks = backend == self.config._attn_implementation and not features
         hf_mask = None
@@ -147,6 +216,7 @@ class PruningDecoder:
         full = attention_mask.bool() if attention_mask is not None else torch.ones(batch, past + n, dtype=torch.bool,
                                                                                   device=h.device)
         valid = full[:, -n:]
+        prior = full[:, :full.shape[1] - n]  # the conversation before this forward
         visual = scope.visual if scope is not None and scope.has_visual else torch.zeros_like(valid)
         spatial = scope.spatial if scope is not None and scope.has_visual else torch.zeros(batch, n, device=h.device)
         seg = Segment(index=torch.arange(n, device=h.device).expand(batch, n), valid=valid, positions=position_ids,
@@ -165,21 +235,24 @@ class PruningDecoder:
         fraction_now = torch.ones(batch, device=h.device)
         alive = seg.visual  # soft: the visual tokens the hard rule would still keep
         kept_st = torch.ones(batch, n, device=h.device)  # soft: hard keep forward, soft mask backward
-        segments_valid: List[torch.Tensor] = []  # this forward's slots, per segment after a module
-        past_valid = full[:, :past]  # segment 0's cache: what HF's mask covers
         # output_hidden_states: the embeddings and each layer's output, at the input's positions
-        states = [scatter_back(h, seg, n)] if output_hidden_states else []
-        # a mask changes only at a pruning site: built once per segment (a flex BlockMask is costly)
-        mask = hf_mask if hf_masks else layer_mask(past_valid, seg, h.dtype, backend)
+        selected = outputs.hidden or set()
+        states = [scatter_back(h, seg, n) if 0 in selected else None]
+        probs: Dict[int, torch.Tensor] = {}
+        attentions = []
+        keys = conversation_keys(cache, full, n)
+        width = keys.valid.shape[1]  # output_attentions' columns: what an unpatched layer attends over
+        segment = -1  # the book's segment of the current layers (-1: the conversation, before any site)
         if features:  # a site before the first layer: every layer takes a mask built here
             if scope is not None and scope.has_visual:
                 h, keep = reduce_features(self, h, seg, scope, info)
                 h, seg = compact(h, seg, keep)
                 scope.kept.append(seg.visual.sum(dim=1))
                 scope.positions.append(torch.where(seg.valid, seg.positions, torch.full_like(seg.positions, -1)))
-            past_valid = stored[0] if stored is not None else full[:, :past]
-            segments_valid.append(seg.valid)
-            mask = layer_mask(past_valid, seg, h.dtype, backend)
+            segment = 0
+            keys = segment_keys(cache, book, 0, 0, seg.valid, seg.index, prior)
+        # a mask changes only at a pruning site: built once per segment (a flex BlockMask is costly)
+        mask = hf_mask if hf_masks and segment < 0 else layer_mask(keys, seg, h.dtype, backend)
         for i, layer in enumerate(self.layers):
             site = i in sites
             explicit = site and scope is not None and scope.has_visual
@@ -189,20 +262,26 @@ class PruningDecoder:
                                  f"pruned; put each image in the prompt of its own generate call (a later turn's "
                                  f"images are not supported with a KV policy at site='llm')")
             extra = {BACKEND: backend}
+            if outputs.attentions:
+                extra[RECORD] = probs
             if explicit:
                 request = ScoreRequest(reducer.query_weights(seg.visual, seg.instruction, seg.valid, seg.prompt),
-                                       segment_mask(past_valid, seg, h.dtype))
+                                       segment_mask(keys, seg, h.dtype), keys.first)
                 extra[SCORE] = request
             kv = KV_STEP.get()
-            if kv is not None:  # a KV policy reads this layer's own slots
-                kv.segments[i] = (past_valid, seg.valid)
-            h = layer(h, attention_mask=mask, position_ids=seg.positions, cache=cache, use_cache=use_cache,
+            if kv is not None:  # a KV policy reads this layer's own slots (a dynamic cache's: `first` is an int)
+                kv.segments[i] = (keys.valid[:, :keys.first], keys.valid[:, keys.first:])
+            h = layer(h, attention_mask=mask, position_ids=seg.positions, cache=cache, use_cache=cache is not None,
                       position_embeddings=(seg.cos, seg.sin), **extra)
             h = h[0] if isinstance(h, tuple) else h
-            if output_hidden_states:
+            if i + 1 in selected:
                 states.append(scatter_back(h, seg, n))
+            else:
+                states.append(None)
+            if i in probs:
+                attentions.append(attention_at_inputs(probs.pop(i), seg, keys, n, width))
             kept_sum = kept_sum + fraction_now
-            if not site:
+            if not site or i + 1 == len(self.layers):
                 continue
             if explicit:
                 # in training, tokens the hard rule pruned earlier are no longer ranked, as at inference
@@ -226,17 +305,28 @@ class PruningDecoder:
                     h, seg = compact(h, seg, keep)
                     scope.kept.append(seg.visual.sum(dim=1))
                     scope.positions.append(torch.where(seg.valid, seg.positions, torch.full_like(seg.positions, -1)))
-            # a cache filled by forwards that pruned nothing holds every earlier token in every layer
-            past_valid = stored[len(segments_valid)] if stored is not None else full[:, :past]
-            segments_valid.append(seg.valid)
-            mask = layer_mask(past_valid, seg, h.dtype, backend)
+            # the next layers cache this segment's slots: the book says which are real
+            segment += 1
+            keys = segment_keys(cache, book, segment, i + 1, seg.valid, seg.index, prior)
+            mask = layer_mask(keys, seg, h.dtype, backend)
         h = self.norm(h)
         if scope is not None and soft:  # rows without image tokens have no fraction (nan)
             scope.kept_fraction = torch.where(n_visual > 0, kept_sum / len(self.layers), torch.nan)
-        if cache is not None:
-            prior = stored if stored is not None else [full[:, :past]] * len(segments_valid)
-            setattr(cache, CACHED_SLOTS_ATTR, [torch.cat([p, v], dim=1) for p, v in zip(prior, segments_valid)])
         out = scatter_back(h, seg, n)
-        if output_hidden_states:
-            return BaseModelOutputWithPast(last_hidden_state=out, cache=cache, hidden_states=(*states[:-1], out))
-        return BaseModelOutputWithPast(last_hidden_state=out, cache=cache)
+        if states[-1] is not None:  # the last is the normed output, as HF ties it
+            states[-1] = out
+        return BaseModelOutputWithPast(last_hidden_state=out, cache=cache,
+                                       hidden_states=tuple(states) if outputs.hidden is not None else None,
+                                       attentions=tuple(attentions) if outputs.attentions else None)
+
+
+def repack_attention(probs: torch.Tensor, p) -> torch.Tensor:
+    """An unpacked batch's probabilities `[S, H, M, M]` at the packed positions `[B, H, L, L]`
+    (zeros between prompts, which do not attend to each other)."""
+    batch, length = p.shape
+    out = probs.new_zeros(batch, probs.shape[1], length, length)
+    for s in range(probs.shape[0]):
+        real = p.real[s]
+        row, column = p.row[s, real][0], p.column[s, real]
+        out[row, :, column[:, None], column[None, :]] = probs[s][:, real][:, :, real].permute(1, 2, 0)
+    return out

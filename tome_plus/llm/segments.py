@@ -12,11 +12,14 @@ position order), built in the form the attention backend takes (`layer_mask`, `s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, eager_mask,
                                         flash_attention_mask, flex_attention_mask, sdpa_mask)
+
+if TYPE_CHECKING:
+    from .slots import SegmentKeys
 
 
 @dataclass
@@ -51,39 +54,38 @@ def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
-def layer_mask(past_valid: torch.Tensor, seg: Segment, dtype: torch.dtype, backend: str):
-    """A segment's mask in the form `backend`'s layers take. Flash and flex attention get HF's own
-    (a padding mask over the real slots, causal from the right: the same attention, since slot
-    order is position order); eager and SDPA `segment_mask`, whose padding rows see themselves
-    (an SDPA row with no key gives NaN, which would reach real rows through the values)."""
+def layer_mask(keys: "SegmentKeys", seg: Segment, dtype: torch.dtype, backend: str):
+    """A segment's mask in the form `backend`'s layers take, over its keys (`slots.SegmentKeys`).
+    Flash and flex attention get HF's own (a padding mask over the real slots, causal from the
+    right: the same attention, since slot order is position order); eager and SDPA
+    `segment_mask`, whose padding rows see themselves (an SDPA row with no key gives NaN, which
+    would reach real rows through the values)."""
     builder = mask_builder(backend)
-    keys = torch.cat([past_valid, seg.valid], dim=1)
     if seg.key_bias is not None and builder not in (eager_mask, sdpa_mask):
         raise ValueError(f"ATP's soft masks (training) need a 4-D float attention mask, which {backend} does not "
                          f"take: train with attn_implementation='sdpa' or 'eager'")
     if builder in (flex_attention_mask, flash_attention_mask):
         batch, k = seg.valid.shape
-        return builder(batch_size=batch, q_length=k, kv_length=keys.shape[1], q_offset=past_valid.shape[1],
-                       mask_function=causal_mask_function, attention_mask=keys, device=keys.device)
-    mask = segment_mask(past_valid, seg, dtype)
+        return builder(batch_size=batch, q_length=k, kv_length=keys.valid.shape[1], q_offset=keys.first,
+                       mask_function=causal_mask_function, attention_mask=keys.valid, device=keys.valid.device)
+    mask = segment_mask(keys, seg, dtype)
     return additive(mask, dtype) if builder is eager_mask and mask.dtype == torch.bool else mask
 
 
-def segment_mask(past_valid: torch.Tensor, seg: Segment, dtype: torch.dtype) -> torch.Tensor:
-    """`[B, 1, K, P + K]` mask of a segment: cached slots and earlier slots that are real, causal
-    by slot order, each slot always seeing itself (padding rows stay finite); float with the
-    soft masks' log on the keys."""
+def segment_mask(keys: "SegmentKeys", seg: Segment, dtype: torch.dtype) -> torch.Tensor:
+    """`[B, 1, K, Lk]` mask of a segment's K new slots over its keys: real keys up to the query's
+    own slot (`keys.first + q`: causal by slot order), each slot always seeing itself (padding
+    rows stay finite); float with the soft masks' log on the keys."""
     batch, k = seg.valid.shape
-    p = past_valid.shape[1]
-    keys = torch.cat([past_valid, seg.valid], dim=1)
-    slot = torch.arange(k, device=keys.device)
-    causal = torch.arange(p + k, device=keys.device).unsqueeze(0) <= (p + slot).unsqueeze(1)
-    mask = (keys.unsqueeze(1) & causal.unsqueeze(0))
-    mask[:, slot, p + slot] = True
+    length = keys.valid.shape[1]
+    own = keys.first + torch.arange(k, device=keys.valid.device)
+    column = torch.arange(length, device=keys.valid.device)
+    causal = column.unsqueeze(0) <= own.unsqueeze(1)
+    mask = (keys.valid.unsqueeze(1) & causal.unsqueeze(0)) | (column.unsqueeze(0) == own.unsqueeze(1)).unsqueeze(0)
     mask = mask.unsqueeze(1)
     if seg.key_bias is None:
         return mask
-    bias = torch.cat([seg.key_bias.new_zeros(batch, p), seg.key_bias], dim=1)
+    bias = torch.cat([seg.key_bias.new_zeros(batch, length - k), seg.key_bias], dim=1)
     return additive(mask, dtype) + bias.to(dtype)[:, None, None, :]
 
 

@@ -150,7 +150,9 @@ class AtpModule(nn.Module):
         """`[B, C]` pooled states, `[B, N]` percentile scores (nan off the visual tokens) -> `[B, 2]`
         thresholds (theta_r, theta_s) in (0, 1)."""
         quantiles = torch.nanquantile(score.float(), torch.tensor(QUANTILES, device=score.device), dim=1).T
-        z = torch.cat([self.norm(torch.cat([visual_state, text_state], -1).float()), quantiles.nan_to_num(0.5)], -1)
+        # in the modules' dtype (they follow the model's: `follow`); LayerNorm refuses a mixed one
+        pooled = torch.cat([visual_state, text_state], -1).to(self.norm.weight.dtype)
+        z = torch.cat([self.norm(pooled), quantiles.nan_to_num(0.5)], -1)
         z = self.mlp(z.to(self.head_r.weight.dtype))
         return torch.sigmoid(torch.cat([self.head_r(z), self.head_s(z)], dim=-1).float())
 
@@ -167,6 +169,16 @@ class AtpModules(nn.Module):
 
     def at(self, layer: int) -> Optional[AtpModule]:
         return self.modules_[self.layers.index(layer)] if layer in self.layers else None
+
+
+def follow(modules: nn.Module, like: torch.Tensor) -> nn.Module:
+    """`modules` on `like`'s device and in its dtype, moved once where they differ. They live on the
+    patch record, not in the model's module tree, so the model's `.to()` does not move them; a
+    host-side comparison, no sync. Used by `Atp.select` and by `tome_plus.atp.train`."""
+    param = next(modules.parameters())
+    if param.device != like.device or param.dtype != like.dtype:
+        modules.to(device=like.device, dtype=like.dtype)  # in place: an optimizer's parameters stay its own
+    return modules
 
 
 def scores(probs: torch.Tensor, visual: torch.Tensor, instruction: torch.Tensor, valid: torch.Tensor
@@ -301,7 +313,7 @@ class Atp(LlmReducer):
         """Keep mask `[B, N]` over the current tokens (text always 1; float in (0, 1] with
         `site.soft`): zero-shot, the top fraction by S_r's percentile plus the grid score; trained,
         the thresholds the site's module predicts from the pooled visual and instruction states."""
-        modules, visual, spatial = site.trainable, site.candidates, site.spatial
+        modules, visual, spatial = follow(site.trainable, site.hidden), site.candidates, site.spatial
         pct = percentile(combine(site.received, site.visual, site.instruction, site.valid), visual)
         if not bool(modules.trained) and not site.soft:  # zero-shot: the top f (as FastV ranks)
             return top_fraction(pct + spatial, visual, modules.fraction)

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from ..backends.base import get_info
 from ..llm.context import collecting
-from ..methods.atp import load_modules
+from ..methods.atp import follow, load_modules
 from . import checkpoint as ckpt
 from .distributed import broadcast_from_first, rank as process_rank
 from .loop import backward, cycle, due, step as optimizer_step, steps_bar
@@ -83,13 +83,16 @@ def train(model: nn.Module, batches: Iterable[Dict[str, torch.Tensor]], steps: i
     mods = modules(model)
     config = info.config
     rank = process_rank()
-    frozen = [p for p in model.parameters() if p.requires_grad and not any(p is q for q in mods.parameters())]
+    # the modules are not the model's parameters (`PatchInfo.modules`): on its device and dtype
+    # now, before the optimizer and the broadcast see them
+    follow(mods, model.get_input_embeddings().weight)
+    frozen = [p for p in model.parameters() if p.requires_grad]
     if not train_llm:
         for p in frozen:
             p.requires_grad_(False)
     for p in mods.parameters():
         p.requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = list(mods.parameters()) + [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     start = 0
     if resume and checkpoint is not None and os.path.exists(checkpoint):

@@ -28,11 +28,11 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 from transformers import DynamicCache
+from transformers.masking_utils import create_masks_for_generate
 
 from ..backends.base import get_info, original_class
 from ..kv.engine import PrunedLayer
 from ..llm import context
-from ..llm.decoder import method_at
 from .families import packed
 from .images import image_counts
 from .prompt import cut_placeholders, image_mask, llm_inputs, pad_token_id
@@ -214,13 +214,6 @@ class PatchedVlmForGeneration(_OriginalSignature):
     def generate(self, *args, **kwargs):
         bound = bind(original_class(self).generate, self, args, kwargs)
         extra = var_kwargs(bound)
-        config = bound.arguments.get("generation_config")
-        beams = extra.get("num_beams", getattr(config, "num_beams", None) or self.generation_config.num_beams)
-        info = get_info(self)
-        if in_llm(info) and (beams or 1) > 1:
-            raise ValueError(f"{method_at(info.method, info.parts.site)} keeps a different set of tokens per "
-                             f"instance in the cache, which beam search would reorder; generate with num_beams=1 "
-                             f"(greedy or sampling)")
         ids = bound.arguments.get("inputs")
         if ids is None:
             ids = extra.get("input_ids")
@@ -230,6 +223,15 @@ class PatchedVlmForGeneration(_OriginalSignature):
         prompt = (cut["input_ids"] if cut is not None and cut["input_ids"] is not None else ids)
         with context.calling(prompt_length=prompt.shape[1] if prompt is not None else None):
             return self._generate(bound, extra, ids, cut)
+
+    def create_masks_for_generate(self, attention_mask=None, **kwargs):
+        """`generate` with a static cache turns the `[batch, length]` padding mask into the layers'
+        prepared masks; at the features and llm sites the decoder builds its own from the padding
+        mask (each row keeps other tokens), so there it stays as given."""
+        if in_llm(get_info(self)) and (attention_mask is None or attention_mask.dim() == 2):
+            return attention_mask
+        make = getattr(super(), "create_masks_for_generate", create_masks_for_generate)
+        return make(attention_mask=attention_mask, **kwargs)
 
     def _generate(self, bound, extra, ids, cut):
         if cut is None or cut["removed"] == 0 and cut["input_ids"] is ids:

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..backends import hf_clip
-from ..backends.base import PatchInfo, adopt, attach, swap_class, tag
+from ..backends.base import PatchInfo, adopt, swap_class, tag
 from ..llm.attention import RoutedAttention
 from ..llm import decoders
 from ..llm.decoder import PruningDecoder, method_at
@@ -130,13 +130,11 @@ def prepare_tower_method(model: nn.Module, options: dict) -> PatchInfo:
     return tower_info
 
 
-MODULES_ATTR = "tome_plus_atp"  # where a patched model holds its ATP modules (their state_dict prefix)
-
-
 def install(model: nn.Module, info: PatchInfo) -> None:
     """Swap in the reducing classes of the site: the tower's, or the language model's decoder loop
-    (`llm.decoder.PruningDecoder`) and routed attention, with the tower's own method if any and the
-    method's trainable part (ATP's modules)."""
+    (`llm.decoder.PruningDecoder`) and routed attention, with the tower's own method if any. The
+    method's trainable part (ATP's modules) stays on the record (`info.modules`), off the model's
+    module tree: HF's `save_pretrained`, weight init and checks see the unpatched weights."""
     if info.parts.site == "tower":
         hf_clip.install(tower(model), info)
     elif in_llm(info):
@@ -148,5 +146,3 @@ def install(model: nn.Module, info: PatchInfo) -> None:
         tag(llm, info)
         for layer in llm.layers:  # the decoder routes their attention (`llm.attention.routed_attention`)
             swap_class(layer.self_attn, RoutedAttention, info)
-        if info.modules is not None:
-            attach(model, MODULES_ATTR, info.modules, info)
