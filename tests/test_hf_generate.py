@@ -301,6 +301,12 @@ def test_what_stays_refused_is_named(fa2_standin):
     with pytest.raises(ValueError, match="'fastv' at site='llm' keeps a different number of tokens per instance.*"
                                          "DynamicSlidingWindowLayer layers"), torch.no_grad():
         model(**inputs, cache=window, use_cache=True)
+    configured = tiny("llava_next")
+    configured.generation_config.cache_implementation = "static"
+    tome_plus.patch(configured, "fastv", keep=0.5, k=1)  # a cache it holds
+    configured.generation_config.cache_implementation = "sliding_window"
+    with pytest.raises(ValueError, match="cache_implementation='sliding_window'; 'fastv' at site='llm' keeps"):
+        tome_plus.patch(configured, "fastv", keep=0.5, k=1)
     with pytest.raises(ValueError, match="4-D attention mask"), torch.no_grad():
         model(**dict(inputs, attention_mask=inputs["attention_mask"][:, None, None, :].bool()))
     flash = tiny("llava_next")

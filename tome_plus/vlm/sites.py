@@ -67,16 +67,21 @@ def prepare(model: nn.Module, reducer: Reducer, config: ReductionConfig, method:
     return prepare_llm(model, reducer, config, method)
 
 
+# the `cache_implementation`s whose layers hold per-row kept slots (`llm.slots`): appending or
+# full-length static buffers; a sliding window drops slots by conversation length
+CACHES = (None, "dynamic", "static", "offloaded", "offloaded_static", "quantized")
+
+
 def check_decoder(model: nn.Module, label: str) -> nn.Module:
     """The language model, if its layers can run with tokens pruned between them (refused by name
-    otherwise); the model's generation config must keep the dynamic cache."""
+    otherwise); the model's generation config must ask for a cache that holds per-row slots."""
     llm = model.model.language_model
     decoders.check_decoder(llm, label)
     cache_kind = getattr(getattr(model, "generation_config", None), "cache_implementation", None)
-    if cache_kind not in (None, "dynamic"):
+    if cache_kind not in CACHES:
         raise ValueError(f"the model's generation_config asks for cache_implementation={cache_kind!r}; {label} keeps "
-                         f"a different number of tokens per instance in each layer's cache, which only the dynamic "
-                         f"cache can hold: set it to None (or 'dynamic') first")
+                         f"a different number of tokens per instance in each layer's cache, which the full-attention "
+                         f"caches hold ({', '.join(map(repr, CACHES[1:]))}): set one of them, or None")
     mask_builder(llm.config._attn_implementation)  # a backend whose masks cannot be built: refused now
     return llm
 
