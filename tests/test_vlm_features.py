@@ -8,7 +8,7 @@ pytest.importorskip("transformers")
 import tome_plus  # noqa: E402
 import vlm_models as V  # noqa: E402
 from naive import naive_bipartite_merge  # noqa: E402
-from test_hf import IMAGE_ID, N_IMAGE, llava, prompts  # noqa: E402
+from test_hf import IMAGE_ID, N_IMAGE, llava, pixels, prompts  # noqa: E402,F401
 
 VIDEO_FAMILIES = ("llava_onevision", "llava_next_video", "qwen2_vl", "qwen2_5_vl")
 CASES = ([(family, "image") for family in V.FACTORIES] + [(family, "video") for family in VIDEO_FAMILIES])
@@ -146,6 +146,55 @@ def test_zero_tprune_prunes_rows_of_the_unpatched_embeddings():
     torch.testing.assert_close(got, last_logits(model, embeds[kept], positions[..., kept]), rtol=1e-4, atol=1e-4)
 
 
+def test_packed_positions_number_the_kept_tokens_consecutively():
+    """positions="packed": the same kept tokens as "kept", numbered 0, 1, ... (as vLLM places a
+    shorter image); the logits are the unpatched LLM's on the kept embeddings at consecutive
+    positions."""
+    model, inputs = model_and_inputs("llava_next", "image", rows=([2, "image", 3, "image", 1],))
+    embeds, _ = llm_inputs(model, inputs)
+    tome_plus.patch(model, "zero_tprune", site="features", tokens=4)
+    with torch.no_grad():
+        model(**inputs)
+    kept = tome_plus.inspect(model).llm_positions[0][0]
+    kept = kept[kept >= 0]
+    tome_plus.patch(model, "zero_tprune", site="features", tokens=4, positions="packed")
+    with torch.no_grad():
+        got = model(**inputs).logits[:, -1]
+    assert torch.equal(tome_plus.inspect(model).llm_positions[0][0], torch.arange(len(kept)))
+    want = last_logits(model, embeds[kept], torch.arange(len(kept)).unsqueeze(0))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static", "none"])
+def test_packed_positions_generate_as_the_reduced_prompt(cache, pixels):
+    """Decoding after a packed prompt goes on from the kept count: a left-padded LLaVA batch's
+    greedy tokens equal the unpatched model's `generate` on the kept embeddings alone."""
+    model = llava()
+    ids, mask = prompts((3, 5), (1, 2))
+    tome_plus.patch(model, "zero_tprune", site="features", tokens=16, positions="packed")
+    options = {"dynamic": {}, "static": {"cache_implementation": "static"}, "none": {"use_cache": False}}[cache]
+    with torch.no_grad():
+        got = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=5,
+                             do_sample=False, output_hidden_states=True, output_scores=True, return_dict_in_generate=True,
+                             **options)
+    kept = got.hidden_states[0][1].abs().sum(-1) != 0  # after layer 0: zeros where a token was reduced
+    assert torch.equal(kept.sum(1), mask.sum(1) - (N_IMAGE - 16))
+    tome_plus.unpatch(model)
+    with torch.no_grad():
+        embeds = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, output_hidden_states=True
+                       ).hidden_states[0]
+    width = int(kept.sum(1).max())
+    rows = [embeds[b][kept[b]] for b in range(2)]
+    reduced = torch.stack([torch.cat([r.new_zeros(width - len(r), r.shape[-1]), r]) for r in rows])
+    reduced_mask = torch.stack([torch.arange(width) >= width - len(r) for r in rows]).long()
+    with torch.no_grad():
+        want = model.generate(inputs_embeds=reduced, attention_mask=reduced_mask, max_new_tokens=5, do_sample=False,
+                              output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(got.sequences[:, ids.shape[1]:], want.sequences)
+    for a, b in zip(got.scores, want.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_llava_15_features_site_and_default_sites():
     """LLaVA-1.5: the tower is the default site of a vision method, the features site reduces
     each image's run (adjacent images apart) to its budget; the packed families default to the
@@ -199,10 +248,18 @@ def test_site_errors_name_the_fix():
         tome_plus.patch(model, "zero_tprune", site="features", tokens=4, layers=[0])
     with pytest.raises(ValueError, match="trace_source"):
         tome_plus.patch(model, "tome", site="features", r=2, trace_source=True)
+    with pytest.raises(ValueError, match="positions must be one of 'kept', 'packed', got 'gaps'"):
+        tome_plus.patch(model, "tome", site="features", r=2, positions="gaps")
+    with pytest.raises(ValueError, match="positions='packed' places the kept tokens of site='features'.*site='tower'"):
+        tome_plus.patch(llava(), "tome", site="tower", r=2, positions="packed")
+    with pytest.raises(ValueError, match="M-RoPE positions .* are not packed yet"):
+        tome_plus.patch(V.qwen2_vl(), "tome", site="features", keep=0.5, positions="packed")
     import timm
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2)
     with pytest.raises(TypeError, match="site='features' places a method in a vision-language model"):
         tome_plus.patch(vit, "tome", site="features", r=2)
+    with pytest.raises(ValueError, match="positions='packed' places the kept tokens of site='features'"):
+        tome_plus.patch(vit, "tome", r=2, positions="packed")
 
 
 def test_small_images_keep_a_token_and_newlines_survive_autocast():

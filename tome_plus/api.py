@@ -80,6 +80,9 @@ def patch(model: nn.Module, method: Optional[str] = None, head: Optional[str] = 
     if backend.SITES:  # the site first: a wrong one is named before the method's options ask for a budget
         site = backend.check_site(model, reducer_cls, site)
     config = config_cls(**options)
+    if getattr(config, "positions", "kept") != "kept" and site != "features":
+        raise ValueError(f"positions={config.positions!r} places the kept tokens of site='features' in a "
+                         f"vision-language model; {method!r} here reduces at site={site!r}")
     reducer = reducer_cls(config)
     reducer.for_family(backend.KIND)
     info = backend.prepare(model, reducer, config, method, **({"site": site} if site is not None else {}))

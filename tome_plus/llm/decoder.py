@@ -166,6 +166,15 @@ class PruningDecoder:
         return BaseModelOutputWithPast(last_hidden_state=repack(out.last_hidden_state, p), hidden_states=states,
                                        attentions=attentions)
 
+    def _pack_positions(self, h, seg: Segment) -> Segment:
+        """`positions="packed"`: the kept tokens numbered consecutively from the row's first real
+        one (1-D rotary), their angles made for those positions."""
+        first = torch.where(seg.valid, seg.positions, torch.full_like(seg.positions, 1 << 30)).min(dim=1).values
+        rank = seg.valid.long().cumsum(dim=1) - 1
+        positions = torch.where(seg.valid, first[:, None] + rank, seg.positions)
+        cos, sin = self.rotary_emb(h, position_ids=positions)
+        return replace(seg, positions=positions, cos=cos, sin=sin)
+
     def _pruning_forward(self, scope, book, attention_mask, position_ids, cache, h, outputs: Outputs):
         info = get_info(self)
         # an LLM method prunes after the layers it names (`LlmReducer.sites`); a vision method
@@ -195,6 +204,10 @@ class PruningDecoder:
             position_ids = (torch.arange(n, device=h.device) + offset).unsqueeze(0)
         rope_ids, position_ids = rope_positions(decoder_adapter(self), position_ids)
         position_ids = position_ids.expand(batch, n)
+        packed = features and info.config.positions == "packed"
+        if packed and book is not None and book.shift is not None:
+            # HF counts the conversation's tokens; the kept ones were numbered without the reduced
+            position_ids = rope_ids = position_ids - book.shift[:, None]
         # before the first pruning site the layers take HF's mask; after it, one built here in the
         # form their backend takes (`layer_mask`)
         backend = self.config._attn_implementation
@@ -246,7 +259,13 @@ class PruningDecoder:
         if features:  # a site before the first layer: every layer takes a mask built here
             if scope is not None and scope.has_visual:
                 h, keep = reduce_features(self, h, seg, scope, info)
+                real = seg.valid.sum(dim=1)
                 h, seg = compact(h, seg, keep)
+                if packed:
+                    seg = self._pack_positions(h, seg)
+                    if book is not None:
+                        removed = real - seg.valid.sum(dim=1)
+                        book.shift = removed if book.shift is None else book.shift + removed
                 scope.kept.append(seg.visual.sum(dim=1))
                 scope.positions.append(torch.where(seg.valid, seg.positions, torch.full_like(seg.positions, -1)))
             segment = 0

@@ -34,14 +34,18 @@ BOOK_ATTR = "_tome_plus_book"
 
 @dataclass
 class SlotBook:
-    """Per segment `[B, S]`: which cached slots are real, and their column in the conversation (-1: padding)."""
+    """Per segment `[B, S]`: which cached slots are real, and their column in the conversation
+    (-1: padding); with `positions="packed"` (`[B]`), how far each row's positions moved back."""
 
     valid: List[torch.Tensor] = field(default_factory=list)
     column: List[torch.Tensor] = field(default_factory=list)
+    shift: Optional[torch.Tensor] = None
 
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.valid = [fn(t) for t in self.valid]
         self.column = [fn(t) for t in self.column]
+        if self.shift is not None:
+            self.shift = fn(self.shift)
 
 
 @dataclass

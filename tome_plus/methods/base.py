@@ -24,6 +24,7 @@ KeepBudget = Union[float, Sequence[float]]
 BUDGETS = ("r", "keep", "flops", "tokens")  # give exactly one
 
 SIGNALS = frozenset({"k", "keys", "cls_attn", "attn", "x"})
+POSITIONS = ("kept", "packed")  # `ReductionConfig.positions`: where the features site places kept tokens
 
 
 @dataclass
@@ -49,6 +50,10 @@ class ReductionConfig:
         weighted_pool: average pooling weighs each token by its size, so the pooled feature is the
             mean over input patches (the original ToMe code takes a plain mean over tokens; set
             False for that).
+        positions: `site="features"` of a vision-language model only: "kept" (default) leaves
+            every kept token at its position, gaps where tokens were reduced; "packed" numbers
+            the kept tokens consecutively and every later token after them, as vLLM and LLaVA's
+            own code place a shorter image (1-D rotary families).
     """
 
     r: Optional[RBudget] = None
@@ -58,6 +63,7 @@ class ReductionConfig:
     prop_attn: Optional[bool] = None
     trace_source: bool = False
     weighted_pool: bool = True
+    positions: str = "kept"
 
     # The budget used when the caller gives none, and the proportional-attention default; per method.
     default_budget: ClassVar[Dict[str, object]] = {"r": 0}
@@ -76,6 +82,8 @@ class ReductionConfig:
         for name in ("prop_attn", "trace_source", "weighted_pool"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {', '.join(map(repr, POSITIONS))}, got {self.positions!r}")
 
     def _validate_budget(self) -> None:
         # numbers.Integral / Real accept numpy scalars too; values are stored as Python numbers

@@ -99,6 +99,9 @@ def prepare_features(model: nn.Module, reducer: Reducer, config: ReductionConfig
     if getattr(config, "layers", None) is not None:
         raise ValueError("layers= names blocks of a vision encoder; site='features' reduces once, before the "
                          "language model")
+    if config.positions == "packed" and decoders.decoder_adapter(llm).rotary != "1d":
+        raise ValueError(f"positions='packed' renumbers 1-D rotary positions; {type(llm).__name__}'s M-RoPE "
+                         f"positions (temporal, height, width) are not packed yet: use positions='kept'")
     if kind == "tokens" and count_known(model):  # refused here, as timm refuses; else warned at the forward
         tokens_per_image(model, value)
     return PatchInfo(method=method, config=config, reducer=reducer, depth=len(llm.layers), n_prefix=0,
