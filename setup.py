@@ -32,5 +32,8 @@ setup(
     },
     entry_points={"console_scripts": ["tome-plus=tome_plus.tools.cli:main"],
                   # lmms-eval finds the `tome_plus` model here (tome_plus.integrations.lmms_eval)
-                  "lmms_eval.models": ["tome_plus=tome_plus.integrations.lmms_eval:manifest"]},
+                  "lmms_eval.models": ["tome_plus=tome_plus.integrations.lmms_eval:manifest"],
+                  # vLLM calls this in every process it starts; it changes a model only where the
+                  # model's config holds a `tome_plus` entry (tome_plus.integrations.vllm)
+                  "vllm.general_plugins": ["tome_plus=tome_plus.integrations.vllm:register"]},
 )

@@ -10,7 +10,7 @@ image's tokens (`image_attention`).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -64,6 +64,25 @@ def image_attention(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: t
     return fp32_logits(q, k, attn.scaling).softmax(dim=-1)
 
 
+def reduce_sets(x: torch.Tensor, reducer, n_keep: int,
+                attention: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each of G images' features (`x`: `[G, n, D]`) reduced to `n_keep` tokens by the vision
+    method `reducer`, its signals read from the features themselves; `attention(x, index)` gives
+    the `[G, H, n', n']` attention among the current tokens where the method needs it (Zero-TPrune).
+    Returns the kept `[G, n_keep, D]` and each one's input index (a merged token: its
+    destination's), in input order. Shared by the HF features site and the vLLM plugin."""
+    def signals(x: torch.Tensor, index: torch.Tensor) -> dict:
+        out = {"k": x.unsqueeze(1), "keys": x.float(), "x": x}
+        if "attn" in reducer.needs:
+            out["attn"] = attention(x, index)
+        return out
+
+    x, index, _ = reduce_to(x, reducer, n_keep, signals)
+    order = index.argsort(dim=1)
+    return x.gather(1, order.unsqueeze(-1).expand_as(x)), index.gather(1, order)
+
+
 def reduce_features(model: nn.Module, h: torch.Tensor, seg: Segment, scope: LlmInputs, info: PatchInfo
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The features site: each image's (or video's) visual tokens, newlines aside, reduced by a
@@ -102,15 +121,10 @@ def reduce_features(model: nn.Module, h: torch.Tensor, seg: Segment, scope: LlmI
         if n_keep >= n:
             keep[r, c] = True
             continue
-
-        def signals(x: torch.Tensor, index: torch.Tensor) -> dict:
-            out = {"k": x.unsqueeze(1), "keys": x.float(), "x": x}
-            if "attn" in reducer.needs:
-                rr, cc = r.gather(1, index), c.gather(1, index)
-                out["attn"] = image_attention(model.layers[0], x, seg.cos[rr, cc], seg.sin[rr, cc])
-            return out
-
-        x, index, _ = reduce_to(h[r, c], reducer, n_keep, signals)
+        attention = lambda x, index, r=r, c=c: image_attention(
+            model.layers[0], x, seg.cos[r.gather(1, index), c.gather(1, index)],
+            seg.sin[r.gather(1, index), c.gather(1, index)])
+        x, index = reduce_sets(h[r, c], reducer, n_keep, attention)
         rr, cc = r.gather(1, index), c.gather(1, index)
         h[rr, cc] = x.to(h.dtype)
         keep[rr, cc] = True

@@ -1,0 +1,63 @@
+"""Tiny random-weight VLM checkpoints that vLLM loads offline: config, weights, a word-level
+tokenizer and the processor configs, written by the transformers of the environment that runs
+them (the vLLM environment has its own). Test helpers, no tests.
+
+    save_llava(path)   LLaVA-1.5: CLIP 64 px tower (8 x 8 patches, 64 image tokens) + Llama
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+WORDS = [f"w{i}" for i in range(150)]
+SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+IMAGE_TOKEN = "<image>"
+
+
+def tokenizer():
+    """A word-level tokenizer: the special tokens, then w0 .. w149, split on whitespace."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS)}
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_TOKEN})
+
+
+def save_llava(path: str, layers: int = 4, seed: int = 0) -> str:
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+    tok = tokenizer()
+    vocab = len(tok)
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=64, patch_size=8, projection_dim=64)
+    text = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=vocab, pad_token_id=tok.pad_token_id,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, max_position_embeddings=512)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # larger weights than the default init: greedy answers depend on the image
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(path)
+    hub_layout(os.path.join(path, "model.safetensors"))
+    image = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    LlavaProcessor(image_processor=image, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                   image_token=IMAGE_TOKEN, num_additional_image_tokens=1).save_pretrained(path)
+    return os.fspath(path)
+
+
+def hub_layout(file: str) -> None:
+    """The CLIP tower under `vision_tower.vision_model.*`, as the hub's LLaVA checkpoints hold it
+    and vLLM loads it (this transformers writes `vision_tower.*`)."""
+    from safetensors.torch import load_file, save_file
+    weights = load_file(file)
+    moved = {(f"vision_tower.vision_model.{k[len('vision_tower.'):]}"
+              if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
+             for k, v in weights.items()}
+    save_file(moved, file, metadata={"format": "pt"})

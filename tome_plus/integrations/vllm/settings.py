@@ -1,0 +1,74 @@
+"""The `tome_plus` key of a vLLM model's config (`hf_overrides={"tome_plus": {...}}`), read once
+and checked at start-up: a bad method, option or budget stops the engine with one line that
+names it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+KEY = "tome_plus"
+SERVED = ("tome", "pitome")  # the features site's methods that run in vLLM so far
+INSIDE_LLM = {"atp": "prunes inside the language model", "fastv": "prunes inside the language model"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A checked `tome_plus` entry: the method, its reducer and config."""
+
+    method: str
+    reducer: Any
+    config: Any
+
+    def count(self, n: int) -> int:
+        """Tokens an image whose features are `n` tokens keeps (`llm.features.feature_count`)."""
+        from ...llm.features import feature_count
+        return feature_count(self.config, self.reducer, n)
+
+
+def read(hf_config) -> Optional[Settings]:
+    """The settings in `hf_config` (None: no `tome_plus` key, vLLM's own model), checked."""
+    entry = getattr(hf_config, KEY, None)
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or "method" not in entry:
+        raise ValueError(f"tome_plus: hf_overrides['tome_plus'] must be a dict with a 'method', got {entry!r}")
+    options = dict(entry)
+    method = options.pop("method")
+    if "kv" in options:
+        raise ValueError("tome_plus: kv policies (a2sf) evict cache slots per head, which vLLM's paged KV cache "
+                         "(one sequence length per request across layers) cannot hold; serve without 'kv'")
+    if method in INSIDE_LLM:
+        raise ValueError(f"tome_plus: {method!r} {INSIDE_LLM[method]}, which needs attention probabilities and "
+                         f"per-layer sequence lengths that vLLM's paged attention does not have; serve a vision "
+                         f"method ({', '.join(SERVED)}) on the image features instead")
+    if method not in SERVED:
+        raise ValueError(f"tome_plus: method {method!r} is not served in vLLM; use one of {', '.join(SERVED)}")
+    site = options.pop("site", "features")
+    if site != "features":
+        raise ValueError(f"tome_plus: site={site!r}; in vLLM the methods reduce the image features "
+                         f"(site='features')")
+    positions = options.pop("positions", "packed")
+    if positions != "packed":
+        raise ValueError(f"tome_plus: positions={positions!r}; vLLM numbers an image's placeholders "
+                         f"consecutively (positions='packed')")
+    from ...methods.base import REGISTRY, get_method
+    try:
+        config_cls = REGISTRY.check_options(method, options)
+        config = config_cls(**options)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"tome_plus: {err}") from None
+    kind, value = config.budget
+    if kind not in ("tokens", "keep", "r") or isinstance(value, (list, tuple)):
+        raise ValueError(f"tome_plus: the image features are reduced once per image: give tokens= (kept per "
+                         f"image), keep= (a fraction) or r= (removed per image) as one number, not {kind}={value!r}")
+    if config.trace_source:
+        raise ValueError("tome_plus: trace_source is not recorded in vLLM")
+    return Settings(method=method, reducer=get_method(method)(config), config=config)
+
+
+def check_count(settings: Settings, n: int) -> int:
+    """The kept count for `n` features per image; a `tokens=` budget above `n` is refused."""
+    if settings.config.tokens is not None and settings.config.tokens > n:
+        raise ValueError(f"tome_plus: tokens={settings.config.tokens} is more than the {n} image tokens this "
+                         f"model's images have")
+    return settings.count(n)
