@@ -61,3 +61,17 @@ def hub_layout(file: str) -> None:
               if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
              for k, v in weights.items()}
     save_file(moved, file, metadata={"format": "pt"})
+
+
+def image(width: int, height: int, seed: int):
+    """A seeded noise RGB image (PIL), the same in every environment."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+# prompts of the vLLM tests: (text with one <image> per image, [(width, height, seed) per image])
+PROMPTS = [("<s> w1 w2 <image> w3 w4", [(64, 64, 0)]),
+           ("<s> w5 <image> w6 w7 w8 w9", [(64, 64, 1)]),
+           ("<s> w10 <image> w11 <image> w12", [(64, 64, 2), (64, 64, 3)])]

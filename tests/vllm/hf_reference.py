@@ -1,0 +1,38 @@
+"""The HF path's answers for the vLLM tests, run by the project's own environment (transformers
+and tome_plus's HF backend): `python hf_reference.py MODEL_DIR OPTIONS_JSON NEW_TOKENS` prints a
+JSON list, per prompt of `tiny.PROMPTS` (each alone), of the greedy new token ids and each one's
+log-probability. OPTIONS_JSON: "null" (unpatched) or {"method": ..., budget...}, patched at
+site="features" with positions="packed" (what vLLM does)."""
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tiny  # noqa: E402
+
+
+def main(path: str, options: str, new_tokens: str) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    import tome_plus
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    settings = json.loads(options)
+    if settings is not None:
+        method = settings.pop("method")
+        tome_plus.patch(model, method, site="features", positions="packed", **settings)
+    out = []
+    for text, sizes in tiny.PROMPTS:
+        inputs = processor(images=[tiny.image(*s) for s in sizes], text=text, return_tensors="pt")
+        with torch.no_grad():
+            gen = model.generate(**inputs, max_new_tokens=int(new_tokens), do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True)
+        ids = gen.sequences[0, inputs["input_ids"].shape[1]:]
+        logprobs = [float(torch.log_softmax(s[0].float(), -1)[i]) for s, i in zip(gen.scores, ids)]
+        out.append({"ids": ids.tolist(), "logprobs": logprobs, "prompt": int(inputs["input_ids"].shape[1])})
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
