@@ -1,7 +1,7 @@
 """The HF path's answers for the vLLM tests, run by the project's own environment (transformers
 and tome_plus's HF backend): `python hf_reference.py MODEL_DIR OPTIONS_JSON NEW_TOKENS` prints a
-JSON list, per prompt of `tiny.PROMPTS` (each alone), of the greedy new token ids and each one's
-log-probability. OPTIONS_JSON: "null" (unpatched) or {"method": ..., budget...}, patched at
+JSON list, per prompt of `tiny.PROMPTS` (each alone), of the greedy new token ids, each one's
+log-probability and the prompt's length as the language model ran it (visual tokens reduced). OPTIONS_JSON: "null" (unpatched) or {"method": ..., budget...}, patched at
 site="features" with positions="packed" (what vLLM does)."""
 import json
 import os
@@ -30,7 +30,12 @@ def main(path: str, options: str, new_tokens: str) -> None:
                                  return_dict_in_generate=True)
         ids = gen.sequences[0, inputs["input_ids"].shape[1]:]
         logprobs = [float(torch.log_softmax(s[0].float(), -1)[i]) for s, i in zip(gen.scores, ids)]
-        out.append({"ids": ids.tolist(), "logprobs": logprobs, "prompt": int(inputs["input_ids"].shape[1])})
+        prompt = int(inputs["input_ids"].shape[1])
+        if settings is not None:  # the prompt the language model ran: its visual tokens reduced
+            visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+            prompt += int(tome_plus.inspect(model).llm_kept[0][0]) - visual
+        out.append({"ids": ids.tolist(), "logprobs": logprobs, "prompt": prompt,
+                    "full": int(inputs["input_ids"].shape[1])})
     print(json.dumps(out))
 
 

@@ -2,7 +2,8 @@
 tokenizer and the processor configs, written by the transformers of the environment that runs
 them (the vLLM environment has its own). Test helpers, no tests.
 
-    save_llava(path)   LLaVA-1.5: CLIP 64 px tower (8 x 8 patches, 64 image tokens) + Llama
+    save_llava(path)        LLaVA-1.5: CLIP 64 px tower (8 x 8 patches, 64 image tokens) + Llama
+    save_llava_next(path)   LLaVA-NeXT: the same tower on anyres tiles of 64 px (grids up to 2 x 2) + Llama
 """
 from __future__ import annotations
 
@@ -26,30 +27,55 @@ def tokenizer():
                                    pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_TOKEN})
 
 
-def save_llava(path: str, layers: int = 4, seed: int = 0) -> str:
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
-    tok = tokenizer()
-    vocab = len(tok)
+PINPOINTS = [[64, 64], [64, 128], [128, 64], [128, 128]]
+
+
+def _configs(tok, layers: int):
+    from transformers import CLIPVisionConfig, LlamaConfig
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                               image_size=64, patch_size=8, projection_dim=64)
+    # head_dim 32: vLLM's CPU attention takes no smaller
     text = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=vocab, pad_token_id=tok.pad_token_id,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, max_position_embeddings=512)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
-                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+                       num_key_value_heads=2, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, max_position_embeddings=1024)
+    return dict(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+                vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+def _save(model, processor, path: str, seed: int) -> str:
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = model.eval()
     with torch.no_grad():  # larger weights than the default init: greedy answers depend on the image
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.2)
     model.save_pretrained(path)
     hub_layout(os.path.join(path, "model.safetensors"))
-    image = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
-    LlavaProcessor(image_processor=image, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-                   image_token=IMAGE_TOKEN, num_additional_image_tokens=1).save_pretrained(path)
+    processor.save_pretrained(path)
     return os.fspath(path)
+
+
+def save_llava(path: str, layers: int = 4, seed: int = 0) -> str:
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    tok = tokenizer()
+    image = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    processor = LlavaProcessor(image_processor=image, tokenizer=tok, patch_size=8,
+                               vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
+                               num_additional_image_tokens=1)
+    return _save(LlavaForConditionalGeneration(LlavaConfig(**_configs(tok, layers))), processor, path, seed)
+
+
+def save_llava_next(path: str, layers: int = 4, seed: int = 0) -> str:
+    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
+                              LlavaNextProcessor)
+    tok = tokenizer()
+    image = LlavaNextImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
+                                    image_grid_pinpoints=PINPOINTS)
+    processor = LlavaNextProcessor(image_processor=image, tokenizer=tok, patch_size=8,
+                                   vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
+                                   num_additional_image_tokens=1)
+    config = LlavaNextConfig(**_configs(tok, layers), image_grid_pinpoints=PINPOINTS)
+    return _save(LlavaNextForConditionalGeneration(config), processor, path, seed)
 
 
 def hub_layout(file: str) -> None:
@@ -73,5 +99,5 @@ def image(width: int, height: int, seed: int):
 
 # prompts of the vLLM tests: (text with one <image> per image, [(width, height, seed) per image])
 PROMPTS = [("<s> w1 w2 <image> w3 w4", [(64, 64, 0)]),
-           ("<s> w5 <image> w6 w7 w8 w9", [(64, 64, 1)]),
-           ("<s> w10 <image> w11 <image> w12", [(64, 64, 2), (64, 64, 3)])]
+           ("<s> w5 <image> w6 w7 w8 w9", [(120, 60, 1)]),
+           ("<s> w10 <image> w11 <image> w12", [(64, 64, 2), (50, 110, 3)])]

@@ -24,6 +24,7 @@ from typing import Dict
 # vLLM architecture name -> the subclass that replaces it ("module:Class" under this package)
 FAMILIES: Dict[str, str] = {
     "LlavaForConditionalGeneration": "llava:TomePlusLlava",
+    "LlavaNextForConditionalGeneration": "llava_next:TomePlusLlavaNext",
 }
 
 
