@@ -3,6 +3,7 @@ the same keys and tensors, `from_pretrained` of it loads into the unpatched clas
 mapping is the same, and ATP's modules stay off the model (on the patch record, saved with
 `tome_plus.atp.save`). Every check compares against the unpatched model."""
 import copy
+import json
 import os
 import pickle
 
@@ -58,9 +59,34 @@ def test_patched_checkpoint_is_the_unpatched_one(family, method, tmp_path):
     assert all(torch.equal(got[k], ref[k]) for k in ref)
     _, info = unpatched_cls.from_pretrained(tmp_path / "patched", output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    with open(tmp_path / "patched" / "config.json") as f:  # the architecture HF's Auto classes load
+        assert json.load(f)["architectures"] == [unpatched_cls.__name__]
+    assert type(type(model).from_pretrained(tmp_path / "patched")) is unpatched_cls  # a model, unpatched
+    assert type(type(model)._from_config(model.config)) is unpatched_cls
     tome_plus.unpatch(model)
     assert conversions(model) == ref_conv and layout(model) == ref_layout
     assert saved(model, tmp_path / "unpatched").keys() == ref.keys()
+
+
+def test_atp_on_a_model_built_on_the_meta_device(pixels):
+    """HF builds models on the meta device and fills them (`from_pretrained`, `to_empty`): ATP's
+    modules, patched then, are real (they are not the model's weights, nothing would fill them)."""
+    from transformers import LlavaForConditionalGeneration
+    ref = llava()
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(ref.config)
+        tome_plus.patch(model, "atp", keep=0.5, layers=[0, 2])
+    model.to_empty(device="cpu")
+    model.load_state_dict(ref.state_dict())
+    for buffer, source in zip(model.buffers(), ref.buffers()):  # non-persistent ones too
+        buffer.copy_(source)
+    tome_plus.patch(ref, "atp", keep=0.5, layers=[0, 2])
+    ids, mask = prompts((3, 5), (1, 2))
+    with torch.no_grad():  # zero-shot: the modules' thresholds are not read, the kept tokens are ref's
+        got = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        want = ref(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    assert not any(p.is_meta for p in tome_plus.atp.modules(model).parameters())
+    torch.testing.assert_close(got, want)
 
 
 def test_atp_modules_stay_off_the_model_and_round_trip(pixels, tmp_path):

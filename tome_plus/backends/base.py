@@ -141,7 +141,9 @@ def patched_class(mixin: type, cls: type) -> type:
     if key not in _SUBCLASSES:
         attrs = {"__reduce_ex__": _reduce_patched, "_tome_plus_parents": key, "__module__": mixin.__module__}
         if _is_hf_model(cls):
-            attrs["is_custom_code"] = classmethod(_original_is_custom_code)
+            attrs.update(is_custom_code=classmethod(_original_is_custom_code), save_pretrained=_save_as_original,
+                         from_pretrained=classmethod(_original_constructor("from_pretrained")),
+                         _from_config=classmethod(_original_constructor("_from_config")))
         _SUBCLASSES[key] = type(f"TomePlus{cls.__name__}", (mixin, cls), attrs)
         if _is_hf_model(cls):
             _share_conversions(cls, _SUBCLASSES[key].__name__)
@@ -159,6 +161,23 @@ def _original_is_custom_code(patched: type) -> bool:
     `__module__` makes it custom code, whose checkpoint conversions HF skips
     (`conversion_mapping.get_model_conversion_mapping`): `save_pretrained` would write other keys."""
     return patched._tome_plus_parents[1].is_custom_code()
+
+
+def _save_as_original(self, *args, **kwargs):
+    """`save_pretrained` of a patched model: as its original class, which HF writes into the
+    config's `architectures` (a checkpoint saved while patched loads as the unpatched model)."""
+    patched = type(self)
+    self.__class__ = patched._tome_plus_parents[1]
+    try:
+        return self.save_pretrained(*args, **kwargs)
+    finally:
+        self.__class__ = patched
+
+
+def _original_constructor(name: str):
+    """`from_pretrained` / `_from_config` called on a patched class: the original class's (an
+    unpatched model; a patched class without its patch record would not run)."""
+    return lambda patched, *args, **kwargs: getattr(patched._tome_plus_parents[1], name)(*args, **kwargs)
 
 
 def _share_conversions(cls: type, name: str) -> None:

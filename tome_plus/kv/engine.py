@@ -32,6 +32,7 @@ from ..llm import attention, context
 from ..llm.attention import RoutedAttention
 from ..llm import decoders
 from ..llm.decoder import PruningDecoder
+from ..llm.slots import keep_hooks
 from ..precision import HALF, fp32_logits
 
 RECENT = 16  # the newest tokens kept by default (A2SF's authors' window), where the budget holds them
@@ -152,7 +153,7 @@ def prune_layer(layer: DynamicLayer, valid: torch.Tensor, score: torch.Tensor, k
     index = rank.topk(min(keep, length), dim=-1).indices.sort(dim=-1).values  # [B, KV, keep]
     rows = index.unsqueeze(-1).expand(-1, -1, -1, layer.keys.shape[-1])
     layer.keys, layer.values = layer.keys.gather(2, rows), layer.values.gather(2, rows)
-    layer.__class__ = PrunedLayer
+    layer.__class__ = keep_hooks(layer, PrunedLayer)
     layer.valid, layer.score = valid.gather(2, index), score.gather(2, index)
     layer.all_valid = bool(layer.valid.all())
 
@@ -279,7 +280,7 @@ class KvStep:
             elif due or track:
                 valid = self.keys_valid(i, kv_heads, layer.keys.device)
                 score = self.scores.get(i)
-                layer.__class__ = PrunedLayer
+                layer.__class__ = keep_hooks(layer, PrunedLayer)
                 layer.valid = valid.contiguous()
                 layer.score = score if score is not None else torch.zeros(valid.shape, device=valid.device)
                 layer.all_valid = bool(valid.all())

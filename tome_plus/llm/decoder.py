@@ -54,7 +54,8 @@ from .decoders import decoder_adapter, rope_positions
 from .features import reduce_features, warn_tokens_once
 from .packed import packing, repack, sequence_ids, unpack, unpack_inputs
 from .segments import Segment, compact, instruction_after_image, layer_mask, mask_builder, scatter_back, segment_mask
-from .slots import SegmentKeys, book_of, check_cache, conversation_keys, is_static, open_book, segment_keys
+from .slots import (SegmentKeys, book_of, check_cache, conversation_keys, hook_book, is_static, open_book,
+                    segment_keys)
 
 def method_at(method: str, site: str) -> str:
     """How a message names the method a language model runs, with its site: "'tome' at site='features'"."""
@@ -329,6 +330,8 @@ class PruningDecoder:
             keys = segment_keys(cache, book, segment, i + 1, seg.valid, seg.index, prior)
             mask = layer_mask(keys, seg, h.dtype, backend)
         h = self.norm(h)
+        if cache is not None:
+            hook_book(cache)
         if scope is not None and soft:  # rows without image tokens have no fraction (nan)
             scope.kept_fraction = torch.where(n_visual > 0, kept_sum / len(self.layers), torch.nan)
         out = scatter_back(h, seg, n)

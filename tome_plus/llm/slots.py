@@ -14,20 +14,19 @@ per segment `[B, S]` which slots are real and each slot's column in the conversa
   `cumulative_length`; the book is as long as the buffer and a forward writes its slots in place,
   so nothing changes shape between decoding steps.
 
-The cache's class is swapped once (`BookedCache`) so that `generate`'s beam search, repeats and
-row selection reorder the book with the layers. Cropping (assisted decoding) is refused: the
-segments hold different numbers of slots per row, which a crop by conversation length does not
-describe.
+The book is an attribute of the cache (its class stays the one `generate` or the user made);
+its first layer's class is swapped once (`booked_class`), so that `generate`'s beam search,
+repeats, row selection, cropping (assisted decoding: the rejected candidates are the last
+decoded tokens, one slot per row in every segment) and reset reach the book.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer
 
-from ..backends.base import patched_class
 
 BOOK_ATTR = "_tome_plus_book"
 
@@ -46,6 +45,21 @@ class SlotBook:
         self.column = [fn(t) for t in self.column]
         if self.shift is not None:
             self.shift = fn(self.shift)
+
+    def drop_last(self, k: int) -> None:
+        """Forget the last `k` tokens of the conversation (assisted decoding's rejected
+        candidates): the last `k` slots of every segment, which must be whole decoding columns
+        (every row real, the same conversation column); else refused."""
+        for valid, column in zip(self.valid, self.column):
+            last = column[:, -k:]
+            if valid.shape[1] < k or not bool(valid[:, -k:].all()) or not bool((last == last[:1]).all()):
+                raise ValueError("tome_plus: cropping this cache would cut into a forward that pruned (each row "
+                                 "keeps its own slots there); crop only tokens decoded since")
+        self.valid = [t[:, :-k] for t in self.valid]
+        self.column = [t[:, :-k] for t in self.column]
+
+    def clear(self) -> None:
+        self.valid, self.column, self.shift = [], [], None
 
 
 @dataclass
@@ -79,14 +93,30 @@ def book_of(cache: Optional[Cache]) -> Optional[SlotBook]:
 
 
 def open_book(cache: Cache) -> SlotBook:
-    """The cache's book, made (and the cache's class swapped to `BookedCache`) on first use."""
+    """The cache's book, made on first use (an attribute: the cache keeps its class)."""
     book = book_of(cache)
     if book is None:
         book = SlotBook()
-        if not isinstance(cache, BookedCache):
-            cache.__class__ = patched_class(BookedCache, type(cache))
         setattr(cache, BOOK_ATTR, book)
     return book
+
+
+def hook_book(cache: Cache) -> None:
+    """After a forward (a dynamic cache makes its layers then): the first layer carries the
+    book's hooks (`booked_class`), so the cache's reorder, repeat, selection, crop and reset
+    reach the book through HF's own loop over the layers."""
+    book = book_of(cache)
+    if book is None or not cache.layers:
+        return
+    first = cache.layers[0]
+    first.__class__ = booked_class(type(first))
+    first.__dict__[BOOK_ATTR] = book
+
+
+def keep_hooks(layer, cls: type) -> type:
+    """`cls`, or its booked kind where `layer` carries the book's hooks (`booked_class`): for
+    code that turns a cache layer into another class (a KV policy's `PrunedLayer`)."""
+    return booked_class(cls) if getattr(layer, "_tome_plus_booked", False) else cls
 
 
 def segment_keys(cache: Optional[Cache], book: Optional[SlotBook], segment: int, layer: int, valid: torch.Tensor,
@@ -138,34 +168,46 @@ def conversation_keys(cache: Optional[Cache], full: torch.Tensor, n: int) -> Seg
     return SegmentKeys(full, width - n, torch.arange(width, device=full.device).expand(batch, width))
 
 
-class BookedCache:
-    """Mixin for a cache that holds a `SlotBook`: the book follows the rows when `generate`
-    reorders (beam search), repeats or selects them, and is dropped with the contents on `reset`."""
+_BOOKED: Dict[type, type] = {}
 
-    def _book_apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        book = book_of(self)
-        if book is not None:
-            book.apply(fn)
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self._book_apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+def booked_class(cls: type) -> type:
+    """`cls` (a cache layer class) with the book's hooks, made once per class. A direct subclass
+    (a mixin beside HF's layer classes would change their layout, which `__class__` assignment
+    refuses); each hook calls `cls`'s own method, then applies the same to the book."""
+    if getattr(cls, "_tome_plus_booked", False):
+        return cls
+    if cls not in _BOOKED:
+        def book(self) -> Optional[SlotBook]:
+            return self.__dict__.get(BOOK_ATTR)
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self._book_apply(lambda t: t.repeat_interleave(repeats, dim=0))
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            cls.reorder_cache(self, beam_idx)
+            if book(self) is not None:
+                book(self).apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self._book_apply(lambda t: t[indices.to(t.device)])
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            cls.batch_repeat_interleave(self, repeats)
+            if book(self) is not None:
+                book(self).apply(lambda t: t.repeat_interleave(repeats, dim=0))
 
-    def crop(self, max_length: int) -> None:
-        if book_of(self) is not None and book_of(self).valid:
-            raise ValueError("tome_plus: this cache's layers after a pruning site hold a different set of tokens per "
-                             "row, which cropping it to a conversation length does not describe (assisted and "
-                             "prompt-lookup decoding crop the cache): generate without an assistant")
-        super().crop(max_length)
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            cls.batch_select_indices(self, indices)
+            if book(self) is not None:
+                book(self).apply(lambda t: t[indices.to(t.device)])
 
-    def reset(self) -> None:
-        super().reset()
-        self.__dict__.pop(BOOK_ATTR, None)
+        def crop(self, tokens_to_remove: int) -> None:
+            if book(self) is not None and book(self).valid and tokens_to_remove < 0:
+                book(self).drop_last(-tokens_to_remove)
+            cls.crop(self, tokens_to_remove)
+
+        def reset(self) -> None:
+            cls.reset(self)
+            if book(self) is not None:
+                book(self).clear()
+
+        _BOOKED[cls] = type(f"TomePlus{cls.__name__}", (cls,), dict(
+            _tome_plus_booked=True, __module__=__name__, __doc__=f"{cls.__name__} carrying a cache's `SlotBook`.",
+            reorder_cache=reorder_cache, batch_repeat_interleave=batch_repeat_interleave,
+            batch_select_indices=batch_select_indices, crop=crop, reset=reset))
+    return _BOOKED[cls]

@@ -299,8 +299,12 @@ class Atp(LlmReducer):
             warn_caller(f"keep={self.config.keep} is at or below what ATP reaches with modules after layers {layers} "
                         f"of {depth} (the layers up to the first module see every visual token): the modules prune "
                         f"every visual token; move the first module earlier (layers=...) or raise keep")
-        modules = AtpModules(layers, llm.config.hidden_size, self.config.hidden, fraction).to(
-            device=llm.norm.weight.device)
+        # made with real values even where the model is built on the meta device (HF's loading):
+        # they are not the model's weights, nothing loads them; they follow it where used (`follow`)
+        with torch.device("cpu"):
+            modules = AtpModules(layers, llm.config.hidden_size, self.config.hidden, fraction)
+        if llm.norm.weight.device.type != "meta":
+            modules.to(device=llm.norm.weight.device)
         if self.config.weights is not None:
             load_modules(modules, self.config.weights)
         return modules

@@ -25,6 +25,7 @@ from typing import Dict
 FAMILIES: Dict[str, str] = {
     "LlavaForConditionalGeneration": "llava:TomePlusLlava",
     "LlavaNextForConditionalGeneration": "llava_next:TomePlusLlavaNext",
+    "LlavaOnevisionForConditionalGeneration": "llava_onevision:TomePlusLlavaOnevision",
 }
 
 

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tiny  # noqa: E402
 
 NEW_TOKENS = 6
-FAMILIES = {"llava": tiny.save_llava, "llava_next": tiny.save_llava_next}
+FAMILIES = {"llava": tiny.save_llava, "llava_next": tiny.save_llava_next, "llava_onevision": tiny.save_onevision}
 REDUCED = [{"method": "tome", "keep": 0.25}, {"method": "pitome", "keep": 0.5}, {"method": "tome", "tokens": 10}]
 
 
@@ -27,19 +27,26 @@ def checkpoints(tmp_path_factory):
     return {name: save(str(tmp_path_factory.mktemp(name))) for name, save in FAMILIES.items()}
 
 
-def engine(path, settings=None):
+def engine(path, settings=None, videos=False):
+    # a small KV cache: on a CPU vLLM otherwise reserves most of the machine's memory for it
+    limits = {"image": 2, "video": 1} if videos else {"image": 2}
     return vllm.LLM(model=path, enforce_eager=True, dtype="float32", max_model_len=1024, seed=0, max_num_seqs=4,
-                    limit_mm_per_prompt={"image": 2},
+                    limit_mm_per_prompt=limits, kv_cache_memory_bytes=256 << 20,
                     hf_overrides=None if settings is None else {"tome_plus": settings})
 
 
-def answers(path, settings=None):
-    """Greedy new tokens, their log-probabilities and the prompt length per `tiny.PROMPTS` prompt."""
+def answers(path, settings=None, kind="image"):
+    """Greedy new tokens, their log-probabilities and the prompt length per prompt of
+    `tiny.PROMPTS` (images) or `tiny.VIDEO_PROMPTS`."""
     from vllm.distributed import cleanup_dist_env_and_memory
-    llm = engine(path, settings)
+    llm = engine(path, settings, videos=kind == "video")
     try:
-        requests = [{"prompt": text, "multi_modal_data": {"image": [tiny.image(*s) for s in sizes]}}
-                    for text, sizes in tiny.PROMPTS]
+        if kind == "image":
+            requests = [{"prompt": text, "multi_modal_data": {"image": [tiny.image(*s) for s in sizes]}}
+                        for text, sizes in tiny.PROMPTS]
+        else:
+            requests = [{"prompt": text, "multi_modal_data": {"video": tiny.video(*clip)}}
+                        for text, clip in tiny.VIDEO_PROMPTS]
         outs = llm.generate(requests, vllm.SamplingParams(max_tokens=NEW_TOKENS, temperature=0, logprobs=0))
         return [{"ids": list(o.outputs[0].token_ids), "prompt": len(o.prompt_token_ids),
                  "logprobs": [lp[i].logprob
@@ -50,12 +57,12 @@ def answers(path, settings=None):
         cleanup_dist_env_and_memory()
 
 
-def hf_answers(path, settings=None):
+def hf_answers(path, settings=None, kind="image"):
     python = os.environ.get("TOME_PLUS_HF_PYTHON")
     if not python:
         pytest.skip("TOME_PLUS_HF_PYTHON names the project's python (tome_plus[hf]); examples/vllm/test.sh sets it")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_reference.py")
-    done = subprocess.run([python, script, path, json.dumps(settings), str(NEW_TOKENS)], capture_output=True,
+    done = subprocess.run([python, script, path, json.dumps(settings), str(NEW_TOKENS), kind], capture_output=True,
                           text=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -89,6 +96,21 @@ def test_reduced_answers_equal_the_hf_features_site(family, settings, checkpoint
             assert a["prompt"] == b["full"] - len(sizes) * (64 - image_tokens(settings)) < b["full"]
         assert a["ids"] == b["ids"]
         assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-3
+
+
+def test_onevision_videos_as_vllm_and_the_hf_features_site(checkpoints):
+    """A clip's frames (pooled 2 x 2, one newline after them) reduced as one: unpatched and
+    keep=1.0 are vLLM's own (and the HF model's); reduced, the HF features site's answers."""
+    path = checkpoints["llava_onevision"]
+    own = answers(path, kind="video")
+    assert [a["ids"] for a in own] == [a["ids"] for a in hf_answers(path, kind="video")]
+    assert answers(path, {"method": "tome", "keep": 1.0}, kind="video") == own
+    for settings in ({"method": "tome", "keep": 0.25}, {"method": "pitome", "tokens": 10}):
+        got, want = answers(path, settings, kind="video"), hf_answers(path, settings, kind="video")
+        for a, b in zip(got, want):
+            assert a["prompt"] == b["prompt"] < b["full"]
+            assert a["ids"] == b["ids"]
+            assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-3
 
 
 @pytest.mark.parametrize("settings,message", [

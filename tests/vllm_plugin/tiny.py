@@ -4,6 +4,7 @@ them (the vLLM environment has its own). Test helpers, no tests.
 
     save_llava(path)        LLaVA-1.5: CLIP 64 px tower (8 x 8 patches, 64 image tokens) + Llama
     save_llava_next(path)   LLaVA-NeXT: the same tower on anyres tiles of 64 px (grids up to 2 x 2) + Llama
+    save_onevision(path)    LLaVA-OneVision: a SigLIP 64 px tower, anyres_max_9, videos pooled 2 x 2 + Qwen2
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import os
 import torch
 
 WORDS = [f"w{i}" for i in range(150)]
-SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-IMAGE_TOKEN = "<image>"
+SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>"]
+IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
 
 
 def tokenizer():
@@ -24,7 +25,8 @@ def tokenizer():
     inner = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_TOKEN})
+                                   pad_token="<pad>",
+                                   extra_special_tokens={"image_token": IMAGE_TOKEN, "video_token": VIDEO_TOKEN})
 
 
 PINPOINTS = [[64, 64], [64, 128], [128, 64], [128, 128]]
@@ -65,6 +67,31 @@ def save_llava(path: str, layers: int = 4, seed: int = 0) -> str:
     return _save(LlavaForConditionalGeneration(LlavaConfig(**_configs(tok, layers))), processor, path, seed)
 
 
+def save_onevision(path: str, layers: int = 4, seed: int = 0) -> str:
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor,
+                              Qwen2Config, SiglipVisionConfig)
+    tok = tokenizer()
+    common = _configs(tok, layers)
+    llama = common["text_config"]
+    text = Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       max_position_embeddings=llama.max_position_embeddings)
+    vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                image_size=64, patch_size=8, vision_use_head=False)
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=common["image_token_id"],
+                                  video_token_id=tok.convert_tokens_to_ids(VIDEO_TOKEN), vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full", image_grid_pinpoints=PINPOINTS,
+                                  vision_aspect_ratio="anyres_max_9")
+    size = {"height": 64, "width": 64}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=PINPOINTS),
+        video_processor=LlavaOnevisionVideoProcessor(size=size), tokenizer=tok, num_image_tokens=64,
+        vision_feature_select_strategy="full", image_token=IMAGE_TOKEN, video_token=VIDEO_TOKEN)
+    return _save(LlavaOnevisionForConditionalGeneration(config), processor, path, seed)
+
+
 def save_llava_next(path: str, layers: int = 4, seed: int = 0) -> str:
     from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
                               LlavaNextProcessor)
@@ -101,3 +128,13 @@ def image(width: int, height: int, seed: int):
 PROMPTS = [("<s> w1 w2 <image> w3 w4", [(64, 64, 0)]),
            ("<s> w5 <image> w6 w7 w8 w9", [(120, 60, 1)]),
            ("<s> w10 <image> w11 <image> w12", [(64, 64, 2), (50, 110, 3)])]
+
+
+def video(frames: int, width: int, height: int, seed: int):
+    """A seeded noise clip, `[frames, height, width, 3]` uint8 (numpy), the same in every environment."""
+    import numpy as np
+    return np.random.default_rng(seed).integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
+
+
+# video prompts (OneVision): (text with one <video>, (frames, width, height, seed))
+VIDEO_PROMPTS = [("<s> w1 <video> w2 w3", (4, 64, 64, 5)), ("<s> w4 w5 <video> w6", (4, 80, 48, 6))]

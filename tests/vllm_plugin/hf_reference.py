@@ -1,6 +1,6 @@
 """The HF path's answers for the vLLM tests, run by the project's own environment (transformers
-and tome_plus's HF backend): `python hf_reference.py MODEL_DIR OPTIONS_JSON NEW_TOKENS` prints a
-JSON list, per prompt of `tiny.PROMPTS` (each alone), of the greedy new token ids, each one's
+and tome_plus's HF backend): `python hf_reference.py MODEL_DIR OPTIONS_JSON NEW_TOKENS [image|video]`
+prints a JSON list, per prompt of `tiny.PROMPTS` (or `tiny.VIDEO_PROMPTS`; each alone), of the greedy new token ids, each one's
 log-probability and the prompt's length as the language model ran it (visual tokens reduced). OPTIONS_JSON: "null" (unpatched) or {"method": ..., budget...}, patched at
 site="features" with positions="packed" (what vLLM does)."""
 import json
@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tiny  # noqa: E402
 
 
-def main(path: str, options: str, new_tokens: str) -> None:
+def main(path: str, options: str, new_tokens: str, kind: str = "image") -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
     import tome_plus
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
@@ -23,8 +23,12 @@ def main(path: str, options: str, new_tokens: str) -> None:
         method = settings.pop("method")
         tome_plus.patch(model, method, site="features", positions="packed", **settings)
     out = []
-    for text, sizes in tiny.PROMPTS:
-        inputs = processor(images=[tiny.image(*s) for s in sizes], text=text, return_tensors="pt")
+    prompts = tiny.PROMPTS if kind == "image" else tiny.VIDEO_PROMPTS
+    for text, media in prompts:
+        if kind == "image":
+            inputs = processor(images=[tiny.image(*s) for s in media], text=text, return_tensors="pt")
+        else:
+            inputs = processor(videos=[tiny.video(*media)], text=text, return_tensors="pt")
         with torch.no_grad():
             gen = model.generate(**inputs, max_new_tokens=int(new_tokens), do_sample=False, output_scores=True,
                                  return_dict_in_generate=True)
@@ -32,7 +36,8 @@ def main(path: str, options: str, new_tokens: str) -> None:
         logprobs = [float(torch.log_softmax(s[0].float(), -1)[i]) for s, i in zip(gen.scores, ids)]
         prompt = int(inputs["input_ids"].shape[1])
         if settings is not None:  # the prompt the language model ran: its visual tokens reduced
-            visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+            token = model.config.image_token_id if kind == "image" else model.config.video_token_id
+            visual = int((inputs["input_ids"] == token).sum())
             prompt += int(tome_plus.inspect(model).llm_kept[0][0]) - visual
         out.append({"ids": ids.tolist(), "logprobs": logprobs, "prompt": prompt,
                     "full": int(inputs["input_ids"].shape[1])})
