@@ -29,7 +29,7 @@ setup(
         # (filelock<4: lmms-eval 0.7.3 imports filelock._api, which filelock 4 removed)
         "eval": ["transformers>=5.24.0", "lmms-eval>=0.7.3", "decord", "matplotlib", "filelock<4"],
         # the vLLM plugin (tome_plus.integrations.vllm), at the vLLM version it is tested with; vLLM
-        # pins its own torch: give it an environment of its own (examples/vllm/install.sh)
+        # pins its own torch: give it an environment of its own (examples/vllm_serving/install.sh)
         "vllm": ["vllm==0.32.0"],
         "dev": ["pytest", "pytest-xdist", "onnx", "onnxruntime", "matplotlib", "safetensors", "pillow", "scikit-image"],
     },

@@ -1,6 +1,6 @@
 """tome_plus's vLLM plugin behind vLLM's OpenAI-compatible server (`vllm serve`), on a tiny
 random-weight LLaVA-1.5 (CLIP 64 px: 64 image tokens, 16 with keep=0.25), run in the vLLM
-environment (`bash examples/vllm/test.sh -k test_server`; skipped elsewhere).
+environment (`bash examples/vllm_serving/test.sh -k test_server`; skipped elsewhere).
 
 One server with `--hf-overrides '{"tome_plus": ...}'` and one without (vLLM's own model), each a
 subprocess on localhost started once for the module; requests go through the chat API with
@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-vllm = pytest.importorskip("vllm", reason="the vLLM tests run in vLLM's environment: bash examples/vllm/test.sh")
+vllm = pytest.importorskip("vllm", reason="the vLLM tests run in vLLM's environment: bash examples/vllm_serving/test.sh")
 requests = pytest.importorskip("requests")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -1,5 +1,5 @@
 """tome_plus's vLLM plugin (`tome_plus.integrations.vllm`) on tiny random-weight checkpoints, run
-in the vLLM environment (`bash examples/vllm/test.sh`; skipped elsewhere). The reference is
+in the vLLM environment (`bash examples/vllm_serving/test.sh`; skipped elsewhere). The reference is
 tome_plus's HF path on the same weights (site="features", positions="packed": kept tokens
 numbered consecutively, as vLLM places them), run by the project's environment
 (`TOME_PLUS_HF_PYTHON`, `hf_reference.py`); keeping everything, vLLM's own model."""
@@ -12,7 +12,7 @@ import sys
 import pytest
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: fast to start
-vllm = pytest.importorskip("vllm", reason="the vLLM tests run in vLLM's environment: bash examples/vllm/test.sh")
+vllm = pytest.importorskip("vllm", reason="the vLLM tests run in vLLM's environment: bash examples/vllm_serving/test.sh")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tiny  # noqa: E402
@@ -60,7 +60,7 @@ def answers(path, settings=None, kind="image"):
 def hf_answers(path, settings=None, kind="image"):
     python = os.environ.get("TOME_PLUS_HF_PYTHON")
     if not python:
-        pytest.skip("TOME_PLUS_HF_PYTHON names the project's python (tome_plus[hf]); examples/vllm/test.sh sets it")
+        pytest.skip("TOME_PLUS_HF_PYTHON names the project's python (tome_plus[hf]); examples/vllm_serving/test.sh sets it")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_reference.py")
     done = subprocess.run([python, script, path, json.dumps(settings), str(NEW_TOKENS), kind], capture_output=True,
                           text=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})

