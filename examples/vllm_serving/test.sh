@@ -6,4 +6,8 @@ cd "$(dirname "$0")/../.."
 VENV=${VENV:-.venv-vllm}
 export TOME_PLUS_HF_PYTHON=${TOME_PLUS_HF_PYTHON:-$(command -v python)}
 export VLLM_ENABLE_V1_MULTIPROCESSING=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/vllm_plugin "$@"
+# two processes: the offline engines' tests, then the server's (its servers are processes of
+# their own); arguments go to both
+run() { "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" || [ $? -eq 5 ]; }  # 5: -k selected none here
+run tests/vllm_plugin/test_vllm.py "$@"
+run tests/vllm_plugin/test_server.py "$@"

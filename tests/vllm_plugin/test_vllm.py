@@ -91,7 +91,7 @@ def test_reduced_answers_equal_the_hf_features_site(family, settings, checkpoint
     path = checkpoints[family]
     got, want = answers(path, settings), hf_answers(path, settings)
     for a, b, (_, sizes) in zip(got, want, tiny.PROMPTS):
-        assert a["prompt"] == b["prompt"]  # vLLM's placeholders: the count the HF model kept
+        assert a["prompt"] == b["prompt"], (got, want)  # vLLM's placeholders: the count the HF model kept
         if family == "llava":  # 64 features per image, each reduced to the settings' count
             assert a["prompt"] == b["full"] - len(sizes) * (64 - image_tokens(settings)) < b["full"]
         assert a["ids"] == b["ids"]
