@@ -67,7 +67,10 @@ class Server:
                 "--kv-cache-memory-bytes", str(128 << 20)]
         if settings is not None:
             args += ["--hf-overrides", json.dumps({"tome_plus": settings})]
+        # the engine in a process of its own, as `vllm serve` runs it by default: the API server
+        # (placeholder counts) and the engine (the reduction) each load the plugin
         environment = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+                       "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
                        "VLLM_SERVER_DEV_MODE": "1",  # /reset_prefix_cache, /reset_mm_cache, /reset_encoder_cache
                        **(env or {})}
         with open(log, "w") as out:
