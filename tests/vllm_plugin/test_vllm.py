@@ -118,6 +118,7 @@ def test_onevision_videos_as_vllm_and_the_hf_features_site(checkpoints):
     ({"method": "atp", "keep": 0.5}, "'atp' prunes inside the language model"),
     ({"method": "tome", "keep": 0.5, "kv": "a2sf"}, "kv policies .* paged KV cache"),
     ({"method": "tomato", "keep": 0.5}, "method 'tomato' is not served in vLLM"),
+    ({"method": "zero_tprune", "keep": 0.5}, "'zero_tprune' is not served in vLLM yet \\(its attention graph"),
     ({"method": "tome", "keep": 0.5, "speed": 2}, "unknown option.s. \\['speed'\\] for method 'tome'"),
     ({"method": "tome", "keep": 1.5}, "keep"),
     ({"method": "tome", "flops": 0.5}, "the image features are reduced once per image: give tokens= .*not flops=0.5"),

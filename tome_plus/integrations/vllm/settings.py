@@ -9,6 +9,8 @@ from typing import Any, Optional
 KEY = "tome_plus"
 SERVED = ("tome", "pitome")  # the features site's methods that run in vLLM so far
 INSIDE_LLM = {"atp": "prunes inside the language model", "fastv": "prunes inside the language model"}
+NOT_YET = {"zero_tprune": "its attention graph is the language model's first layer's attention among an image's "
+                          "tokens, which the plugin does not form yet"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,9 @@ def read(hf_config) -> Optional[Settings]:
         raise ValueError(f"tome_plus: {method!r} {INSIDE_LLM[method]}, which needs attention probabilities and "
                          f"per-layer sequence lengths that vLLM's paged attention does not have; serve a vision "
                          f"method ({', '.join(SERVED)}) on the image features instead")
+    if method in NOT_YET:
+        raise ValueError(f"tome_plus: {method!r} is not served in vLLM yet ({NOT_YET[method]}); use one of "
+                         f"{', '.join(SERVED)}")
     if method not in SERVED:
         raise ValueError(f"tome_plus: method {method!r} is not served in vLLM; use one of {', '.join(SERVED)}")
     site = options.pop("site", "features")
