@@ -345,3 +345,25 @@ def test_what_stays_refused_is_named(fa2_standin):
     tome_plus.patch(flash, "fastv", keep=0.5, k=1)
     with pytest.raises(ValueError, match=f"static cache masks each row's slots.*{fa2_standin} backend"):
         run(flash, inputs, do_sample=False, cache_implementation="static")
+
+
+@pytest.mark.parametrize("method", BUDGETS)
+def test_a_generated_placeholder_id_is_a_plain_token(method):
+    """A decoding step that generates the image placeholder's id carries no image (HF passes the
+    media to the prefill only): nothing is reduced there, every layer caches the token, and
+    `inspect` still reports the prompt's reduction."""
+    model = tiny("llava_next")
+    inputs = V.INPUTS["llava_next"](model)
+    tome_plus.patch(model, method, **BUDGETS[method])
+    cache = DynamicCache(config=model.config.text_config)
+    with torch.no_grad():
+        model(**inputs, cache=cache, use_cache=True)
+    kept, widths = tome_plus.inspect(model).llm_kept, [v.shape[1] for v in book_of(cache).valid]
+    token = torch.full((2, 1), V.IMAGE_ID)  # as if generated
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
+    with torch.no_grad():
+        model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True)
+    assert torch.equal(tome_plus.inspect(model).llm_kept, kept)
+    book = book_of(cache)
+    assert [v.shape[1] for v in book.valid] == [w + 1 for w in widths]
+    assert all(bool(v[:, -1].all()) for v in book.valid)  # the new token is a real slot in every segment

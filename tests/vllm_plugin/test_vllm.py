@@ -72,7 +72,7 @@ def image_tokens(settings):
     """Placeholders per LLaVA-1.5 image the plugin asks for (the tiny tower: 64 features per image)."""
     from tome_plus.integrations.vllm import settings as S
     from types import SimpleNamespace
-    return S.check_count(S.read(SimpleNamespace(tome_plus=dict(settings))), 64)
+    return S.check_count(S.read(SimpleNamespace(tome_plus=dict(settings), num_hidden_layers=4)), 64)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -98,6 +98,19 @@ def test_reduced_answers_equal_the_hf_features_site(family, settings, checkpoint
         assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-3
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_tprune_ranks_by_the_first_layers_attention_as_the_hf_site(family, checkpoints):
+    """Zero-TPrune's graph is the language model's first layer's attention among an image's
+    tokens (vLLM's own norm, projections and rotary embedding): the same kept tokens and answers."""
+    path = checkpoints[family]
+    settings = {"method": "zero_tprune", "tokens": 12}
+    got, want = answers(path, settings), hf_answers(path, settings)
+    for a, b in zip(got, want):
+        assert a["prompt"] == b["prompt"] < b["full"], (got, want)
+        assert a["ids"] == b["ids"]
+        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-3
+
+
 def test_onevision_videos_as_vllm_and_the_hf_features_site(checkpoints):
     """A clip's frames (pooled 2 x 2, one newline after them) reduced as one: unpatched and
     keep=1.0 are vLLM's own (and the HF model's); reduced, the HF features site's answers."""
@@ -118,7 +131,6 @@ def test_onevision_videos_as_vllm_and_the_hf_features_site(checkpoints):
     ({"method": "atp", "keep": 0.5}, "'atp' prunes inside the language model"),
     ({"method": "tome", "keep": 0.5, "kv": "a2sf"}, "kv policies .* paged KV cache"),
     ({"method": "tomato", "keep": 0.5}, "method 'tomato' is not served in vLLM"),
-    ({"method": "zero_tprune", "keep": 0.5}, "'zero_tprune' is not served in vLLM yet \\(its attention graph"),
     ({"method": "tome", "keep": 0.5, "speed": 2}, "unknown option.s. \\['speed'\\] for method 'tome'"),
     ({"method": "tome", "keep": 1.5}, "keep"),
     ({"method": "tome", "flops": 0.5}, "the image features are reduced once per image: give tokens= .*not flops=0.5"),

@@ -44,9 +44,11 @@ def _configs(tok, layers: int):
                 vision_feature_layer=-2, vision_feature_select_strategy="default")
 
 
-def _save(model, processor, path: str, seed: int) -> str:
+def _save(build, processor, path: str, seed: int) -> str:
+    """`build()` made under `seed` (every weight, the default init's too: the same checkpoint in
+    every run), its 2-D weights redrawn larger, saved with the processor."""
     torch.manual_seed(seed)
-    model = model.eval()
+    model = build().eval()
     with torch.no_grad():  # larger weights than the default init: greedy answers depend on the image
         for p in model.parameters():
             if p.dim() == 2:
@@ -64,7 +66,7 @@ def save_llava(path: str, layers: int = 4, seed: int = 0) -> str:
     processor = LlavaProcessor(image_processor=image, tokenizer=tok, patch_size=8,
                                vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
                                num_additional_image_tokens=1)
-    return _save(LlavaForConditionalGeneration(LlavaConfig(**_configs(tok, layers))), processor, path, seed)
+    return _save(lambda: LlavaForConditionalGeneration(LlavaConfig(**_configs(tok, layers))), processor, path, seed)
 
 
 def save_onevision(path: str, layers: int = 4, seed: int = 0) -> str:
@@ -89,7 +91,7 @@ def save_onevision(path: str, layers: int = 4, seed: int = 0) -> str:
         image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=PINPOINTS),
         video_processor=LlavaOnevisionVideoProcessor(size=size), tokenizer=tok, num_image_tokens=64,
         vision_feature_select_strategy="full", image_token=IMAGE_TOKEN, video_token=VIDEO_TOKEN)
-    return _save(LlavaOnevisionForConditionalGeneration(config), processor, path, seed)
+    return _save(lambda: LlavaOnevisionForConditionalGeneration(config), processor, path, seed)
 
 
 def save_llava_next(path: str, layers: int = 4, seed: int = 0) -> str:
@@ -102,7 +104,7 @@ def save_llava_next(path: str, layers: int = 4, seed: int = 0) -> str:
                                    vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
                                    num_additional_image_tokens=1)
     config = LlavaNextConfig(**_configs(tok, layers), image_grid_pinpoints=PINPOINTS)
-    return _save(LlavaNextForConditionalGeneration(config), processor, path, seed)
+    return _save(lambda: LlavaNextForConditionalGeneration(config), processor, path, seed)
 
 
 def hub_layout(file: str) -> None:

@@ -100,6 +100,10 @@ def pad_token_id(model: nn.Module) -> int:
     return 0
 
 
+# a forward's arguments that carry images or videos (raw or encoded)
+MEDIA = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs", "image_embeds", "video_embeds")
+
+
 def llm_inputs(model: nn.Module, get: Callable[[str], Any], call: LlmCall) -> LlmInputs:
     """What ATP and FastV need to know of this forward's tokens: which are visual (image and video
     placeholders), each visual token's SAP grid score (its place in its image's grid; along the
@@ -110,6 +114,10 @@ def llm_inputs(model: nn.Module, get: Callable[[str], Any], call: LlmCall) -> Ll
     video_id = getattr(model.config, "video_token_id", None)
     if video_id is not None and ids is not None:
         visual = visual | (ids == video_id)
+    if not any(get(name) is not None and (not isinstance(get(name), dict) or get(name)) for name in MEDIA):
+        # placeholders without their images or videos in this forward are plain tokens: a decoding
+        # step that generated the placeholder id (HF passes the media to the prefill only)
+        visual = torch.zeros_like(visual)
     spatial = torch.zeros(visual.shape, device=visual.device)
     images = torch.zeros(visual.shape[0], dtype=torch.long, device=visual.device)
     if bool(visual.any()) and not packed(model):

@@ -7,7 +7,7 @@ from vllm.model_executor.models.llava import (LlavaDummyInputsBuilder, LlavaForC
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from . import settings as S
-from .reduce import reduce_item, reduced_count
+from .reduce import ReducingModel, reduced_count
 
 
 class TomePlusLlavaInfo(LlavaProcessingInfo):
@@ -22,15 +22,5 @@ class TomePlusLlavaInfo(LlavaProcessingInfo):
 
 @MULTIMODAL_REGISTRY.register_processor(LlavaMultiModalProcessor, info=TomePlusLlavaInfo,
                                         dummy_inputs=LlavaDummyInputsBuilder)
-class TomePlusLlava(LlavaForConditionalGeneration):
+class TomePlusLlava(ReducingModel, LlavaForConditionalGeneration):
     """vLLM's LLaVA; with a `tome_plus` entry, each image's projected features are reduced."""
-
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.tome_plus = S.read(vllm_config.model_config.hf_config)
-
-    def _process_image_input(self, image_input):
-        features = super()._process_image_input(image_input)
-        if self.tome_plus is None:
-            return features
-        return [reduce_item(f, self.tome_plus) for f in features]

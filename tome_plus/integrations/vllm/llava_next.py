@@ -9,7 +9,7 @@ from vllm.model_executor.models.llava_next import (LlavaNextForConditionalGenera
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from . import settings as S
-from .reduce import reduce_item, reduced_count
+from .reduce import ReducingModel, reduced_count
 
 
 def newlines(info, image_width: int, image_height: int) -> int:
@@ -24,7 +24,10 @@ def newlines(info, image_width: int, image_height: int) -> int:
                                            num_patch_width=columns)[1]
 
 
-class TomePlusLlavaNextInfo(LlavaNextProcessingInfo):
+class ReducedAnyresCounts:
+    """Mixin for an anyres family's processing info (NeXT, OneVision): with a `tome_plus` entry,
+    an image's placeholders are its reduced tokens plus its newlines."""
+
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
         settings = S.read(self.get_hf_config())
@@ -33,15 +36,11 @@ class TomePlusLlavaNextInfo(LlavaNextProcessingInfo):
         return reduced_count(settings, n, newlines(self, image_width, image_height))
 
 
+class TomePlusLlavaNextInfo(ReducedAnyresCounts, LlavaNextProcessingInfo):
+    pass
+
+
 @MULTIMODAL_REGISTRY.register_processor(LlavaNextMultiModalProcessor, info=TomePlusLlavaNextInfo,
                                         dummy_inputs=LlavaDummyInputsBuilder)
-class TomePlusLlavaNext(LlavaNextForConditionalGeneration):
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.tome_plus = S.read(vllm_config.model_config.hf_config)
-
-    def _process_image_input(self, image_input):
-        features = super()._process_image_input(image_input)
-        if self.tome_plus is None:
-            return features
-        return [reduce_item(f, self.tome_plus, self.image_newline) for f in features]
+class TomePlusLlavaNext(ReducingModel, LlavaNextForConditionalGeneration):
+    NEWLINES = True

@@ -7,9 +7,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn as nn
 
 from ...llm.features import reduce_sets
-from .settings import Settings, check_count
+from ...precision import fp32_logits
+from .settings import Settings, check_count, first_layer, read
 
 
 def reduced_count(settings: Settings, total: int, newlines: int = 0) -> int:
@@ -17,8 +19,27 @@ def reduced_count(settings: Settings, total: int, newlines: int = 0) -> int:
     return newlines + check_count(settings, total - newlines)
 
 
-def reduce_item(x: torch.Tensor, settings: Settings, newline: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`[T, D]` embeddings -> `[reduced_count, D]`; `newline`: the family's newline embedding."""
+def first_layer_attention(layer: nn.Module, x: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
+    """`[G, H, n, n]` float32 attention among each set's tokens (`x`: `[G, n, D]` embeddings at
+    `places` within their image) in vLLM's first decoder layer (its norm, q/k projection and
+    rotary embedding), every token seeing every other: Zero-TPrune's graph, as the HF features
+    site forms it (`llm.features.image_attention`; rotary angles depend only on the distance
+    between places, so the image's offset in the prompt does not matter)."""
+    attn = layer.self_attn
+    sets, n, dim = x.shape
+    qkv, _ = attn.qkv_proj(layer.input_layernorm(x.reshape(-1, dim)))
+    q, k, _ = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    q, k = attn.rotary_emb(places.reshape(-1), q, k)
+    q = q.reshape(sets, n, -1, attn.head_dim).transpose(1, 2)
+    k = k.reshape(sets, n, -1, attn.head_dim).transpose(1, 2)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return fp32_logits(q, k, attn.scaling).softmax(dim=-1)
+
+
+def reduce_item(x: torch.Tensor, settings: Settings, newline: Optional[torch.Tensor] = None,
+                layer: Optional[nn.Module] = None) -> torch.Tensor:
+    """`[T, D]` embeddings -> `[reduced_count, D]`; `newline`: the family's newline embedding;
+    `layer`: the language model's first decoder layer, where the method reads attention."""
     reducible = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     if newline is not None:
         reducible = ~(x == newline.to(x.dtype)).all(dim=-1)
@@ -26,10 +47,38 @@ def reduce_item(x: torch.Tensor, settings: Settings, newline: Optional[torch.Ten
     n_keep = check_count(settings, len(rows))
     if n_keep >= len(rows):
         return x
-    kept, index = reduce_sets(x[rows].unsqueeze(0), settings.reducer, n_keep)
+    attention = None
+    if layer is not None:
+        attention = lambda current, index: first_layer_attention(layer, current, rows[index])
+    kept, index = reduce_sets(x[rows].unsqueeze(0), settings.reducer, n_keep, attention)
     kept_rows = rows[index[0]]
     out = x.clone()
     out[kept_rows] = kept[0].to(x.dtype)
     keep = ~reducible
     keep[kept_rows] = True
     return out[keep]
+
+
+class ReducingModel:
+    """Mixin for a vLLM model class: reads the `tome_plus` entry at construction (refusing a bad
+    one then, at start-up) and reduces each image's embeddings (`_process_image_input`); a
+    family with newline tokens sets `NEWLINES`. Without the entry the model is vLLM's."""
+
+    NEWLINES = False
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.tome_plus = read(vllm_config.model_config.hf_config)
+        # not a submodule (its weights are the language model's): kept out of the module tree
+        self.__dict__["tome_plus_layer"] = first_layer(self.tome_plus, self.language_model)
+
+    def reduce_items(self, items):
+        """Each item's `[..., D]` embeddings reduced (flattened to `[T, D]`); unchanged without the entry."""
+        if self.tome_plus is None:
+            return items
+        newline = self.image_newline if self.NEWLINES else None
+        return [reduce_item(item.reshape(-1, item.shape[-1]), self.tome_plus, newline, layer=self.tome_plus_layer)
+                for item in items]
+
+    def _process_image_input(self, image_input):
+        return self.reduce_items(super()._process_image_input(image_input))

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 KEY = "tome_plus"
-SERVED = ("tome", "pitome")  # the features site's methods that run in vLLM so far
+SERVED = ("tome", "pitome", "zero_tprune")  # the features site's methods
 INSIDE_LLM = {"atp": "prunes inside the language model", "fastv": "prunes inside the language model"}
-NOT_YET = {"zero_tprune": "its attention graph is the language model's first layer's attention among an image's "
-                          "tokens, which the plugin does not form yet"}
+NOT_YET: dict = {}
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,24 @@ def read(hf_config) -> Optional[Settings]:
                          f"image), keep= (a fraction) or r= (removed per image) as one number, not {kind}={value!r}")
     if config.trace_source:
         raise ValueError("tome_plus: trace_source is not recorded in vLLM")
-    return Settings(method=method, reducer=get_method(method)(config), config=config)
+    reducer = get_method(method)(config)
+    reducer.for_family("hf")  # the paper defaults the HF backend settles (as `tome_plus.patch` does)
+    reducer.check(getattr(hf_config, "text_config", hf_config).num_hidden_layers)
+    return Settings(method=method, reducer=reducer, config=config)
+
+
+def first_layer(settings: Optional[Settings], language_model) -> Optional[Any]:
+    """The language model's first decoder layer where the method reads attention there
+    (Zero-TPrune), else None. Refused under tensor parallelism: each rank holds some of the
+    heads, so ranks would rank tokens differently."""
+    if settings is None or "attn" not in settings.reducer.needs:
+        return None
+    from vllm.distributed import get_tensor_model_parallel_world_size
+    if get_tensor_model_parallel_world_size() > 1:
+        raise ValueError(f"tome_plus: {settings.method!r} ranks an image's tokens by the first decoder layer's "
+                         f"attention over all heads, which tensor parallelism splits across ranks; serve tome or "
+                         f"pitome, or tensor_parallel_size=1")
+    return language_model.model.layers[0]
 
 
 def check_count(settings: Settings, n: int) -> int:
