@@ -140,12 +140,13 @@ def patched_class(mixin: type, cls: type) -> type:
     key = (mixin, cls)
     if key not in _SUBCLASSES:
         attrs = {"__reduce_ex__": _reduce_patched, "_tome_plus_parents": key, "__module__": mixin.__module__}
-        if _is_hf_model(cls):
+        hf_model = _is_hf_model(cls)
+        if hf_model:
             attrs.update(is_custom_code=classmethod(_original_is_custom_code), save_pretrained=_save_as_original,
                          from_pretrained=classmethod(_original_constructor("from_pretrained")),
                          _from_config=classmethod(_original_constructor("_from_config")))
         _SUBCLASSES[key] = type(f"TomePlus{cls.__name__}", (mixin, cls), attrs)
-        if _is_hf_model(cls):
+        if hf_model:
             _share_conversions(cls, _SUBCLASSES[key].__name__)
     return _SUBCLASSES[key]
 

@@ -104,6 +104,11 @@ def pad_token_id(model: nn.Module) -> int:
 MEDIA = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs", "image_embeds", "video_embeds")
 
 
+def carries(argument) -> bool:
+    """Whether a `MEDIA` argument holds something (encoded outputs come as a dict, maybe empty)."""
+    return argument is not None and (not isinstance(argument, dict) or bool(argument))
+
+
 def llm_inputs(model: nn.Module, get: Callable[[str], Any], call: LlmCall) -> LlmInputs:
     """What ATP and FastV need to know of this forward's tokens: which are visual (image and video
     placeholders), each visual token's SAP grid score (its place in its image's grid; along the
@@ -114,7 +119,7 @@ def llm_inputs(model: nn.Module, get: Callable[[str], Any], call: LlmCall) -> Ll
     video_id = getattr(model.config, "video_token_id", None)
     if video_id is not None and ids is not None:
         visual = visual | (ids == video_id)
-    if not any(get(name) is not None and (not isinstance(get(name), dict) or get(name)) for name in MEDIA):
+    if not any(carries(get(name)) for name in MEDIA):
         # placeholders without their images or videos in this forward are plain tokens: a decoding
         # step that generated the placeholder id (HF passes the media to the prefill only)
         visual = torch.zeros_like(visual)

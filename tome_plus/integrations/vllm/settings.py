@@ -6,10 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ...llm.features import feature_count
+from ...methods.base import REGISTRY, get_method
+
 KEY = "tome_plus"
 SERVED = ("tome", "pitome", "zero_tprune")  # the features site's methods
 INSIDE_LLM = {"atp": "prunes inside the language model", "fastv": "prunes inside the language model"}
-NOT_YET: dict = {}
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,6 @@ class Settings:
 
     def count(self, n: int) -> int:
         """Tokens an image whose features are `n` tokens keeps (`llm.features.feature_count`)."""
-        from ...llm.features import feature_count
         return feature_count(self.config, self.reducer, n)
 
 
@@ -42,9 +43,6 @@ def read(hf_config) -> Optional[Settings]:
         raise ValueError(f"tome_plus: {method!r} {INSIDE_LLM[method]}, which needs attention probabilities and "
                          f"per-layer sequence lengths that vLLM's paged attention does not have; serve a vision "
                          f"method ({', '.join(SERVED)}) on the image features instead")
-    if method in NOT_YET:
-        raise ValueError(f"tome_plus: {method!r} is not served in vLLM yet ({NOT_YET[method]}); use one of "
-                         f"{', '.join(SERVED)}")
     if method not in SERVED:
         raise ValueError(f"tome_plus: method {method!r} is not served in vLLM; use one of {', '.join(SERVED)}")
     site = options.pop("site", "features")
@@ -55,7 +53,6 @@ def read(hf_config) -> Optional[Settings]:
     if positions != "packed":
         raise ValueError(f"tome_plus: positions={positions!r}; vLLM numbers an image's placeholders "
                          f"consecutively (positions='packed')")
-    from ...methods.base import REGISTRY, get_method
     try:
         config_cls = REGISTRY.check_options(method, options)
         config = config_cls(**options)
