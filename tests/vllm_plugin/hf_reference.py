@@ -1,8 +1,10 @@
 """The HF path's answers for the vLLM tests, run by the project's own environment (transformers
 and tome_plus's HF backend): `python hf_reference.py MODEL_DIR OPTIONS_JSON NEW_TOKENS [image|video]`
-prints a JSON list, per prompt of `tiny.PROMPTS` (or `tiny.VIDEO_PROMPTS`; each alone), of the greedy new token ids, each one's
-log-probability and the prompt's length as the language model ran it (visual tokens reduced). OPTIONS_JSON: "null" (unpatched) or {"method": ..., budget...}, patched at
-site="features" with positions="packed" (what vLLM does)."""
+prints a JSON list, per prompt of `tiny.prompts(family, kind)` (each alone), of the greedy new
+token ids, each one's log-probability and the prompt's length as the language model ran it (visual
+tokens reduced). OPTIONS_JSON: "null" (unpatched) or {"method": ..., budget...}, patched at
+site="features" with the positions vLLM gives kept tokens: "packed" (consecutive) on the 1-D rotary
+families, "kept" (each token's own (t, h, w)) on Qwen's M-RoPE."""
 import json
 import os
 import sys
@@ -21,14 +23,17 @@ def main(path: str, options: str, new_tokens: str, kind: str = "image") -> None:
     settings = json.loads(options)
     if settings is not None:
         method = settings.pop("method")
-        tome_plus.patch(model, method, site="features", positions="packed", **settings)
+        positions = "kept" if model.config.model_type.startswith("qwen") else "packed"
+        tome_plus.patch(model, method, site="features", positions=positions, **settings)
     out = []
-    prompts = tiny.PROMPTS if kind == "image" else tiny.VIDEO_PROMPTS
-    for text, media in prompts:
+    for text, media in tiny.prompts(model.config.model_type, kind):
         if kind == "image":
             inputs = processor(images=[tiny.image(*s) for s in media], text=text, return_tensors="pt")
         else:
-            inputs = processor(videos=[tiny.video(*media)], text=text, return_tensors="pt")
+            metadata = {}
+            if model.config.model_type.startswith("qwen"):  # the clip's frame rate, as vLLM is given it
+                metadata = dict(video_metadata=[tiny.video_metadata(media[0])], do_sample_frames=False)
+            inputs = processor(videos=[tiny.video(*media)], text=text, return_tensors="pt", **metadata)
         with torch.no_grad():
             gen = model.generate(**inputs, max_new_tokens=int(new_tokens), do_sample=False, output_scores=True,
                                  return_dict_in_generate=True)

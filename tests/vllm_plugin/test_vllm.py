@@ -1,7 +1,8 @@
 """tome_plus's vLLM plugin (`tome_plus.integrations.vllm`) on tiny random-weight checkpoints, run
 in the vLLM environment (`bash examples/vllm_serving/test.sh`; skipped elsewhere). The reference is
-tome_plus's HF path on the same weights (site="features", positions="packed": kept tokens
-numbered consecutively, as vLLM places them), run by the project's environment
+tome_plus's HF path on the same weights (site="features"; positions="packed", kept tokens
+numbered consecutively, as vLLM places them on the 1-D rotary families; positions="kept", each
+kept token's own (t, h, w), on Qwen's M-RoPE), run by the project's environment
 (`TOME_PLUS_HF_PYTHON`, `hf_reference.py`); keeping everything, vLLM's own model."""
 import gc
 import json
@@ -18,7 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tiny  # noqa: E402
 
 NEW_TOKENS = 6
-FAMILIES = {"llava": tiny.save_llava, "llava_next": tiny.save_llava_next, "llava_onevision": tiny.save_onevision}
+FAMILIES = {"llava": tiny.save_llava, "llava_next": tiny.save_llava_next, "llava_onevision": tiny.save_onevision,
+            "qwen2_vl": tiny.save_qwen2_vl, "qwen2_5_vl": tiny.save_qwen2_5_vl}
+VIDEO_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl")
 REDUCED = [{"method": "tome", "keep": 0.25}, {"method": "pitome", "keep": 0.5}, {"method": "tome", "tokens": 10}]
 
 
@@ -27,26 +30,27 @@ def checkpoints(tmp_path_factory):
     return {name: save(str(tmp_path_factory.mktemp(name))) for name, save in FAMILIES.items()}
 
 
-def engine(path, settings=None, videos=False):
+def engine(path, settings=None, videos=False, **extra):
     # a small KV cache: on a CPU vLLM otherwise reserves most of the machine's memory for it
     limits = {"image": 2, "video": 1} if videos else {"image": 2}
     return vllm.LLM(model=path, enforce_eager=True, dtype="float32", max_model_len=1024, seed=0, max_num_seqs=4,
                     limit_mm_per_prompt=limits, kv_cache_memory_bytes=256 << 20,
-                    hf_overrides=None if settings is None else {"tome_plus": settings})
+                    hf_overrides=None if settings is None else {"tome_plus": settings}, **extra)
 
 
-def answers(path, settings=None, kind="image"):
+def answers(family, path, settings=None, kind="image", prompts=None):
     """Greedy new tokens, their log-probabilities and the prompt length per prompt of
-    `tiny.PROMPTS` (images) or `tiny.VIDEO_PROMPTS`."""
+    `tiny.prompts(family, kind)` (or `prompts`)."""
     from vllm.distributed import cleanup_dist_env_and_memory
     llm = engine(path, settings, videos=kind == "video")
     try:
+        prompts = prompts or tiny.prompts(family, kind)
         if kind == "image":
             requests = [{"prompt": text, "multi_modal_data": {"image": [tiny.image(*s) for s in sizes]}}
-                        for text, sizes in tiny.PROMPTS]
+                        for text, sizes in prompts]
         else:
-            requests = [{"prompt": text, "multi_modal_data": {"video": tiny.video(*clip)}}
-                        for text, clip in tiny.VIDEO_PROMPTS]
+            requests = [{"prompt": text, "multi_modal_data": {"video": tiny.vllm_video(family, clip)}}
+                        for text, clip in prompts]
         outs = llm.generate(requests, vllm.SamplingParams(max_tokens=NEW_TOKENS, temperature=0, logprobs=0))
         return [{"ids": list(o.outputs[0].token_ids), "prompt": len(o.prompt_token_ids),
                  "logprobs": [lp[i].logprob
@@ -75,55 +79,71 @@ def image_tokens(settings):
     return S.check_count(S.read(SimpleNamespace(tome_plus=dict(settings), num_hidden_layers=4)), 64)
 
 
+def close(got, want):
+    """vLLM's answers and the HF features site's: the same prompt lengths (vLLM's placeholders:
+    the count the HF model kept), the same greedy tokens, log-probabilities within 1e-3."""
+    assert [a["prompt"] for a in got] == [b["prompt"] for b in want], (got, want)
+    for a, b in zip(got, want):
+        assert a["ids"] == b["ids"], (got, want)
+        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-3
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_without_the_key_vllm_runs_as_its_own_and_keeping_everything_too(family, checkpoints):
     path = checkpoints[family]
-    own = answers(path)
+    own = answers(family, path)
     hf = hf_answers(path)
     assert [a["ids"] for a in own] == [a["ids"] for a in hf]  # the HF model, unpatched
     assert [a["prompt"] for a in own] == [a["prompt"] for a in hf]
-    assert answers(path, {"method": "tome", "keep": 1.0}) == own
+    assert answers(family, path, {"method": "tome", "keep": 1.0}) == own
 
 
 @pytest.mark.parametrize("settings", REDUCED, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_reduced_answers_equal_the_hf_features_site(family, settings, checkpoints):
     path = checkpoints[family]
-    got, want = answers(path, settings), hf_answers(path, settings)
-    for a, b, (_, sizes) in zip(got, want, tiny.PROMPTS):
-        assert a["prompt"] == b["prompt"], (got, want)  # vLLM's placeholders: the count the HF model kept
+    got, want = answers(family, path, settings), hf_answers(path, settings)
+    close(got, want)
+    for a, b, (_, sizes) in zip(got, want, tiny.prompts(family)):
+        assert a["prompt"] < b["full"]
         if family == "llava":  # 64 features per image, each reduced to the settings' count
-            assert a["prompt"] == b["full"] - len(sizes) * (64 - image_tokens(settings)) < b["full"]
-        assert a["ids"] == b["ids"]
-        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-3
+            assert a["prompt"] == b["full"] - len(sizes) * (64 - image_tokens(settings))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_zero_tprune_ranks_by_the_first_layers_attention_as_the_hf_site(family, checkpoints):
     """Zero-TPrune's graph is the language model's first layer's attention among an image's
-    tokens (vLLM's own norm, projections and rotary embedding): the same kept tokens and answers."""
+    tokens (vLLM's own norm, projections and rotary embedding, M-RoPE's at the tokens' (t, h, w)):
+    the same kept tokens and answers."""
     path = checkpoints[family]
     settings = {"method": "zero_tprune", "tokens": 12}
-    got, want = answers(path, settings), hf_answers(path, settings)
-    for a, b in zip(got, want):
-        assert a["prompt"] == b["prompt"] < b["full"], (got, want)
-        assert a["ids"] == b["ids"]
-        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-3
+    got, want = answers(family, path, settings), hf_answers(path, settings)
+    close(got, want)
+    assert all(a["prompt"] < b["full"] for a, b in zip(got, want))
 
 
-def test_onevision_videos_as_vllm_and_the_hf_features_site(checkpoints):
-    """A clip's frames (pooled 2 x 2, one newline after them) reduced as one: unpatched and
-    keep=1.0 are vLLM's own (and the HF model's); reduced, the HF features site's answers."""
-    path = checkpoints["llava_onevision"]
-    own = answers(path, kind="video")
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_videos_as_vllm_and_the_hf_features_site(family, checkpoints):
+    """A clip's tokens reduced as one (OneVision: frames pooled 2 x 2, one newline after them;
+    Qwen: the kept tokens at their (t, h, w)): unpatched and keep=1.0 are vLLM's own (and the HF
+    model's); reduced, the HF features site's answers."""
+    path = checkpoints[family]
+    own = answers(family, path, kind="video")
     assert [a["ids"] for a in own] == [a["ids"] for a in hf_answers(path, kind="video")]
-    assert answers(path, {"method": "tome", "keep": 1.0}, kind="video") == own
+    assert answers(family, path, {"method": "tome", "keep": 1.0}, kind="video") == own
     for settings in ({"method": "tome", "keep": 0.25}, {"method": "pitome", "tokens": 10}):
-        got, want = answers(path, settings, kind="video"), hf_answers(path, settings, kind="video")
-        for a, b in zip(got, want):
-            assert a["prompt"] == b["prompt"] < b["full"]
-            assert a["ids"] == b["ids"]
-            assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-3
+        got, want = answers(family, path, settings, kind="video"), hf_answers(path, settings, kind="video")
+        close(got, want)
+        assert all(a["prompt"] < b["full"] for a, b in zip(got, want))
+
+
+def test_qwen2_5_text_after_a_long_clip_resumes_where_vllm_puts_it(checkpoints):
+    """A clip whose temporal positions (scaled by seconds per frame) pass its rows and columns:
+    keeping everything through the plugin's positions (the processor's placeholders, the kept
+    tokens' channels, `recompute_mrope_positions`) answers as vLLM's own numbering."""
+    path = checkpoints["qwen2_5_vl"]
+    own = answers("qwen2_5_vl", path, kind="video", prompts=[tiny.LONG_CLIP])
+    assert answers("qwen2_5_vl", path, {"method": "tome", "keep": 1.0}, kind="video", prompts=[tiny.LONG_CLIP]) == own
 
 
 @pytest.mark.parametrize("settings,message", [
@@ -143,3 +163,15 @@ def test_bad_settings_are_refused_at_start_up(settings, message, checkpoints):
     with pytest.raises(ValueError, match=f"tome_plus: {message}") as err:
         engine(checkpoints["llava"], settings)
     assert len(str(err.value).splitlines()) == 1  # one line that names it
+
+
+@pytest.mark.parametrize("settings,extra,message", [
+    ({"method": "tome", "keep": 0.5, "positions": "packed"}, {},
+     "positions='packed'; qwen2_5_vl's M-RoPE places each kept token at its own"),
+    ({"method": "tome", "keep": 0.5}, {"video_pruning_rate": 0.5},
+     "vLLM's video pruning .video_pruning_rate=0.5. and tome_plus would both reduce"),
+])
+def test_qwen_refuses_packed_positions_and_vllms_own_video_pruning(settings, extra, message, checkpoints):
+    with pytest.raises(ValueError, match=f"tome_plus: {message}") as err:
+        engine(checkpoints["qwen2_5_vl"], settings, **extra)
+    assert len(str(err.value).splitlines()) == 1

@@ -5,6 +5,8 @@ them (the vLLM environment has its own). Test helpers, no tests.
     save_llava(path)        LLaVA-1.5: CLIP 64 px tower (8 x 8 patches, 64 image tokens) + Llama
     save_llava_next(path)   LLaVA-NeXT: the same tower on anyres tiles of 64 px (grids up to 2 x 2) + Llama
     save_onevision(path)    LLaVA-OneVision: a SigLIP 64 px tower, anyres_max_9, videos pooled 2 x 2 + Qwen2
+    save_qwen2_vl(path)     Qwen2-VL: patch 8, merge 2 (one token per 16 x 16 px, 4 .. 64 per image) + Qwen2 M-RoPE
+    save_qwen2_5_vl(path)   Qwen2.5-VL: the same sizes, window attention, tokens_per_second 4
 """
 from __future__ import annotations
 
@@ -14,19 +16,20 @@ import torch
 
 WORDS = [f"w{i}" for i in range(150)]
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>"]
+QWEN_SPECIAL = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
 
 
-def tokenizer():
-    """A word-level tokenizer: the special tokens, then w0 .. w149, split on whitespace."""
+def tokenizer(image_token: str = IMAGE_TOKEN, video_token: str = VIDEO_TOKEN):
+    """A word-level tokenizer: the special tokens (Qwen's too), then w0 .. w149, split on whitespace."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS)}
+    vocab = {token: i for i, token in enumerate(SPECIAL + QWEN_SPECIAL + WORDS)}
     inner = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>",
-                                   extra_special_tokens={"image_token": IMAGE_TOKEN, "video_token": VIDEO_TOKEN})
+                                   extra_special_tokens={"image_token": image_token, "video_token": video_token})
 
 
 PINPOINTS = [[64, 64], [64, 128], [128, 64], [128, 128]]
@@ -107,6 +110,42 @@ def save_llava_next(path: str, layers: int = 4, seed: int = 0) -> str:
     return _save(lambda: LlavaNextForConditionalGeneration(config), processor, path, seed)
 
 
+def _save_qwen(model_cls, config_cls, processor_cls, vision: dict, path: str, layers: int, seed: int) -> str:
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+    tok = tokenizer("<|image_pad|>", "<|video_pad|>")
+    ids = {name: tok.convert_tokens_to_ids(token) for name, token in
+           [("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    # head_dim 32 (vLLM's CPU attention takes no smaller): 16 rotary frequencies split [t, h, w] = [4, 6, 6]
+    text = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, max_position_embeddings=1024,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
+    config = config_cls(vision_config=vision, text_config=text, **ids)
+    size = {"shortest_edge": 4 * 16 * 16, "longest_edge": 64 * 16 * 16}  # 4 .. 64 tokens per image
+    common = dict(patch_size=8, merge_size=2, temporal_patch_size=2, size=size)
+    processor = processor_cls(image_processor=Qwen2VLImageProcessor(**common), tokenizer=tok,
+                              video_processor=Qwen2VLVideoProcessor(**common))
+    return _save(lambda: model_cls(config), processor, path, seed)
+
+
+def save_qwen2_vl(path: str, layers: int = 4, seed: int = 0) -> str:
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    vision = dict(depth=2, embed_dim=64, hidden_size=128, num_heads=4, mlp_ratio=2, patch_size=8,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    return _save_qwen(Qwen2VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLProcessor, vision, path, layers, seed)
+
+
+def save_qwen2_5_vl(path: str, layers: int = 4, seed: int = 0) -> str:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    # window 32 px = 2 x 2 merged tokens, full attention in the second block
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, out_hidden_size=128, num_heads=4, patch_size=8,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=32, fullatt_block_indexes=[1],
+                  tokens_per_second=4)
+    return _save_qwen(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig, Qwen2_5_VLProcessor, vision, path,
+                      layers, seed)
+
+
 def hub_layout(file: str) -> None:
     """The CLIP tower under `vision_tower.vision_model.*`, as the hub's LLaVA checkpoints hold it
     and vLLM loads it (this transformers writes `vision_tower.*`)."""
@@ -140,3 +179,43 @@ def video(frames: int, width: int, height: int, seed: int):
 
 # video prompts (OneVision): (text with one <video>, (frames, width, height, seed))
 VIDEO_PROMPTS = [("<s> w1 <video> w2 w3", (4, 64, 64, 5)), ("<s> w4 w5 <video> w6", (4, 80, 48, 6))]
+
+FPS = 2.0  # the clips' frame rate: Qwen2.5-VL's temporal positions step by 2 / FPS s x 4 tokens per s = 4
+
+
+def video_metadata(frames: int) -> dict:
+    """What a decoder reports for a clip of `frames` frames at `FPS`, every frame kept (no sampling)."""
+    return {"fps": FPS, "duration": frames / FPS, "total_num_frames": frames, "frames_indices": list(range(frames))}
+
+
+QWEN_IMAGE = "<|vision_start|> <|image_pad|> <|vision_end|>"
+QWEN_VIDEO = "<|vision_start|> <|video_pad|> <|vision_end|>"
+
+
+def prompts(family: str, kind: str = "image"):
+    """The test prompts for `family`: Qwen's wrap each item in vision_start / vision_end and take
+    larger images (one token per 16 px): a tall one (more rows than columns: the text after it
+    resumes past its rows, not its columns), clips whose extent is their rows or columns (where
+    transformers 5.25 and vLLM 0.32 number the text after a Qwen2.5-VL clip alike; see
+    `LONG_CLIP`)."""
+    if not family.startswith("qwen"):
+        return PROMPTS if kind == "image" else VIDEO_PROMPTS
+    if kind == "image":
+        return [("<s> w1 w2 " + QWEN_IMAGE + " w3 w4", [(96, 96, 0)]),
+                ("<s> w5 " + QWEN_IMAGE + " w6 w7 w8 w9", [(64, 128, 1)]),
+                ("<s> w10 " + QWEN_IMAGE + " w11 " + QWEN_IMAGE + " w12", [(128, 64, 2), (80, 112, 3)])]
+    return [("<s> w1 " + QWEN_VIDEO + " w2 w3", (4, 48, 96, 5)), ("<s> w4 w5 " + QWEN_VIDEO + " w6", (2, 80, 64, 6))]
+
+
+# a Qwen clip of 3 temporal steps (6 frames) of 4 x 4 tokens: on Qwen2.5-VL its temporal positions
+# reach 8, past its rows and columns, and vLLM resumes the text after it there (as Qwen's original
+# `get_rope_index`), transformers 5.25 after its rows and columns
+LONG_CLIP = ("<s> w7 " + QWEN_VIDEO + " w8 w9", (6, 64, 64, 7))
+
+
+def vllm_video(family: str, clip):
+    """A clip as vLLM takes it: Qwen's with the decoder's metadata (FPS, no frame sampling)."""
+    frames = video(*clip)
+    if not family.startswith("qwen"):
+        return frames
+    return frames, dict(video_metadata(clip[0]), do_sample_frames=False)

@@ -19,6 +19,7 @@ have: they are refused at start-up (`settings.read`).
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict
 
 # vLLM architecture name -> the subclass that replaces it ("module:Class" under this package)
@@ -26,6 +27,8 @@ FAMILIES: Dict[str, str] = {
     "LlavaForConditionalGeneration": "llava:TomePlusLlava",
     "LlavaNextForConditionalGeneration": "llava_next:TomePlusLlavaNext",
     "LlavaOnevisionForConditionalGeneration": "llava_onevision:TomePlusLlavaOnevision",
+    "Qwen2VLForConditionalGeneration": "qwen2_vl:TomePlusQwen2VL",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl:TomePlusQwen2_5_VL",
 }
 
 
@@ -34,3 +37,27 @@ def register() -> None:
     from vllm import ModelRegistry
     for architecture, target in FAMILIES.items():
         ModelRegistry.register_model(architecture, f"{__name__}.{target}")
+    _cpu_runner_reads_pruning_switch()
+
+
+def _cpu_runner_reads_pruning_switch() -> None:
+    """vLLM's GPU runner reads the multimodal pruning switch after loading a model (and then calls
+    `recompute_mrope_positions`); vLLM 0.32's CPU runner loads the model without reading it. On a
+    CPU, a served M-RoPE model (Qwen2-VL, Qwen2.5-VL) sets it there; any other model is untouched."""
+    from vllm.platforms import current_platform
+    if not current_platform.is_cpu():
+        return
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    load = CPUModelRunner.load_model
+    if getattr(load, "tome_plus", False):
+        return
+
+    @functools.wraps(load)
+    def load_model(self, *args, **kwargs):
+        load(self, *args, **kwargs)
+        model = self.get_model()
+        if getattr(model, "tome_plus", None) is not None and getattr(model, "supports_multimodal_pruning", False):
+            self.is_multimodal_pruning_enabled = True
+
+    load_model.tome_plus = True
+    CPUModelRunner.load_model = load_model

@@ -11,6 +11,7 @@ from ...methods.base import REGISTRY, get_method
 
 KEY = "tome_plus"
 SERVED = ("tome", "pitome", "zero_tprune")  # the features site's methods
+MROPE = ("qwen2_vl", "qwen2_5_vl")  # model types whose kept tokens keep their (t, h, w) positions
 INSIDE_LLM = {"atp": "prunes inside the language model", "fastv": "prunes inside the language model"}
 
 
@@ -49,10 +50,14 @@ def read(hf_config) -> Optional[Settings]:
     if site != "features":
         raise ValueError(f"tome_plus: site={site!r}; in vLLM the methods reduce the image features "
                          f"(site='features')")
-    positions = options.pop("positions", "packed")
-    if positions != "packed":
-        raise ValueError(f"tome_plus: positions={positions!r}; vLLM numbers an image's placeholders "
-                         f"consecutively (positions='packed')")
+    served = "kept" if getattr(hf_config, "model_type", None) in MROPE else "packed"
+    positions = options.pop("positions", served)
+    if positions != served:
+        if served == "packed":
+            raise ValueError(f"tome_plus: positions={positions!r}; vLLM numbers an image's placeholders "
+                             f"consecutively (positions='packed')")
+        raise ValueError(f"tome_plus: positions={positions!r}; {hf_config.model_type}'s M-RoPE places each kept "
+                         f"token at its own (t, h, w) position, as vLLM's video pruning does (positions='kept')")
     try:
         config_cls = REGISTRY.check_options(method, options)
         config = config_cls(**options)
