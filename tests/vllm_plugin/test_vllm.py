@@ -38,11 +38,11 @@ def engine(path, settings=None, videos=False, **extra):
                     hf_overrides=None if settings is None else {"tome_plus": settings}, **extra)
 
 
-def answers(family, path, settings=None, kind="image", prompts=None):
+def answers(family, path, settings=None, kind="image", prompts=None, rounds=1, **extra):
     """Greedy new tokens, their log-probabilities and the prompt length per prompt of
-    `tiny.prompts(family, kind)` (or `prompts`)."""
+    `tiny.prompts(family, kind)` (or `prompts`), `rounds` times over in one engine."""
     from vllm.distributed import cleanup_dist_env_and_memory
-    llm = engine(path, settings, videos=kind == "video")
+    llm = engine(path, settings, videos=kind == "video", **extra)
     try:
         prompts = prompts or tiny.prompts(family, kind)
         if kind == "image":
@@ -51,7 +51,8 @@ def answers(family, path, settings=None, kind="image", prompts=None):
         else:
             requests = [{"prompt": text, "multi_modal_data": {"video": tiny.vllm_video(family, clip)}}
                         for text, clip in prompts]
-        outs = llm.generate(requests, vllm.SamplingParams(max_tokens=NEW_TOKENS, temperature=0, logprobs=0))
+        outs = [out for _ in range(rounds)
+                for out in llm.generate(requests, vllm.SamplingParams(max_tokens=NEW_TOKENS, temperature=0, logprobs=0))]
         return [{"ids": list(o.outputs[0].token_ids), "prompt": len(o.prompt_token_ids),
                  "logprobs": [lp[i].logprob
                               for lp, i in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]} for o in outs]
@@ -144,6 +145,18 @@ def test_qwen2_5_text_after_a_long_clip_resumes_where_vllm_puts_it(checkpoints):
     path = checkpoints["qwen2_5_vl"]
     own = answers("qwen2_5_vl", path, kind="video", prompts=[tiny.LONG_CLIP])
     assert answers("qwen2_5_vl", path, {"method": "tome", "keep": 1.0}, kind="video", prompts=[tiny.LONG_CLIP]) == own
+
+
+def test_qwen_chunked_prefill_and_the_prefix_cache_give_the_same_answers(checkpoints):
+    """Prefill chunks of 8 tokens split the items (and fall between the two of one prompt), each
+    step's `recompute_mrope_positions` placing only its part; the second round reads the first's
+    cached blocks: the same answers as one chunk, keeping everything (vLLM's own) and reduced."""
+    path = checkpoints["qwen2_5_vl"]
+    chunked = dict(max_num_batched_tokens=8, enable_chunked_prefill=True, enable_prefix_caching=True)
+    own = answers("qwen2_5_vl", path)
+    assert answers("qwen2_5_vl", path, {"method": "tome", "keep": 1.0}, rounds=2, **chunked) == own * 2
+    settings = {"method": "tome", "keep": 0.5}
+    assert answers("qwen2_5_vl", path, settings, rounds=2, **chunked) == answers("qwen2_5_vl", path, settings) * 2
 
 
 @pytest.mark.parametrize("settings,message", [

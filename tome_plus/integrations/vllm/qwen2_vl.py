@@ -5,10 +5,15 @@ after an item continues where it would unreduced).
 The count per item is decided before scheduling (the processor's placeholders, from the item's
 grid); the positions depend on what is kept, so they are set after the encoder by the hook vLLM's
 video pruning (EVS) uses: each kept embedding carries its position in extra channels, and
-`recompute_mrope_positions` strips them and writes the positions (vLLM's own EVS routine, which
-handles chunked prefill). vLLM runs that hook only while the model config's multimodal pruning
-switch is on, which it ties to `video_pruning_rate`; a served model turns the switch on for its
-own engine (`ReducingMRopeModel.__init__`), images included.
+`recompute_mrope_positions` strips them and writes the positions into the slots each prefill
+chunk computes (vLLM's EVS routine is not reused: with two items in a prompt and a chunk boundary
+between them it writes the second item at the first one's end). vLLM runs that hook only while the
+model config's multimodal pruning switch is on, which it ties to `video_pruning_rate`; a served
+model turns the switch on for its own engine (`ReducingMRopeModel.__init__`), images included.
+
+Each item's placeholders must have text on both sides (Qwen's prompts wrap an item in
+<|vision_start|> ... <|vision_end|>): two adjacent items would read as one, and after a prompt
+that ends on an item decoding would resume after its largest kept position, not its extent.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from . import settings as S
 from .reduce import ServedModel, reduce_item, reduced_count
 
 DIGITS, BASE = 3, 64  # a position travels as 3 base-64 digits: exact in bf16 (integers to 256) up to 64**3
-CHANNELS = 4 * DIGITS  # t, h, w and the item's extent (where the text after it resumes)
+CHANNELS = 4 * DIGITS  # t, h, w and the item's extent (where the text after it resumes: for the reader)
 
 
 def grid_positions(t: int, h: int, w: int, t_factor: float, device=None) -> torch.Tensor:
@@ -133,20 +138,28 @@ class ReducingMRopeModel(ServedModel):
         return positions, int(positions.max()) + 1 - len(input_tokens)
 
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
-        """vLLM's pruning hook: the kept tokens' positions (their extra channels, stripped) written
-        into the prompt's positions, the text after each item moved to its extent."""
+        """vLLM's pruning hook, per request and step: the kept tokens' positions (their extra
+        channels, stripped) written into the prompt's slots this step computes. The embeddings
+        are the items' parts this step covers, in order: the first may start inside its item (a
+        chunked prefill), the others at their start. The text's positions need no change:
+        `get_mrope_input_positions` numbered it from each item's extent, which does not depend on
+        what is kept."""
         if self.tome_plus is None:  # Qwen2.5-VL's own video pruning
             return super().recompute_mrope_positions(input_ids, multimodal_embeddings, mrope_positions,
                                                      num_computed_tokens)
-        from vllm.multimodal.video_prune.evs import recompute_mrope_positions
-        from vllm.utils.gpu_sync_debug import gpu_sync_allowed
-        device = multimodal_embeddings[0].device if len(multimodal_embeddings) else mrope_positions.device
-        ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
-        places = [decode(m[:, -CHANNELS:]) for m in multimodal_embeddings]
-        with gpu_sync_allowed():  # vLLM's routine reads counts on the host, as under EVS
-            positions, delta = recompute_mrope_positions(
-                ids, places, mrope_positions, num_computed_tokens, self.config.vision_start_token_id,
-                self.config.image_token_id, self.config.video_token_id)
+        positions = mrope_positions.clone()
+        if len(multimodal_embeddings):
+            ids = torch.as_tensor(input_ids).cpu()
+            media = (ids == self.config.image_token_id) | (ids == self.config.video_token_id)
+            edges = torch.diff(media.long(), prepend=media.new_zeros(1).long(), append=media.new_zeros(1).long())
+            starts, ends = (edges == 1).nonzero()[:, 0].tolist(), (edges == -1).nonzero()[:, 0].tolist()
+            runs = [(a, b) for a, b in zip(starts, ends) if b > num_computed_tokens]  # an item's placeholders each
+            for i, (embeds, (start, _)) in enumerate(zip(multimodal_embeddings, runs)):
+                at = max(num_computed_tokens, start) if i == 0 else start
+                base = positions[0, start - 1] + 1 if start > 0 else 0  # after the token before the item
+                places = decode(embeds[:, -CHANNELS:])[:3].to(positions.device)
+                positions[:, at:at + places.shape[1]] = places + base
+        delta = int(positions.max()) + 1 - positions.shape[1]
         return [m[:, :-CHANNELS] for m in multimodal_embeddings], positions, delta
 
     def get_encoder_cudagraph_config(self):
