@@ -68,7 +68,7 @@ CORE = ["state.py", "schedule.py", "merging.py", "reduce.py", "prop_attn.py", "p
 LAYERS = {
     "tools": (["tools"], {"integrations", "package", "training", "api", "heads", "backends", "vlm", "kv", "llm",
                           "encoders", "record", "methods", "core", "triton_kernels"}),
-    "integrations": (["integrations"], {"package", "vlm", "methods", "llm", "core"}),
+    "integrations": (["integrations"], {"package", "vlm", "encoders", "llm", "record", "methods", "core"}),
     "package": (["__init__.py", "atp.py", "diffrate_search.py", "vis.py"], {"training", "api", "heads"}),
     "training": (["training"], {"api", "encoders", "llm", "record", "methods", "core"}),
     "api": (["api.py"], {"backends", "heads", "kv", "record", "methods", "core"}),

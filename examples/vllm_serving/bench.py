@@ -8,7 +8,7 @@ Run in the vLLM environment (examples/vllm_serving/install.sh makes it):
     python examples/vllm_serving/bench.py --model /path/or/hf-id --prompt 'USER: <image>\\nDescribe. ASSISTANT:'
     python examples/vllm_serving/bench.py --shape llava-1.5-7b --tensor-parallel-size 2
 
-Shapes: `tiny-llava` (and `tiny-llava-next`, `tiny-onevision`) are random-weight checkpoints
+Shapes: `tiny-llava` (and `tiny-llava-next`, `tiny-onevision`, `tiny-qwen2.5-vl`) are random-weight checkpoints
 written to a temporary folder by tests/vllm_plugin/tiny.py, CPU-sized (fp32, eager, 256-token context,
 a 128 MiB KV cache). `llava-1.5-7b` (llava-hf/llava-1.5-7b-hf, 336 px: 576 image tokens),
 `llava-next-7b` (llava-hf/llava-v1.6-mistral-7b-hf, 672 x 672 images: anyres tiles) and
@@ -81,7 +81,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-TINY = os.path.join(ROOT, "tests", "vllm")
+TINY = os.path.join(ROOT, "tests", "vllm_plugin")
 DEFAULT_SETTINGS = {"method": "tome", "keep": 0.25}
 TINY_PROMPT = "<s> w{a} w{b} <image> w{c} w{d}"
 TINY_ENGINE = {"dtype": "float32", "enforce_eager": True, "max_model_len": 256, "kv_cache_memory_bytes": 128 << 20}
@@ -92,6 +92,9 @@ SHAPES = {
     "tiny-llava-next": {"tiny": "save_llava_next", "prompt": TINY_PROMPT, "image": (128, 64), "engine": TINY_ENGINE},
     "tiny-onevision": {"tiny": "save_onevision", "prompt": TINY_PROMPT, "image": (128, 64),
                        "engine": {**TINY_ENGINE, "limit_mm_per_prompt": {"image": 1, "video": 0}}},
+    "tiny-qwen2.5-vl": {"tiny": "save_qwen2_5_vl", "image": (128, 128),  # 64 image tokens
+                        "prompt": "<s> w{a} w{b} <|vision_start|> <|image_pad|> <|vision_end|> w{c} w{d}",
+                        "engine": {**TINY_ENGINE, "limit_mm_per_prompt": {"image": 1, "video": 0}}},
     "llava-1.5-7b": {"model": "llava-hf/llava-1.5-7b-hf", "image": (336, 336),
                      "prompt": "USER: <image>\nWhat is shown in this image? ASSISTANT:",
                      "engine": {"dtype": "bfloat16", "max_model_len": 4096}},

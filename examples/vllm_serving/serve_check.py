@@ -110,7 +110,7 @@ def main(argv=None):
     work = tempfile.mkdtemp(prefix="tome_plus_serve_check_")
     serve_args = list(extra)
     if args.model is None:
-        sys.path.insert(0, os.path.join(ROOT, "tests", "vllm"))
+        sys.path.insert(0, os.path.join(ROOT, "tests", "vllm_plugin"))
         import tiny
         model = tiny.save_llava(os.path.join(work, "tiny-llava"))
         template = os.path.join(work, "chat.jinja")

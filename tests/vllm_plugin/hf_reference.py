@@ -23,8 +23,10 @@ def main(path: str, options: str, new_tokens: str, kind: str = "image") -> None:
     settings = json.loads(options)
     if settings is not None:
         method = settings.pop("method")
-        positions = "kept" if model.config.model_type.startswith("qwen") else "packed"
-        tome_plus.patch(model, method, site="features", positions=positions, **settings)
+        site = settings.pop("site", "features")
+        if site == "features":
+            settings["positions"] = "kept" if model.config.model_type.startswith("qwen") else "packed"
+        tome_plus.patch(model, method, site=site, **settings)
     out = []
     for text, media in tiny.prompts(model.config.model_type, kind):
         if kind == "image":
@@ -43,7 +45,9 @@ def main(path: str, options: str, new_tokens: str, kind: str = "image") -> None:
         if settings is not None:  # the prompt the language model ran: its visual tokens reduced
             token = model.config.image_token_id if kind == "image" else model.config.video_token_id
             visual = int((inputs["input_ids"] == token).sum())
-            prompt += int(tome_plus.inspect(model).llm_kept[0][0]) - visual
+            seen = tome_plus.inspect(model)
+            kept = seen.image_tokens[0] if seen.llm_kept is None else seen.llm_kept[0][0]  # the tower's, the site's
+            prompt += int(kept) - visual
         out.append({"ids": ids.tolist(), "logprobs": logprobs, "prompt": prompt,
                     "full": int(inputs["input_ids"].shape[1])})
     print(json.dumps(out))

@@ -147,6 +147,24 @@ def test_qwen2_5_text_after_a_long_clip_resumes_where_vllm_puts_it(checkpoints):
     assert answers("qwen2_5_vl", path, {"method": "tome", "keep": 1.0}, kind="video", prompts=[tiny.LONG_CLIP]) == own
 
 
+TOWER = [{"method": "tome", "r": 4, "site": "tower"}, {"method": "pitome", "keep": 0.5, "site": "tower"},
+         {"method": "zero_tprune", "r": 6, "site": "tower"}]
+
+
+@pytest.mark.parametrize("settings", TOWER, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items() if k != "site"))
+def test_llava_tower_site_as_the_hf_tower_site(settings, checkpoints):
+    """LLaVA-1.5's CLIP tower reducing inside its layers (vLLM's own layers, tome_plus's layer
+    step and schedule): the HF tower site's features, prompt lengths and answers."""
+    got, want = answers("llava", checkpoints["llava"], settings), hf_answers(checkpoints["llava"], settings)
+    close(got, want)
+    assert all(a["prompt"] < b["full"] for a, b in zip(got, want))
+
+
+def test_llava_tower_site_removing_nothing_is_vllms_own(checkpoints):
+    own = answers("llava", checkpoints["llava"])
+    assert answers("llava", checkpoints["llava"], {"method": "tome", "r": 0, "site": "tower"}) == own
+
+
 def test_qwen_chunked_prefill_and_the_prefix_cache_give_the_same_answers(checkpoints):
     """Prefill chunks of 8 tokens split the items (and fall between the two of one prompt), each
     step's `recompute_mrope_positions` placing only its part; the second round reads the first's
@@ -169,6 +187,8 @@ def test_qwen_chunked_prefill_and_the_prefix_cache_give_the_same_answers(checkpo
     ({"method": "tome", "flops": 0.5}, "the image features are reduced once per image: give tokens= .*not flops=0.5"),
     ({"method": "tome", "tokens": 65}, "tokens=65 is more than the 64 image tokens"),
     ({"method": "tome", "keep": 0.5, "site": "llm"}, "site='llm'; in vLLM the methods reduce the image features"),
+    ({"method": "tome", "flops": 0.01, "site": "tower"}, "flops=0.01 is below what this method reaches on this model"),
+    ({"method": "tome", "r": 4, "site": "tower", "positions": "packed"}, "positions= places the kept tokens of site='features'"),
     ({"method": "tome", "keep": 0.5, "positions": "kept"}, "positions='kept'; vLLM numbers"),
     ("tome", "hf_overrides\\['tome_plus'\\] must be a dict with a 'method'"),
 ])
@@ -176,6 +196,14 @@ def test_bad_settings_are_refused_at_start_up(settings, message, checkpoints):
     with pytest.raises(ValueError, match=f"tome_plus: {message}") as err:
         engine(checkpoints["llava"], settings)
     assert len(str(err.value).splitlines()) == 1  # one line that names it
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
+def test_the_tower_site_is_llava_15s(family, checkpoints):
+    with pytest.raises(ValueError, match=f"tome_plus: site='tower' is served on LLaVA-1.5's CLIP tower.*this model "
+                                         f"\\({family}, ") as err:
+        engine(checkpoints[family], {"method": "tome", "r": 4, "site": "tower"})
+    assert len(str(err.value).splitlines()) == 1
 
 
 @pytest.mark.parametrize("settings,extra,message", [

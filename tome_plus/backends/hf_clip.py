@@ -226,14 +226,13 @@ def default_tokens(model: nn.Module) -> int:
     return (config.image_size // config.patch_size) ** 2 + int(has_cls(model))
 
 
-def cost_model(tower: nn.Module, size_channel: bool, site: str) -> VitCostModel:
-    config = tower.config
+def config_cost_model(config, cls_token: bool, pool_head: bool, size_channel: bool, site: str) -> VitCostModel:
+    """The FLOPs model of a CLIP/SigLIP tower from its vision config."""
     dim, heads = config.hidden_size, config.num_attention_heads
-    head = getattr(tower, "head", None) if getattr(tower, "use_head", False) else None
     # the attention-pool head: its MLP and projections once per image (the probe's logits are negligible)
-    head_flops = 2.0 * (4 * dim * dim + 2 * dim * config.intermediate_size) if head is not None else 0.0
+    head_flops = 2.0 * (4 * dim * dim + 2 * dim * config.intermediate_size) if pool_head else 0.0
     return VitCostModel(dim=dim, attn_dim=dim, hidden=config.intermediate_size, depth=config.num_hidden_layers,
-                        n_prefix=int(has_cls(tower)),
+                        n_prefix=int(cls_token),
                         patch_flops=2.0 * config.num_channels * config.patch_size ** 2 * dim, head_flops=head_flops,
                         qk_dim=heads * padded_head_dim(dim // heads) if size_channel else 0,
                         reduce_after_mlp=site == "block")
@@ -243,12 +242,22 @@ def prepare(model: nn.Module, reducer: Reducer, config: ReductionConfig, method:
             reduce_depth: Optional[int] = None) -> PatchInfo:
     """Describe the tower `model` for `reducer`; `reduce_depth`: only that many leading layers reduce."""
     check(model)
+    head = getattr(model, "head", None) if getattr(model, "use_head", False) else None
+    info = prepare_config(model.config, has_cls(model), head is not None, reducer, config, method, reduce_depth)
+    info.depth = depth(model)
+    return info
+
+
+def prepare_config(vision_config, cls_token: bool, pool_head: bool, reducer: Reducer, config: ReductionConfig,
+                   method: str, reduce_depth: Optional[int] = None) -> PatchInfo:
+    """The record of a CLIP/SigLIP tower described by its vision config alone (`prepare`; the vLLM
+    plugin, whose towers are vLLM's modules)."""
     channel = SIZE_CHANNEL and config.prop_attn and reducer.merges
-    attn = encoder_layers(model)[0].self_attn
-    return PatchInfo(method=method, config=config, reducer=reducer, depth=depth(model),
-                     n_prefix=int(has_cls(model)), has_cls=has_cls(model),
-                     cost=cost_model(model, channel, reducer.site),
-                     log_size_scale=1.0 / float(attn.scale) if channel else None, reduce_depth=reduce_depth)
+    scale = (vision_config.hidden_size // vision_config.num_attention_heads) ** -0.5  # CLIP's and SigLIP's
+    return PatchInfo(method=method, config=config, reducer=reducer, depth=vision_config.num_hidden_layers,
+                     n_prefix=int(cls_token), has_cls=cls_token,
+                     cost=config_cost_model(vision_config, cls_token, pool_head, channel, reducer.site),
+                     log_size_scale=1.0 / scale if channel else None, reduce_depth=reduce_depth)
 
 
 def check_budget(model: nn.Module, info: PatchInfo) -> None:

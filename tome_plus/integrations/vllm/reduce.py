@@ -86,7 +86,7 @@ class ReducingModel(ServedModel):
 
     def reduce_items(self, items):
         """Each item's `[..., D]` embeddings reduced (flattened to `[T, D]`); unchanged without the entry."""
-        if self.tome_plus is None:
+        if self.tome_plus is None or self.tome_plus.site == "tower":  # the tower reduced them
             return items
         newline = self.image_newline if self.NEWLINES else None
         return [reduce_item(item.reshape(-1, item.shape[-1]), self.tome_plus, newline, layer=self.tome_plus_layer)[0]

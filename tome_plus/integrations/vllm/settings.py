@@ -22,6 +22,8 @@ class Settings:
     method: str
     reducer: Any
     config: Any
+    site: str = "features"  # or "tower" (LLaVA-1.5's CLIP tower)
+    record: Any = None  # the tower's patch record (`tower.tower_record`) at site="tower"
 
     def count(self, n: int) -> int:
         """Tokens an image whose features are `n` tokens keeps (`llm.features.feature_count`)."""
@@ -47,11 +49,20 @@ def read(hf_config) -> Optional[Settings]:
     if method not in SERVED:
         raise ValueError(f"tome_plus: method {method!r} is not served in vLLM; use one of {', '.join(SERVED)}")
     site = options.pop("site", "features")
-    if site != "features":
+    model_type = getattr(hf_config, "model_type", None)
+    if site == "tower":
+        vision = getattr(getattr(hf_config, "vision_config", None), "model_type", None)
+        if model_type != "llava" or vision != "clip_vision_model":
+            raise ValueError(f"tome_plus: site='tower' is served on LLaVA-1.5's CLIP tower, whose projector takes "
+                             f"any count; this model ({model_type}, {vision} tower) takes site='features'")
+        if "positions" in options:
+            raise ValueError("tome_plus: positions= places the kept tokens of site='features'; the tower's "
+                             "features reach the language model in consecutive placeholders")
+    elif site != "features":
         raise ValueError(f"tome_plus: site={site!r}; in vLLM the methods reduce the image features "
-                         f"(site='features')")
-    served = "kept" if getattr(hf_config, "model_type", None) in MROPE else "packed"
-    positions = options.pop("positions", served)
+                         f"(site='features') or, on LLaVA-1.5, inside its CLIP tower (site='tower')")
+    served = "kept" if model_type in MROPE else "packed"
+    positions = options.pop("positions", served) if site == "features" else served
     if positions != served:
         if served == "packed":
             raise ValueError(f"tome_plus: positions={positions!r}; vLLM numbers an image's placeholders "
@@ -64,24 +75,37 @@ def read(hf_config) -> Optional[Settings]:
     except (TypeError, ValueError) as err:
         raise ValueError(f"tome_plus: {err}") from None
     kind, value = config.budget
-    if kind not in ("tokens", "keep", "r") or isinstance(value, (list, tuple)):
+    if site == "features" and (kind not in ("tokens", "keep", "r") or isinstance(value, (list, tuple))):
         raise ValueError(f"tome_plus: the image features are reduced once per image: give tokens= (kept per "
                          f"image), keep= (a fraction) or r= (removed per image) as one number, not {kind}={value!r}")
     if config.trace_source:
         raise ValueError("tome_plus: trace_source is not recorded in vLLM")
     reducer = get_method(method)(config)
     reducer.for_family("hf")  # the paper defaults the HF backend settles (as `tome_plus.patch` does)
-    reducer.check(getattr(hf_config, "text_config", hf_config).num_hidden_layers)
-    return Settings(method=method, reducer=reducer, config=config)
+    if site == "features":
+        reducer.check(getattr(hf_config, "text_config", hf_config).num_hidden_layers)
+        return Settings(method=method, reducer=reducer, config=config)
+    from .tower import removed, tower_record
+    reducer.check(hf_config.vision_config.num_hidden_layers)
+    record = tower_record(method, reducer, config, hf_config)
+    try:  # the schedule at the tower's one image size: an unreachable budget is refused now
+        removed(record, hf_config)
+    except ValueError as err:
+        raise ValueError(f"tome_plus: {err}") from None
+    return Settings(method=method, reducer=reducer, config=config, site="tower", record=record)
 
 
 def first_layer(settings: Optional[Settings], language_model) -> Optional[Any]:
     """The language model's first decoder layer where the method reads attention there
     (Zero-TPrune), else None. Refused under tensor parallelism: each rank holds some of the
     heads, so ranks would rank tokens differently."""
-    if settings is None or "attn" not in settings.reducer.needs:
-        return None
     from vllm.distributed import get_tensor_model_parallel_world_size
+    if settings is not None and settings.site == "tower" and get_tensor_model_parallel_world_size() > 1:
+        raise ValueError(f"tome_plus: site='tower' ranks and merges an image's tokens from the tower's attention "
+                         f"over all heads, which tensor parallelism splits across ranks; serve site='features', "
+                         f"or tensor_parallel_size=1")
+    if settings is None or settings.site == "tower" or "attn" not in settings.reducer.needs:
+        return None
     if get_tensor_model_parallel_world_size() > 1:
         raise ValueError(f"tome_plus: {settings.method!r} ranks an image's tokens by the first decoder layer's "
                          f"attention over all heads, which tensor parallelism splits across ranks; serve tome or "
