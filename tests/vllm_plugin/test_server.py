@@ -305,3 +305,21 @@ def test_without_the_key_the_server_runs_vllms_own_model(plain, tome):
     assert a["prompt"] == TEXT_TOKENS + FULL and len(a["ids"]) == 4
     text = [{"type": "text", "text": "w1 w2 w3"}]
     assert plain.answer(text) == tome.answer(text)  # no image: the same weights, the same answer
+
+
+@pytest.mark.parametrize("shape", ["tiny-llava", "tiny-qwen2.5-vl"])
+def test_the_bench_script_runs_both_configurations(shape, tmp_path):
+    """`examples/vllm_serving/bench.py` on a tiny shape, a handful of requests: both
+    configurations run in their own processes and report, the patched prompt is the reduced one
+    (its speed is the script's to print, not this test's to judge)."""
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "vllm_serving", "bench.py")
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, script, "--shape", shape, "--requests", "2", "--max-tokens", "2",
+                           "--batch", "2", "--warmup", "1", "--latency-runs", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"unpatched", "method=tome,keep=0.25"}
+    patched, unpatched = results["method=tome,keep=0.25"], results["unpatched"]
+    assert unpatched["prompt_tokens"] - patched["prompt_tokens"] == 64 - 16  # one image, 64 tokens -> 16
+    assert "/ unpatched" in done.stdout  # the ratio row

@@ -147,18 +147,19 @@ class ReducingMRopeModel(ServedModel):
         if self.tome_plus is None:  # Qwen2.5-VL's own video pruning
             return super().recompute_mrope_positions(input_ids, multimodal_embeddings, mrope_positions,
                                                      num_computed_tokens)
+        if not len(multimodal_embeddings):  # every step of every request calls this: nothing to place
+            return [], mrope_positions, int(mrope_positions.max()) + 1 - mrope_positions.shape[1]
         positions = mrope_positions.clone()
-        if len(multimodal_embeddings):
-            ids = torch.as_tensor(input_ids).cpu()
-            media = (ids == self.config.image_token_id) | (ids == self.config.video_token_id)
-            edges = torch.diff(media.long(), prepend=media.new_zeros(1).long(), append=media.new_zeros(1).long())
-            starts, ends = (edges == 1).nonzero()[:, 0].tolist(), (edges == -1).nonzero()[:, 0].tolist()
-            runs = [(a, b) for a, b in zip(starts, ends) if b > num_computed_tokens]  # an item's placeholders each
-            for i, (embeds, (start, _)) in enumerate(zip(multimodal_embeddings, runs)):
-                at = max(num_computed_tokens, start) if i == 0 else start
-                base = positions[0, start - 1] + 1 if start > 0 else 0  # after the token before the item
-                places = decode(embeds[:, -CHANNELS:])[:3].to(positions.device)
-                positions[:, at:at + places.shape[1]] = places + base
+        ids = torch.as_tensor(input_ids).cpu()
+        media = (ids == self.config.image_token_id) | (ids == self.config.video_token_id)
+        edges = torch.diff(media.long(), prepend=media.new_zeros(1).long(), append=media.new_zeros(1).long())
+        starts, ends = (edges == 1).nonzero()[:, 0].tolist(), (edges == -1).nonzero()[:, 0].tolist()
+        runs = [(a, b) for a, b in zip(starts, ends) if b > num_computed_tokens]  # an item's placeholders each
+        for i, (embeds, (start, _)) in enumerate(zip(multimodal_embeddings, runs)):
+            at = max(num_computed_tokens, start) if i == 0 else start
+            base = positions[0, start - 1] + 1 if start > 0 else 0  # after the token before the item
+            places = decode(embeds[:, -CHANNELS:])[:3].to(positions.device)
+            positions[:, at:at + places.shape[1]] = places + base
         delta = int(positions.max()) + 1 - positions.shape[1]
         return [m[:, :-CHANNELS] for m in multimodal_embeddings], positions, delta
 
