@@ -74,6 +74,10 @@ def patch(model: nn.Module, method: Optional[str] = None, head: Optional[str] = 
     if head is not None and not backend.HEADS:
         raise TypeError(f"head={head!r} replaces a classifier's head; the {backend.KIND} backend "
                         f"({type(model).__name__}) has none to replace")
+    if reducer_cls.target != "llm" and "tower" not in reducer_cls.vlm_sites and not backend.SITES:
+        raise TypeError(f"method {method!r} reduces the image features of a vision-language model "
+                        f"(site='features'), once, after its projector; {type(model).__name__} "
+                        f"({backend.KIND}) has no such place")
     if reducer_cls.target == "llm" and not backend.LLM_METHODS:
         raise TypeError(f"method {method!r} prunes inside the language model of a LLaVA-style model; "
                         f"{type(model).__name__} has none")

@@ -147,6 +147,16 @@ def test_qwen2_5_text_after_a_long_clip_resumes_where_vllm_puts_it(checkpoints):
     assert answers("qwen2_5_vl", path, {"method": "tome", "keep": 1.0}, kind="video", prompts=[tiny.LONG_CLIP]) == own
 
 
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+def test_divprune_as_the_hf_features_site(family, checkpoints):
+    """DivPrune's max-min selection per image (NeXT: newlines aside; Qwen: kept tokens at their
+    (t, h, w)): the HF features site's prompt lengths and answers."""
+    settings = {"method": "divprune", "keep": 0.25}
+    got, want = answers(family, checkpoints[family], settings), hf_answers(checkpoints[family], settings)
+    close(got, want)
+    assert all(a["prompt"] < b["full"] for a, b in zip(got, want))
+
+
 TOWER = [{"method": "tome", "r": 4, "site": "tower"}, {"method": "pitome", "keep": 0.5, "site": "tower"},
          {"method": "zero_tprune", "r": 6, "site": "tower"}]
 
@@ -187,6 +197,7 @@ def test_qwen_chunked_prefill_and_the_prefix_cache_give_the_same_answers(checkpo
     ({"method": "tome", "flops": 0.5}, "the image features are reduced once per image: give tokens= .*not flops=0.5"),
     ({"method": "tome", "tokens": 65}, "tokens=65 is more than the 64 image tokens"),
     ({"method": "tome", "keep": 0.5, "site": "llm"}, "site='llm'; in vLLM the methods reduce the image features"),
+    ({"method": "divprune", "keep": 0.5, "site": "tower"}, "'divprune' reduces the image features .site='features'., not in the tower"),
     ({"method": "tome", "flops": 0.01, "site": "tower"}, "flops=0.01 is below what this method reaches on this model"),
     ({"method": "tome", "r": 4, "site": "tower", "positions": "packed"}, "positions= places the kept tokens of site='features'"),
     ({"method": "tome", "keep": 0.5, "positions": "kept"}, "positions='kept'; vLLM numbers"),

@@ -73,11 +73,11 @@ def default_tokens(model: nn.Module) -> int:
 
 def default_site(model: nn.Module, reducer: Union[Reducer, Type[Reducer]]) -> str:
     """The best site the model allows the method: in the LLM for an LLM method; for a vision
-    method the tower where the projector takes any count (the tower's layers get cheaper too),
-    else the image features."""
+    method the tower where the projector takes any count (the tower's layers get cheaper too)
+    and the method runs there, else the image features."""
     if reducer.target == "llm":
         return "llm"
-    return "features" if family(model).tower is None else "tower"
+    return "features" if family(model).tower is None or "tower" not in reducer.vlm_sites else "tower"
 
 
 def check_site(model: nn.Module, reducer: Union[Reducer, Type[Reducer]], site: Optional[str]) -> str:

@@ -188,6 +188,9 @@ def check_method(name: Optional[str], vision_model: Optional[str] = None) -> Non
     if vision_model is not None and method.target == "llm":
         raise UsageError(f"method {name!r} prunes visual tokens inside the language model of a vision-language "
                          f"model; {vision_model} has none")
+    if vision_model is not None and "tower" not in method.vlm_sites:
+        raise UsageError(f"method {name!r} reduces the image features of a vision-language model, once, after its "
+                         f"projector (site='features'); {vision_model} has no such place")
 
 
 def given(value: Any) -> bool:

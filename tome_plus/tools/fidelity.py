@@ -51,8 +51,10 @@ class Row:
 
 def sweepable_methods() -> List[str]:
     """The methods a budget sweep runs by default: those that take r / keep / flops on a ViT (not
-    ATP, which runs inside an LLM, nor DiffRate, whose counts come from a searched schedule)."""
-    return [m for m in tome_plus.methods() if getattr(get_method(m), "target", None) != "llm" and m != "diffrate"]
+    ATP, which runs inside an LLM, nor DiffRate, whose counts come from a searched schedule, nor
+    a method that reduces only a VLM's image features, DivPrune)."""
+    return [m for m in tome_plus.methods() if getattr(get_method(m), "target", None) != "llm" and m != "diffrate"
+            and "tower" in get_method(m).vlm_sites]
 
 
 def run_fidelity(methods: Sequence[str], budgets: Tuple[str, Sequence[Any]], n_bank: int = 1000,

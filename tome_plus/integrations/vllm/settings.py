@@ -10,7 +10,7 @@ from ...llm.features import feature_count
 from ...methods.base import REGISTRY, get_method
 
 KEY = "tome_plus"
-SERVED = ("tome", "pitome", "zero_tprune")  # the features site's methods
+SERVED = ("tome", "pitome", "divprune", "zero_tprune")  # the features site's methods (the tower's: not divprune)
 MROPE = ("qwen2_vl", "qwen2_5_vl")  # model types whose kept tokens keep their (t, h, w) positions
 INSIDE_LLM = {"atp": "prunes inside the language model", "fastv": "prunes inside the language model"}
 
@@ -51,6 +51,8 @@ def read(hf_config) -> Optional[Settings]:
     site = options.pop("site", "features")
     model_type = getattr(hf_config, "model_type", None)
     if site == "tower":
+        if "tower" not in get_method(method).vlm_sites:
+            raise ValueError(f"tome_plus: {method!r} reduces the image features (site='features'), not in the tower")
         vision = getattr(getattr(hf_config, "vision_config", None), "model_type", None)
         if model_type != "llava" or vision != "clip_vision_model":
             raise ValueError(f"tome_plus: site='tower' is served on LLaVA-1.5's CLIP tower, whose projector takes "
