@@ -12,6 +12,7 @@ from .. import registry
 # without it (`tome-plus bench --kv` lists them).
 REGISTRY: registry.Registry[type] = registry.Registry("KV policy", options="kv_options", config=lambda policy: policy)
 REGISTRY.register("a2sf", "tome_plus.kv.a2sf:POLICY", package="transformers")
+REGISTRY.register("snapkv", "tome_plus.kv.snapkv:POLICY", package="transformers")
 
 policy_names = REGISTRY.names
 policy_class = REGISTRY.get  # the `KvPolicy` subclass registered as a name (imported now)
