@@ -50,8 +50,10 @@ def test_cache_padding_and_counts(rank, keep, pixels):
         assert torch.equal(alone[0, -5:], cached[row, -5:])
 
 
-def reference_positions(ids, attentions, keep, rank):
-    """Per row, the image positions FastV keeps, from an unpatched model's eager attention."""
+def reference_positions(ids, attentions, keep, rank, count=None):
+    """Per row, the image positions FastV keeps, from an unpatched model's eager attention;
+    `count(n)`: how many of n are kept (default ceil(keep n))."""
+    count = count or (lambda n: math.ceil(keep * n))
     out = []
     for row in range(ids.shape[0]):
         attn = attentions[row].mean(dim=0)  # [L, L] over heads
@@ -60,7 +62,7 @@ def reference_positions(ids, attentions, keep, rank):
             score = {j: float(attn[:, j].mean()) for j in image}
         else:  # the last token's row
             score = {j: float(attn[-1, j]) for j in image}
-        top = sorted(image, key=lambda j: (-score[j], j))[:math.ceil(keep * len(image))]
+        top = sorted(image, key=lambda j: (-score[j], j))[:count(len(image))]
         out.append(sorted(top))
     return out
 
@@ -85,6 +87,35 @@ def test_kept_positions_equal_a_naive_reference(rank, k, pixels):
         kept = positions[0][row][positions[0][row] >= 0].tolist()
         assert [p for p in kept if ids[row, p] == IMAGE_ID] == expected[row]
         assert [p for p in kept if ids[row, p] != IMAGE_ID] == (ids[row] != IMAGE_ID).nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("options", [{"preset": "authors_code"}, {"rank": "last", "rounding": "round"}])
+def test_the_authors_code_variant_ranks_by_the_last_row_and_rounds(options, pixels):
+    """The authors' code: the last token's row and round(keep n) (half to even), where the paper's
+    rule takes ceil: 0.3 x 64 keeps 19, not 20; 0.5 x 64 keeps 32 both ways."""
+    ids, mask = prompts((3, 5), (3, 5))
+    eager = llava()
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = eager(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                           output_attentions=True).attentions[1]
+    for keep, n_kept in ((0.3, 19), (0.5, 32)):
+        assert round(keep * N_IMAGE) == n_kept
+        expected = reference_positions(ids, attentions, keep, "last", count=lambda n: round(keep * n))
+        model = llava()
+        tome_plus.patch(model, "fastv", k=2, keep=keep, **options)
+        assert (tome_plus.inspect(model).config["rank"], tome_plus.inspect(model).config["rounding"]) == ("last", "round")
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        assert tome_plus.inspect(model).llm_kept.tolist() == [[n_kept, n_kept]]
+        positions = tome_plus.inspect(model).llm_positions[0]
+        for row in range(2):
+            kept = positions[row][positions[row] >= 0].tolist()
+            assert [p for p in kept if ids[row, p] == IMAGE_ID] == expected[row]
+    with pytest.raises(ValueError, match="preset must be one of"):
+        tome_plus.patch(llava(), "fastv", preset="authors")
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        tome_plus.patch(llava(), "fastv", rounding="floor")
 
 
 def test_the_two_rank_rules_differ(pixels):

@@ -14,7 +14,8 @@ Two ranking rules (`rank`):
   the prompt's query tokens (causal: the queries before it give it 0);
 - "last" (the authors' released code): the last prompt token's attention row, averaged over heads.
 
-Per instance the top ceil(keep * n_visual) visual tokens survive (with `tokens=N`: the top
+Per instance the top ceil(keep * n_visual) visual tokens survive (the authors' code: round(),
+`rounding="round"`; `preset="authors_code"` takes both their rank and their rounding) (with `tokens=N`: the top
 N x the instance's images, the images counted from its visual tokens and the per-image count the
 LLaVA backend knows) (ties by position); text tokens
 always stay and survivors keep their position ids. The selection is ATP's zero-shot one
@@ -23,7 +24,7 @@ always stay and survivors keep their position ids. The selection is ATP's zero-s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Dict, List
+from typing import ClassVar, Dict, List, Optional
 
 import torch
 
@@ -31,6 +32,10 @@ from .atp import check_llm_budget, top_count, top_fraction
 from .base import LlmReducer, LlmSite, ReductionConfig, is_int, received, register
 
 RANKS = ("mean", "last")
+ROUNDINGS = ("ceil", "round")
+# preset -> (rank, rounding): the paper's rule, and the authors' released code (`topk(round(n (1 - R)))`
+# over the last token's row)
+PRESETS = {"paper": ("mean", "ceil"), "authors_code": ("last", "round")}
 
 
 @dataclass
@@ -43,16 +48,27 @@ class FastvConfig(ReductionConfig):
             instance: tokens x its images, at most the visual tokens it has).
         k: the paper's K: prune after the K-th decoder layer (scored with that layer's attention).
         rank: "mean" (attention received, averaged over heads and queries: the paper) or "last"
-            (the last token's attention row: the authors' code).
+            (the last token's attention row: the authors' code); None: the preset's.
+        rounding: how `keep` counts the kept tokens: "ceil" (ceil(keep n), at least the share
+            asked for) or "round" (round(keep n), half to even: the authors' code); None: the preset's.
+        preset: "paper" (rank="mean", rounding="ceil") or "authors_code" (rank="last",
+            rounding="round"); `rank` and `rounding` given override it.
     """
 
     k: int = 2
-    rank: str = "mean"
+    rank: Optional[str] = None
+    rounding: Optional[str] = None
+    preset: str = "paper"
 
     default_budget: ClassVar[Dict[str, object]] = {"keep": 0.5}
     default_prop_attn: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
+        rank, rounding = PRESETS[self.preset]
+        self.rank = rank if self.rank is None else self.rank
+        self.rounding = rounding if self.rounding is None else self.rounding
         super().__post_init__()
         check_llm_budget(self, "FastV", "of the visual tokens, after layer k", "visual tokens kept per image")
         if not is_int(self.k) or self.k < 1:
@@ -60,6 +76,8 @@ class FastvConfig(ReductionConfig):
         self.k = int(self.k)
         if self.rank not in RANKS:
             raise ValueError(f"rank must be one of {RANKS}, got {self.rank!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
 
 
 def fastv_score(probs: torch.Tensor, visual: torch.Tensor, queries: torch.Tensor, rank: str) -> torch.Tensor:
@@ -108,6 +126,11 @@ class Fastv(LlmReducer):
         """The top `keep` of each instance's visual tokens by the attention they received, or
         `tokens` per image (`site.images`: the images each instance holds); text always."""
         score = torch.where(site.visual, site.received[:, 0], torch.zeros_like(site.received[:, 0]))
+        if self.config.tokens is None and self.config.rounding == "round":
+            n_visual = site.candidates.sum(dim=1)
+            exact = torch.float32 if n_visual.device.type == "mps" else torch.float64  # MPS has no float64
+            # torch.round goes half to even, as Python's round in their code
+            return top_count(score, site.candidates, (n_visual.to(exact) * self.config.keep).round().long())
         if self.config.tokens is None:
             return top_fraction(score, site.candidates, self.config.keep)
         n_visual = site.candidates.sum(dim=1)
