@@ -223,3 +223,23 @@ def test_the_scoring_layer_keeps_the_fused_attention(pixels, monkeypatch):
     n = ids.shape[1]  # the tower reduces nothing: the prompt as given
     assert len(blocks) > 1 and sum(shape[2] for shape in blocks) == n  # every query once, in blocks
     assert all(shape[0] * shape[1] * shape[2] * n <= 800 for shape in blocks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_query_per_weighting_forms_that_row_alone_and_equals_the_whole(dtype):
+    """rank="last": the scoring layer forms only the weighted query's probabilities (`one`); the
+    attention received equals the blockwise sum over every query with the same one-hot weights."""
+    from tome_plus.llm import attention
+    torch.manual_seed(1)
+    batch, heads, kv, n, past, dim = 2, 4, 2, 9, 3, 8
+    query = torch.randn(batch, heads, n, dim).to(dtype)
+    key = torch.randn(batch, kv, past + n, dim).to(dtype)
+    valid = torch.ones(batch, past + n, dtype=torch.bool)
+    valid[1, :5] = False
+    mask = (valid[:, None, :] & torch.ones(n, past + n, dtype=torch.bool).tril(past))[:, None]
+    one = torch.tensor([[n - 1, 4], [n - 1, 6]])  # two weightings, one query each, per row
+    weights = torch.zeros(batch, 2, n).scatter_(2, one.unsqueeze(-1), torch.tensor([[[1.0], [0.5]], [[1.0], [2.0]]]))
+    whole = attention.received_attention(query, key, mask, dim ** -0.5, weights, past)
+    alone = attention.received_attention(query, key, mask, dim ** -0.5, weights, past, one=one)
+    torch.testing.assert_close(alone, whole, rtol=1e-5, atol=1e-6)
+    assert bool((alone[:, :, :4] > 0).any())  # it could fail: visual columns receive attention

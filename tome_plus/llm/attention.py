@@ -41,18 +41,30 @@ class ScoreRequest:
     mask: torch.Tensor  # [B, 1, N, Lk] bool or additive: the layer's attention mask (`segment_mask`)
     first: Union[int, torch.Tensor] = 0  # the key slot of the first of the N current tokens
     received: Optional[torch.Tensor] = None  # [B, R, N], filled in: `methods.base.received`
+    query: Optional[torch.Tensor] = None  # [B, R]: the one query each weighting counts (`one_query`), or None
 
 
 def received_attention(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, scaling: float,
-                       weights: torch.Tensor, first: Union[int, torch.Tensor] = 0) -> torch.Tensor:
+                       weights: torch.Tensor, first: Union[int, torch.Tensor] = 0,
+                       one: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`methods.base.received` from q and k (`[B, H, N, D]`, `[B, KV, Lk, D]` after rotary, the
     N current tokens' keys at slots `first ..`): float32 probabilities (a half model's too,
     `precision.py`), formed a block of queries at a time, so the memory is one block's logits
-    however long the prompt."""
+    however long the prompt. `one` (`[B, R]`): where each weighting counts one query alone, only
+    those queries' probabilities are formed (gathered on the device: no host sync)."""
     batch, heads, n, _ = query.shape
     current = first + torch.arange(n, device=query.device)  # a static cache's buffer has slots after them
     key = key.repeat_interleave(heads // key.shape[1], dim=1)  # grouped-query attention: kv head h // groups
     keys = key.shape[2]
+    if one is not None:
+        rows = one.shape[1]
+        q = query.gather(2, one.view(batch, 1, rows, 1).expand(batch, heads, rows, query.shape[-1]))
+        logits = fp32_logits(q, key, scaling) if q.dtype in HALF else (q @ key.transpose(-2, -1)).float() * scaling
+        block = mask[..., :keys].gather(2, one.view(batch, 1, rows, 1).expand(batch, mask.shape[1], rows, keys))
+        logits = logits + (additive(block, logits.dtype) if block.dtype == torch.bool else block.float())
+        probs = logits.softmax(dim=-1).index_select(-1, current)  # [B, H, R, n]: weighting r's query
+        weight = weights.gather(2, one.unsqueeze(-1))  # [B, R, 1]
+        return probs.mean(dim=1) * weight
     step = max(1, BLOCK // (batch * heads * keys))
     total = weights.new_zeros(batch, weights.shape[1], n, dtype=torch.float32)
     for start in range(0, n, step):
@@ -75,7 +87,8 @@ def routed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     if kv is not None:  # a KV-cache policy scores the new queries; a pruned layer takes its own mask
         attention_mask = kv.attention(module, query, key, attention_mask, scaling)
     if request is not None:
-        request.received = received_attention(query, key, request.mask, scaling, request.weights, request.first)
+        request.received = received_attention(query, key, request.mask, scaling, request.weights, request.first,
+                                              request.query)
     backend = backend or module.__dict__["config"]._attn_implementation
     if backend == "eager":  # HF's default, which its modules pass in and which no registry holds
         out = eager_attention(query, key, value, attention_mask, scaling, dropout, module.training)

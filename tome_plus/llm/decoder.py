@@ -285,8 +285,9 @@ class PruningDecoder:
             if outputs.attentions:
                 extra[RECORD] = probs
             if explicit:
-                request = ScoreRequest(reducer.query_weights(seg.visual, seg.instruction, seg.valid, seg.prompt),
-                                       segment_mask(keys, seg, h.dtype), keys.first)
+                weights = reducer.query_weights(seg.visual, seg.instruction, seg.valid, seg.prompt)
+                request = ScoreRequest(weights, segment_mask(keys, seg, h.dtype), keys.first,
+                                       query=weights.argmax(dim=-1) if reducer.one_query else None)
                 extra[SCORE] = request
             kv = KV_STEP.get()
             if kv is not None:  # a KV policy reads this layer's own slots (a dynamic cache's: `first` is an int)

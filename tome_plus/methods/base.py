@@ -283,6 +283,12 @@ class LlmReducer(Reducer):
         """`[B, R, N]`: R weightings of the N current tokens as queries (`LlmSite` names the masks)."""
         raise NotImplementedError
 
+    @property
+    def one_query(self) -> bool:
+        """Whether `query_weights` weighs one query per instance and weighting (FastV's last row):
+        the scoring layer then forms that query's probabilities alone."""
+        return False
+
     def select(self, site: LlmSite) -> torch.Tensor:
         """Keep mask `[B, N]` over the site's tokens: bool, or with `site.soft` a float in (0, 1];
         tokens outside `site.candidates` must be kept (1)."""

@@ -122,6 +122,10 @@ class Fastv(LlmReducer):
                       prompt: torch.Tensor) -> torch.Tensor:
         return query_weights(prompt & valid, self.config.rank)
 
+    @property
+    def one_query(self) -> bool:
+        return self.config.rank == "last"
+
     def select(self, site: LlmSite) -> torch.Tensor:
         """The top `keep` of each instance's visual tokens by the attention they received, or
         `tokens` per image (`site.images`: the images each instance holds); text always."""
