@@ -85,6 +85,11 @@ class KvPolicy:
         """`[n]` float32: the weight of each of a forward's `n` queries (oldest first) in the score."""
         return torch.ones(n, device=device)
 
+    def first_scored(self, n: int) -> int:
+        """The first of a forward's `n` queries whose weight may be non-zero (host-side, from `n`
+        alone): the probabilities of the queries before it are not formed."""
+        return 0
+
     def fade(self, n: int) -> float:
         """The factor on the old scores after a forward of `n` queries."""
         return 1.0
@@ -239,7 +244,7 @@ class KvStep:
         groups = heads // kv_heads
         full_key = key.repeat_interleave(groups, dim=1)
         step = max(1, attention.BLOCK // (batch * heads * length))
-        for start in range(0, n, step):
+        for start in range(self.config.first_scored(n), n, step):
             q = query[:, :, start:start + step]
             logits = (fp32_logits(q, full_key, scaling) if q.dtype in HALF
                       else (q @ full_key.transpose(-2, -1)).float() * scaling)

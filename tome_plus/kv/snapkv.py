@@ -69,6 +69,9 @@ class SnapKV(KvPolicy):
         weights[-self.window:] = 1.0  # the observation window votes
         return weights
 
+    def first_scored(self, n: int) -> int:
+        return max(n - self.window, 0)  # only the window's probabilities are formed
+
     def rank(self, score: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         # pool the votes of the tokens before the window alone (the window is kept whole):
         # padding and the window read as the zeros beyond the authors' sequence
