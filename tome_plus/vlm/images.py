@@ -44,7 +44,13 @@ def tower(model: nn.Module) -> nn.Module:
 def feature_depth(model: nn.Module, layer=None) -> int:
     """How many tower layers feed the image features (`hidden_states[i]` is layer i-1's output)."""
     layer = model.config.vision_feature_layer if layer is None else layer
-    n_states = hf_clip.depth(tower(model)) + 1
+    return layers_feeding(hf_clip.depth(tower(model)), layer)
+
+
+def layers_feeding(depth: int, layer) -> int:
+    """How many of a `depth`-layer tower's layers feed the features read at `layer` (an index of
+    its hidden states, or a list of them); also the vLLM plugin's, from a config."""
+    n_states = depth + 1
     layers = [layer] if isinstance(layer, int) else list(layer)
     if not layers or any(not -n_states <= i < n_states for i in layers):
         raise ValueError(f"vision_feature_layer {layer!r} is outside the tower's {n_states} hidden states")

@@ -30,7 +30,7 @@ from . import settings as S
 from .reduce import ServedModel, reduce_item, reduced_count
 
 DIGITS, BASE = 3, 64  # a position travels as 3 base-64 digits: exact in bf16 (integers to 256) up to 64**3
-CHANNELS = 4 * DIGITS  # t, h, w and the item's extent (where the text after it resumes: for the reader)
+CHANNELS = 3 * DIGITS  # t, h, w
 
 
 def grid_positions(t: int, h: int, w: int, t_factor: float, device=None) -> torch.Tensor:
@@ -44,14 +44,14 @@ def grid_positions(t: int, h: int, w: int, t_factor: float, device=None) -> torc
 
 
 def encode(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`[n, 4]` non-negative integers as `[n, CHANNELS]` digits in `dtype`."""
+    """`[n, 3]` non-negative integers as `[n, CHANNELS]` digits in `dtype`."""
     digits = [values // BASE ** i % BASE for i in range(DIGITS)]
     return torch.cat(digits, dim=1).to(dtype)
 
 
 def decode(channels: torch.Tensor) -> torch.Tensor:
-    """`[n, CHANNELS]` digits -> `[4, n]` long (t, h, w, extent): what vLLM's EVS routine reads."""
-    digits = channels.round().long().view(-1, DIGITS, 4)
+    """`[n, CHANNELS]` digits -> `[3, n]` long (t, h, w)."""
+    digits = channels.round().long().view(-1, DIGITS, 3)
     return sum(digits[:, i] * BASE ** i for i in range(DIGITS)).T
 
 
@@ -98,8 +98,7 @@ class ReducingMRopeModel(ServedModel):
         for x, (t, h, w), t_factor in zip(items, grids.tolist(), t_factors):
             places = grid_positions(t, h // merge, w // merge, t_factor, device=x.device)
             kept, rows = reduce_item(x, self.tome_plus, layer=self.tome_plus_layer, places=places)
-            extent = (places.max() + 1).expand(len(rows), 1)  # the text after the item resumes there
-            out.append(torch.cat([kept, encode(torch.cat([places[rows], extent], dim=1), kept.dtype)], dim=1))
+            out.append(torch.cat([kept, encode(places[rows], kept.dtype)], dim=1))
         return out
 
     def _process_image_input(self, image_input):
@@ -158,7 +157,7 @@ class ReducingMRopeModel(ServedModel):
         for i, (embeds, (start, _)) in enumerate(zip(multimodal_embeddings, runs)):
             at = max(num_computed_tokens, start) if i == 0 else start
             base = positions[0, start - 1] + 1 if start > 0 else 0  # after the token before the item
-            places = decode(embeds[:, -CHANNELS:])[:3].to(positions.device)
+            places = decode(embeds[:, -CHANNELS:]).to(positions.device)
             positions[:, at:at + places.shape[1]] = places + base
         delta = int(positions.max()) + 1 - positions.shape[1]
         return [m[:, :-CHANNELS] for m in multimodal_embeddings], positions, delta

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ...llm.features import reduce_sets
 from ...precision import fp32_logits
-from .settings import Settings, check_count, first_layer, read
+from .settings import Settings, check_count, check_parallel, first_layer, read
 
 
 def reduced_count(settings: Settings, total: int, newlines: int = 0) -> int:
@@ -73,6 +73,7 @@ class ServedModel:
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.tome_plus = read(vllm_config.model_config.hf_config)
+        check_parallel(self.tome_plus)
         # not a submodule (its weights are the language model's): kept out of the module tree
         self.__dict__["tome_plus_layer"] = first_layer(self.tome_plus, self.language_model)
 

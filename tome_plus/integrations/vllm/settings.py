@@ -97,22 +97,31 @@ def read(hf_config) -> Optional[Settings]:
     return Settings(method=method, reducer=reducer, config=config, site="tower", record=record)
 
 
-def first_layer(settings: Optional[Settings], language_model) -> Optional[Any]:
-    """The language model's first decoder layer where the method reads attention there
-    (Zero-TPrune), else None. Refused under tensor parallelism: each rank holds some of the
-    heads, so ranks would rank tokens differently."""
+def reads_first_layer(settings: Settings) -> bool:
+    """Whether the method ranks by the language model's first decoder layer's attention (Zero-TPrune)."""
+    return settings.site == "features" and "attn" in settings.reducer.needs
+
+
+def check_parallel(settings: Optional[Settings]) -> None:
+    """Refused under tensor parallelism where the selection reads attention over all heads, which
+    each rank holds only some of (ranks would choose differently): the tower site, Zero-TPrune."""
+    if settings is None or not (settings.site == "tower" or reads_first_layer(settings)):
+        return
     from vllm.distributed import get_tensor_model_parallel_world_size
-    if settings is not None and settings.site == "tower" and get_tensor_model_parallel_world_size() > 1:
-        raise ValueError(f"tome_plus: site='tower' ranks and merges an image's tokens from the tower's attention "
-                         f"over all heads, which tensor parallelism splits across ranks; serve site='features', "
-                         f"or tensor_parallel_size=1")
-    if settings is None or settings.site == "tower" or "attn" not in settings.reducer.needs:
-        return None
-    if get_tensor_model_parallel_world_size() > 1:
-        raise ValueError(f"tome_plus: {settings.method!r} ranks an image's tokens by the first decoder layer's "
-                         f"attention over all heads, which tensor parallelism splits across ranks; serve tome or "
-                         f"pitome, or tensor_parallel_size=1")
-    return language_model.model.layers[0]
+    if get_tensor_model_parallel_world_size() == 1:
+        return
+    if settings.site == "tower":
+        raise ValueError("tome_plus: site='tower' ranks and merges an image's tokens from the tower's attention "
+                         "over all heads, which tensor parallelism splits across ranks; serve site='features', "
+                         "or tensor_parallel_size=1")
+    raise ValueError(f"tome_plus: {settings.method!r} ranks an image's tokens by the first decoder layer's "
+                     f"attention over all heads, which tensor parallelism splits across ranks; serve tome or "
+                     f"pitome, or tensor_parallel_size=1")
+
+
+def first_layer(settings: Optional[Settings], language_model) -> Optional[Any]:
+    """The language model's first decoder layer where the method reads attention there, else None."""
+    return language_model.model.layers[0] if settings is not None and reads_first_layer(settings) else None
 
 
 def check_count(settings: Settings, n: int) -> int:

@@ -14,20 +14,14 @@ from ...backends import hf_clip
 from ...backends.base import PatchInfo
 from ...prop_attn import cached_padded_qkv
 from ...reduce import QKV, attention_with_signals, prenorm_layer
-
-
-def feature_depth(hf_config) -> int:
-    """How many tower layers feed the features (the HF site's `vlm.images.feature_depth`)."""
-    n_states = hf_config.vision_config.num_hidden_layers + 1
-    layers = hf_config.vision_feature_layer
-    layers = [layers] if isinstance(layers, int) else list(layers)
-    return min(i % n_states for i in layers)
+from ...vlm.images import layers_feeding
 
 
 def tower_record(method: str, reducer, config, hf_config) -> PatchInfo:
     """The tower's patch record for the served method (its reducer and config)."""
     return hf_clip.prepare_config(hf_config.vision_config, True, False, reducer, config, method,
-                                  reduce_depth=feature_depth(hf_config))
+                                  reduce_depth=layers_feeding(hf_config.vision_config.num_hidden_layers,
+                                                              hf_config.vision_feature_layer))
 
 
 def removed(record: PatchInfo, hf_config) -> int:
