@@ -11,6 +11,7 @@ from .backends import backend_of, find_backend
 from . import heads
 from .backends.base import ATTR, attach, drop_scratch, get_info, restore_classes
 from .methods import REGISTRY as METHODS, get_method, method_names
+from .methods.base import features_only
 from .state import binary_source
 
 
@@ -74,7 +75,7 @@ def patch(model: nn.Module, method: Optional[str] = None, head: Optional[str] = 
     if head is not None and not backend.HEADS:
         raise TypeError(f"head={head!r} replaces a classifier's head; the {backend.KIND} backend "
                         f"({type(model).__name__}) has none to replace")
-    if reducer_cls.target != "llm" and "tower" not in reducer_cls.vlm_sites and not backend.SITES:
+    if features_only(reducer_cls) and not backend.SITES:
         raise TypeError(f"method {method!r} reduces the image features of a vision-language model "
                         f"(site='features'), once, after its projector; {type(model).__name__} "
                         f"({backend.KIND}) has no such place")

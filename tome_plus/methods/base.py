@@ -308,6 +308,12 @@ def received(probs: torch.Tensor, weights: torch.Tensor, current: Optional[int] 
 REGISTRY: registry.Registry[Type[Reducer]] = registry.Registry("method", config=lambda reducer: reducer.config_class)
 
 
+def features_only(method: Type[Reducer]) -> bool:
+    """Whether a vision method reduces only a VLM's image features (DivPrune): a ViT, or a vision
+    tower alone, has no place for it."""
+    return method.target != "llm" and "tower" not in method.vlm_sites
+
+
 def register(cls: Type[Reducer]) -> Type[Reducer]:
     """Class decorator: make a reducer available to `tome_plus.patch` under `cls.name`."""
     return REGISTRY.register(cls.name, cls)
