@@ -412,7 +412,7 @@ def test_hf_bench_features_site_on_next_and_qwen(shape, newlines, placeholders, 
     (["--hf", "llava-tiny", "--site", "llm"], "--site llm: method 'tome' reduces vision tokens"),
     # no --site: the model's default for the method, which LLaVA-NeXT's features site does not run
     (["--hf", "llava-next-tiny", "--method", "diffrate", "--option", "gflops=1"],
-     "--method diffrate at its default site, features: site='features' runs divprune, pitome, tome, zero_tprune"),
+     "--method diffrate at its default site, features: site='features' runs divprune, pitome, tome, visionzip, zero_tprune"),
 ])
 def test_hf_bench_site_refused_before_the_model_is_built(argv, message, capsys, monkeypatch):
     pytest.importorskip("transformers")

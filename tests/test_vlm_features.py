@@ -1,4 +1,4 @@
-"""site="features": a vision method (tome, pitome, zero_tprune, divprune) reduces each image's (or video's)
+"""site="features": a vision method (tome, pitome, zero_tprune, divprune, visionzip) reduces each image's (or video's)
 features before the language model's first layer, on every supported VLM family."""
 import pytest
 import torch
@@ -13,7 +13,7 @@ from test_hf import IMAGE_ID, N_IMAGE, llava, pixels, prompts  # noqa: E402,F401
 VIDEO_FAMILIES = ("llava_onevision", "llava_next_video", "qwen2_vl", "qwen2_5_vl")
 CASES = ([(family, "image") for family in V.FACTORIES] + [(family, "video") for family in VIDEO_FAMILIES])
 METHODS = [("tome", {"keep": 0.3}), ("pitome", {"keep": 0.6}), ("zero_tprune", {"tokens": 5}),
-           ("divprune", {"keep": 0.4})]
+           ("divprune", {"keep": 0.4}), ("visionzip", {"tokens": 6})]
 
 
 def model_and_inputs(family, kind, rows=([3, "{kind}", 5], [1, "{kind}", 2])):
@@ -239,7 +239,7 @@ def test_site_errors_name_the_fix():
     with pytest.raises(ValueError, match="site='tower' or 'features'"):
         tome_plus.patch(model, "tome", site="llm", r=2)
     for options in ({"flops": 0.5}, {}):  # the site is named before DiffRate asks for its budget
-        with pytest.raises(ValueError, match="site='features' runs divprune, pitome, tome, zero_tprune, not 'diffrate'"):
+        with pytest.raises(ValueError, match="site='features' runs divprune, pitome, tome, visionzip, zero_tprune, not 'diffrate'"):
             tome_plus.patch(model, "diffrate", site="features", **options)
     with pytest.raises(ValueError, match="give tokens= .*not flops=0.5"):
         tome_plus.patch(model, "tome", site="features", flops=0.5)

@@ -85,8 +85,8 @@ def patch(model: nn.Module, method: Optional[str] = None, head: Optional[str] = 
     if backend.SITES:  # the site first: a wrong one is named before the method's options ask for a budget
         site = backend.check_site(model, reducer_cls, site)
     config = config_cls(**options)
-    if getattr(config, "positions", "kept") != "kept" and site != "features":
-        raise ValueError(f"positions={config.positions!r} places the kept tokens of site='features' in a "
+    if getattr(config, "positions", "kept") != "kept" and site not in ("features", "llm"):
+        raise ValueError(f"positions={config.positions!r} places the kept tokens of site='features' or 'llm' in a "
                          f"vision-language model; {method!r} here reduces at site={site!r}")
     reducer = reducer_cls(config)
     reducer.for_family(backend.KIND)
@@ -99,7 +99,9 @@ def patch(model: nn.Module, method: Optional[str] = None, head: Optional[str] = 
     gflops_of = (lambda removals: cost.total(n_default, removals or [0] * info.depth) / 1e9) if cost else None
     reducer.for_model(backend.model_name(model), gflops_of)
     reducer.check(backend.depth(model))
-    if not info.has_cls and any("cls_attn" in reducer.needs_at(layer) for layer in range(info.depth)):
+    # the features site reads no layer's signals: a method there takes its own (`llm.features`)
+    if site != "features" and not info.has_cls and any("cls_attn" in reducer.needs_at(layer)
+                                                       for layer in range(info.depth)):
         raise ValueError(f"method {method!r} scores tokens by the class token's attention, but "
                          f"{type(model).__name__} has no class token")
     # solve for the model's default input now, so budget errors and warnings come from here,

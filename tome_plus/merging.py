@@ -29,8 +29,10 @@ class Plan:
         csr: the sources grouped by destination and each output token's start in that list
             (`[B, R]`, `[B, K + 1]`), when the plan kernel wrote them; the merge kernel needs them
             and otherwise groups the sources itself.
-        mode: "wavg" (size-weighted average, sizes add) or "mean" (DiffRate's code: the plain
-            mean of a destination and its sources; each source adds its size times `src_weight`).
+        mode: "wavg" (size-weighted average, sizes add), "mean" (DiffRate's code: the plain
+            mean of a destination and its sources; each source adds its size times `src_weight`)
+            or "plus_mean" (VisionZip's contextual tokens: the destination plus the mean of its
+            sources; sizes add).
         src_weight: `[B, R]` per-source size factors of the "mean" mode.
     """
 
@@ -76,6 +78,26 @@ def merge_mean(plan: Plan, x: torch.Tensor, size: Optional[torch.Tensor], log_sc
     return (out / count).to(x.dtype), out_size, log_size
 
 
+def merge_plus_mean(plan: Plan, x: torch.Tensor, size: Optional[torch.Tensor], log_scale: Optional[float] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """VisionZip's merge: `x_dst' = x_dst + mean(x_src)` over the sources assigned to it (`x_dst`
+    where none is), sizes add."""
+    batch, _, channels = x.shape
+    rows = lambda t, idx: t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+    size = size if size is not None else x.new_ones(batch, x.shape[1], 1, dtype=torch.float32)
+    out, out_size = rows(x, plan.keep).float(), rows(size, plan.keep)
+    dst = plan.dst.unsqueeze(-1)
+    total = torch.zeros_like(out).scatter_add(1, dst.expand(-1, -1, channels), rows(x, plan.src).float())
+    count = torch.zeros_like(out_size).scatter_add(1, dst, torch.ones_like(dst, dtype=out_size.dtype))
+    out = out + total / count.clamp(min=1)
+    out_size = out_size.scatter_add(1, dst, rows(size, plan.src))
+    log_size = out_size.squeeze(-1).log() * log_scale if log_scale is not None else None
+    return out.to(x.dtype), out_size, log_size
+
+
+MERGES = {"mean": merge_mean, "plus_mean": merge_plus_mean}
+
+
 def new_positions(plan: Plan, n_tokens: int) -> torch.Tensor:
     """`[B, N]` output position of every input token of the layer (-1 when dropped)."""
     batch = plan.keep.shape[0]
@@ -97,7 +119,7 @@ def merge_source(plan: Plan, source: torch.Tensor, n_tokens: int) -> torch.Tenso
 def apply_plan(plan: Plan, x: torch.Tensor, state: TokenState) -> Tuple[torch.Tensor, TokenState]:
     """Apply `plan` to x, sizes and source; returns the reduced x and the next state."""
     n_tokens = x.shape[1]
-    merge = merge_mean if plan.mode == "mean" else merge_wavg
+    merge = MERGES.get(plan.mode, merge_wavg)
     x, size, log_size = merge(plan, x, state.size, state.log_size_scale if state.prop_attn else None)
     source = state.source
     if source is not None:

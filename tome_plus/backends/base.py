@@ -102,7 +102,11 @@ class PatchInfo:
         return self.schedules[n_tokens]
 
     def active(self, layer: int) -> bool:
-        return (self.reduce_depth is None or layer < self.reduce_depth) and self.reducer.active(layer)
+        if self.reduce_depth is not None and layer >= self.reduce_depth:
+            return False
+        if self.reducer.last_layer_only:  # VisionZip: the layer whose output is the features
+            return layer == (self.reduce_depth or self.depth) - 1
+        return self.reducer.active(layer)
 
     def reduces(self, n_tokens: Optional[int] = None) -> bool:
         """Whether the patched forward may compute anything other than the original: a head or a

@@ -51,7 +51,7 @@ from ..methods.base import LlmSite
 from .attention import BACKEND, RECORD, SCORE, ScoreRequest
 from .context import INPUTS, KV_STEP, ROUTING
 from .decoders import decoder_adapter, rope_positions
-from .features import reduce_features, warn_tokens_once
+from .features import query_attention, reduce_features, warn_tokens_once
 from .packed import packing, repack, sequence_ids, unpack, unpack_inputs
 from .segments import Segment, compact, instruction_after_image, layer_mask, mask_builder, scatter_back, segment_mask
 from .slots import (SegmentKeys, book_of, check_cache, conversation_keys, hook_book, is_static, open_book,
@@ -176,6 +176,24 @@ class PruningDecoder:
         cos, sin = self.rotary_emb(h, position_ids=positions)
         return replace(seg, positions=positions, cos=cos, sin=sin)
 
+    def _pack_site(self, seg: Segment, book, segment: int, keep: torch.Tensor) -> Segment:
+        """`positions="packed"` at a pruning site (the authors' code of PyramidDrop): every kept
+        token moves back by the tokens this site removed before it, in this forward and in earlier
+        ones (the book's `site_shift`, which this forward's removals join)."""
+        gone = (seg.valid & ~keep).long()
+        before = gone.cumsum(dim=1) - gone
+        earlier = book.site_shift.get(segment + 1) if book is not None else None
+        if earlier is not None:
+            before = before + earlier[:, None]
+        if book is not None:
+            book.site_shift[segment + 1] = before[:, -1] + gone[:, -1]
+        return replace(seg, positions=seg.positions - before)
+
+    def _angles(self, h, seg: Segment) -> Segment:
+        """The rotary angles of the segment's (renumbered) positions."""
+        cos, sin = self.rotary_emb(h, position_ids=seg.positions)
+        return replace(seg, cos=cos, sin=sin)
+
     def _pruning_forward(self, scope, book, attention_mask, position_ids, cache, h, outputs: Outputs):
         info = get_info(self)
         # an LLM method prunes after the layers it names (`LlmReducer.sites`); a vision method
@@ -206,6 +224,8 @@ class PruningDecoder:
         rope_ids, position_ids = rope_positions(decoder_adapter(self), position_ids)
         position_ids = position_ids.expand(batch, n)
         packed = features and info.config.positions == "packed"
+        # positions="packed" at site="llm": each site renumbers what follows it (`_pack_site`)
+        packs_sites = not features and info.config.positions == "packed"
         if packed and book is not None and book.shift is not None:
             # HF counts the conversation's tokens; the kept ones were numbered without the reduced
             position_ids = rope_ids = position_ids - book.shift[:, None]
@@ -288,7 +308,8 @@ class PruningDecoder:
                 weights = reducer.query_weights(seg.visual, seg.instruction, seg.valid, seg.prompt)
                 request = ScoreRequest(weights, segment_mask(keys, seg, h.dtype), keys.first,
                                        query=weights.argmax(dim=-1) if reducer.one_query else None)
-                extra[SCORE] = request
+                if not reducer.scores_next_layer:
+                    extra[SCORE] = request
             kv = KV_STEP.get()
             if kv is not None:  # a KV policy reads this layer's own slots (a dynamic cache's: `first` is an int)
                 kv.segments[i] = (keys.valid[:, :keys.first], keys.valid[:, keys.first:])
@@ -309,10 +330,15 @@ class PruningDecoder:
                 candidates = alive if soft else seg.visual
                 if reducer.config.tokens is not None:
                     check_tokens_per_row(info, candidates.sum(dim=1), scope.images)
+                got = request.received
+                if reducer.scores_next_layer:  # the next layer's q and k, for the one query (this forward's keys)
+                    query = request.query[:, 0]
+                    seen = seg.valid & (torch.arange(h.shape[1], device=h.device) <= query[:, None])
+                    got = query_attention(self.layers[i + 1], h, seg.cos, seg.sin, query, seen).unsqueeze(1)
                 keep = reducer.select(LlmSite(
-                    layer=i, hidden=h, received=request.received, visual=seg.visual, candidates=candidates,
+                    layer=i, hidden=h, received=got, visual=seg.visual, candidates=candidates,
                     instruction=seg.instruction, valid=seg.valid, prompt=seg.prompt, spatial=seg.spatial,
-                    images=scope.images, trainable=info.modules, soft=soft))
+                    images=scope.images, n_visual=n_visual.long(), trainable=info.modules, soft=soft))
                 if soft:
                     m = torch.where(candidates, keep, torch.ones_like(keep))
                     base = seg.key_bias if seg.key_bias is not None else torch.zeros_like(m)
@@ -323,9 +349,16 @@ class PruningDecoder:
                     kept_st = kept_st * (hard.float() - m.detach() + m)
                     fraction_now = (kept_st * seg.visual).sum(dim=1) / n_visual.clamp(min=1)
                 else:
+                    if packs_sites:
+                        seg = self._pack_site(seg, book, segment, keep)
                     h, seg = compact(h, seg, keep)
+                    if packs_sites:
+                        seg = self._angles(h, seg)
                     scope.kept.append(seg.visual.sum(dim=1))
                     scope.positions.append(torch.where(seg.valid, seg.positions, torch.full_like(seg.positions, -1)))
+            elif packs_sites and book is not None and book.site_shift.get(segment + 1) is not None:
+                # a decoding step: the tokens come after what this site removed in earlier forwards
+                seg = self._angles(h, replace(seg, positions=seg.positions - book.site_shift[segment + 1][:, None]))
             # the next layers cache this segment's slots: the book says which are real
             segment += 1
             keys = segment_keys(cache, book, segment, i + 1, seg.valid, seg.index, prior)

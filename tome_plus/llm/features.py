@@ -64,6 +64,25 @@ def image_attention(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: t
     return fp32_logits(q, k, attn.scaling).softmax(dim=-1)
 
 
+def query_attention(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, query: torch.Tensor,
+                    keys: torch.Tensor) -> torch.Tensor:
+    """`[B, N]` float32: the probabilities of one query per row (`query`: `[B]` slots) over the
+    current tokens (`keys`: `[B, N]` bool, those it may see), averaged over heads, as decoder
+    `layer` would form them from `h` (`[B, N, D]`, its input) before it runs: PyramidDrop's rank
+    with the next layer's norm, q and k."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    batch, n, width = x.shape
+    pick = lambda t: t.gather(1, query.view(batch, 1, 1).expand(batch, 1, t.shape[-1]))
+    q = attn.q_proj(pick(x)).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(batch, n, -1, attn.head_dim).transpose(1, 2)
+    q = rotate(q, pick(cos).to(q.dtype), pick(sin).to(q.dtype))
+    k = rotate(k, cos.to(k.dtype), sin.to(k.dtype))
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = fp32_logits(q, k, attn.scaling).masked_fill(~keys[:, None, None, :], float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
 def reduce_sets(x: torch.Tensor, reducer, n_keep: int,
                 attention: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -39,12 +39,16 @@ class SlotBook:
     valid: List[torch.Tensor] = field(default_factory=list)
     column: List[torch.Tensor] = field(default_factory=list)
     shift: Optional[torch.Tensor] = None
+    # positions="packed" at site="llm": per segment after a site, `[B]` how far that site moved
+    # each row's later positions back
+    site_shift: Dict[int, torch.Tensor] = field(default_factory=dict)
 
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.valid = [fn(t) for t in self.valid]
         self.column = [fn(t) for t in self.column]
         if self.shift is not None:
             self.shift = fn(self.shift)
+        self.site_shift = {k: fn(t) for k, t in self.site_shift.items()}
 
     def drop_last(self, k: int) -> None:
         """Forget the last `k` tokens of the conversation (assisted decoding's rejected
@@ -59,7 +63,7 @@ class SlotBook:
         self.column = [t[:, :-k] for t in self.column]
 
     def clear(self) -> None:
-        self.valid, self.column, self.shift = [], [], None
+        self.valid, self.column, self.shift, self.site_shift = [], [], None, {}
 
 
 @dataclass

@@ -50,10 +50,11 @@ class ReductionConfig:
         weighted_pool: average pooling weighs each token by its size, so the pooled feature is the
             mean over input patches (the original ToMe code takes a plain mean over tokens; set
             False for that).
-        positions: `site="features"` of a vision-language model only: "kept" (default) leaves
-            every kept token at its position, gaps where tokens were reduced; "packed" numbers
-            the kept tokens consecutively and every later token after them, as vLLM and LLaVA's
-            own code place a shorter image (1-D rotary families).
+        positions: `site="features"` or `"llm"` of a vision-language model only: "kept" (default)
+            leaves every kept token at its position, gaps where tokens were reduced; "packed"
+            numbers the kept tokens consecutively and every later token after them, as vLLM and
+            LLaVA's own code place a shorter image (1-D rotary families; at `site="llm"` after
+            each pruning site, as PyramidDrop's code).
     """
 
     r: Optional[RBudget] = None
@@ -178,6 +179,8 @@ class Reducer:
     # where in a vision-language model it may run (`patch(..., site=...)`): "tower" (the vision
     # tower's layers), "features" (each image's features, once, before the language model), "llm"
     vlm_sites: ClassVar[Tuple[str, ...]] = ("tower", "features")
+    # reduces once, in the last layer that may (a VLM tower's feature layer, a ViT's last block)
+    last_layer_only: ClassVar[bool] = False
 
     def __init__(self, config: ReductionConfig) -> None:
         self.config = config
@@ -240,6 +243,7 @@ class LlmSite:
     prompt: torch.Tensor  # [B, N] bool: the prompt's real tokens
     spatial: torch.Tensor  # [B, N] float: each visual token's place on its image's grid (ATP's SAP), 0 elsewhere
     images: Optional[torch.Tensor] = None  # [B] images (and videos) each row holds
+    n_visual: Optional[torch.Tensor] = None  # [B] visual tokens each row had before the first site
     trainable: Optional[nn.Module] = None  # what `prepare` built (ATP's modules)
     soft: bool = False  # training: a soft mask in (0, 1], nothing removed
 
@@ -256,7 +260,13 @@ class LlmReducer(Reducer):
       over the queries with these weights (blockwise, beside the model's fused attention: no
       `[B, H, N, N]` map is held);
     - `select(site)`: from that and the hidden states (`LlmSite`), which tokens stay.
+
+    A method that ranks with the attention the *next* layer would form (PyramidDrop: that
+    layer's norm, q and k on the site's hidden states, for its one query) sets
+    `scores_next_layer`; its site's own layer then runs fused, untouched.
     """
+
+    scores_next_layer: ClassVar[bool] = False
 
     needs: ClassVar[FrozenSet[str]] = frozenset({"attn"})
     budget_unit: ClassVar[str] = "keep"

@@ -20,7 +20,7 @@ from ..llm.decoder import PruningDecoder, method_at
 from ..llm.segments import mask_builder
 from ..methods import get_method
 from ..methods.base import ReductionConfig, Reducer
-from .images import count_known, feature_depth, tokens_per_image, tower
+from .images import count_known, dropped, feature_depth, tokens_per_image, tower
 
 
 @dataclass(eq=False)
@@ -59,6 +59,10 @@ def no_cost(n_tokens: int) -> None:
 def prepare(model: nn.Module, reducer: Reducer, config: ReductionConfig, method: str, site: str) -> PatchInfo:
     """The patch record of `method` at `site` (checked already: `hf_llava.check_site`)."""
     if site == "tower":
+        if getattr(config, "cls_token", False) and hf_clip.has_cls(tower(model)) and not dropped(model.config):
+            # VisionZip sends the class token as a dominant token; "full" sends it already
+            raise ValueError(f"{method} with cls_token=True sends the class token among the image tokens, which the "
+                             f"'full' feature selection sends already: pass cls_token=False")
         info = hf_clip.prepare(tower(model), reducer, config, method, reduce_depth=feature_depth(model))
         info.parts = VlmParts()
         return info
@@ -112,6 +116,9 @@ def prepare_llm(model: nn.Module, reducer: Reducer, config: ReductionConfig, met
     """A method that prunes inside the language model (ATP, FastV), with the tower's own method if
     asked (ATP)."""
     llm = check_decoder(model, method_at(method, "llm"))
+    if config.positions == "packed" and decoders.decoder_adapter(llm).rotary != "1d":
+        raise ValueError(f"positions='packed' renumbers 1-D rotary positions; {type(llm).__name__}'s M-RoPE "
+                         f"positions (temporal, height, width) are not packed yet: use positions='kept'")
     reducer.sites(len(llm.layers))  # the layers its options name, against the depth
     tower_info = prepare_tower_method(model, config.tower) if getattr(config, "tower", None) is not None else None
     # where every image puts the same count into the LLM, a `tokens=` budget is checked against it now
