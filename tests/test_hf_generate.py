@@ -22,7 +22,8 @@ from tome_plus.llm.slots import book_of  # noqa: E402
 from test_atp import fa2_standin  # noqa: E402,F401
 from test_hf import llava, pixels, prompts  # noqa: E402,F401
 
-BUDGETS = {"fastv": dict(keep=0.5, k=1), "tome": dict(site="features", r=2), "atp": dict(keep=0.5, layers=[0, 2])}
+BUDGETS = {"fastv": dict(keep=0.5, k=1), "tome": dict(site="features", r=2), "atp": dict(keep=0.5, layers=[0, 2]),
+           "pyramiddrop": dict(keep=0.5, layers=[1, 2], positions="kept")}
 EVERYTHING = {"fastv": dict(keep=1.0, k=1), "tome": dict(site="features", keep=1.0)}
 FAMILIES = ("llava_next", "qwen2_vl")
 

@@ -11,6 +11,7 @@ pytest.importorskip("transformers")
 
 import tome_plus  # noqa: E402
 from tome_plus.methods.pyramiddrop import PyramidDrop, PyramidDropConfig  # noqa: E402
+from test_atp import fa2_standin  # noqa: E402,F401
 from test_hf import IMAGE_ID, N_IMAGE, llava, pixels, prompts  # noqa: E402,F401
 
 
@@ -146,3 +147,23 @@ def test_packed_positions_are_refused_on_m_rope():
     with pytest.raises(ValueError, match="M-RoPE positions .* are not packed yet: use positions='kept'"):
         tome_plus.patch(model, "pyramiddrop", layers=[1, 2])
     tome_plus.patch(model, "pyramiddrop", layers=[1, 2], positions="kept")
+
+
+@pytest.mark.parametrize("impl", ["eager", "flex_attention", "fa2"])
+def test_every_attention_backend_and_the_static_cache_drop_alike(impl, fa2_standin, pixels):
+    """Packed positions through every backend, beams and a static cache: the same tokens as sdpa's
+    dynamic cache (each site's shift carried in the cache's book, reordered with the beams)."""
+    ids, mask = prompts((3, 5), (1, 2))
+    run = lambda m, **kw: m.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4,
+                                     do_sample=False, **kw)
+    ref_model = llava()
+    tome_plus.patch(ref_model, "pyramiddrop", layers=[1, 2], keep=0.5)
+    model = llava()
+    model.set_attn_implementation(fa2_standin if impl == "fa2" else impl)
+    tome_plus.patch(model, "pyramiddrop", layers=[1, 2], keep=0.5)
+    with torch.no_grad():
+        ref = run(ref_model)
+        assert torch.equal(run(model), ref)
+        if impl == "eager":
+            assert torch.equal(run(model, cache_implementation="static"), ref)
+            assert torch.equal(run(model, num_beams=2, cache_implementation="static"), run(ref_model, num_beams=2))

@@ -147,18 +147,20 @@ def test_qwen2_5_text_after_a_long_clip_resumes_where_vllm_puts_it(checkpoints):
     assert answers("qwen2_5_vl", path, {"method": "tome", "keep": 1.0}, kind="video", prompts=[tiny.LONG_CLIP]) == own
 
 
+@pytest.mark.parametrize("settings", [{"method": "divprune", "keep": 0.25}, {"method": "visionzip", "tokens": 10}],
+                         ids=["divprune", "visionzip"])
 @pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
-def test_divprune_as_the_hf_features_site(family, checkpoints):
-    """DivPrune's max-min selection per image (NeXT: newlines aside; Qwen: kept tokens at their
-    (t, h, w)): the HF features site's prompt lengths and answers."""
-    settings = {"method": "divprune", "keep": 0.25}
+def test_baselines_as_the_hf_features_site(family, settings, checkpoints):
+    """DivPrune's max-min selection and VisionZip's dominant + contextual tokens per image (NeXT:
+    newlines aside; Qwen: kept tokens at their (t, h, w); VisionZip ranks by the first decoder
+    layer's attention there): the HF features site's prompt lengths and answers."""
     got, want = answers(family, checkpoints[family], settings), hf_answers(checkpoints[family], settings)
     close(got, want)
     assert all(a["prompt"] < b["full"] for a, b in zip(got, want))
 
 
 TOWER = [{"method": "tome", "r": 4, "site": "tower"}, {"method": "pitome", "keep": 0.5, "site": "tower"},
-         {"method": "zero_tprune", "r": 6, "site": "tower"}]
+         {"method": "zero_tprune", "r": 6, "site": "tower"}, {"method": "visionzip", "tokens": 12, "site": "tower"}]
 
 
 @pytest.mark.parametrize("settings", TOWER, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items() if k != "site"))

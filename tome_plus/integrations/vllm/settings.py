@@ -10,7 +10,7 @@ from ...llm.features import feature_count
 from ...methods.base import REGISTRY, get_method
 
 KEY = "tome_plus"
-SERVED = ("tome", "pitome", "divprune", "zero_tprune")  # the features site's methods (the tower's: not divprune)
+SERVED = ("tome", "pitome", "divprune", "visionzip", "zero_tprune")  # the features site's (the tower's: not divprune)
 MROPE = ("qwen2_vl", "qwen2_5_vl")  # model types whose kept tokens keep their (t, h, w) positions
 INSIDE_LLM = {"atp": "prunes inside the language model", "fastv": "prunes inside the language model"}
 
