@@ -1,4 +1,4 @@
-"""LLM-side pruning (ATP, FastV, PyramidDrop) on anyres LLaVA models: LLaVA-NeXT and LLaVA-OneVision, tiny
+"""LLM-side pruning (ATP, FastV, PyramidDrop, SparseVLM) on anyres LLaVA models: LLaVA-NeXT and LLaVA-OneVision, tiny
 random weights. Their image runs each have a length of their own (crops packed with newline
 tokens), so only the language model prunes; the tower site is refused by name."""
 import math
@@ -74,17 +74,19 @@ def greedy(model, ids, mask, pixels, sizes, **kwargs):
 
 
 METHODS = [("fastv", {"keep": 0.5}), ("fastv", {"tokens": 10}), ("atp", {"keep": 0.5, "layers": [0, 2]}),
-           ("pyramiddrop", {"keep": 0.5, "layers": [1, 2]})]
+           ("pyramiddrop", {"keep": 0.5, "layers": [1, 2]}), ("sparsevlm", {"scale": 1.0, "layers": [0, 2]})]
+# what keeps every visual token (SparseVLM's count is rank x scale: a scale past any count)
+EVERYTHING = {"sparsevlm": {"scale": 1000.0}}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["fastv", "atp", "pyramiddrop"])
+@pytest.mark.parametrize("method", ["fastv", "atp", "pyramiddrop", "sparsevlm"])
 def test_keeping_everything_gives_the_unpatched_tokens(family, method):
     model = FAMILIES[family]()
     pixels, counts = images(model)
     ids, mask = batch(counts)
     ref = greedy(model, ids, mask, pixels, SIZES)
-    tome_plus.patch(model, method, keep=1.0)
+    tome_plus.patch(model, method, **EVERYTHING.get(method, {"keep": 1.0}))
     assert torch.equal(greedy(model, ids, mask, pixels, SIZES), ref)
     assert torch.equal(tome_plus.inspect(model).llm_kept[0], torch.tensor(counts))
 
@@ -160,7 +162,8 @@ CASES = [(family, "image") for family in V.FACTORIES] + [("qwen2_vl", "video"), 
 
 @pytest.mark.parametrize("family,kind", CASES)
 @pytest.mark.parametrize("method,options", [("fastv", {"keep": 0.5}), ("atp", {"keep": 0.5, "layers": [0, 2]}),
-                                            ("pyramiddrop", {"keep": 0.5, "layers": [1, 2], "positions": "kept"})])
+                                            ("pyramiddrop", {"keep": 0.5, "layers": [1, 2], "positions": "kept"}),
+                                            ("sparsevlm", {"scale": 1.0, "layers": [0, 2], "positions": "kept"})])
 def test_every_family_prunes_in_its_llm_as_unpatched_would_run(family, kind, method, options):
     """LLaVA-NeXT, NeXT-Video, OneVision, Qwen2-VL, Qwen2.5-VL (M-RoPE positions), images of two
     sizes or videos, a left-padded batch: keeping everything gives the unpatched greedy tokens;
@@ -173,7 +176,8 @@ def test_every_family_prunes_in_its_llm_as_unpatched_would_run(family, kind, met
               else V.INPUTS[family](model, rows=rows, image_sizes=(), videos=((4, 32, 32), (4, 32, 32))))
     visual = ((inputs["input_ids"] == V.IMAGE_ID) | (inputs["input_ids"] == V.VIDEO_ID)).sum(1)
     ref = V.greedy(model, inputs, 5)
-    tome_plus.patch(model, method, keep=1.0, **{k: v for k, v in options.items() if k == "positions"})
+    tome_plus.patch(model, method, **EVERYTHING.get(method, {"keep": 1.0}),
+                    **{k: v for k, v in options.items() if k == "positions"})
     assert torch.equal(V.greedy(model, inputs, 5), ref)
     assert torch.equal(tome_plus.inspect(model).llm_kept[0], visual)
     tome_plus.unpatch(model)

@@ -192,6 +192,8 @@ def test_qwen_chunked_prefill_and_the_prefix_cache_give_the_same_answers(checkpo
 @pytest.mark.parametrize("settings,message", [
     ({"method": "fastv", "keep": 0.5}, "'fastv' prunes inside the language model.*paged attention"),
     ({"method": "atp", "keep": 0.5}, "'atp' prunes inside the language model"),
+    ({"method": "pyramiddrop"}, "'pyramiddrop' prunes inside the language model"),
+    ({"method": "sparsevlm"}, "'sparsevlm' prunes inside the language model"),
     ({"method": "tome", "keep": 0.5, "kv": "a2sf"}, "kv policies .* paged KV cache"),
     ({"method": "tomato", "keep": 0.5}, "method 'tomato' is not served in vLLM"),
     ({"method": "tome", "keep": 0.5, "speed": 2}, "unknown option.s. \\['speed'\\] for method 'tome'"),

@@ -47,7 +47,7 @@ from transformers.masking_utils import create_causal_mask, flash_attention_mask,
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..backends.base import PatchInfo, get_info
-from ..methods.base import LlmSite
+from ..methods.base import LlmSite, Recycled
 from .attention import BACKEND, RECORD, SCORE, ScoreRequest
 from .context import INPUTS, KV_STEP, ROUTING
 from .decoders import decoder_adapter, rope_positions
@@ -71,6 +71,17 @@ def check_tokens_per_row(info: PatchInfo, n_visual: torch.Tensor, images: torch.
         row = int(short[0, 0])
         warn_tokens_once(info, f"per image is more than row {row} of this forward has ({int(n_visual[row])} visual "
                                f"tokens for {int(images[row])} image(s)): {info.method!r} keeps all of them")
+
+
+def recycled_order(rec: Recycled, visual: torch.Tensor) -> torch.Tensor:
+    """The sort key that puts a row's merged tokens after its last kept visual token (in their
+    `rank` order; before its first visual token where none is kept), every other slot in order."""
+    n = visual.shape[1]
+    slot = torch.arange(n, device=visual.device).expand_as(visual)
+    kept_visual = rec.keep & visual & ~rec.merged
+    first_visual = torch.where(visual, slot, torch.full_like(slot, n)).min(dim=1).values - 1
+    anchor = torch.where(kept_visual.any(dim=1), torch.where(kept_visual, slot, -1).max(dim=1).values, first_visual)
+    return torch.where(rec.merged, (anchor[:, None] + 1) * (n + 1) + 1 + rec.rank, (slot + 1) * (n + 1))
 
 
 def hidden_selection(selection, layers: int) -> Optional[Set[int]]:
@@ -176,18 +187,21 @@ class PruningDecoder:
         cos, sin = self.rotary_emb(h, position_ids=positions)
         return replace(seg, positions=positions, cos=cos, sin=sin)
 
-    def _pack_site(self, seg: Segment, book, segment: int, keep: torch.Tensor) -> Segment:
-        """`positions="packed"` at a pruning site (the authors' code of PyramidDrop): every kept
-        token moves back by the tokens this site removed before it, in this forward and in earlier
-        ones (the book's `site_shift`, which this forward's removals join)."""
-        gone = (seg.valid & ~keep).long()
-        before = gone.cumsum(dim=1) - gone
+    def _pack_site(self, before: Segment, after: Segment, book, segment: int) -> Segment:
+        """`positions="packed"` at a pruning site (PyramidDrop's and SparseVLM's code): the tokens
+        left (`after`, compacted from `before`) are numbered consecutively from the forward's
+        first token, itself moved back by what this site removed in earlier forwards (the book's
+        `site_shift`, which this forward's removals join: later tokens move back by them)."""
         earlier = book.site_shift.get(segment + 1) if book is not None else None
-        if earlier is not None:
-            before = before + earlier[:, None]
+        base = before.positions - (earlier[:, None] if earlier is not None else 0)
+        big = torch.full_like(base, 1 << 30)
+        first = torch.where(before.valid, base, big).min(dim=1).values
+        last = torch.where(before.valid, base, -big).max(dim=1).values
+        rank = after.valid.long().cumsum(dim=1) - 1
         if book is not None:
-            book.site_shift[segment + 1] = before[:, -1] + gone[:, -1]
-        return replace(seg, positions=seg.positions - before)
+            shift = last - (first + after.valid.sum(dim=1) - 1)
+            book.site_shift[segment + 1] = shift if earlier is None else earlier + shift
+        return replace(after, positions=torch.where(after.valid, first[:, None] + rank, after.positions))
 
     def _angles(self, h, seg: Segment) -> Segment:
         """The rotary angles of the segment's (renumbered) positions."""
@@ -291,6 +305,9 @@ class PruningDecoder:
                 scope.positions.append(torch.where(seg.valid, seg.positions, torch.full_like(seg.positions, -1)))
             segment = 0
             keys = segment_keys(cache, book, 0, 0, seg.valid, seg.index, prior)
+        # what the method keeps for this forward from its input (SparseVLM's raters)
+        memo = reducer.forward_memo(h, seg.visual, seg.instruction, seg.valid) if (
+            sites and scope is not None and scope.has_visual) else None
         # a mask changes only at a pruning site: built once per segment (a flex BlockMask is costly)
         mask = hf_mask if hf_masks and segment < 0 else layer_mask(keys, seg, h.dtype, backend)
         for i, layer in enumerate(self.layers):
@@ -305,7 +322,10 @@ class PruningDecoder:
             if outputs.attentions:
                 extra[RECORD] = probs
             if explicit:
-                weights = reducer.query_weights(seg.visual, seg.instruction, seg.valid, seg.prompt)
+                memo_now = memo.gather(1, seg.index) if memo is not None else None
+                # `memo` only for a method that keeps one: a method written to the four-mask signature still runs
+                weights = reducer.query_weights(seg.visual, seg.instruction, seg.valid, seg.prompt,
+                                                **({"memo": memo_now} if memo_now is not None else {}))
                 request = ScoreRequest(weights, segment_mask(keys, seg, h.dtype), keys.first,
                                        query=weights.argmax(dim=-1) if reducer.one_query else None)
                 if not reducer.scores_next_layer:
@@ -328,7 +348,7 @@ class PruningDecoder:
             if explicit:
                 # in training, tokens the hard rule pruned earlier are no longer ranked, as at inference
                 candidates = alive if soft else seg.visual
-                if reducer.config.tokens is not None:
+                if reducer.config.tokens is not None and reducer.tokens_counted:
                     check_tokens_per_row(info, candidates.sum(dim=1), scope.images)
                 got = request.received
                 if reducer.scores_next_layer:  # the next layer's q and k, for the one query (this forward's keys)
@@ -338,7 +358,10 @@ class PruningDecoder:
                 keep = reducer.select(LlmSite(
                     layer=i, hidden=h, received=got, visual=seg.visual, candidates=candidates,
                     instruction=seg.instruction, valid=seg.valid, prompt=seg.prompt, spatial=seg.spatial,
-                    images=scope.images, n_visual=n_visual.long(), trainable=info.modules, soft=soft))
+                    images=scope.images, n_visual=n_visual.long(), index=seg.index, memo=memo_now,
+                    trainable=info.modules, soft=soft))
+                if soft and isinstance(keep, Recycled):
+                    raise ValueError(f"{info.method} merges pruned tokens back, which soft masks cannot train")
                 if soft:
                     m = torch.where(candidates, keep, torch.ones_like(keep))
                     base = seg.key_bias if seg.key_bias is not None else torch.zeros_like(m)
@@ -349,11 +372,13 @@ class PruningDecoder:
                     kept_st = kept_st * (hard.float() - m.detach() + m)
                     fraction_now = (kept_st * seg.visual).sum(dim=1) / n_visual.clamp(min=1)
                 else:
+                    key = None
+                    if isinstance(keep, Recycled):
+                        h, key, keep = keep.hidden, recycled_order(keep, seg.visual), keep.keep
+                    before = seg
+                    h, seg = compact(h, seg, keep, key)
                     if packs_sites:
-                        seg = self._pack_site(seg, book, segment, keep)
-                    h, seg = compact(h, seg, keep)
-                    if packs_sites:
-                        seg = self._angles(h, seg)
+                        seg = self._angles(h, self._pack_site(before, seg, book, segment))
                     scope.kept.append(seg.visual.sum(dim=1))
                     scope.positions.append(torch.where(seg.valid, seg.positions, torch.full_like(seg.positions, -1)))
             elif packs_sites and book is not None and book.site_shift.get(segment + 1) is not None:

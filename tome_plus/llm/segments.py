@@ -89,14 +89,17 @@ def segment_mask(keys: "SegmentKeys", seg: Segment, dtype: torch.dtype) -> torch
     return additive(mask, dtype) + bias.to(dtype)[:, None, None, :]
 
 
-def compact(h: torch.Tensor, seg: Segment, keep: torch.Tensor):
-    """Drop the slots `keep` ([B, K] bool) rejects; survivors move right in order, rows padded
-    on the left to the largest count."""
+def compact(h: torch.Tensor, seg: Segment, keep: torch.Tensor, key: Optional[torch.Tensor] = None):
+    """Drop the slots `keep` ([B, K] bool) rejects; survivors move right in order (or in the
+    order of `key`, `[B, K]` distinct per row), rows padded on the left to the largest count."""
     counts = keep.sum(dim=1)
     n = int(counts.max())
     # stable sort by keep: dropped slots first, kept last, each in order; the last n are the
     # row's kept slots behind (n - count) dropped ones, which become padding
-    order = keep.long().argsort(dim=1, stable=True)[:, -n:]
+    if key is None:
+        order = keep.long().argsort(dim=1, stable=True)[:, -n:]
+    else:
+        order = torch.where(keep, key, torch.full_like(key, -1)).argsort(dim=1, stable=True)[:, -n:]
     occupied = torch.arange(n, device=h.device).unsqueeze(0) >= (n - counts).unsqueeze(1)
     take = lambda t: t.gather(1, order if t.dim() == 2 else order.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
     seg = Segment(index=take(seg.index), valid=take(seg.valid) & occupied, positions=take(seg.positions),

@@ -310,7 +310,7 @@ class Atp(LlmReducer):
         return modules
 
     def query_weights(self, visual: torch.Tensor, instruction: torch.Tensor, valid: torch.Tensor,
-                      prompt: torch.Tensor) -> torch.Tensor:
+                      prompt: torch.Tensor, memo: Optional[torch.Tensor] = None) -> torch.Tensor:
         return score_weights(visual, instruction, valid)
 
     def select(self, site: LlmSite) -> torch.Tensor:

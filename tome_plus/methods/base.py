@@ -244,8 +244,22 @@ class LlmSite:
     spatial: torch.Tensor  # [B, N] float: each visual token's place on its image's grid (ATP's SAP), 0 elsewhere
     images: Optional[torch.Tensor] = None  # [B] images (and videos) each row holds
     n_visual: Optional[torch.Tensor] = None  # [B] visual tokens each row had before the first site
+    index: Optional[torch.Tensor] = None  # [B, N] each current token's position in the forward's input
+    memo: Optional[torch.Tensor] = None  # [B, N] the method's `forward_memo` at the current tokens
     trainable: Optional[nn.Module] = None  # what `prepare` built (ATP's modules)
     soft: bool = False  # training: a soft mask in (0, 1], nothing removed
+
+
+@dataclass(eq=False)
+class Recycled:
+    """`select`'s answer where pruned tokens come back merged (SparseVLM's recycling): the merged
+    tokens are written into some pruned slots of `hidden` (which they then stand for: `keep` is
+    True there, `merged` marks them) and go after the row's last kept visual token, in `rank` order."""
+
+    keep: torch.Tensor  # [B, N] bool
+    hidden: torch.Tensor  # [B, N, D] the site's hidden states, merged tokens written in
+    merged: torch.Tensor  # [B, N] bool
+    rank: torch.Tensor  # [B, N] long: order among a row's merged tokens
 
 
 class LlmReducer(Reducer):
@@ -261,12 +275,20 @@ class LlmReducer(Reducer):
       `[B, H, N, N]` map is held);
     - `select(site)`: from that and the hidden states (`LlmSite`), which tokens stay.
 
+    `forward_memo(...)` (optional) runs once per forward that prunes, on the language model's
+    input embeddings, before the first layer: `[B, L]`, one value per input token, which every
+    site reads at its current tokens (`query_weights(memo=)`, `LlmSite.memo`). `select` may answer a
+    `Recycled` (merged tokens placed after the kept visual ones) instead of a mask.
+
     A method that ranks with the attention the *next* layer would form (PyramidDrop: that
     layer's norm, q and k on the site's hidden states, for its one query) sets
     `scores_next_layer`; its site's own layer then runs fused, untouched.
     """
 
     scores_next_layer: ClassVar[bool] = False
+    # `tokens=N` counts visual tokens kept per image (checked against an image's count); False
+    # where it names a setting instead (SparseVLM's 192 / 128 / 64)
+    tokens_counted: ClassVar[bool] = True
 
     needs: ClassVar[FrozenSet[str]] = frozenset({"attn"})
     budget_unit: ClassVar[str] = "keep"
@@ -289,8 +311,9 @@ class LlmReducer(Reducer):
         return None
 
     def query_weights(self, visual: torch.Tensor, instruction: torch.Tensor, valid: torch.Tensor,
-                      prompt: torch.Tensor) -> torch.Tensor:
-        """`[B, R, N]`: R weightings of the N current tokens as queries (`LlmSite` names the masks)."""
+                      prompt: torch.Tensor, memo: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`[B, R, N]`: R weightings of the N current tokens as queries (`LlmSite` names the masks;
+        `memo`: the method's `forward_memo` at the current tokens)."""
         raise NotImplementedError
 
     @property
@@ -298,6 +321,12 @@ class LlmReducer(Reducer):
         """Whether `query_weights` weighs one query per instance and weighting (FastV's last row):
         the scoring layer then forms that query's probabilities alone."""
         return False
+
+    def forward_memo(self, embeddings: torch.Tensor, visual: torch.Tensor, instruction: torch.Tensor,
+                     valid: torch.Tensor) -> Optional[torch.Tensor]:
+        """`[B, N]`, one value per input token, that the method keeps for this forward from its
+        input embeddings `[B, N, D]` (SparseVLM: its raters); None: nothing."""
+        return None
 
     def select(self, site: LlmSite) -> torch.Tensor:
         """Keep mask `[B, N]` over the site's tokens: bool, or with `site.soft` a float in (0, 1];

@@ -119,7 +119,7 @@ class Fastv(LlmReducer):
         return [self.config.k - 1]
 
     def query_weights(self, visual: torch.Tensor, instruction: torch.Tensor, valid: torch.Tensor,
-                      prompt: torch.Tensor) -> torch.Tensor:
+                      prompt: torch.Tensor, memo: Optional[torch.Tensor] = None) -> torch.Tensor:
         return query_weights(prompt & valid, self.config.rank)
 
     @property

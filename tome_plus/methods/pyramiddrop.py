@@ -97,7 +97,7 @@ class PyramidDrop(LlmReducer):
         return True
 
     def query_weights(self, visual: torch.Tensor, instruction: torch.Tensor, valid: torch.Tensor,
-                      prompt: torch.Tensor) -> torch.Tensor:
+                      prompt: torch.Tensor, memo: Optional[torch.Tensor] = None) -> torch.Tensor:
         return query_weights(prompt & valid, "last")  # the last instruction token
 
     def stage_count(self, stage: int, stages: int, n: torch.Tensor, images: torch.Tensor) -> torch.Tensor:

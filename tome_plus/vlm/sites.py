@@ -122,7 +122,8 @@ def prepare_llm(model: nn.Module, reducer: Reducer, config: ReductionConfig, met
     reducer.sites(len(llm.layers))  # the layers its options name, against the depth
     tower_info = prepare_tower_method(model, config.tower) if getattr(config, "tower", None) is not None else None
     # where every image puts the same count into the LLM, a `tokens=` budget is checked against it now
-    per_image = tokens_per_image(model, config.tokens or 0, tower_info) if count_known(model) else None
+    counted = config.tokens if reducer.tokens_counted else None  # SparseVLM's names a setting
+    per_image = tokens_per_image(model, counted or 0, tower_info) if count_known(model) else None
     info = PatchInfo(method=method, config=config, reducer=reducer, depth=len(llm.layers), n_prefix=0,
                      has_cls=False, cost=no_cost,
                      parts=VlmParts(site="llm", tower=tower_info, tokens_checked=per_image is not None))

@@ -7,12 +7,11 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ...llm.features import feature_count
-from ...methods.base import REGISTRY, get_method
+from ...methods.base import REGISTRY, get_method, method_names
 
 KEY = "tome_plus"
 SERVED = ("tome", "pitome", "divprune", "visionzip", "zero_tprune")  # the features site's (the tower's: not divprune)
 MROPE = ("qwen2_vl", "qwen2_5_vl")  # model types whose kept tokens keep their (t, h, w) positions
-INSIDE_LLM = {"atp": "prunes inside the language model", "fastv": "prunes inside the language model"}
 
 
 @dataclass(frozen=True)
@@ -42,8 +41,8 @@ def read(hf_config) -> Optional[Settings]:
     if "kv" in options:
         raise ValueError("tome_plus: kv policies (a2sf) evict cache slots per head, which vLLM's paged KV cache "
                          "(one sequence length per request across layers) cannot hold; serve without 'kv'")
-    if method in INSIDE_LLM:
-        raise ValueError(f"tome_plus: {method!r} {INSIDE_LLM[method]}, which needs attention probabilities and "
+    if method in method_names() and get_method(method).target == "llm":
+        raise ValueError(f"tome_plus: {method!r} prunes inside the language model, which needs attention probabilities and "
                          f"per-layer sequence lengths that vLLM's paged attention does not have; serve a vision "
                          f"method ({', '.join(SERVED)}) on the image features instead")
     if method not in SERVED:
