@@ -78,7 +78,7 @@ def test_default_budget_is_the_authors_ratio():
 def test_outside_a_vision_language_model_it_is_refused():
     timm = pytest.importorskip("timm")
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
-    with pytest.raises(TypeError, match="'divprune' reduces the image features of a vision-language model"):
+    with pytest.raises(TypeError, match="'divprune' selects the image tokens a vision-language model's language"):
         tome_plus.patch(model, "divprune", keep=0.5)
 
 

@@ -113,9 +113,12 @@ def test_eval_source_runs_tome_plus_eval_per_point(tmp_path, monkeypatch):
     (["--source", "eval", "--model", "vit_tiny_patch16_224", "--data", "fashion-mnist", "--methods", "atp"],
      "method 'atp' prunes visual tokens inside the language model of a vision-language model; --source eval's "
      "timm model has none"),
-    (["--methods", "tome,divprune"], "method 'divprune' reduces the image features of a vision-language model, once, "
-                                     "after its projector (site='features'); --source fidelity's DINOv2 has no such "
-                                     "place"),
+    (["--methods", "tome,divprune"], "method 'divprune' selects the image tokens a vision-language model's language "
+                                     "model receives, once (site='features', after the projector); --source "
+                                     "fidelity's DINOv2 has no such place"),
+    (["--methods", "visionzip"], "method 'visionzip' selects the image tokens a vision-language model's language "
+                                 "model receives, once (site='features', after the projector, or the tower's feature "
+                                 "layer); --source fidelity's DINOv2 has no such place"),
 ])
 def test_bad_command_lines_are_refused(argv, message, tmp_path, capsys, monkeypatch):
     """Refused before anything is loaded or written."""

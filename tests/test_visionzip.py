@@ -148,5 +148,7 @@ def test_refusals(pixels):
     tome_plus.patch(llava(strategy="full"), "visionzip", tokens=8, cls_token=False)
     timm = pytest.importorskip("timm")
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=64)
-    with pytest.raises(TypeError, match="a timm ViT's classifier has no such tokens"):
+    with pytest.raises(TypeError, match="'visionzip' selects the image tokens .* or the tower's feature layer.*no such"):
         tome_plus.patch(vit, "visionzip", tokens=8)
+    with pytest.raises(TypeError, match="'visionzip' selects the image tokens"):  # a tower alone
+        tome_plus.patch(model.model.vision_tower, "visionzip", tokens=8)

@@ -11,7 +11,7 @@ from .backends import backend_of, find_backend
 from . import heads
 from .backends.base import ATTR, attach, drop_scratch, get_info, restore_classes
 from .methods import REGISTRY as METHODS, get_method, method_names
-from .methods.base import features_only
+from .methods.base import vlm_only, vlm_places
 from .state import binary_source
 
 
@@ -75,10 +75,10 @@ def patch(model: nn.Module, method: Optional[str] = None, head: Optional[str] = 
     if head is not None and not backend.HEADS:
         raise TypeError(f"head={head!r} replaces a classifier's head; the {backend.KIND} backend "
                         f"({type(model).__name__}) has none to replace")
-    if features_only(reducer_cls) and not backend.SITES:
-        raise TypeError(f"method {method!r} reduces the image features of a vision-language model "
-                        f"(site='features'), once, after its projector; {type(model).__name__} "
-                        f"({backend.KIND}) has no such place")
+    if vlm_only(reducer_cls) and not backend.SITES:
+        raise TypeError(f"method {method!r} selects the image tokens a vision-language model's language model "
+                        f"receives, once ({vlm_places(reducer_cls)}); "
+                        f"{type(model).__name__} ({backend.KIND}) has no such place")
     if reducer_cls.target == "llm" and not backend.LLM_METHODS:
         raise TypeError(f"method {method!r} prunes inside the language model of a LLaVA-style model; "
                         f"{type(model).__name__} has none")

@@ -179,8 +179,11 @@ class Reducer:
     # where in a vision-language model it may run (`patch(..., site=...)`): "tower" (the vision
     # tower's layers), "features" (each image's features, once, before the language model), "llm"
     vlm_sites: ClassVar[Tuple[str, ...]] = ("tower", "features")
-    # reduces once, in the last layer that may (a VLM tower's feature layer, a ViT's last block)
+    # reduces once, in the last layer that may (a VLM tower's feature layer)
     last_layer_only: ClassVar[bool] = False
+    # selects the image tokens a VLM's language model receives: refused on a ViT or a tower alone
+    # (`vlm_only`; a method without a tower site is so anyway)
+    for_vlm_only: ClassVar[bool] = False
 
     def __init__(self, config: ReductionConfig) -> None:
         self.config = config
@@ -347,10 +350,16 @@ def received(probs: torch.Tensor, weights: torch.Tensor, current: Optional[int] 
 REGISTRY: registry.Registry[Type[Reducer]] = registry.Registry("method", config=lambda reducer: reducer.config_class)
 
 
-def features_only(method: Type[Reducer]) -> bool:
-    """Whether a vision method reduces only a VLM's image features (DivPrune): a ViT, or a vision
-    tower alone, has no place for it."""
-    return method.target != "llm" and "tower" not in method.vlm_sites
+def vlm_only(method: Type[Reducer]) -> bool:
+    """Whether a vision method selects only the image tokens a VLM's language model receives
+    (DivPrune on the features, VisionZip): a ViT, or a vision tower alone, has no place for it."""
+    return method.target != "llm" and ("tower" not in method.vlm_sites or method.for_vlm_only)
+
+
+def vlm_places(method: Type[Reducer]) -> str:
+    """Where a VLM-only method runs, as messages name it."""
+    where = "site='features', after the projector"
+    return where + (", or the tower's feature layer" if "tower" in method.vlm_sites else "")
 
 
 def register(cls: Type[Reducer]) -> Type[Reducer]:

@@ -83,15 +83,11 @@ class VisionZip(Reducer):
     needs = frozenset({"attn", "keys", "x"})
     budget_unit = "r"
     last_layer_only = True
+    for_vlm_only = True
 
     @property
     def site(self) -> str:
         return "block"  # the selection reads the feature layer's output, after its MLP
-
-    def for_family(self, family: str) -> None:
-        if family == "timm":
-            raise TypeError("VisionZip selects the image tokens a vision-language model's language model receives; "
-                            "a timm ViT's classifier has no such tokens (use it on a LLaVA-style model)")
 
     def needs_at(self, layer: int) -> FrozenSet[str]:
         return frozenset({"cls_attn", "keys", "x"})

@@ -178,7 +178,7 @@ def check_method(name: Optional[str], vision_model: Optional[str] = None) -> Non
     inside a language model (atp, fastv) where the tool patches `vision_model` (what it is, e.g.
     "a timm model"), which has none."""
     from ..methods import get_method
-    from ..methods.base import features_only
+    from ..methods.base import vlm_only, vlm_places
 
     if name is None:
         return
@@ -189,9 +189,9 @@ def check_method(name: Optional[str], vision_model: Optional[str] = None) -> Non
     if vision_model is not None and method.target == "llm":
         raise UsageError(f"method {name!r} prunes visual tokens inside the language model of a vision-language "
                          f"model; {vision_model} has none")
-    if vision_model is not None and features_only(method):
-        raise UsageError(f"method {name!r} reduces the image features of a vision-language model, once, after its "
-                         f"projector (site='features'); {vision_model} has no such place")
+    if vision_model is not None and vlm_only(method):
+        raise UsageError(f"method {name!r} selects the image tokens a vision-language model's language model "
+                         f"receives, once ({vlm_places(method)}); {vision_model} has no such place")
 
 
 def given(value: Any) -> bool:

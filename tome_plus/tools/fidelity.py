@@ -23,7 +23,7 @@ import torch
 import tome_plus
 
 from ..methods import get_method
-from ..methods.base import features_only
+from ..methods.base import vlm_only
 from .common import (Parser, UsageError, _literal, check_method, check_options, cli_errors, int_at_least,
                      parse_options, prepare_output, read_schedule_file, startup_errors)
 from .data import fashion_mnist, to_model_input
@@ -53,9 +53,9 @@ class Row:
 def sweepable_methods() -> List[str]:
     """The methods a budget sweep runs by default: those that take r / keep / flops on a ViT (not
     ATP, which runs inside an LLM, nor DiffRate, whose counts come from a searched schedule, nor
-    a method that reduces only a VLM's image features, DivPrune)."""
+    a method that selects only a VLM's image tokens, DivPrune and VisionZip)."""
     return [m for m in tome_plus.methods() if getattr(get_method(m), "target", None) != "llm" and m != "diffrate"
-            and not features_only(get_method(m))]
+            and not vlm_only(get_method(m))]
 
 
 def run_fidelity(methods: Sequence[str], budgets: Tuple[str, Sequence[Any]], n_bank: int = 1000,
