@@ -103,6 +103,20 @@ def test_prefill_keeps_what_the_paper_keeps(alpha, scoring):
     assert_prefill_keeps(model, ids, mask, budget, want, full)
 
 
+def test_queries_past_the_horizon_change_no_kept_slot():
+    """A2SF forms no probabilities for queries older than its horizon (their weights sum under
+    2^-24 of the newest's): on prompts longer than it, each layer keeps exactly the slots of the
+    paper's full sum over every query (looped in float64)."""
+    from tome_plus.kv.a2sf import horizon
+    model = llama("eager")
+    ids, mask = prompts(lengths=(260, 231), seed=3)
+    assert horizon(0.9) < 231  # both rows have queries past it
+    budget, recent = 48, 6
+    want, full = naive_kept(model, ids, mask, budget, recent, 0.9)
+    tome_plus.patch(model, kv="a2sf", kv_options={"budget": budget, "recent": recent, "forget": 0.9})
+    assert_prefill_keeps(model, ids, mask, budget, want, full)
+
+
 def assert_prefill_keeps(model, ids, mask, budget, want, full):
     """After the patched model's prefill every layer holds, per row and KV head, the unpatched
     keys and values (`full`) at exactly the slots `want` names."""

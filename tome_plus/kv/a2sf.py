@@ -16,6 +16,7 @@ How the scores are gathered and the cache pruned is the engine's (`kv/engine.py`
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,12 @@ class A2sf(KvPolicy):
     def query_weights(self, n: int, device: torch.device) -> torch.Tensor:
         return float(self.forget) ** torch.arange(n - 1, -1, -1, device=device, dtype=torch.float32)
 
+    def first_scored(self, n: int) -> int:
+        """The queries older than `horizon(forget)` weigh, all together, under 2^-24 of the newest
+        (weight 1): float32 cannot tell their share of a score the newer queries add to, so their
+        probabilities are not formed (tested: the same slots kept)."""
+        return max(n - horizon(self.forget), 0) if self.scoring == "a2sf" else 0
+
     def fade(self, n: int) -> float:
         return float(self.forget) ** n
 
@@ -63,6 +70,14 @@ class A2sf(KvPolicy):
         if self.scoring == "window":  # newest first: the slot index
             return torch.arange(valid.shape[-1], device=valid.device, dtype=torch.float32).expand(valid.shape)
         return score
+
+
+def horizon(forget: float) -> int:
+    """The fewest newest queries whose weights, `forget^t` for t = 0, 1, ..., leave a tail
+    `sum_{t >= T} forget^t = forget^T / (1 - forget)` under 2^-24 (one float32 ulp of 1)."""
+    if forget >= 1.0:
+        return 1 << 62
+    return max(1, math.ceil(math.log(2.0 ** -24 * (1.0 - forget)) / math.log(forget)))
 
 
 POLICY = A2sf
