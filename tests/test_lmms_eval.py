@@ -62,7 +62,8 @@ def test_lmms_eval_finds_the_model_by_its_entry_point():
 
 
 @pytest.mark.parametrize("model_args", ["method=tome,r=0", "method=fastv,keep=1.0,k=1",
-                                        "method=tome,site=features,keep=1.0"])
+                                        "method=tome,site=features,keep=1.0", "method=visionzip,tokens=64",
+                                        'method=pyramiddrop,keep=1.0,layers="[1, 2]"'])
 def test_zero_budget_gives_the_harness_numbers_of_the_unpatched_model(tiny, reference, model_args):
     """Every sample's generated text and every metric equal lmms-eval's own llava_hf model's, for
     the tower, llm and features sites, as the simple and as the chat kind."""
