@@ -242,16 +242,19 @@ class KvStep:
         weights = self.config.query_weights(n, query.device) * self.new_of(layer_idx, query.device).float()  # [B, N]
         total = query.new_zeros(batch, kv_heads, length, dtype=torch.float32)
         groups = heads // kv_heads
-        full_key = key.repeat_interleave(groups, dim=1)
+        kv_keys = keys[:, ::groups]  # [B, KV, L]: one row per KV head (the query heads of a group share it)
         step = max(1, attention.BLOCK // (batch * heads * length))
         for start in range(self.config.first_scored(n), n, step):
             q = query[:, :, start:start + step]
-            logits = (fp32_logits(q, full_key, scaling) if q.dtype in HALF
-                      else (q @ full_key.transpose(-2, -1)).float() * scaling)
-            own = block_mask(keys, start, q.shape[2], n)
-            probs = logits.masked_fill(~own, float("-inf")).softmax(dim=-1)
-            summed = torch.einsum("bq,bhqk->bhk", weights[:, start:start + step], probs)  # [B, H, L]
-            total = total + summed.view(batch, kv_heads, groups, length).sum(dim=2)
+            rows = q.shape[2]
+            # a KV head's query heads as one block of rows against its keys: no copy of K per head
+            grouped = q.reshape(batch, kv_heads, groups * rows, q.shape[-1])
+            logits = fp32_logits(grouped, key, scaling).view(batch, kv_heads, groups, rows, length)
+            own = block_mask(kv_keys, start, rows, n).unsqueeze(2)  # [B, KV, 1, rows, L]
+            probs = logits.masked_fill_(~own, float("-inf")).softmax(dim=-1)  # in place: logits are this block's own
+            # [1, rows] x [rows, L] per head: sums over the queries without permuting the probabilities
+            w = weights[:, start:start + step].view(batch, 1, 1, 1, rows)
+            total = total + (w @ probs).sum(dim=(2, 3))
         old = layer.score if isinstance(layer, PrunedLayer) else None
         if old is not None:
             total[..., :old.shape[-1]] += old * self.config.fade(n)
