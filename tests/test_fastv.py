@@ -221,7 +221,9 @@ def test_the_scoring_layer_keeps_the_fused_attention(pixels, monkeypatch):
     # the 4 decoder layers, the scoring layer (k=2: index 1) among them
     assert sum("Llama" in name for name in calls) == 4
     n = ids.shape[1]  # the tower reduces nothing: the prompt as given
-    assert len(blocks) > 1 and sum(shape[2] for shape in blocks) == n  # every query once, in blocks
+    text = model.config.text_config
+    groups = text.num_attention_heads // text.num_key_value_heads  # a KV head's query heads: one block of rows
+    assert len(blocks) > 1 and sum(shape[2] for shape in blocks) == n * groups  # every query once, in blocks
     assert all(shape[0] * shape[1] * shape[2] * n <= 800 for shape in blocks)
 
 

@@ -54,9 +54,10 @@ def received_attention(query: torch.Tensor, key: torch.Tensor, mask: torch.Tenso
     those queries' probabilities are formed (gathered on the device: no host sync)."""
     batch, heads, n, _ = query.shape
     current = first + torch.arange(n, device=query.device)  # a static cache's buffer has slots after them
-    key = key.repeat_interleave(heads // key.shape[1], dim=1)  # grouped-query attention: kv head h // groups
+    shared = key  # [B, KV, Lk, D]: the blocks below group the query heads of each KV head
     keys = key.shape[2]
     if one is not None:
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)  # grouped-query attention: kv head h // groups
         rows = one.shape[1]
         q = query.gather(2, one.view(batch, 1, rows, 1).expand(batch, heads, rows, query.shape[-1]))
         logits = fp32_logits(q, key, scaling) if q.dtype in HALF else (q @ key.transpose(-2, -1)).float() * scaling
@@ -67,13 +68,25 @@ def received_attention(query: torch.Tensor, key: torch.Tensor, mask: torch.Tenso
         return probs.mean(dim=1) * weight
     step = max(1, BLOCK // (batch * heads * keys))
     total = weights.new_zeros(batch, weights.shape[1], n, dtype=torch.float32)
+    kv, groups = shared.shape[1], heads // shared.shape[1]
+    # the current tokens' keys as a view where they are the last slots (no cache buffer after them)
+    contiguous = isinstance(first, int) and first + n == keys
     for start in range(0, n, step):
         q = query[:, :, start:start + step]
-        logits = fp32_logits(q, key, scaling) if q.dtype in HALF else (q @ key.transpose(-2, -1)).float() * scaling
+        rows = q.shape[2]
+        # a KV head's query heads as one block of rows against its keys: no copy of K per head
+        grouped = q.reshape(batch, kv, groups * rows, q.shape[-1])
+        logits = (fp32_logits(grouped, shared, scaling) if q.dtype in HALF
+                  else (grouped @ shared.transpose(-2, -1)).float() * scaling).view(batch, heads, rows, keys)
         block = mask[:, :, start:start + step, :keys]
-        logits = logits + (additive(block, logits.dtype) if block.dtype == torch.bool else block.float())
-        probs = logits.softmax(dim=-1).index_select(-1, current)
-        total = total + received(probs, weights[:, :, start:start + step], current=n)
+        if block.dtype == torch.bool:  # in place: adding the dtype's minimum, as `additive` would
+            logits.masked_fill_(~block, torch.finfo(logits.dtype).min)
+        else:
+            logits += block.float()
+        probs = logits.softmax(dim=-1)
+        probs = probs[..., first:] if contiguous else probs.index_select(-1, current)
+        # sum over the block's queries per head as one matmul, then the mean over heads
+        total += (weights[:, None, :, start:start + step].float() @ probs).mean(dim=1)
     return total
 
 
