@@ -166,7 +166,9 @@ def test_equal_energies_and_importances_rank_by_position():
 
     zt = ZeroTPrune(ZeroTPruneConfig(r=[k] * 12, s_share=0.0, init="uniform"))
     zt.check(12)
-    attn = torch.full((1, 2, n, n), 1.0 / n)  # uniform attention: every importance is equal
+    # each token attending to itself alone: every importance equal, exactly, whatever a BLAS's
+    # summation order (uniform attention sums n equal terms, which a GEMV may round per column)
+    attn = torch.eye(n).expand(1, 2, n, n).contiguous()
     state = TokenState(reducer=zt, removals=(k,) * 12, n_prefix=1, has_cls=True, prop_attn=False,
                        batch=1, n_input=n)
     plan = zt.plan({"attn": attn, "keys": keys}, state, k)

@@ -244,3 +244,61 @@ def test_site_block_same_answer_paper_cost(images):
         tome_plus.patch(make("vit_tiny_patch16_224"), "zero_tprune", r=4, prune_at="mlp")
     with pytest.raises(ValueError, match="min_heads"):
         tome_plus.patch(make("vit_tiny_patch16_224"), "zero_tprune", r=4, min_heads=2)
+
+
+def masked_matrix_wpr(attn, iters, alive, init, n_cls):
+    """The weighted PageRank as it was computed before the row factors moved onto s: the renormalised,
+    masked matrix formed, then `iters` products with it."""
+    from tome_plus.triton_kernels.pagerank import initial_scores
+    batch, heads, n, _ = attn.shape
+    alive = torch.ones(batch, n, dtype=torch.bool) if alive is None else alive
+    a = attn.float() * alive[:, None, None, :].float()
+    a = a / a.sum(-1, keepdim=True).clamp_min(1e-30)
+    a = a * alive[:, None, :, None].float()
+    s = initial_scores(alive, init, n_cls)[:, None, :].expand(batch, heads, n).contiguous()
+    for _ in range(iters):
+        s = (s.unsqueeze(-2) @ a).squeeze(-2)
+    return s, torch.zeros(batch, heads)
+
+
+def test_the_unformed_matrix_chooses_the_tokens_the_formed_one_chose(monkeypatch):
+    """Zero-TPrune at a VLM's features site (980-token-like pools: a tiny NeXT's images, 30
+    iterations) keeps exactly the tokens it kept when the renormalised matrix was formed."""
+    pytest.importorskip("transformers")
+    import vlm_models as V
+    from tome_plus.methods import zero_tprune as Z
+    kept = {}
+    for name, twin in (("formed", masked_matrix_wpr), ("unformed", None)):
+        if twin is not None:
+            monkeypatch.setattr(Z, "weighted_pagerank", twin)
+        else:
+            monkeypatch.undo()
+        model = V.FACTORIES["llava_next"](text_config={"num_hidden_layers": 2})
+        inputs = V.INPUTS["llava_next"](model)
+        tome_plus.patch(model, "zero_tprune", site="features", keep=0.5)
+        with torch.no_grad():
+            model(**inputs)
+        kept[name] = tome_plus.inspect(model).llm_positions[0]
+    assert torch.equal(kept["formed"], kept["unformed"])
+    # and on random attention graphs, pools of several sizes, survivors masked
+    torch.manual_seed(0)
+    for n in (50, 300):
+        attn = torch.randn(2, 4, n, n).softmax(dim=-1)
+        alive = torch.rand(2, n) > 0.3
+        for iters in (1, 30):
+            new, _ = weighted_pagerank_torch(attn, iters, alive, "uniform", 0)
+            old, _ = masked_matrix_wpr(attn, iters, alive, "uniform", 0)
+            torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-7)
+            assert torch.equal(new.argsort(dim=-1, descending=True, stable=True)[..., :n // 3],
+                               old.argsort(dim=-1, descending=True, stable=True)[..., :n // 3])
+
+
+def test_the_cpu_twin_iterates_a_few_heads_at_a_time_alike(monkeypatch):
+    """Heads iterated in cache-sized groups give the products of all heads at once, bit for bit."""
+    from tome_plus.triton_kernels import pagerank
+    torch.manual_seed(1)
+    attn = torch.randn(2, 6, 40, 40).softmax(dim=-1)
+    alive = torch.rand(2, 40) > 0.2
+    together, _ = weighted_pagerank_torch(attn, 12, alive, "cls", 1)
+    monkeypatch.setattr(pagerank, "CACHE_BYTES", 40 * 40 * 4 * 2)  # two heads at a time
+    assert torch.equal(weighted_pagerank_torch(attn, 12, alive, "cls", 1)[0], together)

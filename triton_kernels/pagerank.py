@@ -54,6 +54,9 @@ INTERPRET_BLOCK = 256
 INTERPRET_PROGRAMS = 3
 
 
+CACHE_BYTES = 8 << 20  # the graph bytes the CPU twin iterates on at once (a share of a typical L3)
+
+
 def initial_scores(alive: torch.Tensor, init: str, n_cls: int) -> torch.Tensor:
     """`[B, N]` float32 start distribution over the alive tokens.
 
@@ -89,13 +92,24 @@ def weighted_pagerank_torch(attn: torch.Tensor, iters: int, alive: Optional[torc
     batch, heads, n, _ = attn.shape
     if alive is None:
         alive = torch.ones(batch, n, dtype=torch.bool, device=attn.device)
-    keys = alive[:, None, None, :].float()
-    a = attn.float() * keys
-    a = a / a.sum(-1, keepdim=True).clamp_min(1e-30)  # rows renormalised over surviving keys
-    a = a * alive[:, None, :, None].float()  # dropped queries pass no mass
+    # A'[i, j] = alive_i alive_j A[i, j] / sum_{alive k} A[i, k] (rows renormalised over surviving
+    # keys, dropped queries passing no mass), never formed: its row factors scale s and its column
+    # mask the product, so each iteration reads A once and no pass over the N x N matrix is added
+    a = attn.float()
+    live = alive.float()[:, None, :]  # [B, 1, N]
+    rows = (a @ live.unsqueeze(-1)).squeeze(-1)  # [B, H, N]: each row's mass on surviving keys
+    scale = live / rows.clamp_min(1e-30)
     s = initial_scores(alive, init, n_cls)[:, None, :].expand(batch, heads, n).contiguous()
-    for _ in range(iters):
-        s = (s.unsqueeze(-2) @ a).squeeze(-2)  # s_t(j) = sum_i A'[i, j] s_{t-1}(i)
+    # all iterations on a few heads at a time: their matrices stay in the CPU's cache between
+    # iterations instead of streaming every head's from memory on each (the same products)
+    step = max(1, CACHE_BYTES // max(n * n * 4, 1)) if a.device.type == "cpu" else heads
+    out = []
+    for h in range(0, heads, step):
+        a_h, scale_h, s_h = a[:, h:h + step], scale[:, h:h + step], s[:, h:h + step]
+        for _ in range(iters):
+            s_h = ((s_h * scale_h).unsqueeze(-2) @ a_h).squeeze(-2) * live  # s_t(j) = sum_i A'[i, j] s_{t-1}(i)
+        out.append(s_h)
+    s = torch.cat(out, dim=1) if len(out) > 1 else out[0]
     n_alive = alive.float().sum(-1)[:, None]
     mask = alive[:, None, :].float()
     scaled = s * n_alive[..., None]
