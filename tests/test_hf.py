@@ -228,6 +228,16 @@ def test_tower_errors(pixels):
 
 # ----------------------------------------------------------------------------------------- LLaVA
 
+def llava_embeddings(model, ids, pixels):
+    """The unpatched LLaVA's language-model input: token embeddings with the image features at the
+    placeholders (what its forward builds), for tests that restate an authors' LLM loop."""
+    lm = model.model.language_model
+    h = lm.embed_tokens(ids)
+    feats = model.model.get_image_features(pixel_values=pixels).pooler_output
+    h[ids == IMAGE_ID] = torch.cat(list(feats)).view(-1, h.shape[-1])
+    return h
+
+
 def greedy(model, ids, mask, pixels, **kwargs):
     with torch.no_grad():
         return model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=5,

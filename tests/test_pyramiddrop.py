@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 import tome_plus  # noqa: E402
 from tome_plus.methods.pyramiddrop import PyramidDrop, PyramidDropConfig  # noqa: E402
 from test_atp import fa2_standin  # noqa: E402,F401
-from test_hf import IMAGE_ID, N_IMAGE, llava, pixels, prompts  # noqa: E402,F401
+from test_hf import IMAGE_ID, N_IMAGE, llava, llava_embeddings, pixels, prompts  # noqa: E402,F401
 
 
 def rotate_half(x):
@@ -27,9 +27,7 @@ def authors_logits(model, ids, px, layers, ratios, prompt_len):
     positions restart at 0..len-1. Returns the last token's logits."""
     lm = model.model.language_model
     with torch.no_grad():
-        h = lm.embed_tokens(ids)
-        feats = model.model.get_image_features(pixel_values=px).pooler_output
-        h[ids == IMAGE_ID] = torch.cat(list(feats)).view(-1, h.shape[-1])
+        h = llava_embeddings(model, ids, px)
         image_index = int((ids[0] == IMAGE_ID).nonzero()[0])
         current = N_IMAGE
         query = prompt_len - 1

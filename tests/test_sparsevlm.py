@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 
 import tome_plus  # noqa: E402
 from tome_plus.methods.sparsevlm import SparseVlmConfig, cluster_and_merge, raters  # noqa: E402
-from test_hf import IMAGE_ID, N_IMAGE, llava, pixels, prompts  # noqa: E402,F401
+from test_hf import IMAGE_ID, N_IMAGE, llava, llava_embeddings, pixels, prompts  # noqa: E402,F401
 
 
 def authors_cluster_and_merge(x, cluster_num):
@@ -55,9 +55,7 @@ def authors_logits(model, ids, px, layers, scale, shift):
     """One unpadded row, their prefill: returns the last token's logits and the visual counts."""
     lm = model.model.language_model
     with torch.no_grad():
-        h = lm.embed_tokens(ids)
-        feats = model.model.get_image_features(pixel_values=px).pooler_output
-        h[ids == IMAGE_ID] = torch.cat(list(feats)).view(-1, h.shape[-1])
+        h = llava_embeddings(model, ids, px)
         v_start = int((ids[0] == IMAGE_ID).nonzero()[0])
         v_num, t_start = N_IMAGE, v_start + N_IMAGE
         m = (h[:, v_start:t_start] @ h[:, t_start:].transpose(1, 2)).softmax(2).mean(1)
