@@ -238,6 +238,17 @@ def llava_embeddings(model, ids, pixels):
     return h
 
 
+def assert_rows_alone(model, out, ids, shapes, pixels, new):
+    """Each row of a left-padded batch's generation (`out`, from `ids`) equals its prompt alone
+    (`prompts(shape)`, its own image) generating `new` tokens."""
+    for row, shape in enumerate(shapes):
+        ids1, mask1 = prompts(shape)
+        with torch.no_grad():
+            alone = model.generate(input_ids=ids1, attention_mask=mask1, pixel_values=pixels[row:row + 1],
+                                   max_new_tokens=new, do_sample=False)
+        assert torch.equal(alone[0, ids1.shape[1]:], out[row, ids.shape[1]:])
+
+
 def greedy(model, ids, mask, pixels, **kwargs):
     with torch.no_grad():
         return model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=5,

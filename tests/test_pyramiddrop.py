@@ -12,7 +12,8 @@ pytest.importorskip("transformers")
 import tome_plus  # noqa: E402
 from tome_plus.methods.pyramiddrop import PyramidDrop, PyramidDropConfig  # noqa: E402
 from test_atp import fa2_standin  # noqa: E402,F401
-from test_hf import IMAGE_ID, N_IMAGE, llava, llava_embeddings, pixels, prompts  # noqa: E402,F401
+from test_hf import (IMAGE_ID, N_IMAGE, assert_rows_alone, llava, llava_embeddings, pixels,  # noqa: E402,F401
+                     prompts)
 
 
 def rotate_half(x):
@@ -117,12 +118,7 @@ def test_positions_kept_and_batches(pixels):
         real = kept_positions[kept_positions >= 0]
         if positions == "kept":  # gaps where the dropped tokens were
             assert int(real.max()) > real.numel()
-        for row, shape in enumerate([(3, 5), (1, 2)]):
-            ids1, mask1 = prompts(shape)
-            with torch.no_grad():
-                alone = model.generate(input_ids=ids1, attention_mask=mask1, pixel_values=pixels[row:row + 1],
-                                       max_new_tokens=4, do_sample=False)
-            assert torch.equal(alone[0, ids1.shape[1]:], out[row, ids.shape[1]:])
+        assert_rows_alone(model, out, ids, [(3, 5), (1, 2)], pixels, 4)
 
 
 def test_refusals():

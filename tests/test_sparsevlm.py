@@ -12,7 +12,8 @@ pytest.importorskip("transformers")
 
 import tome_plus  # noqa: E402
 from tome_plus.methods.sparsevlm import SparseVlmConfig, cluster_and_merge, raters  # noqa: E402
-from test_hf import IMAGE_ID, N_IMAGE, llava, llava_embeddings, pixels, prompts  # noqa: E402,F401
+from test_hf import (IMAGE_ID, N_IMAGE, assert_rows_alone, llava, llava_embeddings, pixels,  # noqa: E402,F401
+                     prompts)
 
 
 def authors_cluster_and_merge(x, cluster_num):
@@ -143,12 +144,7 @@ def test_cache_batches_and_keep_everything(pixels):
             out = run()
             assert torch.equal(run(use_cache=False), out)
         assert bool((tome_plus.inspect(model).llm_kept[0] < N_IMAGE).all())
-        for row, shape in enumerate([(3, 5), (1, 2)]):
-            ids1, mask1 = prompts(shape)
-            with torch.no_grad():
-                alone = model.generate(input_ids=ids1, attention_mask=mask1, pixel_values=pixels[row:row + 1],
-                                       max_new_tokens=4, do_sample=False)
-            assert torch.equal(alone[0, ids1.shape[1]:], out[row, ids.shape[1]:])
+        assert_rows_alone(model, out, ids, [(3, 5), (1, 2)], pixels, 4)
     tome_plus.unpatch(model)
     with torch.no_grad():
         assert torch.equal(run(), ref)

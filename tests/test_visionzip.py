@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 import tome_plus  # noqa: E402
 from tome_plus.methods.visionzip import VisionZip, VisionZipConfig, split  # noqa: E402
 from tome_plus.state import TokenState  # noqa: E402
-from test_hf import N_IMAGE, llava, pixels, prompts  # noqa: E402,F401
+from test_hf import N_IMAGE, greedy, llava, pixels, prompts  # noqa: E402,F401
 
 
 def authors_visionzip(hidden, attn, metric, dominant_num, contextual_num):
@@ -71,25 +71,17 @@ def test_tower_site_generates_and_keeps_everything_at_full_budget(pixels):
     ids, mask = prompts((3, 5), (1, 2))
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-        ref_tokens = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4,
-                                    do_sample=False)
+    ref_tokens = greedy(model, ids, mask, pixels)
     tome_plus.patch(model, "visionzip", tokens=N_IMAGE)  # every patch: nothing selected, nothing merged
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits, ref)
     tome_plus.patch(model, "visionzip", tokens=16)
-    with torch.no_grad():
-        cached = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4,
-                                do_sample=False)
-        uncached = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4,
-                                  do_sample=False, use_cache=False)
-    assert torch.equal(cached, uncached)
+    assert torch.equal(greedy(model, ids, mask, pixels), greedy(model, ids, mask, pixels, use_cache=False))
     info = tome_plus.inspect(model)
     assert info.removals == (0, 0, N_IMAGE - 16, 0)  # once, in the feature layer (-2)
     assert torch.equal(info.image_tokens, torch.full((2,), 16))
     tome_plus.unpatch(model)
-    with torch.no_grad():
-        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4,
-                                          do_sample=False), ref_tokens)
+    assert torch.equal(greedy(model, ids, mask, pixels), ref_tokens)
 
 
 def loop_plan(attn, keys, x, n_keep, contextual):

@@ -61,19 +61,23 @@ def merge_wavg(plan: Plan, x: torch.Tensor, size: Optional[torch.Tensor], log_sc
     return kernels.merge_wavg(x, size, plan.keep, plan.src, plan.dst, csr=plan.csr, log_scale=log_scale)
 
 
+def gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`[B, K, C]` rows `index` (`[B, K]`) of `t` (`[B, N, C]`)."""
+    return t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+
 def merge_mean(plan: Plan, x: torch.Tensor, size: Optional[torch.Tensor], log_scale: Optional[float] = None
                ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """DiffRate's merge: `x_dst' = mean(x_dst, x_src...)`, `s_dst' = s_dst + sum w_src s_src`."""
     batch, _, channels = x.shape
-    rows = lambda t, idx: t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
     size = size if size is not None else x.new_ones(batch, x.shape[1], 1, dtype=torch.float32)
-    out, out_size = rows(x, plan.keep).float(), rows(size, plan.keep)
+    out, out_size = gather_rows(x, plan.keep).float(), gather_rows(size, plan.keep)
     count = torch.ones_like(out_size)
     dst = plan.dst.unsqueeze(-1)
-    out = out.scatter_add(1, dst.expand(-1, -1, channels), rows(x, plan.src).float())
+    out = out.scatter_add(1, dst.expand(-1, -1, channels), gather_rows(x, plan.src).float())
     count = count.scatter_add(1, dst, torch.ones_like(dst, dtype=count.dtype))
     weight = plan.src_weight.unsqueeze(-1).to(size.dtype)
-    out_size = out_size.scatter_add(1, dst, weight * rows(size, plan.src))
+    out_size = out_size.scatter_add(1, dst, weight * gather_rows(size, plan.src))
     log_size = out_size.squeeze(-1).log() * log_scale if log_scale is not None else None
     return (out / count).to(x.dtype), out_size, log_size
 
@@ -83,14 +87,13 @@ def merge_plus_mean(plan: Plan, x: torch.Tensor, size: Optional[torch.Tensor], l
     """VisionZip's merge: `x_dst' = x_dst + mean(x_src)` over the sources assigned to it (`x_dst`
     where none is), sizes add."""
     batch, _, channels = x.shape
-    rows = lambda t, idx: t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
     size = size if size is not None else x.new_ones(batch, x.shape[1], 1, dtype=torch.float32)
-    out, out_size = rows(x, plan.keep).float(), rows(size, plan.keep)
+    out, out_size = gather_rows(x, plan.keep).float(), gather_rows(size, plan.keep)
     dst = plan.dst.unsqueeze(-1)
-    total = torch.zeros_like(out).scatter_add(1, dst.expand(-1, -1, channels), rows(x, plan.src).float())
+    total = torch.zeros_like(out).scatter_add(1, dst.expand(-1, -1, channels), gather_rows(x, plan.src).float())
     count = torch.zeros_like(out_size).scatter_add(1, dst, torch.ones_like(dst, dtype=out_size.dtype))
     out = out + total / count.clamp(min=1)
-    out_size = out_size.scatter_add(1, dst, rows(size, plan.src))
+    out_size = out_size.scatter_add(1, dst, gather_rows(size, plan.src))
     log_size = out_size.squeeze(-1).log() * log_scale if log_scale is not None else None
     return out.to(x.dtype), out_size, log_size
 

@@ -33,7 +33,6 @@ from ..llm.attention import RoutedAttention
 from ..llm import decoders
 from ..llm.decoder import PruningDecoder
 from ..llm.slots import keep_hooks
-from ..precision import HALF, fp32_logits
 
 RECENT = 16  # the newest tokens kept by default (A2SF's authors' window), where the budget holds them
 
@@ -221,12 +220,12 @@ class KvStep:
             return mask
         if not self.scoring and n == 1 and layer.all_valid and self.new_all and layer_idx not in self.segments:
             return None  # one query over real keys only: no mask, the backend's fastest path
-        keys = self.keys_valid(layer_idx, kv_heads, key.device).repeat_interleave(heads // kv_heads, dim=1)  # [B, H, L]
+        valid = self.keys_valid(layer_idx, kv_heads, key.device)  # [B, KV, L]
         if self.scoring:
-            self.scores[layer_idx] = self._accumulate(layer_idx, layer, query, key, keys, scaling, kv_heads)
+            self.scores[layer_idx] = self._accumulate(layer_idx, layer, query, key, valid, scaling, kv_heads)
         if not pruned:
             return mask
-        own = block_mask(keys, 0, n)
+        own = block_mask(valid.repeat_interleave(heads // kv_heads, dim=1), 0, n)  # [B, H, N, L]
         if module.__dict__["config"]._attn_implementation == "eager":
             return torch.zeros(own.shape, dtype=query.dtype, device=own.device).masked_fill(
                 ~own, torch.finfo(query.dtype).min)
@@ -235,22 +234,19 @@ class KvStep:
     def _accumulate(self, layer_idx, layer, query, key, keys, scaling, kv_heads) -> torch.Tensor:
         """The scores after this forward's queries: the old ones times the policy's `fade(N)`, plus
         sum_q w_q S[q] over the real queries (`query_weights`), S the probabilities summed over the
-        query heads of each KV head; the probabilities and their mask a block of queries at a time
-        (`llm.attention.BLOCK` logits), so memory stays O(L) per head however long the prompt."""
+        query heads of each KV head; the probabilities and their mask (`keys`: `[B, KV, L]` the real
+        slots) a block of queries at a time (`llm.attention.BLOCK` logits), so memory stays O(L)
+        per head however long the prompt."""
         batch, heads, n, _ = query.shape
         length = key.shape[2]
         weights = self.config.query_weights(n, query.device) * self.new_of(layer_idx, query.device).float()  # [B, N]
         total = query.new_zeros(batch, kv_heads, length, dtype=torch.float32)
-        groups = heads // kv_heads
-        kv_keys = keys[:, ::groups]  # [B, KV, L]: one row per KV head (the query heads of a group share it)
         step = max(1, attention.BLOCK // (batch * heads * length))
         for start in range(self.config.first_scored(n), n, step):
             q = query[:, :, start:start + step]
             rows = q.shape[2]
-            # a KV head's query heads as one block of rows against its keys: no copy of K per head
-            grouped = q.reshape(batch, kv_heads, groups * rows, q.shape[-1])
-            logits = fp32_logits(grouped, key, scaling).view(batch, kv_heads, groups, rows, length)
-            own = block_mask(kv_keys, start, rows, n).unsqueeze(2)  # [B, KV, 1, rows, L]
+            logits = attention.grouped_logits(q, key, scaling)  # [B, KV, G, rows, L]
+            own = block_mask(keys, start, rows, n).unsqueeze(2)  # [B, KV, 1, rows, L]
             probs = logits.masked_fill_(~own, float("-inf")).softmax(dim=-1)  # in place: logits are this block's own
             # [1, rows] x [rows, L] per head: sums over the queries without permuting the probabilities
             w = weights[:, start:start + step].view(batch, 1, 1, 1, rows)

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..methods.base import received
 from ..precision import HALF, fp32_logits
 from .context import KV_STEP, ROUTING
 from .segments import additive
@@ -44,6 +43,19 @@ class ScoreRequest:
     query: Optional[torch.Tensor] = None  # [B, R]: the one query each weighting counts (`one_query`), or None
 
 
+def grouped_logits(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """`[B, KV, G, R, Lk]` float32 logits of query heads `[B, H, R, D]` against the keys of their KV
+    heads `[B, KV, Lk, D]` (grouped-query attention: query head h reads KV head h // G): each KV
+    head's G query heads as one block of rows, so K is never copied per query head. A half model's
+    logits accumulate in float32 (`precision.py`); float32's are the unpatched layer's product."""
+    batch, heads, rows, dim = query.shape
+    kv = key.shape[1]
+    grouped = query.reshape(batch, kv, heads // kv * rows, dim)
+    logits = (fp32_logits(grouped, key, scaling) if query.dtype in HALF
+              else (grouped @ key.transpose(-2, -1)).float() * scaling)
+    return logits.view(batch, kv, heads // kv, rows, key.shape[2])
+
+
 def received_attention(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, scaling: float,
                        weights: torch.Tensor, first: Union[int, torch.Tensor] = 0,
                        one: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -54,13 +66,11 @@ def received_attention(query: torch.Tensor, key: torch.Tensor, mask: torch.Tenso
     those queries' probabilities are formed (gathered on the device: no host sync)."""
     batch, heads, n, _ = query.shape
     current = first + torch.arange(n, device=query.device)  # a static cache's buffer has slots after them
-    shared = key  # [B, KV, Lk, D]: the blocks below group the query heads of each KV head
     keys = key.shape[2]
     if one is not None:
-        key = key.repeat_interleave(heads // key.shape[1], dim=1)  # grouped-query attention: kv head h // groups
         rows = one.shape[1]
         q = query.gather(2, one.view(batch, 1, rows, 1).expand(batch, heads, rows, query.shape[-1]))
-        logits = fp32_logits(q, key, scaling) if q.dtype in HALF else (q @ key.transpose(-2, -1)).float() * scaling
+        logits = grouped_logits(q, key, scaling).view(batch, heads, rows, keys)
         block = mask[..., :keys].gather(2, one.view(batch, 1, rows, 1).expand(batch, mask.shape[1], rows, keys))
         logits = logits + (additive(block, logits.dtype) if block.dtype == torch.bool else block.float())
         probs = logits.softmax(dim=-1).index_select(-1, current)  # [B, H, R, n]: weighting r's query
@@ -68,16 +78,12 @@ def received_attention(query: torch.Tensor, key: torch.Tensor, mask: torch.Tenso
         return probs.mean(dim=1) * weight
     step = max(1, BLOCK // (batch * heads * keys))
     total = weights.new_zeros(batch, weights.shape[1], n, dtype=torch.float32)
-    kv, groups = shared.shape[1], heads // shared.shape[1]
     # the current tokens' keys as a view where they are the last slots (no cache buffer after them)
     contiguous = isinstance(first, int) and first + n == keys
     for start in range(0, n, step):
         q = query[:, :, start:start + step]
         rows = q.shape[2]
-        # a KV head's query heads as one block of rows against its keys: no copy of K per head
-        grouped = q.reshape(batch, kv, groups * rows, q.shape[-1])
-        logits = (fp32_logits(grouped, shared, scaling) if q.dtype in HALF
-                  else (grouped @ shared.transpose(-2, -1)).float() * scaling).view(batch, heads, rows, keys)
+        logits = grouped_logits(q, key, scaling).view(batch, heads, rows, keys)
         block = mask[:, :, start:start + step, :keys]
         if block.dtype == torch.bool:  # in place: adding the dtype's minimum, as `additive` would
             logits.masked_fill_(~block, torch.finfo(logits.dtype).min)

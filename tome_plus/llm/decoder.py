@@ -73,6 +73,13 @@ def check_tokens_per_row(info: PatchInfo, n_visual: torch.Tensor, images: torch.
                                f"tokens for {int(images[row])} image(s)): {info.method!r} keeps all of them")
 
 
+def numbered(valid: torch.Tensor, first: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """`[B, K]` positions `first, first + 1, ...` (`first`: `[B]`) on each row's real slots in
+    order; the other slots keep `positions`."""
+    rank = valid.long().cumsum(dim=1) - 1
+    return torch.where(valid, first[:, None] + rank, positions)
+
+
 def recycled_order(rec: Recycled, visual: torch.Tensor) -> torch.Tensor:
     """The sort key that puts a row's merged tokens after its last kept visual token (in their
     `rank` order; before its first visual token where none is kept), every other slot in order."""
@@ -182,10 +189,7 @@ class PruningDecoder:
         """`positions="packed"`: the kept tokens numbered consecutively from the row's first real
         one (1-D rotary), their angles made for those positions."""
         first = torch.where(seg.valid, seg.positions, torch.full_like(seg.positions, 1 << 30)).min(dim=1).values
-        rank = seg.valid.long().cumsum(dim=1) - 1
-        positions = torch.where(seg.valid, first[:, None] + rank, seg.positions)
-        cos, sin = self.rotary_emb(h, position_ids=positions)
-        return replace(seg, positions=positions, cos=cos, sin=sin)
+        return self._angles(h, replace(seg, positions=numbered(seg.valid, first, seg.positions)))
 
     def _pack_site(self, before: Segment, after: Segment, book, segment: int) -> Segment:
         """`positions="packed"` at a pruning site (PyramidDrop's and SparseVLM's code): the tokens
@@ -197,11 +201,10 @@ class PruningDecoder:
         big = torch.full_like(base, 1 << 30)
         first = torch.where(before.valid, base, big).min(dim=1).values
         last = torch.where(before.valid, base, -big).max(dim=1).values
-        rank = after.valid.long().cumsum(dim=1) - 1
         if book is not None:
             shift = last - (first + after.valid.sum(dim=1) - 1)
             book.site_shift[segment + 1] = shift if earlier is None else earlier + shift
-        return replace(after, positions=torch.where(after.valid, first[:, None] + rank, after.positions))
+        return replace(after, positions=numbered(after.valid, first, after.positions))
 
     def _angles(self, h, seg: Segment) -> Segment:
         """The rotary angles of the segment's (renumbered) positions."""
