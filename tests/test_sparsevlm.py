@@ -186,3 +186,32 @@ def test_the_count_follows_the_rank_not_the_raters():
         score = received[b, :, 2:12].mean(0)
         want = set((score.argsort(descending=True)[:5] + 2).tolist())  # int(2 x 2 + 1)
         assert set((keep[b] & visual[b]).nonzero()[:, 0].tolist()) == want
+
+
+@pytest.mark.parametrize("method,options", [("sparsevlm", {"layers": [0, 1], "scale": 1.0}),
+                                            ("pyramiddrop", {"layers": [1, 2], "keep": 0.5})])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_selection_under_autocast_is_formed_in_float32(method, options, dtype, pixels, monkeypatch):
+    """In a half forward each site's selection equals the one formed from its inputs upcast to
+    float32 (exact): nothing the methods rank by is computed in half precision."""
+    from dataclasses import replace
+    from tome_plus.methods import get_method
+    from tome_plus.methods.base import Recycled
+    model = llava()
+    tome_plus.patch(model, method, **options)
+    cls = get_method(method)
+    calls = []
+    original = cls.select
+    monkeypatch.setattr(cls, "select", lambda self, site: calls.append((site, original(self, site))) or calls[-1][1])
+    ids, mask = prompts((3, 5), (1, 2))
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    assert len(calls) == 2
+    reducer = tome_plus.api.get_info(model).reducer
+    for site, got in calls:
+        want = original(reducer, replace(site, hidden=site.hidden.float(), received=site.received.float()))
+        assert type(got) is type(want)
+        if isinstance(got, Recycled):  # merged tokens too
+            assert torch.equal(got.merged, want.merged) and torch.equal(got.rank, want.rank)
+            got, want = got.keep, want.keep
+        assert torch.equal(got, want)

@@ -144,3 +144,19 @@ def test_refusals(pixels):
         tome_plus.patch(vit, "visionzip", tokens=8)
     with pytest.raises(TypeError, match="'visionzip' selects the image tokens"):  # a tower alone
         tome_plus.patch(model.model.vision_tower, "visionzip", tokens=8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_plan_under_autocast_is_formed_in_float32(dtype, pixels):
+    """In a half tower the plan equals the one formed from its signals upcast to float32 (exact)."""
+    from test_precision import recorded_plans
+    model = llava()
+    tome_plus.patch(model, "visionzip", tokens=12)
+    with recorded_plans(model) as calls, torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        model.model.get_image_features(pixel_values=pixels)
+    assert len(calls) == 1  # once, in the feature layer
+    reducer = tome_plus.api.get_info(model).reducer
+    for signals, state, n_remove, plan in calls:
+        want = type(reducer).plan(reducer, {k: s.float() for k, s in signals.items()}, state, n_remove)
+        for field in ("keep", "src", "dst"):
+            assert torch.equal(getattr(plan, field), getattr(want, field)), field

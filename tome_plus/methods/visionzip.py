@@ -111,12 +111,11 @@ class VisionZip(Reducer):
         else:  # no class token: the attention each token receives, over heads and queries
             score = signals["attn"].float().sum(dim=1).mean(dim=1)[:, prefix:]
         device = x.device
-        picked = torch.zeros(batch, n - prefix, dtype=torch.bool, device=device)
-        if dominant > 0:
-            picked.scatter_(1, score.topk(dominant, dim=1).indices, True)
+        top = score.topk(dominant, dim=1).indices.sort(dim=1).values  # in index order, no host sync
+        picked = torch.zeros(batch, n - prefix, dtype=torch.bool, device=device).scatter_(1, top, True)
         # the others in index order: unpicked first, a stable sort keeps their order
         others = picked.to(torch.int8).argsort(dim=1, stable=True)[:, :n - prefix - dominant]
-        dominant_index = picked.nonzero()[:, 1].view(batch, dominant) + prefix
+        dominant_index = top + prefix
         head = torch.arange(prefix, device=device).expand(batch, prefix)
         cls_index = torch.zeros(batch, cls, dtype=torch.long, device=device)
         if contextual == 0:
