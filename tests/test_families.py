@@ -10,7 +10,7 @@ pytest.importorskip("transformers", reason='VLM tests need transformers: pip ins
 
 import transformers  # noqa: E402
 from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,  # noqa: E402
-                          MistralConfig, VipLlavaConfig, VipLlavaForConditionalGeneration)
+                          MistralConfig, Qwen3Config, VipLlavaConfig, VipLlavaForConditionalGeneration)
 
 import tome_plus  # noqa: E402
 import vlm_models as V  # noqa: E402
@@ -87,11 +87,10 @@ def test_a_sliding_window_in_use_is_refused_as_the_row_says():
 
 
 @pytest.mark.parametrize("field,value,says", [("bidirectional_image", True, "attention both ways within an image"),
-                                              ("qk_norm", True, "q/k-norm in the attention"),
                                               ("sliding_window", "masked", "sliding window 'masked'")])
 def test_a_row_asking_for_what_is_not_implemented_is_refused_at_patch(monkeypatch, field, value, says):
-    """A future row (Gemma-3: attention both ways within an image, q/k-norm, sliding windows) is
-    refused by name until the loop implements it."""
+    """A future row (Gemma-3: attention both ways within an image, sliding windows) is refused by
+    name until the loop implements it."""
     monkeypatch.setitem(DECODERS, "llama", dataclasses.replace(DECODERS["llama"], **{field: value}))
     model = llava()
     with pytest.raises(TypeError, match=f"does not support {says} yet"):
@@ -99,3 +98,28 @@ def test_a_row_asking_for_what_is_not_implemented_is_refused_at_patch(monkeypatc
     with pytest.raises(TypeError, match=f"does not support {says} yet"):
         tome_plus.patch(model, kv="a2sf", kv_options={"budget": 8})
     assert not hasattr(model, "_tome_plus")
+
+
+@pytest.mark.parametrize("config_cls", [LlamaConfig, Qwen3Config])
+def test_the_loops_own_queries_and_keys_are_the_layers(config_cls):
+    """Where the loop forms q and k itself (Zero-TPrune's graph and VisionZip at the features site,
+    PyramidDrop's next-layer rank), a q/k-normed decoder (Qwen3) gets its norms: the last query's
+    probabilities equal the eager layer's own (`output_attentions`)."""
+    from tome_plus.llm.features import image_attention, query_attention
+
+    torch.manual_seed(0)
+    llm = getattr(transformers, config_cls.__name__.replace("Config", "Model"))._from_config(
+        config_cls(**TEXT, head_dim=16), attn_implementation="eager").eval()
+    for name, p in llm.named_parameters():  # norms away from 1, so a missing one shows
+        if "norm" in name:
+            p.data.uniform_(0.5, 1.5)
+    h = torch.randn(2, 9, 64)
+    with torch.no_grad():
+        out = llm(inputs_embeds=h, output_attentions=True)
+        positions = torch.arange(9).expand(2, 9)
+        cos, sin = llm.rotary_emb(h, position_ids=positions)
+        last = query_attention(llm.layers[0], h, cos, sin, torch.full((2,), 8), torch.ones(2, 9, dtype=torch.bool))
+        every = image_attention(llm.layers[0], h, cos, sin)
+    expected = out.attentions[0][:, :, -1]
+    torch.testing.assert_close(last, expected.mean(dim=1), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(every[:, :, -1], expected, atol=1e-5, rtol=1e-4)

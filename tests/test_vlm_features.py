@@ -10,7 +10,7 @@ import vlm_models as V  # noqa: E402
 from naive import naive_bipartite_merge  # noqa: E402
 from test_hf import IMAGE_ID, N_IMAGE, llava, pixels, prompts  # noqa: E402,F401
 
-VIDEO_FAMILIES = ("llava_onevision", "llava_next_video", "qwen2_vl", "qwen2_5_vl")
+VIDEO_FAMILIES = ("llava_onevision", "llava_next_video", "qwen2_vl", "qwen2_5_vl", "internvl")
 CASES = ([(family, "image") for family in V.FACTORIES] + [(family, "video") for family in VIDEO_FAMILIES])
 METHODS = [("tome", {"keep": 0.3}), ("pitome", {"keep": 0.6}), ("zero_tprune", {"tokens": 5}),
            ("divprune", {"keep": 0.4}), ("visionzip", {"tokens": 6})]

@@ -157,7 +157,8 @@ def test_onevision_video_tokens_are_visual(method, options):
 
 import vlm_models as V  # noqa: E402
 
-CASES = [(family, "image") for family in V.FACTORIES] + [("qwen2_vl", "video"), ("qwen2_5_vl", "video")]
+CASES = [(family, "image") for family in V.FACTORIES] + [("qwen2_vl", "video"), ("qwen2_5_vl", "video"),
+                                                         ("internvl", "video")]
 
 
 @pytest.mark.parametrize("family,kind", CASES)
@@ -172,8 +173,9 @@ def test_every_family_prunes_in_its_llm_as_unpatched_would_run(family, kind, met
     model = V.FACTORIES[family](text_config={"num_hidden_layers": 4})
     model.generation_config.eos_token_id = None
     rows = ([3, kind, 5], [1, kind, 2])
+    video = (4, 32, 32) if family.startswith("qwen") else 4  # (frames, H, W), or frames of the tile size
     inputs = (V.INPUTS[family](model, rows=rows) if kind == "image"
-              else V.INPUTS[family](model, rows=rows, image_sizes=(), videos=((4, 32, 32), (4, 32, 32))))
+              else V.INPUTS[family](model, rows=rows, image_sizes=(), videos=(video, video)))
     visual = ((inputs["input_ids"] == V.IMAGE_ID) | (inputs["input_ids"] == V.VIDEO_ID)).sum(1)
     ref = V.greedy(model, inputs, 5)
     tome_plus.patch(model, method, **EVERYTHING.get(method, {"keep": 1.0}),

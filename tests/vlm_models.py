@@ -7,6 +7,9 @@ Factories (seeded with ``torch.manual_seed(0)``: two calls give identical weight
     llava_next_video(**overrides)  LlavaNextVideoForConditionalGeneration  CLIP tower + Llama
     qwen2_vl(**overrides)          Qwen2VLForConditionalGeneration
     qwen2_5_vl(**overrides)        Qwen2_5_VLForConditionalGeneration
+    qwen3_vl(**overrides)          Qwen3VLForConditionalGeneration         DeepStack, q/k-norm, interleaved M-RoPE
+    qwen3_vl_moe(**overrides)      Qwen3VLMoeForConditionalGeneration      as qwen3_vl, MoE MLPs
+    internvl(**overrides)          InternVLForConditionalGeneration        InternViT + pixel shuffle + Qwen2
 
 ``model.generation_config.suppress_tokens`` holds the image / video / vision-start / vision-end ids (see `_build`).
 ``overrides`` are keyword arguments of the top-level config; ``vision_config`` / ``text_config`` given as dicts
@@ -47,10 +50,13 @@ from itertools import accumulate
 from types import SimpleNamespace
 
 import torch
-from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextVideoConfig,
+from transformers import (InternVLConfig, InternVLForConditionalGeneration, LlavaNextConfig, Qwen3VLConfig,
+                          Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaNextVideoConfig,
                           LlavaNextVideoForConditionalGeneration, LlavaOnevisionConfig,
                           LlavaOnevisionForConditionalGeneration, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                           Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas as internvl_canvas
+from transformers.models.internvl.processing_internvl import InternVLProcessor
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches as next_num_tiles
 from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
 from transformers.models.llava_next_video.processing_llava_next_video import LlavaNextVideoProcessor
@@ -60,6 +66,8 @@ from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProce
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as qwen_image_resize
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize as qwen_video_resize
+from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as qwen3_video_resize
 
 PAD, BOS, EOS = 0, 1, 2
 IMAGE_ID, VIDEO_ID = 199, 198
@@ -70,6 +78,7 @@ VOCAB = 200
 ROWS = ([3, "image", 5], [1, "image", 2])  # two prompts of different lengths, one image each
 LLAVA_IMAGE_SIZES = ((40, 60), (64, 32))   # (H, W) of the raw images: different anyres grids
 QWEN_IMAGE_SIZES = ((48, 64), (64, 32))    # -> grids (1, 6, 8) and (1, 8, 4) with patch 8
+INTERNVL_IMAGE_SIZES = ((40, 120), (48, 48))  # -> 3 tiles + a thumbnail, and 1 tile, of 48 px
 
 
 # ------------------------------------------------------------------------------------------------ factories
@@ -166,8 +175,46 @@ def qwen2_5_vl(**overrides) -> Qwen2_5_VLForConditionalGeneration:
     return _build(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig, defaults, overrides)
 
 
+def _qwen3_vl_parts(moe: bool) -> dict:
+    # vision head_dim 16 (its 2-D rotary wants a multiple of 4); a 4 x 4 learned position grid; DeepStack
+    # features from both vision blocks, added after text layers 0 and 1; text head_dim 16 with interleaved
+    # M-RoPE sections [4, 2, 2] (the real [24, 20, 20] for head_dim 128)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8, temporal_patch_size=2,
+                  spatial_merge_size=2, out_hidden_size=64, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0, 1])
+    text = dict(_qwen_text(), head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                            "mrope_section": [4, 2, 2], "mrope_interleaved": True})
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+    return dict(vision_config=vision, text_config=text, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
+                vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+
+
+def qwen3_vl(**overrides) -> Qwen3VLForConditionalGeneration:
+    """Vision: patch 8, temporal patch 2, merge 2, 2 blocks of width 32, DeepStack from both; text: Qwen3-VL text
+    model (2 layers, hidden 64, q/k-norm, interleaved M-RoPE)."""
+    return _build(Qwen3VLForConditionalGeneration, Qwen3VLConfig, _qwen3_vl_parts(False), overrides)
+
+
+def qwen3_vl_moe(**overrides) -> Qwen3VLMoeForConditionalGeneration:
+    """As `qwen3_vl`, with a mixture-of-experts MLP in every text layer (4 experts, 2 per token)."""
+    return _build(Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeConfig, _qwen3_vl_parts(True), overrides)
+
+
+def internvl(**overrides) -> InternVLForConditionalGeneration:
+    """InternViT 48 px / patch 8 (36 patches + CLS, 2 layers, hidden 32), the `default` strategy dropping CLS, the
+    2 x 2 pixel shuffle (9 tokens per tile: `image_seq_length` = (48 / 8)^2 / 4) + Qwen2 (2 layers, hidden 64)."""
+    vision = dict(model_type="internvl_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=48, patch_size=8)
+    defaults = dict(vision_config=vision, text_config=dict(_llama(), model_type="qwen2"), image_token_id=IMAGE_ID,
+                    image_seq_length=9, downsample_ratio=0.5, vision_feature_layer=-1,
+                    vision_feature_select_strategy="default")
+    return _build(InternVLForConditionalGeneration, InternVLConfig, defaults, overrides)
+
+
 FACTORIES = {"llava_next": llava_next, "llava_onevision": llava_onevision, "llava_next_video": llava_next_video,
-             "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl}
+             "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "qwen3_vl_moe": qwen3_vl_moe,
+             "internvl": internvl}
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -216,8 +263,10 @@ def _tokens(rows, image_counts, video_counts, seed, bos, wrap):
             count, token, kind = (next(images), IMAGE_ID, 1) if item == "image" else (next(videos), VIDEO_ID, 2)
             n_img, n_vid = n_img + (item == "image"), n_vid + (item == "video")
             pre, post = ([VISION_START], [VISION_END]) if wrap else ([], [])
-            r += pre + [token] * count + post
-            t += [0] * len(pre) + [kind] * count + [0] * len(post)
+            # a list: one run per frame, each after its timestamp text ("<0.5 seconds>": two tokens here)
+            for stamp, n in ([(2, c) for c in count] if isinstance(count, list) else [(0, count)]):
+                r += torch.randint(*TEXT_IDS, (stamp,), generator=g).tolist() + pre + [token] * n + post
+                t += [0] * (stamp + len(pre)) + [kind] * n + [0] * len(post)
         ids.append(r)
         types.append(t)
         per_row_images.append(n_img)
@@ -317,7 +366,8 @@ def llava_onevision_inputs(model, rows=ROWS, image_sizes=LLAVA_IMAGE_SIZES, vide
     return _llava_family_inputs(model, "llava_onevision", counter, ov_num_tiles, rows, image_sizes, videos, seed)
 
 
-def _qwen_inputs(model, family, processor_cls, rows, image_sizes, videos, min_pixels, max_pixels, fps, seed):
+def _qwen_inputs(model, family, processor_cls, rows, image_sizes, videos, min_pixels, max_pixels, fps, seed,
+                 video_resize=None):
     vision = model.config.vision_config
     rows, image_sizes = [list(r) for r in rows], [tuple(s) for s in image_sizes]
     videos = [tuple(v) for v in videos]
@@ -330,10 +380,16 @@ def _qwen_inputs(model, family, processor_cls, rows, image_sizes, videos, min_pi
         image_grid.append([1, rh // p, rw // p])
     video_grid = []
     for frames, h, w in videos:
-        rh, rw = qwen_video_resize(h, w, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+        if video_resize is None:
+            rh, rw = qwen_video_resize(h, w, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+        else:
+            rh, rw = video_resize(frames, h, w, temporal_factor=tp, factor=factor, min_pixels=min_pixels,
+                                  max_pixels=max_pixels)
         video_grid.append([(frames + -frames % tp) // tp, rh // p, rw // p])  # last frame repeated to a multiple
     counter = _bare(processor_cls, image_token="<|image_pad|>", video_token="<|video_pad|>",
-                    image_processor=SimpleNamespace(merge_size=m), video_processor=SimpleNamespace(merge_size=m))
+                    vision_start_token="<|vision_start|>", vision_end_token="<|vision_end|>",
+                    image_processor=SimpleNamespace(merge_size=m),
+                    video_processor=SimpleNamespace(merge_size=m, temporal_patch_size=tp))
     data = {}
     image_counts = video_counts = []
     if image_grid:
@@ -344,8 +400,12 @@ def _qwen_inputs(model, family, processor_cls, rows, image_sizes, videos, min_pi
         data["image_grid_thw"] = grid
     if video_grid:
         grid = torch.tensor(video_grid, dtype=torch.long)
-        video_counts = [int(counter.replace_video_token({"video_grid_thw": grid}, k).count(counter.video_token))
-                        for k in range(len(grid))]
+        metadata = [SimpleNamespace(fps=fps, frames_indices=list(range(f))) for f, _, _ in videos]
+        runs = [counter.replace_video_token({"video_grid_thw": grid, "video_metadata": metadata}, k)
+                for k in range(len(grid))]
+        # Qwen3-VL: a run per temporal patch, each after its timestamp; earlier Qwens: one run
+        video_counts = [[frame.count(counter.video_token) for frame in run.split(counter.vision_start_token)[1:]]
+                        if family.startswith("qwen3") else run.count(counter.video_token) for run in runs]
         data["pixel_values_videos"] = torch.cat([_noise((int(g.prod()), dim), seed * 1000 + 500 + k)
                                                  for k, g in enumerate(grid)])
         data["video_grid_thw"] = grid
@@ -357,6 +417,16 @@ def _qwen_inputs(model, family, processor_cls, rows, image_sizes, videos, min_pi
                 image_tokens=image_counts, video_tokens=video_counts)
     return VLMInputs(dict(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
                           **data), meta)
+
+
+def qwen3_vl_inputs(model, rows=ROWS, image_sizes=QWEN_IMAGE_SIZES, videos=(), min_pixels=4 * 16 * 16,
+                    max_pixels=64 * 16 * 16, fps=2.0, seed=1) -> VLMInputs:
+    """As `qwen2_vl_inputs`, with Qwen3-VL's video layout: each temporal patch of a video is its own run,
+    `<{t:.1f} seconds><|vision_start|>` + (h*w / merge^2) `<|video_pad|>` + `<|vision_end|>` (the timestamp is
+    two text tokens here), as `Qwen3VLProcessor.replace_video_token` writes it from the video's metadata (frames
+    0..n-1 sampled at `fps`); video frames resized by Qwen3-VL's own `smart_resize`."""
+    return _qwen_inputs(model, model.config.model_type, Qwen3VLProcessor, rows, image_sizes, videos, min_pixels,
+                        max_pixels, fps, seed, video_resize=qwen3_video_resize)
 
 
 def qwen2_vl_inputs(model, rows=ROWS, image_sizes=QWEN_IMAGE_SIZES, videos=(), min_pixels=4 * 16 * 16,
@@ -381,8 +451,65 @@ def qwen2_5_vl_inputs(model, rows=ROWS, image_sizes=QWEN_IMAGE_SIZES, videos=(),
                         max_pixels, fps, seed)
 
 
+def internvl_inputs(model, rows=ROWS, image_sizes=INTERNVL_IMAGE_SIZES, videos=(), max_patches=4, seed=1) -> VLMInputs:
+    """input_ids (each image `<img>` + its tiles' context tokens + `</img>`; each video frame `Frame{i}: <img>` +
+    one tile's tokens + `</img>`, frames joined by a newline), attention_mask, pixel_values
+    [sum of tiles and frames, 3, S, S] in prompt order (images' and videos' tiles interleaved as they come, as
+    InternVLProcessor merges them into one tensor). `videos` are frame counts (frames resized to S x S).
+
+    The processor equivalent: InternVLProcessor(image_seq_length=config's) with GotOcr2ImageProcessor(
+    crop_to_patches=True, min_patches=1, max_patches=max_patches, size=S x S): an image's tiles are its
+    `get_optimal_tiled_canvas` grid plus a thumbnail where the grid has more than one tile
+    (`get_number_of_image_patches`); the placeholder strings from `replace_image_token` / `replace_video_token`."""
+    config = model.config
+    side = config.vision_config.image_size[0]
+    rows, image_sizes, videos = [list(r) for r in rows], [tuple(s) for s in image_sizes], list(videos)
+    _check_rows(rows, len(image_sizes), len(videos))
+    counter = _bare(InternVLProcessor, start_image_token="<img>", end_image_token="</img>",
+                    image_token="<IMG_CONTEXT>", image_seq_length=config.image_seq_length)
+    tiles = []
+    for h, w in image_sizes:
+        columns, grid_rows = internvl_canvas((h, w), (side, side), 1, max_patches)
+        tiles.append(1 + columns * grid_rows if columns * grid_rows > 1 else 1)
+    image_runs = [counter.replace_image_token({"num_patches": tiles}, k) for k in range(len(tiles))]
+    clips = {"pixel_values_videos": [torch.zeros(f) for f in videos]}  # frames are what it reads
+    video_runs = [counter.replace_video_token(clips, k) for k in range(len(videos))]
+    g = torch.Generator().manual_seed(seed)
+    text = lambda n: torch.randint(*TEXT_IDS, (n,), generator=g).tolist()  # noqa: E731
+    images, clips = iter(range(len(tiles))), iter(range(len(videos)))
+    ids, pixels, order = [], [], []
+    for row in rows:
+        r, row_order = [BOS], []
+        for item in row:
+            if isinstance(item, int):
+                r += text(item)
+                continue
+            k = next(images) if item == "image" else next(clips)
+            row_order.append((item, k))
+            if item == "image":
+                r += [VISION_START] + [IMAGE_ID] * image_runs[k].count(counter.image_token) + [VISION_END]
+                pixels.append(_noise((tiles[k], 3, side, side), seed * 1000 + k))
+            else:
+                for frame in video_runs[k].split("\n"):  # "Frame{i}: " is two text tokens here
+                    r += text(2) + [VISION_START] + [IMAGE_ID] * frame.count(counter.image_token) + [VISION_END]
+                pixels.append(_noise((videos[k], 3, side, side), seed * 1000 + 500 + k))
+        ids.append(r)
+        order.append(row_order)
+    length = max(map(len, ids))
+    data = dict(input_ids=torch.tensor([[PAD] * (length - len(r)) + r for r in ids]),
+                attention_mask=torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in ids]))
+    if pixels:
+        data["pixel_values"] = torch.cat(pixels)
+    meta = dict(family="internvl", rows=rows, images_per_row=[sum(i == "image" for i in row) for row in rows],
+                videos_per_row=[sum(i == "video" for i in row) for row in rows], tiles=tiles, frames=videos,
+                pixels=[p.shape[0] for p in pixels], image_tokens=[run.count(counter.image_token) for run in image_runs],
+                video_tokens=[run.count(counter.image_token) for run in video_runs])
+    return VLMInputs(data, meta)
+
+
 INPUTS = {"llava_next": llava_next_inputs, "llava_onevision": llava_onevision_inputs,
-          "llava_next_video": llava_next_video_inputs, "qwen2_vl": qwen2_vl_inputs, "qwen2_5_vl": qwen2_5_vl_inputs}
+          "llava_next_video": llava_next_video_inputs, "qwen2_vl": qwen2_vl_inputs, "qwen2_5_vl": qwen2_5_vl_inputs,
+          "qwen3_vl": qwen3_vl_inputs, "qwen3_vl_moe": qwen3_vl_inputs, "internvl": internvl_inputs}
 
 
 def take_row(inputs: VLMInputs, i: int) -> VLMInputs:
@@ -399,7 +526,12 @@ def take_row(inputs: VLMInputs, i: int) -> VLMInputs:
     c = sum(meta["videos_per_row"][:i])
     d = c + meta["videos_per_row"][i]
     qwen = meta["family"].startswith("qwen")
-    if b > a:
+    if meta["family"] == "internvl":  # one pixel tensor: the batch's images' and frames' tiles in prompt order
+        first = sum(meta["images_per_row"][:i]) + sum(meta["videos_per_row"][:i])
+        starts = [0] + list(accumulate(meta["pixels"]))
+        if b + d > a + c:
+            out["pixel_values"] = inputs["pixel_values"][starts[first]:starts[first + b - a + d - c]]
+    elif b > a:
         if qwen:
             _take_patches(inputs, out, "pixel_values", "image_grid_thw", a, b)
         else:
@@ -407,7 +539,7 @@ def take_row(inputs: VLMInputs, i: int) -> VLMInputs:
             out["image_sizes"] = inputs["image_sizes"][a:b]
             if "batch_num_images" in inputs:
                 out["batch_num_images"] = torch.tensor([b - a], dtype=torch.long)
-    if d > c:
+    if d > c and meta["family"] != "internvl":
         if qwen:
             _take_patches(inputs, out, "pixel_values_videos", "video_grid_thw", c, d)
             if "second_per_grid_ts" in inputs:
@@ -418,6 +550,9 @@ def take_row(inputs: VLMInputs, i: int) -> VLMInputs:
                     image_tokens=meta["image_tokens"][a:b], video_tokens=meta["video_tokens"][c:d])
     if "tiles" in meta:
         row_meta["tiles"] = meta["tiles"][a:b]
+    if "pixels" in meta:
+        row_meta["pixels"] = meta["pixels"][first:first + b - a + d - c]
+        row_meta["frames"] = meta["frames"][c:d]
     return VLMInputs(out, row_meta)
 
 
@@ -446,7 +581,8 @@ def count_placeholders(inputs) -> tuple[int, int]:
     return int((ids == IMAGE_ID).sum()), int((ids == VIDEO_ID).sum())
 
 
-__all__ = ["llava_next", "llava_onevision", "llava_next_video", "qwen2_vl", "qwen2_5_vl", "llava_next_inputs",
-           "llava_onevision_inputs", "llava_next_video_inputs", "qwen2_vl_inputs", "qwen2_5_vl_inputs",
+__all__ = ["llava_next", "llava_onevision", "llava_next_video", "qwen2_vl", "qwen2_5_vl", "internvl",
+           "llava_next_inputs", "llava_onevision_inputs", "llava_next_video_inputs", "qwen2_vl_inputs",
+           "qwen2_5_vl_inputs", "qwen3_vl", "qwen3_vl_moe", "qwen3_vl_inputs", "internvl_inputs",
            "take_row", "greedy", "count_placeholders", "VLMInputs", "FACTORIES", "INPUTS", "ROWS",
            "PAD", "BOS", "EOS", "IMAGE_ID", "VIDEO_ID", "VISION_START", "VISION_END"]

@@ -26,7 +26,9 @@ class DecoderAdapter:
     model_type: str  # the text model's `config.model_type`
     model: str  # its decoder class in transformers (`LlamaModel`); a subclass matches too
     rotary: str = "1d"  # "1d" (position ids [B, N]) or "mrope" ([3, B, N] or [4, B, N], as given)
-    qk_norm: bool = False  # RMS-norm on q and k per head (not supported yet)
+    # RMS-norm on q and k per head (Qwen3, Gemma 3): HF's layers apply it themselves; where the loop
+    # forms q and k (`features.heads`) it applies the attention's `q_norm` / `k_norm`
+    qk_norm: bool = False
     # a sliding window in use: "refused" (the masks built after a pruning site know no window)
     sliding_window: str = "refused"
     bidirectional_image: bool = False  # an image's tokens attend both ways (not supported yet)
@@ -36,11 +38,12 @@ DECODERS: Dict[str, DecoderAdapter] = {row.model_type: row for row in (
     DecoderAdapter("llama", "LlamaModel"),
     DecoderAdapter("mistral", "MistralModel"),
     DecoderAdapter("qwen2", "Qwen2Model"),
+    DecoderAdapter("qwen3", "Qwen3Model", qk_norm=True),
     DecoderAdapter("qwen2_vl_text", "Qwen2VLTextModel", rotary="mrope"),
     DecoderAdapter("qwen2_5_vl_text", "Qwen2_5_VLTextModel", rotary="mrope"),
 )}
 # what the loop implements of each field; a row asking for anything else is refused at `patch`
-SUPPORTED = {"rotary": ("1d", "mrope"), "qk_norm": (False,), "sliding_window": ("refused",),
+SUPPORTED = {"rotary": ("1d", "mrope"), "qk_norm": (False, True), "sliding_window": ("refused",),
              "bidirectional_image": (False,)}
 NOT_YET = {"rotary": "rotary positions {value!r}", "qk_norm": "q/k-norm in the attention",
            "sliding_window": "sliding window {value!r}", "bidirectional_image": "attention both ways within an image"}

@@ -50,15 +50,23 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos.unsqueeze(1) + turned * sin.unsqueeze(1)
 
 
+def heads(attn: nn.Module, which: str, x: torch.Tensor) -> torch.Tensor:
+    """`[B, H, N, head_dim]` queries (`which="q"`) or keys ("k") of `x` (`[B, N, D]`) as the decoder's
+    attention forms them before the rotary embedding: the projection, then its per-head RMS-norm
+    where it has one (Qwen3, Gemma 3: `q_norm`, `k_norm`)."""
+    batch, n, _ = x.shape
+    out = getattr(attn, f"{which}_proj")(x).view(batch, n, -1, attn.head_dim)
+    norm = getattr(attn, f"{which}_norm", None)
+    return (norm(out) if norm is not None else out).transpose(1, 2)
+
+
 def image_attention(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """`[G, H, N, N]` float32 attention among each set's tokens (`x`: `[G, N, D]` embeddings) in
     the decoder's first layer, every token seeing every other (no causal order): Zero-TPrune's
     attention graph at the features site."""
     attn = layer.self_attn
     x = layer.input_layernorm(x)
-    sets, n, _ = x.shape
-    q = attn.q_proj(x).view(sets, n, -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(sets, n, -1, attn.head_dim).transpose(1, 2)
+    q, k = heads(attn, "q", x), heads(attn, "k", x)
     q, k = rotate(q, cos.to(q.dtype), sin.to(q.dtype)), rotate(k, cos.to(k.dtype), sin.to(k.dtype))
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     return fp32_logits(q, k, attn.scaling).softmax(dim=-1)
@@ -74,8 +82,7 @@ def query_attention(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: t
     x = layer.input_layernorm(h)
     batch, n, width = x.shape
     pick = lambda t: t.gather(1, query.view(batch, 1, 1).expand(batch, 1, t.shape[-1]))
-    q = attn.q_proj(pick(x)).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(batch, n, -1, attn.head_dim).transpose(1, 2)
+    q, k = heads(attn, "q", pick(x)), heads(attn, "k", x)
     q = rotate(q, pick(cos).to(q.dtype), pick(sin).to(q.dtype))
     k = rotate(k, cos.to(k.dtype), sin.to(k.dtype))
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)

@@ -22,6 +22,8 @@ import torch.nn as nn
 # pooled per frame), Qwen2-VL and Qwen2.5-VL (native resolution, a 2 x 2 patch merger, M-RoPE)
 _ANYRES = "packs each image's tower grids (anyres crops, unpadded, with newline tokens)"
 _QWEN = "merges 2 x 2 patches after its tower, whose windows and rotary positions need the full grid"
+_INTERNVL = ("tiles each image into its own number of crops plus a thumbnail and pixel-shuffles 2 x 2 after its "
+             "InternViT tower (no tower adapter yet)")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ FAMILIES: Dict[str, Family] = {row.model_type: row for row in (
            packed=_QWEN, decoder="qwen2_vl_text"),
     Family("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel", tower=None, tower_attr="visual",
            packed=_QWEN, decoder="qwen2_5_vl_text"),
+    Family("internvl", "InternVLForConditionalGeneration", "InternVLModel", tower=None, packed=_INTERNVL),
 )}
 # what each tower adapter is, for messages
 TOWERS = {"clip": "CLIP and SigLIP towers (`hf_clip`)"}
