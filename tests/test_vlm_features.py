@@ -10,7 +10,8 @@ import vlm_models as V  # noqa: E402
 from naive import naive_bipartite_merge  # noqa: E402
 from test_hf import IMAGE_ID, N_IMAGE, llava, pixels, prompts  # noqa: E402,F401
 
-VIDEO_FAMILIES = ("llava_onevision", "llava_next_video", "qwen2_vl", "qwen2_5_vl", "internvl")
+VIDEO_FAMILIES = ("llava_onevision", "llava_next_video", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
+                  "internvl")
 CASES = ([(family, "image") for family in V.FACTORIES] + [(family, "video") for family in VIDEO_FAMILIES])
 METHODS = [("tome", {"keep": 0.3}), ("pitome", {"keep": 0.6}), ("zero_tprune", {"tokens": 5}),
            ("divprune", {"keep": 0.4}), ("visionzip", {"tokens": 6})]
@@ -23,7 +24,9 @@ def model_and_inputs(family, kind, rows=([3, "{kind}", 5], [1, "{kind}", 2])):
     if kind == "image":
         return model, V.INPUTS[family](model, rows=rows)
     n_videos = sum(item == "video" for row in rows for item in row)
-    videos = ((4, 32, 32),) * n_videos if family.startswith("qwen") else (4,) * n_videos
+    # Qwen3-VL runs each temporal patch apart: 48 px frames give it 9 tokens per run
+    side = 48 if family.startswith("qwen3") else 32
+    videos = ((4, side, side),) * n_videos if family.startswith("qwen") else (4,) * n_videos
     return model, V.INPUTS[family](model, rows=rows, image_sizes=(), videos=videos)
 
 
@@ -68,7 +71,23 @@ def llm_inputs(model, inputs):
     embeds, positions = got["inputs_embeds"][0], got.get("position_ids")
     if positions is None:  # the language model counts from 0
         positions = torch.arange(embeds.shape[0]).unsqueeze(0)
+    if got.get("deepstack_visual_embeds") is not None:  # Qwen3-VL: `[L, levels * D]` at the visual positions
+        deep = embeds.new_zeros(embeds.shape[0], len(got["deepstack_visual_embeds"]) * embeds.shape[1])
+        deep[got["visual_pos_masks"][0]] = torch.cat(got["deepstack_visual_embeds"], dim=-1)
+        return embeds, positions, deep
     return embeds, positions
+
+
+def last_logits_deepstack(model, embeds, positions, deep, visual):
+    """The unpatched Qwen3-VL language model on `embeds` with the DeepStack features `deep`
+    (`[L, levels * D]`) of the visual tokens `visual`."""
+    levels = deep.shape[1] // embeds.shape[1]
+    features = [part[visual] for part in deep.chunk(levels, dim=1)]
+    with torch.no_grad():
+        h = model.model.language_model(inputs_embeds=embeds.unsqueeze(0), position_ids=positions,
+                                       visual_pos_masks=visual.unsqueeze(0),
+                                       deepstack_visual_embeds=features).last_hidden_state
+        return model.lm_head(h[:, -1])
 
 
 def last_logits(model, embeds, positions):
@@ -77,10 +96,14 @@ def last_logits(model, embeds, positions):
         return model.lm_head(h[:, -1])
 
 
-def naive_features(embeds, ids, newline, n_keep):
+def naive_features(embeds, ids, newline, n_keep, carry=None):
     """Each image's run of placeholders, newlines aside, merged to `n_keep` tokens by repeated
     bipartite matching on the features themselves (each step at most half), the merged token
-    at its destination's place: `(embeddings, kept input positions)` in position order."""
+    at its destination's place: `(embeddings, kept input positions)` in position order. With
+    `carry` (`[L, C]`, DeepStack's features), the merged carry comes third: the same groups, sizes."""
+    width = embeds.shape[1]
+    if carry is not None:
+        embeds = torch.cat([embeds, carry], dim=1)
     visual = (ids == V.IMAGE_ID) | (ids == V.VIDEO_ID)
     if newline is not None:
         is_newline = (embeds == newline).all(dim=-1)
@@ -99,23 +122,33 @@ def naive_features(embeds, ids, newline, n_keep):
         x, size = embeds[members], torch.ones(len(members))
         while len(members) > n_keep:
             r = min(len(members) - n_keep, len(members) // 2)
-            x, size, groups = naive_bipartite_merge(x, size, x, r, 0)
+            x, size, groups = naive_bipartite_merge(x, size, x[:, :width], r, 0)
             members = [members[g[0]] for g in groups]  # a group stands at its destination's place
         out.update(zip(members, x))
         i = j
     order = sorted(out)
-    return torch.stack([out[p] for p in order]), torch.tensor(order)
+    x = torch.stack([out[p] for p in order])
+    if carry is not None:
+        return x[:, :width], torch.tensor(order), x[:, width:]
+    return x, torch.tensor(order)
 
 
-@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen3_vl"])
 def test_tome_features_equal_a_naive_reference(family):
     """One row: the patched logits equal the unpatched language model run on the embeddings a
-    plain loop merges (LLaVA-NeXT's newlines kept, Qwen's t/h/w rotary rows kept per token)."""
+    plain loop merges (LLaVA-NeXT's newlines kept, Qwen's t/h/w rotary rows kept per token,
+    Qwen3-VL's DeepStack features merged in the same groups with the same sizes)."""
     model, inputs = model_and_inputs(family, "image", rows=([2, "image", 3, "image", 4],))
-    embeds, positions = llm_inputs(model, inputs)
+    embeds, positions, *deep = llm_inputs(model, inputs)
     newline = getattr(model.model, "image_newline", None)
-    x, kept = naive_features(embeds, inputs["input_ids"][0], newline, n_keep=5)
-    want = last_logits(model, x, positions[..., kept])
+    x, kept, *merged = naive_features(embeds, inputs["input_ids"][0], newline, n_keep=5, carry=(deep or [None])[0])
+    if deep:
+        visual = (inputs["input_ids"][0] == V.IMAGE_ID)[kept]
+        want = last_logits_deepstack(model, x, positions[..., kept], merged[0], visual)
+        without = last_logits(model, x, positions[..., kept])
+        assert not torch.allclose(without, want, atol=1e-3)  # the DeepStack features matter here
+    else:
+        want = last_logits(model, x, positions[..., kept])
     tome_plus.patch(model, "tome", site="features", tokens=5)
     with torch.no_grad():
         got = model(**inputs).logits[:, -1]

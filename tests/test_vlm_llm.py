@@ -158,7 +158,7 @@ def test_onevision_video_tokens_are_visual(method, options):
 import vlm_models as V  # noqa: E402
 
 CASES = [(family, "image") for family in V.FACTORIES] + [("qwen2_vl", "video"), ("qwen2_5_vl", "video"),
-                                                         ("internvl", "video")]
+                                                         ("qwen3_vl", "video"), ("internvl", "video")]
 
 
 @pytest.mark.parametrize("family,kind", CASES)

@@ -91,6 +91,18 @@ def recycled_order(rec: Recycled, visual: torch.Tensor) -> torch.Tensor:
     return torch.where(rec.merged, (anchor[:, None] + 1) * (n + 1) + 1 + rec.rank, (slot + 1) * (n + 1))
 
 
+def deepstack(h: torch.Tensor, visual: Optional[torch.Tensor], features) -> Optional[torch.Tensor]:
+    """Qwen3-VL's DeepStack features (`features`: one `[visual tokens, D]` per level, in the order of
+    `visual`'s True slots, batch-major) as `[B, N, levels, D]` at the input's positions (zeros
+    elsewhere): a site keeps or merges them with their token, and the level-`i` features are added
+    to the visual tokens' hidden states after layer `i`, as HF's `_deepstack_process` does."""
+    if not features:
+        return None
+    deep = h.new_zeros(h.shape[0], h.shape[1], len(features), h.shape[-1])
+    deep[visual] = torch.stack(list(features), dim=1).to(h.dtype)
+    return deep
+
+
 def hidden_selection(selection, layers: int) -> Optional[Set[int]]:
     """Which of the `layers + 1` hidden states `output_hidden_states` asks for (True, False/None, an
     index or a list of them, negative ones counted from the end, as HF's `capture_outputs`)."""
@@ -156,16 +168,17 @@ class PruningDecoder:
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         h = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
+        deep = deepstack(h, kwargs.pop("visual_pos_masks", None), kwargs.pop("deepstack_visual_embeds", None))
         with ROUTING.on():
             if cache is None and attention_mask is None and position_ids is not None:
                 # no mask and no cache: HF reads restarting position ids as packed prompts
                 text = rope_positions(decoder_adapter(self), position_ids)[1]
                 ids = sequence_ids(text.expand(h.shape[0], -1)) if text.dim() == 2 else None
                 if ids is not None:
-                    return self._packed_forward(scope, h, position_ids, ids, outputs)
-            return self._pruning_forward(scope, book, attention_mask, position_ids, cache, h, outputs)
+                    return self._packed_forward(scope, h, position_ids, ids, outputs, deep)
+            return self._pruning_forward(scope, book, attention_mask, position_ids, cache, h, outputs, deep)
 
-    def _packed_forward(self, scope, h, position_ids, ids, outputs):
+    def _packed_forward(self, scope, h, position_ids, ids, outputs, deep=None):
         """Packed prompts run as a left-padded batch of one prompt per row (`llm.packed`), their
         outputs put back at the packed positions."""
         p = packing(ids)
@@ -173,7 +186,8 @@ class PruningDecoder:
         rows = (lambda t: unpack(t.expand(batch, -1), p)) if position_ids.dim() == 2 else (
             lambda t: unpack(t.expand(-1, batch, -1), p, dim=1))
         inner = unpack_inputs(scope, p)
-        out = self._pruning_forward(inner, None, p.real.long(), rows(position_ids), None, unpack(h, p), outputs)
+        out = self._pruning_forward(inner, None, p.real.long(), rows(position_ids), None, unpack(h, p), outputs,
+                                    unpack(deep, p) if deep is not None else None)
         if scope is not None and inner is not scope:
             scope.kept, scope.positions, scope.kept_fraction = inner.kept, inner.positions, inner.kept_fraction
         states = None
@@ -211,7 +225,7 @@ class PruningDecoder:
         cos, sin = self.rotary_emb(h, position_ids=seg.positions)
         return replace(seg, cos=cos, sin=sin)
 
-    def _pruning_forward(self, scope, book, attention_mask, position_ids, cache, h, outputs: Outputs):
+    def _pruning_forward(self, scope, book, attention_mask, position_ids, cache, h, outputs: Outputs, deep=None):
         info = get_info(self)
         # an LLM method prunes after the layers it names (`LlmReducer.sites`); a vision method
         # reduces the image features once, before the first layer
@@ -296,7 +310,9 @@ class PruningDecoder:
         segment = -1  # the book's segment of the current layers (-1: the conversation, before any site)
         if features:  # a site before the first layer: every layer takes a mask built here
             if scope is not None and scope.has_visual:
-                h, keep = reduce_features(self, h, seg, scope, info)
+                h, keep, carried = reduce_features(self, h, seg, scope, info,
+                                                   carry=deep.flatten(2) if deep is not None else None)
+                deep = carried.view_as(deep) if deep is not None else None
                 real = seg.valid.sum(dim=1)
                 h, seg = compact(h, seg, keep)
                 if packed:
@@ -343,6 +359,8 @@ class PruningDecoder:
                 states.append(scatter_back(h, seg, n))
             else:
                 states.append(None)
+            if deep is not None and i < deep.shape[2]:  # after the layer's output, as HF's DeepStack
+                h = h + deep[:, :, i].gather(1, seg.index[..., None].expand_as(h)) * seg.visual[..., None].to(h.dtype)
             if i in probs:
                 attentions.append(attention_at_inputs(probs.pop(i), seg, keys, n, width))
             kept_sum = kept_sum + fraction_now

@@ -32,6 +32,9 @@ class DecoderAdapter:
     # a sliding window in use: "refused" (the masks built after a pruning site know no window)
     sliding_window: str = "refused"
     bidirectional_image: bool = False  # an image's tokens attend both ways (not supported yet)
+    # Qwen3-VL's DeepStack: visual features of several tower layers added to the visual tokens' hidden
+    # states after the first decoder layers (`deepstack_visual_embeds`, `visual_pos_masks`)
+    deepstack: bool = False
 
 
 DECODERS: Dict[str, DecoderAdapter] = {row.model_type: row for row in (
@@ -41,6 +44,9 @@ DECODERS: Dict[str, DecoderAdapter] = {row.model_type: row for row in (
     DecoderAdapter("qwen3", "Qwen3Model", qk_norm=True),
     DecoderAdapter("qwen2_vl_text", "Qwen2VLTextModel", rotary="mrope"),
     DecoderAdapter("qwen2_5_vl_text", "Qwen2_5_VLTextModel", rotary="mrope"),
+    # DeepStack: the loop adds each kept token's deep features after the first layers (`deepstack`)
+    DecoderAdapter("qwen3_vl_text", "Qwen3VLTextModel", rotary="mrope", qk_norm=True, deepstack=True),
+    DecoderAdapter("qwen3_vl_moe_text", "Qwen3VLMoeTextModel", rotary="mrope", qk_norm=True, deepstack=True),
 )}
 # what the loop implements of each field; a row asking for anything else is refused at `patch`
 SUPPORTED = {"rotary": ("1d", "mrope"), "qk_norm": (False, True), "sliding_window": ("refused",),

@@ -91,14 +91,17 @@ def query_attention(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: t
 
 
 def reduce_sets(x: torch.Tensor, reducer, n_keep: int,
-                attention: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
+                attention: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+                width: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Each of G images' features (`x`: `[G, n, D]`) reduced to `n_keep` tokens by the vision
-    method `reducer`, its signals read from the features themselves; `attention(x, index)` gives
-    the `[G, H, n', n']` attention among the current tokens where the method needs it (Zero-TPrune).
-    Returns the kept `[G, n_keep, D]` and each one's input index (a merged token: its
-    destination's), in input order. Shared by the HF features site and the vLLM plugin."""
+    method `reducer`, its signals read from the features themselves (the first `width` channels:
+    the rest are carried along, merged or dropped with their token, as Qwen3-VL's DeepStack
+    features); `attention(x, index)` gives the `[G, H, n', n']` attention among the current
+    tokens where the method needs it (Zero-TPrune). Returns the kept `[G, n_keep, D]` and each
+    one's input index (a merged token: its destination's), in input order. Shared by the HF
+    features site and the vLLM plugin."""
     def signals(x: torch.Tensor, index: torch.Tensor) -> dict:
+        x = x[..., :width]
         out = {"k": x.unsqueeze(1), "keys": x.float(), "x": x}
         if "attn" in reducer.needs:
             out["attn"] = attention(x, index)
@@ -109,12 +112,13 @@ def reduce_sets(x: torch.Tensor, reducer, n_keep: int,
     return x.gather(1, order.unsqueeze(-1).expand_as(x)), index.gather(1, order)
 
 
-def reduce_features(model: nn.Module, h: torch.Tensor, seg: Segment, scope: LlmInputs, info: PatchInfo
-                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+def reduce_features(model: nn.Module, h: torch.Tensor, seg: Segment, scope: LlmInputs, info: PatchInfo,
+                    carry: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """The features site: each image's (or video's) visual tokens, newlines aside, reduced by a
     vision method (`reduce.reduce_to`) before the first decoder layer. Returns the hidden states
-    (a merged token written at its destination's place) and `[B, L]` which slots stay; a kept
-    token keeps its position (and M-RoPE angles), a merged one its destination's."""
+    (a merged token written at its destination's place), `[B, L]` which slots stay, and `carry`
+    (`[B, L, C]` features that go with each token, DeepStack's: the same merge, with sizes) reduced
+    alike; a kept token keeps its position (and M-RoPE angles), a merged one its destination's."""
     reducer, config = info.reducer, info.config
     reducible = seg.visual & (scope.runs >= 0)
     if scope.newline is not None:
@@ -126,7 +130,7 @@ def reduce_features(model: nn.Module, h: torch.Tensor, seg: Segment, scope: LlmI
     keep = ~reducible
     rows, cols = reducible.nonzero(as_tuple=True)
     if rows.numel() == 0:
-        return h, keep
+        return h, keep, carry
     # one run per image: runs of a row are in column order, so equal keys are consecutive
     key = rows * (h.shape[1] + 1) + scope.runs[rows, cols]
     counts = torch.unique_consecutive(key, return_counts=True)[1].tolist()
@@ -139,7 +143,8 @@ def reduce_features(model: nn.Module, h: torch.Tensor, seg: Segment, scope: LlmI
     by_length: dict = {}
     for start, n in zip(starts, counts):
         by_length.setdefault(n, []).append(start)
-    h = h.clone()
+    width = h.shape[-1]
+    h = h.clone() if carry is None else torch.cat([h, carry.to(h.dtype)], dim=-1)
     for n, group in by_length.items():
         at = torch.tensor(group, device=h.device).unsqueeze(1) + torch.arange(n, device=h.device)
         r, c = rows[at], cols[at]  # [G, n] each set's tokens
@@ -150,8 +155,10 @@ def reduce_features(model: nn.Module, h: torch.Tensor, seg: Segment, scope: LlmI
         attention = lambda x, index, r=r, c=c: image_attention(
             model.layers[0], x, seg.cos[r.gather(1, index), c.gather(1, index)],
             seg.sin[r.gather(1, index), c.gather(1, index)])
-        x, index = reduce_sets(h[r, c], reducer, n_keep, attention)
+        x, index = reduce_sets(h[r, c], reducer, n_keep, attention, width)
         rr, cc = r.gather(1, index), c.gather(1, index)
         h[rr, cc] = x.to(h.dtype)
         keep[rr, cc] = True
-    return h, keep
+    if carry is None:
+        return h, keep, None
+    return h[..., :width].contiguous(), keep, h[..., width:].to(carry.dtype)

@@ -66,6 +66,10 @@ FAMILIES: Dict[str, Family] = {row.model_type: row for row in (
            packed=_QWEN, decoder="qwen2_vl_text"),
     Family("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel", tower=None, tower_attr="visual",
            packed=_QWEN, decoder="qwen2_5_vl_text"),
+    Family("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLModel", tower=None, tower_attr="visual",
+           packed=_QWEN, decoder="qwen3_vl_text"),
+    Family("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeModel", tower=None, tower_attr="visual",
+           packed=_QWEN, decoder="qwen3_vl_moe_text"),
     Family("internvl", "InternVLForConditionalGeneration", "InternVLModel", tower=None, packed=_INTERNVL),
 )}
 # what each tower adapter is, for messages
