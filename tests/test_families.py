@@ -86,11 +86,11 @@ def test_a_sliding_window_in_use_is_refused_as_the_row_says():
         tome_plus.patch(llava(text=window), "fastv", keep=0.5, k=1)
 
 
-@pytest.mark.parametrize("field,value,says", [("bidirectional_image", True, "attention both ways within an image"),
-                                              ("sliding_window", "masked", "sliding window 'masked'")])
+@pytest.mark.parametrize("field,value,says", [("rotary", "3d", "rotary positions '3d'"),
+                                              ("sliding_window", "cropped", "sliding window 'cropped'")])
 def test_a_row_asking_for_what_is_not_implemented_is_refused_at_patch(monkeypatch, field, value, says):
-    """A future row (Gemma-3: attention both ways within an image, sliding windows) is refused by
-    name until the loop implements it."""
+    """A future row asking for what the loop does not implement (other rotary positions, a window
+    the cache crops) is refused by name."""
     monkeypatch.setitem(DECODERS, "llama", dataclasses.replace(DECODERS["llama"], **{field: value}))
     model = llava()
     with pytest.raises(TypeError, match=f"does not support {says} yet"):

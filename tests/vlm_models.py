@@ -9,6 +9,7 @@ Factories (seeded with ``torch.manual_seed(0)``: two calls give identical weight
     qwen2_5_vl(**overrides)        Qwen2_5_VLForConditionalGeneration
     qwen3_vl(**overrides)          Qwen3VLForConditionalGeneration         DeepStack, q/k-norm, interleaved M-RoPE
     qwen3_vl_moe(**overrides)      Qwen3VLMoeForConditionalGeneration      as qwen3_vl, MoE MLPs
+    gemma3(**overrides)            Gemma3ForConditionalGeneration          SigLIP + Gemma 3 (windows, both-ways images)
     internvl(**overrides)          InternVLForConditionalGeneration        InternViT + pixel shuffle + Qwen2
 
 ``model.generation_config.suppress_tokens`` holds the image / video / vision-start / vision-end ids (see `_build`).
@@ -50,12 +51,13 @@ from itertools import accumulate
 from types import SimpleNamespace
 
 import torch
-from transformers import (InternVLConfig, InternVLForConditionalGeneration, LlavaNextConfig, Qwen3VLConfig,
+from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, InternVLConfig, InternVLForConditionalGeneration, LlavaNextConfig, Qwen3VLConfig,
                           Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaNextVideoConfig,
                           LlavaNextVideoForConditionalGeneration, LlavaOnevisionConfig,
                           LlavaOnevisionForConditionalGeneration, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                           Qwen2VLConfig, Qwen2VLForConditionalGeneration)
 from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas as internvl_canvas
+from transformers.models.gemma3.processing_gemma3 import Gemma3Processor
 from transformers.models.internvl.processing_internvl import InternVLProcessor
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches as next_num_tiles
 from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
@@ -78,6 +80,7 @@ VOCAB = 200
 ROWS = ([3, "image", 5], [1, "image", 2])  # two prompts of different lengths, one image each
 LLAVA_IMAGE_SIZES = ((40, 60), (64, 32))   # (H, W) of the raw images: different anyres grids
 QWEN_IMAGE_SIZES = ((48, 64), (64, 32))    # -> grids (1, 6, 8) and (1, 8, 4) with patch 8
+NEWLINES = 195  # Gemma 3's "\n\n" token around each image block
 INTERNVL_IMAGE_SIZES = ((40, 120), (48, 48))  # -> 3 tiles + a thumbnail, and 1 tile, of 48 px
 
 
@@ -201,6 +204,31 @@ def qwen3_vl_moe(**overrides) -> Qwen3VLMoeForConditionalGeneration:
     return _build(Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeConfig, _qwen3_vl_parts(True), overrides)
 
 
+def gemma3(**overrides) -> Gemma3ForConditionalGeneration:
+    """SigLIP 32 px / patch 4 (64 patches, 2 layers, hidden 32), the projector's 2 x 2 average pool to 16 tokens per
+    image (`mm_tokens_per_image`), + Gemma 3 (2 layers of hidden 64, head_dim 16, q/k-norm; sliding-window layers
+    (window 8) and global ones alternating, local rotary base 1e4, global 1e6). Its projection weight, zeros at
+    init, is drawn at random so the image features are not all zeros."""
+    siglip = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=32, patch_size=4, vision_use_head=False)
+    text = dict(model_type="gemma3_text", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                layer_types=["sliding_attention", "full_attention"], pad_token_id=PAD, bos_token_id=BOS,
+                eos_token_id=EOS)
+    defaults = dict(vision_config=siglip, text_config=text, mm_tokens_per_image=16, image_token_index=IMAGE_ID,
+                    boi_token_index=VISION_START, eoi_token_index=VISION_END)
+    overrides = dict(overrides)
+    if "text_config" in overrides and "num_hidden_layers" in overrides["text_config"]:
+        layers = overrides["text_config"]["num_hidden_layers"]  # the pattern continued: local, global, ...
+        overrides["text_config"] = dict(overrides["text_config"], layer_types=[
+            ("sliding_attention", "full_attention")[i % 2] for i in range(layers)])
+    model = _build(Gemma3ForConditionalGeneration, Gemma3Config, defaults, overrides)
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.5,
+                                                                             generator=torch.Generator().manual_seed(0))
+    return model
+
+
 def internvl(**overrides) -> InternVLForConditionalGeneration:
     """InternViT 48 px / patch 8 (36 patches + CLS, 2 layers, hidden 32), the `default` strategy dropping CLS, the
     2 x 2 pixel shuffle (9 tokens per tile: `image_seq_length` = (48 / 8)^2 / 4) + Qwen2 (2 layers, hidden 64)."""
@@ -214,7 +242,7 @@ def internvl(**overrides) -> InternVLForConditionalGeneration:
 
 FACTORIES = {"llava_next": llava_next, "llava_onevision": llava_onevision, "llava_next_video": llava_next_video,
              "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "qwen3_vl_moe": qwen3_vl_moe,
-             "internvl": internvl}
+             "gemma3": gemma3, "internvl": internvl}
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -451,6 +479,58 @@ def qwen2_5_vl_inputs(model, rows=ROWS, image_sizes=QWEN_IMAGE_SIZES, videos=(),
                         max_pixels, fps, seed)
 
 
+def gemma3_inputs(model, rows=ROWS, image_sizes=((32, 32), (32, 32)), crops=None, seed=1) -> VLMInputs:
+    """input_ids with each image as Gemma3Processor lays it out: `"\n\n<start_of_image>" + mm_tokens_per_image
+    soft tokens + "<end_of_image>\n\n"`, and with pan-and-scan crops (`crops`: per image, default none) its
+    `replace_image_token` text "Here is the original image {block} and here are some crops to help you see better
+    {block} {block} ..." (each run of plain words two text tokens here); attention_mask; token_type_ids (1 on the
+    soft tokens, as the processor's `create_mm_token_type_ids`); pixel_values [images and crops, 3, S, S] in prompt
+    order (each image, then its crops). The image sizes only name how many images there are: Gemma 3's image
+    processor resizes every image (and crop) to S x S."""
+    import re
+
+    config = model.config
+    side = config.vision_config.image_size
+    rows, image_sizes = [list(r) for r in rows], list(image_sizes)
+    _check_rows(rows, len(image_sizes), 0)
+    crops = list(crops) if crops is not None else [0] * len(image_sizes)
+    soft = "<image_soft_token>"
+    # Gemma3Processor.__init__'s block (its tokenizer's boi / soft / eoi strings), then its own replacement
+    counter = _bare(Gemma3Processor, full_image_sequence=f"\n\n<start_of_image>{soft * config.mm_tokens_per_image}"
+                                                         f"<end_of_image>\n\n")
+    special = {"\n\n": NEWLINES, "<start_of_image>": VISION_START, soft: IMAGE_ID, "<end_of_image>": VISION_END}
+    g = torch.Generator().manual_seed(seed)
+    text = lambda n: torch.randint(*TEXT_IDS, (n,), generator=g).tolist()  # noqa: E731
+
+    def tokens(replacement: str) -> list:
+        out = []
+        for piece in re.split("(\n\n|<start_of_image>|<image_soft_token>|<end_of_image>)", replacement):
+            out += [special[piece]] if piece in special else (text(2) if piece.strip() else [])
+        return out
+
+    images, ids, pixels = iter(range(len(image_sizes))), [], []
+    for row in rows:
+        r = [BOS]
+        for item in row:
+            if isinstance(item, int):
+                r += text(item)
+                continue
+            k = next(images)
+            r += tokens(counter.replace_image_token({"num_crops": crops}, k))
+            pixels.append(_noise((1 + crops[k], 3, side, side), seed * 1000 + k))
+        ids.append(r)
+    length = max(map(len, ids))
+    input_ids = torch.tensor([[PAD] * (length - len(r)) + r for r in ids])
+    data = dict(input_ids=input_ids, attention_mask=torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in ids]),
+                token_type_ids=(input_ids == IMAGE_ID).long())
+    if pixels:
+        data["pixel_values"] = torch.cat(pixels)
+    meta = dict(family="gemma3", rows=rows, images_per_row=[sum(i == "image" for i in row) for row in rows],
+                videos_per_row=[0] * len(rows), pixels=[p.shape[0] for p in pixels], frames=[],
+                image_tokens=[config.mm_tokens_per_image * (1 + c) for c in crops], video_tokens=[])
+    return VLMInputs(data, meta)
+
+
 def internvl_inputs(model, rows=ROWS, image_sizes=INTERNVL_IMAGE_SIZES, videos=(), max_patches=4, seed=1) -> VLMInputs:
     """input_ids (each image `<img>` + its tiles' context tokens + `</img>`; each video frame `Frame{i}: <img>` +
     one tile's tokens + `</img>`, frames joined by a newline), attention_mask, pixel_values
@@ -509,7 +589,8 @@ def internvl_inputs(model, rows=ROWS, image_sizes=INTERNVL_IMAGE_SIZES, videos=(
 
 INPUTS = {"llava_next": llava_next_inputs, "llava_onevision": llava_onevision_inputs,
           "llava_next_video": llava_next_video_inputs, "qwen2_vl": qwen2_vl_inputs, "qwen2_5_vl": qwen2_5_vl_inputs,
-          "qwen3_vl": qwen3_vl_inputs, "qwen3_vl_moe": qwen3_vl_inputs, "internvl": internvl_inputs}
+          "qwen3_vl": qwen3_vl_inputs, "qwen3_vl_moe": qwen3_vl_inputs, "gemma3": gemma3_inputs,
+          "internvl": internvl_inputs}
 
 
 def take_row(inputs: VLMInputs, i: int) -> VLMInputs:
@@ -526,7 +607,9 @@ def take_row(inputs: VLMInputs, i: int) -> VLMInputs:
     c = sum(meta["videos_per_row"][:i])
     d = c + meta["videos_per_row"][i]
     qwen = meta["family"].startswith("qwen")
-    if meta["family"] == "internvl":  # one pixel tensor: the batch's images' and frames' tiles in prompt order
+    if "token_type_ids" in inputs:
+        out["token_type_ids"] = inputs["token_type_ids"][i][keep][None]
+    if meta["family"] in ("internvl", "gemma3"):  # one pixel tensor: images' and frames' tiles (crops) in order
         first = sum(meta["images_per_row"][:i]) + sum(meta["videos_per_row"][:i])
         starts = [0] + list(accumulate(meta["pixels"]))
         if b + d > a + c:
@@ -539,7 +622,7 @@ def take_row(inputs: VLMInputs, i: int) -> VLMInputs:
             out["image_sizes"] = inputs["image_sizes"][a:b]
             if "batch_num_images" in inputs:
                 out["batch_num_images"] = torch.tensor([b - a], dtype=torch.long)
-    if d > c and meta["family"] != "internvl":
+    if d > c and meta["family"] not in ("internvl", "gemma3"):
         if qwen:
             _take_patches(inputs, out, "pixel_values_videos", "video_grid_thw", c, d)
             if "second_per_grid_ts" in inputs:
@@ -583,6 +666,6 @@ def count_placeholders(inputs) -> tuple[int, int]:
 
 __all__ = ["llava_next", "llava_onevision", "llava_next_video", "qwen2_vl", "qwen2_5_vl", "internvl",
            "llava_next_inputs", "llava_onevision_inputs", "llava_next_video_inputs", "qwen2_vl_inputs",
-           "qwen2_5_vl_inputs", "qwen3_vl", "qwen3_vl_moe", "qwen3_vl_inputs", "internvl_inputs",
+           "qwen2_5_vl_inputs", "qwen3_vl", "qwen3_vl_moe", "qwen3_vl_inputs", "gemma3", "gemma3_inputs", "internvl_inputs",
            "take_row", "greedy", "count_placeholders", "VLMInputs", "FACTORIES", "INPUTS", "ROWS",
            "PAD", "BOS", "EOS", "IMAGE_ID", "VIDEO_ID", "VISION_START", "VISION_END"]

@@ -31,6 +31,12 @@ class LlmInputs:
     runs: Optional[torch.Tensor] = None
     # the features site: [D] the embedding of tokens that are never reduced (LLaVA-NeXT's newline), or None
     newline: Optional[torch.Tensor] = None
+    # the [B, L] padding mask the VLM's forward got (or None), where it hands its language model
+    # prepared masks instead (Gemma 3's dict per layer type)
+    attention_mask: Optional[torch.Tensor] = None
+    # [B, L] each token's image block (-1: text) where the decoder's row has an image's tokens attend
+    # each other both ways and the call says which are images (Gemma 3's `token_type_ids`), else None
+    groups: Optional[torch.Tensor] = None
     # generate without a cache re-runs prompt + generated tokens: only the prompt's text counts
     # as the instruction, so each step decides as the cached prefill did
     prompt_length: Optional[int] = None

@@ -50,12 +50,12 @@ from ..backends.base import PatchInfo, get_info
 from ..methods.base import LlmSite, Recycled
 from .attention import BACKEND, RECORD, SCORE, ScoreRequest
 from .context import INPUTS, KV_STEP, ROUTING
-from .decoders import decoder_adapter, rope_positions
+from .decoders import decoder_adapter, explicit_masks, layer_types, rope_positions
 from .features import query_attention, reduce_features, warn_tokens_once
 from .packed import packing, repack, sequence_ids, unpack, unpack_inputs
 from .segments import Segment, compact, instruction_after_image, layer_mask, mask_builder, scatter_back, segment_mask
-from .slots import (SegmentKeys, book_of, check_cache, conversation_keys, hook_book, is_static, open_book,
-                    segment_keys)
+from .slots import (SegmentKeys, book_of, check_cache, conversation_keys, hook_book, is_static, keep_every_slot,
+                    open_book, segment_keys)
 
 def method_at(method: str, site: str) -> str:
     """How a message names the method a language model runs, with its site: "'tome' at site='features'"."""
@@ -154,8 +154,11 @@ class PruningDecoder:
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         if isinstance(attention_mask, dict):
-            raise ValueError("the language model got prepared attention masks (a dict); tome_plus prunes with the "
-                             "[batch, length] padding mask: pass that")
+            if scope is None:
+                raise ValueError("the language model got prepared attention masks (a dict); tome_plus prunes with the "
+                                 "[batch, length] padding mask: pass that")
+            # Gemma 3's VLM prepares its layers' masks; the loop builds its own from the call's padding mask
+            attention_mask = scope.attention_mask
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"the language model got a {attention_mask.dim()}-D attention mask; tome_plus prunes with "
                              f"the [batch, length] padding mask (each row keeps its own tokens): pass that")
@@ -222,8 +225,24 @@ class PruningDecoder:
 
     def _angles(self, h, seg: Segment) -> Segment:
         """The rotary angles of the segment's (renumbered) positions."""
-        cos, sin = self.rotary_emb(h, position_ids=seg.positions)
+        cos, sin = self._rotary(h, seg.positions)
         return replace(seg, cos=cos, sin=sin)
+
+    def _rotary(self, h, positions):
+        """`(cos, sin)` of `positions`: the rotary embedding's, or, for a decoder with angles per
+        layer type (Gemma 3), each type's side by side on the last axis (`_layer_angles` picks)."""
+        if not decoder_adapter(self).layer_rotary:
+            return self.rotary_emb(h, position_ids=positions)
+        parts = [self.rotary_emb(h, positions, kind) for kind in sorted(set(layer_types(self)))]
+        return torch.cat([c for c, _ in parts], dim=-1), torch.cat([s for _, s in parts], dim=-1)
+
+    def _layer_angles(self, seg: Segment, layer: int):
+        """The `(cos, sin)` layer `layer` takes from the segment's angles (`_rotary`)."""
+        if not decoder_adapter(self).layer_rotary:
+            return seg.cos, seg.sin
+        kinds = sorted(set(layer_types(self)))
+        at, width = kinds.index(layer_types(self)[layer]), seg.cos.shape[-1] // len(kinds)
+        return seg.cos[..., at * width:(at + 1) * width], seg.sin[..., at * width:(at + 1) * width]
 
     def _pruning_forward(self, scope, book, attention_mask, position_ids, cache, h, outputs: Outputs, deep=None):
         info = get_info(self)
@@ -232,6 +251,11 @@ class PruningDecoder:
         reducer = info.reducer
         features = info.parts.site == "features"
         sites = () if features else reducer.sites(len(self.layers))
+        row, types = decoder_adapter(self), layer_types(self)
+        # Gemma 3's sliding layers: a window on the look-back in their masks, every slot in their cache
+        windows = {"sliding_attention": self.config.sliding_window} if row.sliding_window == "masked" else {}
+        if windows:
+            keep_every_slot(cache)
         check_cache(cache, lambda what: ValueError(
             f"{method_at(info.method, info.parts.site)} keeps a different number of tokens per instance in each "
             f"layer's cache, which {what} cannot hold; use the default dynamic cache or cache_implementation='static'"))
@@ -240,6 +264,8 @@ class PruningDecoder:
         batch, n, _ = h.shape
         if static:  # the conversation so far, without reading the buffer's fill level (no host sync)
             past = attention_mask.shape[1] - n if attention_mask is not None else int(cache.get_seq_length())
+        elif attention_mask is None and book is not None and book.length is not None:
+            past = book.length  # the conversation so far, not the cache's slots (fewer where a site pruned)
         else:
             past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
@@ -247,10 +273,10 @@ class PruningDecoder:
             # counts the conversation
             offset = past
             if features and book is not None and book.valid:
-                if attention_mask is None:
+                if attention_mask is None and book.length is None:
                     raise ValueError("with image features reduced in the cache, a forward needs the attention_mask "
                                      "of the whole conversation (or position_ids) to place its tokens")
-                offset = attention_mask.shape[1] - n
+                offset = attention_mask.shape[1] - n if attention_mask is not None else book.length
             position_ids = (torch.arange(n, device=h.device) + offset).unsqueeze(0)
         rope_ids, position_ids = rope_positions(decoder_adapter(self), position_ids)
         position_ids = position_ids.expand(batch, n)
@@ -272,21 +298,25 @@ class PruningDecoder:
                              f"in the fixed buffer, which the {backend} backend's mask does not describe; load the "
                              f"model with attn_implementation='sdpa' or 'eager', or use the default dynamic cache")
         # else every layer takes a mask built here
-        hf_masks = backend == self.config._attn_implementation and not features
+        hf_masks = backend == self.config._attn_implementation and not features and not explicit_masks(row)
         hf_mask = None
         if hf_masks:
             hf_mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask,
                                          cache=cache, position_ids=position_ids if rope_ids.dim() == 2 else None)
-        cos, sin = self.rotary_emb(h, position_ids=rope_ids)
+        cos, sin = self._rotary(h, rope_ids)
         full = attention_mask.bool() if attention_mask is not None else torch.ones(batch, past + n, dtype=torch.bool,
                                                                                   device=h.device)
+        if book is not None:
+            book.length = full.shape[1]
         valid = full[:, -n:]
         prior = full[:, :full.shape[1] - n]  # the conversation before this forward
         visual = scope.visual if scope is not None and scope.has_visual else torch.zeros_like(valid)
         spatial = scope.spatial if scope is not None and scope.has_visual else torch.zeros(batch, n, device=h.device)
         seg = Segment(index=torch.arange(n, device=h.device).expand(batch, n), valid=valid, positions=position_ids,
                       cos=cos.expand(batch, -1, -1), sin=sin.expand(batch, -1, -1), visual=visual & valid,
-                      spatial=spatial, instruction=instruction_after_image(visual, valid), prompt=valid)
+                      spatial=spatial, instruction=instruction_after_image(visual, valid), prompt=valid,
+                      groups=torch.where(valid, scope.groups, -1) if scope is not None and scope.groups is not None
+                      else None)
         if scope is not None and scope.prompt_length is not None and past == 0:
             seg.instruction &= seg.index < scope.prompt_length
             seg.prompt = seg.prompt & (seg.index < scope.prompt_length)
@@ -310,7 +340,7 @@ class PruningDecoder:
         segment = -1  # the book's segment of the current layers (-1: the conversation, before any site)
         if features:  # a site before the first layer: every layer takes a mask built here
             if scope is not None and scope.has_visual:
-                h, keep, carried = reduce_features(self, h, seg, scope, info,
+                h, keep, carried = reduce_features(self, h, seg, scope, info, self._layer_angles(seg, 0),
                                                    carry=deep.flatten(2) if deep is not None else None)
                 deep = carried.view_as(deep) if deep is not None else None
                 real = seg.valid.sum(dim=1)
@@ -327,10 +357,15 @@ class PruningDecoder:
         # what the method keeps for this forward from its input (SparseVLM's raters)
         memo = reducer.forward_memo(h, seg.visual, seg.instruction, seg.valid) if (
             sites and scope is not None and scope.has_visual) else None
+        def masks_of(keys: SegmentKeys, seg: Segment) -> dict:
+            """The segment's mask per layer type (one where the layers are of one type)."""
+            return {kind: layer_mask(keys, seg, h.dtype, backend, windows.get(kind)) for kind in set(types or [None])}
+
         # a mask changes only at a pruning site: built once per segment (a flex BlockMask is costly)
-        mask = hf_mask if hf_masks and segment < 0 else layer_mask(keys, seg, h.dtype, backend)
+        masks = {kind: hf_mask for kind in set(types or [None])} if hf_masks and segment < 0 else masks_of(keys, seg)
         for i, layer in enumerate(self.layers):
             site = i in sites
+            kind = types[i] if types else None
             explicit = site and scope is not None and scope.has_visual
             if explicit and past and getattr(cache.layers[i], "valid", None) is not None:
                 # a KV policy pruned this layer's cache per head: the scoring mask, built per slot, no longer fits
@@ -345,15 +380,15 @@ class PruningDecoder:
                 # `memo` only for a method that keeps one: a method written to the four-mask signature still runs
                 weights = reducer.query_weights(seg.visual, seg.instruction, seg.valid, seg.prompt,
                                                 **({"memo": memo_now} if memo_now is not None else {}))
-                request = ScoreRequest(weights, segment_mask(keys, seg, h.dtype), keys.first,
+                request = ScoreRequest(weights, segment_mask(keys, seg, h.dtype, windows.get(kind)), keys.first,
                                        query=weights.argmax(dim=-1) if reducer.one_query else None)
                 if not reducer.scores_next_layer:
                     extra[SCORE] = request
             kv = KV_STEP.get()
             if kv is not None:  # a KV policy reads this layer's own slots (a dynamic cache's: `first` is an int)
                 kv.segments[i] = (keys.valid[:, :keys.first], keys.valid[:, keys.first:])
-            h = layer(h, attention_mask=mask, position_ids=seg.positions, cache=cache, use_cache=cache is not None,
-                      position_embeddings=(seg.cos, seg.sin), **extra)
+            h = layer(h, attention_mask=masks[kind], position_ids=seg.positions, cache=cache,
+                      use_cache=cache is not None, position_embeddings=self._layer_angles(seg, i), **extra)
             h = h[0] if isinstance(h, tuple) else h
             if i + 1 in selected:
                 states.append(scatter_back(h, seg, n))
@@ -375,7 +410,8 @@ class PruningDecoder:
                 if reducer.scores_next_layer:  # the next layer's q and k, for the one query (this forward's keys)
                     query = request.query[:, 0]
                     seen = seg.valid & (torch.arange(h.shape[1], device=h.device) <= query[:, None])
-                    got = query_attention(self.layers[i + 1], h, seg.cos, seg.sin, query, seen).unsqueeze(1)
+                    got = query_attention(self.layers[i + 1], h, *self._layer_angles(seg, i + 1), query,
+                                          seen).unsqueeze(1)
                 keep = reducer.select(LlmSite(
                     layer=i, hidden=h, received=got, visual=seg.visual, candidates=candidates,
                     instruction=seg.instruction, valid=seg.valid, prompt=seg.prompt, spatial=seg.spatial,
@@ -408,7 +444,7 @@ class PruningDecoder:
             # the next layers cache this segment's slots: the book says which are real
             segment += 1
             keys = segment_keys(cache, book, segment, i + 1, seg.valid, seg.index, prior)
-            mask = layer_mask(keys, seg, h.dtype, backend)
+            masks = masks_of(keys, seg)
         h = self.norm(h)
         if cache is not None:
             hook_book(cache)

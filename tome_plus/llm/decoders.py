@@ -2,11 +2,11 @@
 one row each (`DecoderAdapter`), keyed by the text model's `config.model_type`.
 
 A row says what the loop must know of a decoder's layers: its rotary positions ("1d", or "mrope":
-Qwen2-VL's temporal/height/width rows, which reach the rotary embedding as given), whether its
-attention normalizes q and k, what a sliding window gets, and whether an image's tokens attend to
-each other both ways. The loop runs what every current row says; a row that asks for what it does
-not implement yet (q/k-norm, a window, attention both ways within an image: a future Gemma-3 row)
-is refused at `patch` by name (`check_decoder`), never run half-right. `vlm.families` names the
+Qwen2-VL's temporal/height/width rows, which reach the rotary embedding as given; per layer type
+or not), whether its attention normalizes q and k, what a sliding window gets, whether an image's
+tokens attend to each other both ways (Gemma 3) and whether DeepStack features join the first
+layers (Qwen3-VL). The loop runs what every current row says; a row that asks for what it does
+not implement is refused at `patch` by name (`check_decoder`), never run half-right. `vlm.families` names the
 decoder row of each vision-language family; the class names are checked against the installed
 transformers by `tests/test_families.py`.
 """
@@ -29,9 +29,15 @@ class DecoderAdapter:
     # RMS-norm on q and k per head (Qwen3, Gemma 3): HF's layers apply it themselves; where the loop
     # forms q and k (`features.heads`) it applies the attention's `q_norm` / `k_norm`
     qk_norm: bool = False
-    # a sliding window in use: "refused" (the masks built after a pruning site know no window)
+    # a sliding window in use: "refused" (Mistral's: refused when set), or "masked" (Gemma 3's sliding
+    # layers: the loop's masks bound each query's look-back by the window, in conversation columns
+    # as HF's do, and those layers' cache keeps every slot, as a full layer's)
     sliding_window: str = "refused"
-    bidirectional_image: bool = False  # an image's tokens attend both ways (not supported yet)
+    # an image's tokens attend each other both ways (Gemma 3, where the call gives `token_type_ids`:
+    # each run of image tokens is a block, as HF's masks make it); the kept ones still do after a site
+    bidirectional_image: bool = False
+    # rotary angles per layer type (Gemma 3: local and global bases, `rotary_emb(x, ids, layer_type)`)
+    layer_rotary: bool = False
     # Qwen3-VL's DeepStack: visual features of several tower layers added to the visual tokens' hidden
     # states after the first decoder layers (`deepstack_visual_embeds`, `visual_pos_masks`)
     deepstack: bool = False
@@ -42,6 +48,8 @@ DECODERS: Dict[str, DecoderAdapter] = {row.model_type: row for row in (
     DecoderAdapter("mistral", "MistralModel"),
     DecoderAdapter("qwen2", "Qwen2Model"),
     DecoderAdapter("qwen3", "Qwen3Model", qk_norm=True),
+    DecoderAdapter("gemma3_text", "Gemma3TextModel", qk_norm=True, sliding_window="masked", bidirectional_image=True,
+                   layer_rotary=True),
     DecoderAdapter("qwen2_vl_text", "Qwen2VLTextModel", rotary="mrope"),
     DecoderAdapter("qwen2_5_vl_text", "Qwen2_5_VLTextModel", rotary="mrope"),
     # DeepStack: the loop adds each kept token's deep features after the first layers (`deepstack`)
@@ -49,10 +57,11 @@ DECODERS: Dict[str, DecoderAdapter] = {row.model_type: row for row in (
     DecoderAdapter("qwen3_vl_moe_text", "Qwen3VLMoeTextModel", rotary="mrope", qk_norm=True, deepstack=True),
 )}
 # what the loop implements of each field; a row asking for anything else is refused at `patch`
-SUPPORTED = {"rotary": ("1d", "mrope"), "qk_norm": (False, True), "sliding_window": ("refused",),
-             "bidirectional_image": (False,)}
+SUPPORTED = {"rotary": ("1d", "mrope"), "qk_norm": (False, True), "sliding_window": ("refused", "masked"),
+             "bidirectional_image": (False, True), "layer_rotary": (False, True)}
 NOT_YET = {"rotary": "rotary positions {value!r}", "qk_norm": "q/k-norm in the attention",
-           "sliding_window": "sliding window {value!r}", "bidirectional_image": "attention both ways within an image"}
+           "sliding_window": "sliding window {value!r}", "bidirectional_image": "attention both ways within an image",
+           "layer_rotary": "rotary angles per layer type"}
 
 
 def decoder_adapter(model: nn.Module) -> Optional[DecoderAdapter]:
@@ -85,6 +94,21 @@ def rope_positions(row: DecoderAdapter, position_ids: torch.Tensor) -> Tuple[tor
     if row.rotary == "mrope" and position_ids.dim() == 3:
         return (position_ids[1:] if position_ids.shape[0] == 4 else position_ids), position_ids[0]
     return position_ids, position_ids
+
+
+def layer_types(model: nn.Module) -> Optional[List[str]]:
+    """Each layer's type where the decoder's row has rotary angles or masks per layer type (Gemma
+    3's "sliding_attention" / "full_attention"), else None: one kind of layer."""
+    row = decoder_adapter(model)
+    if row is None or not (row.layer_rotary or row.sliding_window == "masked"):
+        return None
+    return list(model.config.layer_types[:len(model.layers)])
+
+
+def explicit_masks(row: DecoderAdapter) -> bool:
+    """Whether every layer takes a mask built by the loop (`segments.segment_mask`): attention both
+    ways within an image or a window bound cannot be told to HF's flash / flex masks here."""
+    return row.bidirectional_image or row.sliding_window == "masked"
 
 
 def matches_decoder(model: nn.Module) -> bool:

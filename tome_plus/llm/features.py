@@ -113,12 +113,15 @@ def reduce_sets(x: torch.Tensor, reducer, n_keep: int,
 
 
 def reduce_features(model: nn.Module, h: torch.Tensor, seg: Segment, scope: LlmInputs, info: PatchInfo,
-                    carry: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+                    angles: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, carry: Optional[torch.Tensor] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """The features site: each image's (or video's) visual tokens, newlines aside, reduced by a
     vision method (`reduce.reduce_to`) before the first decoder layer. Returns the hidden states
     (a merged token written at its destination's place), `[B, L]` which slots stay, and `carry`
     (`[B, L, C]` features that go with each token, DeepStack's: the same merge, with sizes) reduced
-    alike; a kept token keeps its position (and M-RoPE angles), a merged one its destination's."""
+    alike; a kept token keeps its position (and M-RoPE angles), a merged one its destination's.
+    `angles`: the first layer's `(cos, sin)` per slot (default the segment's)."""
+    cos, sin = angles if angles is not None else (seg.cos, seg.sin)
     reducer, config = info.reducer, info.config
     reducible = seg.visual & (scope.runs >= 0)
     if scope.newline is not None:
@@ -153,8 +156,7 @@ def reduce_features(model: nn.Module, h: torch.Tensor, seg: Segment, scope: LlmI
             keep[r, c] = True
             continue
         attention = lambda x, index, r=r, c=c: image_attention(
-            model.layers[0], x, seg.cos[r.gather(1, index), c.gather(1, index)],
-            seg.sin[r.gather(1, index), c.gather(1, index)])
+            model.layers[0], x, cos[r.gather(1, index), c.gather(1, index)], sin[r.gather(1, index), c.gather(1, index)])
         x, index = reduce_sets(h[r, c], reducer, n_keep, attention, width)
         rr, cc = r.gather(1, index), c.gather(1, index)
         h[rr, cc] = x.to(h.dtype)

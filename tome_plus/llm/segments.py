@@ -36,6 +36,9 @@ class Segment:
     instruction: torch.Tensor  # [B, K] bool: text after the image
     prompt: torch.Tensor  # [B, K] bool: the prompt's real tokens (FastV's queries)
     key_bias: Optional[torch.Tensor] = None  # [B, K] log soft mask (training)
+    # [B, K] each slot's image block (-1: none) where an image's tokens attend each other both ways
+    # (Gemma 3); the kept tokens of a block still do after a site
+    groups: Optional[torch.Tensor] = None
 
 
 def mask_builder(backend: str) -> Callable:
@@ -54,7 +57,7 @@ def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
-def layer_mask(keys: "SegmentKeys", seg: Segment, dtype: torch.dtype, backend: str):
+def layer_mask(keys: "SegmentKeys", seg: Segment, dtype: torch.dtype, backend: str, window: Optional[int] = None):
     """A segment's mask in the form `backend`'s layers take, over its keys (`slots.SegmentKeys`).
     Flash and flex attention get HF's own (a padding mask over the real slots, causal from the
     right: the same attention, since slot order is position order); eager and SDPA
@@ -65,24 +68,40 @@ def layer_mask(keys: "SegmentKeys", seg: Segment, dtype: torch.dtype, backend: s
         raise ValueError(f"ATP's soft masks (training) need a 4-D float attention mask, which {backend} does not "
                          f"take: train with attn_implementation='sdpa' or 'eager'")
     if builder in (flex_attention_mask, flash_attention_mask):
+        if seg.groups is not None or window is not None:  # refused at `patch` (`decoders.explicit_masks`)
+            raise ValueError(f"the {backend} backend's mask cannot say attention both ways within an image or a "
+                             f"sliding window here: load the model with attn_implementation='sdpa' or 'eager'")
         batch, k = seg.valid.shape
         return builder(batch_size=batch, q_length=k, kv_length=keys.valid.shape[1], q_offset=keys.first,
                        mask_function=causal_mask_function, attention_mask=keys.valid, device=keys.valid.device)
-    mask = segment_mask(keys, seg, dtype)
+    mask = segment_mask(keys, seg, dtype, window)
     return additive(mask, dtype) if builder is eager_mask and mask.dtype == torch.bool else mask
 
 
-def segment_mask(keys: "SegmentKeys", seg: Segment, dtype: torch.dtype) -> torch.Tensor:
+def segment_mask(keys: "SegmentKeys", seg: Segment, dtype: torch.dtype, window: Optional[int] = None
+                 ) -> torch.Tensor:
     """`[B, 1, K, Lk]` mask of a segment's K new slots over its keys: real keys up to the query's
     own slot (`keys.first + q`: causal by slot order), each slot always seeing itself (padding
-    rows stay finite); float with the soft masks' log on the keys."""
+    rows stay finite); float with the soft masks' log on the keys.
+
+    With `seg.groups` (Gemma 3), a slot also sees the later slots of its own image block; with a
+    `window`, a query sees no key `window` or more conversation columns before its own (HF's
+    sliding layers: the window bounds the look-back only, so a block's later slots stay)."""
     batch, k = seg.valid.shape
     length = keys.valid.shape[1]
     own = keys.first + torch.arange(k, device=keys.valid.device)
     column = torch.arange(length, device=keys.valid.device)
     causal = column.unsqueeze(0) <= own.unsqueeze(1)
-    mask = (keys.valid.unsqueeze(1) & causal.unsqueeze(0)) | (column.unsqueeze(0) == own.unsqueeze(1)).unsqueeze(0)
-    mask = mask.unsqueeze(1)
+    mask = keys.valid.unsqueeze(1) & causal.unsqueeze(0)
+    if seg.groups is not None:  # this forward's slots are keys first .. first + k (an appending cache)
+        g = seg.groups
+        same = (g[:, :, None] == g[:, None, :]) & (g[:, :, None] >= 0)
+        block = torch.nn.functional.pad(same, (keys.first, length - keys.first - k))
+        mask = mask | (block & keys.valid.unsqueeze(1))
+    if window is not None:
+        query = keys.column[:, keys.first:keys.first + k]
+        mask = mask & (query[:, :, None] - keys.column[:, None, :] < window)
+    mask = (mask | (column.unsqueeze(0) == own.unsqueeze(1)).unsqueeze(0)).unsqueeze(1)
     if seg.key_bias is None:
         return mask
     bias = torch.cat([seg.key_bias.new_zeros(batch, length - k), seg.key_bias], dim=1)
@@ -106,7 +125,8 @@ def compact(h: torch.Tensor, seg: Segment, keep: torch.Tensor, key: Optional[tor
                   cos=take(seg.cos), sin=take(seg.sin), visual=take(seg.visual) & occupied,
                   spatial=take(seg.spatial), instruction=take(seg.instruction) & occupied,
                   prompt=take(seg.prompt) & occupied,
-                  key_bias=None if seg.key_bias is None else take(seg.key_bias))
+                  key_bias=None if seg.key_bias is None else take(seg.key_bias),
+                  groups=None if seg.groups is None else torch.where(occupied, take(seg.groups), -1))
     return take(h), seg
 
 

@@ -42,6 +42,10 @@ class SlotBook:
     # positions="packed" at site="llm": per segment after a site, `[B]` how far that site moved
     # each row's later positions back
     site_shift: Dict[int, torch.Tensor] = field(default_factory=dict)
+    # the conversation's length in columns after the last forward (the cache holds fewer slots where
+    # a site pruned): a forward without an attention mask (generate drops an all-ones one) counts
+    # its columns from it
+    length: Optional[int] = None
 
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.valid = [fn(t) for t in self.valid]
@@ -61,9 +65,11 @@ class SlotBook:
                                  "keeps its own slots there); crop only tokens decoded since")
         self.valid = [t[:, :-k] for t in self.valid]
         self.column = [t[:, :-k] for t in self.column]
+        if self.length is not None:
+            self.length -= k
 
     def clear(self) -> None:
-        self.valid, self.column, self.shift, self.site_shift = [], [], None, {}
+        self.valid, self.column, self.shift, self.site_shift, self.length = [], [], None, {}, None
 
 
 @dataclass
@@ -90,6 +96,17 @@ def check_cache(cache: Optional[Cache], refuse: Callable[[str], Exception]) -> N
         if isinstance(layer, (DynamicSlidingWindowLayer, StaticSlidingWindowLayer)) or not isinstance(
                 layer, (DynamicLayer, StaticLayer)):
             raise refuse(f"a {type(cache).__name__} with {type(layer).__name__} layers")
+
+
+def keep_every_slot(cache: Optional[Cache]) -> None:
+    """An empty cache's sliding-window layers (Gemma 3's) become appending ones: their window is in
+    the loop's masks (`segments.segment_mask`), and the book needs every layer to hold the slots
+    it kept. A layer that holds tokens already stays (`check_cache` refuses it)."""
+    if cache is None:
+        return
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicSlidingWindowLayer and not layer.is_initialized:
+            cache.layers[i] = DynamicLayer()
 
 
 def book_of(cache: Optional[Cache]) -> Optional[SlotBook]:

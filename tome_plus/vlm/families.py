@@ -22,6 +22,7 @@ import torch.nn as nn
 # pooled per frame), Qwen2-VL and Qwen2.5-VL (native resolution, a 2 x 2 patch merger, M-RoPE)
 _ANYRES = "packs each image's tower grids (anyres crops, unpadded, with newline tokens)"
 _QWEN = "merges 2 x 2 patches after its tower, whose windows and rotary positions need the full grid"
+_GEMMA3 = "pools each image's tower patches to a fixed grid of tokens in its projector, which needs the full grid"
 _INTERNVL = ("tiles each image into its own number of crops plus a thumbnail and pixel-shuffles 2 x 2 after its "
              "InternViT tower (no tower adapter yet)")
 
@@ -70,6 +71,8 @@ FAMILIES: Dict[str, Family] = {row.model_type: row for row in (
            packed=_QWEN, decoder="qwen3_vl_text"),
     Family("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeModel", tower=None, tower_attr="visual",
            packed=_QWEN, decoder="qwen3_vl_moe_text"),
+    Family("gemma3", "Gemma3ForConditionalGeneration", "Gemma3Model", tower=None, packed=_GEMMA3,
+           decoder="gemma3_text"),
     Family("internvl", "InternVLForConditionalGeneration", "InternVLModel", tower=None, packed=_INTERNVL),
 )}
 # what each tower adapter is, for messages

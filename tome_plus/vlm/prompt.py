@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..llm.context import LlmCall, LlmInputs
+from ..llm.decoders import decoder_adapter
 from ..methods.atp import spatial_score
 from .families import family, packed
 from .images import image_counts, tower
@@ -154,9 +155,21 @@ def llm_inputs(model: nn.Module, get: Callable[[str], Any], call: LlmCall) -> Ll
     answer = call.answer
     if answer is not None and answer.shape != visual.shape:
         answer = None
+    kinds, groups = get("token_type_ids"), None
+    row = decoder_adapter(model.language_model)
+    if kinds is not None and row is not None and row.bidirectional_image and kinds.shape == visual.shape:
+        groups = image_blocks(kinds == 1)
     return LlmInputs(visual=visual, spatial=spatial, has_visual=bool(visual.any()), images=images, runs=runs,
                      newline=newline_of(model), soft=call.collect is not None,
-                     prompt_length=call.prompt_length, answer=answer)
+                     prompt_length=call.prompt_length, answer=answer, attention_mask=get("attention_mask"),
+                     groups=groups)
+
+
+def image_blocks(image: torch.Tensor) -> torch.Tensor:
+    """`[B, L]` the number of each token's run of image tokens in its row (0, 1, ...; -1 for the
+    others): the blocks whose tokens attend each other both ways, as HF's Gemma 3 numbers them."""
+    starts = image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]
+    return torch.where(image, starts.long().cumsum(dim=1) - 1, -1)
 
 
 def newline_of(model: nn.Module) -> Optional[torch.Tensor]:

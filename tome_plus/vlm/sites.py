@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import torch
 import torch.nn as nn
+from transformers.masking_utils import flash_attention_mask, flex_attention_mask
 
 from ..backends import hf_clip
 from ..backends.base import PatchInfo, adopt, swap_class, tag
@@ -72,8 +73,9 @@ def prepare(model: nn.Module, reducer: Reducer, config: ReductionConfig, method:
 
 
 # the `cache_implementation`s whose layers hold per-row kept slots (`llm.slots`): appending or
-# full-length static buffers; a sliding window drops slots by conversation length
-CACHES = (None, "dynamic", "static", "offloaded", "offloaded_static", "quantized")
+# full-length static buffers; a sliding window drops slots by conversation length. HF's generate
+# unsets "hybrid" (Gemma 3's checkpoints name it) for the dynamic cache
+CACHES = (None, "dynamic", "static", "offloaded", "offloaded_static", "quantized", "hybrid")
 
 
 def check_decoder(model: nn.Module, label: str) -> nn.Module:
@@ -86,7 +88,15 @@ def check_decoder(model: nn.Module, label: str) -> nn.Module:
         raise ValueError(f"the model's generation_config asks for cache_implementation={cache_kind!r}; {label} keeps "
                          f"a different number of tokens per instance in each layer's cache, which the full-attention "
                          f"caches hold ({', '.join(map(repr, CACHES[1:]))}): set one of them, or None")
-    mask_builder(llm.config._attn_implementation)  # a backend whose masks cannot be built: refused now
+    builder = mask_builder(llm.config._attn_implementation)  # a backend whose masks cannot be built: refused now
+    row = decoders.decoder_adapter(llm)
+    if decoders.explicit_masks(row) and builder in (flex_attention_mask, flash_attention_mask):
+        raise ValueError(f"{label} on {type(llm).__name__} builds masks with attention both ways within an image and "
+                         f"sliding windows, which the {llm.config._attn_implementation} backend's mask cannot say: "
+                         f"load the model with attn_implementation='sdpa' or 'eager'")
+    if row.sliding_window == "masked" and cache_kind in ("static", "offloaded_static"):
+        raise ValueError(f"{label} on {type(llm).__name__}: the static cache's sliding layers keep only a window of "
+                         f"slots; tome_plus keeps every slot and masks the window: use the default dynamic cache")
     return llm
 
 
