@@ -135,7 +135,7 @@ def test_sliding_layers_cache_every_slot_and_decode_as_without_a_cache():
 def test_backends_and_caches_that_cannot_hold_it_are_refused_by_name():
     model, _ = model_and_inputs()
     model.generation_config.cache_implementation = "static"
-    with pytest.raises(ValueError, match="static cache's sliding layers"):
+    with pytest.raises(ValueError, match="static cache.s sliding or linear-attention layers"):
         tome_plus.patch(model, "fastv", keep=0.5)
     model.generation_config.cache_implementation = "hybrid"  # HF's generate unsets it: the dynamic cache
     tome_plus.patch(model, "fastv", keep=0.5)

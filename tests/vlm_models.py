@@ -9,6 +9,8 @@ Factories (seeded with ``torch.manual_seed(0)``: two calls give identical weight
     qwen2_5_vl(**overrides)        Qwen2_5_VLForConditionalGeneration
     qwen3_vl(**overrides)          Qwen3VLForConditionalGeneration         DeepStack, q/k-norm, interleaved M-RoPE
     qwen3_vl_moe(**overrides)      Qwen3VLMoeForConditionalGeneration      as qwen3_vl, MoE MLPs
+    qwen3_5(**overrides)           Qwen3_5ForConditionalGeneration         linear-attention + full layers
+    qwen3_5_moe(**overrides)       Qwen3_5MoeForConditionalGeneration      as qwen3_5, MoE MLPs
     gemma3(**overrides)            Gemma3ForConditionalGeneration          SigLIP + Gemma 3 (windows, both-ways images)
     internvl(**overrides)          InternVLForConditionalGeneration        InternViT + pixel shuffle + Qwen2
 
@@ -51,7 +53,8 @@ from itertools import accumulate
 from types import SimpleNamespace
 
 import torch
-from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, InternVLConfig, InternVLForConditionalGeneration, LlavaNextConfig, Qwen3VLConfig,
+from transformers import (Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3_5MoeConfig,
+                          Qwen3_5MoeForConditionalGeneration, Gemma3Config, Gemma3ForConditionalGeneration, InternVLConfig, InternVLForConditionalGeneration, LlavaNextConfig, Qwen3VLConfig,
                           Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaNextVideoConfig,
                           LlavaNextVideoForConditionalGeneration, LlavaOnevisionConfig,
                           LlavaOnevisionForConditionalGeneration, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
@@ -204,6 +207,47 @@ def qwen3_vl_moe(**overrides) -> Qwen3VLMoeForConditionalGeneration:
     return _build(Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeConfig, _qwen3_vl_parts(True), overrides)
 
 
+def _qwen3_5_parts(moe: bool) -> dict:
+    # vision as Qwen3-VL's without DeepStack; text: linear-attention (Gated DeltaNet) layers with a full-attention
+    # layer every 4th (the real 3:1), gated q, q/k-norm, interleaved M-RoPE on half of head_dim 16 ([2, 1, 1])
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8, temporal_patch_size=2,
+                  spatial_merge_size=2, out_hidden_size=64, num_position_embeddings=16)
+    text = dict(_qwen_text(), head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                linear_value_head_dim=16, linear_conv_kernel_dim=4, full_attention_interval=4,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                 "mrope_section": [2, 1, 1], "mrope_interleaved": True})
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+    return dict(vision_config=vision, text_config=text, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
+                vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+
+
+def _qwen3_5_layers(overrides: dict) -> dict:
+    """`text_config={"num_hidden_layers": n}` keeps the 3:1 pattern (`layer_types` follow the count)."""
+    text = overrides.get("text_config")
+    if isinstance(text, dict) and "num_hidden_layers" in text and "layer_types" not in text:
+        overrides = dict(overrides, text_config=dict(text, layer_types=[
+            "full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(text["num_hidden_layers"])]))
+    return overrides
+
+
+def qwen3_5(**overrides) -> Qwen3_5ForConditionalGeneration:
+    """Qwen3.5: Qwen3-VL's vision (no DeepStack) + a hybrid text model (2 layers: linear, full by default; 4:
+    three linear, one full)."""
+    overrides = _qwen3_5_layers(overrides)
+    defaults = _qwen3_5_parts(False)
+    defaults["text_config"]["layer_types"] = ["linear_attention", "full_attention"]
+    return _build(Qwen3_5ForConditionalGeneration, Qwen3_5Config, defaults, overrides)
+
+
+def qwen3_5_moe(**overrides) -> Qwen3_5MoeForConditionalGeneration:
+    """As `qwen3_5`, with mixture-of-experts MLPs (4 experts, 2 per token, a shared expert)."""
+    overrides = _qwen3_5_layers(overrides)
+    defaults = _qwen3_5_parts(True)
+    defaults["text_config"]["layer_types"] = ["linear_attention", "full_attention"]
+    return _build(Qwen3_5MoeForConditionalGeneration, Qwen3_5MoeConfig, defaults, overrides)
+
+
 def gemma3(**overrides) -> Gemma3ForConditionalGeneration:
     """SigLIP 32 px / patch 4 (64 patches, 2 layers, hidden 32), the projector's 2 x 2 average pool to 16 tokens per
     image (`mm_tokens_per_image`), + Gemma 3 (2 layers of hidden 64, head_dim 16, q/k-norm; sliding-window layers
@@ -242,7 +286,7 @@ def internvl(**overrides) -> InternVLForConditionalGeneration:
 
 FACTORIES = {"llava_next": llava_next, "llava_onevision": llava_onevision, "llava_next_video": llava_next_video,
              "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "qwen3_vl_moe": qwen3_vl_moe,
-             "gemma3": gemma3, "internvl": internvl}
+             "qwen3_5": qwen3_5, "qwen3_5_moe": qwen3_5_moe, "gemma3": gemma3, "internvl": internvl}
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -589,7 +633,8 @@ def internvl_inputs(model, rows=ROWS, image_sizes=INTERNVL_IMAGE_SIZES, videos=(
 
 INPUTS = {"llava_next": llava_next_inputs, "llava_onevision": llava_onevision_inputs,
           "llava_next_video": llava_next_video_inputs, "qwen2_vl": qwen2_vl_inputs, "qwen2_5_vl": qwen2_5_vl_inputs,
-          "qwen3_vl": qwen3_vl_inputs, "qwen3_vl_moe": qwen3_vl_inputs, "gemma3": gemma3_inputs,
+          "qwen3_vl": qwen3_vl_inputs, "qwen3_vl_moe": qwen3_vl_inputs, "qwen3_5": qwen3_vl_inputs,
+          "qwen3_5_moe": qwen3_vl_inputs, "gemma3": gemma3_inputs,
           "internvl": internvl_inputs}
 
 
@@ -666,6 +711,6 @@ def count_placeholders(inputs) -> tuple[int, int]:
 
 __all__ = ["llava_next", "llava_onevision", "llava_next_video", "qwen2_vl", "qwen2_5_vl", "internvl",
            "llava_next_inputs", "llava_onevision_inputs", "llava_next_video_inputs", "qwen2_vl_inputs",
-           "qwen2_5_vl_inputs", "qwen3_vl", "qwen3_vl_moe", "qwen3_vl_inputs", "gemma3", "gemma3_inputs", "internvl_inputs",
+           "qwen2_5_vl_inputs", "qwen3_vl", "qwen3_vl_moe", "qwen3_vl_inputs", "qwen3_5", "qwen3_5_moe", "gemma3", "gemma3_inputs", "internvl_inputs",
            "take_row", "greedy", "count_placeholders", "VLMInputs", "FACTORIES", "INPUTS", "ROWS",
            "PAD", "BOS", "EOS", "IMAGE_ID", "VIDEO_ID", "VISION_START", "VISION_END"]

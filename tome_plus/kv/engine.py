@@ -357,7 +357,7 @@ def cache_lengths(cache: DynamicCache) -> List[int]:
 
 def check_decoder(decoder: nn.Module, name: str) -> None:
     """Refuse (by name) a language model whose cache this policy cannot prune."""
-    decoders.check_decoder(decoder, f"kv={name!r}")
+    decoders.check_decoder(decoder, f"kv={name!r}", kind="kv")
     backend = decoder.config._attn_implementation
     if backend not in ("eager", "sdpa"):
         raise ValueError(f"kv={name!r} masks each KV head over its own tokens, which the {backend} backend does not "

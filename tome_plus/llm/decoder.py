@@ -358,11 +358,16 @@ class PruningDecoder:
         memo = reducer.forward_memo(h, seg.visual, seg.instruction, seg.valid) if (
             sites and scope is not None and scope.has_visual) else None
         def masks_of(keys: SegmentKeys, seg: Segment) -> dict:
-            """The segment's mask per layer type (one where the layers are of one type)."""
-            return {kind: layer_mask(keys, seg, h.dtype, backend, windows.get(kind)) for kind in set(types or [None])}
+            """The segment's mask per layer type (one where the layers are of one type); a
+            linear-attention layer takes the `[B, K]` padding mask (its padding slots' input zeroed:
+            the left padding leaves its state as a row alone's)."""
+            return {kind: seg.valid if kind == "linear_attention" else
+                    layer_mask(keys, seg, h.dtype, backend, windows.get(kind)) for kind in set(types or [None])}
 
         # a mask changes only at a pruning site: built once per segment (a flex BlockMask is costly)
-        masks = {kind: hf_mask for kind in set(types or [None])} if hf_masks and segment < 0 else masks_of(keys, seg)
+        masks = masks_of(keys, seg)
+        if hf_masks and segment < 0:
+            masks = {kind: seg.valid if kind == "linear_attention" else hf_mask for kind in masks}
         for i, layer in enumerate(self.layers):
             site = i in sites
             kind = types[i] if types else None

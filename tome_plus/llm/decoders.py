@@ -38,6 +38,11 @@ class DecoderAdapter:
     bidirectional_image: bool = False
     # rotary angles per layer type (Gemma 3: local and global bases, `rotary_emb(x, ids, layer_type)`)
     layer_rotary: bool = False
+    # linear-attention layers among the full ones (Qwen3.5's Gated DeltaNet): a recurrent state per row,
+    # no keys per token. Tokens removed before the first layer (the features site) are never seen; the
+    # LLM methods (which rank by a site layer's attention probabilities) and KV policies (which forget
+    # one token's slot) are refused by name (`LINEAR`)
+    linear_attention: bool = False
     # Qwen3-VL's DeepStack: visual features of several tower layers added to the visual tokens' hidden
     # states after the first decoder layers (`deepstack_visual_embeds`, `visual_pos_masks`)
     deepstack: bool = False
@@ -48,6 +53,8 @@ DECODERS: Dict[str, DecoderAdapter] = {row.model_type: row for row in (
     DecoderAdapter("mistral", "MistralModel"),
     DecoderAdapter("qwen2", "Qwen2Model"),
     DecoderAdapter("qwen3", "Qwen3Model", qk_norm=True),
+    DecoderAdapter("qwen3_5_text", "Qwen3_5TextModel", rotary="mrope", qk_norm=True, linear_attention=True),
+    DecoderAdapter("qwen3_5_moe_text", "Qwen3_5MoeTextModel", rotary="mrope", qk_norm=True, linear_attention=True),
     DecoderAdapter("gemma3_text", "Gemma3TextModel", qk_norm=True, sliding_window="masked", bidirectional_image=True,
                    layer_rotary=True),
     DecoderAdapter("qwen2_vl_text", "Qwen2VLTextModel", rotary="mrope"),
@@ -58,10 +65,19 @@ DECODERS: Dict[str, DecoderAdapter] = {row.model_type: row for row in (
 )}
 # what the loop implements of each field; a row asking for anything else is refused at `patch`
 SUPPORTED = {"rotary": ("1d", "mrope"), "qk_norm": (False, True), "sliding_window": ("refused", "masked"),
-             "bidirectional_image": (False, True), "layer_rotary": (False, True)}
+             "bidirectional_image": (False, True), "layer_rotary": (False, True), "linear_attention": (False, True)}
 NOT_YET = {"rotary": "rotary positions {value!r}", "qk_norm": "q/k-norm in the attention",
            "sliding_window": "sliding window {value!r}", "bidirectional_image": "attention both ways within an image",
-           "layer_rotary": "rotary angles per layer type"}
+           "layer_rotary": "rotary angles per layer type", "linear_attention": "linear-attention layers"}
+# why a decoder with linear-attention layers refuses what reduces inside it (`check_decoder`'s `kind`)
+LINEAR = {
+    "llm": "its linear-attention layers form no attention probabilities to rank tokens by, and the methods that "
+           "prune between layers rank by a site layer's; reduce the image features before the first layer "
+           "(site='features') instead",
+    "kv": "its linear-attention layers hold a recurrent state per row, which cannot forget one token's slot",
+    "attention": "its first layer is a linear-attention layer, which forms no attention among the image's tokens "
+                 "for this method to read; use tome, pitome or divprune at site='features'",
+}
 
 
 def decoder_adapter(model: nn.Module) -> Optional[DecoderAdapter]:
@@ -100,7 +116,7 @@ def layer_types(model: nn.Module) -> Optional[List[str]]:
     """Each layer's type where the decoder's row has rotary angles or masks per layer type (Gemma
     3's "sliding_attention" / "full_attention"), else None: one kind of layer."""
     row = decoder_adapter(model)
-    if row is None or not (row.layer_rotary or row.sliding_window == "masked"):
+    if row is None or not (row.layer_rotary or row.sliding_window == "masked" or row.linear_attention):
         return None
     return list(model.config.layer_types[:len(model.layers)])
 
@@ -122,15 +138,24 @@ def matches_decoder(model: nn.Module) -> bool:
     return row is not None and not (window and refused) and layers is not None and len(layers) > 0
 
 
-def check_decoder(model: nn.Module, label: str) -> DecoderAdapter:
+def check_decoder(model: nn.Module, label: str, kind: str = "llm") -> DecoderAdapter:
     """The row of a language model whose layers `label` (a method at its site, a KV policy) can run
     with tokens pruned between them; refused by name otherwise. Used by `vlm.sites.check_decoder`
-    and `kv.engine.check_decoder`."""
+    and `kv.engine.check_decoder`; `kind` says what `label` does there: "features" (a vision method
+    before the first layer), "attention" (one that reads the first layer's attention there), "llm"
+    (pruning between layers) or "kv" (a KV-cache policy)."""
     if not matches_decoder(model):
         raise TypeError(f"the language model is {type(model).__name__}; {label} supports "
                         f"{decoder_names()} (without a sliding window in use)")
     row = decoder_adapter(model)
     missing = unsupported(row)
+    if kind == "kv" and explicit_masks(row):
+        raise TypeError(f"the language model is {type(model).__name__} ({row.model_type!r}); {label} does not fit: "
+                        f"the KV engine's per-head masks do not hold its image blocks attending both ways or its "
+                        f"sliding windows yet")
+    if row.linear_attention and kind in LINEAR:
+        raise TypeError(f"the language model is {type(model).__name__} ({row.model_type!r}); {label} does not fit: "
+                        f"{LINEAR[kind]}")
     if missing:
         raise TypeError(f"the language model is {type(model).__name__} ({row.model_type!r}); {label} does not "
                         f"support {', '.join(missing)} yet")

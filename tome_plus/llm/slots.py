@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Union
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer
+from transformers.cache_utils import (Cache, DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionLayer, StaticLayer,
+                                      StaticSlidingWindowLayer)
 
 
 BOOK_ATTR = "_tome_plus_book"
@@ -93,6 +94,8 @@ def check_cache(cache: Optional[Cache], refuse: Callable[[str], Exception]) -> N
     if cache is None:
         return
     for layer in cache.layers:
+        if isinstance(layer, LinearAttentionLayer) and not isinstance(layer, (DynamicLayer, StaticLayer)):
+            continue  # Qwen3.5's recurrent state: nothing per slot (what reduces there is checked at `patch`)
         if isinstance(layer, (DynamicSlidingWindowLayer, StaticSlidingWindowLayer)) or not isinstance(
                 layer, (DynamicLayer, StaticLayer)):
             raise refuse(f"a {type(cache).__name__} with {type(layer).__name__} layers")

@@ -78,11 +78,12 @@ def prepare(model: nn.Module, reducer: Reducer, config: ReductionConfig, method:
 CACHES = (None, "dynamic", "static", "offloaded", "offloaded_static", "quantized", "hybrid")
 
 
-def check_decoder(model: nn.Module, label: str) -> nn.Module:
+def check_decoder(model: nn.Module, label: str, kind: str = "llm") -> nn.Module:
     """The language model, if its layers can run with tokens pruned between them (refused by name
-    otherwise); the model's generation config must ask for a cache that holds per-row slots."""
+    otherwise; `kind` as `decoders.check_decoder`'s); the model's generation config must ask for a
+    cache that holds per-row slots."""
     llm = model.model.language_model
-    decoders.check_decoder(llm, label)
+    decoders.check_decoder(llm, label, kind)
     cache_kind = getattr(getattr(model, "generation_config", None), "cache_implementation", None)
     if cache_kind not in CACHES:
         raise ValueError(f"the model's generation_config asks for cache_implementation={cache_kind!r}; {label} keeps "
@@ -94,15 +95,16 @@ def check_decoder(model: nn.Module, label: str) -> nn.Module:
         raise ValueError(f"{label} on {type(llm).__name__} builds masks with attention both ways within an image and "
                          f"sliding windows, which the {llm.config._attn_implementation} backend's mask cannot say: "
                          f"load the model with attn_implementation='sdpa' or 'eager'")
-    if row.sliding_window == "masked" and cache_kind in ("static", "offloaded_static"):
-        raise ValueError(f"{label} on {type(llm).__name__}: the static cache's sliding layers keep only a window of "
-                         f"slots; tome_plus keeps every slot and masks the window: use the default dynamic cache")
+    if (row.sliding_window == "masked" or row.linear_attention) and cache_kind in ("static", "offloaded_static"):
+        raise ValueError(f"{label} on {type(llm).__name__}: the static cache's sliding or linear-attention layers "
+                         f"are not held per slot here (tome_plus keeps every slot and masks a window): use the default "
+                         f"dynamic cache")
     return llm
 
 
 def prepare_features(model: nn.Module, reducer: Reducer, config: ReductionConfig, method: str) -> PatchInfo:
     """A vision method on the image features, before the language model's first layer."""
-    llm = check_decoder(model, method_at(method, "features"))
+    llm = check_decoder(model, method_at(method, "features"), "attention" if "attn" in reducer.needs else "features")
     kind, value = config.budget
     if kind not in ("tokens", "keep", "r") or isinstance(value, (list, tuple)):
         raise ValueError(f"site='features' reduces once per image (or video): give tokens= (kept per image), keep= "
@@ -171,4 +173,5 @@ def install(model: nn.Module, info: PatchInfo) -> None:
         swap_class(llm, PruningDecoder, info)
         tag(llm, info)
         for layer in llm.layers:  # the decoder routes their attention (`llm.attention.routed_attention`)
-            swap_class(layer.self_attn, RoutedAttention, info)
+            if hasattr(layer, "self_attn"):  # not Qwen3.5's linear-attention layers
+                swap_class(layer.self_attn, RoutedAttention, info)
