@@ -9,6 +9,9 @@ It writes `model/` (a LLaVA checkpoint with a word-level tokenizer) and `tasks/`
 lmms-eval's own `llava_hf` and the `tome_plus` model at `--model-args`, and prints the CLI line
 that does the same, for a real checkpoint and task in place of the tiny ones. Random weights: the
 scores show that the harness runs, not what the method is worth.
+
+`save_qwen3_vl` and `save_internvl` save a tiny Qwen3-VL or InternVL (built by the caller) the same
+way, for lmms-eval's `qwen3_vl` and `internvl_hf` models (`base=qwen3_vl`, `base=internvl_hf`).
 """
 from __future__ import annotations
 
@@ -19,13 +22,41 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-IMAGE_ID = 199  # the placeholder token; the word-level vocabulary below stays under it
-WORDS = ["USER:", "ASSISTANT:", "what", "is", "this", "a", "cat", "dog", "red", "blue", "yes", "no", "?"]
-# content as a string (lmms-eval's simple models) or as items (its chat models)
-TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
-            "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-            "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
-            "{% endfor %}{% endif %} {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+IMAGE_ID = 199  # the placeholder token, the tiny models' last id
+# Qwen3-VL's and InternVL's other vision tokens, numbered as in tests/vlm_models.py
+VIDEO_ID, VISION_START, VISION_END = 198, 197, 196
+WORDS = ["USER:", "ASSISTANT:", "what", "is", "this", "a", "cat", "dog", "red", "blue", "yes", "no", "?", "SYSTEM:"]
+
+
+def chat_template(image: str, video: str = "") -> str:
+    """A chat template writing `image` (`video`) for an image (video) item; content as a string
+    (lmms-eval's simple models) or as items (its chat models)."""
+    return ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {% elif m['role'] == 'system' %}SYSTEM: "
+            "{% else %}ASSISTANT: {% endif %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+            "{% for c in m['content'] %}{% if c['type'] == 'image' %}" + image + "{% elif c['type'] == 'video' %}"
+            + video + "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %} {% endfor %}"
+            "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+TEMPLATE = chat_template("<image>\n")
+
+
+def tokenizer(special: Dict[str, int], size: int, **named: str):
+    """A word-level tokenizer of `size` ids: `special` at their ids, WORDS, and `w<id>` at every
+    other id (each id a random model emits decodes to a word, so answers differ when ids do);
+    `named` become the tokenizer's named special tokens (InternVL's `start_image_token`, ...)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **special}
+    vocab.update({w: 4 + i for i, w in enumerate(WORDS)})
+    taken = set(vocab.values())
+    vocab.update({f"w{i}": i for i in range(size) if i not in taken})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in special])  # found inside words too
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", extra_special_tokens=named or None)
 
 
 def tiny_llava():
@@ -41,27 +72,73 @@ def tiny_llava():
     return LlavaForConditionalGeneration(config).eval()
 
 
+def _save(path: str, model, processor) -> None:
+    """`model` and `processor` under `path`; greedy decoding never emits a vision token (a random
+    model would otherwise, and a generated placeholder is refused)."""
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    vision = {getattr(model.config, k, None) for k in names} - {None}
+    model.generation_config.suppress_tokens = sorted(vision | set(model.generation_config.suppress_tokens or ()))
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+
+
 def save_model(path: str, model=None) -> None:
     """`model` (default `tiny_llava()`, 64 px images) with a word-level tokenizer and a CLIP image
     processor, as `from_pretrained` reads them."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+    from transformers import CLIPImageProcessor, LlavaProcessor
 
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": IMAGE_ID}
-    vocab.update({w: 4 + i for i, w in enumerate(WORDS)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens([AddedToken("<image>", special=True)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        unk_token="<unk>")
+    model = tiny_llava() if model is None else model
     images = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
-    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
+    tok = tokenizer({"<image>": model.config.image_token_id}, model.config.text_config.vocab_size)
+    processor = LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=8,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=TEMPLATE, image_token="<image>")
-    model = tiny_llava() if model is None else model
-    model.generation_config.suppress_tokens = [IMAGE_ID]  # a random model would otherwise emit placeholders
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
+    _save(path, model, processor)
+
+
+def save_qwen3_vl(path: str, model) -> None:
+    """A Qwen3-VL `model` with a word-level tokenizer (Qwen's vision tokens at the config's ids)
+    and Qwen's image and video processors at the tower's patch, merge and temporal patch.
+    lmms-eval's `qwen3_vl` resizes images itself (qwen_vl_utils, to multiples of 32 px: its patch
+    16 x merge 2) and calls the processor with `do_resize=False`; a multiple of 32 px is one of the
+    tiny tower's 16 px too."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    config, vision = model.config, model.config.vision_config
+    special = {"<|image_pad|>": config.image_token_id, "<|video_pad|>": config.video_token_id,
+               "<|vision_start|>": config.vision_start_token_id, "<|vision_end|>": config.vision_end_token_id}
+    factor = vision.patch_size * vision.spatial_merge_size
+    sizes = dict(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                 temporal_patch_size=vision.temporal_patch_size,
+                 size={"shortest_edge": 4 * factor ** 2, "longest_edge": 64 * factor ** 2})
+    processor = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**sizes),
+                                 video_processor=Qwen3VLVideoProcessor(**sizes),
+                                 tokenizer=tokenizer(special, config.text_config.vocab_size),
+                                 chat_template=chat_template("<|vision_start|><|image_pad|><|vision_end|>",
+                                                             "<|vision_start|><|video_pad|><|vision_end|>"))
+    _save(path, model, processor)
+
+
+def save_internvl(path: str, model) -> None:
+    """An InternVL `model` with a word-level tokenizer holding the named tokens InternVLProcessor
+    reads (`<IMG_CONTEXT>` at the config's image id; `<img>`, `</img>`, `<video>` at VISION_START,
+    VISION_END, VIDEO_ID, which the model never sees as ids of its own) and a GotOcr2 image processor
+    tiling at the tower's size (`image_seq_length` tokens a tile)."""
+    from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
+
+    config = model.config
+    side = config.vision_config.image_size
+    side = side[0] if isinstance(side, (list, tuple)) else side
+    special = {"<IMG_CONTEXT>": config.image_token_id, "<img>": VISION_START, "</img>": VISION_END,
+               "<video>": VIDEO_ID}
+    tok = tokenizer(special, config.text_config.vocab_size, start_image_token="<img>", end_image_token="</img>",
+                    context_image_token="<IMG_CONTEXT>", video_token="<video>")
+    size = {"height": side, "width": side}
+    processor = InternVLProcessor(image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=True),
+                                  video_processor=InternVLVideoProcessor(size=size), tokenizer=tok,
+                                  image_seq_length=config.image_seq_length,
+                                  chat_template=chat_template("<IMG_CONTEXT>\n", "<video>\n"))
+    _save(path, model, processor)
 
 
 def save_task(folder: str) -> None:
@@ -119,14 +196,14 @@ def evaluate(root: str, model: str, model_args: str = "", tasks: Sequence[str] =
              force_simple: bool = False) -> Dict[str, Any]:
     """lmms-eval's own `simple_evaluate` on the saved model and tasks under `root` (what the CLI
     calls); `device_map=cpu` because lmms-eval 0.7.3's `llava_hf` default `""` is refused by
-    transformers 5."""
+    transformers 5. Only the tasks under `root` are indexed (lmms-eval's own take seconds a run)."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
     args = f"pretrained={os.path.join(root, 'model')},device_map=cpu,{model_args}".rstrip(",")
     return simple_evaluate(model=model, model_args=args, tasks=list(tasks), device="cpu", batch_size=1,
                            log_samples=True, force_simple=force_simple,
-                           task_manager=TaskManager(include_path=os.path.join(root, "tasks")))
+                           task_manager=TaskManager(include_path=os.path.join(root, "tasks"), include_defaults=False))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:

@@ -1,5 +1,6 @@
 """lmms-eval runs a patched model through tome_plus's registered `tome_plus` model: a tiny random
-LLaVA saved with its processor, and a tiny local generation task made here.
+LLaVA saved with its processor, and a tiny local generation task made here; lmms-eval's own
+`qwen3_vl` and `internvl_hf` models as `base`, on a tiny Qwen3-VL and InternVL saved alike.
 
 (lmms-eval 0.7.3's llava_hf cannot run multiple-choice tasks on transformers 5, unpatched too: its
 log-likelihood encodes the context's `<image>` without the image, which the processor refuses.
@@ -16,6 +17,7 @@ pytest.importorskip("lmms_eval")
 pytest.importorskip("decord")  # lmms-eval's llava_hf model imports it
 
 import tome_plus  # noqa: E402
+import vlm_models  # noqa: E402
 from test_hf import IMAGE_ID, llava  # noqa: E402
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples")
@@ -23,6 +25,8 @@ sys.path.insert(0, EXAMPLE)
 import lmms_eval_offline as example  # noqa: E402  (the offline example builds the model and task)
 
 assert example.IMAGE_ID == IMAGE_ID  # the example's vocabulary and placeholder fit test_hf's model
+assert (example.VIDEO_ID, example.VISION_START, example.VISION_END) == (vlm_models.VIDEO_ID, vlm_models.VISION_START,
+                                                                        vlm_models.VISION_END)
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +144,63 @@ def test_sweep_with_lmms_eval_scores_and_bench_hf_timing(tiny, reference, tmp_pa
     assert base["accuracy"] == everything["accuracy"] == ref["tiny_vqa"]["words,none"]
     assert everything["flops_ratio"] == 1.0 and half["flops_ratio"] < 1.0
     assert (tmp_path / "sweep.png").exists()
+
+
+# ------------------------------------------------------------------ Qwen3-VL and InternVL as `base`
+
+# larger initial weights than the default (std 0.02): with those the tiny models' greedy answers
+# depend on the image, so a changed visual token changes the answer
+LOUD = dict(initializer_range=0.2, text_config={"initializer_range": 0.2}, vision_config={"initializer_range": 0.2})
+# lmms-eval model: (tiny model, saver, its own arguments, the kinds it has: force_simple values).
+# qwen3_vl: qwen_vl_utils resizes each image to 4096 px or more (96 x 64 here: 24 tokens);
+# internvl_hf (chat only): the 48 x 40 images are one 48 px tile (9 tokens)
+BASES = {"qwen3_vl": (vlm_models.qwen3_vl, example.save_qwen3_vl, "min_pixels=4096,max_pixels=16384", (True, False)),
+         "internvl_hf": (vlm_models.internvl, example.save_internvl, "max_patches=4", (False,))}
+
+
+@pytest.fixture(scope="module", params=list(BASES))
+def family(request, tmp_path_factory):
+    """(root, base, its arguments, {force_simple: lmms-eval's own base model's (scores, samples)})."""
+    build, save, args, kinds = BASES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    save(str(root / "model"), build(**LOUD))
+    (root / "tasks").mkdir()
+    example.save_task(str(root / "tasks"))
+    reference = {simple: run(root, request.param, args, force_simple=simple) for simple in kinds}
+    for _, samples in reference.values():  # internvl_hf answers "" where generate raised
+        assert all(r[0][0].strip() for _, r in samples["tiny_vqa"])
+    return root, request.param, args, reference
+
+
+def test_keeping_everything_gives_the_harness_numbers_of_qwen3_vl_and_internvl_hf(family):
+    """Each sample's text and each metric equal lmms-eval's own base model's, for each kind it has."""
+    root, base, args, reference = family
+    for simple, (ref_scores, ref_samples) in reference.items():
+        scores, samples = run(root, "tome_plus", f"base={base},{args},method=tome,site=features,keep=1.0",
+                              force_simple=simple)
+        assert samples == ref_samples
+        numbers = {k: v for k, v in scores["tiny_vqa"].items() if isinstance(v, float)}
+        assert numbers and numbers == {k: v for k, v in ref_scores["tiny_vqa"].items() if isinstance(v, float)}
+
+
+@pytest.mark.parametrize("model_args", ["method=tome,site=features,keep=0.5", "method=fastv,keep=0.5,k=1"])
+def test_a_reducing_patch_of_qwen3_vl_and_internvl_hf_logs_fewer_tokens(family, model_args, tmp_path):
+    """lmms-eval's default kind: every prompt's visual tokens (24 for Qwen3-VL, 9 for InternVL) cut
+    to about half, at the features site or after FastV's layer; the answers are still words."""
+    root, base, args, _ = family
+    log = tmp_path / "kept.jsonl"
+    scores, samples = run(root, "tome_plus", f"base={base},{args},{model_args},log={log}", force_simple=False)
+    record, *prompts = [json.loads(line) for line in log.read_text().splitlines()]
+    assert record["base"] == base and record["method"] == model_args.split(",")[0].split("=")[1]
+    n = {"qwen3_vl": 24, "internvl_hf": 9}[base]
+    assert len(prompts) == 4 and all(p["image_tokens"] == [n] and p["kept"][0][0] in (n // 2, (n + 1) // 2)
+                                     for p in prompts)
+    assert all(r[0][0].strip() for _, r in samples["tiny_vqa"]) and scores["tiny_vqa"]["words,none"] > 0
+
+
+def test_internvl_hf_has_the_chat_kind_only():
+    """lmms-eval's internvl_hf is a chat model: tome_plus's simple kind names the way out before
+    loading anything."""
+    from lmms_eval.models import get_model
+    with pytest.raises(ValueError, match="no simple implementation.*--force_simple"):
+        get_model("tome_plus", force_simple=True)(base="internvl_hf", pretrained="nowhere", method="tome")
