@@ -123,3 +123,16 @@ def test_the_loops_own_queries_and_keys_are_the_layers(config_cls):
     expected = out.attentions[0][:, :, -1]
     torch.testing.assert_close(last, expected.mean(dim=1), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(every[:, :, -1], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_deepstack_features_reach_only_a_row_that_adds_them(monkeypatch):
+    """Qwen3-VL's DeepStack features are the loop's to carry only where the decoder row says so: a
+    row without `deepstack` given them is an error, not features silently dropped."""
+    model = V.qwen3_vl()
+    inputs = V.qwen3_vl_inputs(model)
+    tome_plus.patch(model, "tome", site="features", keep=0.5)
+    with torch.no_grad():
+        model(**inputs)
+    monkeypatch.setitem(DECODERS, "qwen3_vl_text", dataclasses.replace(DECODERS["qwen3_vl_text"], deepstack=False))
+    with pytest.raises(ValueError, match="DeepStack features"), torch.no_grad():
+        model(**inputs)

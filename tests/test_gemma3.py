@@ -141,6 +141,8 @@ def test_backends_and_caches_that_cannot_hold_it_are_refused_by_name():
     tome_plus.patch(model, "fastv", keep=0.5)
     tome_plus.unpatch(model)
     model.generation_config.cache_implementation = None
+    with pytest.raises(TypeError, match="KV engine's per-head masks"):
+        tome_plus.patch(model, kv="a2sf", kv_options={"budget": 8})
     model.model.language_model.config._attn_implementation = "flex_attention"
     with pytest.raises(ValueError, match="both ways within an image"):
         tome_plus.patch(model, "tome", site="features", keep=0.5)

@@ -172,6 +172,9 @@ class PruningDecoder:
             cache = DynamicCache(config=self.config)
         h = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
         deep = deepstack(h, kwargs.pop("visual_pos_masks", None), kwargs.pop("deepstack_visual_embeds", None))
+        if deep is not None and not decoder_adapter(self).deepstack:
+            raise ValueError(f"{type(self).__name__} was given DeepStack features, which its decoder row "
+                             f"({decoder_adapter(self).model_type!r}) does not say it adds (`deepstack=True`)")
         with ROUTING.on():
             if cache is None and attention_mask is None and position_ids is not None:
                 # no mask and no cache: HF reads restarting position ids as packed prompts
