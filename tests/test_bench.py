@@ -378,33 +378,98 @@ def test_hf_patched_twin_shares_weights_and_llm_alone_sees_what_the_forward_give
             torch.testing.assert_close(alone, bench_hf.llava_prefill(model, inputs).logits)
 
 
-@pytest.mark.parametrize("shape,newlines,placeholders", [("llava-next-tiny", 8, 88), ("qwen2.5-vl-tiny", 0, 64)])
-def test_hf_bench_features_site_on_next_and_qwen(shape, newlines, placeholders, capsys):
+@pytest.mark.parametrize("shape,placeholders,kept", [("llava-next-tiny", 88, 5 + 8), ("qwen2.5-vl-tiny", 64, 5),
+                                                      ("qwen3-vl-tiny", 64, 4 * 5), ("internvl-tiny", 45, 5)])
+def test_hf_bench_features_site_on_packed_families(shape, placeholders, kept, capsys):
     """LLaVA-NeXT (a 64x64 image: the base tile's 16 tokens, 2 x 2 crops unpadded to 8 x 8 with a
-    newline per row) and Qwen2.5-VL (8 frames of 64 x 64: 4 x 8 x 8 patches, 2 x 2 merged): the
-    prompt carries the model's own feature count, the features site keeps `tokens` per image
-    (newlines aside) inside the LLM, the tower's FLOPs stay and the LLM's fall."""
+    newline per row, the 8 newlines never reduced), Qwen2.5-VL (8 frames of 64 x 64: 4 x 8 x 8
+    patches, 2 x 2 merged: one run), Qwen3-VL (the same video as its processor writes it: a run of
+    16 per temporal patch, `tokens` kept in each) and InternVL (a 96x96 image: 2 x 2 tiles of 48 px
+    and a thumbnail, 9 tokens each: one run): the prompt carries the model's own feature count, the
+    features site keeps `tokens` per run inside the LLM, the tower's FLOPs stay and the LLM's fall."""
     pytest.importorskip("transformers")
     report = bench.main(["--hf", shape, "--device", "cpu", "--warmup", "0", "--runs", "1", "--batch-size", "2",
                          "--tokens", "5", "--no-progress"])
     assert report["site"] == "features" and report["image_placeholders"] == placeholders
     base, patched = report["results"]
     assert base["image_tokens"] == patched["image_tokens"] == placeholders
-    assert patched["llm_kept"] == [5 + newlines]
+    assert patched["llm_kept"] == [kept]
     assert report["prompt_token_ratio"] == 1 and report["tower_flops_ratio"] == 1
     assert report["llm_flops_ratio"] < 1 and report["prefill_flops_ratio"] < 1
     printed = capsys.readouterr().out
     assert "at site features" in printed
     row = next(line.split() for line in printed.splitlines() if line.startswith("visual tokens after the features"))
-    assert row[-3:] == [str(placeholders), str(5 + newlines), f"{(5 + newlines) / placeholders:.2f}x"]
+    assert row[-3:] == [str(placeholders), str(kept), f"{kept / placeholders:.2f}x"]
     fastv = bench.main(["--hf", shape, "--device", "cpu", "--warmup", "0", "--runs", "1", "--method", "fastv",
                         "--keep", "0.5", "--option", "k=1", "--no-progress"])
     assert fastv["site"] == "llm" and fastv["llm_flops_ratio"] < 1
 
 
+@pytest.mark.parametrize("shape,placeholders,kept", [("qwen3-vl-tiny", 64, 32), ("internvl-tiny", 45, 22)])
+def test_hf_bench_keep_option_at_the_features_site_on_qwen3_vl_and_internvl(shape, placeholders, kept):
+    """`--option keep=0.5` at the features site: half of each run (Qwen3-VL: 8 of each temporal
+    patch's 16; InternVL: 22 of the image's 45) reaches the LLM's layers."""
+    pytest.importorskip("transformers")
+    report = bench.main(["--hf", shape, "--device", "cpu", "--warmup", "0", "--runs", "1", "--method", "tome",
+                         "--site", "features", "--option", "keep=0.5", "--no-progress"])
+    assert report["site"] == "features" and report["options"] == {"keep": 0.5}
+    base, patched = report["results"]
+    assert base["image_tokens"] == patched["image_tokens"] == placeholders and patched["llm_kept"] == [kept]
+    assert report["llm_flops_ratio"] < 1
+
+
+def test_hf_shapes_lay_out_qwen3_vl_and_internvl_prompts_as_their_processors():
+    """The prompts of the Qwen3-VL and InternVL shapes, token by token, against the placeholder
+    strings of the processors' own methods (text tokens as "t"; Qwen3-VL's "<t seconds>" as two),
+    and InternVL's tile count against its image processor's on an image of the shape's size."""
+    pytest.importorskip("transformers")
+    import re
+    from transformers import GotOcr2ImageProcessor
+    from transformers.models.internvl.processing_internvl import InternVLProcessor
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+    from tome_plus.tools import hf_shapes
+
+    def bare(cls, **attrs):  # a processor holding only what its placeholder method reads
+        obj = cls.__new__(cls)
+        obj.__dict__.update(attrs)
+        return obj
+
+    def spelled(ids, names):
+        return "".join(names.get(i, "t") for i in ids.tolist())
+
+    model = hf_shapes.build_model("qwen3-vl-tiny")
+    config = model.config
+    data = hf_shapes.make_batch(model, "qwen3-vl-tiny", 2, 8)
+    processor = bare(Qwen3VLProcessor, video_token="V", vision_start_token="S", vision_end_token="E",
+                     video_processor=SimpleNamespace(merge_size=2, temporal_patch_size=2))
+    metadata = [SimpleNamespace(fps=2.0, frames_indices=list(range(8)))]  # 8 frames sampled at 2 fps
+    video = processor.replace_video_token({"video_grid_thw": data["video_grid_thw"], "video_metadata": metadata}, 0)
+    expected = "tttt" + re.sub(r"<[0-9.]+ seconds>", "tt", video) + "tttt"
+    names = {config.video_token_id: "V", config.vision_start_token_id: "S", config.vision_end_token_id: "E"}
+    assert expected.count("S") == 4 and [spelled(row, names) for row in data["input_ids"]] == [expected] * 2
+    assert torch.equal(data["mm_token_type_ids"], (data["input_ids"] == config.video_token_id).long() * 2)
+    assert "second_per_grid_ts" not in data and data["video_grid_thw"].tolist() == [[4, 8, 8]] * 2
+
+    model = hf_shapes.build_model("internvl-tiny")
+    config = model.config
+    data = hf_shapes.make_batch(model, "internvl-tiny", 2, 8)
+    tiles = GotOcr2ImageProcessor(crop_to_patches=True, min_patches=1, max_patches=12,
+                                  size={"height": 48, "width": 48})(torch.rand(3, 96, 96))["num_patches"]
+    processor = bare(InternVLProcessor, start_image_token="<", end_image_token=">", image_token="C",
+                     image_seq_length=config.image_seq_length)
+    expected = "tttt" + processor.replace_image_token({"num_patches": [int(tiles[0])]}, 0) + "tttt"
+    names = {hf_shapes.INTERNVL_IMG_START: "<", hf_shapes.INTERNVL_IMG_END: ">", config.image_token_id: "C"}
+    assert int(tiles[0]) == 5 and [spelled(row, names) for row in data["input_ids"]] == [expected] * 2
+    assert data["pixel_values"].shape == (2 * 5, 3, 48, 48)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--hf", "llava-next-tiny", "--tokens", "5", "--site", "tower"], "--site tower: LlavaNextForConditionalGeneration "
      "packs each image's tower grids"),
+    (["--hf", "qwen3-vl-tiny", "--tokens", "5", "--site", "tower"], "--site tower: Qwen3VLForConditionalGeneration "
+     "merges 2 x 2 patches after its tower"),
+    (["--hf", "internvl-tiny", "--tokens", "5", "--site", "tower"], "--site tower: InternVLForConditionalGeneration "
+     "tiles each image into its own number of crops plus a thumbnail"),
     (["--hf", "llava-small-shape", "--method", "atp", "--site", "features"],
      "--site features: method 'atp' prunes inside the language model: site='llm'"),
     (["--hf", "llava-tiny", "--method", "fastv", "--keep", "0.5", "--site", "tower"],

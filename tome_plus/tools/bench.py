@@ -54,13 +54,13 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--hf", type=check_shape, default=None, metavar="SHAPE",
                         help="instead of --model: a random-weight HF VLM of a known shape, built here "
                              "(needs transformers); reports vision images/s, prefill and LLM latency, FLOPs "
-                             "per part and image tokens. The 7B/13B shapes need a GPU with ~15/~28 GB in "
-                             "fp16 at batch 1 (weights held once; more with larger batches). Shapes: "
+                             "per part and image tokens. The 7B-8B/13B shapes need a GPU with ~15-18/~28 GB "
+                             "in fp16 at batch 1 (weights held once; more with larger batches). Shapes: "
                              + shapes_help().replace("%", "%%"))
     parser.add_argument("--site", choices=("tower", "features", "llm"), default=None,
                         help="--hf: where the method reduces (tome_plus.patch's site; default: the best the "
-                             "model allows: tower for vision methods on LLaVA-1.5, features on LLaVA-NeXT "
-                             "and Qwen, llm for atp and fastv)")
+                             "model allows: tower for vision methods on LLaVA-1.5, features on LLaVA-NeXT, "
+                             "Qwen and InternVL, llm for atp and fastv)")
     parser.add_argument("--kv", choices=policy_names(), default=None,
                         help="--hf: decode --new-tokens with the KV policy against the full cache (decode tokens/s, "
                              "KV memory, greedy agreement); see --kv-option")

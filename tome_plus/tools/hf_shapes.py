@@ -1,5 +1,5 @@
-"""Random-weight HF vision-language models of known shapes (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL), and
-prompts for them, for `tome-plus bench --hf`.
+"""Random-weight HF vision-language models of known shapes (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL,
+Qwen3-VL, InternVL), and prompts for them, for `tome-plus bench --hf`.
 
 No weights are downloaded: each shape is a config written out here, built with random init in the
 dtype and on the device asked for. Importing this module does not import transformers (the timm
@@ -33,10 +33,10 @@ _SMALL_LLAMA = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=
 
 @dataclass(frozen=True)
 class Shape:
-    """A VLM config: `tower` "clip" or "siglip" (Qwen: "qwen"), the keyword arguments of its vision
-    config, of the text config and of the model's config itself; `family` the HF class family
-    ("llava", "llava_next", "qwen2_5_vl"), `media` what each prompt carries: an image `(H, W)` or
-    a video `(frames, H, W)`."""
+    """A VLM config: `tower` "clip" or "siglip" (Qwen: "qwen", InternVL: "internvit"), the keyword
+    arguments of its vision config, of the text config and of the model's config itself; `family`
+    the HF class family ("llava", "llava_next", "qwen2_5_vl", "qwen3_vl", "internvl"), `media` what
+    each prompt carries: an image `(H, W)` or a video `(frames, H, W)` (InternVL: images only)."""
 
     description: str
     tower: str
@@ -66,6 +66,44 @@ _SMALL_QWEN_TOWER = dict(_QWEN25_TOWER, depth=4, hidden_size=640, intermediate_s
                          out_hidden_size=1024, fullatt_block_indexes=[1, 3])
 _SMALL_QWEN2 = dict(_QWEN2_7B, vocab_size=152064, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
                     num_attention_heads=8, num_key_value_heads=2)
+# Qwen3-VL-8B-Instruct: a 27-block tower (1152, patch 16, a learned 48 x 48 position grid interpolated to the
+# image's, 2 x 2 merger, DeepStack features from blocks 8, 16 and 24) + a Qwen3-8B text model (36 layers, 4096,
+# q/k-norm, interleaved M-RoPE); the same special ids as Qwen2.5-VL
+_QWEN3_VL_TOWER = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                       patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                       deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh")
+_QWEN3_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
+                 max_position_embeddings=262144, bos_token_id=151643, eos_token_id=151645,
+                 rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+                                  "mrope_interleaved": True})
+# CPU-sized: 4 tower blocks of 640 (head dim 80: the tower's 2-D rotary wants a multiple of 4; DeepStack from the
+# first 3, as the 8B's come from below its last block), a 4-layer text model of 1024 (head dim 128 as in the 8B,
+# so the M-RoPE sections stay [24, 20, 20]); out_hidden_size is the text width
+_SMALL_QWEN3_TOWER = dict(_QWEN3_VL_TOWER, depth=4, hidden_size=640, intermediate_size=2560, num_heads=8,
+                          out_hidden_size=1024, deepstack_visual_indexes=[0, 1, 2])
+_SMALL_QWEN3 = dict(_QWEN3_8B, hidden_size=1024, intermediate_size=3072, num_hidden_layers=4, num_attention_heads=8,
+                    num_key_value_heads=2)
+# InternVL3-8B-hf: InternViT-300M (24 layers, 1024, 448 px / patch 14: 32 x 32 patches + CLS) + a 2 x 2 pixel
+# shuffle (256 tokens per 448 px tile) + Qwen2.5-7B (vocabulary grown to 151674 by InternVL's tokens)
+_INTERNVIT_300M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=448, patch_size=14, hidden_act="gelu", norm_type="layer_norm", layer_norm_eps=1e-6,
+                       layer_scale_init_value=0.1, attention_bias=True, use_qk_norm=False)
+_QWEN25_7B_INTERNVL = dict(model_type="qwen2", vocab_size=151674, hidden_size=3584, intermediate_size=18944,
+                           num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6,
+                           max_position_embeddings=32768, bos_token_id=151643, eos_token_id=151645,
+                           rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+_INTERNVL = dict(image_token_id=151667, image_seq_length=256, downsample_ratio=0.5, projector_hidden_act="gelu",
+                 vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=False)
+# `<img>` and `</img>` around each image's run of `<IMG_CONTEXT>` (151667) in InternVL3's tokenizer: the Qwen2.5
+# tokenizer's 151643..151664, then InternVL's own from 151665; not in the config, so here
+INTERNVL_IMG_START, INTERNVL_IMG_END = 151665, 151666
+# CPU-sized: a 12-layer InternViT of 768 at 224 px / patch 14 (16 x 16 patches: 64 tokens per tile after the
+# shuffle) + a 4-layer Qwen2 of 1024
+_SMALL_INTERNVIT = dict(_INTERNVIT_300M, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                        num_attention_heads=12, image_size=224)
+_SMALL_QWEN2_INTERNVL = dict(_QWEN25_7B_INTERNVL, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                             num_attention_heads=8, num_key_value_heads=2)
 
 SHAPES: Dict[str, Shape] = {
     "llava-1.5-7b-shape": Shape(
@@ -107,6 +145,22 @@ SHAPES: Dict[str, Shape] = {
     "qwen2.5-vl-small-video-shape": Shape(
         "CPU-sized Qwen2.5-VL as above; one 8-frame 224x224 video (4 x 8 x 8 = 256 video tokens)", "qwen",
         _SMALL_QWEN_TOWER, _SMALL_QWEN2, dict(_QWEN_IDS), family="qwen2_5_vl", media=(8, 224, 224)),
+    "qwen3-vl-8b-shape": Shape(
+        "Qwen3-VL-8B: 27-block tower (1152, patch 16, 2 x 2 merger, DeepStack from 3 blocks) + Qwen3-8B (36 layers, "
+        "4096); one 1344x1344 image (1764 image tokens)", "qwen", _QWEN3_VL_TOWER, _QWEN3_8B, dict(_QWEN_IDS),
+        gpu=True, family="qwen3_vl", media=(1344, 1344)),
+    "internvl3-8b-shape": Shape(
+        "InternVL3-8B: InternViT-300M (24 layers, 1024, 448 px tiles, 2 x 2 pixel shuffle) + Qwen2.5-7B (28 layers, "
+        "3584); one 896x896 image (2 x 2 tiles and a thumbnail: 1280 image tokens)", "internvit", _INTERNVIT_300M,
+        _QWEN25_7B_INTERNVL, dict(_INTERNVL), gpu=True, family="internvl", media=(896, 896)),
+    "qwen3-vl-small-shape": Shape(
+        "CPU-sized Qwen3-VL: 4 tower blocks (640, DeepStack from 3) + a Qwen3 text model (4 layers, 1024); one "
+        "448x448 image (196 image tokens)", "qwen", _SMALL_QWEN3_TOWER, _SMALL_QWEN3, dict(_QWEN_IDS),
+        family="qwen3_vl", media=(448, 448)),
+    "internvl-small-shape": Shape(
+        "CPU-sized InternVL: InternViT (12 layers, 768, 224 px tiles) + a Qwen2 text model (4 layers, 1024); one "
+        "448x448 image (2 x 2 tiles and a thumbnail: 320 image tokens)", "internvit", _SMALL_INTERNVIT,
+        _SMALL_QWEN2_INTERNVL, dict(_INTERNVL, image_seq_length=64), family="internvl", media=(448, 448)),
     "llava-tiny": Shape(
         "for tests: CLIP 64 px / 8 (4 layers, 64) + Llama (2 layers, 64)", "clip",
         dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, image_size=64,
@@ -131,6 +185,24 @@ SHAPES: Dict[str, Shape] = {
         dict(vocab_size=151700, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}),
         dict(_QWEN_IDS), family="qwen2_5_vl", media=(8, 64, 64)),
+    "qwen3-vl-tiny": Shape(
+        "for tests: Qwen3-VL, 2 tower blocks (32, patch 8, DeepStack from both) + a Qwen3-VL text model (2 layers, "
+        "64); one 8-frame 64x64 video (a run per temporal patch)", "qwen",
+        dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=8,
+             spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0, 1]),
+        dict(vocab_size=151700, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16,
+             rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 2, 2],
+                              "mrope_interleaved": True}),
+        dict(_QWEN_IDS), family="qwen3_vl", media=(8, 64, 64)),
+    "internvl-tiny": Shape(
+        "for tests: InternVL, InternViT 48 px / 8 (2 layers, 32; 9 tokens per tile) + Qwen2 (2 layers, 64); one "
+        "96x96 image (2 x 2 tiles and a thumbnail)", "internvit",
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=48,
+             patch_size=8),
+        dict(model_type="qwen2", vocab_size=151700, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2),
+        dict(_INTERNVL, image_seq_length=9), family="internvl", media=(96, 96)),
 }
 
 
@@ -155,13 +227,15 @@ def require_transformers() -> None:
 
 
 def llava_config(name: str):
-    """The model config of shape `name` (`LlavaConfig`, `LlavaNextConfig` or `Qwen2_5_VLConfig`)."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig, Qwen2_5_VLConfig,
-                              SiglipVisionConfig)
+    """The model config of shape `name` (`LlavaConfig`, `LlavaNextConfig`, `Qwen2_5_VLConfig`,
+    `Qwen3VLConfig` or `InternVLConfig`)."""
+    from transformers import (CLIPVisionConfig, InternVLConfig, LlamaConfig, LlavaConfig, LlavaNextConfig,
+                              Qwen2_5_VLConfig, Qwen3VLConfig, SiglipVisionConfig)
 
     shape = SHAPES[name]
-    if shape.family == "qwen2_5_vl":
-        return Qwen2_5_VLConfig(vision_config=shape.vision, text_config=shape.text, **shape.llava)
+    own = {"qwen2_5_vl": Qwen2_5_VLConfig, "qwen3_vl": Qwen3VLConfig, "internvl": InternVLConfig}
+    if shape.family in own:  # vision and text configs of the family's own classes, from dicts
+        return own[shape.family](vision_config=shape.vision, text_config=shape.text, **shape.llava)
     vision = (CLIPVisionConfig if shape.tower == "clip" else SiglipVisionConfig)(**shape.vision)
     config_cls = LlavaNextConfig if shape.family == "llava_next" else LlavaConfig
     return config_cls(vision_config=vision, text_config=LlamaConfig(**shape.text), **shape.llava)
@@ -172,7 +246,9 @@ def model_class(name: str):
     import transformers
     return getattr(transformers, {"llava": "LlavaForConditionalGeneration",
                                   "llava_next": "LlavaNextForConditionalGeneration",
-                                  "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}[SHAPES[name].family])
+                                  "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                                  "qwen3_vl": "Qwen3VLForConditionalGeneration",
+                                  "internvl": "InternVLForConditionalGeneration"}[SHAPES[name].family])
 
 
 @contextmanager
@@ -234,9 +310,11 @@ def make_batch(model, shape: str, batch: int, text_tokens: int, device: str = "c
     """The forward keyword arguments for `batch` prompts of shape `shape`'s family, each with
     `text_tokens` text tokens around one image or video (`Shape.media`) as its processor lays them
     out: LLaVA-1.5 `make_inputs`; LLaVA-NeXT its crops (`pixel_values [B, tiles, 3, S, S]`,
-    `image_sizes`) and as many placeholders as the unpatched model makes features; Qwen2.5-VL the
-    flattened patches with their `image_grid_thw` (or `video_grid_thw`), vision start/end tokens
-    and `mm_token_type_ids`."""
+    `image_sizes`) and as many placeholders as the unpatched model makes features; Qwen2.5-VL and
+    Qwen3-VL the flattened patches with their `image_grid_thw` (or `video_grid_thw`), vision
+    start/end tokens and `mm_token_type_ids` (Qwen3-VL: a video's run per temporal patch, after its
+    timestamp); InternVL its tiles and thumbnail (`pixel_values [B * tiles, 3, S, S]`) and
+    `image_seq_length` placeholders per tile between `<img>` and `</img>`."""
     spec = SHAPES[shape]
     config = model.config
     if spec.family == "llava":
@@ -244,10 +322,13 @@ def make_batch(model, shape: str, batch: int, text_tokens: int, device: str = "c
         return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
     generator = torch.Generator().manual_seed(seed)
     vocab = config.text_config.vocab_size
-    low = 3 if spec.family != "qwen2_5_vl" else 0
-    high = min(vocab, config.image_token_id) if spec.family != "qwen2_5_vl" else 151643  # below the special ids
+    qwen_vocab = spec.family in ("qwen2_5_vl", "qwen3_vl", "internvl")  # a Qwen tokenizer: no BOS
+    low = 0 if qwen_vocab else 3
+    high = 151643 if qwen_vocab else min(vocab, config.image_token_id)  # below the special ids
     text = torch.randint(low, high, (batch, text_tokens), generator=generator)
     before = min(4, text_tokens)
+    if spec.family == "internvl":
+        return _internvl_batch(config, spec, text, before, generator, device, dtype)
     if spec.family == "llava_next":
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
         side = config.vision_config.image_size
@@ -272,9 +353,17 @@ def make_batch(model, shape: str, batch: int, text_tokens: int, device: str = "c
     n_patches = grid[0] * grid[1] * grid[2]
     patches = torch.randn(batch * n_patches, 3 * tp * p * p, generator=generator).to(device, dtype)
     token = config.video_token_id if video else config.image_token_id
-    run = torch.cat([torch.full((batch, 1), config.vision_start_token_id),
-                     torch.full((batch, n_patches // (m * m)), token), torch.full((batch, 1), config.vision_end_token_id)],
-                    dim=1)
+
+    def wrapped(n: int) -> torch.Tensor:  # vision start, n placeholders, vision end
+        return torch.cat([torch.full((batch, 1), config.vision_start_token_id), torch.full((batch, n), token),
+                          torch.full((batch, 1), config.vision_end_token_id)], dim=1)
+    if video and spec.family == "qwen3_vl":
+        # Qwen3VLProcessor: each temporal patch its own run after its "<t seconds>" text (two tokens here)
+        stamps = torch.randint(low, high, (batch, grid[0], 2), generator=generator)
+        run = torch.cat([torch.cat([stamps[:, t], wrapped(grid[1] * grid[2] // (m * m))], dim=1)
+                         for t in range(grid[0])], dim=1)
+    else:
+        run = wrapped(n_patches // (m * m))
     ids = torch.cat([text[:, :before], run, text[:, before:]], dim=1)
     kind = torch.zeros_like(ids)
     kind[ids == token] = 2 if video else 1
@@ -282,11 +371,34 @@ def make_batch(model, shape: str, batch: int, text_tokens: int, device: str = "c
     data = dict(input_ids=ids.to(device), attention_mask=torch.ones_like(ids, device=device),
                 mm_token_type_ids=kind.to(device))
     if video:
-        data.update(pixel_values_videos=patches, video_grid_thw=grids,
-                    second_per_grid_ts=torch.full((batch,), tp / 2.0, device=device))  # sampled at 2 fps
+        data.update(pixel_values_videos=patches, video_grid_thw=grids)
+        if spec.family == "qwen2_5_vl":  # Qwen3-VL reads time from the timestamps in the text instead
+            data["second_per_grid_ts"] = torch.full((batch,), tp / 2.0, device=device)  # sampled at 2 fps
     else:
         data.update(pixel_values=patches, image_grid_thw=grids)
     return data
+
+
+def _internvl_batch(config, spec: Shape, text: torch.Tensor, before: int, generator: torch.Generator, device: str,
+                    dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """`make_batch` for InternVL: as its processor (GotOcr2 image processor, crop_to_patches, 1 to 12
+    tiles) cuts the image: the best grid of S x S tiles for its aspect ratio, and a thumbnail of the
+    whole image where the grid has more than one tile."""
+    from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+
+    if len(spec.media) != 2:
+        raise ValueError("InternVL shapes carry one image (H, W)")
+    size = config.vision_config.image_size
+    side = size[0] if isinstance(size, (list, tuple)) else size
+    columns, rows = get_optimal_tiled_canvas(tuple(spec.media), (side, side), 1, 12)
+    tiles = 1 + columns * rows if columns * rows > 1 else 1
+    batch = text.shape[0]
+    pixels = torch.randn(batch * tiles, 3, side, side, generator=generator).to(device, dtype)  # each prompt's in turn
+    run = torch.cat([torch.full((batch, 1), INTERNVL_IMG_START),
+                     torch.full((batch, tiles * config.image_seq_length), config.image_token_id),
+                     torch.full((batch, 1), INTERNVL_IMG_END)], dim=1)
+    ids = torch.cat([text[:, :before], run, text[:, before:]], dim=1).to(device)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels)
 
 
 def media_size(shape: str, config) -> Tuple[int, ...]:
