@@ -379,7 +379,8 @@ def test_hf_patched_twin_shares_weights_and_llm_alone_sees_what_the_forward_give
 
 
 @pytest.mark.parametrize("shape,placeholders,kept", [("llava-next-tiny", 88, 5 + 8), ("qwen2.5-vl-tiny", 64, 5),
-                                                      ("qwen3-vl-tiny", 64, 4 * 5), ("internvl-tiny", 45, 5)])
+                                                      ("qwen3-vl-tiny", 64, 4 * 5), ("internvl-tiny", 45, 5),
+                                                      ("qwen3.5-tiny", 16, 5), ("gemma3-tiny", 16, 5)])
 def test_hf_bench_features_site_on_packed_families(shape, placeholders, kept, capsys):
     """LLaVA-NeXT (a 64x64 image: the base tile's 16 tokens, 2 x 2 crops unpadded to 8 x 8 with a
     newline per row, the 8 newlines never reduced), Qwen2.5-VL (8 frames of 64 x 64: 4 x 8 x 8
@@ -400,12 +401,18 @@ def test_hf_bench_features_site_on_packed_families(shape, placeholders, kept, ca
     assert "at site features" in printed
     row = next(line.split() for line in printed.splitlines() if line.startswith("visual tokens after the features"))
     assert row[-3:] == [str(placeholders), str(kept), f"{kept / placeholders:.2f}x"]
+    if shape.startswith("qwen3.5"):  # its linear-attention layers: LLM methods refused by name
+        with pytest.raises(SystemExit):
+            bench.main(["--hf", shape, "--device", "cpu", "--method", "fastv", "--keep", "0.5", "--no-progress"])
+        assert "form no attention probabilities" in capsys.readouterr().err
+        return
     fastv = bench.main(["--hf", shape, "--device", "cpu", "--warmup", "0", "--runs", "1", "--method", "fastv",
                         "--keep", "0.5", "--option", "k=1", "--no-progress"])
     assert fastv["site"] == "llm" and fastv["llm_flops_ratio"] < 1
 
 
-@pytest.mark.parametrize("shape,placeholders,kept", [("qwen3-vl-tiny", 64, 32), ("internvl-tiny", 45, 22)])
+@pytest.mark.parametrize("shape,placeholders,kept", [("qwen3-vl-tiny", 64, 32), ("internvl-tiny", 45, 22),
+                                                      ("qwen3.5-tiny", 16, 8), ("gemma3-tiny", 16, 8)])
 def test_hf_bench_keep_option_at_the_features_site_on_qwen3_vl_and_internvl(shape, placeholders, kept):
     """`--option keep=0.5` at the features site: half of each run (Qwen3-VL: 8 of each temporal
     patch's 16; InternVL: 22 of the image's 45) reaches the LLM's layers."""

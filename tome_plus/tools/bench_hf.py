@@ -59,7 +59,9 @@ def llm_inputs(model: torch.nn.Module, inputs: Dict[str, Any]) -> Dict[str, Any]
     seen: Dict[str, Any] = {}
 
     def record(module: torch.nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
-        seen.update({k: kwargs.get(k) for k in ("inputs_embeds", "attention_mask", "position_ids")})
+        # Qwen3-VL's DeepStack features too: part of what its language model adds
+        seen.update({k: kwargs.get(k) for k in ("inputs_embeds", "attention_mask", "position_ids", "visual_pos_masks",
+                                                "deepstack_visual_embeds")})
         if "tome_plus.llm.context" in sys.modules:  # ATP: which tokens are visual, for its modules
             seen["_atp_scope"] = sys.modules["tome_plus.llm.context"].current_inputs()
     handle = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
@@ -157,7 +159,9 @@ def run_hf_bench(shape: str, method: str, options: Dict[str, Any], device: str =
 
     prec = resolve_hf_precision(device, dtype, precision)
     dev = torch.device(device)
-    baseline = hf_shapes.build_model(shape, device, prec.tensor_dtype)
+    # inference only: torch's FLOP counter refuses a module handed a parameter that wants a gradient
+    # under no_grad (Qwen3.5's gated norm is), so no weight wants one
+    baseline = hf_shapes.build_model(shape, device, prec.tensor_dtype).requires_grad_(False)
     patched = tome_plus.patch(shared_copy(baseline), method, site=site, **options)
     models = {"baseline": baseline, method: patched}
     inputs = hf_shapes.make_batch(baseline, shape, batch_size, text_tokens, device, prec.tensor_dtype)

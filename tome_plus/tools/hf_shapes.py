@@ -1,5 +1,5 @@
 """Random-weight HF vision-language models of known shapes (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL,
-Qwen3-VL, InternVL), and prompts for them, for `tome-plus bench --hf`.
+Qwen3-VL, Qwen3.5, Gemma 3, InternVL), and prompts for them, for `tome-plus bench --hf`.
 
 No weights are downloaded: each shape is a config written out here, built with random init in the
 dtype and on the device asked for. Importing this module does not import transformers (the timm
@@ -102,6 +102,45 @@ INTERNVL_IMG_START, INTERNVL_IMG_END = 151665, 151666
 # shuffle) + a 4-layer Qwen2 of 1024
 _SMALL_INTERNVIT = dict(_INTERNVIT_300M, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                         num_attention_heads=12, image_size=224)
+# Qwen3.5: transformers' `Qwen3_5Config` defaults (a 9B-class hybrid: 32 layers of 4096, three Gated DeltaNet
+# layers to one full-attention layer with a gated q, q/k-norm and M-RoPE on a quarter of head_dim 256) with
+# Qwen3-VL's tower (no DeepStack) projecting to the text width
+_QWEN35_IDS = dict(image_token_id=248056, video_token_id=248057, vision_start_token_id=248053,
+                   vision_end_token_id=248054)
+_QWEN35_TOWER = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                     patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                     hidden_act="gelu_pytorch_tanh")
+_QWEN35_9B = dict(vocab_size=248320, hidden_size=4096, intermediate_size=12288, num_hidden_layers=32,
+                  num_attention_heads=16, num_key_value_heads=4, head_dim=256, linear_num_key_heads=16,
+                  linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+                  max_position_embeddings=32768, tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
+                                   "mrope_section": [11, 11, 10], "mrope_interleaved": True})
+# CPU-sized: Qwen3-VL's small tower, 4 text layers of 1024 (three linear, one full; head_dim 256 as above)
+_SMALL_QWEN35_TOWER = dict(_QWEN35_TOWER, depth=4, hidden_size=640, intermediate_size=2560, num_heads=8,
+                           out_hidden_size=1024)
+_SMALL_QWEN35 = dict(_QWEN35_9B, hidden_size=1024, intermediate_size=3072, num_hidden_layers=4, num_attention_heads=8,
+                     num_key_value_heads=2, linear_num_key_heads=4, linear_num_value_heads=8)
+# Gemma 3 12B (gemma-3-12b-it): SigLIP-So400m at 896 px / patch 14 (64 x 64 patches, pooled 4 x 4 to 256 tokens)
+# + Gemma 3 (48 layers of 3840; five sliding-window layers (1024, rotary base 1e4) to one global (1e6, linear
+# scaling 8); q/k-norm). Gemma's "\n\n" (108), <start_of_image> and <end_of_image> around each image's run
+_GEMMA3_IDS = dict(image_token_index=262144, boi_token_index=255999, eoi_token_index=256000, mm_tokens_per_image=256)
+GEMMA3_NEWLINES = 108
+_SIGLIP_SO400M_896 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                          image_size=896, patch_size=14, vision_use_head=False, hidden_act="gelu_pytorch_tanh",
+                          layer_norm_eps=1e-6)
+_GEMMA3_12B = dict(vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                   num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
+                   sliding_window=1024, max_position_embeddings=131072, rms_norm_eps=1e-6, pad_token_id=0,
+                   bos_token_id=2, eos_token_id=1,
+                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                    "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}})
+# CPU-sized: SigLIP B/16-sized at 224 px / patch 14 (16 x 16 patches pooled 2 x 2 to 64 tokens), 6 text layers of
+# 1024 (five sliding, one global: the 12B's pattern; a window of 64, shorter than the prompt)
+_SMALL_SIGLIP_GEMMA = dict(_SIGLIP_SO400M_896, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                           num_attention_heads=12, image_size=224)
+_SMALL_GEMMA3 = dict(_GEMMA3_12B, hidden_size=1024, intermediate_size=4096, num_hidden_layers=6, num_attention_heads=8,
+                     num_key_value_heads=4, head_dim=128, query_pre_attn_scalar=128, sliding_window=64)
 _SMALL_QWEN2_INTERNVL = dict(_QWEN25_7B_INTERNVL, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
                              num_attention_heads=8, num_key_value_heads=2)
 
@@ -149,6 +188,14 @@ SHAPES: Dict[str, Shape] = {
         "Qwen3-VL-8B: 27-block tower (1152, patch 16, 2 x 2 merger, DeepStack from 3 blocks) + Qwen3-8B (36 layers, "
         "4096); one 1344x1344 image (1764 image tokens)", "qwen", _QWEN3_VL_TOWER, _QWEN3_8B, dict(_QWEN_IDS),
         gpu=True, family="qwen3_vl", media=(1344, 1344)),
+    "qwen3.5-9b-shape": Shape(
+        "Qwen3.5 9B-class (transformers' defaults): 27-block tower (1152, patch 16, 2 x 2 merger) + a hybrid text "
+        "model (32 layers of 4096: 24 Gated DeltaNet, 8 full attention); one 1344x1344 image (1764 image tokens)",
+        "qwen", _QWEN35_TOWER, _QWEN35_9B, dict(_QWEN35_IDS), gpu=True, family="qwen3_5", media=(1344, 1344)),
+    "gemma3-12b-shape": Shape(
+        "Gemma 3 12B: SigLIP-So400m (27 layers, 1152, 896 px) pooled to 256 tokens + Gemma 3 (48 layers of 3840, "
+        "sliding-window and global layers 5:1); one image (256 image tokens)", "siglip", _SIGLIP_SO400M_896,
+        _GEMMA3_12B, dict(_GEMMA3_IDS), gpu=True, family="gemma3"),
     "internvl3-8b-shape": Shape(
         "InternVL3-8B: InternViT-300M (24 layers, 1024, 448 px tiles, 2 x 2 pixel shuffle) + Qwen2.5-7B (28 layers, "
         "3584); one 896x896 image (2 x 2 tiles and a thumbnail: 1280 image tokens)", "internvit", _INTERNVIT_300M,
@@ -157,6 +204,14 @@ SHAPES: Dict[str, Shape] = {
         "CPU-sized Qwen3-VL: 4 tower blocks (640, DeepStack from 3) + a Qwen3 text model (4 layers, 1024); one "
         "448x448 image (196 image tokens)", "qwen", _SMALL_QWEN3_TOWER, _SMALL_QWEN3, dict(_QWEN_IDS),
         family="qwen3_vl", media=(448, 448)),
+    "qwen3.5-small-shape": Shape(
+        "CPU-sized Qwen3.5: 4 tower blocks (640) + a hybrid text model (4 layers of 1024: 3 Gated DeltaNet, 1 full); "
+        "one 448x448 image (196 image tokens)", "qwen", _SMALL_QWEN35_TOWER, _SMALL_QWEN35, dict(_QWEN35_IDS),
+        family="qwen3_5", media=(448, 448)),
+    "gemma3-small-shape": Shape(
+        "CPU-sized Gemma 3: SigLIP (12 layers, 768, 224 px) pooled to 64 tokens + Gemma 3 (6 layers of 1024, five "
+        "sliding-window (64) to one global); one image (64 image tokens)", "siglip", _SMALL_SIGLIP_GEMMA,
+        _SMALL_GEMMA3, dict(_GEMMA3_IDS, mm_tokens_per_image=64), family="gemma3"),
     "internvl-small-shape": Shape(
         "CPU-sized InternVL: InternViT (12 layers, 768, 224 px tiles) + a Qwen2 text model (4 layers, 1024); one "
         "448x448 image (2 x 2 tiles and a thumbnail: 320 image tokens)", "internvit", _SMALL_INTERNVIT,
@@ -195,6 +250,27 @@ SHAPES: Dict[str, Shape] = {
              rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 2, 2],
                               "mrope_interleaved": True}),
         dict(_QWEN_IDS), family="qwen3_vl", media=(8, 64, 64)),
+    "qwen3.5-tiny": Shape(
+        "for tests: Qwen3.5, 2 tower blocks (32, patch 8) + a hybrid text model (4 layers of 64: 3 Gated DeltaNet, "
+        "1 full); one 64x64 image (16 image tokens)", "qwen",
+        dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=8,
+             spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16),
+        dict(vocab_size=151700, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+             linear_key_head_dim=16, linear_value_head_dim=16,
+             rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
+                              "mrope_section": [2, 1, 1], "mrope_interleaved": True}),
+        dict(_QWEN_IDS), family="qwen3_5", media=(64, 64)),
+    "gemma3-tiny": Shape(
+        "for tests: Gemma 3, SigLIP 32 px / 4 (2 layers, 32) pooled to 16 tokens + Gemma 3 (4 layers of 64, sliding "
+        "window 8 and global layers alternating)", "siglip",
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+             patch_size=4, vision_use_head=False),
+        dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=8, pad_token_id=0,
+             bos_token_id=2, eos_token_id=1, layer_types=["sliding_attention", "full_attention"] * 2),
+        dict(image_token_index=299, boi_token_index=297, eoi_token_index=298, mm_tokens_per_image=16),
+        family="gemma3"),
     "internvl-tiny": Shape(
         "for tests: InternVL, InternViT 48 px / 8 (2 layers, 32; 9 tokens per tile) + Qwen2 (2 layers, 64); one "
         "96x96 image (2 x 2 tiles and a thumbnail)", "internvit",
@@ -229,11 +305,14 @@ def require_transformers() -> None:
 def llava_config(name: str):
     """The model config of shape `name` (`LlavaConfig`, `LlavaNextConfig`, `Qwen2_5_VLConfig`,
     `Qwen3VLConfig` or `InternVLConfig`)."""
-    from transformers import (CLIPVisionConfig, InternVLConfig, LlamaConfig, LlavaConfig, LlavaNextConfig,
-                              Qwen2_5_VLConfig, Qwen3VLConfig, SiglipVisionConfig)
+    from transformers import (CLIPVisionConfig, Gemma3Config, InternVLConfig, LlamaConfig, LlavaConfig,
+                              LlavaNextConfig, Qwen2_5_VLConfig, Qwen3_5Config, Qwen3VLConfig, SiglipVisionConfig)
 
     shape = SHAPES[name]
-    own = {"qwen2_5_vl": Qwen2_5_VLConfig, "qwen3_vl": Qwen3VLConfig, "internvl": InternVLConfig}
+    own = {"qwen2_5_vl": Qwen2_5_VLConfig, "qwen3_vl": Qwen3VLConfig, "internvl": InternVLConfig,
+           "qwen3_5": Qwen3_5Config}
+    if shape.family == "gemma3":  # its vision config is SigLIP's; the text config its own
+        return Gemma3Config(vision_config=SiglipVisionConfig(**shape.vision), text_config=shape.text, **shape.llava)
     if shape.family in own:  # vision and text configs of the family's own classes, from dicts
         return own[shape.family](vision_config=shape.vision, text_config=shape.text, **shape.llava)
     vision = (CLIPVisionConfig if shape.tower == "clip" else SiglipVisionConfig)(**shape.vision)
@@ -248,7 +327,9 @@ def model_class(name: str):
                                   "llava_next": "LlavaNextForConditionalGeneration",
                                   "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
                                   "qwen3_vl": "Qwen3VLForConditionalGeneration",
-                                  "internvl": "InternVLForConditionalGeneration"}[SHAPES[name].family])
+                                  "internvl": "InternVLForConditionalGeneration",
+                                  "qwen3_5": "Qwen3_5ForConditionalGeneration",
+                                  "gemma3": "Gemma3ForConditionalGeneration"}[SHAPES[name].family])
 
 
 @contextmanager
@@ -322,13 +403,15 @@ def make_batch(model, shape: str, batch: int, text_tokens: int, device: str = "c
         return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
     generator = torch.Generator().manual_seed(seed)
     vocab = config.text_config.vocab_size
-    qwen_vocab = spec.family in ("qwen2_5_vl", "qwen3_vl", "internvl")  # a Qwen tokenizer: no BOS
+    qwen_vocab = spec.family in ("qwen2_5_vl", "qwen3_vl", "internvl", "qwen3_5")  # a Qwen tokenizer: no BOS
     low = 0 if qwen_vocab else 3
-    high = 151643 if qwen_vocab else min(vocab, config.image_token_id)  # below the special ids
+    high = 151643 if qwen_vocab else min(vocab, config.image_token_id, 255999)  # below the special ids
     text = torch.randint(low, high, (batch, text_tokens), generator=generator)
     before = min(4, text_tokens)
     if spec.family == "internvl":
         return _internvl_batch(config, spec, text, before, generator, device, dtype)
+    if spec.family == "gemma3":
+        return _gemma3_batch(config, text, before, generator, device, dtype)
     if spec.family == "llava_next":
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
         side = config.vision_config.image_size
@@ -357,7 +440,7 @@ def make_batch(model, shape: str, batch: int, text_tokens: int, device: str = "c
     def wrapped(n: int) -> torch.Tensor:  # vision start, n placeholders, vision end
         return torch.cat([torch.full((batch, 1), config.vision_start_token_id), torch.full((batch, n), token),
                           torch.full((batch, 1), config.vision_end_token_id)], dim=1)
-    if video and spec.family == "qwen3_vl":
+    if video and spec.family in ("qwen3_vl", "qwen3_5"):
         # Qwen3VLProcessor: each temporal patch its own run after its "<t seconds>" text (two tokens here)
         stamps = torch.randint(low, high, (batch, grid[0], 2), generator=generator)
         run = torch.cat([torch.cat([stamps[:, t], wrapped(grid[1] * grid[2] // (m * m))], dim=1)
@@ -399,6 +482,26 @@ def _internvl_batch(config, spec: Shape, text: torch.Tensor, before: int, genera
                      torch.full((batch, 1), INTERNVL_IMG_END)], dim=1)
     ids = torch.cat([text[:, :before], run, text[:, before:]], dim=1).to(device)
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels)
+
+
+def _gemma3_batch(config, text: torch.Tensor, before: int, generator: torch.Generator, device: str,
+                  dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """`make_batch` for Gemma 3: one image per prompt as Gemma3Processor lays it out (`"\n\n"`,
+    `<start_of_image>`, `mm_tokens_per_image` soft tokens, `<end_of_image>`, `"\n\n"`), BOS first,
+    `token_type_ids` 1 on the soft tokens (its image block attends both ways)."""
+    batch = text.shape[0]
+    side = config.vision_config.image_size
+    pixels = torch.randn(batch, 3, side, side, generator=generator).to(device, dtype)
+    column = lambda value, n=1: torch.full((batch, n), value)  # noqa: E731
+    newlines = min(GEMMA3_NEWLINES, config.boi_token_id - 1)  # a tiny vocabulary's stand-in
+    run = torch.cat([column(newlines), column(config.boi_token_id),
+                     column(config.image_token_id, config.mm_tokens_per_image), column(config.eoi_token_id),
+                     column(newlines)], dim=1)
+    ids = torch.cat([text[:, :before], run, text[:, before:]], dim=1)
+    ids[:, 0] = config.text_config.bos_token_id
+    ids = ids.to(device)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=(ids == config.image_token_id).long(),
+                pixel_values=pixels)
 
 
 def media_size(shape: str, config) -> Tuple[int, ...]:
