@@ -8,7 +8,7 @@ pytest.importorskip("transformers")
 
 import tome_plus  # noqa: E402
 import vlm_models as V  # noqa: E402
-from naive import naive_bipartite_merge  # noqa: E402
+from test_vlm_features import naive_features  # noqa: E402
 from tome_plus.llm.segments import Segment, segment_mask  # noqa: E402
 from tome_plus.llm.slots import SegmentKeys  # noqa: E402
 from transformers.cache_utils import DynamicLayer  # noqa: E402
@@ -39,30 +39,6 @@ def test_keeping_everything_gives_the_unpatched_logits_everywhere(method, option
     torch.testing.assert_close(logits(model, inputs)[real], ref[real], atol=1e-5, rtol=1e-4)
 
 
-def naive_block_merge(embeds, ids, n_keep):
-    """Each image block's soft tokens merged to `n_keep` by repeated bipartite matching (the merged
-    token at its destination's place): `(embeddings, kept positions)` in position order."""
-    image = ids == V.IMAGE_ID
-    out = {i: embeds[i] for i in range(len(ids)) if not image[i]}
-    i = 0
-    while i < len(ids):
-        if not image[i]:
-            i += 1
-            continue
-        j = i
-        while j < len(ids) and image[j]:
-            j += 1
-        members, x, size = list(range(i, j)), embeds[i:j], torch.ones(j - i)
-        while len(members) > n_keep:
-            r = min(len(members) - n_keep, len(members) // 2)
-            x, size, groups = naive_bipartite_merge(x, size, x, r, 0)
-            members = [members[g[0]] for g in groups]
-        out.update(zip(members, x))
-        i = j
-    order = sorted(out)
-    return torch.stack([out[p] for p in order]), torch.tensor(order)
-
-
 @pytest.mark.parametrize("both_ways", [True, False])
 def test_features_site_keeps_a_reduced_image_attending_both_ways(both_ways):
     """One row, a window longer than the prompt (the loop bounds the look-back in the
@@ -80,7 +56,7 @@ def test_features_site_keeps_a_reduced_image_attending_both_ways(both_ways):
         model(**row)
     hook.remove()
     ids = row["input_ids"][0]
-    x, kept = naive_block_merge(got["inputs_embeds"][0], ids, n_keep=5)
+    x, kept = naive_features(got["inputs_embeds"][0], ids, None, n_keep=5)
     kept_ids = ids[kept][None]
     reference = dict(inputs_embeds=x[None], attention_mask=torch.ones_like(kept_ids), position_ids=kept[None])
     if both_ways:
