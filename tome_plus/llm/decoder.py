@@ -233,19 +233,27 @@ class PruningDecoder:
 
     def _rotary(self, h, positions):
         """`(cos, sin)` of `positions`: the rotary embedding's, or, for a decoder with angles per
-        layer type (Gemma 3), each type's side by side on the last axis (`_layer_angles` picks)."""
+        layer type (Gemma 3), each type's side by side on the last axis (`_angle_picker` picks)."""
         if not decoder_adapter(self).layer_rotary:
             return self.rotary_emb(h, position_ids=positions)
         parts = [self.rotary_emb(h, positions, kind) for kind in sorted(set(layer_types(self)))]
         return torch.cat([c for c, _ in parts], dim=-1), torch.cat([s for _, s in parts], dim=-1)
 
-    def _layer_angles(self, seg: Segment, layer: int):
-        """The `(cos, sin)` layer `layer` takes from the segment's angles (`_rotary`)."""
+    def _angle_picker(self):
+        """`pick(seg, layer)`: the `(cos, sin)` layer `layer` takes from the segment's angles
+        (`_rotary`'s: one set for every layer, or one per layer type side by side); the row is read
+        once per forward, not per layer."""
         if not decoder_adapter(self).layer_rotary:
-            return seg.cos, seg.sin
-        kinds = sorted(set(layer_types(self)))
-        at, width = kinds.index(layer_types(self)[layer]), seg.cos.shape[-1] // len(kinds)
-        return seg.cos[..., at * width:(at + 1) * width], seg.sin[..., at * width:(at + 1) * width]
+            return lambda seg, layer: (seg.cos, seg.sin)
+        types = layer_types(self)
+        kinds = sorted(set(types))
+        at = [kinds.index(kind) for kind in types]
+
+        def pick(seg: Segment, layer: int):
+            width = seg.cos.shape[-1] // len(kinds)
+            part = slice(at[layer] * width, (at[layer] + 1) * width)
+            return seg.cos[..., part], seg.sin[..., part]
+        return pick
 
     def _pruning_forward(self, scope, book, attention_mask, position_ids, cache, h, outputs: Outputs, deep=None):
         info = get_info(self)
@@ -254,7 +262,7 @@ class PruningDecoder:
         reducer = info.reducer
         features = info.parts.site == "features"
         sites = () if features else reducer.sites(len(self.layers))
-        row, types = decoder_adapter(self), layer_types(self)
+        row, types, angles = decoder_adapter(self), layer_types(self), self._angle_picker()
         # Gemma 3's sliding layers: a window on the look-back in their masks, every slot in their cache
         windows = {"sliding_attention": self.config.sliding_window} if row.sliding_window == "masked" else {}
         if windows:
@@ -281,7 +289,7 @@ class PruningDecoder:
                                      "of the whole conversation (or position_ids) to place its tokens")
                 offset = attention_mask.shape[1] - n if attention_mask is not None else book.length
             position_ids = (torch.arange(n, device=h.device) + offset).unsqueeze(0)
-        rope_ids, position_ids = rope_positions(decoder_adapter(self), position_ids)
+        rope_ids, position_ids = rope_positions(row, position_ids)
         position_ids = position_ids.expand(batch, n)
         packed = features and info.config.positions == "packed"
         # positions="packed" at site="llm": each site renumbers what follows it (`_pack_site`)
@@ -343,7 +351,7 @@ class PruningDecoder:
         segment = -1  # the book's segment of the current layers (-1: the conversation, before any site)
         if features:  # a site before the first layer: every layer takes a mask built here
             if scope is not None and scope.has_visual:
-                h, keep, carried = reduce_features(self, h, seg, scope, info, self._layer_angles(seg, 0),
+                h, keep, carried = reduce_features(self, h, seg, scope, info, angles(seg, 0),
                                                    carry=deep.flatten(2) if deep is not None else None)
                 deep = carried.view_as(deep) if deep is not None else None
                 real = seg.valid.sum(dim=1)
@@ -396,7 +404,7 @@ class PruningDecoder:
             if kv is not None:  # a KV policy reads this layer's own slots (a dynamic cache's: `first` is an int)
                 kv.segments[i] = (keys.valid[:, :keys.first], keys.valid[:, keys.first:])
             h = layer(h, attention_mask=masks[kind], position_ids=seg.positions, cache=cache,
-                      use_cache=cache is not None, position_embeddings=self._layer_angles(seg, i), **extra)
+                      use_cache=cache is not None, position_embeddings=angles(seg, i), **extra)
             h = h[0] if isinstance(h, tuple) else h
             if i + 1 in selected:
                 states.append(scatter_back(h, seg, n))
@@ -418,7 +426,7 @@ class PruningDecoder:
                 if reducer.scores_next_layer:  # the next layer's q and k, for the one query (this forward's keys)
                     query = request.query[:, 0]
                     seen = seg.valid & (torch.arange(h.shape[1], device=h.device) <= query[:, None])
-                    got = query_attention(self.layers[i + 1], h, *self._layer_angles(seg, i + 1), query,
+                    got = query_attention(self.layers[i + 1], h, *angles(seg, i + 1), query,
                                           seen).unsqueeze(1)
                 keep = reducer.select(LlmSite(
                     layer=i, hidden=h, received=got, visual=seg.visual, candidates=candidates,
