@@ -10,21 +10,23 @@ lmms-eval's own `llava_hf` and the `tome_plus` model at `--model-args`, and prin
 that does the same, for a real checkpoint and task in place of the tiny ones. Random weights: the
 scores show that the harness runs, not what the method is worth.
 
-`save_qwen3_vl` and `save_internvl` save a tiny Qwen3-VL or InternVL (built by the caller) the same
-way, for lmms-eval's `qwen3_vl` and `internvl_hf` models (`base=qwen3_vl`, `base=internvl_hf`).
+`save_qwen3_vl`, `save_internvl`, `save_gemma3` and `save_qwen3_5` save a tiny Qwen3-VL, InternVL,
+Gemma 3 or Qwen3.5 (built by the caller) the same way, for lmms-eval's `qwen3_vl`, `internvl_hf`,
+`gemma3` and `qwen3_5` models (`base=qwen3_vl`, ...).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import textwrap
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
 IMAGE_ID = 199  # the placeholder token, the tiny models' last id
-# Qwen3-VL's and InternVL's other vision tokens, numbered as in tests/vlm_models.py
+# the other vision tokens (Qwen3-VL's, InternVL's, Gemma 3's), numbered as in tests/vlm_models.py
 VIDEO_ID, VISION_START, VISION_END = 198, 197, 196
+NEWLINES = 195  # Gemma 3's "\n\n" around each image block (one token in Gemma's own vocabulary)
 WORDS = ["USER:", "ASSISTANT:", "what", "is", "this", "a", "cat", "dog", "red", "blue", "yes", "no", "?", "SYSTEM:"]
 
 
@@ -41,7 +43,7 @@ def chat_template(image: str, video: str = "") -> str:
 TEMPLATE = chat_template("<image>\n")
 
 
-def tokenizer(special: Dict[str, int], size: int, **named: str):
+def tokenizer(special: Dict[str, int], size: int, padding_side: str = "right", **named: str):
     """A word-level tokenizer of `size` ids: `special` at their ids, WORDS, and `w<id>` at every
     other id (each id a random model emits decodes to a word, so answers differ when ids do);
     `named` become the tokenizer's named special tokens (InternVL's `start_image_token`, ...)."""
@@ -56,7 +58,29 @@ def tokenizer(special: Dict[str, int], size: int, **named: str):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens([AddedToken(t, special=True) for t in special])  # found inside words too
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", extra_special_tokens=named or None)
+                                   unk_token="<unk>", padding_side=padding_side, extra_special_tokens=named or None)
+
+
+def byte_level_tokenizer(special: Dict[str, int], size: int):
+    """A byte-level BPE tokenizer of `size` ids without merges: `special` at their ids, one id per
+    printable ASCII character, space and newline (any ASCII prompt encodes, a character a token),
+    and " w<id>" at every other id (decoded only). For checkpoints whose tokenizer transformers
+    always rebuilds as a byte-level BPE from the saved vocabulary and merges (Qwen3.5's)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **special}
+    # the byte-level alphabet writes space and newline as chr(0x100 + byte), the rest of ASCII as itself
+    chars = [chr(0x120), chr(0x10A)] + [chr(c) for c in range(0x21, 0x7F)]
+    free = iter([i for i in range(size) if i not in vocab.values()])
+    vocab.update({c: next(free) for c in chars})
+    vocab.update({f"{chr(0x120)}w{i}": i for i in free})
+    tok = Tokenizer(models.BPE(vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<pad>", "<s>", "</s>", "<unk>", *special)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
 
 
 def tiny_llava():
@@ -96,12 +120,12 @@ def save_model(path: str, model=None) -> None:
     _save(path, model, processor)
 
 
-def save_qwen3_vl(path: str, model) -> None:
-    """A Qwen3-VL `model` with a word-level tokenizer (Qwen's vision tokens at the config's ids)
-    and Qwen's image and video processors at the tower's patch, merge and temporal patch.
-    lmms-eval's `qwen3_vl` resizes images itself (qwen_vl_utils, to multiples of 32 px: its patch
-    16 x merge 2) and calls the processor with `do_resize=False`; a multiple of 32 px is one of the
-    tiny tower's 16 px too."""
+def save_qwen3_vl(path: str, model, make_tokenizer: Callable = tokenizer) -> None:
+    """A Qwen3-VL `model` with `make_tokenizer`'s tokenizer (word-level by default; Qwen's vision
+    tokens at the config's ids) and Qwen's image and video processors at the tower's patch, merge and temporal
+    patch. lmms-eval's `qwen3_vl` resizes images itself (qwen_vl_utils, to multiples of 32 px: its
+    patch 16 x merge 2) and calls the processor with `do_resize=False`; a multiple of 32 px is one
+    of the tiny tower's 16 px too."""
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
     config, vision = model.config, model.config.vision_config
@@ -113,7 +137,7 @@ def save_qwen3_vl(path: str, model) -> None:
                  size={"shortest_edge": 4 * factor ** 2, "longest_edge": 64 * factor ** 2})
     processor = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**sizes),
                                  video_processor=Qwen3VLVideoProcessor(**sizes),
-                                 tokenizer=tokenizer(special, config.text_config.vocab_size),
+                                 tokenizer=make_tokenizer(special, config.text_config.vocab_size),
                                  chat_template=chat_template("<|vision_start|><|image_pad|><|vision_end|>",
                                                              "<|vision_start|><|video_pad|><|vision_end|>"))
     _save(path, model, processor)
@@ -138,6 +162,34 @@ def save_internvl(path: str, model) -> None:
                                   video_processor=InternVLVideoProcessor(size=size), tokenizer=tok,
                                   image_seq_length=config.image_seq_length,
                                   chat_template=chat_template("<IMG_CONTEXT>\n", "<video>\n"))
+    _save(path, model, processor)
+
+
+def save_qwen3_5(path: str, model) -> None:
+    """A Qwen3.5 `model` as `save_qwen3_vl` saves a Qwen3-VL (Qwen3.5 has Qwen3-VL's processor),
+    with a byte-level tokenizer: transformers loads every qwen3_5 checkpoint's tokenizer as its
+    Qwen3_5Tokenizer, which keeps only the saved vocabulary, merges and added tokens (a word-level
+    vocabulary would lose its words)."""
+    save_qwen3_vl(path, model, byte_level_tokenizer)
+
+
+def save_gemma3(path: str, model) -> None:
+    """A Gemma 3 `model` with a word-level tokenizer holding the named tokens Gemma3Processor reads
+    (`boi_token`, `image_token` (the soft token, at the config's image id), `eoi_token`; "\\n\\n" at
+    NEWLINES) and padding on the left, as Gemma's own (lmms-eval's `gemma3` pads every prompt to a
+    multiple of 8 tokens and generates after its last column), and a Gemma 3 image processor at
+    the tower's size (`mm_tokens_per_image` tokens an image; no pan-and-scan, Gemma's default)."""
+    from transformers import Gemma3ImageProcessor, Gemma3Processor
+
+    config = model.config
+    side = config.vision_config.image_size
+    special = {"\n\n": NEWLINES, "<start_of_image>": config.boi_token_index,
+               "<image_soft_token>": config.image_token_index, "<end_of_image>": config.eoi_token_index}
+    tok = tokenizer(special, config.text_config.vocab_size, padding_side="left", boi_token="<start_of_image>",
+                    eoi_token="<end_of_image>", image_token="<image_soft_token>")
+    processor = Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": side, "width": side}),
+                                tokenizer=tok, image_seq_length=config.mm_tokens_per_image,
+                                chat_template=chat_template("<start_of_image>"))
     _save(path, model, processor)
 
 

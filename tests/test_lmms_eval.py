@@ -1,6 +1,7 @@
 """lmms-eval runs a patched model through tome_plus's registered `tome_plus` model: a tiny random
 LLaVA saved with its processor, and a tiny local generation task made here; lmms-eval's own
-`qwen3_vl` and `internvl_hf` models as `base`, on a tiny Qwen3-VL and InternVL saved alike.
+`qwen3_vl`, `internvl_hf`, `gemma3` and `qwen3_5` models as `base`, on a tiny Qwen3-VL, InternVL,
+Gemma 3 and Qwen3.5 saved alike.
 
 (lmms-eval 0.7.3's llava_hf cannot run multiple-choice tasks on transformers 5, unpatched too: its
 log-likelihood encodes the context's `<image>` without the image, which the processor refuses.
@@ -8,6 +9,7 @@ The log-likelihood path of a patched model is checked directly below.)"""
 import json
 import os
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -25,8 +27,8 @@ sys.path.insert(0, EXAMPLE)
 import lmms_eval_offline as example  # noqa: E402  (the offline example builds the model and task)
 
 assert example.IMAGE_ID == IMAGE_ID  # the example's vocabulary and placeholder fit test_hf's model
-assert (example.VIDEO_ID, example.VISION_START, example.VISION_END) == (vlm_models.VIDEO_ID, vlm_models.VISION_START,
-                                                                        vlm_models.VISION_END)
+assert (example.VIDEO_ID, example.VISION_START, example.VISION_END, example.NEWLINES) == (
+    vlm_models.VIDEO_ID, vlm_models.VISION_START, vlm_models.VISION_END, vlm_models.NEWLINES)
 
 
 @pytest.fixture(scope="module")
@@ -146,16 +148,26 @@ def test_sweep_with_lmms_eval_scores_and_bench_hf_timing(tiny, reference, tmp_pa
     assert (tmp_path / "sweep.png").exists()
 
 
-# ------------------------------------------------------------------ Qwen3-VL and InternVL as `base`
+# ------------------------------------------------------------ Qwen3-VL, InternVL, Gemma 3, Qwen3.5 as `base`
 
 # larger initial weights than the default (std 0.02): with those the tiny models' greedy answers
-# depend on the image, so a changed visual token changes the answer
+# depend on the image, so a changed visual token changes the answer (Gemma 3 and Qwen3.5 give every
+# image the same answer at 0.2, not at 0.1)
 LOUD = dict(initializer_range=0.2, text_config={"initializer_range": 0.2}, vision_config={"initializer_range": 0.2})
+MILD = dict(initializer_range=0.1, text_config={"initializer_range": 0.1}, vision_config={"initializer_range": 0.1})
 # lmms-eval model: (tiny model, saver, its own arguments, the kinds it has: force_simple values).
-# qwen3_vl: qwen_vl_utils resizes each image to 4096 px or more (96 x 64 here: 24 tokens);
-# internvl_hf (chat only): the 48 x 40 images are one 48 px tile (9 tokens)
-BASES = {"qwen3_vl": (vlm_models.qwen3_vl, example.save_qwen3_vl, "min_pixels=4096,max_pixels=16384", (True, False)),
-         "internvl_hf": (vlm_models.internvl, example.save_internvl, "max_patches=4", (False,))}
+# qwen3_vl, qwen3_5: qwen_vl_utils resizes each image to 4096 px or more (96 x 64 here: 24 tokens);
+# qwen3_5 thinks by default and keeps only what follows "</think>" (nothing, for a random model);
+# internvl_hf (chat only): the 48 x 40 images are one 48 px tile (9 tokens); gemma3 (simple only):
+# each image resized to the tower's 32 px (16 tokens), and a one-word system prompt makes each prompt
+# 28 tokens, which gemma3 pads on the left to 32 (it pads to a multiple of 8), as most real prompts are
+BASES = {"qwen3_vl": (partial(vlm_models.qwen3_vl, **LOUD), example.save_qwen3_vl, "min_pixels=4096,max_pixels=16384",
+                      (True, False)),
+         "internvl_hf": (partial(vlm_models.internvl, **LOUD), example.save_internvl, "max_patches=4", (False,)),
+         "gemma3": (partial(vlm_models.gemma3, **MILD), example.save_gemma3, "system_prompt=You", (True,)),
+         "qwen3_5": (partial(vlm_models.qwen3_5, **MILD), example.save_qwen3_5,
+                     "min_pixels=4096,max_pixels=16384,enable_thinking=False", (True, False))}
+TOKENS = {"qwen3_vl": 24, "internvl_hf": 9, "gemma3": 16, "qwen3_5": 24}  # visual tokens of each prompt
 
 
 @pytest.fixture(scope="module", params=list(BASES))
@@ -163,7 +175,7 @@ def family(request, tmp_path_factory):
     """(root, base, its arguments, {force_simple: lmms-eval's own base model's (scores, samples)})."""
     build, save, args, kinds = BASES[request.param]
     root = tmp_path_factory.mktemp(request.param)
-    save(str(root / "model"), build(**LOUD))
+    save(str(root / "model"), build())
     (root / "tasks").mkdir()
     example.save_task(str(root / "tasks"))
     reference = {simple: run(root, request.param, args, force_simple=simple) for simple in kinds}
@@ -172,7 +184,7 @@ def family(request, tmp_path_factory):
     return root, request.param, args, reference
 
 
-def test_keeping_everything_gives_the_harness_numbers_of_qwen3_vl_and_internvl_hf(family):
+def test_keeping_everything_gives_the_harness_numbers_of_each_base(family):
     """Each sample's text and each metric equal lmms-eval's own base model's, for each kind it has."""
     root, base, args, reference = family
     for simple, (ref_scores, ref_samples) in reference.items():
@@ -184,15 +196,22 @@ def test_keeping_everything_gives_the_harness_numbers_of_qwen3_vl_and_internvl_h
 
 
 @pytest.mark.parametrize("model_args", ["method=tome,site=features,keep=0.5", "method=fastv,keep=0.5,k=1"])
-def test_a_reducing_patch_of_qwen3_vl_and_internvl_hf_logs_fewer_tokens(family, model_args, tmp_path):
-    """lmms-eval's default kind: every prompt's visual tokens (24 for Qwen3-VL, 9 for InternVL) cut
-    to about half, at the features site or after FastV's layer; the answers are still words."""
-    root, base, args, _ = family
+def test_a_reducing_patch_of_each_base_logs_fewer_tokens(family, model_args, tmp_path):
+    """lmms-eval's default kind (the simple one where the base has no other): every prompt's visual
+    tokens cut to about half, at the features site or after FastV's layer; the answers are still
+    words. FastV is refused on Qwen3.5 (its first layer is a linear-attention one)."""
+    root, base, args, reference = family
     log = tmp_path / "kept.jsonl"
-    scores, samples = run(root, "tome_plus", f"base={base},{args},{model_args},log={log}", force_simple=False)
+    model_args = f"base={base},{args},{model_args},log={log}"
+    simple = False not in reference
+    if base == "qwen3_5" and "fastv" in model_args:
+        with pytest.raises(TypeError, match="linear-attention layers form no attention probabilities"):
+            run(root, "tome_plus", model_args, force_simple=simple)
+        return
+    scores, samples = run(root, "tome_plus", model_args, force_simple=simple)
     record, *prompts = [json.loads(line) for line in log.read_text().splitlines()]
-    assert record["base"] == base and record["method"] == model_args.split(",")[0].split("=")[1]
-    n = {"qwen3_vl": 24, "internvl_hf": 9}[base]
+    assert record["base"] == base and record["method"] == model_args.split("method=")[1].split(",")[0]
+    n = TOKENS[base]
     assert len(prompts) == 4 and all(p["image_tokens"] == [n] and p["kept"][0][0] in (n // 2, (n + 1) // 2)
                                      for p in prompts)
     assert all(r[0][0].strip() for _, r in samples["tiny_vqa"]) and scores["tiny_vqa"]["words,none"] > 0
@@ -204,3 +223,11 @@ def test_internvl_hf_has_the_chat_kind_only():
     from lmms_eval.models import get_model
     with pytest.raises(ValueError, match="no simple implementation.*--force_simple"):
         get_model("tome_plus", force_simple=True)(base="internvl_hf", pretrained="nowhere", method="tome")
+
+
+def test_gemma3_has_the_simple_kind_only():
+    """lmms-eval's gemma3 is a simple model: tome_plus's chat kind (lmms-eval's default) names the
+    way out before loading anything."""
+    from lmms_eval.models import get_model
+    with pytest.raises(ValueError, match="no chat implementation.*--force_simple"):
+        get_model("tome_plus")(base="gemma3", pretrained="nowhere", method="tome")
