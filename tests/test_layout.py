@@ -17,7 +17,8 @@ COMMANDS = {"bench", "eval", "fidelity", "vis", "finetune", "atp_train", "diffra
 PARTS = {"kernel_bench": "bench", "bench_kv": "bench"}
 # what the tools share: CLI plumbing, data, models, timing, reports, FLOPs, model sources, and the
 # measurements (`measure`, `bench_hf`) that the commands report and the sweep makes at every point
-SHARED = {"common", "data", "models", "timing", "report", "flops", "hf_shapes", "focus_dinov2", "measure", "bench_hf"}
+SHARED = {"common", "data", "models", "timing", "report", "flops", "hf_shapes", "hf_prompts", "focus_dinov2", "measure",
+          "bench_hf"}
 ENTRY = {"cli", "__init__"}  # the dispatcher imports every command
 
 

@@ -277,8 +277,9 @@ class PruningDecoder:
             past = attention_mask.shape[1] - n if attention_mask is not None else int(cache.get_seq_length())
         elif attention_mask is None and book is not None and book.length is not None:
             past = book.length  # the conversation so far, not the cache's slots (fewer where a site pruned)
-        else:
-            past = cache.get_seq_length() if cache is not None else 0
+        else:  # read from a layer with keys (Qwen3.5's first is a linear one: a count tensor, a host sync)
+            first_kv = types.index("full_attention") if row.linear_attention else 0
+            past = cache.get_seq_length(first_kv) if cache is not None else 0
         if position_ids is None:
             # after the features site every layer's cache holds the reduced prompt: the mask
             # counts the conversation

@@ -14,6 +14,8 @@ from typing import Any, Dict, Iterator, Tuple
 
 import torch
 
+from .hf_prompts import INTERNVL_IMG_END, INTERNVL_IMG_START, gemma3_batch, internvl_batch
+
 INSTALL_HINT = 'pip install -e ".[hf]"'
 
 # Llama-2-7B / 13B as LLaVA-1.5 ships them (llava-hf): vocabulary grown by <image> and <pad>.
@@ -95,9 +97,6 @@ _QWEN25_7B_INTERNVL = dict(model_type="qwen2", vocab_size=151674, hidden_size=35
                            rope_parameters={"rope_type": "default", "rope_theta": 1e6})
 _INTERNVL = dict(image_token_id=151667, image_seq_length=256, downsample_ratio=0.5, projector_hidden_act="gelu",
                  vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=False)
-# `<img>` and `</img>` around each image's run of `<IMG_CONTEXT>` (151667) in InternVL3's tokenizer: the Qwen2.5
-# tokenizer's 151643..151664, then InternVL's own from 151665; not in the config, so here
-INTERNVL_IMG_START, INTERNVL_IMG_END = 151665, 151666
 # CPU-sized: a 12-layer InternViT of 768 at 224 px / patch 14 (16 x 16 patches: 64 tokens per tile after the
 # shuffle) + a 4-layer Qwen2 of 1024
 _SMALL_INTERNVIT = dict(_INTERNVIT_300M, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -123,9 +122,8 @@ _SMALL_QWEN35 = dict(_QWEN35_9B, hidden_size=1024, intermediate_size=3072, num_h
                      num_key_value_heads=2, linear_num_key_heads=4, linear_num_value_heads=8)
 # Gemma 3 12B (gemma-3-12b-it): SigLIP-So400m at 896 px / patch 14 (64 x 64 patches, pooled 4 x 4 to 256 tokens)
 # + Gemma 3 (48 layers of 3840; five sliding-window layers (1024, rotary base 1e4) to one global (1e6, linear
-# scaling 8); q/k-norm). Gemma's "\n\n" (108), <start_of_image> and <end_of_image> around each image's run
+# scaling 8); q/k-norm)
 _GEMMA3_IDS = dict(image_token_index=262144, boi_token_index=255999, eoi_token_index=256000, mm_tokens_per_image=256)
-GEMMA3_NEWLINES = 108
 _SIGLIP_SO400M_896 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                           image_size=896, patch_size=14, vision_use_head=False, hidden_act="gelu_pytorch_tanh",
                           layer_norm_eps=1e-6)
@@ -409,9 +407,9 @@ def make_batch(model, shape: str, batch: int, text_tokens: int, device: str = "c
     text = torch.randint(low, high, (batch, text_tokens), generator=generator)
     before = min(4, text_tokens)
     if spec.family == "internvl":
-        return _internvl_batch(config, spec, text, before, generator, device, dtype)
+        return internvl_batch(config, spec.media, text, before, generator, device, dtype)
     if spec.family == "gemma3":
-        return _gemma3_batch(config, text, before, generator, device, dtype)
+        return gemma3_batch(config, text, before, generator, device, dtype)
     if spec.family == "llava_next":
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
         side = config.vision_config.image_size
@@ -460,48 +458,6 @@ def make_batch(model, shape: str, batch: int, text_tokens: int, device: str = "c
     else:
         data.update(pixel_values=patches, image_grid_thw=grids)
     return data
-
-
-def _internvl_batch(config, spec: Shape, text: torch.Tensor, before: int, generator: torch.Generator, device: str,
-                    dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    """`make_batch` for InternVL: as its processor (GotOcr2 image processor, crop_to_patches, 1 to 12
-    tiles) cuts the image: the best grid of S x S tiles for its aspect ratio, and a thumbnail of the
-    whole image where the grid has more than one tile."""
-    from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
-
-    if len(spec.media) != 2:
-        raise ValueError("InternVL shapes carry one image (H, W)")
-    size = config.vision_config.image_size
-    side = size[0] if isinstance(size, (list, tuple)) else size
-    columns, rows = get_optimal_tiled_canvas(tuple(spec.media), (side, side), 1, 12)
-    tiles = 1 + columns * rows if columns * rows > 1 else 1
-    batch = text.shape[0]
-    pixels = torch.randn(batch * tiles, 3, side, side, generator=generator).to(device, dtype)  # each prompt's in turn
-    run = torch.cat([torch.full((batch, 1), INTERNVL_IMG_START),
-                     torch.full((batch, tiles * config.image_seq_length), config.image_token_id),
-                     torch.full((batch, 1), INTERNVL_IMG_END)], dim=1)
-    ids = torch.cat([text[:, :before], run, text[:, before:]], dim=1).to(device)
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels)
-
-
-def _gemma3_batch(config, text: torch.Tensor, before: int, generator: torch.Generator, device: str,
-                  dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    """`make_batch` for Gemma 3: one image per prompt as Gemma3Processor lays it out (`"\n\n"`,
-    `<start_of_image>`, `mm_tokens_per_image` soft tokens, `<end_of_image>`, `"\n\n"`), BOS first,
-    `token_type_ids` 1 on the soft tokens (its image block attends both ways)."""
-    batch = text.shape[0]
-    side = config.vision_config.image_size
-    pixels = torch.randn(batch, 3, side, side, generator=generator).to(device, dtype)
-    column = lambda value, n=1: torch.full((batch, n), value)  # noqa: E731
-    newlines = min(GEMMA3_NEWLINES, config.boi_token_id - 1)  # a tiny vocabulary's stand-in
-    run = torch.cat([column(newlines), column(config.boi_token_id),
-                     column(config.image_token_id, config.mm_tokens_per_image), column(config.eoi_token_id),
-                     column(newlines)], dim=1)
-    ids = torch.cat([text[:, :before], run, text[:, before:]], dim=1)
-    ids[:, 0] = config.text_config.bos_token_id
-    ids = ids.to(device)
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=(ids == config.image_token_id).long(),
-                pixel_values=pixels)
 
 
 def media_size(shape: str, config) -> Tuple[int, ...]:
