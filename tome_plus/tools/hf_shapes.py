@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, Tuple
 
 import torch
 
-from .hf_prompts import INTERNVL_IMG_END, INTERNVL_IMG_START, gemma3_batch, internvl_batch
+from .hf_prompts import gemma3_batch, internvl_batch
 
 INSTALL_HINT = 'pip install -e ".[hf]"'
 
