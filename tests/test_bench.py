@@ -288,7 +288,7 @@ HF_TINY = ["bench", "--hf", "llava-tiny", "--device", "cpu", "--dtype", "float32
 def tick_per_token(monkeypatch, tick: float = 1e-4):
     """A fake clock that moves only inside tower and LLM layers, by the tokens each one is given
     (hooks go on the built model; its patched twin copies them). Returns what the clock saw."""
-    from tome_plus.tools import hf_prompts, hf_shapes
+    from tome_plus.tools import hf_shapes
     from transformers.models.clip.modeling_clip import CLIPEncoderLayer
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -364,7 +364,7 @@ def test_hf_bench_zero_budget_changes_nothing(capsys):
 
 def test_hf_patched_twin_shares_weights_and_llm_alone_sees_what_the_forward_gives_it():
     pytest.importorskip("transformers")
-    from tome_plus.tools import hf_prompts, hf_shapes
+    from tome_plus.tools import hf_shapes
     base = hf_shapes.build_llava("llava-tiny")
     twin = tome_plus.patch(models.shared_copy(base), "tome", r=4)
     assert all(a is b for a, b in zip(base.parameters(), twin.parameters()))
@@ -537,7 +537,7 @@ def test_timm_bench_never_imports_transformers():
 ])
 def test_hf_precision_defaults_to_half_weights(dtype, precision, label, weights):
     pytest.importorskip("transformers")
-    from tome_plus.tools import hf_prompts, hf_shapes
+    from tome_plus.tools import hf_shapes
     prec = timing.resolve_hf_precision("cpu", dtype, precision)
     assert prec.label == label and prec.tensor_dtype == weights
     model = hf_shapes.build_llava("llava-tiny", dtype=prec.tensor_dtype)
