@@ -40,6 +40,12 @@ attributes that code reads (no tokenizer, no image processor):
   ``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor.replace_image_token`` / ``replace_video_token`` (grid.prod() //
   merge^2). ``mm_token_type_ids`` (0 text, 1 image, 2 video) as ``ProcessorMixin.create_mm_token_type_ids``;
   Qwen2.5 adds ``second_per_grid_ts = temporal_patch_size / fps`` per video.
+* Qwen3-VL / Qwen3.5: as Qwen2-VL for images; ``Qwen3VLProcessor.replace_video_token`` for videos (a run per
+  temporal patch after its ``<t seconds>`` text, from the video's metadata), Qwen3-VL's video ``smart_resize``.
+* Gemma 3: ``Gemma3Processor``'s image block and ``replace_image_token`` (pan-and-scan crops), ``token_type_ids``
+  1 on the soft tokens.
+* InternVL: ``get_optimal_tiled_canvas`` (the GotOcr2 image processor's tiles, plus a thumbnail) and
+  ``InternVLProcessor.replace_image_token`` / ``replace_video_token`` (a video's frames are image runs).
 
 Pixel values are seeded noise in exactly the processor's shapes (LLaVA: ``[n_images, max_tiles, 3, S, S]``
 zero-padded on the tile axis as ``_pad_for_batching`` does, plus ``image_sizes`` (H, W); videos
