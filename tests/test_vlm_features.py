@@ -353,3 +353,19 @@ def test_inspect_reports_the_newlines_apart(family):
     report = tome_plus.inspect(model)
     assert report.llm_newlines.tolist() == [n_newlines]
     assert report.llm_kept[0].tolist() == [2 * 4 + n_newlines]
+
+
+def test_a_prefill_without_padding_runs_sdpa_unmasked_and_matches_the_masked_rows():
+    """After the features site, a batch of one (every slot real) gives its SDPA layers no mask (the
+    causal kernel, as HF's unpadded prefill); a left-padded batch builds one; the logits agree."""
+    model, inputs = model_and_inputs("llava_next", "image")
+    tome_plus.patch(model, "tome", site="features", keep=0.3)
+    masks = []
+    hook = model.model.language_model.layers[1].register_forward_pre_hook(
+        lambda m, a, k: masks.append(k.get("attention_mask")), with_kwargs=True)
+    with torch.no_grad():
+        batch = model(**inputs).logits[:, -1]
+        alone = [model(**V.take_row(inputs, row)).logits[0, -1] for row in range(2)]
+    hook.remove()
+    assert masks[0] is not None and masks[1] is None and masks[2] is None
+    torch.testing.assert_close(torch.stack(alone), batch, atol=1e-5, rtol=1e-4)

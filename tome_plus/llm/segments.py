@@ -39,6 +39,9 @@ class Segment:
     # [B, K] each slot's image block (-1: none) where an image's tokens attend each other both ways
     # (Gemma 3); the kept tokens of a block still do after a site
     groups: Optional[torch.Tensor] = None
+    # known on the host: every slot is a real token (no row padded; `compact` learns it with the count
+    # it reads anyway), so an SDPA layer over this segment's slots alone is plain causal attention
+    dense: bool = False
 
 
 def mask_builder(backend: str) -> Callable:
@@ -62,8 +65,13 @@ def layer_mask(keys: "SegmentKeys", seg: Segment, dtype: torch.dtype, backend: s
     Flash and flex attention get HF's own (a padding mask over the real slots, causal from the
     right: the same attention, since slot order is position order); eager and SDPA
     `segment_mask`, whose padding rows see themselves (an SDPA row with no key gives NaN, which
-    would reach real rows through the values)."""
+    would reach real rows through the values). SDPA over a prefill's own slots with no padding
+    (`Segment.dense`: a batch of one, or rows that kept as many) gets None: its causal kernel, as
+    HF's unpadded prefill."""
     builder = mask_builder(backend)
+    if (builder is sdpa_mask and seg.dense and isinstance(keys.first, int) and keys.first == 0 and window is None
+            and seg.groups is None and seg.key_bias is None and keys.valid.shape[1] == seg.valid.shape[1]):
+        return None  # a prefill's own slots, none padding: SDPA's causal kernel, no mask to read
     if seg.key_bias is not None and builder not in (eager_mask, sdpa_mask):
         raise ValueError(f"ATP's soft masks (training) need a 4-D float attention mask, which {backend} does not "
                          f"take: train with attn_implementation='sdpa' or 'eager'")
@@ -112,7 +120,8 @@ def compact(h: torch.Tensor, seg: Segment, keep: torch.Tensor, key: Optional[tor
     """Drop the slots `keep` ([B, K] bool) rejects; survivors move right in order (or in the
     order of `key`, `[B, K]` distinct per row), rows padded on the left to the largest count."""
     counts = keep.sum(dim=1)
-    n = int(counts.max())
+    # one read of the host: the count, and whether every row's kept slots are all real tokens
+    n, fewest_real = torch.stack([counts.max(), (keep & seg.valid).sum(dim=1).min()]).tolist()
     # stable sort by keep: dropped slots first, kept last, each in order; the last n are the
     # row's kept slots behind (n - count) dropped ones, which become padding
     if key is None:
@@ -126,7 +135,8 @@ def compact(h: torch.Tensor, seg: Segment, keep: torch.Tensor, key: Optional[tor
                   spatial=take(seg.spatial), instruction=take(seg.instruction) & occupied,
                   prompt=take(seg.prompt) & occupied,
                   key_bias=None if seg.key_bias is None else take(seg.key_bias),
-                  groups=None if seg.groups is None else torch.where(occupied, take(seg.groups), -1))
+                  groups=None if seg.groups is None else torch.where(occupied, take(seg.groups), -1),
+                  dense=fewest_real == n)
     return take(h), seg
 
 
