@@ -149,7 +149,7 @@ def llm_inputs(model: nn.Module, get: Callable[[str], Any], call: LlmCall) -> Ll
     elif bool(visual.any()):
         starts = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]  # the first token of each run
         images, spatial = starts.sum(dim=1), scores_along_runs(visual, starts)
-        runs = torch.where(visual, starts.long().cumsum(dim=1) - 1, -1)
+        runs = run_numbers(visual)
     else:
         runs = None
     answer = call.answer
@@ -158,18 +158,19 @@ def llm_inputs(model: nn.Module, get: Callable[[str], Any], call: LlmCall) -> Ll
     kinds, groups = get("token_type_ids"), None
     row = decoder_adapter(model.language_model)
     if kinds is not None and row is not None and row.bidirectional_image and kinds.shape == visual.shape:
-        groups = image_blocks(kinds == 1)
+        groups = run_numbers(kinds == 1)
     return LlmInputs(visual=visual, spatial=spatial, has_visual=bool(visual.any()), images=images, runs=runs,
                      newline=newline_of(model), soft=call.collect is not None,
                      prompt_length=call.prompt_length, answer=answer, attention_mask=get("attention_mask"),
                      groups=groups)
 
 
-def image_blocks(image: torch.Tensor) -> torch.Tensor:
-    """`[B, L]` the number of each token's run of image tokens in its row (0, 1, ...; -1 for the
-    others): the blocks whose tokens attend each other both ways, as HF's Gemma 3 numbers them."""
-    starts = image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]
-    return torch.where(image, starts.long().cumsum(dim=1) - 1, -1)
+def run_numbers(member: torch.Tensor) -> torch.Tensor:
+    """`[B, L]` the number of each member token's run of adjacent members in its row (0, 1, ...;
+    -1 for the others): each image's (or video's) run at the features site, and Gemma 3's blocks
+    whose tokens attend each other both ways, numbered as HF's Gemma 3 numbers them."""
+    starts = member & ~torch.nn.functional.pad(member, (1, 0))[:, :-1]
+    return torch.where(member, starts.long().cumsum(dim=1) - 1, -1)
 
 
 def newline_of(model: nn.Module) -> Optional[torch.Tensor]:
