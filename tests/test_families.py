@@ -119,7 +119,7 @@ def test_the_loops_own_queries_and_keys_are_the_layers(config_cls):
         positions = torch.arange(9).expand(2, 9)
         cos, sin = llm.rotary_emb(h, position_ids=positions)
         last = query_attention(llm.layers[0], h, cos, sin, torch.full((2,), 8), torch.ones(2, 9, dtype=torch.bool))
-        every = image_attention(llm.layers[0], h, cos, sin)
+        every = image_attention(llm.layers[0], h, cos, sin).full()
     expected = out.attentions[0][:, :, -1]
     torch.testing.assert_close(last, expected.mean(dim=1), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(every[:, :, -1], expected, atol=1e-5, rtol=1e-4)

@@ -172,11 +172,12 @@ def test_nothing_to_train(pixels):
         model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
 
 
+@pytest.mark.parametrize("stop", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_received_attention_in_blocks_equals_the_whole_attention(dtype, monkeypatch):
+def test_received_attention_in_blocks_equals_the_whole_attention(dtype, stop, monkeypatch):
     """The scores' input formed a block of queries at a time (grouped-query keys, cached keys,
-    a padded row, several blocks) equals the full attention's, computed in float64 from the same
-    (half) values, summed with the weights."""
+    a padded row, several blocks; `stop`: each block's keys stop at its last query) equals the
+    full attention's, computed in float64 from the same (half) values, summed with the weights."""
     from tome_plus.llm import attention
     torch.manual_seed(0)
     batch, heads, kv, n, past, dim = 2, 4, 2, 9, 3, 8
@@ -189,7 +190,7 @@ def test_received_attention_in_blocks_equals_the_whole_attention(dtype, monkeypa
     mask[1, 0, torch.arange(2), past + torch.arange(2)] = True  # padding rows see themselves (as segment_mask)
     weights = torch.rand(batch, 2, n)
     monkeypatch.setattr(attention, "BLOCK", batch * heads * (past + n) * 2)  # blocks of 2 queries
-    got = attention.received_attention(query, key, mask, dim ** -0.5, weights, past)
+    got = attention.received_attention(query, key, mask, dim ** -0.5, weights, past, causal=stop)
     # the reference: the whole attention, float64, each query head with its own copy of its kv head
     q, k = query.double(), key.double()[:, torch.arange(heads) // (heads // kv)]
     logits = (q @ k.transpose(-2, -1)) * dim ** -0.5

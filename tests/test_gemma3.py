@@ -98,6 +98,22 @@ def test_the_masks_follow_the_rule_after_a_site():
                 assert bool(mask[b, q, j]) == want, (b, q, j)
 
 
+def test_fastv_scores_an_image_block_with_its_later_keys_in_small_blocks(monkeypatch):
+    """The scoring layer's blocks of queries stop their keys at the block's last slot only under a
+    causal mask: an image token here sees its block's later tokens, so blocks of 2 queries give
+    the attention received of one block."""
+    from tome_plus.llm import attention
+    received, whole = [], attention.received_attention
+    monkeypatch.setattr(attention, "received_attention", lambda *a, **k: received.append(whole(*a, **k)) or received[-1])
+    for block in (1 << 30, 2 * 4 * 64 * 2):
+        monkeypatch.setattr(attention, "BLOCK", block)
+        model, inputs = model_and_inputs()
+        tome_plus.patch(model, "fastv", keep=0.5, k=2)
+        logits(model, inputs)
+    assert len(received) == 2
+    torch.testing.assert_close(received[1], received[0], atol=1e-6, rtol=1e-5)
+
+
 def test_sliding_layers_cache_every_slot_and_decode_as_without_a_cache():
     model, inputs = model_and_inputs()
     tome_plus.patch(model, "fastv", keep=0.5, k=2)

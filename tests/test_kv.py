@@ -89,11 +89,15 @@ def naive_kept(model, ids, mask, budget, recent, alpha):
     return kept, out.past_key_values
 
 
-@pytest.mark.parametrize("alpha,scoring", [(0.9, "a2sf"), (1.0, "h2o")])
-def test_prefill_keeps_what_the_paper_keeps(alpha, scoring):
+@pytest.mark.parametrize("alpha,scoring,blocks", [(0.9, "a2sf", False), (1.0, "h2o", False), (0.9, "a2sf", True)])
+def test_prefill_keeps_what_the_paper_keeps(alpha, scoring, blocks, monkeypatch):
     """After the prefill every layer keeps, per row and KV head, the `recent` newest slots and the
     best `budget - recent` others by A = sum_q alpha^(N-1-q) S[q] (S summed over the head's query
-    group): the unpatched keys and values at exactly those slots."""
+    group): the unpatched keys and values at exactly those slots. `blocks`: the scores formed a
+    few queries at a time, each block's keys stopping at its last query."""
+    if blocks:
+        from tome_plus.llm import attention
+        monkeypatch.setattr(attention, "BLOCK", 2 * 4 * 40 * 3)  # a few queries per block
     model = llama("eager")
     ids, mask = prompts()
     budget, recent = 12, 3
@@ -101,6 +105,24 @@ def test_prefill_keeps_what_the_paper_keeps(alpha, scoring):
     tome_plus.patch(model, kv="a2sf", kv_options={"budget": budget, "recent": recent, "forget": alpha,
                                                   "scoring": scoring})
     assert_prefill_keeps(model, ids, mask, budget, want, full)
+
+
+def test_scores_formed_in_small_blocks_equal_one_blocks(monkeypatch):
+    """The engine forms the probabilities a few queries at a time, each block's keys stopping at its
+    last query's slot: the scores the pruned layers keep equal those of one block of every query."""
+    from tome_plus.llm import attention
+    ids, mask = prompts()
+    kept = []
+    for block in (1 << 30, 2 * 4 * 40 * 3):  # every query at once; 3 queries per block
+        monkeypatch.setattr(attention, "BLOCK", block)
+        model = llama("eager")
+        tome_plus.patch(model, kv="a2sf", kv_options={"budget": 12, "recent": 3, "forget": 0.9})
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, cache=cache)
+        kept.append([layer.score for layer in cache.layers])
+    for whole, blocks in zip(*kept):
+        torch.testing.assert_close(blocks, whole, atol=1e-7, rtol=1e-6)
 
 
 def test_queries_past_the_horizon_change_no_kept_slot():

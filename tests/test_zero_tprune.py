@@ -246,10 +246,19 @@ def test_site_block_same_answer_paper_cost(images):
         tome_plus.patch(make("vit_tiny_patch16_224"), "zero_tprune", r=4, min_heads=2)
 
 
+def whole_graph(graph):
+    """A features site's graph formed whole, as it was before it was formed as read: every query
+    head given its own copy of its KV head, all heads' logits at once, then the softmax."""
+    from tome_plus.precision import fp32_logits
+    k = graph.k.repeat_interleave(graph.q.shape[1] // graph.k.shape[1], dim=1)
+    return fp32_logits(graph.q, k, graph.scaling).softmax(dim=-1)
+
+
 def masked_matrix_wpr(attn, iters, alive, init, n_cls):
     """The weighted PageRank as it was computed before the row factors moved onto s: the renormalised,
-    masked matrix formed, then `iters` products with it."""
+    masked matrix formed, then `iters` products with it (the graph formed whole first)."""
     from tome_plus.triton_kernels.pagerank import initial_scores
+    attn = whole_graph(attn) if hasattr(attn, "heads") else attn
     batch, heads, n, _ = attn.shape
     alive = torch.ones(batch, n, dtype=torch.bool) if alive is None else alive
     a = attn.float() * alive[:, None, None, :].float()
@@ -263,16 +272,22 @@ def masked_matrix_wpr(attn, iters, alive, init, n_cls):
 
 def test_the_unformed_matrix_chooses_the_tokens_the_formed_one_chose(monkeypatch):
     """Zero-TPrune at a VLM's features site (980-token-like pools: a tiny NeXT's images, 30
-    iterations) keeps exactly the tokens it kept when the renormalised matrix was formed."""
+    iterations) keeps exactly the tokens it kept when the renormalised matrix was formed, on the
+    whole attention graph with the S-stage's survivors masked (not the survivors' own graph)."""
     pytest.importorskip("transformers")
     import vlm_models as V
+    from tome_plus.llm import features
     from tome_plus.methods import zero_tprune as Z
+    from tome_plus.triton_kernels import pagerank
     kept = {}
     for name, twin in (("formed", masked_matrix_wpr), ("unformed", None)):
         if twin is not None:
             monkeypatch.setattr(Z, "weighted_pagerank", twin)
+            whole = features.image_attention
+            monkeypatch.setattr(features, "image_attention", lambda *a: whole_graph(whole(*a)))
         else:
             monkeypatch.undo()
+            monkeypatch.setattr(pagerank, "CACHE_BYTES", 1)  # the graph formed and iterated one head at a time
         model = V.FACTORIES["llava_next"](text_config={"num_hidden_layers": 2})
         inputs = V.INPUTS["llava_next"](model)
         tome_plus.patch(model, "zero_tprune", site="features", keep=0.5)
@@ -291,6 +306,45 @@ def test_the_unformed_matrix_chooses_the_tokens_the_formed_one_chose(monkeypatch
             torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-7)
             assert torch.equal(new.argsort(dim=-1, descending=True, stable=True)[..., :n // 3],
                                old.argsort(dim=-1, descending=True, stable=True)[..., :n // 3])
+
+
+def test_a_graph_formed_as_read_is_the_whole_graph():
+    """The features site's graph, formed a few heads at a time into one reused buffer (grouped-query
+    keys, half inputs too), is the whole graph's heads bit for bit; the graph among some tokens is
+    the whole graph's rows renormalised over them."""
+    from tome_plus.llm.features import AttentionGraph
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k = torch.randn(2, 6, 40, 8).to(dtype), torch.randn(2, 3, 40, 8).to(dtype)
+        graph = AttentionGraph(q, k, 8 ** -0.5)
+        whole = whole_graph(graph)
+        for start, stop in ((0, 4), (4, 6), (1, 3)):
+            assert torch.equal(graph.heads(start, stop), whole[:, start:stop])
+        assert torch.equal(graph.full(), whole)
+        index = torch.stack([torch.randperm(40)[:25].sort().values for _ in range(2)])
+        among = graph.among(index).heads(0, 6)
+        rows = whole.gather(2, index[:, None, :, None].expand(2, 6, 25, 40)).gather(3, index[:, None, None, :].expand(2, 6, 25, 25))
+        torch.testing.assert_close(among, rows / rows.sum(-1, keepdim=True), rtol=1e-5, atol=1e-7)
+
+
+def test_the_survivors_graph_keeps_the_tokens_of_the_masked_whole_graph(monkeypatch):
+    """Zero-TPrune's I-stage on a graph formed as read runs on the survivors' own graph: the same
+    tokens as the whole graph with the survivors masked (several pool sizes, grouped-query keys,
+    the graph formed one head at a time)."""
+    from tome_plus.llm.features import AttentionGraph, reduce_sets
+    from tome_plus.methods.zero_tprune import ZeroTPrune, ZeroTPruneConfig
+    from tome_plus.triton_kernels import pagerank
+    monkeypatch.setattr(pagerank, "CACHE_BYTES", 1)
+    reducer = ZeroTPrune(ZeroTPruneConfig(keep=0.5))
+    reducer.check(4)
+    torch.manual_seed(0)
+    for n in (60, 300):
+        q, k, x = torch.randn(2, 4, n, 16) * 2, torch.randn(2, 2, n, 16) * 2, torch.randn(2, n, 32)
+        pick = lambda t, index: t.gather(2, index[:, None, :, None].expand(2, t.shape[1], index.shape[1], 16))
+        graph = lambda index: AttentionGraph(pick(q, index), pick(k, index), 0.25)
+        formed = reduce_sets(x, reducer, n // 2, lambda _, index: whole_graph(graph(index)))[1]
+        read = reduce_sets(x, reducer, n // 2, lambda _, index: graph(index))[1]
+        assert torch.equal(read, formed)
 
 
 def test_the_cpu_twin_iterates_a_few_heads_at_a_time_alike(monkeypatch):

@@ -11,7 +11,7 @@ a whole key tensor on CUDA (cuBLAS writes float32 from half inputs directly).
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+from typing import ContextManager, Optional
 
 import torch
 
@@ -25,21 +25,28 @@ def selection_precision(device: torch.device) -> ContextManager:
     return contextlib.nullcontext()
 
 
-def fp32_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+def fp32_logits(q: torch.Tensor, k: torch.Tensor, scale: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`scale q k^T` in float32 (`[..., Nq, D] x [..., Nk, D] -> [..., Nq, Nk]`), autocast or not.
 
     float32 inputs take the exact path of the unpatched code, `(q * scale) @ k^T`, so fp32 models
-    keep their bits; half inputs are multiplied with float32 accumulation and output.
+    keep their bits; half inputs are multiplied with float32 accumulation and output. `out`: a
+    contiguous float32 buffer of the result's shape to write to (CPU; reused across calls, so no
+    fresh memory is page-faulted in per call).
     """
     with selection_precision(q.device):
+        if out is not None and not q.is_cuda:
+            if q.dtype not in HALF:
+                return torch.matmul(q * scale, k.transpose(-2, -1), out=out)
+            return torch.matmul(q.float(), k.float().transpose(-2, -1), out=out).mul_(scale)
         if q.dtype not in HALF:
-            return (q * scale) @ k.transpose(-2, -1)
-        if q.is_cuda and _BMM_OUT_DTYPE:  # half in, float32 out: no float32 copy of k
+            logits = (q * scale) @ k.transpose(-2, -1)
+        elif q.is_cuda and _BMM_OUT_DTYPE:  # half in, float32 out: no float32 copy of k
             lead = q.shape[:-2]
-            out = torch.bmm(q.reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:]).transpose(1, 2),
-                            out_dtype=torch.float32)
-            return out.view(*lead, q.shape[-2], k.shape[-2]).mul_(scale)
-        return (q.float() @ k.float().transpose(-2, -1)).mul_(scale)
+            logits = torch.bmm(q.reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:]).transpose(1, 2),
+                               out_dtype=torch.float32).view(*lead, q.shape[-2], k.shape[-2]).mul_(scale)
+        else:
+            logits = (q.float() @ k.float().transpose(-2, -1)).mul_(scale)
+        return logits if out is None else out.copy_(logits)
 
 
 def _bmm_has_out_dtype() -> bool:

@@ -78,7 +78,9 @@ def weighted_pagerank_torch(attn: torch.Tensor, iters: int, alive: Optional[torc
     """PyTorch twin.
 
     Args:
-        attn: `[B, H, N, N]` attention probabilities (rows = queries).
+        attn: `[B, H, N, N]` attention probabilities (rows = queries), or a graph formed as it is
+            read: anything with that `shape` and `heads(start, stop)` giving heads start .. stop - 1
+            (`llm.features.AttentionGraph`).
         iters: power iterations (>= 1).
         alive: `[B, N]` bool, tokens still in play (default: all).
         init: "cls" or "uniform" start.
@@ -90,25 +92,28 @@ def weighted_pagerank_torch(attn: torch.Tensor, iters: int, alive: Optional[torc
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     batch, heads, n, _ = attn.shape
+    everyone = alive is None  # then the column mask is all ones, and no product needs it
     if alive is None:
         alive = torch.ones(batch, n, dtype=torch.bool, device=attn.device)
-    # A'[i, j] = alive_i alive_j A[i, j] / sum_{alive k} A[i, k] (rows renormalised over surviving
-    # keys, dropped queries passing no mass), never formed: its row factors scale s and its column
-    # mask the product, so each iteration reads A once and no pass over the N x N matrix is added
-    a = attn.float()
+    read = attn.heads if hasattr(attn, "heads") else lambda start, stop: attn[:, start:stop]
     live = alive.float()[:, None, :]  # [B, 1, N]
-    rows = (a @ live.unsqueeze(-1)).squeeze(-1)  # [B, H, N]: each row's mass on surviving keys
-    scale = live / rows.clamp_min(1e-30)
-    s = initial_scores(alive, init, n_cls)[:, None, :].expand(batch, heads, n).contiguous()
+    s0 = initial_scores(alive, init, n_cls)[:, None, :]
     # all iterations on a few heads at a time: their matrices stay in the CPU's cache between
     # iterations instead of streaming every head's from memory on each (the same products)
-    step = max(1, CACHE_BYTES // max(n * n * 4, 1)) if a.device.type == "cpu" else heads
+    step = max(1, CACHE_BYTES // max(n * n * 4, 1)) if attn.device.type == "cpu" else heads
     out = []
     for h in range(0, heads, step):
-        a_h, scale_h, s_h = a[:, h:h + step], scale[:, h:h + step], s[:, h:h + step]
+        a = read(h, h + step).float()
+        # A'[i, j] = alive_i alive_j A[i, j] / sum_{alive k} A[i, k] (rows renormalised over
+        # surviving keys, dropped queries passing no mass), never formed: its row factors scale s
+        # and its column mask the product, so each iteration reads A once
+        rows = (a @ live.unsqueeze(-1)).squeeze(-1)  # [B, h, N]: each row's mass on surviving keys
+        scale = live / rows.clamp_min(1e-30)
+        s = s0.expand(batch, a.shape[1], n)
         for _ in range(iters):
-            s_h = ((s_h * scale_h).unsqueeze(-2) @ a_h).squeeze(-2) * live  # s_t(j) = sum_i A'[i, j] s_{t-1}(i)
-        out.append(s_h)
+            s = ((s * scale).unsqueeze(-2) @ a).squeeze(-2)  # s_t(j) = sum_i A'[i, j] s_{t-1}(i)
+            s = s if everyone else s * live
+        out.append(s)
     s = torch.cat(out, dim=1) if len(out) > 1 else out[0]
     n_alive = alive.float().sum(-1)[:, None]
     mask = alive[:, None, :].float()
@@ -312,6 +317,6 @@ def weighted_pagerank_triton(attn: torch.Tensor, iters: int, alive: Optional[tor
 def weighted_pagerank(attn: torch.Tensor, iters: int, alive: Optional[torch.Tensor] = None,
                       init: str = "cls", n_cls: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
     """Dispatch: the fused Triton kernel on CUDA (or when forced), the PyTorch twin elsewhere."""
-    if use_triton(attn):
-        return weighted_pagerank_triton(attn, iters, alive, init, n_cls)
+    if use_triton(attn):  # the kernel reads a whole graph
+        return weighted_pagerank_triton(attn.full() if hasattr(attn, "full") else attn, iters, alive, init, n_cls)
     return weighted_pagerank_torch(attn, iters, alive, init, n_cls)

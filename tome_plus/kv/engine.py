@@ -245,12 +245,15 @@ class KvStep:
         for start in range(self.config.first_scored(n), n, step):
             q = query[:, :, start:start + step]
             rows = q.shape[2]
-            logits = attention.grouped_logits(q, key, scaling)  # [B, KV, G, rows, L]
-            own = block_mask(keys, start, rows, n).unsqueeze(2)  # [B, KV, 1, rows, L]
+            # causal by slot: the block's queries see no key past its last query's slot, so the
+            # keys stop there (E slots) instead of forming columns masked to zero probability
+            end = length - n + start + rows
+            logits = attention.grouped_logits(q, key[:, :, :end], scaling)  # [B, KV, G, rows, E]
+            own = block_mask(keys[..., :end], start, rows, start + rows).unsqueeze(2)  # [B, KV, 1, rows, E]
             probs = logits.masked_fill_(~own, float("-inf")).softmax(dim=-1)  # in place: logits are this block's own
-            # [1, rows] x [rows, L] per head: sums over the queries without permuting the probabilities
+            # [1, rows] x [rows, E] per head: sums over the queries without permuting the probabilities
             w = weights[:, start:start + step].view(batch, 1, 1, 1, rows)
-            total = total + (w @ probs).sum(dim=(2, 3))
+            total[..., :end] += (w @ probs).sum(dim=(2, 3))
         old = layer.score if isinstance(layer, PrunedLayer) else None
         if old is not None:
             total[..., :old.shape[-1]] += old * self.config.fade(n)

@@ -29,7 +29,10 @@ ROUTED = "tome_plus"
 SCORE = "tome_plus_score"
 BACKEND = "tome_plus_backend"
 RECORD = "tome_plus_record"  # output_attentions: a dict the layer's probabilities go to (by layer index)
-BLOCK = 1 << 24  # logits per block of queries in `received_attention` (64 MiB in float32)
+# Logits per block of queries in `received_attention` and the KV engine (8 MiB in float32): a block
+# that fits a CPU's last-level cache, and stays under glibc's largest mmap threshold (32 MiB), so
+# its allocation is reused instead of mapped afresh and page-faulted in for every block
+BLOCK = 1 << 21
 
 
 @dataclass(eq=False)
@@ -41,6 +44,7 @@ class ScoreRequest:
     first: Union[int, torch.Tensor] = 0  # the key slot of the first of the N current tokens
     received: Optional[torch.Tensor] = None  # [B, R, N], filled in: `methods.base.received`
     query: Optional[torch.Tensor] = None  # [B, R]: the one query each weighting counts (`one_query`), or None
+    causal: bool = False  # no query sees a later slot than its own (`received_attention`)
 
 
 def grouped_logits(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -51,19 +55,23 @@ def grouped_logits(query: torch.Tensor, key: torch.Tensor, scaling: float) -> to
     batch, heads, rows, dim = query.shape
     kv = key.shape[1]
     grouped = query.reshape(batch, kv, heads // kv * rows, dim)
-    logits = (fp32_logits(grouped, key, scaling) if query.dtype in HALF
-              else (grouped @ key.transpose(-2, -1)).float() * scaling)
+    if query.dtype in HALF:
+        logits = fp32_logits(grouped, key, scaling)
+    else:  # scaled in place: the product is this call's own, so no second block is allocated
+        logits = (grouped @ key.transpose(-2, -1)).float().mul_(scaling)
     return logits.view(batch, kv, heads // kv, rows, key.shape[2])
 
 
 def received_attention(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, scaling: float,
                        weights: torch.Tensor, first: Union[int, torch.Tensor] = 0,
-                       one: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       one: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
     """`methods.base.received` from q and k (`[B, H, N, D]`, `[B, KV, Lk, D]` after rotary, the
     N current tokens' keys at slots `first ..`): float32 probabilities (a half model's too,
     `precision.py`), formed a block of queries at a time, so the memory is one block's logits
     however long the prompt. `one` (`[B, R]`): where each weighting counts one query alone, only
-    those queries' probabilities are formed (gathered on the device: no host sync)."""
+    those queries' probabilities are formed (gathered on the device: no host sync). `causal`: the
+    mask lets no query see a later slot than its own (not Gemma 3's both-ways image blocks), so a
+    block's keys stop at its last query's slot."""
     batch, heads, n, _ = query.shape
     current = first + torch.arange(n, device=query.device)  # a static cache's buffer has slots after them
     keys = key.shape[2]
@@ -78,21 +86,25 @@ def received_attention(query: torch.Tensor, key: torch.Tensor, mask: torch.Tenso
         return probs.mean(dim=1) * weight
     step = max(1, BLOCK // (batch * heads * keys))
     total = weights.new_zeros(batch, weights.shape[1], n, dtype=torch.float32)
-    # the current tokens' keys as a view where they are the last slots (no cache buffer after them)
-    contiguous = isinstance(first, int) and first + n == keys
     for start in range(0, n, step):
         q = query[:, :, start:start + step]
         rows = q.shape[2]
-        logits = grouped_logits(q, key, scaling).view(batch, heads, rows, keys)
-        block = mask[:, :, start:start + step, :keys]
+        # under a causal mask no query of the block sees a key past the block's last slot: those
+        # columns would be masked to zero probability, so they are never formed
+        end = first + start + rows if causal and isinstance(first, int) else keys
+        logits = grouped_logits(q, key[:, :, :end], scaling).view(batch, heads, rows, end)
+        block = mask[:, :, start:start + step, :end]
         if block.dtype == torch.bool:  # in place: adding the dtype's minimum, as `additive` would
             logits.masked_fill_(~block, torch.finfo(logits.dtype).min)
         else:
             logits += block.float()
         probs = logits.softmax(dim=-1)
-        probs = probs[..., first:] if contiguous else probs.index_select(-1, current)
+        if isinstance(first, int):  # the current tokens' keys are the slots first .. (a view)
+            probs = probs[..., first:first + n]
+        else:
+            probs = probs.index_select(-1, current)
         # sum over the block's queries per head as one matmul, then the mean over heads
-        total += (weights[:, None, :, start:start + step].float() @ probs).mean(dim=1)
+        total[..., :probs.shape[-1]] += (weights[:, None, :, start:start + step].float() @ probs).mean(dim=1)
     return total
 
 
@@ -107,7 +119,7 @@ def routed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         attention_mask = kv.attention(module, query, key, attention_mask, scaling)
     if request is not None:
         request.received = received_attention(query, key, request.mask, scaling, request.weights, request.first,
-                                              request.query)
+                                              request.query, request.causal)
     backend = backend or module.__dict__["config"]._attn_implementation
     if backend == "eager":  # HF's default, which its modules pass in and which no registry holds
         out = eager_attention(query, key, value, attention_mask, scaling, dropout, module.training)

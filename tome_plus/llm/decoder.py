@@ -398,7 +398,8 @@ class PruningDecoder:
                 weights = reducer.query_weights(seg.visual, seg.instruction, seg.valid, seg.prompt,
                                                 **({"memo": memo_now} if memo_now is not None else {}))
                 request = ScoreRequest(weights, segment_mask(keys, seg, h.dtype, windows.get(kind)), keys.first,
-                                       query=weights.argmax(dim=-1) if reducer.one_query else None)
+                                       query=weights.argmax(dim=-1) if reducer.one_query else None,
+                                       causal=seg.groups is None)
                 if not reducer.scores_next_layer:
                     extra[SCORE] = request
             kv = KV_STEP.get()

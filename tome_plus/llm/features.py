@@ -60,16 +60,65 @@ def heads(attn: nn.Module, which: str, x: torch.Tensor) -> torch.Tensor:
     return (norm(out) if norm is not None else out).transpose(1, 2)
 
 
-def image_attention(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`[G, H, N, N]` float32 attention among each set's tokens (`x`: `[G, N, D]` embeddings) in
-    the decoder's first layer, every token seeing every other (no causal order): Zero-TPrune's
-    attention graph at the features site."""
+class AttentionGraph:
+    """`[G, H, N, N]` float32 attention among each set's tokens, `softmax(scale q k^T)` with every
+    token seeing every other (Zero-TPrune's graph at the features site), formed a few heads at a
+    time as it is read (`heads`), never whole. On a CPU the heads are written to one buffer that
+    every reading reuses: a block of heads stays in the cache while PageRank iterates on it, and
+    no graph-sized allocation (61 MB for 16 heads of 980 tokens) is page-faulted in at each
+    reading, which cost more than the products themselves. Query head h reads KV head
+    h // (H / KV)."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, scaling: float) -> None:
+        self.q, self.k, self.scaling = q, k, scaling  # [G, H, N, D], [G, KV, N, D], after rotary
+        self.shape = torch.Size((q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+        self.device, self.is_cuda, self.dtype = q.device, q.is_cuda, torch.float32
+        self._full: Optional[torch.Tensor] = None
+        self._buffer: Optional[torch.Tensor] = None
+
+    def _pair(self, start: int, stop: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        q = self.q[:, start:stop]
+        kv = torch.arange(start, start + q.shape[1], device=self.k.device) // (self.q.shape[1] // self.k.shape[1])
+        return q, self.k.index_select(1, kv)
+
+    def heads(self, start: int, stop: int) -> torch.Tensor:
+        """`[G, stop - start, N, N]` the probabilities of query heads `start .. stop - 1`. On a CPU
+        this is the graph's buffer, overwritten by the next call: read it before asking again."""
+        q, k = self._pair(start, stop)
+        if q.is_cuda:
+            return fp32_logits(q, k, self.scaling).softmax(dim=-1)
+        shape = (*q.shape[:3], k.shape[2])
+        size = shape[0] * shape[1] * shape[2] * shape[3]
+        if self._buffer is None or self._buffer.numel() < 2 * size:
+            self._buffer = torch.empty(2 * size, dtype=torch.float32, device=q.device)
+        logits = fp32_logits(q, k, self.scaling, out=self._buffer[:size].view(shape))
+        return torch.softmax(logits, dim=-1, out=self._buffer[size:2 * size].view(shape))
+
+    def among(self, index: torch.Tensor) -> "AttentionGraph":
+        """The graph among the tokens `index` (`[G, M]`, in order) alone: each row's softmax over
+        those keys, which is the whole graph's row renormalised over them (Zero-TPrune's I-stage
+        on the S-stage's survivors), formed from their queries and keys, never gathered."""
+        pick = lambda t: t.gather(2, index[:, None, :, None].expand(t.shape[0], t.shape[1], index.shape[1], t.shape[3]))
+        return AttentionGraph(pick(self.q), pick(self.k), self.scaling)
+
+    def full(self) -> torch.Tensor:
+        """The whole `[G, H, N, N]` graph (the Triton kernel's input; VisionZip's received
+        attention), formed once and kept."""
+        if self._full is None:
+            q, k = self._pair(0, self.q.shape[1])
+            self._full = fp32_logits(q, k, self.scaling).softmax(dim=-1)
+        return self._full
+
+
+def image_attention(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> AttentionGraph:
+    """The attention among each set's tokens (`x`: `[G, N, D]` embeddings) in the decoder's first
+    layer, every token seeing every other (no causal order): Zero-TPrune's graph at the features
+    site, formed as it is read (`AttentionGraph`)."""
     attn = layer.self_attn
     x = layer.input_layernorm(x)
     q, k = heads(attn, "q", x), heads(attn, "k", x)
     q, k = rotate(q, cos.to(q.dtype), sin.to(q.dtype)), rotate(k, cos.to(k.dtype), sin.to(k.dtype))
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    return fp32_logits(q, k, attn.scaling).softmax(dim=-1)
+    return AttentionGraph(q, k, attn.scaling)
 
 
 def query_attention(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, query: torch.Tensor,

@@ -109,7 +109,9 @@ class VisionZip(Reducer):
         if "cls_attn" in signals:
             score = signals["cls_attn"].float().sum(dim=1)[:, prefix:]
         else:  # no class token: the attention each token receives, over heads and queries
-            score = signals["attn"].float().sum(dim=1).mean(dim=1)[:, prefix:]
+            attn = signals["attn"]
+            attn = attn.full() if hasattr(attn, "full") else attn  # the features site's graph is formed as read
+            score = attn.float().sum(dim=1).mean(dim=1)[:, prefix:]
         device = x.device
         top = score.topk(dominant, dim=1).indices.sort(dim=1).values  # in index order, no host sync
         picked = torch.zeros(batch, n - prefix, dtype=torch.bool, device=device).scatter_(1, top, True)

@@ -206,8 +206,16 @@ class ZeroTPrune(Reducer):
                 dropped = sources.gather(1, best.argsort(dim=-1, descending=True, stable=True)[:, :r_s])
                 alive = alive.scatter(1, dropped, torch.zeros_like(dropped, dtype=torch.bool))
             # I: WPR on the survivors; keep the most important so that n_remove tokens go in all
-            score = self.importance(attn, self.iters[state.layer], alive, n_cls, p)
-            score = score.masked_fill(~alive, float("-inf"))
+            iters = self.iters[state.layer]
+            if r_s > 0 and hasattr(attn, "among"):
+                # a graph formed as read (the features site) is formed among the survivors alone:
+                # a row renormalised over surviving keys is the softmax over them, and every row
+                # keeps n - r_s tokens (the stable sort lists each row's survivors in order)
+                index = alive.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[:, :n - r_s]
+                score = torch.full((batch, n), float("-inf"), device=attn.device).scatter(
+                    1, index, self.importance(attn.among(index), iters, None, n_cls, p))
+            else:
+                score = self.importance(attn, iters, alive, n_cls, p).masked_fill(~alive, float("-inf"))
             score[:, :p] = float("inf")  # prefix tokens are never pruned
             # a stable sort, not topk: topk's order among equal scores is unspecified
             ranked = score.argsort(dim=-1, descending=True, stable=True)

@@ -9,8 +9,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ...llm.features import reduce_sets
-from ...precision import fp32_logits
+from ...llm.features import AttentionGraph, reduce_sets
 from .settings import Settings, check_count, check_parallel, first_layer, read
 
 
@@ -19,13 +18,13 @@ def reduced_count(settings: Settings, total: int, newlines: int = 0) -> int:
     return newlines + check_count(settings, total - newlines)
 
 
-def first_layer_attention(layer: nn.Module, x: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
-    """`[G, H, n, n]` float32 attention among each set's tokens (`x`: `[G, n, D]` embeddings at
-    `places` within their image: `[G, n]`, or `[G, n, 3]` M-RoPE (t, h, w) positions) in vLLM's
-    first decoder layer (its norm, q/k projection and rotary embedding), every token seeing every
-    other: Zero-TPrune's graph, as the HF features site forms it (`llm.features.image_attention`;
-    rotary angles depend only on the distance between places, per M-RoPE section too, so the
-    image's offset in the prompt does not matter)."""
+def first_layer_attention(layer: nn.Module, x: torch.Tensor, places: torch.Tensor) -> AttentionGraph:
+    """`[G, H, n, n]` float32 attention (formed as it is read: `AttentionGraph`) among each set's
+    tokens (`x`: `[G, n, D]` embeddings at `places` within their image: `[G, n]`, or `[G, n, 3]`
+    M-RoPE (t, h, w) positions) in vLLM's first decoder layer (its norm, q/k projection and rotary
+    embedding), every token seeing every other: Zero-TPrune's graph, as the HF features site forms
+    it (`llm.features.image_attention`; rotary angles depend only on the distance between places,
+    per M-RoPE section too, so the image's offset in the prompt does not matter)."""
     attn = layer.self_attn
     sets, n, dim = x.shape
     qkv, _ = attn.qkv_proj(layer.input_layernorm(x.reshape(-1, dim)))
@@ -34,8 +33,7 @@ def first_layer_attention(layer: nn.Module, x: torch.Tensor, places: torch.Tenso
     q, k = attn.rotary_emb(places, q, k)
     q = q.reshape(sets, n, -1, attn.head_dim).transpose(1, 2)
     k = k.reshape(sets, n, -1, attn.head_dim).transpose(1, 2)
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    return fp32_logits(q, k, attn.scaling).softmax(dim=-1)
+    return AttentionGraph(q, k, attn.scaling)
 
 
 def reduce_item(x: torch.Tensor, settings: Settings, newline: Optional[torch.Tensor] = None,
