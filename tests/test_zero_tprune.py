@@ -348,11 +348,14 @@ def test_the_survivors_graph_keeps_the_tokens_of_the_masked_whole_graph(monkeypa
 
 
 def test_the_cpu_twin_iterates_a_few_heads_at_a_time_alike(monkeypatch):
-    """Heads iterated in cache-sized groups give the products of all heads at once, bit for bit."""
+    """Heads iterated in cache-sized groups give the products of all heads at once (to rounding: a
+    BLAS may sum a batch of products in another order than a smaller batch), and the same ranks."""
     from tome_plus.triton_kernels import pagerank
     torch.manual_seed(1)
     attn = torch.randn(2, 6, 40, 40).softmax(dim=-1)
     alive = torch.rand(2, 40) > 0.2
     together, _ = weighted_pagerank_torch(attn, 12, alive, "cls", 1)
     monkeypatch.setattr(pagerank, "CACHE_BYTES", 40 * 40 * 4 * 2)  # two heads at a time
-    assert torch.equal(weighted_pagerank_torch(attn, 12, alive, "cls", 1)[0], together)
+    grouped = weighted_pagerank_torch(attn, 12, alive, "cls", 1)[0]
+    torch.testing.assert_close(grouped, together, rtol=1e-6, atol=1e-9)
+    assert torch.equal(grouped.argsort(dim=-1, stable=True), together.argsort(dim=-1, stable=True))
