@@ -362,6 +362,25 @@ def test_hf_bench_zero_budget_changes_nothing(capsys):
     assert report["tower_flops_ratio"] == 1 and report["llm_flops_ratio"] == 1 and report["prefill_flops_ratio"] == 1
 
 
+def test_hf_bench_llm_flops_count_zero_tprunes_graph_and_iterations():
+    """The bench's LLM FLOPs hold the scoring's own: Zero-TPrune at the features site counts at
+    least its attention graph (the I' stage's over the 64 tokens, the I-stage's over the 48
+    survivors of the S-stage) and its 30 PageRank products beyond ToMe keeping as many tokens."""
+    pytest.importorskip("transformers")
+    from tome_plus.tools import hf_shapes
+    base = hf_shapes.build_llava("llava-tiny")
+    inputs = hf_shapes.make_batch(base, "llava-tiny", 1, 8)
+    llm = {}
+    for method in ("tome", "zero_tprune"):
+        model = tome_plus.patch(models.shared_copy(base), method, site="features", keep=0.5)
+        llm[method] = bench_hf.llava_flops(model, inputs)["llm"]
+        assert tome_plus.inspect(model).llm_kept.tolist() == [[32]]
+    text = base.config.text_config
+    heads, dim, n, m = text.num_attention_heads, text.hidden_size // text.num_attention_heads, 64, 48
+    graph = 2 * heads * dim * (n * n + m * m) + 30 * 2 * heads * m * m
+    assert llm["zero_tprune"] - llm["tome"] >= graph
+
+
 def test_hf_patched_twin_shares_weights_and_llm_alone_sees_what_the_forward_gives_it():
     pytest.importorskip("transformers")
     from tome_plus.tools import hf_shapes

@@ -18,7 +18,9 @@ in Pre-Trained Transformers", CVPR 2024 (arXiv:2305.17328). Implements (docs/met
 - the order I' -> S -> I: one WPR step ranks the tokens; the S-stage partitions them by that
   importance (less important half as sources), matches each source to its most similar token of
   the other half by cosine on the keys and drops the sources of the best-matched pairs; the
-  I-stage runs WPR on the survivors (rows renormalised over surviving keys) and keeps the top.
+  I-stage runs WPR on the survivors (rows renormalised over surviving keys) and keeps the top
+  (where the graph is formed as it is read, at a VLM's features site: on the survivors' own
+  graph, whose rows are those renormalised rows, at (N - r_s)^2 of the size).
 Pruning only: sizes stay 1, so no proportional attention is needed. Attention probabilities are
 computed only in the pruning layers; every other layer keeps fused attention.
 """
