@@ -156,6 +156,19 @@ def test_dispatcher_uses_kernel_when_forced(monkeypatch):
     torch.testing.assert_close((s, var), weighted_pagerank_torch(attn, 4), rtol=1e-5, atol=1e-7)
 
 
+def test_a_graph_formed_as_read_reaches_the_kernel_whole(monkeypatch):
+    """The features site's graph (`AttentionGraph`, formed a few heads at a time on a CPU) goes to
+    the kernel formed whole, and the kernel's answer is the twin's on the same graph."""
+    from tome_plus.llm.features import AttentionGraph
+    monkeypatch.setenv("TOME_PLUS_KERNELS", "triton")
+    g = torch.Generator().manual_seed(3)
+    graph = AttentionGraph(torch.randn(1, 4, 12, 8, generator=g), torch.randn(1, 2, 12, 8, generator=g), 0.3)
+    alive = random_alive(1, 12)
+    got = weighted_pagerank(graph, 5, alive, "uniform", 0)
+    monkeypatch.setattr(P, "CACHE_BYTES", 1)  # the twin forms and iterates one head at a time
+    torch.testing.assert_close(got, weighted_pagerank_torch(graph, 5, alive, "uniform", 0), rtol=1e-5, atol=1e-7)
+
+
 # (b) against loops over tokens ----------------------------------------------------------------
 
 def naive_pagerank(attn, iters, alive, init, n_cls=1):
