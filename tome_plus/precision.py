@@ -30,23 +30,18 @@ def fp32_logits(q: torch.Tensor, k: torch.Tensor, scale: float, out: Optional[to
 
     float32 inputs take the exact path of the unpatched code, `(q * scale) @ k^T`, so fp32 models
     keep their bits; half inputs are multiplied with float32 accumulation and output. `out`: a
-    contiguous float32 buffer of the result's shape to write to (CPU; reused across calls, so no
-    fresh memory is page-faulted in per call).
+    contiguous float32 buffer of the result's shape to write to (reused across calls, so no fresh
+    memory is page-faulted in per call on a CPU).
     """
     with selection_precision(q.device):
-        if out is not None and not q.is_cuda:
-            if q.dtype not in HALF:
-                return torch.matmul(q * scale, k.transpose(-2, -1), out=out)
-            return torch.matmul(q.float(), k.float().transpose(-2, -1), out=out).mul_(scale)
         if q.dtype not in HALF:
-            logits = (q * scale) @ k.transpose(-2, -1)
-        elif q.is_cuda and _BMM_OUT_DTYPE:  # half in, float32 out: no float32 copy of k
+            return torch.matmul(q * scale, k.transpose(-2, -1), out=out)
+        if q.is_cuda and _BMM_OUT_DTYPE:  # half in, float32 out: no float32 copy of k
             lead = q.shape[:-2]
             logits = torch.bmm(q.reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:]).transpose(1, 2),
                                out_dtype=torch.float32).view(*lead, q.shape[-2], k.shape[-2]).mul_(scale)
-        else:
-            logits = (q.float() @ k.float().transpose(-2, -1)).mul_(scale)
-        return logits if out is None else out.copy_(logits)
+            return logits if out is None else out.copy_(logits)
+        return torch.matmul(q.float(), k.float().transpose(-2, -1), out=out).mul_(scale)
 
 
 def _bmm_has_out_dtype() -> bool:

@@ -147,9 +147,8 @@ def llm_inputs(model: nn.Module, get: Callable[[str], Any], call: LlmCall) -> Ll
         images = (visual.sum(dim=1) + n_run - 1) // n_run  # runs of whole images, adjacent ones too
         runs = torch.where(visual, count // n_run, -1)
     elif bool(visual.any()):
-        starts = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]  # the first token of each run
-        images, spatial = starts.sum(dim=1), scores_along_runs(visual, starts)
         runs = run_numbers(visual)
+        images, spatial = runs.max(dim=1).values + 1, scores_along_runs(runs)
     else:
         runs = None
     answer = call.answer
@@ -179,15 +178,14 @@ def newline_of(model: nn.Module) -> Optional[torch.Tensor]:
     return getattr(model, name, None) if name is not None else None
 
 
-def scores_along_runs(visual: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+def scores_along_runs(runs: torch.Tensor) -> torch.Tensor:
     """`[B, L]` SAP scores of the visual tokens graded along each placeholder run (a 1 x n grid
-    per run of n tokens); 0 elsewhere."""
-    run = starts.long().cumsum(dim=1) * visual  # run number (from 1) of each visual token
-    spatial = torch.zeros(visual.shape, device=visual.device)
-    for b in range(visual.shape[0]):
-        for r in range(1, int(run[b].max()) + 1):
-            at = (run[b] == r).nonzero().squeeze(1)
-            spatial[b, at] = grid_scores((1, len(at)), 0, visual.device)
+    per run of n tokens; `runs`: `run_numbers` of the visual tokens); 0 elsewhere."""
+    spatial = torch.zeros(runs.shape, device=runs.device)
+    for b in range(runs.shape[0]):
+        for r in range(int(runs[b].max()) + 1):
+            at = (runs[b] == r).nonzero().squeeze(1)
+            spatial[b, at] = grid_scores((1, len(at)), 0, runs.device)
     return spatial
 
 
